@@ -1,0 +1,98 @@
+"""Authentication of callers.
+
+In this release the one credential is the admin token: ``kg_admin_`` followed by 43
+base64url characters (256 bits). The server keeps only its SHA-256 digest (a high-entropy
+token needs no slow hash) and compares digests in constant time. The request context that
+authentication produces is what the policy and audit layers consume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass, field
+from typing import Final
+
+from keygrants.errors import Unauthenticated
+from keygrants.store.base import Store
+
+__all__ = [
+    "ADMIN_PRINCIPAL",
+    "ADMIN_TOKEN_PREFIX",
+    "AdminTokenAuthenticator",
+    "RequestContext",
+    "ensure_admin_token",
+    "generate_admin_token",
+]
+
+ADMIN_PRINCIPAL: Final = "admin"
+ADMIN_TOKEN_PREFIX: Final = "kg_admin_"
+ADMIN_TOKEN_META: Final = "admin_token_sha256"
+MAX_TOKEN_LENGTH: Final = 512
+
+
+@dataclass(frozen=True, slots=True)
+class RequestContext:
+    """Who is asking, and the request's identifiers for audit and tracing."""
+
+    principal: str
+    request_id: str = ""
+    credential_id: str | None = None
+    source: str | None = None
+    attributes: dict[str, str] = field(default_factory=dict)
+
+
+def generate_admin_token() -> str:
+    """A fresh admin token."""
+    return ADMIN_TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode("utf-8")).digest()
+
+
+def ensure_admin_token(store: Store) -> str | None:
+    """Create the admin token on first start; return it then, ``None`` if one exists."""
+    token = generate_admin_token()
+    if store.set_meta_if_absent(ADMIN_TOKEN_META, _digest(token)):
+        return token
+    return None
+
+
+def reset_admin_token(store: Store) -> str:
+    """Replace the admin token (the old one stops working at once)."""
+    token = generate_admin_token()
+    store.set_meta(ADMIN_TOKEN_META, _digest(token))
+    return token
+
+
+class AdminTokenAuthenticator:
+    """Checks a bearer token against the stored admin token digest."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        digest = store.get_meta(ADMIN_TOKEN_META)
+        if digest is None:
+            raise ValueError("no admin token configured; call ensure_admin_token first")
+        self._digest = digest
+
+    def reload(self) -> None:
+        """Re-read the digest after a reset."""
+        digest = self._store.get_meta(ADMIN_TOKEN_META)
+        if digest is not None:
+            self._digest = digest
+
+    def authenticate(self, token: str | None, *, request_id: str = "",
+                     source: str | None = None) -> RequestContext:
+        """Return the admin context for a valid token.
+
+        Raises:
+            Unauthenticated: for a missing, oversized or wrong token (one message for all).
+        """
+        if not token or len(token) > MAX_TOKEN_LENGTH:
+            raise Unauthenticated()
+        if not hmac.compare_digest(_digest(token), self._digest):
+            raise Unauthenticated("invalid credentials")
+        return RequestContext(principal=ADMIN_PRINCIPAL, request_id=request_id,
+                              credential_id="admin-token", source=source)

@@ -1,0 +1,206 @@
+"""Digital signatures: Ed25519, ECDSA P-256/SHA-256 (DER signatures) and RSA-PSS 3072/SHA-256.
+
+RSA-PSS uses MGF1-SHA-256 and a 32-byte salt (the digest length), the parameters of
+Wycheproof's ``rsa_pss_3072_sha256_mgf1_32`` set and of AWS KMS ``RSASSA_PSS_SHA_256``.
+ECDSA signatures are ASN.1 DER, as AWS KMS returns them. ``prehashed=True`` signs or checks a
+SHA-256 digest the caller computed; Ed25519 signs whole messages only (RFC 8032 Ed25519ph is
+not offered).
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Final, Literal, get_args
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
+
+__all__ = [
+    "RSA_KEY_SIZE",
+    "RSA_PSS_SALT_LENGTH",
+    "SigningAlgorithm",
+    "SigningKey",
+    "VerifyingKey",
+    "b64url",
+]
+
+SigningAlgorithm = Literal["ed25519", "ecdsa-p256-sha256", "rsa-pss-3072-sha256"]
+SIGNING_ALGORITHMS: Final = frozenset(get_args(SigningAlgorithm))
+
+RSA_KEY_SIZE: Final = 3072
+RSA_PSS_SALT_LENGTH: Final = 32
+_SHA256_LEN: Final = 32
+
+_PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+_PublicKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey | rsa.RSAPublicKey
+
+
+def b64url(data: bytes) -> str:
+    """Unpadded base64url, as JOSE uses it."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _int_b64url(n: int) -> str:
+    return b64url(n.to_bytes((n.bit_length() + 7) // 8 or 1, "big"))
+
+
+def _pss() -> padding.PSS:
+    return padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=RSA_PSS_SALT_LENGTH)
+
+
+def _check_digest(message: bytes, prehashed: bool) -> None:
+    if prehashed and len(message) != _SHA256_LEN:
+        raise ValueError("a SHA-256 digest must be exactly 32 bytes")
+
+
+class VerifyingKey:
+    """A public key that checks signatures of one algorithm."""
+
+    __slots__ = ("_key", "algorithm")
+
+    def __init__(self, algorithm: SigningAlgorithm, key: _PublicKey) -> None:
+        self.algorithm = algorithm
+        self._key = key
+
+    @classmethod
+    def from_der(cls, algorithm: SigningAlgorithm, der: bytes) -> VerifyingKey:
+        """Load a DER SubjectPublicKeyInfo and check it matches ``algorithm``."""
+        key = serialization.load_der_public_key(der)
+        return cls(algorithm, _check_public(algorithm, key))
+
+    @classmethod
+    def from_pem(cls, algorithm: SigningAlgorithm, pem: bytes | str) -> VerifyingKey:
+        """Load a PEM SubjectPublicKeyInfo and check it matches ``algorithm``."""
+        data = pem.encode() if isinstance(pem, str) else pem
+        key = serialization.load_pem_public_key(data)
+        return cls(algorithm, _check_public(algorithm, key))
+
+    def verify(self, message: bytes, signature: bytes, *, prehashed: bool = False) -> bool:
+        """Return whether ``signature`` is valid for ``message``; never raises on a bad one."""
+        key = self._key
+        try:
+            if isinstance(key, ed25519.Ed25519PublicKey):
+                if prehashed:
+                    raise ValueError("Ed25519 signs whole messages, not digests")
+                key.verify(signature, message)
+            elif isinstance(key, ec.EllipticCurvePublicKey):
+                _check_digest(message, prehashed)
+                algo = utils.Prehashed(hashes.SHA256()) if prehashed else hashes.SHA256()
+                key.verify(signature, message, ec.ECDSA(algo))
+            else:
+                _check_digest(message, prehashed)
+                algo = utils.Prehashed(hashes.SHA256()) if prehashed else hashes.SHA256()
+                key.verify(signature, message, _pss(), algo)
+        except InvalidSignature:
+            return False
+        return True
+
+    def public_der(self) -> bytes:
+        """DER SubjectPublicKeyInfo."""
+        return self._key.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+    def public_pem(self) -> str:
+        """PEM SubjectPublicKeyInfo."""
+        return self._key.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        ).decode("ascii")
+
+    def jwk(self, *, kid: str | None = None) -> dict[str, str]:
+        """The public key as an RFC 7517 JWK (with ``alg`` and ``use``)."""
+        key = self._key
+        out: dict[str, str]
+        if isinstance(key, ed25519.Ed25519PublicKey):
+            raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+            out = {"kty": "OKP", "crv": "Ed25519", "x": b64url(raw), "alg": "EdDSA"}
+        elif isinstance(key, ec.EllipticCurvePublicKey):
+            nums = key.public_numbers()
+            out = {
+                "kty": "EC", "crv": "P-256", "alg": "ES256",
+                "x": b64url(nums.x.to_bytes(32, "big")), "y": b64url(nums.y.to_bytes(32, "big")),
+            }
+        else:
+            rnums = key.public_numbers()
+            out = {"kty": "RSA", "alg": "PS256", "n": _int_b64url(rnums.n),
+                   "e": _int_b64url(rnums.e)}
+        out["use"] = "sig"
+        if kid is not None:
+            out["kid"] = kid
+        return out
+
+
+class SigningKey:
+    """A private key that signs with one algorithm."""
+
+    __slots__ = ("_key", "algorithm")
+
+    def __init__(self, algorithm: SigningAlgorithm, key: _PrivateKey) -> None:
+        self.algorithm = algorithm
+        self._key = key
+
+    @classmethod
+    def generate(cls, algorithm: SigningAlgorithm) -> SigningKey:
+        """Generate a fresh key pair."""
+        key: _PrivateKey
+        if algorithm == "ed25519":
+            key = ed25519.Ed25519PrivateKey.generate()
+        elif algorithm == "ecdsa-p256-sha256":
+            key = ec.generate_private_key(ec.SECP256R1())
+        elif algorithm == "rsa-pss-3072-sha256":
+            key = rsa.generate_private_key(public_exponent=65537, key_size=RSA_KEY_SIZE)
+        else:
+            raise ValueError(f"unknown signing algorithm {algorithm!r}")
+        return cls(algorithm, key)
+
+    @classmethod
+    def from_private_bytes(cls, algorithm: SigningAlgorithm, data: bytes) -> SigningKey:
+        """Load material written by :meth:`private_bytes` (PKCS#8 DER)."""
+        key = serialization.load_der_private_key(data, password=None)
+        if not isinstance(key, (ed25519.Ed25519PrivateKey, ec.EllipticCurvePrivateKey,
+                                rsa.RSAPrivateKey)):
+            raise ValueError("unsupported private key type")
+        _check_public(algorithm, key.public_key())
+        return cls(algorithm, key)
+
+    def private_bytes(self) -> bytes:
+        """Unencrypted PKCS#8 DER; callers must seal it before it leaves memory."""
+        return self._key.private_bytes(
+            serialization.Encoding.DER,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+    def public_key(self) -> VerifyingKey:
+        """The matching public key."""
+        return VerifyingKey(self.algorithm, self._key.public_key())
+
+    def sign(self, message: bytes, *, prehashed: bool = False) -> bytes:
+        """Sign ``message`` (or, with ``prehashed``, a SHA-256 digest of 32 bytes).
+
+        Raises:
+            ValueError: for a digest with Ed25519, or a digest of the wrong length.
+        """
+        key = self._key
+        if isinstance(key, ed25519.Ed25519PrivateKey):
+            if prehashed:
+                raise ValueError("Ed25519 signs whole messages, not digests")
+            return key.sign(message)
+        _check_digest(message, prehashed)
+        algo = utils.Prehashed(hashes.SHA256()) if prehashed else hashes.SHA256()
+        if isinstance(key, ec.EllipticCurvePrivateKey):
+            return key.sign(message, ec.ECDSA(algo))
+        return key.sign(message, _pss(), algo)
+
+
+def _check_public(algorithm: SigningAlgorithm, key: object) -> _PublicKey:
+    if algorithm == "ed25519" and isinstance(key, ed25519.Ed25519PublicKey):
+        return key
+    if (algorithm == "ecdsa-p256-sha256" and isinstance(key, ec.EllipticCurvePublicKey)
+            and isinstance(key.curve, ec.SECP256R1)):
+        return key
+    if (algorithm == "rsa-pss-3072-sha256" and isinstance(key, rsa.RSAPublicKey)
+            and key.key_size == RSA_KEY_SIZE):
+        return key
+    raise ValueError(f"key does not match algorithm {algorithm!r}")

@@ -1,0 +1,279 @@
+"""The keygrants error tree.
+
+Every error the library raises on purpose derives from :class:`KeygrantsError` and carries a
+machine-readable ``code`` (a class attribute) and the HTTP ``status`` the edge maps it to.
+The same codes travel over the wire in the one JSON error shape
+``{"error": {"code": ..., "message": ..., "request_id": ...}}`` and are turned back into the
+same classes by the SDK (:func:`error_from_code`).
+
+::
+
+    KeygrantsError                      internal_error       500
+    ├── InvalidRequest                  invalid_request      400
+    │   ├── MalformedBody               malformed_body       400
+    │   ├── PayloadTooLarge             payload_too_large    413
+    │   └── InvalidKeyUsage             invalid_key_usage    400
+    ├── InvalidCiphertext               invalid_ciphertext   400  (opaque, always)
+    ├── Unauthenticated                 unauthenticated      401
+    ├── Forbidden                       forbidden            403
+    ├── NotFound                        not_found            404
+    │   ├── KeyNotFound                 key_not_found        404
+    │   └── AliasNotFound               alias_not_found      404
+    ├── Conflict                        conflict             409
+    │   └── AlreadyExists               already_exists       409
+    ├── KeyStateError                   key_state            409
+    │   ├── KeyDisabled                 key_disabled         409
+    │   ├── KeyPendingDeletion          key_pending_deletion 409
+    │   └── KeyDestroyed                key_destroyed        409
+    ├── KeyVersionError                 key_version          409
+    │   └── KeyVersionBelowMinimum      key_version_below_minimum  409
+    ├── SealError                       seal_error           503
+    │   └── UnsealFailed                unseal_failed        503
+    ├── StoreError                      store_unavailable    503
+    └── ServerUnreachable               server_unreachable   503  (client side only)
+
+Cryptographic failures are opaque on purpose: a wrong key, version, context, a flipped bit or
+a truncated ciphertext all raise the same :class:`InvalidCiphertext` with the same message.
+Caller misuse inside the library (wrong Python types) raises ``TypeError``/``ValueError``.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+__all__ = [
+    "AliasNotFound",
+    "AlreadyExists",
+    "Conflict",
+    "Forbidden",
+    "InvalidCiphertext",
+    "InvalidKeyUsage",
+    "InvalidRequest",
+    "KeyDestroyed",
+    "KeyDisabled",
+    "KeyNotFound",
+    "KeyPendingDeletion",
+    "KeyStateError",
+    "KeyVersionBelowMinimum",
+    "KeyVersionError",
+    "KeygrantsError",
+    "MalformedBody",
+    "NotFound",
+    "PayloadTooLarge",
+    "SealError",
+    "ServerUnreachable",
+    "StoreError",
+    "Unauthenticated",
+    "UnsealFailed",
+    "error_from_code",
+]
+
+
+class KeygrantsError(Exception):
+    """Root of every error keygrants raises on purpose."""
+
+    code: ClassVar[str] = "internal_error"
+    status: ClassVar[int] = 500
+    default_message: ClassVar[str] = "internal error"
+
+    def __init__(self, message: str | None = None, *, request_id: str | None = None) -> None:
+        self.message = message or self.default_message
+        self.request_id = request_id
+        super().__init__(self.message)
+
+    def to_dict(self) -> dict[str, object]:
+        """The body of the one JSON error shape."""
+        return {"error": {"code": self.code, "message": self.message, "request_id": self.request_id}}
+
+
+class InvalidRequest(KeygrantsError):
+    """Raised when a request is well-formed but its values are not acceptable."""
+
+    code = "invalid_request"
+    status = 400
+    default_message = "invalid request"
+
+
+class MalformedBody(InvalidRequest):
+    """Raised when a request body is not valid JSON of the expected shape."""
+
+    code = "malformed_body"
+    default_message = "malformed request body"
+
+
+class PayloadTooLarge(InvalidRequest):
+    """Raised when a request body, plaintext or batch exceeds its configured limit."""
+
+    code = "payload_too_large"
+    status = 413
+    default_message = "payload too large"
+
+
+class InvalidKeyUsage(InvalidRequest):
+    """Raised when an operation does not match the key's purpose (e.g. sign with an AES key)."""
+
+    code = "invalid_key_usage"
+    default_message = "operation not allowed for this key's purpose"
+
+
+class InvalidCiphertext(KeygrantsError):
+    """Raised for every failed decryption, whatever the cause (opaque by design)."""
+
+    code = "invalid_ciphertext"
+    status = 400
+    default_message = "invalid ciphertext"
+
+
+class Unauthenticated(KeygrantsError):
+    """Raised when a request carries no valid credentials."""
+
+    code = "unauthenticated"
+    status = 401
+    default_message = "authentication required"
+
+
+class Forbidden(KeygrantsError):
+    """Raised when an authenticated principal may not perform the action."""
+
+    code = "forbidden"
+    status = 403
+    default_message = "forbidden"
+
+
+class NotFound(KeygrantsError):
+    """Raised when a resource or route does not exist."""
+
+    code = "not_found"
+    status = 404
+    default_message = "not found"
+
+
+class KeyNotFound(NotFound):
+    """Raised when a key id, name or alias does not resolve to a key."""
+
+    code = "key_not_found"
+    default_message = "key not found"
+
+
+class AliasNotFound(NotFound):
+    """Raised when an alias to delete does not exist."""
+
+    code = "alias_not_found"
+    default_message = "alias not found"
+
+
+class Conflict(KeygrantsError):
+    """Raised when a request conflicts with the current state of a resource."""
+
+    code = "conflict"
+    status = 409
+    default_message = "conflict"
+
+
+class AlreadyExists(Conflict):
+    """Raised when creating a key or alias whose name is already taken."""
+
+    code = "already_exists"
+    default_message = "name already in use"
+
+
+class KeyStateError(KeygrantsError):
+    """Raised when an operation meets a key in a state that does not allow it."""
+
+    code = "key_state"
+    status = 409
+    default_message = "the key's state does not allow this operation"
+
+
+class KeyDisabled(KeyStateError):
+    """Raised when a disabled key is used for a cryptographic operation."""
+
+    code = "key_disabled"
+    default_message = "key is disabled"
+
+
+class KeyPendingDeletion(KeyStateError):
+    """Raised when a key scheduled for deletion is used."""
+
+    code = "key_pending_deletion"
+    default_message = "key is pending deletion"
+
+
+class KeyDestroyed(KeyStateError):
+    """Raised when a key whose material has been destroyed is used or changed."""
+
+    code = "key_destroyed"
+    default_message = "key material has been destroyed"
+
+
+class KeyVersionError(KeygrantsError):
+    """Raised when a requested key version does not exist or cannot be used."""
+
+    code = "key_version"
+    status = 409
+    default_message = "key version not usable"
+
+
+class KeyVersionBelowMinimum(KeyVersionError):
+    """Raised when setting a minimum decryption version beyond the latest version."""
+
+    code = "key_version_below_minimum"
+    default_message = "key version is below the key's minimum decryption version"
+
+
+class SealError(KeygrantsError):
+    """Raised when the root key provider cannot seal or unseal."""
+
+    code = "seal_error"
+    status = 503
+    default_message = "root key provider unavailable"
+
+
+class UnsealFailed(SealError):
+    """Raised when the root key cannot be unsealed (wrong passphrase or key file)."""
+
+    code = "unseal_failed"
+    default_message = "could not unseal the root key"
+
+
+class StoreError(KeygrantsError):
+    """Raised when the store cannot complete a read or a durable write."""
+
+    code = "store_unavailable"
+    status = 503
+    default_message = "storage unavailable"
+
+
+class ServerUnreachable(KeygrantsError):
+    """Raised by the SDK when the server cannot be reached."""
+
+    code = "server_unreachable"
+    status = 503
+    default_message = "keygrants server unreachable"
+
+
+def _all_subclasses(cls: type[KeygrantsError]) -> list[type[KeygrantsError]]:
+    out = [cls]
+    for sub in cls.__subclasses__():
+        out.extend(_all_subclasses(sub))
+    return out
+
+
+def error_from_code(
+    code: str, message: str, *, request_id: str | None = None, status: int | None = None
+) -> KeygrantsError:
+    """Rebuild the typed error for a wire ``code``.
+
+    Unknown codes (from a newer server) map to the closest class by HTTP status, so callers
+    can still catch by family.
+    """
+    classes = {c.code: c for c in _all_subclasses(KeygrantsError)}
+    cls = classes.get(code)
+    if cls is None:
+        by_status = {400: InvalidRequest, 401: Unauthenticated, 403: Forbidden, 404: NotFound,
+                     409: Conflict, 413: PayloadTooLarge}
+        cls = by_status.get(status or 500, KeygrantsError)
+        err = cls(message, request_id=request_id)
+        err.code = code  # type: ignore[misc]  # keep the server's precise code
+        return err
+    return cls(message, request_id=request_id)

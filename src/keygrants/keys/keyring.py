@@ -1,0 +1,81 @@
+"""An in-memory keyring of unsealed key versions.
+
+Pure: no I/O. The service fills it from the store and consults it on every cryptographic
+operation; benchmarks use it directly to measure the cost of the native format over a raw
+AEAD call.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Mapping
+
+from keygrants.errors import InvalidCiphertext
+from keygrants.keys.ciphertext import Ciphertext
+from keygrants.keys.material import KeyMaterial
+
+__all__ = ["KeyVersions", "Keyring"]
+
+
+class KeyVersions:
+    """The usable versions of one key, newest last."""
+
+    __slots__ = ("by_version", "key_id", "latest", "min_decryption_version")
+
+    def __init__(self, key_id: uuid.UUID, versions: Iterable[KeyMaterial], *,
+                 min_decryption_version: int = 1) -> None:
+        self.key_id = key_id
+        self.by_version = {m.version: m for m in versions}
+        if not self.by_version:
+            raise ValueError("a key needs at least one version")
+        self.latest = self.by_version[max(self.by_version)]
+        self.min_decryption_version = min_decryption_version
+
+    def for_decrypt(self, version: int) -> KeyMaterial:
+        """The version that made a ciphertext, if still allowed to decrypt.
+
+        Raises:
+            InvalidCiphertext: for an unknown or retired version (opaque by design).
+        """
+        m = self.by_version.get(version)
+        if m is None or version < self.min_decryption_version:
+            raise InvalidCiphertext()
+        return m
+
+
+class Keyring:
+    """Key id → :class:`KeyVersions`; encrypts with the latest version, decrypts with any."""
+
+    __slots__ = ("_keys",)
+
+    def __init__(self) -> None:
+        self._keys: dict[uuid.UUID, KeyVersions] = {}
+
+    def put(self, versions: KeyVersions) -> None:
+        """Add or replace a key's versions."""
+        self._keys[versions.key_id] = versions
+
+    def drop(self, key_id: uuid.UUID) -> None:
+        """Forget a key (its material is released with the last reference)."""
+        self._keys.pop(key_id, None)
+
+    def get(self, key_id: uuid.UUID) -> KeyVersions | None:
+        """A key's versions, if loaded."""
+        return self._keys.get(key_id)
+
+    def encrypt(self, key_id: uuid.UUID, plaintext: bytes,
+                context: Mapping[str, str] | None = None) -> bytes:
+        """Encrypt with the latest version of a loaded key."""
+        return self._keys[key_id].latest.encrypt(plaintext, context)
+
+    def decrypt(self, data: bytes, context: Mapping[str, str] | None = None) -> bytes:
+        """Decrypt a native ciphertext made by any loaded key.
+
+        Raises:
+            InvalidCiphertext: on any failure, including an unknown key.
+        """
+        ct = Ciphertext.from_bytes(data)
+        versions = self._keys.get(ct.key_id)
+        if versions is None:
+            raise InvalidCiphertext()
+        return versions.for_decrypt(ct.version).decrypt_parsed(ct, context)

@@ -1,0 +1,138 @@
+"""Unsealed key version material, ready to use.
+
+A :class:`KeyMaterial` holds one key version's secret in memory with its primitive object
+built once (an ``AESGCM`` instance, a private key), so the hot path does no parsing.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Mapping
+from typing import Final, cast
+
+from keygrants.crypto import (
+    NONCE_SIZE,
+    Aead,
+    AeadAlgorithm,
+    SigningAlgorithm,
+    SigningKey,
+    VerifyingKey,
+    hkdf_sha256,
+    hmac_sha256,
+    random_bytes,
+    verify_hmac_sha256,
+)
+from keygrants.keys.ciphertext import Ciphertext, header_bytes
+from keygrants.keys.context import canonical_context
+from keygrants.keys.specs import KeySpec
+
+__all__ = ["HMAC_KEY_SIZE", "SYMMETRIC_KEY_SIZE", "KeyMaterial", "generate_material"]
+
+SYMMETRIC_KEY_SIZE: Final = 32
+HMAC_KEY_SIZE: Final = 32
+_DERIVE_INFO_PREFIX: Final = b"keygrants derive v1\x00"
+
+
+def generate_material(spec: KeySpec) -> bytes:
+    """Fresh secret material for ``spec``, in the form :class:`KeyMaterial` loads."""
+    if spec.symmetric:
+        return random_bytes(SYMMETRIC_KEY_SIZE)
+    return SigningKey.generate(cast(SigningAlgorithm, spec.algorithm)).private_bytes()
+
+
+class KeyMaterial:
+    """One key version's usable material.
+
+    Args:
+        spec: the key's spec.
+        key_id: the key's id (bound into ciphertext headers).
+        version: the version number.
+        secret: the material as made by :func:`generate_material`.
+    """
+
+    __slots__ = ("_aead", "_mac_key", "_secret", "_signer", "key_id", "spec", "version")
+
+    def __init__(self, spec: KeySpec, key_id: uuid.UUID, version: int, secret: bytes) -> None:
+        self.spec = spec
+        self.key_id = key_id
+        self.version = version
+        self._secret = secret
+        self._aead: Aead | None = None
+        self._signer: SigningKey | None = None
+        self._mac_key: bytes | None = None
+        if spec.purpose == "encrypt-decrypt":
+            self._aead = Aead(cast(AeadAlgorithm, spec.algorithm), secret)
+        elif spec.purpose == "sign-verify":
+            self._signer = SigningKey.from_private_bytes(
+                cast(SigningAlgorithm, spec.algorithm), secret
+            )
+        else:
+            self._mac_key = secret
+
+    # -- encrypt-decrypt -------------------------------------------------------------------
+
+    def encrypt(self, plaintext: bytes, context: Mapping[str, str] | None = None, *,
+                nonce: bytes | None = None) -> bytes:
+        """Encrypt to the native ciphertext format (``nonce`` is for deterministic tests)."""
+        assert self._aead is not None, "not an encryption key"
+        if nonce is None:
+            nonce = os.urandom(NONCE_SIZE)
+        header = header_bytes(self.key_id, self.version, nonce)
+        aad = header + canonical_context(context) if context else header
+        return header + self._aead.seal(nonce, plaintext, aad)
+
+    def decrypt_parsed(self, ct: Ciphertext, context: Mapping[str, str] | None = None) -> bytes:
+        """Decrypt a parsed ciphertext made by this key version.
+
+        Raises:
+            InvalidCiphertext: on any failure.
+        """
+        assert self._aead is not None, "not an encryption key"
+        aad = ct.header + canonical_context(context) if context else ct.header
+        return self._aead.open(ct.nonce, ct.body, aad)
+
+    # -- sign-verify -----------------------------------------------------------------------
+
+    def sign(self, message: bytes, *, prehashed: bool = False) -> bytes:
+        """Sign a message or a SHA-256 digest."""
+        assert self._signer is not None, "not a signing key"
+        return self._signer.sign(message, prehashed=prehashed)
+
+    def public_key(self) -> VerifyingKey:
+        """The public half of a signing key."""
+        assert self._signer is not None, "not a signing key"
+        return self._signer.public_key()
+
+    def verify(self, message: bytes, signature: bytes, *, prehashed: bool = False) -> bool:
+        """Check a signature."""
+        return self.public_key().verify(message, signature, prehashed=prehashed)
+
+    # -- mac and derive --------------------------------------------------------------------
+
+    def mac(self, message: bytes) -> bytes:
+        """HMAC-SHA256 tag."""
+        assert self._mac_key is not None, "not a MAC key"
+        return hmac_sha256(self._mac_key, message)
+
+    def verify_mac(self, message: bytes, tag: bytes) -> bool:
+        """Constant-time tag check."""
+        assert self._mac_key is not None, "not a MAC key"
+        return verify_hmac_sha256(self._mac_key, message, tag)
+
+    def derive(self, context: Mapping[str, str] | None, *, salt: bytes | None,
+               length: int) -> bytes:
+        """HKDF-SHA256 from this version's secret.
+
+        ``info`` is a fixed label, the key id and version, then the canonical context, so the
+        same context under another key or version yields unrelated bytes.
+        """
+        if not self.spec.symmetric:
+            raise ValueError("only symmetric keys can derive")
+        info = (_DERIVE_INFO_PREFIX + self.key_id.bytes + self.version.to_bytes(4, "big")
+                + canonical_context(context))
+        return hkdf_sha256(self._secret, salt=salt, info=info, length=length)
+
+    def secret_bytes(self) -> bytes:
+        """The raw secret, only for sealing it under the root key."""
+        return self._secret

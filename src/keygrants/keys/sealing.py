@@ -1,0 +1,48 @@
+"""Sealing key version material at rest under the root key.
+
+Sealed blob layout::
+
+    offset  size  field
+    0       1     format version, 0x01
+    1       12    AES-256-GCM nonce
+    13      n+16  ciphertext || tag
+
+AAD = ``0x01 || key id (16 bytes) || version (uint32 BE)``, so a sealed blob moved to another
+key or version does not open.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import uuid
+from typing import Final
+
+from keygrants.crypto import NONCE_SIZE, Aead
+from keygrants.errors import InvalidCiphertext
+
+__all__ = ["SEALED_V1", "seal_key_version", "unseal_key_version"]
+
+SEALED_V1: Final = 0x01
+_AAD = struct.Struct(">B16sI")
+
+
+def _aad(key_id: uuid.UUID, version: int) -> bytes:
+    return _AAD.pack(SEALED_V1, key_id.bytes, version)
+
+
+def seal_key_version(root: Aead, key_id: uuid.UUID, version: int, secret: bytes) -> bytes:
+    """Seal one version's secret under the root key."""
+    nonce = os.urandom(NONCE_SIZE)
+    return bytes([SEALED_V1]) + nonce + root.seal(nonce, secret, _aad(key_id, version))
+
+
+def unseal_key_version(root: Aead, key_id: uuid.UUID, version: int, blob: bytes) -> bytes:
+    """Open a sealed secret.
+
+    Raises:
+        InvalidCiphertext: if the blob was altered, moved, or sealed under another root key.
+    """
+    if len(blob) < 1 + NONCE_SIZE or blob[0] != SEALED_V1:
+        raise InvalidCiphertext()
+    return root.open(blob[1 : 1 + NONCE_SIZE], blob[1 + NONCE_SIZE :], _aad(key_id, version))

@@ -1,0 +1,341 @@
+"""Request and result types shared by the service, the HTTP edge and the SDK.
+
+They are msgspec structs, so the same class is the service's return value, the JSON the
+server sends (``bytes`` fields travel as standard base64, times as RFC 3339) and the typed
+result the SDK hands back. Request structs forbid unknown fields: a misspelled option is an
+error, not a silent default.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+import msgspec
+
+__all__ = [
+    "AliasInfo",
+    "BatchDecryptItem",
+    "BatchDecryptRequest",
+    "BatchEncryptItem",
+    "BatchEncryptRequest",
+    "BatchItemError",
+    "BatchResult",
+    "CreateAliasRequest",
+    "CreateKeyRequest",
+    "DataKey",
+    "DataKeyRequest",
+    "DecryptRequest",
+    "DecryptResult",
+    "DeriveRequest",
+    "DerivedKey",
+    "EncryptRequest",
+    "EncryptResult",
+    "KeyInfo",
+    "KeyList",
+    "MacRequest",
+    "MacResult",
+    "MessageType",
+    "PublicKey",
+    "RandomRequest",
+    "RandomResult",
+    "ReEncryptRequest",
+    "ReEncryptResult",
+    "ScheduleDeletionRequest",
+    "SignRequest",
+    "SignResult",
+    "UpdateKeyRequest",
+    "VerifyMacRequest",
+    "VerifyRequest",
+    "VerifyResult",
+]
+
+MessageType = Literal["raw", "digest"]
+Context = dict[str, str]
+
+
+class _Request(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class _Result(msgspec.Struct, kw_only=True):
+    pass
+
+
+# -- key management -------------------------------------------------------------------------
+
+
+class CreateKeyRequest(_Request):
+    """Create a key. ``rotation_period`` is in seconds."""
+
+    name: str
+    spec: str = "aes-256-gcm"
+    description: str = ""
+    rotation_period: int | None = None
+    derivable: bool = False
+
+
+class UpdateKeyRequest(_Request):
+    """Change a key's settings; absent fields are left alone (``rotation_period: 0`` turns
+    scheduled rotation off)."""
+
+    description: str | None = None
+    rotation_period: int | None = None
+    min_decryption_version: int | None = None
+
+
+class ScheduleDeletionRequest(_Request):
+    """Schedule destruction of a key's material after a waiting period of 7 to 30 days."""
+
+    days: int = 30
+
+
+class CreateAliasRequest(_Request):
+    """Point an alias at a key."""
+
+    alias: str
+    key: str
+
+
+class KeyInfo(_Result):
+    """A key's metadata (never its material)."""
+
+    id: str
+    name: str
+    spec: str
+    purpose: str
+    description: str
+    state: str
+    derivable: bool
+    created_at: datetime
+    updated_at: datetime
+    latest_version: int
+    min_decryption_version: int
+    rotation_period: int | None = None
+    next_rotation_at: datetime | None = None
+    deletion_date: datetime | None = None
+    aliases: list[str] = []
+
+
+class KeyList(_Result):
+    """One page of keys; pass ``next`` as ``after`` for the next page."""
+
+    keys: list[KeyInfo]
+    next: str | None = None
+
+
+class AliasInfo(_Result):
+    """An alias and the key it names."""
+
+    alias: str
+    key_id: str
+
+
+# -- encryption -----------------------------------------------------------------------------
+
+
+class EncryptRequest(_Request):
+    """Encrypt ``plaintext`` (base64 on the wire) under a key's latest version."""
+
+    plaintext: bytes
+    context: Context | None = None
+
+
+class EncryptResult(_Result):
+    """A native ciphertext and the key version that made it."""
+
+    ciphertext: bytes
+    key_id: str
+    key_version: int
+
+
+class DecryptRequest(_Request):
+    """Decrypt a native ciphertext; the key is named inside it."""
+
+    ciphertext: bytes
+    context: Context | None = None
+
+
+class DecryptResult(_Result):
+    """Recovered plaintext and the key version that had made the ciphertext."""
+
+    plaintext: bytes
+    key_id: str
+    key_version: int
+
+
+class ReEncryptRequest(_Request):
+    """Decrypt and encrypt again inside the server; the plaintext is never returned."""
+
+    ciphertext: bytes
+    context: Context | None = None
+    destination_key: str | None = None
+    destination_context: Context | None = None
+
+
+class ReEncryptResult(_Result):
+    """The new ciphertext, with where it came from and what made it."""
+
+    ciphertext: bytes
+    key_id: str
+    key_version: int
+    source_key_id: str
+    source_key_version: int
+
+
+class DataKeyRequest(_Request):
+    """Generate a data key of 16, 32 or 64 bytes, encrypted under the key."""
+
+    bytes: int = 32
+    context: Context | None = None
+    include_plaintext: bool = True
+
+
+class DataKey(_Result):
+    """A data key: its encrypted form, and the plaintext unless asked not to."""
+
+    ciphertext: bytes
+    key_id: str
+    key_version: int
+    plaintext: bytes | None = None
+
+
+class BatchEncryptItem(_Request):
+    """One item of a batch encrypt."""
+
+    plaintext: bytes
+    context: Context | None = None
+
+
+class BatchEncryptRequest(_Request):
+    """Up to 1,000 items under one key."""
+
+    items: list[BatchEncryptItem]
+
+
+class BatchDecryptItem(_Request):
+    """One item of a batch decrypt."""
+
+    ciphertext: bytes
+    context: Context | None = None
+
+
+class BatchDecryptRequest(_Request):
+    """Up to 1,000 ciphertexts, each naming its own key."""
+
+    items: list[BatchDecryptItem]
+
+
+class BatchItemError(_Result):
+    """Why one batch item failed."""
+
+    code: str
+    message: str
+
+
+class BatchResult(_Result):
+    """Per-item results, in request order: each has ``ciphertext`` or ``plaintext``, or
+    ``error``."""
+
+    results: list[EncryptResult | DecryptResult | BatchItemError]
+
+
+# -- signing and MAC ------------------------------------------------------------------------
+
+
+class SignRequest(_Request):
+    """Sign a message, or a SHA-256 digest of one (``message_type: "digest"``)."""
+
+    message: bytes
+    message_type: MessageType = "raw"
+
+
+class SignResult(_Result):
+    """A signature and the key version that made it."""
+
+    signature: bytes
+    key_id: str
+    key_version: int
+    algorithm: str
+
+
+class VerifyRequest(_Request):
+    """Check a signature; without ``key_version`` every live version is tried, newest
+    first."""
+
+    message: bytes
+    signature: bytes
+    message_type: MessageType = "raw"
+    key_version: int | None = None
+
+
+class VerifyResult(_Result):
+    """Whether the signature or tag is valid, and which version matched."""
+
+    valid: bool
+    key_id: str
+    key_version: int | None = None
+
+
+class MacRequest(_Request):
+    """Compute an HMAC-SHA256 tag."""
+
+    message: bytes
+
+
+class MacResult(_Result):
+    """A tag and the key version that made it."""
+
+    mac: bytes
+    key_id: str
+    key_version: int
+
+
+class VerifyMacRequest(_Request):
+    """Check a tag; without ``key_version`` every live version is tried, newest first."""
+
+    message: bytes
+    mac: bytes
+    key_version: int | None = None
+
+
+class PublicKey(_Result):
+    """A signing key version's public half."""
+
+    key_id: str
+    key_version: int
+    algorithm: str
+    pem: str
+    jwk: dict[str, str]
+
+
+# -- derive and random ----------------------------------------------------------------------
+
+
+class DeriveRequest(_Request):
+    """HKDF-SHA256 from a derivable key, bound to ``context`` (and optional ``salt``)."""
+
+    context: Context
+    length: int = 32
+    salt: bytes | None = None
+    key_version: int | None = None
+
+
+class DerivedKey(_Result):
+    """Derived bytes and the key version they came from."""
+
+    derived: bytes
+    key_id: str
+    key_version: int
+
+
+class RandomRequest(_Request):
+    """Ask for random bytes from the server's CSPRNG."""
+
+    bytes: int = 32
+
+
+class RandomResult(_Result):
+    """Random bytes."""
+
+    random: bytes

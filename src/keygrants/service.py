@@ -1,0 +1,665 @@
+"""The KMS use cases: authorize, act, persist, over a store and an unsealed root key.
+
+:class:`KMS` is synchronous and thread-safe. Cryptographic operations run from an in-memory
+cache of unsealed key versions and never touch the store; management operations write through
+to the store (durably) under one lock and then update the cache. The HTTP edge calls the
+cryptographic operations inline and the writes in a worker thread.
+
+Every method takes the caller's :class:`~keygrants.auth.RequestContext` first, and asks the
+:class:`Authorizer` before it acts: the admin-only authorizer of this release is where the
+policy engine slots in.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Final, Protocol
+
+import msgspec
+
+from keygrants import models as m
+from keygrants.auth import ADMIN_PRINCIPAL, RequestContext
+from keygrants.crypto import Aead, random_bytes
+from keygrants.errors import (
+    AlreadyExists,
+    Forbidden,
+    InvalidCiphertext,
+    InvalidKeyUsage,
+    InvalidRequest,
+    KeyDestroyed,
+    KeyDisabled,
+    KeygrantsError,
+    KeyNotFound,
+    KeyPendingDeletion,
+    KeyStateError,
+    KeyVersionError,
+    PayloadTooLarge,
+)
+from keygrants.keys.ciphertext import Ciphertext
+from keygrants.keys.context import canonical_context
+from keygrants.keys.keyring import KeyVersions
+from keygrants.keys.material import KeyMaterial, generate_material
+from keygrants.keys.model import NAME_PATTERN, Key, KeyVersion
+from keygrants.keys.sealing import seal_key_version, unseal_key_version
+from keygrants.keys.specs import SPECS, KeySpec, get_spec
+from keygrants.store.base import Store
+
+__all__ = ["KMS", "AdminOnlyAuthorizer", "Authorizer", "Limits"]
+
+_NAME_RE: Final = re.compile(NAME_PATTERN)
+DATA_KEY_SIZES: Final = frozenset({16, 32, 64})
+MIN_ROTATION_PERIOD: Final = 60
+MAX_ROTATION_PERIOD: Final = 10 * 366 * 86400
+MIN_DELETION_DAYS: Final = 7
+MAX_DELETION_DAYS: Final = 30
+MAX_DESCRIPTION_LENGTH: Final = 1024
+MAX_LIST_LIMIT: Final = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Input limits; every one is enforced before any work is done."""
+
+    max_plaintext: int = 64 * 1024
+    max_batch_items: int = 1000
+    max_random_bytes: int = 1024
+    max_derive_bytes: int = 1024
+    max_message: int = 64 * 1024
+
+    def __post_init__(self) -> None:
+        for name in ("max_plaintext", "max_batch_items", "max_random_bytes",
+                     "max_derive_bytes", "max_message"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive")
+
+
+class Authorizer(Protocol):
+    """Decides whether a caller may perform an action on a key (``None`` for global ones)."""
+
+    def authorize(self, ctx: RequestContext, action: str, key: Key | None) -> None:
+        """Return if allowed; raise :class:`~keygrants.errors.Forbidden` otherwise."""
+
+
+class AdminOnlyAuthorizer:
+    """Allows everything to the admin principal and nothing to anyone else."""
+
+    def authorize(self, ctx: RequestContext, action: str, key: Key | None) -> None:
+        if ctx.principal != ADMIN_PRINCIPAL:
+            raise Forbidden()
+
+
+@dataclass(frozen=True, slots=True)
+class _Loaded:
+    """A key's metadata with its unsealed versions (``None`` once destroyed)."""
+
+    key: Key
+    versions: KeyVersions | None
+
+
+def _uuid(key_id: str) -> uuid.UUID:
+    return uuid.UUID(key_id)
+
+
+def _dt(ts: int | None) -> datetime | None:
+    return None if ts is None else datetime.fromtimestamp(ts, UTC)
+
+
+class KMS:
+    """The key management service.
+
+    Args:
+        store: durable storage.
+        root_key: the unsealed 32-byte root key that seals key material.
+        clock: returns the current Unix time (injected in tests).
+        limits: input limits.
+        authorizer: the policy decision point.
+    """
+
+    def __init__(self, store: Store, root_key: bytes, *, clock: Callable[[], float] = time.time,
+                 limits: Limits | None = None, authorizer: Authorizer | None = None) -> None:
+        self.store = store
+        self.limits = limits or Limits()
+        self._root = Aead("aes-256-gcm", root_key)
+        self._clock = clock
+        self._authorizer = authorizer or AdminOnlyAuthorizer()
+        self._write_lock = threading.RLock()
+        self._cache: dict[str, _Loaded] = {}
+        self._refs: dict[str, str] = {}
+
+    def _now(self) -> int:
+        return int(self._clock())
+
+    # -- loading and resolution ------------------------------------------------------------
+
+    def _load(self, key: Key) -> _Loaded:
+        versions: KeyVersions | None = None
+        if key.state != "destroyed":
+            spec = get_spec(key.spec)
+            kid = _uuid(key.id)
+            materials = [
+                KeyMaterial(spec, kid, v.version, unseal_key_version(self._root, kid, v.version,
+                                                                    v.sealed))
+                for v in self.store.get_versions(key.id)
+            ]
+            versions = KeyVersions(kid, materials, min_decryption_version=key.min_decryption_version)
+        loaded = _Loaded(key, versions)
+        self._cache[key.id] = loaded
+        return loaded
+
+    def _cached(self, key: Key) -> _Loaded:
+        """Replace the cached metadata, keeping unsealed versions when they still match."""
+        old = self._cache.get(key.id)
+        if (old is None or old.versions is None or key.state == "destroyed"
+                or old.key.latest_version != key.latest_version):
+            return self._load(key)
+        old.versions.min_decryption_version = key.min_decryption_version
+        loaded = _Loaded(key, old.versions)
+        self._cache[key.id] = loaded
+        return loaded
+
+    def _resolve(self, ref: str) -> _Loaded:
+        """A key by id, name or alias, loaded (from the cache when possible)."""
+        key_id = self._refs.get(ref)
+        if key_id is not None:
+            loaded = self._cache.get(key_id)
+            if loaded is not None:
+                return loaded
+        if not isinstance(ref, str) or not ref or len(ref) > 160:
+            raise KeyNotFound()
+        key: Key | None = None
+        try:
+            key = self.store.get_key(str(uuid.UUID(ref)))
+        except ValueError:
+            key = self.store.find_key(ref)
+        if key is None:
+            raise KeyNotFound(f"key {ref!r} not found")
+        loaded = self._cache.get(key.id) or self._load(key)
+        self._refs[ref] = key.id
+        return loaded
+
+    def _resolve_id(self, key_id: uuid.UUID) -> _Loaded | None:
+        loaded = self._cache.get(str(key_id))
+        if loaded is not None:
+            return loaded
+        key = self.store.get_key(str(key_id))
+        return None if key is None else self._load(key)
+
+    def _forget_refs(self, key_id: str) -> None:
+        for ref in [r for r, k in self._refs.items() if k == key_id]:
+            self._refs.pop(ref, None)
+
+    # -- guards ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _usable(loaded: _Loaded, operation: str) -> KeyVersions:
+        key = loaded.key
+        if key.state == "disabled":
+            raise KeyDisabled(f"key {key.name!r} is disabled")
+        if key.state == "pending_deletion":
+            raise KeyPendingDeletion(f"key {key.name!r} is pending deletion")
+        if key.state == "destroyed" or loaded.versions is None:
+            raise KeyDestroyed(f"key {key.name!r} has been destroyed")
+        spec = SPECS[key.spec]
+        allowed = spec.operations | ({"derive"} if key.derivable else set())
+        if operation not in allowed:
+            raise InvalidKeyUsage(
+                f"{operation} is not allowed for key {key.name!r} (spec {key.spec}, purpose "
+                f"{key.purpose})"
+            )
+        return loaded.versions
+
+    def _authorized(self, ctx: RequestContext, operation: str, ref: str) -> tuple[Key, KeyVersions]:
+        loaded = self._resolve(ref)
+        self._authorizer.authorize(ctx, operation, loaded.key)
+        return loaded.key, self._usable(loaded, operation)
+
+    def _check_plaintext(self, data: bytes, what: str = "plaintext") -> None:
+        if len(data) > self.limits.max_plaintext:
+            raise PayloadTooLarge(f"{what} is larger than {self.limits.max_plaintext} bytes")
+
+    def _check_message(self, data: bytes) -> None:
+        if len(data) > self.limits.max_message:
+            raise PayloadTooLarge(f"message is larger than {self.limits.max_message} bytes")
+
+    # -- key management --------------------------------------------------------------------
+
+    def info(self, key: Key) -> m.KeyInfo:
+        """The public view of a key."""
+        return m.KeyInfo(
+            id=key.id, name=key.name, spec=key.spec, purpose=key.purpose,
+            description=key.description, state=key.state, derivable=key.derivable,
+            created_at=_dt(key.created_at), updated_at=_dt(key.updated_at),  # type: ignore[arg-type]
+            latest_version=key.latest_version, min_decryption_version=key.min_decryption_version,
+            rotation_period=key.rotation_period, next_rotation_at=_dt(key.next_rotation_at),
+            deletion_date=_dt(key.deletion_date),
+            aliases=[a.alias for a in self.store.list_aliases(key.id)],
+        )
+
+    @staticmethod
+    def _check_name(name: str, what: str = "name") -> None:
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise InvalidRequest(
+                f"{what} must be 1-128 characters of letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit"
+            )
+        try:
+            uuid.UUID(name)
+        except ValueError:
+            return
+        raise InvalidRequest(f"{what} must not look like a key id (UUID)")
+
+    @staticmethod
+    def _check_rotation_period(period: int | None) -> None:
+        if period is not None and not MIN_ROTATION_PERIOD <= period <= MAX_ROTATION_PERIOD:
+            raise InvalidRequest(
+                f"rotation_period must be between {MIN_ROTATION_PERIOD} seconds and 10 years"
+            )
+
+    def _new_version(self, spec: KeySpec, kid: uuid.UUID, version: int, now: int) -> KeyVersion:
+        secret = generate_material(spec)
+        material = KeyMaterial(spec, kid, version, secret)
+        public = material.public_key().public_der() if spec.purpose == "sign-verify" else None
+        return KeyVersion(key_id=str(kid), version=version, created_at=now,
+                          sealed=seal_key_version(self._root, kid, version, secret),
+                          public_key_der=public)
+
+    def create_key(self, ctx: RequestContext, req: m.CreateKeyRequest) -> m.KeyInfo:
+        """Create a key with its first version.
+
+        Raises:
+            InvalidRequest: for a bad name, spec, rotation period or description.
+            AlreadyExists: if the name is in use.
+        """
+        self._authorizer.authorize(ctx, "create_key", None)
+        self._check_name(req.name)
+        try:
+            spec = get_spec(req.spec)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
+        self._check_rotation_period(req.rotation_period)
+        if len(req.description) > MAX_DESCRIPTION_LENGTH:
+            raise InvalidRequest(f"description is longer than {MAX_DESCRIPTION_LENGTH} characters")
+        if req.derivable and not spec.symmetric:
+            raise InvalidRequest("only symmetric keys (aes-256-gcm, chacha20-poly1305, "
+                                 "hmac-sha256) can be derivable")
+        now = self._now()
+        kid = uuid.uuid4()
+        key = Key(
+            id=str(kid), name=req.name, spec=spec.name, purpose=spec.purpose,
+            description=req.description, derivable=req.derivable, created_at=now, updated_at=now,
+            rotation_period=req.rotation_period,
+            next_rotation_at=None if req.rotation_period is None else now + req.rotation_period,
+        )
+        with self._write_lock:
+            self.store.create_key(key, self._new_version(spec, kid, 1, now))
+            self._load(key)
+        return self.info(key)
+
+    def describe_key(self, ctx: RequestContext, ref: str) -> m.KeyInfo:
+        """A key's metadata."""
+        loaded = self._resolve(ref)
+        self._authorizer.authorize(ctx, "describe_key", loaded.key)
+        return self.info(self.store.get_key(loaded.key.id) or loaded.key)
+
+    def list_keys(self, ctx: RequestContext, *, limit: int = 100,
+                  after: str | None = None) -> m.KeyList:
+        """One page of keys ordered by name."""
+        self._authorizer.authorize(ctx, "list_keys", None)
+        if not 1 <= limit <= MAX_LIST_LIMIT:
+            raise InvalidRequest(f"limit must be 1..{MAX_LIST_LIMIT}")
+        keys = self.store.list_keys(limit=limit + 1, after=after)
+        more = len(keys) > limit
+        keys = keys[:limit]
+        return m.KeyList(keys=[self.info(k) for k in keys],
+                         next=keys[-1].name if more and keys else None)
+
+    def _modify(self, ctx: RequestContext, ref: str, action: str,
+                change: Callable[[Key, int], Key]) -> m.KeyInfo:
+        with self._write_lock:
+            loaded = self._resolve(ref)
+            self._authorizer.authorize(ctx, action, loaded.key)
+            current = self.store.get_key(loaded.key.id)
+            if current is None:
+                raise KeyNotFound()
+            now = self._now()
+            updated = change(current, now)
+            if updated is current:
+                return self.info(current)
+            updated = msgspec.structs.replace(updated, updated_at=max(now, current.updated_at))
+            self.store.update_key(updated, expected_updated_at=current.updated_at)
+            self._cached(updated)
+        return self.info(updated)
+
+    @staticmethod
+    def _not_destroyed(key: Key) -> None:
+        if key.state == "destroyed":
+            raise KeyDestroyed(f"key {key.name!r} has been destroyed")
+
+    def update_key(self, ctx: RequestContext, ref: str, req: m.UpdateKeyRequest) -> m.KeyInfo:
+        """Change description, rotation period (0 = off) or minimum decryption version."""
+        if req.description is not None and len(req.description) > MAX_DESCRIPTION_LENGTH:
+            raise InvalidRequest(f"description is longer than {MAX_DESCRIPTION_LENGTH} characters")
+        period = req.rotation_period
+        if period is not None and period != 0:
+            self._check_rotation_period(period)
+
+        def change(key: Key, now: int) -> Key:
+            self._not_destroyed(key)
+            changes: dict[str, object] = {}
+            if req.description is not None:
+                changes["description"] = req.description
+            if period is not None:
+                changes["rotation_period"] = period or None
+                changes["next_rotation_at"] = now + period if period else None
+            if req.min_decryption_version is not None:
+                v = req.min_decryption_version
+                if not 1 <= v <= key.latest_version:
+                    raise KeyVersionError(
+                        f"min_decryption_version must be between 1 and the latest version "
+                        f"({key.latest_version})"
+                    )
+                changes["min_decryption_version"] = v
+            return msgspec.structs.replace(key, **changes) if changes else key
+
+        return self._modify(ctx, ref, "update_key", change)
+
+    def rotate_key(self, ctx: RequestContext, ref: str) -> m.KeyInfo:
+        """Add a new version; encryption uses it from now on, old versions still decrypt."""
+        with self._write_lock:
+            loaded = self._resolve(ref)
+            self._authorizer.authorize(ctx, "rotate_key", loaded.key)
+            key = self.store.get_key(loaded.key.id)
+            if key is None:
+                raise KeyNotFound()
+            if key.state in ("pending_deletion", "destroyed"):
+                raise KeyStateError(f"key {key.name!r} is {key.state.replace('_', ' ')}")
+            return self.info(self._rotate(key))
+
+    def _rotate(self, key: Key) -> Key:
+        now = self._now()
+        version = self._new_version(get_spec(key.spec), _uuid(key.id), key.latest_version + 1, now)
+        updated = msgspec.structs.replace(
+            key, latest_version=version.version, updated_at=max(now, key.updated_at),
+            next_rotation_at=None if key.rotation_period is None else now + key.rotation_period,
+        )
+        self.store.add_version(updated, version)
+        self._load(updated)
+        return updated
+
+    def disable_key(self, ctx: RequestContext, ref: str) -> m.KeyInfo:
+        """Refuse every cryptographic operation until enabled again."""
+        def change(key: Key, now: int) -> Key:
+            if key.state in ("pending_deletion", "destroyed"):
+                raise KeyStateError(f"key {key.name!r} is {key.state.replace('_', ' ')}")
+            return key if key.state == "disabled" else msgspec.structs.replace(key, state="disabled")
+        return self._modify(ctx, ref, "disable_key", change)
+
+    def enable_key(self, ctx: RequestContext, ref: str) -> m.KeyInfo:
+        """Allow cryptographic operations again."""
+        def change(key: Key, now: int) -> Key:
+            if key.state in ("pending_deletion", "destroyed"):
+                raise KeyStateError(f"key {key.name!r} is {key.state.replace('_', ' ')}; "
+                                    "cancel the deletion first")
+            return key if key.state == "enabled" else msgspec.structs.replace(key, state="enabled")
+        return self._modify(ctx, ref, "enable_key", change)
+
+    def schedule_deletion(self, ctx: RequestContext, ref: str, days: int = 30) -> m.KeyInfo:
+        """Make the key unusable now and destroy its material after ``days`` (7 to 30)."""
+        if not MIN_DELETION_DAYS <= days <= MAX_DELETION_DAYS:
+            raise InvalidRequest(f"days must be between {MIN_DELETION_DAYS} and {MAX_DELETION_DAYS}")
+
+        def change(key: Key, now: int) -> Key:
+            if key.state in ("pending_deletion", "destroyed"):
+                raise KeyStateError(f"key {key.name!r} is already {key.state.replace('_', ' ')}")
+            return msgspec.structs.replace(key, state="pending_deletion", previous_state=key.state,
+                                           deletion_date=now + days * 86400)
+        return self._modify(ctx, ref, "schedule_key_deletion", change)
+
+    def cancel_deletion(self, ctx: RequestContext, ref: str) -> m.KeyInfo:
+        """Restore a key pending deletion to the state it had before."""
+        def change(key: Key, now: int) -> Key:
+            if key.state != "pending_deletion":
+                raise KeyStateError(f"key {key.name!r} is not pending deletion")
+            return msgspec.structs.replace(key, state=key.previous_state or "disabled",
+                                           previous_state=None, deletion_date=None)
+        return self._modify(ctx, ref, "cancel_key_deletion", change)
+
+    def create_alias(self, ctx: RequestContext, alias: str, ref: str) -> m.AliasInfo:
+        """Name a key with an extra alias."""
+        self._check_name(alias, "alias")
+        with self._write_lock:
+            loaded = self._resolve(ref)
+            self._authorizer.authorize(ctx, "create_alias", loaded.key)
+            self.store.create_alias(alias, loaded.key.id)
+        return m.AliasInfo(alias=alias, key_id=loaded.key.id)
+
+    def delete_alias(self, ctx: RequestContext, alias: str) -> None:
+        """Remove an alias (the key is untouched)."""
+        self._authorizer.authorize(ctx, "delete_alias", None)
+        with self._write_lock:
+            self.store.delete_alias(alias)
+            self._refs.pop(alias, None)
+
+    def list_aliases(self, ctx: RequestContext, ref: str | None = None) -> list[m.AliasInfo]:
+        """All aliases, or those of one key."""
+        key_id = None
+        if ref is not None:
+            loaded = self._resolve(ref)
+            self._authorizer.authorize(ctx, "list_aliases", loaded.key)
+            key_id = loaded.key.id
+        else:
+            self._authorizer.authorize(ctx, "list_aliases", None)
+        return [m.AliasInfo(alias=a.alias, key_id=a.key_id) for a in self.store.list_aliases(key_id)]
+
+    # -- scheduler -------------------------------------------------------------------------
+
+    def run_due(self) -> tuple[int, int]:
+        """Rotate keys whose period has elapsed and destroy keys whose deletion date has
+        passed. Safe to call from any number of processes; returns ``(rotated, destroyed)``."""
+        rotated = destroyed = 0
+        now = self._now()
+        for due in self.store.keys_due(now):
+            with self._write_lock:
+                key = self.store.get_key(due.id)
+                if key is None:
+                    continue
+                try:
+                    if (key.state == "enabled" and key.next_rotation_at is not None
+                            and key.next_rotation_at <= now):
+                        self._rotate(key)
+                        rotated += 1
+                    elif (key.state == "pending_deletion" and key.deletion_date is not None
+                            and key.deletion_date <= now):
+                        dead = msgspec.structs.replace(key, state="destroyed", previous_state=None,
+                                                       updated_at=max(now, key.updated_at))
+                        self.store.destroy_key(dead)
+                        self._cache[key.id] = _Loaded(dead, None)
+                        destroyed += 1
+                except KeygrantsError:
+                    continue  # another process got there first; it is done either way
+        return rotated, destroyed
+
+    # -- encryption ------------------------------------------------------------------------
+
+    def encrypt(self, ctx: RequestContext, ref: str, plaintext: bytes,
+                context: Mapping[str, str] | None = None) -> m.EncryptResult:
+        """Encrypt under the key's latest version."""
+        key, versions = self._authorized(ctx, "encrypt", ref)
+        self._check_plaintext(plaintext)
+        latest = versions.latest
+        return m.EncryptResult(ciphertext=latest.encrypt(plaintext, context), key_id=key.id,
+                               key_version=latest.version)
+
+    def _open(self, ctx: RequestContext, ciphertext: bytes, context: Mapping[str, str] | None,
+              operation: str = "decrypt") -> tuple[bytes, Key, int]:
+        canonical_context(context)  # a malformed context is a request error, not a bad ciphertext
+        ct = Ciphertext.from_bytes(ciphertext)
+        loaded = self._resolve_id(ct.key_id)
+        if loaded is None:
+            raise InvalidCiphertext()
+        self._authorizer.authorize(ctx, operation, loaded.key)
+        versions = self._usable(loaded, operation)
+        plaintext = versions.for_decrypt(ct.version).decrypt_parsed(ct, context)
+        return plaintext, loaded.key, ct.version
+
+    def decrypt(self, ctx: RequestContext, ciphertext: bytes,
+                context: Mapping[str, str] | None = None) -> m.DecryptResult:
+        """Decrypt a native ciphertext; any cryptographic failure is ``InvalidCiphertext``."""
+        plaintext, key, version = self._open(ctx, ciphertext, context)
+        return m.DecryptResult(plaintext=plaintext, key_id=key.id, key_version=version)
+
+    def re_encrypt(self, ctx: RequestContext, req: m.ReEncryptRequest) -> m.ReEncryptResult:
+        """Decrypt and encrypt again (to the latest version, or to another key)."""
+        plaintext, source, version = self._open(ctx, req.ciphertext, req.context, "re_encrypt")
+        dest_ref = req.destination_key or source.id
+        dest, dest_versions = self._authorized(ctx, "re_encrypt", dest_ref)
+        if dest.purpose != "encrypt-decrypt":
+            raise InvalidKeyUsage("the destination key is not an encryption key")
+        context = req.destination_context if req.destination_context is not None else req.context
+        latest = dest_versions.latest
+        return m.ReEncryptResult(
+            ciphertext=latest.encrypt(plaintext, context), key_id=dest.id,
+            key_version=latest.version, source_key_id=source.id, source_key_version=version,
+        )
+
+    def generate_data_key(self, ctx: RequestContext, ref: str, req: m.DataKeyRequest) -> m.DataKey:
+        """A fresh data key, encrypted under the key (and in plaintext unless declined)."""
+        if req.bytes not in DATA_KEY_SIZES:
+            raise InvalidRequest("data keys are 16, 32 or 64 bytes")
+        key, versions = self._authorized(ctx, "generate_data_key", ref)
+        data_key = random_bytes(req.bytes)
+        latest = versions.latest
+        return m.DataKey(
+            ciphertext=latest.encrypt(data_key, req.context), key_id=key.id,
+            key_version=latest.version, plaintext=data_key if req.include_plaintext else None,
+        )
+
+    def batch_encrypt(self, ctx: RequestContext, ref: str,
+                      items: Sequence[m.BatchEncryptItem]) -> m.BatchResult:
+        """Encrypt up to ``max_batch_items`` items; failures are reported per item."""
+        self._check_batch(items)
+        key, versions = self._authorized(ctx, "encrypt", ref)
+        latest = versions.latest
+        results: list[m.EncryptResult | m.DecryptResult | m.BatchItemError] = []
+        for item in items:
+            try:
+                self._check_plaintext(item.plaintext)
+                results.append(m.EncryptResult(ciphertext=latest.encrypt(item.plaintext, item.context),
+                                               key_id=key.id, key_version=latest.version))
+            except KeygrantsError as exc:
+                results.append(m.BatchItemError(code=exc.code, message=exc.message))
+        return m.BatchResult(results=results)
+
+    def batch_decrypt(self, ctx: RequestContext,
+                      items: Sequence[m.BatchDecryptItem]) -> m.BatchResult:
+        """Decrypt up to ``max_batch_items`` ciphertexts; failures are reported per item."""
+        self._check_batch(items)
+        results: list[m.EncryptResult | m.DecryptResult | m.BatchItemError] = []
+        for item in items:
+            try:
+                results.append(self.decrypt(ctx, item.ciphertext, item.context))
+            except KeygrantsError as exc:
+                results.append(m.BatchItemError(code=exc.code, message=exc.message))
+        return m.BatchResult(results=results)
+
+    def _check_batch(self, items: Sequence[object]) -> None:
+        if not items:
+            raise InvalidRequest("a batch needs at least one item")
+        if len(items) > self.limits.max_batch_items:
+            raise PayloadTooLarge(f"a batch holds at most {self.limits.max_batch_items} items")
+
+    # -- signing and MAC -------------------------------------------------------------------
+
+    def sign(self, ctx: RequestContext, ref: str, message: bytes,
+             message_type: m.MessageType = "raw") -> m.SignResult:
+        """Sign with the latest version."""
+        key, versions = self._authorized(ctx, "sign", ref)
+        self._check_message(message)
+        latest = versions.latest
+        try:
+            signature = latest.sign(message, prehashed=message_type == "digest")
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
+        return m.SignResult(signature=signature, key_id=key.id, key_version=latest.version,
+                            algorithm=latest.spec.algorithm)
+
+    def _candidates(self, versions: KeyVersions, version: int | None) -> list[KeyMaterial]:
+        if version is None:
+            return [versions.by_version[v] for v in sorted(versions.by_version, reverse=True)
+                    if v >= versions.min_decryption_version]
+        material = versions.by_version.get(version)
+        if material is None or version < versions.min_decryption_version:
+            raise KeyVersionError(f"key version {version} does not exist or is retired")
+        return [material]
+
+    def verify(self, ctx: RequestContext, ref: str, req: m.VerifyRequest) -> m.VerifyResult:
+        """Check a signature against one version, or every live version newest first."""
+        key, versions = self._authorized(ctx, "verify", ref)
+        self._check_message(req.message)
+        prehashed = req.message_type == "digest"
+        for material in self._candidates(versions, req.key_version):
+            try:
+                ok = material.verify(req.message, req.signature, prehashed=prehashed)
+            except ValueError as exc:
+                raise InvalidRequest(str(exc)) from None
+            if ok:
+                return m.VerifyResult(valid=True, key_id=key.id, key_version=material.version)
+        return m.VerifyResult(valid=False, key_id=key.id)
+
+    def get_public_key(self, ctx: RequestContext, ref: str,
+                       version: int | None = None) -> m.PublicKey:
+        """The PEM and JWK of a signing key version (the latest by default)."""
+        key, versions = self._authorized(ctx, "get_public_key", ref)
+        material = versions.latest if version is None else self._candidates(versions, version)[0]
+        public = material.public_key()
+        return m.PublicKey(key_id=key.id, key_version=material.version,
+                           algorithm=material.spec.algorithm, pem=public.public_pem(),
+                           jwk=public.jwk(kid=f"{key.id}:{material.version}"))
+
+    def mac(self, ctx: RequestContext, ref: str, message: bytes) -> m.MacResult:
+        """HMAC-SHA256 with the latest version."""
+        key, versions = self._authorized(ctx, "mac", ref)
+        self._check_message(message)
+        latest = versions.latest
+        return m.MacResult(mac=latest.mac(message), key_id=key.id, key_version=latest.version)
+
+    def verify_mac(self, ctx: RequestContext, ref: str, req: m.VerifyMacRequest) -> m.VerifyResult:
+        """Check a tag in constant time against one version, or every live version."""
+        key, versions = self._authorized(ctx, "verify_mac", ref)
+        self._check_message(req.message)
+        for material in self._candidates(versions, req.key_version):
+            if material.verify_mac(req.message, req.mac):
+                return m.VerifyResult(valid=True, key_id=key.id, key_version=material.version)
+        return m.VerifyResult(valid=False, key_id=key.id)
+
+    # -- derive and random -----------------------------------------------------------------
+
+    def derive(self, ctx: RequestContext, ref: str, req: m.DeriveRequest) -> m.DerivedKey:
+        """HKDF-SHA256 output bound to the key version and the caller's context."""
+        if not 1 <= req.length <= self.limits.max_derive_bytes:
+            raise InvalidRequest(f"length must be 1..{self.limits.max_derive_bytes}")
+        if req.salt is not None and len(req.salt) > 1024:
+            raise InvalidRequest("salt is longer than 1024 bytes")
+        key, versions = self._authorized(ctx, "derive", ref)
+        material = (versions.latest if req.key_version is None
+                    else self._candidates(versions, req.key_version)[0])
+        derived = material.derive(req.context, salt=req.salt, length=req.length)
+        return m.DerivedKey(derived=derived, key_id=key.id, key_version=material.version)
+
+    def random(self, ctx: RequestContext, n: int) -> m.RandomResult:
+        """``n`` bytes from the server's CSPRNG."""
+        self._authorizer.authorize(ctx, "generate_random", None)
+        if not 1 <= n <= self.limits.max_random_bytes:
+            raise InvalidRequest(f"bytes must be 1..{self.limits.max_random_bytes}")
+        return m.RandomResult(random=random_bytes(n))
+
+    def check_name_free(self, name: str) -> None:
+        """Raise ``AlreadyExists`` if a key or alias uses ``name``."""
+        if self.store.find_key(name) is not None:
+            raise AlreadyExists(f"name {name!r} is already in use")

@@ -1,0 +1,126 @@
+"""An in-memory store for unit tests and :mod:`keygrants.testing` (not durable)."""
+
+from __future__ import annotations
+
+import threading
+
+import msgspec
+
+from keygrants.errors import AliasNotFound, AlreadyExists, Conflict, KeyNotFound
+from keygrants.keys.model import Key, KeyVersion
+from keygrants.store.base import Alias
+
+__all__ = ["MemoryStore"]
+
+
+class MemoryStore:
+    """Implements :class:`~keygrants.store.base.Store` with dicts behind one lock."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._meta: dict[str, bytes] = {}
+        self._keys: dict[str, Key] = {}
+        self._versions: dict[str, dict[int, KeyVersion]] = {}
+        self._aliases: dict[str, str] = {}
+
+    def get_meta(self, name: str) -> bytes | None:
+        return self._meta.get(name)
+
+    def set_meta_if_absent(self, name: str, value: bytes) -> bool:
+        with self._lock:
+            if name in self._meta:
+                return False
+            self._meta[name] = value
+            return True
+
+    def set_meta(self, name: str, value: bytes) -> None:
+        with self._lock:
+            self._meta[name] = value
+
+    def _name_taken(self, name: str) -> bool:
+        return name in self._aliases or any(k.name == name for k in self._keys.values())
+
+    def create_key(self, key: Key, first_version: KeyVersion) -> None:
+        with self._lock:
+            if self._name_taken(key.name) or key.id in self._keys:
+                raise AlreadyExists(f"name {key.name!r} is already in use")
+            self._keys[key.id] = key
+            self._versions[key.id] = {first_version.version: first_version}
+
+    def get_key(self, key_id: str) -> Key | None:
+        return self._keys.get(key_id)
+
+    def find_key(self, name: str) -> Key | None:
+        with self._lock:
+            target = self._aliases.get(name)
+            if target is not None:
+                return self._keys.get(target)
+            return next((k for k in self._keys.values() if k.name == name), None)
+
+    def list_keys(self, *, limit: int, after: str | None = None) -> list[Key]:
+        with self._lock:
+            keys = sorted(self._keys.values(), key=lambda k: k.name)
+        if after is not None:
+            keys = [k for k in keys if k.name > after]
+        return keys[:limit]
+
+    def update_key(self, key: Key, *, expected_updated_at: int | None = None) -> None:
+        with self._lock:
+            current = self._keys.get(key.id)
+            if current is None:
+                raise KeyNotFound()
+            if expected_updated_at is not None and current.updated_at != expected_updated_at:
+                raise Conflict("the key changed concurrently; retry")
+            self._keys[key.id] = key
+
+    def add_version(self, key: Key, version: KeyVersion) -> None:
+        with self._lock:
+            current = self._keys.get(key.id)
+            if current is None:
+                raise KeyNotFound()
+            if current.latest_version != version.version - 1 or key.latest_version != version.version:
+                raise Conflict("the key was rotated concurrently; retry")
+            self._versions[key.id][version.version] = version
+            self._keys[key.id] = key
+
+    def get_versions(self, key_id: str) -> list[KeyVersion]:
+        with self._lock:
+            return [v for _, v in sorted(self._versions.get(key_id, {}).items())]
+
+    def destroy_key(self, key: Key) -> None:
+        with self._lock:
+            self._versions[key.id] = {
+                n: msgspec.structs.replace(v, sealed=b"") for n, v in self._versions[key.id].items()
+            }
+            self._keys[key.id] = key
+
+    def keys_due(self, now: int) -> list[Key]:
+        with self._lock:
+            return [
+                k for k in self._keys.values()
+                if (k.state == "enabled" and k.next_rotation_at is not None
+                    and k.next_rotation_at <= now)
+                or (k.state == "pending_deletion" and k.deletion_date is not None
+                    and k.deletion_date <= now)
+            ]
+
+    def create_alias(self, alias: str, key_id: str) -> None:
+        with self._lock:
+            if self._name_taken(alias):
+                raise AlreadyExists(f"name {alias!r} is already in use")
+            if key_id not in self._keys:
+                raise KeyNotFound()
+            self._aliases[alias] = key_id
+
+    def delete_alias(self, alias: str) -> None:
+        with self._lock:
+            if self._aliases.pop(alias, None) is None:
+                raise AliasNotFound()
+
+    def list_aliases(self, key_id: str | None = None) -> list[Alias]:
+        with self._lock:
+            return [Alias((a, k)) for a, k in sorted(self._aliases.items())
+                    if key_id is None or k == key_id]
+
+    def close(self) -> None:
+        pass
