@@ -33,11 +33,11 @@ def parse_duration(text: str) -> int:
 
 
 def format_duration(seconds: int) -> str:
-    """The shortest exact rendering, e.g. ``2592000`` → ``30d``."""
+    """An exact rendering in days, hours, minutes and seconds, e.g. ``2592000`` → ``30d``."""
     if seconds == 0:
         return "0s"
     out = []
-    for unit in ("w", "d", "h", "m", "s"):
+    for unit in ("d", "h", "m", "s"):
         n, seconds = divmod(seconds, _UNITS[unit])
         if n:
             out.append(f"{n}{unit}")

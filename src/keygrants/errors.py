@@ -19,6 +19,7 @@ same classes by the SDK (:func:`error_from_code`).
     ├── NotFound                        not_found            404
     │   ├── KeyNotFound                 key_not_found        404
     │   └── AliasNotFound               alias_not_found      404
+    ├── MethodNotAllowed                method_not_allowed   405
     ├── Conflict                        conflict             409
     │   └── AlreadyExists               already_exists       409
     ├── KeyStateError                   key_state            409
@@ -58,6 +59,7 @@ __all__ = [
     "KeyVersionError",
     "KeygrantsError",
     "MalformedBody",
+    "MethodNotAllowed",
     "NotFound",
     "PayloadTooLarge",
     "SealError",
@@ -160,6 +162,14 @@ class AliasNotFound(NotFound):
 
     code = "alias_not_found"
     default_message = "alias not found"
+
+
+class MethodNotAllowed(KeygrantsError):
+    """Raised when a route exists but not for the request's HTTP method."""
+
+    code = "method_not_allowed"
+    status = 405
+    default_message = "method not allowed"
 
 
 class Conflict(KeygrantsError):
@@ -271,7 +281,7 @@ def error_from_code(
     cls = classes.get(code)
     if cls is None:
         by_status = {400: InvalidRequest, 401: Unauthenticated, 403: Forbidden, 404: NotFound,
-                     409: Conflict, 413: PayloadTooLarge}
+                     405: MethodNotAllowed, 409: Conflict, 413: PayloadTooLarge}
         cls = by_status.get(status or 500, KeygrantsError)
         err = cls(message, request_id=request_id)
         err.code = code  # type: ignore[misc]  # keep the server's precise code

@@ -20,6 +20,7 @@ __all__ = [
     "BatchEncryptItem",
     "BatchEncryptRequest",
     "BatchItemError",
+    "BatchItemResult",
     "BatchResult",
     "CreateAliasRequest",
     "CreateKeyRequest",
@@ -233,11 +234,21 @@ class BatchItemError(_Result):
     message: str
 
 
-class BatchResult(_Result):
-    """Per-item results, in request order: each has ``ciphertext`` or ``plaintext``, or
-    ``error``."""
+class BatchItemResult(_Result, omit_defaults=True):
+    """One batch item's outcome: ``ciphertext`` (encrypt) or ``plaintext`` (decrypt) with the
+    key version, or ``error``."""
 
-    results: list[EncryptResult | DecryptResult | BatchItemError]
+    ciphertext: bytes | None = None
+    plaintext: bytes | None = None
+    key_id: str | None = None
+    key_version: int | None = None
+    error: BatchItemError | None = None
+
+
+class BatchResult(_Result):
+    """Per-item results, in request order."""
+
+    results: list[BatchItemResult]
 
 
 # -- signing and MAC ------------------------------------------------------------------------

@@ -27,7 +27,6 @@ from keygrants import models as m
 from keygrants.auth import ADMIN_PRINCIPAL, RequestContext
 from keygrants.crypto import Aead, random_bytes
 from keygrants.errors import (
-    AlreadyExists,
     Forbidden,
     InvalidCiphertext,
     InvalidKeyUsage,
@@ -546,26 +545,31 @@ class KMS:
         self._check_batch(items)
         key, versions = self._authorized(ctx, "encrypt", ref)
         latest = versions.latest
-        results: list[m.EncryptResult | m.DecryptResult | m.BatchItemError] = []
+        results: list[m.BatchItemResult] = []
         for item in items:
             try:
                 self._check_plaintext(item.plaintext)
-                results.append(m.EncryptResult(ciphertext=latest.encrypt(item.plaintext, item.context),
-                                               key_id=key.id, key_version=latest.version))
+                ciphertext = latest.encrypt(item.plaintext, item.context)
+                results.append(m.BatchItemResult(ciphertext=ciphertext, key_id=key.id,
+                                                 key_version=latest.version))
             except KeygrantsError as exc:
-                results.append(m.BatchItemError(code=exc.code, message=exc.message))
+                results.append(m.BatchItemResult(error=m.BatchItemError(code=exc.code,
+                                                                        message=exc.message)))
         return m.BatchResult(results=results)
 
     def batch_decrypt(self, ctx: RequestContext,
                       items: Sequence[m.BatchDecryptItem]) -> m.BatchResult:
         """Decrypt up to ``max_batch_items`` ciphertexts; failures are reported per item."""
         self._check_batch(items)
-        results: list[m.EncryptResult | m.DecryptResult | m.BatchItemError] = []
+        results: list[m.BatchItemResult] = []
         for item in items:
             try:
-                results.append(self.decrypt(ctx, item.ciphertext, item.context))
+                r = self.decrypt(ctx, item.ciphertext, item.context)
+                results.append(m.BatchItemResult(plaintext=r.plaintext, key_id=r.key_id,
+                                                 key_version=r.key_version))
             except KeygrantsError as exc:
-                results.append(m.BatchItemError(code=exc.code, message=exc.message))
+                results.append(m.BatchItemResult(error=m.BatchItemError(code=exc.code,
+                                                                        message=exc.message)))
         return m.BatchResult(results=results)
 
     def _check_batch(self, items: Sequence[object]) -> None:
@@ -658,8 +662,3 @@ class KMS:
         if not 1 <= n <= self.limits.max_random_bytes:
             raise InvalidRequest(f"bytes must be 1..{self.limits.max_random_bytes}")
         return m.RandomResult(random=random_bytes(n))
-
-    def check_name_free(self, name: str) -> None:
-        """Raise ``AlreadyExists`` if a key or alias uses ``name``."""
-        if self.store.find_key(name) is not None:
-            raise AlreadyExists(f"name {name!r} is already in use")

@@ -58,7 +58,7 @@ class KeyFileProvider:
                 ) from None
             data = self.path.read_bytes()
             if len(data) != KEY_SIZE:
-                raise SealError(f"seal key file {self.path} is not a {KEY_SIZE}-byte key")
+                raise SealError(f"seal key file {self.path} is not a {KEY_SIZE}-byte key") from None
             return data
         except OSError as exc:
             raise SealError(f"cannot create seal key file {self.path}: {exc.strerror}") from exc

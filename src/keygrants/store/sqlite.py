@@ -68,7 +68,7 @@ _KEY_COLUMNS: Final = (
     "updated_at", "rotation_period", "next_rotation_at", "deletion_date", "previous_state",
     "min_decryption_version", "latest_version",
 )
-_KEY_SELECT: Final = f"SELECT {', '.join(_KEY_COLUMNS)} FROM keys"  # noqa: S608 (constants)
+_KEY_SELECT: Final = f"SELECT {', '.join(_KEY_COLUMNS)} FROM keys"
 
 
 def _key_from_row(row: tuple[Any, ...]) -> Key:
@@ -171,7 +171,7 @@ class SQLiteStore:
             if db.execute("SELECT 1 FROM aliases WHERE alias = ?", (key.name,)).fetchone():
                 raise AlreadyExists(f"name {key.name!r} is already in use")
             placeholders = ", ".join("?" for _ in _KEY_COLUMNS)
-            db.execute(f"INSERT INTO keys ({', '.join(_KEY_COLUMNS)}) VALUES ({placeholders})",  # noqa: S608
+            db.execute(f"INSERT INTO keys ({', '.join(_KEY_COLUMNS)}) VALUES ({placeholders})",
                        _key_params(key))
             self._insert_version(db, first_version)
         self._write(go)
@@ -215,7 +215,7 @@ class SQLiteStore:
     @staticmethod
     def _update_key_row(db: sqlite3.Connection, key: Key) -> None:
         sets = ", ".join(f"{c} = ?" for c in _KEY_COLUMNS[1:])
-        db.execute(f"UPDATE keys SET {sets} WHERE id = ?",  # noqa: S608 (constants)
+        db.execute(f"UPDATE keys SET {sets} WHERE id = ?",
                    (*_key_params(key)[1:], key.id))
 
     def add_version(self, key: Key, version: KeyVersion) -> None:

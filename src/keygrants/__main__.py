@@ -1,0 +1,5 @@
+"""``python -m keygrants`` runs the CLI."""
+
+from keygrants.cli import main
+
+main()

@@ -1,0 +1,527 @@
+"""The Python SDK: :class:`Client` and :class:`AsyncClient` for the keygrants HTTP API.
+
+Both read ``KEYGRANTS_ADDR`` (default ``http://127.0.0.1:8650``) and ``KEYGRANTS_TOKEN`` from
+the environment unless given ``addr=`` / ``token=``. Results are the typed structs of
+:mod:`keygrants.models`; failures raise the typed error tree of :mod:`keygrants.errors`
+(rebuilt from the server's error ``code``), and an unreachable server raises
+:class:`~keygrants.errors.ServerUnreachable`.
+
+Each operation is described once, as an :class:`_Op` built by a function of :mod:`_ops`; the
+two clients differ only in how they send it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Generic, TypeVar
+
+import httpx
+import msgspec
+
+from keygrants import models as m
+from keygrants.errors import KeygrantsError, ServerUnreachable, error_from_code
+
+__all__ = ["DEFAULT_ADDR", "AsyncClient", "Client"]
+
+DEFAULT_ADDR: Final = "http://127.0.0.1:8650"
+ADDR_ENV: Final = "KEYGRANTS_ADDR"
+TOKEN_ENV: Final = "KEYGRANTS_TOKEN"
+T = TypeVar("T")
+_encoder: Final = msgspec.json.Encoder()
+
+
+@dataclass(frozen=True, slots=True)
+class _Op(Generic[T]):
+    method: str
+    path: str
+    body: Any
+    result: Any  # the msgspec decode type of T (None for no content)
+    params: dict[str, str] | None = None
+
+
+def _q(segment: str) -> str:
+    """A key reference as one path segment (refuse anything that would change the path)."""
+    if not segment or "/" in segment or segment in (".", "..") or "?" in segment or "#" in segment:
+        raise ValueError(f"invalid key or alias reference {segment!r}")
+    return segment
+
+
+class _Ops:
+    """Builds each operation's request; shared by both clients."""
+
+    @staticmethod
+    def create_key(name: str, *, spec: str = "aes-256-gcm", description: str = "",
+                   rotation_period: int | None = None, derivable: bool = False) -> _Op[m.KeyInfo]:
+        body = m.CreateKeyRequest(name=name, spec=spec, description=description,
+                                  rotation_period=rotation_period, derivable=derivable)
+        return _Op("POST", "/v1/keys", body, m.KeyInfo)
+
+    @staticmethod
+    def list_keys(*, limit: int = 100, after: str | None = None) -> _Op[m.KeyList]:
+        params = {"limit": str(limit)} | ({"after": after} if after else {})
+        return _Op("GET", "/v1/keys", None, m.KeyList, params)
+
+    @staticmethod
+    def describe_key(key: str) -> _Op[m.KeyInfo]:
+        return _Op("GET", f"/v1/keys/{_q(key)}", None, m.KeyInfo)
+
+    @staticmethod
+    def update_key(key: str, *, description: str | None = None,
+                   rotation_period: int | None = None,
+                   min_decryption_version: int | None = None) -> _Op[m.KeyInfo]:
+        body = m.UpdateKeyRequest(description=description, rotation_period=rotation_period,
+                                  min_decryption_version=min_decryption_version)
+        return _Op("PATCH", f"/v1/keys/{_q(key)}", body, m.KeyInfo)
+
+    @staticmethod
+    def key_action(key: str, action: str, body: Any = None) -> _Op[m.KeyInfo]:
+        return _Op("POST", f"/v1/keys/{_q(key)}/{action}", body, m.KeyInfo)
+
+    @staticmethod
+    def create_alias(alias: str, key: str) -> _Op[m.AliasInfo]:
+        return _Op("POST", "/v1/aliases", m.CreateAliasRequest(alias=alias, key=key), m.AliasInfo)
+
+    @staticmethod
+    def list_aliases(key: str | None = None) -> _Op[list[m.AliasInfo]]:
+        return _Op("GET", "/v1/aliases", None, list[m.AliasInfo], {"key": key} if key else None)
+
+    @staticmethod
+    def delete_alias(alias: str) -> _Op[None]:
+        return _Op("DELETE", f"/v1/aliases/{_q(alias)}", None, None)
+
+    @staticmethod
+    def encrypt(key: str, plaintext: bytes, context: Mapping[str, str] | None) -> _Op[m.EncryptResult]:
+        body = m.EncryptRequest(plaintext=plaintext, context=dict(context) if context else None)
+        return _Op("POST", f"/v1/keys/{_q(key)}/encrypt", body, m.EncryptResult)
+
+    @staticmethod
+    def decrypt(ciphertext: bytes, context: Mapping[str, str] | None) -> _Op[m.DecryptResult]:
+        body = m.DecryptRequest(ciphertext=ciphertext, context=dict(context) if context else None)
+        return _Op("POST", "/v1/decrypt", body, m.DecryptResult)
+
+    @staticmethod
+    def re_encrypt(ciphertext: bytes, *, context: Mapping[str, str] | None,
+                   destination_key: str | None,
+                   destination_context: Mapping[str, str] | None) -> _Op[m.ReEncryptResult]:
+        body = m.ReEncryptRequest(
+            ciphertext=ciphertext, context=dict(context) if context else None,
+            destination_key=destination_key,
+            destination_context=None if destination_context is None else dict(destination_context))
+        return _Op("POST", "/v1/re-encrypt", body, m.ReEncryptResult)
+
+    @staticmethod
+    def generate_data_key(key: str, *, size: int, context: Mapping[str, str] | None,
+                          include_plaintext: bool) -> _Op[m.DataKey]:
+        body = m.DataKeyRequest(bytes=size, context=dict(context) if context else None,
+                                include_plaintext=include_plaintext)
+        return _Op("POST", f"/v1/keys/{_q(key)}/data-key", body, m.DataKey)
+
+    @staticmethod
+    def batch_encrypt(key: str, items: Sequence[tuple[bytes, Mapping[str, str] | None]]
+                      ) -> _Op[m.BatchResult]:
+        body = m.BatchEncryptRequest(items=[
+            m.BatchEncryptItem(plaintext=p, context=dict(c) if c else None) for p, c in items])
+        return _Op("POST", f"/v1/keys/{_q(key)}/encrypt-batch", body, m.BatchResult)
+
+    @staticmethod
+    def batch_decrypt(items: Sequence[tuple[bytes, Mapping[str, str] | None]]) -> _Op[m.BatchResult]:
+        body = m.BatchDecryptRequest(items=[
+            m.BatchDecryptItem(ciphertext=ct, context=dict(c) if c else None) for ct, c in items])
+        return _Op("POST", "/v1/decrypt-batch", body, m.BatchResult)
+
+    @staticmethod
+    def sign(key: str, message: bytes, message_type: m.MessageType) -> _Op[m.SignResult]:
+        body = m.SignRequest(message=message, message_type=message_type)
+        return _Op("POST", f"/v1/keys/{_q(key)}/sign", body, m.SignResult)
+
+    @staticmethod
+    def verify(key: str, message: bytes, signature: bytes, message_type: m.MessageType,
+               key_version: int | None) -> _Op[m.VerifyResult]:
+        body = m.VerifyRequest(message=message, signature=signature, message_type=message_type,
+                               key_version=key_version)
+        return _Op("POST", f"/v1/keys/{_q(key)}/verify", body, m.VerifyResult)
+
+    @staticmethod
+    def get_public_key(key: str, version: int | None) -> _Op[m.PublicKey]:
+        params = {"version": str(version)} if version is not None else None
+        return _Op("GET", f"/v1/keys/{_q(key)}/public-key", None, m.PublicKey, params)
+
+    @staticmethod
+    def mac(key: str, message: bytes) -> _Op[m.MacResult]:
+        return _Op("POST", f"/v1/keys/{_q(key)}/mac", m.MacRequest(message=message), m.MacResult)
+
+    @staticmethod
+    def verify_mac(key: str, message: bytes, mac: bytes, key_version: int | None) -> _Op[m.VerifyResult]:
+        body = m.VerifyMacRequest(message=message, mac=mac, key_version=key_version)
+        return _Op("POST", f"/v1/keys/{_q(key)}/verify-mac", body, m.VerifyResult)
+
+    @staticmethod
+    def derive(key: str, context: Mapping[str, str], *, length: int, salt: bytes | None,
+               key_version: int | None) -> _Op[m.DerivedKey]:
+        body = m.DeriveRequest(context=dict(context), length=length, salt=salt,
+                               key_version=key_version)
+        return _Op("POST", f"/v1/keys/{_q(key)}/derive", body, m.DerivedKey)
+
+    @staticmethod
+    def random(n: int) -> _Op[m.RandomResult]:
+        return _Op("POST", "/v1/random", m.RandomRequest(bytes=n), m.RandomResult)
+
+
+def _settings(addr: str | None, token: str | None) -> tuple[str, dict[str, str]]:
+    addr = (addr or os.environ.get(ADDR_ENV) or DEFAULT_ADDR).rstrip("/")
+    if "://" not in addr:
+        addr = "http://" + addr
+    token = token if token is not None else os.environ.get(TOKEN_ENV)
+    headers = {"Accept": "application/json", "User-Agent": "keygrants-python"}
+    if token:
+        headers["Authorization"] = f"Bearer {token.strip()}"
+    return addr, headers
+
+
+def _result(op: _Op[T], response: httpx.Response) -> T:
+    if response.status_code >= 400:
+        try:
+            err = msgspec.json.decode(response.content)["error"]
+            raise error_from_code(str(err["code"]), str(err["message"]),
+                                  request_id=err.get("request_id"), status=response.status_code)
+        except (msgspec.DecodeError, KeyError, TypeError):
+            raise KeygrantsError(f"HTTP {response.status_code} from server") from None
+    if op.result is None:
+        return None  # type: ignore[return-value]  # T is None for operations without content
+    try:
+        return msgspec.json.decode(response.content, type=op.result)  # type: ignore[no-any-return]
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise KeygrantsError(f"unexpected response from server: {exc}") from None
+
+
+def _content(op: _Op[Any]) -> bytes | None:
+    return None if op.body is None else _encoder.encode(op.body)
+
+
+class Client:
+    """Synchronous client.
+
+    Args:
+        addr: server address (``KEYGRANTS_ADDR``, default ``http://127.0.0.1:8650``).
+        token: bearer token (``KEYGRANTS_TOKEN``).
+        timeout: seconds for connect and read.
+        transport: an ``httpx`` transport (e.g. ``httpx.ASGITransport`` or a mock in tests).
+        verify: TLS verification (a CA bundle path, or ``False`` only for tests).
+    """
+
+    def __init__(self, addr: str | None = None, *, token: str | None = None,
+                 timeout: float = 10.0, transport: httpx.BaseTransport | None = None,
+                 verify: bool | str = True) -> None:
+        self.addr, headers = _settings(addr, token)
+        self._http = httpx.Client(base_url=self.addr, headers=headers, timeout=timeout,
+                                  transport=transport, verify=verify)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close connections."""
+        self._http.close()
+
+    def _call(self, op: _Op[T]) -> T:
+        headers = {"Content-Type": "application/json"} if op.body is not None else None
+        try:
+            response = self._http.request(op.method, op.path, content=_content(op),
+                                          params=op.params, headers=headers)
+        except httpx.TransportError as exc:
+            raise ServerUnreachable(f"cannot reach {self.addr}: {exc}") from exc
+        return _result(op, response)
+
+    # -- keys ----------------------------------------------------------------------------
+    def create_key(self, name: str, *, spec: str = "aes-256-gcm", description: str = "",
+                   rotation_period: int | None = None, derivable: bool = False) -> m.KeyInfo:
+        """Create a key (``rotation_period`` in seconds)."""
+        return self._call(_Ops.create_key(name, spec=spec, description=description,
+                                          rotation_period=rotation_period, derivable=derivable))
+
+    def list_keys(self, *, limit: int = 100, after: str | None = None) -> m.KeyList:
+        """One page of keys."""
+        return self._call(_Ops.list_keys(limit=limit, after=after))
+
+    def describe_key(self, key: str) -> m.KeyInfo:
+        """A key's metadata, by id, name or alias."""
+        return self._call(_Ops.describe_key(key))
+
+    def update_key(self, key: str, *, description: str | None = None,
+                   rotation_period: int | None = None,
+                   min_decryption_version: int | None = None) -> m.KeyInfo:
+        """Change settings (``rotation_period=0`` turns scheduled rotation off)."""
+        return self._call(_Ops.update_key(key, description=description,
+                                          rotation_period=rotation_period,
+                                          min_decryption_version=min_decryption_version))
+
+    def rotate_key(self, key: str) -> m.KeyInfo:
+        """Add a new version."""
+        return self._call(_Ops.key_action(key, "rotate"))
+
+    def disable_key(self, key: str) -> m.KeyInfo:
+        """Disable a key."""
+        return self._call(_Ops.key_action(key, "disable"))
+
+    def enable_key(self, key: str) -> m.KeyInfo:
+        """Enable a key."""
+        return self._call(_Ops.key_action(key, "enable"))
+
+    def schedule_key_deletion(self, key: str, *, days: int = 30) -> m.KeyInfo:
+        """Schedule destruction after ``days`` (7 to 30)."""
+        return self._call(_Ops.key_action(key, "schedule-deletion",
+                                          m.ScheduleDeletionRequest(days=days)))
+
+    def cancel_key_deletion(self, key: str) -> m.KeyInfo:
+        """Cancel a scheduled deletion."""
+        return self._call(_Ops.key_action(key, "cancel-deletion"))
+
+    def create_alias(self, alias: str, key: str) -> m.AliasInfo:
+        """Point an alias at a key."""
+        return self._call(_Ops.create_alias(alias, key))
+
+    def list_aliases(self, key: str | None = None) -> list[m.AliasInfo]:
+        """All aliases, or one key's."""
+        return self._call(_Ops.list_aliases(key))
+
+    def delete_alias(self, alias: str) -> None:
+        """Delete an alias."""
+        self._call(_Ops.delete_alias(alias))
+
+    # -- crypto --------------------------------------------------------------------------
+    def encrypt(self, key: str, plaintext: bytes, *,
+                context: Mapping[str, str] | None = None) -> m.EncryptResult:
+        """Encrypt under the key's latest version."""
+        return self._call(_Ops.encrypt(key, plaintext, context))
+
+    def decrypt(self, ciphertext: bytes, *,
+                context: Mapping[str, str] | None = None) -> m.DecryptResult:
+        """Decrypt a native ciphertext."""
+        return self._call(_Ops.decrypt(ciphertext, context))
+
+    def re_encrypt(self, ciphertext: bytes, *, context: Mapping[str, str] | None = None,
+                   destination_key: str | None = None,
+                   destination_context: Mapping[str, str] | None = None) -> m.ReEncryptResult:
+        """Re-encrypt to the latest version or another key, inside the server."""
+        return self._call(_Ops.re_encrypt(
+            ciphertext, context=context, destination_key=destination_key,
+            destination_context=destination_context))
+
+    def generate_data_key(self, key: str, *, size: int = 32,
+                          context: Mapping[str, str] | None = None,
+                          include_plaintext: bool = True) -> m.DataKey:
+        """A fresh data key of 16, 32 or 64 bytes."""
+        return self._call(_Ops.generate_data_key(
+            key, size=size, context=context, include_plaintext=include_plaintext))
+
+    def batch_encrypt(self, key: str,
+                      items: Sequence[tuple[bytes, Mapping[str, str] | None]]) -> m.BatchResult:
+        """Encrypt up to 1,000 ``(plaintext, context)`` items."""
+        return self._call(_Ops.batch_encrypt(key, items))
+
+    def batch_decrypt(self, items: Sequence[tuple[bytes, Mapping[str, str] | None]]
+                      ) -> m.BatchResult:
+        """Decrypt up to 1,000 ``(ciphertext, context)`` items."""
+        return self._call(_Ops.batch_decrypt(items))
+
+    def sign(self, key: str, message: bytes, *,
+             message_type: m.MessageType = "raw") -> m.SignResult:
+        """Sign a message (or a SHA-256 digest with ``message_type="digest"``)."""
+        return self._call(_Ops.sign(key, message, message_type))
+
+    def verify(self, key: str, message: bytes, signature: bytes, *,
+               message_type: m.MessageType = "raw",
+               key_version: int | None = None) -> m.VerifyResult:
+        """Check a signature."""
+        return self._call(_Ops.verify(
+            key, message, signature, message_type, key_version))
+
+    def get_public_key(self, key: str, *, version: int | None = None) -> m.PublicKey:
+        """A signing key's public key (PEM and JWK)."""
+        return self._call(_Ops.get_public_key(key, version))
+
+    def mac(self, key: str, message: bytes) -> m.MacResult:
+        """HMAC-SHA256 tag."""
+        return self._call(_Ops.mac(key, message))
+
+    def verify_mac(self, key: str, message: bytes, mac: bytes, *,
+                   key_version: int | None = None) -> m.VerifyResult:
+        """Check an HMAC tag."""
+        return self._call(_Ops.verify_mac(key, message, mac, key_version))
+
+    def derive(self, key: str, context: Mapping[str, str], *, length: int = 32,
+               salt: bytes | None = None, key_version: int | None = None) -> m.DerivedKey:
+        """HKDF-SHA256 from a derivable key."""
+        return self._call(_Ops.derive(
+            key, context, length=length, salt=salt, key_version=key_version))
+
+    def random(self, n: int = 32) -> m.RandomResult:
+        """Random bytes from the server."""
+        return self._call(_Ops.random(n))
+
+
+class AsyncClient:
+    """Asynchronous client with the same operations as :class:`Client`."""
+
+    def __init__(self, addr: str | None = None, *, token: str | None = None,
+                 timeout: float = 10.0, transport: httpx.AsyncBaseTransport | None = None,
+                 verify: bool | str = True) -> None:
+        self.addr, headers = _settings(addr, token)
+        self._http = httpx.AsyncClient(base_url=self.addr, headers=headers, timeout=timeout,
+                                       transport=transport, verify=verify)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close connections."""
+        await self._http.aclose()
+
+    async def _call(self, op: _Op[T]) -> T:
+        headers = {"Content-Type": "application/json"} if op.body is not None else None
+        try:
+            response = await self._http.request(op.method, op.path, content=_content(op),
+                                                params=op.params, headers=headers)
+        except httpx.TransportError as exc:
+            raise ServerUnreachable(f"cannot reach {self.addr}: {exc}") from exc
+        return _result(op, response)
+
+    # -- keys ----------------------------------------------------------------------------
+    async def create_key(self, name: str, *, spec: str = "aes-256-gcm", description: str = "",
+                         rotation_period: int | None = None, derivable: bool = False
+                         ) -> m.KeyInfo:
+        """Create a key (``rotation_period`` in seconds)."""
+        return await self._call(_Ops.create_key(
+            name, spec=spec, description=description, rotation_period=rotation_period,
+            derivable=derivable))
+
+    async def list_keys(self, *, limit: int = 100, after: str | None = None) -> m.KeyList:
+        """One page of keys."""
+        return await self._call(_Ops.list_keys(limit=limit, after=after))
+
+    async def describe_key(self, key: str) -> m.KeyInfo:
+        """A key's metadata, by id, name or alias."""
+        return await self._call(_Ops.describe_key(key))
+
+    async def update_key(self, key: str, *, description: str | None = None,
+                         rotation_period: int | None = None,
+                         min_decryption_version: int | None = None) -> m.KeyInfo:
+        """Change settings (``rotation_period=0`` turns scheduled rotation off)."""
+        return await self._call(_Ops.update_key(
+            key, description=description, rotation_period=rotation_period,
+            min_decryption_version=min_decryption_version))
+
+    async def rotate_key(self, key: str) -> m.KeyInfo:
+        """Add a new version."""
+        return await self._call(_Ops.key_action(key, "rotate"))
+
+    async def disable_key(self, key: str) -> m.KeyInfo:
+        """Disable a key."""
+        return await self._call(_Ops.key_action(key, "disable"))
+
+    async def enable_key(self, key: str) -> m.KeyInfo:
+        """Enable a key."""
+        return await self._call(_Ops.key_action(key, "enable"))
+
+    async def schedule_key_deletion(self, key: str, *, days: int = 30) -> m.KeyInfo:
+        """Schedule destruction after ``days`` (7 to 30)."""
+        return await self._call(_Ops.key_action(
+            key, "schedule-deletion", m.ScheduleDeletionRequest(days=days)))
+
+    async def cancel_key_deletion(self, key: str) -> m.KeyInfo:
+        """Cancel a scheduled deletion."""
+        return await self._call(_Ops.key_action(key, "cancel-deletion"))
+
+    async def create_alias(self, alias: str, key: str) -> m.AliasInfo:
+        """Point an alias at a key."""
+        return await self._call(_Ops.create_alias(alias, key))
+
+    async def list_aliases(self, key: str | None = None) -> list[m.AliasInfo]:
+        """All aliases, or one key's."""
+        return await self._call(_Ops.list_aliases(key))
+
+    async def delete_alias(self, alias: str) -> None:
+        """Delete an alias."""
+        await self._call(_Ops.delete_alias(alias))
+
+    # -- crypto --------------------------------------------------------------------------
+    async def encrypt(self, key: str, plaintext: bytes, *,
+                      context: Mapping[str, str] | None = None) -> m.EncryptResult:
+        """Encrypt under the key's latest version."""
+        return await self._call(_Ops.encrypt(key, plaintext, context))
+
+    async def decrypt(self, ciphertext: bytes, *,
+                      context: Mapping[str, str] | None = None) -> m.DecryptResult:
+        """Decrypt a native ciphertext."""
+        return await self._call(_Ops.decrypt(ciphertext, context))
+
+    async def re_encrypt(self, ciphertext: bytes, *, context: Mapping[str, str] | None = None,
+                         destination_key: str | None = None,
+                         destination_context: Mapping[str, str] | None = None
+                         ) -> m.ReEncryptResult:
+        """Re-encrypt to the latest version or another key, inside the server."""
+        return await self._call(_Ops.re_encrypt(
+            ciphertext, context=context, destination_key=destination_key,
+            destination_context=destination_context))
+
+    async def generate_data_key(self, key: str, *, size: int = 32,
+                                context: Mapping[str, str] | None = None,
+                                include_plaintext: bool = True) -> m.DataKey:
+        """A fresh data key of 16, 32 or 64 bytes."""
+        return await self._call(_Ops.generate_data_key(
+            key, size=size, context=context, include_plaintext=include_plaintext))
+
+    async def batch_encrypt(self, key: str,
+                            items: Sequence[tuple[bytes, Mapping[str, str] | None]]
+                            ) -> m.BatchResult:
+        """Encrypt up to 1,000 ``(plaintext, context)`` items."""
+        return await self._call(_Ops.batch_encrypt(key, items))
+
+    async def batch_decrypt(self, items: Sequence[tuple[bytes, Mapping[str, str] | None]]
+                            ) -> m.BatchResult:
+        """Decrypt up to 1,000 ``(ciphertext, context)`` items."""
+        return await self._call(_Ops.batch_decrypt(items))
+
+    async def sign(self, key: str, message: bytes, *,
+                   message_type: m.MessageType = "raw") -> m.SignResult:
+        """Sign a message (or a SHA-256 digest with ``message_type="digest"``)."""
+        return await self._call(_Ops.sign(key, message, message_type))
+
+    async def verify(self, key: str, message: bytes, signature: bytes, *,
+                     message_type: m.MessageType = "raw",
+                     key_version: int | None = None) -> m.VerifyResult:
+        """Check a signature."""
+        return await self._call(_Ops.verify(
+            key, message, signature, message_type, key_version))
+
+    async def get_public_key(self, key: str, *, version: int | None = None) -> m.PublicKey:
+        """A signing key's public key (PEM and JWK)."""
+        return await self._call(_Ops.get_public_key(key, version))
+
+    async def mac(self, key: str, message: bytes) -> m.MacResult:
+        """HMAC-SHA256 tag."""
+        return await self._call(_Ops.mac(key, message))
+
+    async def verify_mac(self, key: str, message: bytes, mac: bytes, *,
+                         key_version: int | None = None) -> m.VerifyResult:
+        """Check an HMAC tag."""
+        return await self._call(_Ops.verify_mac(
+            key, message, mac, key_version))
+
+    async def derive(self, key: str, context: Mapping[str, str], *, length: int = 32,
+                     salt: bytes | None = None, key_version: int | None = None) -> m.DerivedKey:
+        """HKDF-SHA256 from a derivable key."""
+        return await self._call(_Ops.derive(
+            key, context, length=length, salt=salt, key_version=key_version))
+
+    async def random(self, n: int = 32) -> m.RandomResult:
+        """Random bytes from the server."""
+        return await self._call(_Ops.random(n))

@@ -1,0 +1,182 @@
+"""Running the server: prepare the data directory, unseal, build the app, serve, stop cleanly.
+
+Data directory layout (mode 0700)::
+
+    keygrants.db        SQLite database (WAL), mode 0600
+    seal.key            local key-file seal (absent when sealed by passphrase), mode 0600
+    admin.token         the admin token, written on first start, mode 0600
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from keygrants.api.app import HttpLimits, KeygrantsApp, create_app
+from keygrants.auth import AdminTokenAuthenticator, ensure_admin_token, reset_admin_token
+from keygrants.errors import KeygrantsError
+from keygrants.providers import open_root_provider
+from keygrants.providers.local import PASSPHRASE_ENV
+from keygrants.seal import open_root_key
+from keygrants.service import KMS, Limits
+from keygrants.store import open_store
+
+__all__ = [
+    "ADMIN_TOKEN_FILE",
+    "DEFAULT_DATA_DIR",
+    "DEFAULT_LISTEN",
+    "ServerConfig",
+    "build_server",
+    "parse_listen",
+    "serve",
+]
+
+log = logging.getLogger("keygrants.server")
+
+DEFAULT_LISTEN: Final = "127.0.0.1:8650"
+DEFAULT_DATA_DIR: Final = "./keygrants-data"
+ADMIN_TOKEN_FILE: Final = "admin.token"
+DB_FILE: Final = "keygrants.db"
+SEAL_KEY_FILE: Final = "seal.key"
+
+
+@dataclass(slots=True)
+class ServerConfig:
+    """Everything ``keygrants server`` can be told."""
+
+    data_dir: Path = field(default_factory=lambda: Path(DEFAULT_DATA_DIR))
+    listen: str = DEFAULT_LISTEN
+    seal: str | None = None
+    store: str | None = None
+    max_plaintext: int = 64 * 1024
+    scheduler_interval: float = 30.0
+    reset_admin_token: bool = False
+    access_log: bool = False
+
+
+@dataclass(slots=True)
+class BuiltServer:
+    """The unsealed service and its app, plus what first start created."""
+
+    kms: KMS
+    app: KeygrantsApp
+    admin_token_path: Path
+    created_root_key: bool
+    wrote_admin_token: bool
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) → ``(host, port)``.
+
+    Raises:
+        ValueError: for anything else.
+    """
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--listen must be HOST:PORT, got {listen!r}")
+    return host.strip("[]"), int(port)
+
+
+def _write_secret_file(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _default_seal(data_dir: Path) -> str:
+    if os.environ.get(PASSPHRASE_ENV):
+        return "local:passphrase"
+    return f"local://{(data_dir / SEAL_KEY_FILE).resolve()}"
+
+
+def build_server(config: ServerConfig) -> BuiltServer:
+    """Prepare the data directory, unseal the root key and build the ASGI app.
+
+    Raises:
+        KeygrantsError: when the store cannot be opened or the root key does not unseal.
+    """
+    data_dir = config.data_dir
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    data_dir.chmod(0o700)
+    store = open_store(config.store or f"sqlite://{(data_dir / DB_FILE).resolve()}")
+    provider = open_root_provider(config.seal or _default_seal(data_dir))
+    root_key, created = open_root_key(store, provider)
+    limits = Limits(max_plaintext=config.max_plaintext)
+    kms = KMS(store, root_key, limits=limits)
+
+    token_path = data_dir / ADMIN_TOKEN_FILE
+    token = reset_admin_token(store) if config.reset_admin_token else ensure_admin_token(store)
+    if token is not None:
+        _write_secret_file(token_path, token)
+    authenticator = AdminTokenAuthenticator(store)
+
+    interval = config.scheduler_interval
+
+    @contextlib.asynccontextmanager
+    async def lifespan() -> AsyncIterator[None]:
+        task = asyncio.create_task(_scheduler(kms, interval))
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            store.close()
+
+    app = create_app(kms, authenticator,
+                     limits=HttpLimits.for_plaintext(config.max_plaintext), lifespan=lifespan)
+    return BuiltServer(kms=kms, app=app, admin_token_path=token_path, created_root_key=created,
+                       wrote_admin_token=token is not None)
+
+
+async def _scheduler(kms: KMS, interval: float) -> None:
+    """Apply due rotations and deletions now and every ``interval`` seconds."""
+    while True:
+        try:
+            rotated, destroyed = await asyncio.to_thread(kms.run_due)
+            if rotated or destroyed:
+                log.info("scheduler: rotated %d key(s), destroyed %d key(s)", rotated, destroyed)
+        except KeygrantsError as exc:
+            log.warning("scheduler: %s (%s); will retry", exc.message, exc.code)
+        except Exception:
+            log.exception("scheduler: unexpected error; will retry")
+        await asyncio.sleep(interval)
+
+
+def serve(config: ServerConfig, *, announce: Any = print) -> None:
+    """Run the server until SIGINT/SIGTERM; in-flight requests finish, then it exits."""
+    import uvicorn
+
+    host, port = parse_listen(config.listen)
+    started = time.monotonic()
+    built = build_server(config)
+    if built.created_root_key:
+        announce(f"Initialized a new data directory at {config.data_dir.resolve()}")
+    if built.wrote_admin_token:
+        announce(f"Admin token written to {built.admin_token_path.resolve()} (mode 0600)")
+    elif not built.admin_token_path.exists():
+        announce(f"Admin token file {built.admin_token_path} is missing; restart with "
+                 "--reset-admin-token to issue a new one")
+    else:
+        announce(f"Admin token: {built.admin_token_path.resolve()}")
+    announce(f"keygrants listening on http://{config.listen} "
+             f"(unsealed in {time.monotonic() - started:.2f}s)")
+    uv_config = uvicorn.Config(
+        built.app, host=host, port=port, loop="auto", http="auto", lifespan="on",
+        access_log=config.access_log, log_level="warning", server_header=False,
+        proxy_headers=False,
+        timeout_graceful_shutdown=10,
+    )
+    uvicorn.Server(uv_config).run()
+    announce("keygrants stopped")
