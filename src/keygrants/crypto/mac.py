@@ -5,9 +5,7 @@ from __future__ import annotations
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, hmac
 
-__all__ = ["MIN_HMAC_KEY_SIZE", "hmac_sha256", "verify_hmac_sha256"]
-
-MIN_HMAC_KEY_SIZE = 16
+__all__ = ["hmac_sha256", "verify_hmac_sha256"]
 
 
 def hmac_sha256(key: bytes, message: bytes) -> bytes:

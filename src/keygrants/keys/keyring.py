@@ -10,7 +10,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Mapping
 
-from keygrants.errors import InvalidCiphertext
+from keygrants.errors import InvalidCiphertext, KeyNotFound
 from keygrants.keys.ciphertext import Ciphertext
 from keygrants.keys.material import KeyMaterial
 
@@ -65,8 +65,15 @@ class Keyring:
 
     def encrypt(self, key_id: uuid.UUID, plaintext: bytes,
                 context: Mapping[str, str] | None = None) -> bytes:
-        """Encrypt with the latest version of a loaded key."""
-        return self._keys[key_id].latest.encrypt(plaintext, context)
+        """Encrypt with the latest version of a loaded key.
+
+        Raises:
+            KeyNotFound: if the key is not loaded.
+        """
+        versions = self._keys.get(key_id)
+        if versions is None:
+            raise KeyNotFound(f"key {key_id} is not loaded")
+        return versions.latest.encrypt(plaintext, context)
 
     def decrypt(self, data: bytes, context: Mapping[str, str] | None = None) -> bytes:
         """Decrypt a native ciphertext made by any loaded key.

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Mapping
-from typing import Final, cast
+from typing import Final, TypeVar, cast
 
 from keygrants.crypto import (
     NONCE_SIZE,
@@ -23,11 +23,14 @@ from keygrants.crypto import (
     random_bytes,
     verify_hmac_sha256,
 )
+from keygrants.errors import InvalidCiphertext
 from keygrants.keys.ciphertext import Ciphertext, header_bytes
 from keygrants.keys.context import canonical_context
 from keygrants.keys.specs import KeySpec
 
 __all__ = ["HMAC_KEY_SIZE", "SYMMETRIC_KEY_SIZE", "KeyMaterial", "generate_material"]
+
+T = TypeVar("T")
 
 SYMMETRIC_KEY_SIZE: Final = 32
 HMAC_KEY_SIZE: Final = 32
@@ -70,39 +73,45 @@ class KeyMaterial:
         else:
             self._mac_key = secret
 
+    def _require(self, handle: T | None, kind: str) -> T:
+        if handle is None:
+            raise ValueError(f"{self.spec.name} is not {kind} key")
+        return handle
+
     # -- encrypt-decrypt -------------------------------------------------------------------
 
     def encrypt(self, plaintext: bytes, context: Mapping[str, str] | None = None, *,
                 nonce: bytes | None = None) -> bytes:
         """Encrypt to the native ciphertext format (``nonce`` is for deterministic tests)."""
-        assert self._aead is not None, "not an encryption key"
+        aead = self._require(self._aead, "an encryption")
         if nonce is None:
             nonce = os.urandom(NONCE_SIZE)
         header = header_bytes(self.key_id, self.version, nonce)
         aad = header + canonical_context(context) if context else header
-        return header + self._aead.seal(nonce, plaintext, aad)
+        return header + aead.seal(nonce, plaintext, aad)
 
     def decrypt_parsed(self, ct: Ciphertext, context: Mapping[str, str] | None = None) -> bytes:
         """Decrypt a parsed ciphertext made by this key version.
 
         Raises:
-            InvalidCiphertext: on any failure.
+            InvalidCiphertext: on any failure, including a ciphertext that names another key
+                or version.
         """
-        assert self._aead is not None, "not an encryption key"
+        aead = self._require(self._aead, "an encryption")
+        if ct.key_id != self.key_id or ct.version != self.version:
+            raise InvalidCiphertext()
         aad = ct.header + canonical_context(context) if context else ct.header
-        return self._aead.open(ct.nonce, ct.body, aad)
+        return aead.open(ct.nonce, ct.body, aad)
 
     # -- sign-verify -----------------------------------------------------------------------
 
     def sign(self, message: bytes, *, prehashed: bool = False) -> bytes:
         """Sign a message or a SHA-256 digest."""
-        assert self._signer is not None, "not a signing key"
-        return self._signer.sign(message, prehashed=prehashed)
+        return self._require(self._signer, "a signing").sign(message, prehashed=prehashed)
 
     def public_key(self) -> VerifyingKey:
         """The public half of a signing key."""
-        assert self._signer is not None, "not a signing key"
-        return self._signer.public_key()
+        return self._require(self._signer, "a signing").public_key()
 
     def verify(self, message: bytes, signature: bytes, *, prehashed: bool = False) -> bool:
         """Check a signature."""
@@ -112,13 +121,11 @@ class KeyMaterial:
 
     def mac(self, message: bytes) -> bytes:
         """HMAC-SHA256 tag."""
-        assert self._mac_key is not None, "not a MAC key"
-        return hmac_sha256(self._mac_key, message)
+        return hmac_sha256(self._require(self._mac_key, "a MAC"), message)
 
     def verify_mac(self, message: bytes, tag: bytes) -> bool:
         """Constant-time tag check."""
-        assert self._mac_key is not None, "not a MAC key"
-        return verify_hmac_sha256(self._mac_key, message, tag)
+        return verify_hmac_sha256(self._require(self._mac_key, "a MAC"), message, tag)
 
     def derive(self, context: Mapping[str, str] | None, *, salt: bytes | None,
                length: int) -> bytes:

@@ -31,9 +31,11 @@ def _aad(key_id: uuid.UUID, version: int) -> bytes:
     return _AAD.pack(SEALED_V1, key_id.bytes, version)
 
 
-def seal_key_version(root: Aead, key_id: uuid.UUID, version: int, secret: bytes) -> bytes:
-    """Seal one version's secret under the root key."""
-    nonce = os.urandom(NONCE_SIZE)
+def seal_key_version(root: Aead, key_id: uuid.UUID, version: int, secret: bytes, *,
+                     nonce: bytes | None = None) -> bytes:
+    """Seal one version's secret under the root key (``nonce`` only for deterministic tests)."""
+    if nonce is None:
+        nonce = os.urandom(NONCE_SIZE)
     return bytes([SEALED_V1]) + nonce + root.seal(nonce, secret, _aad(key_id, version))
 
 
