@@ -13,8 +13,9 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -158,6 +159,7 @@ def serve(config: ServerConfig, *, announce: Any = print) -> None:
     """Run the server until SIGINT/SIGTERM; in-flight requests finish, then it exits."""
     import uvicorn
 
+    _Server = _server_class()
     host, port = parse_listen(config.listen)
     started = time.monotonic()
     built = build_server(config)
@@ -178,5 +180,26 @@ def serve(config: ServerConfig, *, announce: Any = print) -> None:
         proxy_headers=False,
         timeout_graceful_shutdown=10,
     )
-    uvicorn.Server(uv_config).run()
+    _Server(uv_config).run()
     announce("keygrants stopped")
+
+
+def _server_class() -> type:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, but a SIGINT/SIGTERM is a clean stop (exit status 0): uvicorn
+        re-raises the signal after its graceful shutdown, which turns a requested stop into
+        a 'killed by signal' exit."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            previous = {sig: signal.signal(sig, self.handle_exit)
+                        for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    return Server

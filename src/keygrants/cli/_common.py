@@ -1,0 +1,164 @@
+"""Shared plumbing of the CLI commands: connection options, output, input parsing.
+
+Command modules import from here; ``keygrants.cli`` assembles them into one ``main`` group.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+import click
+import msgspec
+
+from keygrants.client import Client
+from keygrants.durations import parse_duration
+from keygrants.errors import InvalidRequest, KeygrantsError
+
+__all__ = [
+    "DATA_DIR_ENV",
+    "MAX_INPUT",
+    "State",
+    "b64",
+    "common",
+    "context_option",
+    "emit",
+    "fail",
+    "in_option",
+    "key_option",
+    "parse_context",
+    "parse_duration_option",
+    "read_input",
+    "unb64",
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+MAX_INPUT: Final = 16 * 1024 * 1024
+DATA_DIR_ENV: Final = "KEYGRANTS_DATA_DIR"
+
+
+class State:
+    """Options shared by every command."""
+
+    def __init__(self, addr: str | None, token: str | None, data_dir: str | None,
+                 as_json: bool) -> None:
+        self.addr = addr
+        self.token = token
+        self.data_dir = data_dir
+        self.as_json = as_json
+
+    def client(self) -> Client:
+        token = self.token or os.environ.get("KEYGRANTS_TOKEN")
+        if not token:
+            data_dir = Path(self.data_dir or os.environ.get(DATA_DIR_ENV) or "./keygrants-data")
+            token_file = data_dir / "admin.token"
+            try:
+                token = token_file.read_text().strip()
+            except OSError:
+                token = None
+        return Client(self.addr, token=token or "")
+
+
+def fail(state_json: bool, exc: KeygrantsError) -> None:
+    if state_json:
+        click.echo(msgspec.json.encode(exc.to_dict()).decode(), err=True)
+    else:
+        code = f" ({exc.code})" if exc.code else ""
+        click.echo(f"Error: {exc.message}{code}", err=True)
+    sys.exit(1)
+
+
+def common(fn: F) -> F:
+    """Add --addr, --token, --data-dir and --json, and turn errors into exit status 1."""
+
+    @click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")
+    @click.option("--data-dir", envvar=DATA_DIR_ENV, default=None,
+                  help="Data directory whose admin.token is used when no token is given.")
+    @click.option("--token", envvar="KEYGRANTS_TOKEN", default=None, show_envvar=True,
+                  help="Bearer token.")
+    @click.option("--addr", envvar="KEYGRANTS_ADDR", default=None, show_envvar=True,
+                  help="Server address [default: http://127.0.0.1:8650].")
+    @functools.wraps(fn)
+    def wrapper(addr: str | None, token: str | None, data_dir: str | None, as_json: bool,
+                **kwargs: Any) -> Any:
+        state = State(addr, token, data_dir, as_json)
+        try:
+            return fn(state, **kwargs)
+        except KeygrantsError as exc:
+            fail(as_json, exc)
+        except ValueError as exc:
+            fail(as_json, InvalidRequest(str(exc)))
+        return None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def emit(state: State, result: Any, text: str | Callable[[], None]) -> None:
+    if state.as_json:
+        click.echo(msgspec.json.format(msgspec.json.encode(result), indent=2).decode())
+    elif isinstance(text, str):
+        click.echo(text)
+    else:
+        text()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def unb64(text: str | bytes, what: str) -> bytes:
+    raw = text.encode() if isinstance(text, str) else text
+    cleaned = b"".join(raw.split())  # tolerate line breaks and trailing newlines
+    try:
+        return base64.b64decode(cleaned, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequest(f"{what} is not valid base64") from None
+
+
+def read_input(path: str | None) -> bytes:
+    if path and path != "-":
+        with open(path, "rb") as f:
+            data = f.read(MAX_INPUT + 1)
+    else:
+        data = sys.stdin.buffer.read(MAX_INPUT + 1)
+    if len(data) > MAX_INPUT:
+        raise InvalidRequest(f"input is larger than {MAX_INPUT} bytes")
+    return data
+
+
+def parse_context(pairs: tuple[str, ...]) -> dict[str, str] | None:
+    out: dict[str, str] = {}
+    for pair in pairs:
+        k, sep, v = pair.partition("=")
+        if not sep or not k:
+            raise InvalidRequest(f"context must be KEY=VALUE, got {pair!r}")
+        if k in out:
+            raise InvalidRequest(f"context key {k!r} given twice")
+        out[k] = v
+    return out or None
+
+
+def parse_duration_option(text: str | None) -> int | None:
+    if text is None:
+        return None
+    if text.lower() in ("off", "none", "0"):
+        return 0
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
+
+
+context_option = click.option("--context", "-c", "context", multiple=True, metavar="KEY=VALUE",
+                               help="Encryption context entry (repeatable).")
+in_option = click.option("--in", "in_file", type=click.Path(dir_okay=False, allow_dash=True),
+                          default=None, help="Read input from FILE instead of stdin.")
+key_option = click.option("--key", "-k", "key", required=True, help="Key id, name or alias.")
+
+
