@@ -31,6 +31,13 @@ same classes by the SDK (:func:`error_from_code`).
     ├── SealError                       seal_error           503
     │   └── UnsealFailed                unseal_failed        503
     ├── StoreError                      store_unavailable    503
+    ├── KMSError                        kms_error            502  (key providers, KeyManager)
+    │   ├── EncryptionError             encryption_failed    502
+    │   ├── DecryptionError             decryption_failed    400  (also an InvalidCiphertext)
+    │   ├── KeyNotFoundError            provider_key_not_found 404 (also a KeyNotFound)
+    │   ├── KeyRotationError            key_rotation_failed  502
+    │   ├── ProviderConnectionError     provider_unavailable 503
+    │   └── UnsupportedOperation        unsupported_operation 400
     └── ServerUnreachable               server_unreachable   503  (client side only)
 
 Cryptographic failures are opaque on purpose: a wrong key, version, context, a flipped bit or
@@ -46,14 +53,19 @@ __all__ = [
     "AliasNotFound",
     "AlreadyExists",
     "Conflict",
+    "DecryptionError",
+    "EncryptionError",
     "Forbidden",
     "InvalidCiphertext",
     "InvalidKeyUsage",
     "InvalidRequest",
+    "KMSError",
     "KeyDestroyed",
     "KeyDisabled",
     "KeyNotFound",
+    "KeyNotFoundError",
     "KeyPendingDeletion",
+    "KeyRotationError",
     "KeyStateError",
     "KeyVersionBelowMinimum",
     "KeyVersionError",
@@ -62,11 +74,13 @@ __all__ = [
     "MethodNotAllowed",
     "NotFound",
     "PayloadTooLarge",
+    "ProviderConnectionError",
     "SealError",
     "ServerUnreachable",
     "StoreError",
     "Unauthenticated",
     "UnsealFailed",
+    "UnsupportedOperation",
     "error_from_code",
 ]
 
@@ -252,6 +266,60 @@ class StoreError(KeygrantsError):
     code = "store_unavailable"
     status = 503
     default_message = "storage unavailable"
+
+
+class KMSError(KeygrantsError):
+    """Raised when a key provider or the KeyManager fails."""
+
+    code = "kms_error"
+    status = 502
+    default_message = "key provider error"
+
+
+class EncryptionError(KMSError):
+    """Raised when a provider or the KeyManager cannot encrypt."""
+
+    code = "encryption_failed"
+    default_message = "encryption failed"
+
+
+class DecryptionError(KMSError, InvalidCiphertext):
+    """Raised for every failed KeyManager or provider decryption (opaque, like InvalidCiphertext)."""
+
+    code = "decryption_failed"
+    status = 400
+    default_message = "decryption failed"
+
+
+class KeyNotFoundError(KMSError, KeyNotFound):
+    """Raised when a provider does not know the requested key."""
+
+    code = "provider_key_not_found"
+    status = 404
+    default_message = "key not found at the provider"
+
+
+class KeyRotationError(KMSError):
+    """Raised when a data key or provider key cannot be rotated."""
+
+    code = "key_rotation_failed"
+    default_message = "key rotation failed"
+
+
+class ProviderConnectionError(KMSError):
+    """Raised when a provider cannot be reached or initialized in time."""
+
+    code = "provider_unavailable"
+    status = 503
+    default_message = "key provider unavailable"
+
+
+class UnsupportedOperation(KMSError):
+    """Raised when a provider cannot perform an operation (e.g. sign on a Transit-less backend)."""
+
+    code = "unsupported_operation"
+    status = 400
+    default_message = "operation not supported by this provider"
 
 
 class ServerUnreachable(KeygrantsError):

@@ -1,15 +1,28 @@
-"""The root key provider port: wraps and unwraps the root key (KEK) that seals key material.
+"""Provider ports.
 
-Like Vault's seal: the server keeps its root key only in memory; at rest it exists only as a
-blob wrapped by the provider (a local key file, a passphrase, and in later releases an HSM or
-a cloud KMS).
+:class:`RootKeyProvider` wraps the server's root key (the seal). :class:`KeyProvider` is the
+application-side KMS interface that :class:`~keygrants.KeyManager` and the providers
+(``local:``, ``pkcs11:``, ``aws-kms:``, ``vault:``, ``gcp-kms:``, ``keygrants:``) implement:
+wrap and unwrap data keys, encrypt and decrypt small secrets bound to a context, and sign
+where the backend can. Providers translate their client's errors into the
+:class:`~keygrants.errors.KMSError` tree (``ProviderConnectionError``, ``KeyNotFoundError``,
+``EncryptionError``, ``DecryptionError``, ``UnsupportedOperation``); they never let a driver
+exception escape.
+
+Every :class:`KeyProvider` is also usable as a seal through :class:`ProviderSeal`.
 """
 
 from __future__ import annotations
 
+import abc
+import asyncio
+from collections.abc import Mapping
 from typing import Protocol, runtime_checkable
 
-__all__ = ["RootKeyProvider"]
+from keygrants.errors import DecryptionError, UnsealFailed, UnsupportedOperation
+from keygrants.providers.models import DataKeyPair, EncryptedData, KeyReference, RotationPolicy
+
+__all__ = ["KeyProvider", "ProviderSeal", "RootKeyProvider"]
 
 
 @runtime_checkable
@@ -29,3 +42,102 @@ class RootKeyProvider(Protocol):
         Raises:
             UnsealFailed: if the blob does not open under this provider's key.
         """
+
+
+class KeyProvider(abc.ABC):
+    """An application-side key provider (async; blocking clients run in a worker thread).
+
+    Attributes:
+        name: the registered provider name (``"aws-kms"``, ``"vault"``, ...), stored in every
+            :class:`KeyReference` it makes.
+        uri: the URI it was opened with, without secrets.
+        default_key_id: the key named in the URI, if any.
+    """
+
+    name: str
+    uri: str
+    default_key_id: str | None = None
+
+    async def initialize(self) -> None:  # noqa: B027 (optional hook)
+        """Connect and check the key exists; the caller applies the timeout."""
+
+    def reference(self, key_id: str | None) -> KeyReference:
+        """A reference to ``key_id`` (or the URI's key) at this provider."""
+        key = key_id or self.default_key_id
+        if not key:
+            raise ValueError(f"{self.name}: no key id given and none in the provider URI")
+        return KeyReference(provider=self.name, key_id=key)
+
+    @abc.abstractmethod
+    async def encrypt(self, plaintext: bytes, *, key_id: str | None = None,
+                      context: Mapping[str, str] | None = None) -> EncryptedData:
+        """Encrypt a small secret (at most 4 KiB) bound to ``context``."""
+
+    @abc.abstractmethod
+    async def decrypt(self, encrypted: EncryptedData, *,
+                      context: Mapping[str, str] | None = None) -> bytes:
+        """Decrypt; every failure is :class:`~keygrants.errors.DecryptionError`.
+
+        ``context`` defaults to the context recorded in ``encrypted``.
+        """
+
+    async def generate_data_key(self, *, key_id: str | None = None, key_spec: str = "AES_256",
+                                context: Mapping[str, str] | None = None) -> DataKeyPair:
+        """A fresh data key and its wrapped form; the default draws 32 random bytes locally
+        and wraps them with :meth:`encrypt` (providers with a native call override it)."""
+        import secrets
+
+        if key_spec != "AES_256":
+            raise ValueError("only AES_256 data keys are supported")
+        plaintext = secrets.token_bytes(32)
+        encrypted = await self.encrypt(plaintext, key_id=key_id, context=context)
+        return DataKeyPair(plaintext_key=plaintext, encrypted_key=encrypted,
+                           key_reference=encrypted.key_reference)
+
+    async def sign(self, message: bytes, *, key_id: str | None = None) -> bytes:
+        """Sign where the backend can."""
+        raise UnsupportedOperation(f"{self.name} cannot sign")
+
+    async def get_rotation_policy(self, key_id: str | None = None) -> RotationPolicy:
+        """The provider key's rotation policy, where the backend reports one."""
+        return RotationPolicy(enabled=False)
+
+    async def close(self) -> None:  # noqa: B027 (optional hook)
+        """Release clients and connections."""
+
+
+class ProviderSeal:
+    """Use any :class:`KeyProvider` as the server's seal (auto-unseal, like Vault's).
+
+    The AAD is passed to the provider as the encryption context ``{"keygrants-seal": hex}``.
+    Runs the provider's coroutines on a private event loop: the seal is used at start-up and
+    by ``operator reseal``, never on the request path.
+    """
+
+    def __init__(self, provider: KeyProvider) -> None:
+        self._provider = provider
+
+    @property
+    def uri(self) -> str:
+        return self._provider.uri
+
+    def _run(self, coro: object) -> object:
+        return asyncio.run(coro)  # type: ignore[arg-type]
+
+    def wrap(self, plaintext: bytes, *, aad: bytes) -> bytes:
+        import msgspec
+
+        enc = self._run(self._provider.encrypt(plaintext, context={"keygrants-seal": aad.hex()}))
+        assert isinstance(enc, EncryptedData)
+        return msgspec.json.encode(enc.to_dict())
+
+    def unwrap(self, blob: bytes, *, aad: bytes) -> bytes:
+        import msgspec
+
+        try:
+            enc = EncryptedData.from_dict(msgspec.json.decode(blob))
+            out = self._run(self._provider.decrypt(enc, context={"keygrants-seal": aad.hex()}))
+        except (ValueError, msgspec.DecodeError, DecryptionError) as exc:
+            raise UnsealFailed(f"{self.uri} does not open the root key") from exc
+        assert isinstance(out, bytes)
+        return out
