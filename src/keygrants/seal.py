@@ -16,7 +16,7 @@ from keygrants.errors import UnsealFailed
 from keygrants.providers.base import RootKeyProvider
 from keygrants.store.base import Store
 
-__all__ = ["ROOT_KEY_AAD", "ROOT_KEY_META", "open_root_key"]
+__all__ = ["ROOT_KEY_AAD", "ROOT_KEY_META", "open_root_key", "sealed_with"]
 
 ROOT_KEY_META: Final = "root_key"
 ROOT_KEY_AAD: Final = b"keygrants root key v1"
@@ -25,6 +25,15 @@ ROOT_KEY_AAD: Final = b"keygrants root key v1"
 class _RootKeyRecord(msgspec.Struct):
     provider: str
     blob: bytes
+
+
+def sealed_with(store: Store) -> str | None:
+    """The seal provider URI a store's root key was wrapped with (``None`` before first
+    start): a restart without ``--seal`` uses the same seal instead of guessing."""
+    raw = store.get_meta(ROOT_KEY_META)
+    if raw is None:
+        return None
+    return msgspec.json.decode(raw, type=_RootKeyRecord).provider
 
 
 def open_root_key(store: Store, provider: RootKeyProvider) -> tuple[bytes, bool]:

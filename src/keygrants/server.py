@@ -3,6 +3,7 @@
 Data directory layout (mode 0700)::
 
     keygrants.db        SQLite database (WAL), mode 0600
+    audit.db            the audit Merkle log (WAL), mode 0600
     seal.key            local key-file seal (absent when sealed by passphrase), mode 0600
     admin.token         the admin token, written on first start, mode 0600
 """
@@ -14,18 +15,27 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from keygrants._version import __version__
 from keygrants.api.app import HttpLimits, KeygrantsApp, create_app
-from keygrants.auth import AdminTokenAuthenticator, ensure_admin_token, reset_admin_token
+from keygrants.audit.service import AuditService
+from keygrants.audit.setup import AUDIT_DB_FILE, AuditSetup, open_audit
+from keygrants.auth import (
+    AdminTokenAuthenticator,
+    RequestContext,
+    ensure_admin_token,
+    reset_admin_token,
+)
 from keygrants.errors import KeygrantsError
 from keygrants.providers import open_root_provider
 from keygrants.providers.local import PASSPHRASE_ENV
-from keygrants.seal import open_root_key
+from keygrants.seal import open_root_key, sealed_with
 from keygrants.service import KMS, Limits
 from keygrants.store import open_store
 
@@ -60,6 +70,8 @@ class ServerConfig:
     scheduler_interval: float = 30.0
     reset_admin_token: bool = False
     access_log: bool = False
+    node_id: str = field(default_factory=socket.gethostname)
+    checkpoint_interval: float = 1.0
 
 
 @dataclass(slots=True)
@@ -68,6 +80,7 @@ class BuiltServer:
 
     kms: KMS
     app: KeygrantsApp
+    audit: AuditSetup
     admin_token_path: Path
     created_root_key: bool
     wrote_admin_token: bool
@@ -95,10 +108,18 @@ def _write_secret_file(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _default_seal(data_dir: Path) -> str:
-    if os.environ.get(PASSPHRASE_ENV):
-        return "local:passphrase"
-    return f"local://{(data_dir / SEAL_KEY_FILE).resolve()}"
+def _choose_seal(given: str | None, stored: str | None, data_dir: Path) -> str:
+    """``--seal`` if given; else the seal the data directory was made with (its key file is
+    always looked for in the data directory, so a moved directory still opens); on first
+    start the passphrase when ``KEYGRANTS_PASSPHRASE`` is set, else a key file."""
+    if given:
+        return given
+    keyfile = f"local://{(data_dir / SEAL_KEY_FILE).resolve()}"
+    if stored is None:
+        return "local:passphrase" if os.environ.get(PASSPHRASE_ENV) else keyfile
+    if stored.startswith("local:") and stored != "local:passphrase":
+        return keyfile
+    return stored
 
 
 def build_server(config: ServerConfig) -> BuiltServer:
@@ -111,10 +132,13 @@ def build_server(config: ServerConfig) -> BuiltServer:
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     data_dir.chmod(0o700)
     store = open_store(config.store or f"sqlite://{(data_dir / DB_FILE).resolve()}")
-    provider = open_root_provider(config.seal or _default_seal(data_dir))
+    provider = open_root_provider(_choose_seal(config.seal, sealed_with(store), data_dir))
     root_key, created = open_root_key(store, provider)
+    audit = open_audit(store, root_key, path=data_dir / AUDIT_DB_FILE, node=config.node_id,
+                       checkpoint_interval=config.checkpoint_interval)
     limits = Limits(max_plaintext=config.max_plaintext)
-    kms = KMS(store, root_key, limits=limits)
+    kms = KMS(store, root_key, limits=limits, audit=audit.recorder)
+    audit_service = AuditService(audit, kms.authorizer)
 
     token_path = data_dir / ADMIN_TOKEN_FILE
     token = reset_admin_token(store) if config.reset_admin_token else ensure_admin_token(store)
@@ -124,8 +148,15 @@ def build_server(config: ServerConfig) -> BuiltServer:
 
     interval = config.scheduler_interval
 
+    started = {"version": __version__, "listen": config.listen,
+               "store": (config.store or "sqlite:").split(":", 1)[0],
+               "seal": provider.uri.split(":", 1)[0], "node": config.node_id}
+
     @contextlib.asynccontextmanager
     async def lifespan() -> AsyncIterator[None]:
+        system = RequestContext(principal="system", request_id="lifecycle")
+        await asyncio.to_thread(audit.recorder.record, system, "server.start", "ok",
+                                operation="start", detail=started, wait=True)
         task = asyncio.create_task(_scheduler(kms, interval))
         try:
             yield
@@ -133,12 +164,18 @@ def build_server(config: ServerConfig) -> BuiltServer:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+            try:
+                await asyncio.to_thread(audit.recorder.record, system, "server.stop", "ok",
+                                        operation="stop", wait=True)
+            except KeygrantsError as exc:
+                log.error("could not record server.stop: %s", exc.message)
+            await asyncio.to_thread(audit.log.close)
             store.close()
 
-    app = create_app(kms, authenticator,
-                     limits=HttpLimits.for_plaintext(config.max_plaintext), lifespan=lifespan)
-    return BuiltServer(kms=kms, app=app, admin_token_path=token_path, created_root_key=created,
-                       wrote_admin_token=token is not None)
+    app = create_app(kms, authenticator, limits=HttpLimits.for_plaintext(config.max_plaintext),
+                     lifespan=lifespan, audit=audit_service)
+    return BuiltServer(kms=kms, app=app, audit=audit, admin_token_path=token_path,
+                       created_root_key=created, wrote_admin_token=token is not None)
 
 
 async def _scheduler(kms: KMS, interval: float) -> None:
@@ -172,6 +209,8 @@ def serve(config: ServerConfig, *, announce: Any = print) -> None:
                  "--reset-admin-token to issue a new one")
     else:
         announce(f"Admin token: {built.admin_token_path.resolve()}")
+    announce(f"Audit log: {(config.data_dir / AUDIT_DB_FILE).resolve()} (verifier key: "
+             f"{built.audit.vkey})")
     announce(f"keygrants listening on http://{config.listen} "
              f"(unsealed in {time.monotonic() - started:.2f}s)")
     uv_config = uvicorn.Config(

@@ -12,6 +12,7 @@ policy engine slots in.
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 import time
@@ -19,14 +20,16 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Final, Protocol
+from typing import Any, Final, Protocol, TypeVar
 
 import msgspec
 
 from keygrants import models as m
+from keygrants.audit.recorder import AuditRecorder, NoAudit
 from keygrants.auth import ADMIN_PRINCIPAL, RequestContext
 from keygrants.crypto import Aead, random_bytes
 from keygrants.errors import (
+    AuditUnavailable,
     Forbidden,
     InvalidCiphertext,
     InvalidKeyUsage,
@@ -109,6 +112,38 @@ def _dt(ts: int | None) -> datetime | None:
     return None if ts is None else datetime.fromtimestamp(ts, UTC)
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+SCHEDULER: Final = RequestContext(principal="system:scheduler", request_id="scheduler")
+
+
+def _audited(event_type: str, operation: str) -> Callable[[F], F]:
+    """Record the outcome of a use case: ``ok`` with the key and version it acted on, or
+    ``denied``/``error`` with the error code. State changes also record a ``requested``
+    event before they touch the store (see :meth:`KMS._intent`)."""
+
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(self: KMS, ctx: RequestContext, *args: Any, **kwargs: Any) -> Any:
+            try:
+                result = fn(self, ctx, *args, **kwargs)
+            except KeygrantsError as exc:
+                if not isinstance(exc, AuditUnavailable):
+                    self.audit.record(ctx, event_type, "denied" if isinstance(exc, Forbidden)
+                                      else "error", operation=operation, reason=exc.code)
+                raise
+            key_id = getattr(result, "key_id", None) or getattr(result, "id", None)
+            version = getattr(result, "key_version", None) or getattr(result, "latest_version", None)
+            detail = None
+            if isinstance(result, m.BatchResult):
+                failed = sum(1 for r in result.results if r.error is not None)
+                detail = {"items": str(len(result.results)), "failed": str(failed)}
+            self.audit.record(ctx, event_type, "ok", operation=operation, key_id=key_id,
+                              key_version=version, detail=detail)
+            return result
+        return wrapper  # type: ignore[return-value]
+    return decorate
+
+
 class KMS:
     """The key management service.
 
@@ -118,21 +153,33 @@ class KMS:
         clock: returns the current Unix time (injected in tests).
         limits: input limits.
         authorizer: the policy decision point.
+        audit: where audit events go (nothing is recorded without one).
     """
 
     def __init__(self, store: Store, root_key: bytes, *, clock: Callable[[], float] = time.time,
-                 limits: Limits | None = None, authorizer: Authorizer | None = None) -> None:
+                 limits: Limits | None = None, authorizer: Authorizer | None = None,
+                 audit: AuditRecorder | None = None) -> None:
         self.store = store
+        self.audit: AuditRecorder = audit or NoAudit()
         self.limits = limits or Limits()
         self._root = Aead("aes-256-gcm", root_key)
         self._clock = clock
         self._authorizer = authorizer or AdminOnlyAuthorizer()
+        self.authorizer: Authorizer = self._authorizer
         self._write_lock = threading.RLock()
         self._cache: dict[str, _Loaded] = {}
+        self._by_kid: dict[bytes, _Loaded] = {}  # the same entries by raw key id (decrypt path)
         self._refs: dict[str, str] = {}
 
     def _now(self) -> int:
         return int(self._clock())
+
+    def _intent(self, ctx: RequestContext, event_type: str, operation: str, key_id: str | None,
+                **detail: str) -> None:
+        """Make a ``requested`` event durable before a state change is applied: if the audit
+        log cannot take it, the change does not happen (fail-closed)."""
+        self.audit.record(ctx, event_type, "requested", operation=operation, key_id=key_id,
+                          detail=detail or None, wait=True)
 
     # -- loading and resolution ------------------------------------------------------------
 
@@ -147,8 +194,11 @@ class KMS:
                 for v in self.store.get_versions(key.id)
             ]
             versions = KeyVersions(kid, materials, min_decryption_version=key.min_decryption_version)
-        loaded = _Loaded(key, versions)
-        self._cache[key.id] = loaded
+        return self._put(_Loaded(key, versions))
+
+    def _put(self, loaded: _Loaded) -> _Loaded:
+        self._cache[loaded.key.id] = loaded
+        self._by_kid[_uuid(loaded.key.id).bytes] = loaded
         return loaded
 
     def _cached(self, key: Key) -> _Loaded:
@@ -158,9 +208,7 @@ class KMS:
                 or old.key.latest_version != key.latest_version):
             return self._load(key)
         old.versions.min_decryption_version = key.min_decryption_version
-        loaded = _Loaded(key, old.versions)
-        self._cache[key.id] = loaded
-        return loaded
+        return self._put(_Loaded(key, old.versions))
 
     def _resolve(self, ref: str) -> _Loaded:
         """A key by id, name or alias, loaded (from the cache when possible)."""
@@ -182,11 +230,11 @@ class KMS:
         self._refs[ref] = key.id
         return loaded
 
-    def _resolve_id(self, key_id: uuid.UUID) -> _Loaded | None:
-        loaded = self._cache.get(str(key_id))
+    def _resolve_kid(self, kid: bytes) -> _Loaded | None:
+        loaded = self._by_kid.get(kid)
         if loaded is not None:
             return loaded
-        key = self.store.get_key(str(key_id))
+        key = self.store.get_key(str(uuid.UUID(bytes=kid)))
         return None if key is None else self._load(key)
 
     def _forget_refs(self, key_id: str) -> None:
@@ -242,7 +290,7 @@ class KMS:
 
     @staticmethod
     def _check_name(name: str, what: str = "name") -> None:
-        if not isinstance(name, str) or not _NAME_RE.match(name):
+        if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
             raise InvalidRequest(
                 f"{what} must be 1-128 characters of letters, digits, '.', '_' or '-', "
                 "starting with a letter or digit"
@@ -268,6 +316,7 @@ class KMS:
                           sealed=seal_key_version(self._root, kid, version, secret),
                           public_key_der=public)
 
+    @_audited("key.create", "create_key")
     def create_key(self, ctx: RequestContext, req: m.CreateKeyRequest) -> m.KeyInfo:
         """Create a key with its first version.
 
@@ -296,16 +345,20 @@ class KMS:
             next_rotation_at=None if req.rotation_period is None else now + req.rotation_period,
         )
         with self._write_lock:
-            self.store.create_key(key, self._new_version(spec, kid, 1, now))
+            version = self._new_version(spec, kid, 1, now)
+            self._intent(ctx, "key.create", "create_key", key.id, name=key.name, spec=key.spec)
+            self.store.create_key(key, version)
             self._load(key)
         return self.info(key)
 
+    @_audited("key.describe", "describe_key")
     def describe_key(self, ctx: RequestContext, ref: str) -> m.KeyInfo:
         """A key's metadata."""
         loaded = self._resolve(ref)
         self._authorizer.authorize(ctx, "describe_key", loaded.key)
         return self.info(self.store.get_key(loaded.key.id) or loaded.key)
 
+    @_audited("key.list", "list_keys")
     def list_keys(self, ctx: RequestContext, *, limit: int = 100,
                   after: str | None = None) -> m.KeyList:
         """One page of keys ordered by name."""
@@ -318,7 +371,7 @@ class KMS:
         return m.KeyList(keys=[self.info(k) for k in keys],
                          next=keys[-1].name if more and keys else None)
 
-    def _modify(self, ctx: RequestContext, ref: str, action: str,
+    def _modify(self, ctx: RequestContext, ref: str, action: str, event_type: str,
                 change: Callable[[Key, int], Key]) -> m.KeyInfo:
         with self._write_lock:
             loaded = self._resolve(ref)
@@ -331,6 +384,7 @@ class KMS:
             if updated is current:
                 return self.info(current)
             updated = msgspec.structs.replace(updated, updated_at=max(now, current.updated_at))
+            self._intent(ctx, event_type, action, current.id, state=updated.state)
             self.store.update_key(updated, expected_updated_at=current.updated_at)
             self._cached(updated)
         return self.info(updated)
@@ -340,6 +394,7 @@ class KMS:
         if key.state == "destroyed":
             raise KeyDestroyed(f"key {key.name!r} has been destroyed")
 
+    @_audited("key.update", "update_key")
     def update_key(self, ctx: RequestContext, ref: str, req: m.UpdateKeyRequest) -> m.KeyInfo:
         """Change description, rotation period (0 = off) or minimum decryption version."""
         if req.description is not None and len(req.description) > MAX_DESCRIPTION_LENGTH:
@@ -366,8 +421,9 @@ class KMS:
                 changes["min_decryption_version"] = v
             return msgspec.structs.replace(key, **changes) if changes else key
 
-        return self._modify(ctx, ref, "update_key", change)
+        return self._modify(ctx, ref, "update_key", "key.update", change)
 
+    @_audited("key.rotate", "rotate_key")
     def rotate_key(self, ctx: RequestContext, ref: str) -> m.KeyInfo:
         """Add a new version; encryption uses it from now on, old versions still decrypt."""
         with self._write_lock:
@@ -378,11 +434,12 @@ class KMS:
                 raise KeyNotFound()
             if key.state in ("pending_deletion", "destroyed"):
                 raise KeyStateError(f"key {key.name!r} is {key.state.replace('_', ' ')}")
-            return self.info(self._rotate(key))
+            return self.info(self._rotate(ctx, key))
 
-    def _rotate(self, key: Key) -> Key:
+    def _rotate(self, ctx: RequestContext, key: Key) -> Key:
         now = self._now()
         version = self._new_version(get_spec(key.spec), _uuid(key.id), key.latest_version + 1, now)
+        self._intent(ctx, "key.rotate", "rotate_key", key.id, version=str(version.version))
         updated = msgspec.structs.replace(
             key, latest_version=version.version, updated_at=max(now, key.updated_at),
             next_rotation_at=None if key.rotation_period is None else now + key.rotation_period,
@@ -391,14 +448,16 @@ class KMS:
         self._load(updated)
         return updated
 
+    @_audited("key.disable", "disable_key")
     def disable_key(self, ctx: RequestContext, ref: str) -> m.KeyInfo:
         """Refuse every cryptographic operation until enabled again."""
         def change(key: Key, now: int) -> Key:
             if key.state in ("pending_deletion", "destroyed"):
                 raise KeyStateError(f"key {key.name!r} is {key.state.replace('_', ' ')}")
             return key if key.state == "disabled" else msgspec.structs.replace(key, state="disabled")
-        return self._modify(ctx, ref, "disable_key", change)
+        return self._modify(ctx, ref, "disable_key", "key.disable", change)
 
+    @_audited("key.enable", "enable_key")
     def enable_key(self, ctx: RequestContext, ref: str) -> m.KeyInfo:
         """Allow cryptographic operations again."""
         def change(key: Key, now: int) -> Key:
@@ -406,8 +465,9 @@ class KMS:
                 raise KeyStateError(f"key {key.name!r} is {key.state.replace('_', ' ')}; "
                                     "cancel the deletion first")
             return key if key.state == "enabled" else msgspec.structs.replace(key, state="enabled")
-        return self._modify(ctx, ref, "enable_key", change)
+        return self._modify(ctx, ref, "enable_key", "key.enable", change)
 
+    @_audited("key.schedule_deletion", "schedule_key_deletion")
     def schedule_deletion(self, ctx: RequestContext, ref: str, days: int = 30) -> m.KeyInfo:
         """Make the key unusable now and destroy its material after ``days`` (7 to 30)."""
         if not MIN_DELETION_DAYS <= days <= MAX_DELETION_DAYS:
@@ -418,8 +478,9 @@ class KMS:
                 raise KeyStateError(f"key {key.name!r} is already {key.state.replace('_', ' ')}")
             return msgspec.structs.replace(key, state="pending_deletion", previous_state=key.state,
                                            deletion_date=now + days * 86400)
-        return self._modify(ctx, ref, "schedule_key_deletion", change)
+        return self._modify(ctx, ref, "schedule_key_deletion", "key.schedule_deletion", change)
 
+    @_audited("key.cancel_deletion", "cancel_key_deletion")
     def cancel_deletion(self, ctx: RequestContext, ref: str) -> m.KeyInfo:
         """Restore a key pending deletion to the state it had before."""
         def change(key: Key, now: int) -> Key:
@@ -427,24 +488,29 @@ class KMS:
                 raise KeyStateError(f"key {key.name!r} is not pending deletion")
             return msgspec.structs.replace(key, state=key.previous_state or "disabled",
                                            previous_state=None, deletion_date=None)
-        return self._modify(ctx, ref, "cancel_key_deletion", change)
+        return self._modify(ctx, ref, "cancel_key_deletion", "key.cancel_deletion", change)
 
+    @_audited("alias.create", "create_alias")
     def create_alias(self, ctx: RequestContext, alias: str, ref: str) -> m.AliasInfo:
         """Name a key with an extra alias."""
         self._check_name(alias, "alias")
         with self._write_lock:
             loaded = self._resolve(ref)
             self._authorizer.authorize(ctx, "create_alias", loaded.key)
+            self._intent(ctx, "alias.create", "create_alias", loaded.key.id, alias=alias)
             self.store.create_alias(alias, loaded.key.id)
         return m.AliasInfo(alias=alias, key_id=loaded.key.id)
 
+    @_audited("alias.delete", "delete_alias")
     def delete_alias(self, ctx: RequestContext, alias: str) -> None:
         """Remove an alias (the key is untouched)."""
         self._authorizer.authorize(ctx, "delete_alias", None)
         with self._write_lock:
+            self._intent(ctx, "alias.delete", "delete_alias", None, alias=alias)
             self.store.delete_alias(alias)
             self._refs.pop(alias, None)
 
+    @_audited("alias.list", "list_aliases")
     def list_aliases(self, ctx: RequestContext, ref: str | None = None) -> list[m.AliasInfo]:
         """All aliases, or those of one key."""
         key_id = None
@@ -471,21 +537,29 @@ class KMS:
                 try:
                     if (key.state == "enabled" and key.next_rotation_at is not None
                             and key.next_rotation_at <= now):
-                        self._rotate(key)
+                        updated = self._rotate(SCHEDULER, key)
+                        self.audit.record(SCHEDULER, "key.rotate", "ok", operation="rotate_key",
+                                          key_id=key.id, key_version=updated.latest_version)
                         rotated += 1
                     elif (key.state == "pending_deletion" and key.deletion_date is not None
                             and key.deletion_date <= now):
                         dead = msgspec.structs.replace(key, state="destroyed", previous_state=None,
                                                        updated_at=max(now, key.updated_at))
+                        self._intent(SCHEDULER, "key.destroy", "destroy_key", key.id)
                         self.store.destroy_key(dead)
-                        self._cache[key.id] = _Loaded(dead, None)
+                        self._put(_Loaded(dead, None))
+                        self.audit.record(SCHEDULER, "key.destroy", "ok", operation="destroy_key",
+                                          key_id=key.id)
                         destroyed += 1
+                except AuditUnavailable:
+                    raise
                 except KeygrantsError:
                     continue  # another process got there first; it is done either way
         return rotated, destroyed
 
     # -- encryption ------------------------------------------------------------------------
 
+    @_audited("crypto.encrypt", "encrypt")
     def encrypt(self, ctx: RequestContext, ref: str, plaintext: bytes,
                 context: Mapping[str, str] | None = None) -> m.EncryptResult:
         """Encrypt under the key's latest version."""
@@ -499,20 +573,24 @@ class KMS:
               operation: str = "decrypt") -> tuple[bytes, Key, int]:
         canonical_context(context)  # a malformed context is a request error, not a bad ciphertext
         ct = Ciphertext.from_bytes(ciphertext)
-        loaded = self._resolve_id(ct.key_id)
+        loaded = self._resolve_kid(ct.kid)
         if loaded is None:
             raise InvalidCiphertext()
+        if loaded.key.purpose != "encrypt-decrypt":
+            raise InvalidCiphertext()  # a forged header must not reveal other keys' specs
         self._authorizer.authorize(ctx, operation, loaded.key)
         versions = self._usable(loaded, operation)
         plaintext = versions.for_decrypt(ct.version).decrypt_parsed(ct, context)
         return plaintext, loaded.key, ct.version
 
+    @_audited("crypto.decrypt", "decrypt")
     def decrypt(self, ctx: RequestContext, ciphertext: bytes,
                 context: Mapping[str, str] | None = None) -> m.DecryptResult:
         """Decrypt a native ciphertext; any cryptographic failure is ``InvalidCiphertext``."""
         plaintext, key, version = self._open(ctx, ciphertext, context)
         return m.DecryptResult(plaintext=plaintext, key_id=key.id, key_version=version)
 
+    @_audited("crypto.re_encrypt", "re_encrypt")
     def re_encrypt(self, ctx: RequestContext, req: m.ReEncryptRequest) -> m.ReEncryptResult:
         """Decrypt and encrypt again (to the latest version, or to another key)."""
         plaintext, source, version = self._open(ctx, req.ciphertext, req.context, "re_encrypt")
@@ -527,6 +605,7 @@ class KMS:
             key_version=latest.version, source_key_id=source.id, source_key_version=version,
         )
 
+    @_audited("crypto.generate_data_key", "generate_data_key")
     def generate_data_key(self, ctx: RequestContext, ref: str, req: m.DataKeyRequest) -> m.DataKey:
         """A fresh data key, encrypted under the key (and in plaintext unless declined)."""
         if req.bytes not in DATA_KEY_SIZES:
@@ -539,6 +618,7 @@ class KMS:
             key_version=latest.version, plaintext=data_key if req.include_plaintext else None,
         )
 
+    @_audited("crypto.encrypt_batch", "encrypt")
     def batch_encrypt(self, ctx: RequestContext, ref: str,
                       items: Sequence[m.BatchEncryptItem]) -> m.BatchResult:
         """Encrypt up to ``max_batch_items`` items; failures are reported per item."""
@@ -557,6 +637,7 @@ class KMS:
                                                                         message=exc.message)))
         return m.BatchResult(results=results)
 
+    @_audited("crypto.decrypt_batch", "decrypt")
     def batch_decrypt(self, ctx: RequestContext,
                       items: Sequence[m.BatchDecryptItem]) -> m.BatchResult:
         """Decrypt up to ``max_batch_items`` ciphertexts; failures are reported per item."""
@@ -564,9 +645,9 @@ class KMS:
         results: list[m.BatchItemResult] = []
         for item in items:
             try:
-                r = self.decrypt(ctx, item.ciphertext, item.context)
-                results.append(m.BatchItemResult(plaintext=r.plaintext, key_id=r.key_id,
-                                                 key_version=r.key_version))
+                plaintext, key, version = self._open(ctx, item.ciphertext, item.context)
+                results.append(m.BatchItemResult(plaintext=plaintext, key_id=key.id,
+                                                 key_version=version))
             except KeygrantsError as exc:
                 results.append(m.BatchItemResult(error=m.BatchItemError(code=exc.code,
                                                                         message=exc.message)))
@@ -580,6 +661,7 @@ class KMS:
 
     # -- signing and MAC -------------------------------------------------------------------
 
+    @_audited("crypto.sign", "sign")
     def sign(self, ctx: RequestContext, ref: str, message: bytes,
              message_type: m.MessageType = "raw") -> m.SignResult:
         """Sign with the latest version."""
@@ -602,6 +684,7 @@ class KMS:
             raise KeyVersionError(f"key version {version} does not exist or is retired")
         return [material]
 
+    @_audited("crypto.verify", "verify")
     def verify(self, ctx: RequestContext, ref: str, req: m.VerifyRequest) -> m.VerifyResult:
         """Check a signature against one version, or every live version newest first."""
         key, versions = self._authorized(ctx, "verify", ref)
@@ -616,6 +699,7 @@ class KMS:
                 return m.VerifyResult(valid=True, key_id=key.id, key_version=material.version)
         return m.VerifyResult(valid=False, key_id=key.id)
 
+    @_audited("key.get_public_key", "get_public_key")
     def get_public_key(self, ctx: RequestContext, ref: str,
                        version: int | None = None) -> m.PublicKey:
         """The PEM and JWK of a signing key version (the latest by default)."""
@@ -626,6 +710,7 @@ class KMS:
                            algorithm=material.spec.algorithm, pem=public.public_pem(),
                            jwk=public.jwk(kid=f"{key.id}:{material.version}"))
 
+    @_audited("crypto.mac", "mac")
     def mac(self, ctx: RequestContext, ref: str, message: bytes) -> m.MacResult:
         """HMAC-SHA256 with the latest version."""
         key, versions = self._authorized(ctx, "mac", ref)
@@ -633,6 +718,7 @@ class KMS:
         latest = versions.latest
         return m.MacResult(mac=latest.mac(message), key_id=key.id, key_version=latest.version)
 
+    @_audited("crypto.verify_mac", "verify_mac")
     def verify_mac(self, ctx: RequestContext, ref: str, req: m.VerifyMacRequest) -> m.VerifyResult:
         """Check a tag in constant time against one version, or every live version."""
         key, versions = self._authorized(ctx, "verify_mac", ref)
@@ -644,6 +730,7 @@ class KMS:
 
     # -- derive and random -----------------------------------------------------------------
 
+    @_audited("crypto.derive", "derive")
     def derive(self, ctx: RequestContext, ref: str, req: m.DeriveRequest) -> m.DerivedKey:
         """HKDF-SHA256 output bound to the key version and the caller's context."""
         if not 1 <= req.length <= self.limits.max_derive_bytes:
@@ -656,6 +743,7 @@ class KMS:
         derived = material.derive(req.context, salt=req.salt, length=req.length)
         return m.DerivedKey(derived=derived, key_id=key.id, key_version=material.version)
 
+    @_audited("crypto.random", "generate_random")
     def random(self, ctx: RequestContext, n: int) -> m.RandomResult:
         """``n`` bytes from the server's CSPRNG."""
         self._authorizer.authorize(ctx, "generate_random", None)

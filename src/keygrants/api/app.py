@@ -14,22 +14,26 @@ memory); operations that write to the store run in a worker thread.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import re
 import secrets
-from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Final
-from urllib.parse import parse_qsl, unquote
+from urllib.parse import parse_qsl
 
 import anyio.to_thread
 import msgspec
 
 from keygrants import models as m
+from keygrants.audit.log import EventQuery
+from keygrants.audit.service import AuditService
 from keygrants.auth import AdminTokenAuthenticator, RequestContext
 from keygrants.errors import (
+    AuditUnavailable,
     InvalidRequest,
     KeygrantsError,
     MalformedBody,
@@ -46,6 +50,7 @@ log = logging.getLogger("keygrants.api")
 
 _REQUEST_ID_RE: Final = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _MAX_QUERY: Final = 4096
+_AUDIT_TIMEOUT: Final = 10.0
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -95,16 +100,31 @@ class Endpoint:
 
 @dataclass(slots=True)
 class _Call:
-    """What a handler gets: the service, the caller, path and query parameters, the body."""
+    """What a handler gets: the services, the caller, path and query parameters, the body."""
 
     kms: KMS
     ctx: RequestContext
     params: dict[str, str]
     query: dict[str, str]
     body: Any
+    audit_service: AuditService | None = None
 
     def param(self, name: str) -> str:
         return self.params[name]
+
+    @property
+    def audit(self) -> AuditService:
+        if self.audit_service is None:
+            raise NotFound("this server has no audit log")
+        return self.audit_service
+
+
+@dataclass(frozen=True, slots=True)
+class Stream:
+    """A handler result streamed in chunks (e.g. the audit export), produced off the loop."""
+
+    media_type: str
+    chunks: Iterator[bytes]
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,12 +217,41 @@ async def _send(send: Send, status: int, body: bytes, request_id: str,
     await send({"type": "http.response.body", "body": body})
 
 
-async def _send_error(send: Send, exc: KeygrantsError, request_id: str) -> None:
+async def _send_error(send: Send, exc: KeygrantsError, request_id: str,
+                      extra: list[tuple[bytes, bytes]] | None = None) -> None:
     """The one JSON error shape."""
     exc.request_id = request_id
-    extra = ([(b"www-authenticate", b'Bearer realm="keygrants"')]
-             if isinstance(exc, Unauthenticated) else None)
-    await _send(send, exc.status, _encoder.encode(exc.to_dict()), request_id, extra)
+    headers = list(extra or ())
+    if isinstance(exc, Unauthenticated):
+        headers.append((b"www-authenticate", b'Bearer realm="keygrants"'))
+    await _send(send, exc.status, _encoder.encode(exc.to_dict()), request_id, headers)
+
+
+async def _stream(send: Send, result: Stream, request_id: str,
+                  extra: list[tuple[bytes, bytes]] | None) -> None:
+    headers = [(b"content-type", result.media_type.encode()),
+               (b"x-request-id", request_id.encode()), *(extra or ())]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    batches = _batched(result.chunks)
+    while True:
+        chunk = await run_in_threadpool(next, batches, None)
+        if chunk is None:
+            break
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
+
+
+def _batched(chunks: Iterator[bytes], size: int = 256 * 1024) -> Iterator[bytes]:
+    buf: list[bytes] = []
+    n = 0
+    for c in chunks:
+        buf.append(c)
+        n += len(c)
+        if n >= size:
+            yield b"".join(buf)
+            buf, n = [], 0
+    if buf:
+        yield b"".join(buf)
 
 
 class _Route:
@@ -212,7 +261,7 @@ class _Route:
 
     def __init__(self, endpoint: Endpoint, limits: HttpLimits) -> None:
         self.endpoint = endpoint
-        self.segments = endpoint.path.strip("/").split("/")
+        self.segments = endpoint.path[1:].split("/")
         self.params = {i: s[1:-1] for i, s in enumerate(self.segments) if s.startswith("{")}
         self.decoder: msgspec.json.Decoder[Any] | None = (
             msgspec.json.Decoder(endpoint.request) if endpoint.request is not None else None)
@@ -224,7 +273,7 @@ class _Route:
             if i in self.params:
                 if not parts[i]:
                     return None
-                params[self.params[i]] = unquote(parts[i])
+                params[self.params[i]] = parts[i]  # ASGI paths arrive already percent-decoded
             elif seg != parts[i]:
                 return None
         return params
@@ -235,10 +284,12 @@ class KeygrantsApp:
     layers between the server and the handlers."""
 
     def __init__(self, kms: KMS, authenticator: AdminTokenAuthenticator, limits: HttpLimits,
-                 lifespan: Callable[[], AbstractAsyncContextManager[None]] | None) -> None:
+                 lifespan: Callable[[], AbstractAsyncContextManager[None]] | None,
+                 audit: AuditService | None = None) -> None:
         from keygrants.api.openapi import openapi_document
 
         self.kms = kms
+        self.audit = audit
         self._auth = authenticator
         self._lifespan = lifespan
         self._routes: dict[int, list[_Route]] = {}
@@ -274,7 +325,7 @@ class KeygrantsApp:
         await send({"type": "lifespan.shutdown.complete"})
 
     def _find(self, method: str, path: str) -> tuple[_Route, dict[str, str]]:
-        parts = path.strip("/").split("/")
+        parts = path[1:].split("/")
         allowed = False
         for route in self._routes.get(len(parts), ()):
             params = route.match(parts)
@@ -292,6 +343,10 @@ class KeygrantsApp:
         request_id = req.request_id
         method: str = scope["method"]
         path: str = scope["path"]
+        client = scope.get("client")
+        source = client[0] if client else None
+        pending: list[Any] = []
+        status = 200
         try:
             if path == "/openapi.json" and method == "GET":
                 await _send(send, 200, self._openapi, request_id)
@@ -299,11 +354,17 @@ class KeygrantsApp:
             route, params = self._find(method, path)
             endpoint = route.endpoint
             if endpoint.auth:
-                client = scope.get("client")
-                ctx = self._auth.authenticate(req.bearer(), request_id=request_id,
-                                              source=client[0] if client else None)
+                try:
+                    ctx = self._auth.authenticate(req.bearer(), request_id=request_id,
+                                                  source=source, pending_audit=pending)
+                except Unauthenticated as exc:
+                    anonymous = RequestContext(principal="", request_id=request_id, source=source,
+                                               pending_audit=pending)
+                    self.kms.audit.record(anonymous, "auth.failure", "denied",
+                                          operation=endpoint.operation_id, reason=exc.code)
+                    raise
             else:
-                ctx = RequestContext(principal="", request_id=request_id)
+                ctx = RequestContext(principal="", request_id=request_id, source=source)
             body = None
             if route.decoder is not None:
                 raw = await _read_body(req, receive, route.limit)
@@ -313,22 +374,40 @@ class KeygrantsApp:
                     raise MalformedBody(f"invalid request body: {exc}") from None
                 except msgspec.DecodeError:
                     raise MalformedBody("request body is not valid JSON") from None
-            result = await endpoint.handler(_Call(self.kms, ctx, params, req.query(), body))
+            result = await endpoint.handler(_Call(self.kms, ctx, params, req.query(), body,
+                                                  self.audit))
+            status = endpoint.status
         except KeygrantsError as exc:
-            await _send_error(send, exc, request_id)
-            return
+            result, status = exc, exc.status
         except Exception:
             log.exception("unhandled error in %s %s (request %s)", method, path, request_id)
-            await _send_error(send, KeygrantsError(), request_id)
-            return
-        if result is None:
-            await send({"type": "http.response.start", "status": 204,
-                        "headers": [(b"x-request-id", request_id.encode())]})
+            result = KeygrantsError()
+            status = 500
+        # Fail closed: nothing is answered before the request's audit events are durable.
+        audit_index: int | None = None
+        try:
+            if pending:
+                async with asyncio.timeout(_AUDIT_TIMEOUT):
+                    for future in pending:
+                        audit_index = await (future if isinstance(future, asyncio.Future)
+                                             else asyncio.wrap_future(future))
+        except Exception as exc:  # every way of not being durable is the same answer
+            if not isinstance(exc, AuditUnavailable):
+                log.error("audit event for request %s not durable: %r", request_id, exc)
+            result, status = AuditUnavailable(), AuditUnavailable.status
+        extra = [(b"x-audit-index", str(audit_index).encode())] if audit_index is not None else None
+        if isinstance(result, KeygrantsError):
+            await _send_error(send, result, request_id, extra)
+        elif result is None:
+            headers = [(b"x-request-id", request_id.encode()), *(extra or ())]
+            await send({"type": "http.response.start", "status": 204, "headers": headers})
             await send({"type": "http.response.body", "body": b""})
         elif isinstance(result, Reply):
-            await _send(send, result.status, _encoder.encode(result.body), request_id)
+            await _send(send, result.status, _encoder.encode(result.body), request_id, extra)
+        elif isinstance(result, Stream):
+            await _stream(send, result, request_id, extra)
         else:
-            await _send(send, endpoint.status, _encoder.encode(result), request_id)
+            await _send(send, status, _encoder.encode(result), request_id, extra)
 
 
 # -- handlers ---------------------------------------------------------------------------------
@@ -373,6 +452,35 @@ def _list_aliases(c: _Call) -> Any:
 
 def _delete_alias(c: _Call) -> None:
     c.kms.delete_alias(c.ctx, c.param("alias"))
+
+
+def _audit_search(c: _Call) -> Any:
+    q = c.query
+    limit = _query_int(c, "limit", 100)
+    assert limit is not None
+    return c.audit.search(c.ctx, EventQuery(
+        principal=q.get("principal"), key_id=q.get("key"), grant_id=q.get("grant"),
+        type=q.get("type"), since=q.get("since"), until=q.get("until"),
+        after=_query_int(c, "after", None), limit=limit))
+
+
+def _audit_inclusion(c: _Call) -> Any:
+    index = _query_int(c, "index", None)
+    if index is None:
+        raise InvalidRequest("query parameter 'index' is required")
+    return c.audit.inclusion_proof(c.ctx, index, _query_int(c, "size", None))
+
+
+def _audit_consistency(c: _Call) -> Any:
+    old = _query_int(c, "old", None)
+    if old is None:
+        raise InvalidRequest("query parameter 'old' is required")
+    return c.audit.consistency_proof(c.ctx, old, _query_int(c, "new", None))
+
+
+def _audit_export(c: _Call) -> Any:
+    since = _query_int(c, "since", 0)
+    return Stream("application/x-ndjson", c.audit.export(c.ctx, since or 0))
 
 
 ENDPOINTS: Final[Sequence[Endpoint]] = (
@@ -456,13 +564,36 @@ ENDPOINTS: Final[Sequence[Endpoint]] = (
              "List aliases (query: key)", response=list[m.AliasInfo], tag="aliases"),
     Endpoint("DELETE", "/v1/aliases/{alias}", _in_thread(_delete_alias), "deleteAlias",
              "Delete an alias", status=204, tag="aliases"),
+    Endpoint("GET", "/v1/audit/checkpoint",
+             _in_thread(lambda c: c.audit.latest_checkpoint(c.ctx)), "auditCheckpoint",
+             "Latest signed checkpoint of the audit log", response=m.AuditCheckpoint, tag="audit"),
+    Endpoint("POST", "/v1/audit/checkpoint", _in_thread(lambda c: c.audit.checkpoint_now(c.ctx)),
+             "auditCheckpointNow", "Checkpoint the audit log now", response=m.AuditCheckpoint,
+             tag="audit"),
+    Endpoint("GET", "/v1/audit/events", _in_thread(_audit_search), "auditSearch",
+             "Search events (query: principal, key, grant, type, since, until, after, limit)",
+             response=m.AuditEventPage, tag="audit"),
+    Endpoint("GET", "/v1/audit/proof/inclusion", _in_thread(_audit_inclusion),
+             "auditInclusionProof", "Inclusion proof (query: index, size)",
+             response=m.InclusionProof, tag="audit"),
+    Endpoint("GET", "/v1/audit/proof/consistency", _in_thread(_audit_consistency),
+             "auditConsistencyProof", "Consistency proof (query: old, new)",
+             response=m.ConsistencyProof, tag="audit"),
+    Endpoint("GET", "/v1/audit/export", _in_thread(_audit_export), "auditExport",
+             "Export as JSON Lines with checkpoints (query: since)", tag="audit"),
+    Endpoint("POST", "/v1/audit/hash", _inline(lambda c: c.audit.digest(c.ctx, c.body.value)),
+             "auditHash", "Keyed digest of a sensitive value, to search the log for it",
+             m.AuditHashRequest, m.AuditDigest, tag="audit"),
+    Endpoint("GET", "/v1/audit/key", _inline(lambda c: c.audit.key(c.ctx)), "auditKey",
+             "The audit log's origin and checkpoint verifier key", response=m.AuditKey,
+             tag="audit"),
 )
 
 
 def create_app(kms: KMS, authenticator: AdminTokenAuthenticator, *,
                limits: HttpLimits | None = None,
-               lifespan: Callable[[], AbstractAsyncContextManager[None]] | None = None
-               ) -> KeygrantsApp:
+               lifespan: Callable[[], AbstractAsyncContextManager[None]] | None = None,
+               audit: AuditService | None = None) -> KeygrantsApp:
     """Build the ASGI application.
 
     Args:
@@ -470,6 +601,7 @@ def create_app(kms: KMS, authenticator: AdminTokenAuthenticator, *,
         authenticator: checks bearer credentials.
         limits: body size limits (defaults fit the service's plaintext limit).
         lifespan: a context manager factory run around the server's life (the scheduler).
+        audit: the audit use cases behind ``/v1/audit/*`` (absent: those answer 404).
     """
     limits = limits or HttpLimits.for_plaintext(kms.limits.max_plaintext)
-    return KeygrantsApp(kms, authenticator, limits, lifespan)
+    return KeygrantsApp(kms, authenticator, limits, lifespan, audit)

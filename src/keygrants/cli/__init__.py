@@ -425,3 +425,6 @@ def public_key(state: State, key: str, key_version: int | None, fmt: str) -> Non
 
 # -- command groups defined in their own modules ----------------------------------------------
 # Each module defines one click group or command and is registered here with one line.
+from keygrants.cli.audit import audit  # noqa: E402
+
+main.add_command(audit)

@@ -123,8 +123,11 @@ def unb64(text: str | bytes, what: str) -> bytes:
 
 def read_input(path: str | None) -> bytes:
     if path and path != "-":
-        with open(path, "rb") as f:
-            data = f.read(MAX_INPUT + 1)
+        try:
+            with open(path, "rb") as f:
+                data = f.read(MAX_INPUT + 1)
+        except OSError as exc:
+            raise InvalidRequest(f"cannot read {path}: {exc.strerror}") from None
     else:
         data = sys.stdin.buffer.read(MAX_INPUT + 1)
     if len(data) > MAX_INPUT:

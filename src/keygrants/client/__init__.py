@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Generic, TypeVar
+from typing import Any, BinaryIO, Final, Generic, TypeVar
 
 import httpx
 import msgspec
@@ -168,6 +168,37 @@ class _Ops:
     def random(n: int) -> _Op[m.RandomResult]:
         return _Op("POST", "/v1/random", m.RandomRequest(bytes=n), m.RandomResult)
 
+    @staticmethod
+    def audit_checkpoint(*, now: bool) -> _Op[m.AuditCheckpoint]:
+        return _Op("POST" if now else "GET", "/v1/audit/checkpoint", None, m.AuditCheckpoint)
+
+    @staticmethod
+    def audit_search(*, principal: str | None, key: str | None, grant: str | None,
+                     type: str | None, since: str | None, until: str | None,
+                     after: int | None, limit: int) -> _Op[m.AuditEventPage]:
+        params = {k: str(v) for k, v in (("principal", principal), ("key", key), ("grant", grant),
+                                          ("type", type), ("since", since), ("until", until),
+                                          ("after", after), ("limit", limit)) if v is not None}
+        return _Op("GET", "/v1/audit/events", None, m.AuditEventPage, params)
+
+    @staticmethod
+    def audit_inclusion_proof(index: int, size: int | None) -> _Op[m.InclusionProof]:
+        params = {"index": str(index)} | ({"size": str(size)} if size is not None else {})
+        return _Op("GET", "/v1/audit/proof/inclusion", None, m.InclusionProof, params)
+
+    @staticmethod
+    def audit_consistency_proof(old: int, new: int | None) -> _Op[m.ConsistencyProof]:
+        params = {"old": str(old)} | ({"new": str(new)} if new is not None else {})
+        return _Op("GET", "/v1/audit/proof/consistency", None, m.ConsistencyProof, params)
+
+    @staticmethod
+    def audit_hash(value: str) -> _Op[m.AuditDigest]:
+        return _Op("POST", "/v1/audit/hash", m.AuditHashRequest(value=value), m.AuditDigest)
+
+    @staticmethod
+    def audit_key() -> _Op[m.AuditKey]:
+        return _Op("GET", "/v1/audit/key", None, m.AuditKey)
+
 
 def _settings(addr: str | None, token: str | None) -> tuple[str, dict[str, str]]:
     addr = (addr or os.environ.get(ADDR_ENV) or DEFAULT_ADDR).rstrip("/")
@@ -176,7 +207,11 @@ def _settings(addr: str | None, token: str | None) -> tuple[str, dict[str, str]]
     token = token if token is not None else os.environ.get(TOKEN_ENV)
     headers = {"Accept": "application/json", "User-Agent": "keygrants-python"}
     if token:
-        headers["Authorization"] = f"Bearer {token.strip()}"
+        token = token.strip()
+        if not token.isprintable() or " " in token:
+            raise ValueError("the token contains spaces or control characters; check how it was "
+                             "copied")
+        headers["Authorization"] = f"Bearer {token}"
     return addr, headers
 
 
@@ -364,6 +399,52 @@ class Client:
         """Random bytes from the server."""
         return self._call(_Ops.random(n))
 
+    # -- audit ---------------------------------------------------------------------------
+    def audit_checkpoint(self, *, now: bool = False) -> m.AuditCheckpoint:
+        """The latest signed checkpoint (``now=True``: make one first)."""
+        return self._call(_Ops.audit_checkpoint(now=now))
+
+    def audit_search(self, *, principal: str | None = None, key: str | None = None,
+                     grant: str | None = None, type: str | None = None,
+                     since: str | None = None, until: str | None = None,
+                     after: int | None = None, limit: int = 100) -> m.AuditEventPage:
+        """Audit events matching every given filter (times are RFC 3339 UTC strings)."""
+        return self._call(_Ops.audit_search(principal=principal, key=key, grant=grant, type=type,
+                                            since=since, until=until, after=after, limit=limit))
+
+    def audit_inclusion_proof(self, index: int, *, size: int | None = None) -> m.InclusionProof:
+        """RFC 6962 inclusion proof of an event."""
+        return self._call(_Ops.audit_inclusion_proof(index, size))
+
+    def audit_consistency_proof(self, old_size: int, new_size: int | None = None
+                                ) -> m.ConsistencyProof:
+        """RFC 6962 consistency proof between two tree sizes."""
+        return self._call(_Ops.audit_consistency_proof(old_size, new_size))
+
+    def audit_hash(self, value: str) -> m.AuditDigest:
+        """The keyed digest the log records in place of ``value``."""
+        return self._call(_Ops.audit_hash(value))
+
+    def audit_key(self) -> m.AuditKey:
+        """The audit log's origin and verifier key."""
+        return self._call(_Ops.audit_key())
+
+    def audit_export(self, out: BinaryIO, *, since: int = 0) -> int:
+        """Stream the audit export (JSON Lines) into ``out``; returns the bytes written."""
+        written = 0
+        try:
+            with self._http.stream("GET", "/v1/audit/export",
+                                   params={"since": str(since)}) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    _result(_Op("GET", "", None, None), response)
+                for chunk in response.iter_bytes():
+                    out.write(chunk)
+                    written += len(chunk)
+        except httpx.TransportError as exc:
+            raise ServerUnreachable(f"cannot reach {self.addr}: {exc}") from exc
+        return written
+
 
 class AsyncClient:
     """Asynchronous client with the same operations as :class:`Client`."""
@@ -525,3 +606,51 @@ class AsyncClient:
     async def random(self, n: int = 32) -> m.RandomResult:
         """Random bytes from the server."""
         return await self._call(_Ops.random(n))
+
+    # -- audit ---------------------------------------------------------------------------
+    async def audit_checkpoint(self, *, now: bool = False) -> m.AuditCheckpoint:
+        """The latest signed checkpoint (``now=True``: make one first)."""
+        return await self._call(_Ops.audit_checkpoint(now=now))
+
+    async def audit_search(self, *, principal: str | None = None, key: str | None = None,
+                           grant: str | None = None, type: str | None = None,
+                           since: str | None = None, until: str | None = None,
+                           after: int | None = None, limit: int = 100) -> m.AuditEventPage:
+        """Audit events matching every given filter (times are RFC 3339 UTC strings)."""
+        return await self._call(_Ops.audit_search(
+            principal=principal, key=key, grant=grant, type=type, since=since, until=until,
+            after=after, limit=limit))
+
+    async def audit_inclusion_proof(self, index: int, *, size: int | None = None
+                                    ) -> m.InclusionProof:
+        """RFC 6962 inclusion proof of an event."""
+        return await self._call(_Ops.audit_inclusion_proof(index, size))
+
+    async def audit_consistency_proof(self, old_size: int, new_size: int | None = None
+                                      ) -> m.ConsistencyProof:
+        """RFC 6962 consistency proof between two tree sizes."""
+        return await self._call(_Ops.audit_consistency_proof(old_size, new_size))
+
+    async def audit_export(self, out: BinaryIO, *, since: int = 0) -> int:
+        """Stream the audit export (JSON Lines) into ``out``; returns the bytes written."""
+        written = 0
+        try:
+            async with self._http.stream("GET", "/v1/audit/export",
+                                         params={"since": str(since)}) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    _result(_Op("GET", "", None, None), response)
+                async for chunk in response.aiter_bytes():
+                    out.write(chunk)
+                    written += len(chunk)
+        except httpx.TransportError as exc:
+            raise ServerUnreachable(f"cannot reach {self.addr}: {exc}") from exc
+        return written
+
+    async def audit_hash(self, value: str) -> m.AuditDigest:
+        """The keyed digest the log records in place of ``value``."""
+        return await self._call(_Ops.audit_hash(value))
+
+    async def audit_key(self) -> m.AuditKey:
+        """The audit log's origin and verifier key."""
+        return await self._call(_Ops.audit_key())

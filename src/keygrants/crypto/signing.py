@@ -31,6 +31,7 @@ SIGNING_ALGORITHMS: Final = frozenset(get_args(SigningAlgorithm))
 RSA_KEY_SIZE: Final = 3072
 RSA_PSS_SALT_LENGTH: Final = 32
 _SHA256_LEN: Final = 32
+_ED25519_PUBLIC_LEN: Final = 32
 
 _PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 _PublicKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey | rsa.RSAPublicKey
@@ -76,6 +77,19 @@ class VerifyingKey:
         key = serialization.load_pem_public_key(data)
         return cls(algorithm, _check_public(algorithm, key))
 
+    @classmethod
+    def from_raw(cls, algorithm: SigningAlgorithm, data: bytes) -> VerifyingKey:
+        """Load a raw public key: the 32-byte RFC 8032 encoding, for Ed25519 only.
+
+        Raises:
+            ValueError: for another algorithm or a key that is not 32 bytes.
+        """
+        if algorithm != "ed25519":
+            raise ValueError("raw public keys are defined for Ed25519 only")
+        if not isinstance(data, bytes) or len(data) != _ED25519_PUBLIC_LEN:
+            raise ValueError("an Ed25519 public key is 32 bytes")
+        return cls(algorithm, ed25519.Ed25519PublicKey.from_public_bytes(data))
+
     def verify(self, message: bytes, signature: bytes, *, prehashed: bool = False) -> bool:
         """Return whether ``signature`` is valid for ``message``; never raises on a bad one."""
         key = self._key
@@ -95,6 +109,17 @@ class VerifyingKey:
         except InvalidSignature:
             return False
         return True
+
+    def public_raw(self) -> bytes:
+        """The raw public key: the 32-byte RFC 8032 encoding, for Ed25519 only.
+
+        Raises:
+            ValueError: for an ECDSA or RSA key, which have no single raw form here.
+        """
+        key = self._key
+        if not isinstance(key, ed25519.Ed25519PublicKey):
+            raise ValueError("raw public keys are defined for Ed25519 only")
+        return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
     def public_der(self) -> bytes:
         """DER SubjectPublicKeyInfo."""

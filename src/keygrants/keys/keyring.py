@@ -49,19 +49,19 @@ class Keyring:
     __slots__ = ("_keys",)
 
     def __init__(self) -> None:
-        self._keys: dict[uuid.UUID, KeyVersions] = {}
+        self._keys: dict[bytes, KeyVersions] = {}  # by the raw 16-byte key id
 
     def put(self, versions: KeyVersions) -> None:
         """Add or replace a key's versions."""
-        self._keys[versions.key_id] = versions
+        self._keys[versions.key_id.bytes] = versions
 
     def drop(self, key_id: uuid.UUID) -> None:
         """Forget a key (its material is released with the last reference)."""
-        self._keys.pop(key_id, None)
+        self._keys.pop(key_id.bytes, None)
 
     def get(self, key_id: uuid.UUID) -> KeyVersions | None:
         """A key's versions, if loaded."""
-        return self._keys.get(key_id)
+        return self._keys.get(key_id.bytes)
 
     def encrypt(self, key_id: uuid.UUID, plaintext: bytes,
                 context: Mapping[str, str] | None = None) -> bytes:
@@ -70,7 +70,7 @@ class Keyring:
         Raises:
             KeyNotFound: if the key is not loaded.
         """
-        versions = self._keys.get(key_id)
+        versions = self._keys.get(key_id.bytes)
         if versions is None:
             raise KeyNotFound(f"key {key_id} is not loaded")
         return versions.latest.encrypt(plaintext, context)
@@ -82,7 +82,7 @@ class Keyring:
             InvalidCiphertext: on any failure, including an unknown key.
         """
         ct = Ciphertext.from_bytes(data)
-        versions = self._keys.get(ct.key_id)
+        versions = self._keys.get(ct.kid)
         if versions is None:
             raise InvalidCiphertext()
         return versions.for_decrypt(ct.version).decrypt_parsed(ct, context)

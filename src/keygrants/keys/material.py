@@ -54,11 +54,12 @@ class KeyMaterial:
         secret: the material as made by :func:`generate_material`.
     """
 
-    __slots__ = ("_aead", "_mac_key", "_secret", "_signer", "key_id", "spec", "version")
+    __slots__ = ("_aead", "_kid", "_mac_key", "_secret", "_signer", "key_id", "spec", "version")
 
     def __init__(self, spec: KeySpec, key_id: uuid.UUID, version: int, secret: bytes) -> None:
         self.spec = spec
         self.key_id = key_id
+        self._kid = key_id.bytes
         self.version = version
         self._secret = secret
         self._aead: Aead | None = None
@@ -98,7 +99,7 @@ class KeyMaterial:
                 or version.
         """
         aead = self._require(self._aead, "an encryption")
-        if ct.key_id != self.key_id or ct.version != self.version:
+        if ct.kid != self._kid or ct.version != self.version:
             raise InvalidCiphertext()
         aad = ct.header + canonical_context(context) if context else ct.header
         return aead.open(ct.nonce, ct.body, aad)

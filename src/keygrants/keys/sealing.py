@@ -21,7 +21,7 @@ from typing import Final
 from keygrants.crypto import NONCE_SIZE, Aead
 from keygrants.errors import InvalidCiphertext
 
-__all__ = ["SEALED_V1", "seal_key_version", "unseal_key_version"]
+__all__ = ["SEALED_V1", "seal_key_version", "seal_named_secret", "unseal_key_version", "unseal_named_secret"]
 
 SEALED_V1: Final = 0x01
 _AAD = struct.Struct(">B16sI")
@@ -48,3 +48,24 @@ def unseal_key_version(root: Aead, key_id: uuid.UUID, version: int, blob: bytes)
     if len(blob) < 1 + NONCE_SIZE or blob[0] != SEALED_V1:
         raise InvalidCiphertext()
     return root.open(blob[1 : 1 + NONCE_SIZE], blob[1 + NONCE_SIZE :], _aad(key_id, version))
+
+
+_NAMED_AAD_PREFIX: Final = b"\x02keygrants named secret\x00"
+
+
+def seal_named_secret(root: Aead, name: str, secret: bytes) -> bytes:
+    """Seal a server secret (the audit keys, ...) under the root key, bound to its name."""
+    nonce = os.urandom(NONCE_SIZE)
+    return bytes([SEALED_V1]) + nonce + root.seal(nonce, secret, _NAMED_AAD_PREFIX + name.encode())
+
+
+def unseal_named_secret(root: Aead, name: str, blob: bytes) -> bytes:
+    """Open a secret sealed by :func:`seal_named_secret`.
+
+    Raises:
+        InvalidCiphertext: if the blob was altered, renamed or sealed under another root key.
+    """
+    if len(blob) < 1 + NONCE_SIZE or blob[0] != SEALED_V1:
+        raise InvalidCiphertext()
+    return root.open(blob[1 : 1 + NONCE_SIZE], blob[1 + NONCE_SIZE :],
+                     _NAMED_AAD_PREFIX + name.encode())

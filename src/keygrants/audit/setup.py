@@ -1,0 +1,78 @@
+"""Opening the audit log of a server: its keys (sealed under the root key) and database.
+
+The audit signing key (Ed25519, signs checkpoints) and the audit HMAC key (digests of
+sensitive values) are generated on first start and kept in the store's metadata sealed under
+the root key, like key material. The public half is also stored in clear as a signed-note
+verifier key (``vkey``), so ``keygrants audit verify --data-dir`` can check a log without
+unsealing anything; pin that vkey elsewhere (it is printed by ``keygrants audit key``) to
+detect an attacker who replaced the whole database.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from keygrants.audit.events import Digester
+from keygrants.audit.log import AuditLog
+from keygrants.audit.note import NoteSigner, format_vkey
+from keygrants.audit.recorder import LogRecorder
+from keygrants.crypto import Aead, SigningKey, random_bytes
+from keygrants.keys.sealing import seal_named_secret, unseal_named_secret
+from keygrants.store.base import Store
+
+__all__ = ["AUDIT_DB_FILE", "AuditSetup", "open_audit"]
+
+AUDIT_DB_FILE: Final = "audit.db"
+_SIGNING_META: Final = "audit_signing_key"
+_HMAC_META: Final = "audit_hmac_key"
+_ORIGIN_META: Final = "audit_origin"
+VKEY_META: Final = "audit_vkey"
+
+
+@dataclass(slots=True)
+class AuditSetup:
+    """The opened audit log and what the server needs from it."""
+
+    log: AuditLog
+    recorder: LogRecorder
+    digester: Digester
+    vkey: str
+    origin: str
+
+
+def _secret(store: Store, root: Aead, name: str, make: bytes) -> bytes:
+    blob = seal_named_secret(root, name, make)
+    if store.set_meta_if_absent(name, blob):
+        return make
+    stored = store.get_meta(name)
+    assert stored is not None
+    return unseal_named_secret(root, name, stored)
+
+
+def open_audit(store: Store, root_key: bytes, *, path: str | Path, node: str,
+               checkpoint_interval: float = 1.0) -> AuditSetup:
+    """Open (creating on first start) the audit keys and log.
+
+    Raises:
+        InvalidCiphertext: if the stored audit keys do not open with this root key.
+    """
+    root = Aead("aes-256-gcm", root_key)
+    origin_raw = store.get_meta(_ORIGIN_META)
+    if origin_raw is None:
+        store.set_meta_if_absent(_ORIGIN_META, f"keygrants.audit/{uuid.uuid4()}".encode())
+        origin_raw = store.get_meta(_ORIGIN_META)
+    assert origin_raw is not None
+    origin = origin_raw.decode()
+    signing = SigningKey.from_private_bytes(
+        "ed25519", _secret(store, root, _SIGNING_META, SigningKey.generate("ed25519").private_bytes()))
+    hmac_key = _secret(store, root, _HMAC_META, random_bytes(32))
+    signer = NoteSigner(origin, signing)
+    vkey = format_vkey(origin, signing.public_key())
+    store.set_meta_if_absent(VKEY_META, vkey.encode())
+    digester = Digester(hmac_key)
+    log = AuditLog(path, signer=signer, origin=origin, checkpoint_interval=checkpoint_interval)
+    return AuditSetup(log=log, recorder=LogRecorder(log, digester, node=node), digester=digester,
+                      vkey=vkey, origin=origin)

@@ -1,0 +1,303 @@
+"""Exporting the audit log, and verifying an export or a database offline.
+
+Export format (JSON Lines, ``keygrants-audit-export/1``)::
+
+    {"kind":"header","format":"keygrants-audit-export/1","origin":O,"vkey":V,
+     "start":S,"frontier":[b64...]}
+    {"kind":"checkpoint","size":S,"note":"..."}          (only when S > 0: authenticates the frontier)
+    {"kind":"event","seq":N,"leaf":b64,"event":{...}}     one per event, in order
+    {"kind":"checkpoint","size":N+1,"note":"..."}         right after the event it completes
+
+An export that starts mid-log (``--since``) starts at the newest checkpoint at or before the
+requested sequence number and carries the tree's frontier (its perfect-subtree roots) at that
+size, so the verifier can continue the tree without the earlier events; the checkpoint that
+follows the header authenticates that frontier.
+
+Verification recomputes every leaf from the event's exact bytes (the canonical JSON the log
+hashed) and the tree from the leaves, checks every checkpoint's signature with the audit key
+(pin it with ``--vkey``) and that its root equals the recomputed root at its size, which
+proves consistency between successive checkpoints. It reports where the log was altered:
+
+- a missing or out-of-order sequence number (a deleted or reordered event);
+- an event that no longer matches its recorded leaf hash (an edited event);
+- a checkpoint whose root no longer matches (an alteration between it and the previous good
+  checkpoint);
+- a checkpoint whose signature fails (forged, or signed by another key);
+- a checkpoint that claims more events than the log holds (a truncated tail).
+"""
+
+from __future__ import annotations
+
+import base64
+import sqlite3
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import msgspec
+
+from keygrants.audit.log import AuditLog
+from keygrants.audit.merkle import CompactTree, leaf_hash
+from keygrants.audit.note import Checkpoint, InvalidNote, NoteVerifier, open_note, parse_vkey
+
+__all__ = ["EXPORT_FORMAT", "VerifyReport", "export_lines", "verify_database", "verify_export"]
+
+EXPORT_FORMAT: Final = "keygrants-audit-export/1"
+MAX_LINE: Final = 64 * 1024
+_PROGRESS_EVERY: Final = 10_000
+MAX_PROBLEMS: Final = 1000  # beyond this only the count grows: a mangled file is one verdict
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def export_lines(log: AuditLog, *, vkey: str, since: int = 0) -> Iterator[bytes]:
+    """The export of ``log`` from ``since`` on (see the module docstring), line by line."""
+    start, start_note = 0, None
+    if since > 0:
+        for cp in log.checkpoints():
+            if cp.size <= since:
+                start, start_note = cp.size, cp.note
+    tree = CompactTree()
+    if start:
+        for seq, _, leaf in log.iter_events():
+            if seq >= start:
+                break
+            tree.append(leaf)
+    enc = msgspec.json.encode
+    yield enc({"kind": "header", "format": EXPORT_FORMAT, "origin": log.origin, "vkey": vkey,
+               "start": start, "frontier": [_b64(h) for h in tree.frontier()]}) + b"\n"
+    if start_note is not None:
+        yield enc({"kind": "checkpoint", "size": start, "note": start_note.decode()}) + b"\n"
+    checkpoints = {cp.size: cp.note for cp in log.checkpoints(since_size=start + 1)}
+    for seq, data, leaf in log.iter_events(since=start):
+        yield (b'{"kind":"event","seq":' + str(seq).encode() + b',"leaf":"' + _b64(leaf).encode()
+               + b'","event":' + data + b"}\n")
+        note = checkpoints.get(seq + 1)
+        if note is not None:
+            yield enc({"kind": "checkpoint", "size": seq + 1, "note": note.decode()}) + b"\n"
+
+
+@dataclass(slots=True)
+class VerifyReport:
+    """The outcome of a verification."""
+
+    events: int = 0
+    checkpoints: int = 0
+    start: int = 0
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    last_checkpoint_size: int | None = None
+
+    problem_count: int = 0
+
+    @property
+    def ok(self) -> bool:
+        """Whether no alteration was found."""
+        return self.problem_count == 0
+
+    def add(self, problem: str) -> None:
+        """Record a problem (the first :data:`MAX_PROBLEMS` are kept verbatim)."""
+        self.problem_count += 1
+        if len(self.problems) < MAX_PROBLEMS:
+            self.problems.append(problem)
+
+
+class _Line(msgspec.Struct, forbid_unknown_fields=True):
+    kind: str
+    seq: int | None = None
+    leaf: str | None = None
+    event: msgspec.Raw = msgspec.Raw()
+    size: int | None = None
+    note: str | None = None
+    format: str | None = None
+    origin: str | None = None
+    vkey: str | None = None
+    start: int | None = None
+    frontier: list[str] | None = None
+
+
+class _Seq(msgspec.Struct):
+    seq: int
+
+
+_seq_of: Final = msgspec.json.Decoder(_Seq).decode
+
+
+class _Engine:
+    """Replays events and checkpoints in log order and records what does not add up."""
+
+    def __init__(self, verifier: NoteVerifier, origin: str, report: VerifyReport,
+                 progress: Callable[[int], None] | None) -> None:
+        self.verifier = verifier
+        self.origin = origin
+        self.report = report
+        self.progress = progress
+        self.tree = CompactTree()
+        self.expected = 0
+        self.good_size = 0  # the last checkpoint that verified against the recomputed tree
+        self.last_time: int | None = None
+
+    def problem(self, text: str) -> None:
+        self.report.add(text)
+
+    def start_at(self, size: int, frontier: list[bytes]) -> None:
+        self.tree = CompactTree.from_frontier(size, frontier)
+        self.expected = self.good_size = size
+        self.report.start = size
+
+    def event(self, seq: int, data: bytes, recorded_leaf: bytes | None) -> None:
+        if seq != self.expected:
+            if seq > self.expected:
+                missing = (f"event {self.expected}" if seq == self.expected + 1
+                           else f"events {self.expected}..{seq - 1}")
+                self.problem(f"{missing} missing: deleted from the log (next present is {seq})")
+            else:
+                self.problem(f"event {seq} out of order: expected {self.expected} "
+                             "(events reordered or duplicated)")
+        try:
+            named = _seq_of(data).seq
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            self.problem(f"event {seq}: not a valid audit event")
+        else:
+            if named != seq:
+                self.problem(f"event {seq}: its content names sequence number {named}")
+        computed = leaf_hash(data)  # the leaf is over the exact bytes: any change shows
+        if recorded_leaf is not None and recorded_leaf != computed:
+            self.problem(f"event {seq} altered: its content no longer matches its recorded leaf hash")
+        self.tree.append(computed)
+        self.expected = max(self.expected, seq) + 1
+        self.report.events += 1
+        if self.progress is not None and self.report.events % _PROGRESS_EVERY == 0:
+            self.progress(self.report.events)
+
+    def checkpoint(self, size: int | None, note: bytes, where: str) -> None:
+        self.report.checkpoints += 1
+        try:
+            body = open_note(note, [self.verifier])
+            cp = Checkpoint.parse(body)
+        except InvalidNote:
+            self.problem(f"checkpoint {where}: signature invalid (forged, altered, or signed "
+                         "by another key)")
+            return
+        if size is not None and cp.size != size:
+            self.problem(f"checkpoint {where}: labelled size {size} but signed for {cp.size}")
+        if cp.origin != self.origin:
+            self.problem(f"checkpoint {where}: origin {cp.origin!r} is not this log's")
+            return
+        if cp.time is not None:
+            if self.last_time is not None and cp.time < self.last_time:
+                self.problem(f"checkpoint at size {cp.size}: its time goes backwards")
+            self.last_time = cp.time
+        self.report.last_checkpoint_size = cp.size
+        if cp.size > self.tree.size:
+            self.problem(f"checkpoint at size {cp.size} but only {self.tree.size} events precede "
+                         f"it: events {self.tree.size}..{cp.size - 1} were removed (truncated)")
+            return
+        if cp.size < self.tree.size:
+            self.problem(f"checkpoint at size {cp.size} is out of place (after event "
+                         f"{self.tree.size - 1})")
+            return
+        if cp.root != self.tree.root():
+            self.problem(f"checkpoint at size {cp.size}: root hash mismatch: events "
+                         f"{self.good_size}..{cp.size - 1} were altered, inserted, deleted or "
+                         "reordered")
+            return
+        self.good_size = cp.size
+
+    def finish(self) -> VerifyReport:
+        uncovered = self.tree.size - (self.report.last_checkpoint_size or 0)
+        if uncovered > 0 and self.report.ok:
+            self.report.notes.append(f"{uncovered} event(s) after the last checkpoint are not yet "
+                                     "covered by a signed checkpoint")
+        return self.report
+
+
+def _verifier(header_vkey: str | None, pinned: str | None, report: VerifyReport) -> NoteVerifier:
+    if pinned is not None and header_vkey is not None and header_vkey != pinned:
+        report.add("the log names a different audit key than the pinned --vkey")
+    vkey = pinned or header_vkey
+    if vkey is None:
+        raise ValueError("no audit verifier key: pass --vkey")
+    if pinned is None:
+        report.notes.append("trusting the audit key recorded with the log; pin it with --vkey")
+    return parse_vkey(vkey)
+
+
+def verify_export(lines: Iterable[bytes], *, vkey: str | None = None,
+                  progress: Callable[[int], None] | None = None) -> VerifyReport:
+    """Verify an export (an iterable of its lines).
+
+    Raises:
+        ValueError: if the input is not an export at all (no valid header).
+    """
+    report = VerifyReport()
+    it = iter(lines)
+    try:
+        header = msgspec.json.decode(next(it), type=_Line)
+    except (StopIteration, msgspec.DecodeError, msgspec.ValidationError):
+        raise ValueError("not a keygrants audit export: no header line") from None
+    if header.kind != "header" or header.format != EXPORT_FORMAT or header.origin is None:
+        raise ValueError(f"not a {EXPORT_FORMAT} file")
+    engine = _Engine(_verifier(header.vkey, vkey, report), header.origin, report, progress)
+    try:
+        frontier = [base64.b64decode(h, validate=True) for h in header.frontier or []]
+        engine.start_at(header.start or 0, frontier)
+    except ValueError:
+        report.add("header: invalid frontier")
+    if (header.start or 0) > 0:
+        report.notes.append(f"export starts at event {header.start}")
+    for number, raw in enumerate(it, start=2):
+        if not raw.strip():
+            continue
+        if len(raw) > MAX_LINE:
+            report.add(f"line {number}: longer than {MAX_LINE} bytes")
+            continue
+        try:
+            line = msgspec.json.decode(raw, type=_Line)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            report.add(f"line {number}: not valid JSON of the export format")
+            continue
+        if line.kind == "event" and line.seq is not None and len(line.event) > 0:
+            leaf = None
+            if line.leaf is not None:
+                try:
+                    leaf = base64.b64decode(line.leaf, validate=True)
+                except ValueError:
+                    report.add(f"line {number}: invalid leaf hash")
+            engine.event(line.seq, bytes(line.event), leaf)
+        elif line.kind == "checkpoint" and line.note is not None:
+            engine.checkpoint(line.size, line.note.encode(), f"on line {number}")
+        else:
+            report.add(f"line {number}: unknown or incomplete {line.kind!r} record")
+    return engine.finish()
+
+
+def verify_database(path: str | Path, *, vkey: str, origin: str | None = None,
+                    progress: Callable[[int], None] | None = None) -> VerifyReport:
+    """Verify an ``audit.db`` in place (read-only), events against their stored leaf hashes
+    and the tree against every stored checkpoint."""
+    report = VerifyReport()
+    verifier = _verifier(None, vkey, report)
+    uri = f"file:{Path(path).resolve()}?mode=ro"
+    db = sqlite3.connect(uri, uri=True)
+    try:
+        checkpoints: dict[int, list[bytes]] = {}
+        for size, note in db.execute("SELECT size, note FROM checkpoints ORDER BY size"):
+            checkpoints.setdefault(int(size), []).append(bytes(note))
+        engine = _Engine(verifier, origin or verifier.name, report, progress)
+        max_seq = -1
+        cursor: Any = db.execute("SELECT seq, data, leaf FROM events ORDER BY seq")
+        for seq, data, leaf in cursor:
+            engine.event(int(seq), bytes(data), bytes(leaf))
+            max_seq = int(seq)
+            for note in checkpoints.pop(max_seq + 1, []):
+                engine.checkpoint(max_seq + 1, note, f"at size {max_seq + 1}")
+        for size in sorted(checkpoints):
+            for note in checkpoints[size]:
+                engine.checkpoint(size, note, f"at size {size}")
+    finally:
+        db.close()
+    return engine.finish()

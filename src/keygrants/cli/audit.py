@@ -1,0 +1,212 @@
+"""``keygrants audit …``: checkpoints, proofs, search, export, digests and offline verify."""
+
+from __future__ import annotations
+
+import base64
+import sqlite3
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+import click
+import msgspec
+
+from keygrants.audit.setup import AUDIT_DB_FILE, VKEY_META
+from keygrants.audit.verify import VerifyReport, verify_database, verify_export
+from keygrants.cli._common import DATA_DIR_ENV, State, common, emit, fail
+from keygrants.errors import InvalidRequest
+
+__all__ = ["audit"]
+
+_SHOWN = 50
+
+
+@click.group()
+def audit() -> None:
+    """Inspect, export and verify the tamper-evident audit log."""
+
+
+@audit.command("checkpoint")
+@click.option("--now", is_flag=True, help="Make a checkpoint of everything so far first.")
+@common
+def audit_checkpoint(state: State, now: bool) -> None:
+    """Print the latest signed checkpoint (a C2SP signed note)."""
+    with state.client() as c:
+        cp = c.audit_checkpoint(now=now)
+    emit(state, cp, cp.note.rstrip("\n"))
+
+
+@audit.command("key")
+@common
+def audit_key(state: State) -> None:
+    """Print the audit verifier key (vkey); pin it for `audit verify --vkey`."""
+    with state.client() as c:
+        key = c.audit_key()
+    emit(state, key, key.vkey)
+
+
+@audit.command("hash")
+@click.argument("value")
+@common
+def audit_hash(state: State, value: str) -> None:
+    """Print the digest under which the log records VALUE (a token, a key), to search for it."""
+    with state.client() as c:
+        digest = c.audit_hash(value)
+    emit(state, digest, digest.digest)
+
+
+@audit.command("search")
+@click.option("--principal", default=None)
+@click.option("--key", "key_id", default=None, help="Key id.")
+@click.option("--grant", default=None, help="Grant id.")
+@click.option("--type", "event_type", default=None, help="Event type, e.g. crypto.decrypt.")
+@click.option("--since", default=None, help="RFC 3339 UTC time, e.g. 2026-11-22T00:00:00Z.")
+@click.option("--until", default=None, help="RFC 3339 UTC time (exclusive).")
+@click.option("--after", default=None, type=click.IntRange(-1), help="Continue after this seq.")
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 1000))
+@common
+def audit_search(state: State, principal: str | None, key_id: str | None, grant: str | None,
+                 event_type: str | None, since: str | None, until: str | None,
+                 after: int | None, limit: int) -> None:
+    """Search audit events (one JSON event per line; --json for the page object)."""
+    with state.client() as c:
+        page = c.audit_search(principal=principal, key=key_id, grant=grant, type=event_type,
+                              since=since, until=until, after=after, limit=limit)
+
+    def text() -> None:
+        for event in page.events:
+            click.echo(msgspec.json.encode(event).decode())
+        if page.next is not None:
+            click.echo(f"more: --after {page.next}", err=True)
+
+    emit(state, page, text)
+
+
+@audit.group("proof")
+def audit_proof() -> None:
+    """RFC 6962 inclusion and consistency proofs."""
+
+
+@audit_proof.command("inclusion")
+@click.argument("index", type=click.IntRange(0))
+@click.option("--size", default=None, type=click.IntRange(1), help="Tree size [default: now].")
+@common
+def audit_proof_inclusion(state: State, index: int, size: int | None) -> None:
+    """Inclusion proof of event INDEX."""
+    with state.client() as c:
+        proof = c.audit_inclusion_proof(index, size=size)
+    emit(state, proof, "\n".join([f"index {proof.index}", f"size {proof.size}",
+                                  f"leaf {base64.b64encode(proof.leaf_hash).decode()}",
+                                  *(base64.b64encode(h).decode() for h in proof.proof)]))
+
+
+@audit_proof.command("consistency")
+@click.argument("old_size", type=click.IntRange(1))
+@click.argument("new_size", type=click.IntRange(1), required=False)
+@common
+def audit_proof_consistency(state: State, old_size: int, new_size: int | None) -> None:
+    """Consistency proof from OLD_SIZE to NEW_SIZE [default: now]."""
+    with state.client() as c:
+        proof = c.audit_consistency_proof(old_size, new_size)
+    emit(state, proof, "\n".join([f"old {proof.old_size}", f"new {proof.new_size}",
+                                  *(base64.b64encode(h).decode() for h in proof.proof)]))
+
+
+@audit.command("export")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False, allow_dash=True),
+              help="File to write (JSON Lines), or - for stdout.")
+@click.option("--since", default=0, show_default=True, type=click.IntRange(0),
+              help="Start at this event (rounded down to the checkpoint before it).")
+@common
+def audit_export(state: State, out_path: str, since: int) -> None:
+    """Export the log with its checkpoints, for `audit verify`."""
+    with state.client() as c:
+        if out_path == "-":
+            written = c.audit_export(sys.stdout.buffer, since=since)
+        else:
+            with open(out_path, "wb") as f:
+                written = c.audit_export(f, since=since)
+    if out_path != "-":
+        emit(state, {"out": out_path, "bytes": written}, f"wrote {written} bytes to {out_path}")
+
+
+def _progress_lines(f: BinaryIO, total: int, quiet: bool) -> Iterator[bytes]:
+    if quiet or total < 4 * 1024 * 1024:
+        yield from f
+        return
+    from rich.progress import Progress
+
+    with Progress(transient=True) as progress:
+        task = progress.add_task("verifying", total=total)
+        done = 0
+        for line in f:
+            done += len(line)
+            if done % (1 << 20) < len(line):
+                progress.update(task, completed=done)
+            yield line
+
+
+def _stored_vkey(data_dir: Path) -> str:
+    db_path = data_dir / "keygrants.db"
+    try:
+        db = sqlite3.connect(f"file:{db_path.resolve()}?mode=ro", uri=True)
+        try:
+            row = db.execute("SELECT value FROM meta WHERE name = ?", (VKEY_META,)).fetchone()
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        raise InvalidRequest(f"cannot read {db_path}: {exc}") from None
+    if row is None:
+        raise InvalidRequest(f"{db_path} records no audit key")
+    return bytes(row[0]).decode()
+
+
+@audit.command("verify")
+@click.argument("file", required=False, type=click.Path(exists=True, dir_okay=False))
+@click.option("--data-dir", "data_dir", envvar=DATA_DIR_ENV, default=None,
+              type=click.Path(file_okay=False), help="Verify <data-dir>/audit.db in place.")
+@click.option("--vkey", default=None, help="Pinned audit verifier key (from `audit key`).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
+def audit_verify(file: str | None, data_dir: str | None, vkey: str | None, as_json: bool) -> None:
+    """Verify an export FILE, or a data directory's audit.db, offline.
+
+    Exit status 0 when the log is intact, 1 when an alteration was found (each is listed).
+    """
+    try:
+        if file is not None:
+            path = Path(file)
+            with path.open("rb") as f:
+                report = verify_export(_progress_lines(f, path.stat().st_size, as_json), vkey=vkey)
+        elif data_dir is not None:
+            directory = Path(data_dir)
+            if not (directory / AUDIT_DB_FILE).exists():
+                raise InvalidRequest(f"no {AUDIT_DB_FILE} in {directory}")
+            report = verify_database(directory / AUDIT_DB_FILE, vkey=vkey or _stored_vkey(directory))
+        else:
+            raise InvalidRequest("give an export FILE or --data-dir")
+    except ValueError as exc:
+        fail(as_json, InvalidRequest(str(exc)))
+        return
+    _print_report(report, as_json)
+    if not report.ok:
+        sys.exit(1)
+
+
+def _print_report(report: VerifyReport, as_json: bool) -> None:
+    if as_json:
+        click.echo(msgspec.json.encode({
+            "ok": report.ok, "events": report.events, "checkpoints": report.checkpoints,
+            "start": report.start, "last_checkpoint_size": report.last_checkpoint_size,
+            "problem_count": report.problem_count, "problems": report.problems,
+            "notes": report.notes}).decode())
+        return
+    for note in report.notes:
+        click.echo(f"note: {note}")
+    for problem in report.problems[:_SHOWN]:
+        click.echo(f"ALTERED: {problem}")
+    if report.problem_count > _SHOWN:
+        click.echo(f"... and {report.problem_count - _SHOWN} more (--json lists up to 1000)")
+    verdict = "OK" if report.ok else f"FAILED ({report.problem_count} problem(s))"
+    click.echo(f"{verdict}: {report.events} event(s), {report.checkpoints} checkpoint(s) "
+               f"verified from event {report.start}")

@@ -1,0 +1,120 @@
+"""Fixtures for the HTTP edge: an in-process app over httpx.ASGITransport, with a few keys."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import httpx
+import pytest
+
+from keygrants.api.app import HttpLimits, KeygrantsApp, create_app
+from keygrants.audit.service import AuditService
+from keygrants.audit.setup import AuditSetup, open_audit
+from keygrants.auth import ADMIN_PRINCIPAL, AdminTokenAuthenticator, RequestContext, ensure_admin_token
+from keygrants.models import CreateKeyRequest
+from keygrants.service import KMS
+from keygrants.store.memory import MemoryStore
+
+ADMIN = RequestContext(principal=ADMIN_PRINCIPAL, request_id="fixture")
+
+
+@dataclass
+class World:
+    """An app with keys in every state and purpose the endpoint cases need.
+
+    ``enc`` (AES, alias ``enc-alias``), ``enc2`` (ChaCha20), ``sig`` (Ed25519), ``mac`` (HMAC),
+    ``der`` (derivable AES), ``off`` (disabled) and ``doomed`` (pending deletion);
+    ``ciphertext`` is ``PLAINTEXT`` under ``enc`` with ``CONTEXT``; ``signature`` and ``tag``
+    are over ``MESSAGE``.
+    """
+
+    CONTEXT: ClassVar[dict[str, str]] = {"tenant": "t1", "purpose": "test"}
+    PLAINTEXT: ClassVar[bytes] = b"attack at dawn"
+    MESSAGE: ClassVar[bytes] = b"a message to sign"
+
+    store: MemoryStore
+    kms: KMS
+    app: KeygrantsApp
+    token: str
+    audit: AuditSetup
+    ids: dict[str, str] = field(default_factory=dict)
+    ciphertext: bytes = b""
+    signature: bytes = b""
+    tag: bytes = b""
+    sealed: dict[str, bytes] = field(default_factory=dict)  # ciphertext under "off", "doomed"
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def snapshot(self) -> Any:
+        """Everything the store holds about keys and aliases (to prove a request wrote nothing)."""
+        keys = self.store.list_keys(limit=100_000)
+        return (
+            keys,
+            [(k.id, self.store.get_versions(k.id)) for k in keys],
+            self.store.list_aliases(),
+        )
+
+
+def build_world(*, limits: HttpLimits | None = None) -> World:
+    store = MemoryStore()
+    token = ensure_admin_token(store)
+    assert token is not None
+    root_key = os.urandom(32)
+    audit = open_audit(store, root_key, path=":memory:", node="test",
+                       checkpoint_interval=0.05)
+    kms = KMS(store, root_key, audit=audit.recorder)
+    app = create_app(kms, AdminTokenAuthenticator(store), limits=limits,
+                     audit=AuditService(audit, kms.authorizer))
+    w = World(store=store, kms=kms, app=app, token=token, audit=audit)
+    for name, spec, derivable in [
+        ("enc", "aes-256-gcm", False),
+        ("enc2", "chacha20-poly1305", False),
+        ("sig", "ed25519", False),
+        ("mac", "hmac-sha256", False),
+        ("der", "aes-256-gcm", True),
+        ("off", "aes-256-gcm", False),
+        ("doomed", "aes-256-gcm", False),
+    ]:
+        info = kms.create_key(ADMIN, CreateKeyRequest(name=name, spec=spec, derivable=derivable))
+        w.ids[name] = info.id
+    kms.create_alias(ADMIN, "enc-alias", "enc")
+    w.ciphertext = kms.encrypt(ADMIN, "enc", World.PLAINTEXT, World.CONTEXT).ciphertext
+    w.signature = kms.sign(ADMIN, "sig", World.MESSAGE).signature
+    w.tag = kms.mac(ADMIN, "mac", World.MESSAGE).mac
+    for name in ("off", "doomed"):
+        w.sealed[name] = kms.encrypt(ADMIN, name, b"sealed before the state change").ciphertext
+    kms.disable_key(ADMIN, "off")
+    kms.schedule_deletion(ADMIN, "doomed", 7)
+    audit.log.checkpoint_now()
+    return w
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def world() -> Iterator[World]:
+    w = build_world()
+    yield w
+    w.audit.log.close()
+
+
+@pytest.fixture
+def make_world() -> Callable[..., World]:
+    """``build_world`` for tests that need other body limits."""
+    return build_world
+
+
+@pytest.fixture
+async def http(world: World) -> AsyncIterator[httpx.AsyncClient]:
+    """An unauthenticated client: every test says which credentials it sends."""
+    transport = httpx.ASGITransport(app=world.app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        yield client
