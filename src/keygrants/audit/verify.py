@@ -275,6 +275,15 @@ def verify_export(lines: Iterable[bytes], *, vkey: str | None = None,
     return engine.finish()
 
 
+def _as_bytes(value: object) -> bytes:
+    """A column as bytes, whatever type an editor of the file left in it."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogateescape")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    return str(value).encode()
+
+
 def verify_database(path: str | Path, *, vkey: str, origin: str | None = None,
                     progress: Callable[[int], None] | None = None) -> VerifyReport:
     """Verify an ``audit.db`` in place (read-only), events against their stored leaf hashes
@@ -286,12 +295,12 @@ def verify_database(path: str | Path, *, vkey: str, origin: str | None = None,
     try:
         checkpoints: dict[int, list[bytes]] = {}
         for size, note in db.execute("SELECT size, note FROM checkpoints ORDER BY size"):
-            checkpoints.setdefault(int(size), []).append(bytes(note))
+            checkpoints.setdefault(int(size), []).append(_as_bytes(note))
         engine = _Engine(verifier, origin or verifier.name, report, progress)
         max_seq = -1
         cursor: Any = db.execute("SELECT seq, data, leaf FROM events ORDER BY seq")
         for seq, data, leaf in cursor:
-            engine.event(int(seq), bytes(data), bytes(leaf))
+            engine.event(int(seq), _as_bytes(data), _as_bytes(leaf))
             max_seq = int(seq)
             for note in checkpoints.pop(max_seq + 1, []):
                 engine.checkpoint(max_seq + 1, note, f"at size {max_seq + 1}")

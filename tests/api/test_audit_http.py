@@ -1,0 +1,79 @@
+"""The edge answers only after the request's audit events are durable (fail-closed)."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from keygrants.audit.events import decode_event
+from keygrants.audit.log import EventQuery
+
+pytestmark = pytest.mark.anyio
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+async def test_responses_name_their_audit_event(world, http) -> None:
+    r = await http.post("/v1/keys/enc/encrypt", json={"plaintext": b64(b"x")}, headers=world.auth)
+    assert r.status_code == 200
+    seq = int(r.headers["x-audit-index"])
+    event = decode_event(world.audit.log.event_data(seq) or b"")
+    assert (event.type, event.result, event.principal, event.key_id, event.key_version,
+            event.request_id) == ("crypto.encrypt", "ok", "admin", world.ids["enc"], 1,
+                                  r.headers["x-request-id"])
+
+
+async def test_failures_and_denials_are_audited(world, http) -> None:
+    bad = await http.post("/v1/decrypt", json={"ciphertext": b64(b"\x01" * 60)}, headers=world.auth)
+    assert bad.status_code == 400
+    event = decode_event(world.audit.log.event_data(int(bad.headers["x-audit-index"])) or b"")
+    assert (event.type, event.result, event.reason) == ("crypto.decrypt", "error",
+                                                        "invalid_ciphertext")
+    anon = await http.get("/v1/keys", headers={"Authorization": "Bearer kg_admin_nope"})
+    assert anon.status_code == 401
+    event = decode_event(world.audit.log.event_data(int(anon.headers["x-audit-index"])) or b"")
+    assert (event.type, event.result, event.principal, event.reason) == (
+        "auth.failure", "denied", None, "unauthenticated")
+
+
+async def test_state_changes_record_intent_before_effect(world, http) -> None:
+    r = await http.post("/v1/keys", json={"name": "audited"}, headers=world.auth)
+    assert r.status_code == 201
+    events = [decode_event(e) for e in world.audit.log.search(EventQuery(type="key.create",
+                                                                         key_id=r.json()["id"]))]
+    assert [e.result for e in events] == ["requested", "ok"]
+    assert events[0].detail == {"name": "audited", "spec": "aes-256-gcm"}
+
+
+async def test_no_answer_and_no_effect_when_the_audit_log_fails(world, http) -> None:
+    world.audit.log.failing = True
+    before = world.snapshot()
+    created = await http.post("/v1/keys", json={"name": "never"}, headers=world.auth)
+    assert created.status_code == 503 and created.json()["error"]["code"] == "audit_unavailable"
+    rotated = await http.post("/v1/keys/enc/rotate", headers=world.auth)
+    assert rotated.status_code == 503
+    assert world.snapshot() == before  # nothing created, nothing rotated
+    encrypted = await http.post("/v1/keys/enc/encrypt", json={"plaintext": b64(b"secret")},
+                                headers=world.auth)
+    assert encrypted.status_code == 503 and b"ciphertext" not in encrypted.content
+    decrypted = await http.post("/v1/decrypt", json={"ciphertext": b64(world.ciphertext),
+                                                     "context": world.CONTEXT}, headers=world.auth)
+    assert decrypted.status_code == 503 and world.PLAINTEXT not in decrypted.content
+    world.audit.log.failing = False
+    again = await http.post("/v1/keys", json={"name": "never"}, headers=world.auth)
+    assert again.status_code == 201
+
+
+async def test_secrets_never_reach_the_audit_log(world, http) -> None:
+    secret = b"the plaintext that must not be logged"
+    r = await http.post("/v1/keys/enc/encrypt", json={"plaintext": b64(secret)}, headers=world.auth)
+    ct = base64.b64decode(r.json()["ciphertext"])
+    await http.post("/v1/decrypt", json={"ciphertext": b64(ct)}, headers=world.auth)
+    await http.get("/v1/keys", headers={"Authorization": "Bearer kg_admin_leakedtoken"})
+    everything = b"".join(data for _, data, _ in world.audit.log.iter_events())
+    for forbidden in (secret, b64(secret).encode(), b64(ct).encode(), world.token.encode(),
+                      b"kg_admin_leakedtoken"):
+        assert forbidden not in everything

@@ -1,0 +1,187 @@
+"""The durable audit log: group commit, checkpoints, proofs, search, digests, canonical form."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+import threading
+from pathlib import Path
+
+import msgspec
+import pytest
+import rfc8785
+
+from keygrants.audit.events import AuditEvent, Digester, canonical_bytes, decode_event, event_bytes
+from keygrants.audit.log import AuditLog, EventQuery
+from keygrants.audit.merkle import leaf_hash, root_from_leaves, verify_consistency, verify_inclusion
+from keygrants.audit.note import Checkpoint, NoteSigner, open_note
+from keygrants.crypto import SigningKey
+from keygrants.errors import AuditUnavailable, InvalidRequest
+
+ORIGIN = "test.log/1"
+
+
+@pytest.fixture
+def signer() -> NoteSigner:
+    return NoteSigner(ORIGIN, SigningKey.generate("ed25519"))
+
+
+@pytest.fixture
+def log(tmp_path: Path, signer: NoteSigner):
+    log = AuditLog(tmp_path / "audit.db", signer=signer, origin=ORIGIN, checkpoint_interval=0.05)
+    yield log
+    log.close()
+
+
+def fields(i: int = 0, **kw: object) -> dict[str, object]:
+    return {"type": "crypto.encrypt", "result": "ok", "principal": f"p{i % 3}",
+            "key_id": f"k{i % 2}", "operation": "encrypt", "request_id": f"r{i}", **kw}
+
+
+def test_appends_are_gapless_durable_and_canonical(log: AuditLog, tmp_path: Path) -> None:
+    seqs = [log.append(fields(i)) for i in range(5)]
+    assert seqs == [0, 1, 2, 3, 4]
+    db = sqlite3.connect(tmp_path / "audit.db")
+    rows = db.execute("SELECT seq, data, leaf FROM events ORDER BY seq").fetchall()
+    db.close()
+    assert [r[0] for r in rows] == seqs
+    for seq, data, leaf in rows:
+        event = decode_event(data)
+        assert event.seq == seq
+        assert bytes(data) == canonical_bytes(event)
+        assert bytes(leaf) == leaf_hash(bytes(data))
+
+
+def test_concurrent_submitters_share_group_commits(log: AuditLog) -> None:
+    seqs: list[int] = []
+    lock = threading.Lock()
+
+    def worker(n: int) -> None:
+        for i in range(n):
+            s = log.append(fields(i))
+            with lock:
+                seqs.append(s)
+
+    threads = [threading.Thread(target=worker, args=(200,)) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(seqs) == list(range(1600))
+    assert log.size == 1600
+
+
+def test_checkpoints_are_signed_and_cover_every_event(log: AuditLog, signer: NoteSigner) -> None:
+    for i in range(10):
+        log.append(fields(i))
+    cp = log.checkpoint_now()
+    body = open_note(cp.note, [signer.verifier()])
+    parsed = Checkpoint.parse(body)
+    assert parsed.size == cp.size == 10 and parsed.origin == ORIGIN
+    leaves = [leaf for _, _, leaf in log.iter_events()]
+    assert parsed.root == root_from_leaves(leaves)
+
+
+def test_a_checkpoint_is_made_on_its_own_after_events_stop(log: AuditLog) -> None:
+    log.append(fields())
+    deadline = 200
+    while deadline and (log.latest_checkpoint() is None or log.latest_checkpoint().size < 1):
+        threading.Event().wait(0.02)
+        deadline -= 1
+    latest = log.latest_checkpoint()
+    assert latest is not None and latest.size == 1
+
+
+def test_reopening_continues_the_same_tree(tmp_path: Path, signer: NoteSigner) -> None:
+    first = AuditLog(tmp_path / "a.db", signer=signer, origin=ORIGIN)
+    for i in range(7):
+        first.append(fields(i))
+    first.close()
+    second = AuditLog(tmp_path / "a.db", signer=signer, origin=ORIGIN)
+    try:
+        assert second.size == 7 and second.append(fields(7)) == 7
+        assert second.latest_checkpoint() is not None
+    finally:
+        second.close()
+
+
+def test_proofs_verify_against_checkpoints(log: AuditLog) -> None:
+    for i in range(13):
+        log.append(fields(i))
+    cp = Checkpoint.parse(open_note(log.checkpoint_now().note, [log._signer.verifier()]))
+    for index in range(13):
+        proof = log.inclusion_proof(index, 13)
+        data = log.event_data(index)
+        assert data is not None
+        assert verify_inclusion(leaf_hash(data), index, 13, proof, cp.root)
+    old_root = root_from_leaves([leaf for _, _, leaf in log.iter_events()][:5])
+    assert verify_consistency(5, 13, old_root, cp.root, log.consistency_proof(5, 13))
+    with pytest.raises(InvalidRequest):
+        log.inclusion_proof(13, 13)
+    with pytest.raises(InvalidRequest):
+        log.consistency_proof(5, 14)
+
+
+def test_search_filters_and_pages(log: AuditLog) -> None:
+    for i in range(12):
+        log.append(fields(i))
+    log.append(fields(99, type="key.rotate", key_id="k9", grant_id="g1"))
+    by_principal = [decode_event(e) for e in log.search(EventQuery(principal="p1", limit=100))]
+    assert [e.seq for e in by_principal] == [1, 4, 7, 10]
+    page = [decode_event(e) for e in log.search(EventQuery(principal="p1", after=4, limit=2))]
+    assert [e.seq for e in page] == [7, 10]
+    assert [decode_event(e).seq for e in log.search(EventQuery(grant_id="g1"))] == [12]
+    assert [decode_event(e).seq for e in log.search(EventQuery(type="key.rotate", key_id="k9"))] == [12]
+    first_time = decode_event(log.event_data(3) or b"").time
+    assert all(decode_event(e).time >= first_time for e in log.search(EventQuery(since=first_time)))
+    with pytest.raises(InvalidRequest):
+        log.search(EventQuery(limit=0))
+
+
+def test_invalid_events_are_refused_without_consuming_a_sequence_number(log: AuditLog) -> None:
+    with pytest.raises(InvalidRequest):
+        log.append({"type": "x", "result": "maybe"})
+    with pytest.raises(InvalidRequest):
+        log.append({"type": "x", "result": "ok", "secret": "no such field"})
+    with pytest.raises(InvalidRequest):
+        log.append({"type": "x", "result": "ok", "detail": {"Bad Key": "v"}})
+    assert log.append(fields()) == 0
+
+
+def test_a_failing_store_fails_closed_and_recovers(log: AuditLog) -> None:
+    log.append(fields())
+    log.failing = True
+    with pytest.raises(AuditUnavailable):
+        log.append(fields(1))
+    assert log.size == 1
+    log.failing = False
+    assert log.append(fields(2)) == 1  # the failed batch left no gap
+
+
+def test_a_stopped_writer_fails_closed(tmp_path: Path, signer: NoteSigner) -> None:
+    log = AuditLog(tmp_path / "a.db", signer=signer, origin=ORIGIN)
+    log.close()
+    with pytest.raises(AuditUnavailable):
+        log.append(fields())
+
+
+def test_event_bytes_equal_the_struct_encoding_and_rfc8785() -> None:
+    rng = random.Random(7)
+    alphabet = ["a", "é", "\u2028", "😀", "\n", '"', "\\", "\x01", "/", "<"]
+    for seq in range(300):
+        f = fields(seq, detail={f"k{i}": "".join(rng.choice(alphabet) for _ in range(5))
+                                 for i in range(rng.randint(0, 3))},
+                   reason=rng.choice([None, "invalid_ciphertext"]), key_version=rng.choice([None, 3]),
+                   time="2026-11-22T00:00:00.000000Z")
+        data = event_bytes(seq, f)
+        assert data == canonical_bytes(AuditEvent(seq=seq, **f))  # type: ignore[arg-type]
+        assert data == rfc8785.dumps(msgspec.json.decode(data))
+
+
+def test_digests_are_keyed_and_hide_the_value() -> None:
+    d1, d2 = Digester(b"k" * 32), Digester(b"j" * 32)
+    token = "kg_admin_supersecret"
+    assert d1.digest(token).startswith("hmac-sha256:") and token not in d1.digest(token)
+    assert d1.digest(token) == d1.digest(token.encode()) != d2.digest(token)
+    with pytest.raises(ValueError):
+        Digester(b"short")

@@ -1,0 +1,216 @@
+"""Offline verification finds every kind of alteration, in an export and in a database."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from keygrants.audit.log import AuditLog
+from keygrants.audit.note import NoteSigner, format_vkey, sign_note
+from keygrants.audit.verify import export_lines, verify_database, verify_export
+from keygrants.cli import main
+from keygrants.crypto import SigningKey
+
+ORIGIN = "verify.test/1"
+Lines = list[bytes]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, NoteSigner, Lines]:
+    """A log of 30 events with checkpoints at 1 (the first commit), 10, 20 and 30."""
+    path = tmp_path_factory.mktemp("audit") / "audit.db"
+    signer = NoteSigner(ORIGIN, SigningKey.generate("ed25519"))
+    log = AuditLog(path, signer=signer, origin=ORIGIN, checkpoint_interval=3600)
+    for i in range(30):
+        log.append({"type": "crypto.encrypt", "result": "ok", "principal": "svc",
+                    "request_id": f"r{i}"})
+        if (i + 1) % 10 == 0:
+            log.checkpoint_now()
+    lines = list(export_lines(log, vkey=vkey_of(signer)))
+    log.close()
+    return path, signer, lines
+
+
+def vkey_of(signer: NoteSigner) -> str:
+    return signer.verifier().vkey()
+
+
+def index_of(lines: Lines, kind: str, n: int) -> int:
+    """Position of the n-th (0-based) event line or of the checkpoint for size n."""
+    for i, raw in enumerate(lines):
+        rec = json.loads(raw)
+        if kind == "event" and rec["kind"] == "event" and rec["seq"] == n:
+            return i
+        if kind == "checkpoint" and rec["kind"] == "checkpoint" and rec["size"] == n:
+            return i
+    raise AssertionError(f"no {kind} {n}")
+
+
+def edit_event(lines: Lines, seq: int, change: Callable[[dict], None], *, keep_leaf: bool) -> Lines:
+    out = list(lines)
+    i = index_of(out, "event", seq)
+    rec = json.loads(out[i])
+    change(rec["event"])
+    if not keep_leaf:
+        del rec["leaf"]
+    out[i] = json.dumps(rec, separators=(",", ":")).encode() + b"\n"
+    return out
+
+
+def test_an_intact_export_verifies(built) -> None:
+    _, signer, lines = built
+    report = verify_export(lines, vkey=vkey_of(signer))
+    assert report.ok, report.problems
+    assert (report.events, report.checkpoints, report.last_checkpoint_size) == (30, 4, 30)
+
+
+def test_an_edited_event_is_pinpointed(built) -> None:
+    _, signer, lines = built
+    tampered = edit_event(lines, 14, lambda e: e.update(principal="mallory"), keep_leaf=True)
+    report = verify_export(tampered, vkey=vkey_of(signer))
+    assert not report.ok
+    assert any(p.startswith("event 14 altered") for p in report.problems)
+    assert any("checkpoint at size 20: root hash mismatch: events 10..19" in p
+               for p in report.problems)
+
+
+def test_an_edited_event_with_its_leaf_dropped_is_located_between_checkpoints(built) -> None:
+    _, signer, lines = built
+    tampered = edit_event(lines, 14, lambda e: e.update(result="denied"), keep_leaf=False)
+    report = verify_export(tampered, vkey=vkey_of(signer))
+    assert report.problems == ["checkpoint at size 20: root hash mismatch: events 10..19 were "
+                               "altered, inserted, deleted or reordered",
+                               "checkpoint at size 30: root hash mismatch: events 10..29 were "
+                               "altered, inserted, deleted or reordered"]
+
+
+def test_a_deleted_event_in_the_middle_is_pinpointed(built) -> None:
+    _, signer, lines = built
+    tampered = [line for i, line in enumerate(lines) if i != index_of(lines, "event", 12)]
+    report = verify_export(tampered, vkey=vkey_of(signer))
+    assert any(p.startswith("event 12 missing: deleted") for p in report.problems)
+
+
+def test_a_truncated_tail_after_a_checkpoint_is_found(built) -> None:
+    _, signer, lines = built
+    cut = index_of(lines, "event", 25)
+    tampered = [*lines[:cut], lines[index_of(lines, "checkpoint", 30)]]
+    report = verify_export(tampered, vkey=vkey_of(signer))
+    assert any("checkpoint at size 30 but only 25 events precede it" in p and "truncated" in p
+               for p in report.problems)
+
+
+def test_reordered_events_are_found(built) -> None:
+    _, signer, lines = built
+    a, b = index_of(lines, "event", 5), index_of(lines, "event", 6)
+    tampered = list(lines)
+    tampered[a], tampered[b] = tampered[b], tampered[a]
+    report = verify_export(tampered, vkey=vkey_of(signer))
+    assert any("out of order" in p or "missing" in p for p in report.problems)
+    assert any("checkpoint at size 10: root hash mismatch" in p for p in report.problems)
+
+
+def test_a_forged_checkpoint_is_found(built) -> None:
+    _, signer, lines = built
+    i = index_of(lines, "checkpoint", 20)
+    rec = json.loads(lines[i])
+    body, _, sig = rec["note"].partition("\n\n")
+    forged_body = body.replace("\n20\n", "\n19\n")
+    rec["note"] = forged_body + "\n\n" + sig
+    tampered = list(lines)
+    tampered[i] = json.dumps(rec).encode() + b"\n"
+    report = verify_export(tampered, vkey=vkey_of(signer))
+    assert any(p.startswith("checkpoint on line") and "signature invalid" in p
+               for p in report.problems)
+
+
+def test_a_checkpoint_signed_by_another_key_is_found(built) -> None:
+    _, signer, lines = built
+    i = index_of(lines, "checkpoint", 20)
+    rec = json.loads(lines[i])
+    body = rec["note"].partition("\n\n")[0] + "\n"
+    impostor = NoteSigner(ORIGIN, SigningKey.generate("ed25519"))
+    rec["note"] = sign_note(body.encode(), impostor).decode()
+    tampered = list(lines)
+    tampered[i] = json.dumps(rec).encode() + b"\n"
+    report = verify_export(tampered, vkey=vkey_of(signer))
+    assert any("signature invalid" in p for p in report.problems)
+
+
+def test_a_whole_log_resigned_by_an_attacker_fails_against_the_pinned_key(built) -> None:
+    _, signer, lines = built
+    impostor = NoteSigner(ORIGIN, SigningKey.generate("ed25519"))
+    header = json.loads(lines[0])
+    header["vkey"] = vkey_of(impostor)
+    tampered = [json.dumps(header).encode() + b"\n", *lines[1:]]
+    assert not verify_export(tampered, vkey=vkey_of(signer)).ok
+    unpinned = verify_export(tampered)  # trusting the file's own key is flagged in notes
+    assert any("pin it with --vkey" in n for n in unpinned.notes)
+
+
+def test_an_export_from_the_middle_verifies(built, tmp_path: Path) -> None:
+    path, signer, _ = built
+    log = AuditLog(path, signer=signer, origin=ORIGIN)
+    try:
+        lines = list(export_lines(log, vkey=vkey_of(signer), since=15))
+    finally:
+        log.close()
+    report = verify_export(lines, vkey=vkey_of(signer))
+    assert report.ok, report.problems
+    assert (report.start, report.events) == (10, 20)
+
+
+def test_not_an_export_is_refused() -> None:
+    with pytest.raises(ValueError, match="not a keygrants audit export"):
+        verify_export([b"hello\n"])
+
+
+def copy_db(src: Path, dst: Path) -> Path:
+    s = sqlite3.connect(src)
+    d = sqlite3.connect(dst)
+    s.backup(d)
+    s.close()
+    d.close()
+    return dst
+
+
+def test_database_verification_finds_edits_deletions_and_truncation(built, tmp_path: Path) -> None:
+    path, signer, _ = built
+    assert verify_database(path, vkey=vkey_of(signer)).ok
+    edited = copy_db(path, tmp_path / "edited.db")
+    with sqlite3.connect(edited) as db:
+        db.execute("UPDATE events SET data = replace(data, 'svc', 'eve') WHERE seq = 3")
+    assert any(p.startswith("event 3 altered") for p in
+               verify_database(edited, vkey=vkey_of(signer)).problems)
+    deleted = copy_db(path, tmp_path / "deleted.db")
+    with sqlite3.connect(deleted) as db:
+        db.execute("DELETE FROM events WHERE seq = 17")
+    assert any(p.startswith("event 17 missing") for p in
+               verify_database(deleted, vkey=vkey_of(signer)).problems)
+    truncated = copy_db(path, tmp_path / "truncated.db")
+    with sqlite3.connect(truncated) as db:
+        db.execute("DELETE FROM events WHERE seq >= 26")
+    assert any("checkpoint at size 30 but only 26 events" in p for p in
+               verify_database(truncated, vkey=vkey_of(signer)).problems)
+
+
+def test_cli_verify_reports_and_exits_non_zero(built, tmp_path: Path) -> None:
+    _, signer, lines = built
+    good = tmp_path / "good.jsonl"
+    good.write_bytes(b"".join(lines))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b"".join(edit_event(lines, 2, lambda e: e.update(principal="x"), keep_leaf=True)))
+    runner = CliRunner()
+    ok = runner.invoke(main, ["audit", "verify", str(good), "--vkey", vkey_of(signer)])
+    assert ok.exit_code == 0 and ok.stdout.startswith("OK: 30 event(s), 4 checkpoint(s)")
+    failed = runner.invoke(main, ["audit", "verify", str(bad), "--vkey", vkey_of(signer), "--json"])
+    assert failed.exit_code == 1
+    report = json.loads(failed.stdout)
+    assert report["ok"] is False and report["problem_count"] >= 1
+    assert any(p.startswith("event 2 altered") for p in report["problems"])
+    assert format_vkey(ORIGIN, signer.verifier().public_key) == vkey_of(signer)
