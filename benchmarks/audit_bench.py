@@ -1,0 +1,180 @@
+"""Audit log benchmarks, side by side in one run.
+
+    python benchmarks/audit_bench.py [--events 50000] [--verify-events 200000] [--duration 10]
+
+1. Durable append throughput with group commit on SQLite (WAL, synchronous=FULL): N threads
+   append events and wait for durability; reports events/s and the p50/p99 latency an append
+   adds (submit to durable).
+2. ``audit verify`` speed: export a log of ``--verify-events`` events and verify the export;
+   reports events/s.
+3. Encrypt 1 KiB over HTTP (wrk, 16 connections) against the real server (auditing on) and
+   the same server built with a no-op audit recorder; reports req/s, p99 and the cost ratio.
+
+Targets (issue 5): >= 20,000 events/s; verify >= 200,000 events/s; audit cost <= 25% of
+throughput. The machine is 2 shared cores: read the ratios, not the absolute figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from http_encrypt import (
+    Target,
+    free_port,
+    http_call,
+    run_wrk,
+    spawn,
+    stop,
+    wait_ready,
+)
+
+from keygrants.audit.log import AuditLog
+from keygrants.audit.note import NoteSigner
+from keygrants.audit.verify import export_lines, verify_export
+from keygrants.crypto import SigningKey
+
+FIELDS = {"type": "crypto.encrypt", "result": "ok", "principal": "svc-billing",
+          "credential": "cred-1", "key_id": "7944ce7f-035b-44dc-9b55-3d27d4ae4082",
+          "key_version": 3, "operation": "encrypt", "request_id": "5f0c3c2e9b1a",
+          "source": "127.0.0.1", "node": "bench"}
+
+
+def bench_append(work: Path, events: int, threads: int) -> tuple[float, float, float]:
+    signer = NoteSigner("bench.audit", SigningKey.generate("ed25519"))
+    log = AuditLog(work / "append.db", signer=signer, origin="bench.audit")
+    latencies: list[float] = []
+    lock = threading.Lock()
+
+    def worker(n: int) -> None:
+        mine = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            log.append(dict(FIELDS))
+            mine.append(time.perf_counter() - t0)
+        with lock:
+            latencies.extend(mine)
+
+    start = time.perf_counter()
+    pool = [threading.Thread(target=worker, args=(events // threads,)) for _ in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    elapsed = time.perf_counter() - start
+    log.close()
+    latencies.sort()
+    return (len(latencies) / elapsed, statistics.median(latencies) * 1000,
+            latencies[int(len(latencies) * 0.99)] * 1000)
+
+
+def bench_verify(work: Path, events: int) -> float:
+    signer = NoteSigner("bench.verify", SigningKey.generate("ed25519"))
+    log = AuditLog(work / "verify.db", signer=signer, origin="bench.verify", max_batch=4096)
+    for chunk in range(0, events, 50_000):  # stay under the writer's queue limit
+        futures = [log.submit(dict(FIELDS)) for _ in range(min(50_000, events - chunk))]
+        for f in futures:
+            f.result()  # type: ignore[union-attr]
+    log.checkpoint_now()
+    export = work / "export.jsonl"
+    with export.open("wb") as out:
+        for line in export_lines(log, vkey=signer.verifier().vkey()):
+            out.write(line)
+    log.close()
+    start = time.perf_counter()
+    with export.open("rb") as f:
+        report = verify_export(f, vkey=signer.verifier().vkey())
+    elapsed = time.perf_counter() - start
+    assert report.ok and report.events == events, report.problems[:3]
+    return events / elapsed
+
+
+NOAUDIT_RUNNER = """
+import sys
+from pathlib import Path
+import uvicorn
+from keygrants.audit.recorder import NoAudit
+from keygrants.server import ServerConfig, build_server
+built = build_server(ServerConfig(data_dir=Path(sys.argv[1]), listen="127.0.0.1:" + sys.argv[2]))
+built.kms.audit = NoAudit()   # the no-op sink: nothing recorded, nothing awaited
+uvicorn.run(built.app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning",
+            access_log=False, lifespan="on")
+"""
+
+
+def bench_http(work: Path, duration: int) -> dict[str, object]:
+    import base64
+    import json
+
+    body = json.dumps({"plaintext": base64.b64encode(os.urandom(1024)).decode()}).encode()
+    body_file = work / "body.json"
+    body_file.write_bytes(body)
+    runner = work / "noaudit_runner.py"
+    runner.write_text(NOAUDIT_RUNNER)
+    results: dict[str, object] = {}
+    for label in ("audit on", "no-op audit"):
+        data_dir = work / label.replace(" ", "-")
+        port = free_port()
+        argv = ([sys.executable, "-m", "keygrants", "server", "--data-dir", str(data_dir),
+                 "--listen", f"127.0.0.1:{port}"] if label == "audit on"
+                else [sys.executable, str(runner), str(data_dir), str(port)])
+        proc = spawn(label, argv, log_path=work / f"{label}.log", cpu=0)
+        try:
+            wait_ready(proc, port, "/readyz")
+            token = (data_dir / "admin.token").read_text().strip()
+            auth = {"Authorization": f"Bearer {token}"}
+            status, resp = http_call(port, "POST", "/v1/keys", {"name": "bench"}, auth)
+            assert status == 201, resp
+            target = Target(label, port, "/v1/keys/bench/encrypt",
+                            ("Authorization", f"Bearer {token}"), proc.pid)
+            run_wrk(target, body_file, duration=2, connections=16, threads=1, cpu=1)  # warm-up
+            results[label] = run_wrk(target, body_file, duration=duration, connections=16,
+                                     threads=1, cpu=1)
+        finally:
+            stop(proc)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--events", type=int, default=50_000)
+    parser.add_argument("--threads", type=int, default=16)
+    parser.add_argument("--verify-events", type=int, default=200_000)
+    parser.add_argument("--duration", type=int, default=10)
+    parser.add_argument("--skip-http", action="store_true")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="kg-audit-bench-"))
+    try:
+        print(f"machine: {os.cpu_count()} cores, Python {sys.version.split()[0]}")
+        rate, p50, p99 = bench_append(work, args.events, args.threads)
+        print(f"1. durable append, {args.threads} threads: {rate:,.0f} events/s "
+              f"(target >= 20,000: {'OK' if rate >= 20_000 else 'BELOW'}); "
+              f"added latency p50 {p50:.2f} ms, p99 {p99:.2f} ms")
+        vrate = bench_verify(work, args.verify_events)
+        print(f"2. verify an export of {args.verify_events:,} events: {vrate:,.0f} events/s "
+              f"(target >= 200,000: {'OK' if vrate >= 200_000 else 'BELOW'})")
+        if not args.skip_http:
+            res = bench_http(work, args.duration)
+            on, off = res["audit on"], res["no-op audit"]
+            cost = 1 - on.rps / off.rps  # type: ignore[attr-defined]
+            print("3. encrypt 1 KiB over HTTP, 16 connections (server on CPU 0, wrk on CPU 1):")
+            for label, r in res.items():
+                print(f"   {label:12s} {r.rps:9,.0f} req/s   p50 {r.p50_ms:.2f} ms   "  # type: ignore[attr-defined]
+                      f"p99 {r.p99_ms:.2f} ms   errors {r.error_count}")  # type: ignore[attr-defined]
+            print(f"   audit on / no-op = {on.rps / off.rps:.2f}x throughput "  # type: ignore[attr-defined]
+                  f"(cost {cost:.0%}; target <= 25%: {'OK' if cost <= 0.25 else 'ABOVE'})")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
