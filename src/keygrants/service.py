@@ -580,7 +580,7 @@ class KMS:
             raise InvalidCiphertext()  # a forged header must not reveal other keys' specs
         self._authorizer.authorize(ctx, operation, loaded.key)
         versions = self._usable(loaded, operation)
-        plaintext = versions.for_decrypt(ct.version).decrypt_parsed(ct, context)
+        plaintext = versions.for_decrypt(ct.version).open_matched(ciphertext, context)
         return plaintext, loaded.key, ct.version
 
     @_audited("crypto.decrypt", "decrypt")

@@ -11,7 +11,8 @@ import uuid
 from collections.abc import Iterable, Mapping
 
 from keygrants.errors import InvalidCiphertext, KeyNotFound
-from keygrants.keys.ciphertext import Ciphertext
+from keygrants.keys.ciphertext import FORMAT_V1, HEADER_SIZE, MIN_SIZE
+from keygrants.keys.context import canonical_context
 from keygrants.keys.material import KeyMaterial
 
 __all__ = ["KeyVersions", "Keyring"]
@@ -81,8 +82,16 @@ class Keyring:
         Raises:
             InvalidCiphertext: on any failure, including an unknown key.
         """
-        ct = Ciphertext.from_bytes(data)
-        versions = self._keys.get(ct.kid)
+        if len(data) < MIN_SIZE or data[0] != FORMAT_V1:
+            raise InvalidCiphertext()
+        versions = self._keys.get(data[1:17])
         if versions is None:
             raise InvalidCiphertext()
-        return versions.for_decrypt(ct.version).decrypt_parsed(ct, context)
+        m = versions.by_version.get(int.from_bytes(data[17:21], "big"))
+        if m is None or m.version < versions.min_decryption_version or m._aead is None:
+            raise InvalidCiphertext()
+        # Inlined KeyMaterial.open_matched: one call frame less on the hottest path (the
+        # in-process decrypt is held to 2x a raw AES-GCM open).
+        header = data[:HEADER_SIZE]
+        return m._aead.open(data[21:HEADER_SIZE], data[HEADER_SIZE:],
+                            header + canonical_context(context) if context else header)

@@ -24,7 +24,7 @@ from keygrants.crypto import (
     verify_hmac_sha256,
 )
 from keygrants.errors import InvalidCiphertext
-from keygrants.keys.ciphertext import Ciphertext, header_bytes
+from keygrants.keys.ciphertext import HEADER_SIZE, Ciphertext, header_bytes
 from keygrants.keys.context import canonical_context
 from keygrants.keys.specs import KeySpec
 
@@ -103,6 +103,27 @@ class KeyMaterial:
             raise InvalidCiphertext()
         aad = ct.header + canonical_context(context) if context else ct.header
         return aead.open(ct.nonce, ct.body, aad)
+
+    def decrypt_native(self, data: bytes, context: Mapping[str, str] | None = None) -> bytes:
+        """Decrypt serialized native ciphertext made by this version, without building a
+        :class:`Ciphertext` (the hot path; the caller has matched the key id and version).
+
+        Raises:
+            InvalidCiphertext: on any failure.
+        """
+        if data[1:17] != self._kid or int.from_bytes(data[17:21], "big") != self.version:
+            raise InvalidCiphertext()
+        return self.open_matched(data, context)
+
+    def open_matched(self, data: bytes, context: Mapping[str, str] | None = None) -> bytes:
+        """:meth:`decrypt_native` for a caller that found this version by the ciphertext's
+        own key id and version (the keyring, the service) and so skips re-checking them."""
+        aead = self._aead
+        if aead is None:
+            raise ValueError(f"{self.spec.name} is not an encryption key")
+        header = data[:HEADER_SIZE]
+        return aead.open(data[21:HEADER_SIZE], data[HEADER_SIZE:],
+                         header + canonical_context(context) if context else header)
 
     # -- sign-verify -----------------------------------------------------------------------
 
