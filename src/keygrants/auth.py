@@ -95,10 +95,13 @@ class AdminTokenAuthenticator:
         """Return the admin context for a valid token.
 
         Raises:
-            Unauthenticated: for a missing, oversized or wrong token (one message for all).
+            Unauthenticated: for a missing token ("authentication required") or an oversized
+                or wrong one ("invalid credentials"); the code is ``unauthenticated`` for all.
         """
-        if not token or len(token) > MAX_TOKEN_LENGTH:
+        if not token:
             raise Unauthenticated()
+        if len(token) > MAX_TOKEN_LENGTH:
+            raise Unauthenticated("invalid credentials")
         if not hmac.compare_digest(_digest(token), self._digest):
             raise Unauthenticated("invalid credentials")
         return RequestContext(principal=ADMIN_PRINCIPAL, request_id=request_id,

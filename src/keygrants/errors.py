@@ -27,7 +27,6 @@ same classes by the SDK (:func:`error_from_code`).
     │   ├── KeyPendingDeletion          key_pending_deletion 409
     │   └── KeyDestroyed                key_destroyed        409
     ├── KeyVersionError                 key_version          409
-    │   └── KeyVersionBelowMinimum      key_version_below_minimum  409
     ├── SealError                       seal_error           503
     │   └── UnsealFailed                unseal_failed        503
     ├── StoreError                      store_unavailable    503
@@ -69,7 +68,6 @@ __all__ = [
     "KeyPendingDeletion",
     "KeyRotationError",
     "KeyStateError",
-    "KeyVersionBelowMinimum",
     "KeyVersionError",
     "KeygrantsError",
     "MalformedBody",
@@ -238,13 +236,6 @@ class KeyVersionError(KeygrantsError):
     code = "key_version"
     status = 409
     default_message = "key version not usable"
-
-
-class KeyVersionBelowMinimum(KeyVersionError):
-    """Raised when setting a minimum decryption version beyond the latest version."""
-
-    code = "key_version_below_minimum"
-    default_message = "key version is below the key's minimum decryption version"
 
 
 class SealError(KeygrantsError):

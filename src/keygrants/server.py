@@ -26,6 +26,7 @@ from keygrants._version import __version__
 from keygrants.api.app import HttpLimits, KeygrantsApp, create_app
 from keygrants.audit.service import AuditService
 from keygrants.audit.setup import AUDIT_DB_FILE, AuditSetup, open_audit
+from keygrants.audit.sinks import Shipper, open_sink
 from keygrants.auth import (
     AdminTokenAuthenticator,
     RequestContext,
@@ -72,6 +73,7 @@ class ServerConfig:
     access_log: bool = False
     node_id: str = field(default_factory=socket.gethostname)
     checkpoint_interval: float = 1.0
+    audit_sinks: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -127,7 +129,9 @@ def build_server(config: ServerConfig) -> BuiltServer:
 
     Raises:
         KeygrantsError: when the store cannot be opened or the root key does not unseal.
+        ValueError: for a malformed audit sink URI.
     """
+    sinks = [open_sink(uri) for uri in config.audit_sinks]  # a bad URI fails before any I/O
     data_dir = config.data_dir
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     data_dir.chmod(0o700)
@@ -136,7 +140,7 @@ def build_server(config: ServerConfig) -> BuiltServer:
     root_key, created = open_root_key(store, provider)
     audit = open_audit(store, root_key, path=data_dir / AUDIT_DB_FILE, node=config.node_id,
                        checkpoint_interval=config.checkpoint_interval)
-    limits = Limits(max_plaintext=config.max_plaintext)
+    limits = Limits(max_plaintext=config.max_plaintext, max_message=config.max_plaintext)
     kms = KMS(store, root_key, limits=limits, audit=audit.recorder)
     audit_service = AuditService(audit, kms.authorizer)
 
@@ -158,6 +162,7 @@ def build_server(config: ServerConfig) -> BuiltServer:
         await asyncio.to_thread(audit.recorder.record, system, "server.start", "ok",
                                 operation="start", detail=started, wait=True)
         task = asyncio.create_task(_scheduler(kms, interval))
+        shippers = [Shipper(audit.log, sink).start() for sink in sinks]
         try:
             yield
         finally:
@@ -169,6 +174,7 @@ def build_server(config: ServerConfig) -> BuiltServer:
                                         operation="stop", wait=True)
             except KeygrantsError as exc:
                 log.error("could not record server.stop: %s", exc.message)
+            await asyncio.gather(*(shipper.stop() for shipper in shippers))
             await asyncio.to_thread(audit.log.close)
             store.close()
 
@@ -199,7 +205,12 @@ def serve(config: ServerConfig, *, announce: Any = print) -> None:
     _Server = _server_class()
     host, port = parse_listen(config.listen)
     started = time.monotonic()
-    built = build_server(config)
+    sock = _listen_socket(host, port)  # fail before touching the data directory
+    try:
+        built = build_server(config)
+    except BaseException:
+        sock.close()
+        raise
     if built.created_root_key:
         announce(f"Initialized a new data directory at {config.data_dir.resolve()}")
     if built.wrote_admin_token:
@@ -219,8 +230,27 @@ def serve(config: ServerConfig, *, announce: Any = print) -> None:
         proxy_headers=False,
         timeout_graceful_shutdown=10,
     )
-    _Server(uv_config).run()
+    _Server(uv_config).run(sockets=[sock])
     announce("keygrants stopped")
+
+
+def _listen_socket(host: str, port: int) -> socket.socket:
+    """Bind the listening socket ourselves, so a taken port is one clear error up front.
+
+    Raises:
+        OSError: when the address cannot be bound (in use, not local, no permission).
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+        sock.set_inheritable(True)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def _server_class() -> type:

@@ -347,6 +347,8 @@ class KeygrantsApp:
         source = client[0] if client else None
         pending: list[Any] = []
         status = 200
+        ctx: RequestContext | None = None
+        endpoint: Endpoint | None = None
         try:
             if path == "/openapi.json" and method == "GET":
                 await _send(send, 200, self._openapi, request_id)
@@ -379,6 +381,12 @@ class KeygrantsApp:
             status = endpoint.status
         except KeygrantsError as exc:
             result, status = exc, exc.status
+            if ctx is not None and ctx.principal and not pending:
+                # authenticated but refused before the service saw it (malformed or oversize
+                # body): still an event, so probing leaves a trace
+                self.kms.audit.record(ctx, "request.rejected", "error",
+                                      operation=endpoint.operation_id if endpoint else None,
+                                      reason=exc.code)
         except Exception:
             log.exception("unhandled error in %s %s (request %s)", method, path, request_id)
             result = KeygrantsError()

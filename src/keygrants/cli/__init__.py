@@ -54,19 +54,27 @@ def main() -> None:
               type=click.Path(file_okay=False), help="Where the database, seal key and admin "
               "token live.")
 @click.option("--seal", default=None, help="Root key provider URI: local:passphrase (uses "
-              "KEYGRANTS_PASSPHRASE) or local:///path/seal.key [default: <data-dir>/seal.key, or "
+              "KEYGRANTS_PASSPHRASE), local:///path/seal.key, or any key provider (aws-kms:, "
+              "vault:, pkcs11:, gcp-kms:, keygrants:; see docs/providers.md) [default: the seal "
+              "the data directory was made with; on first start <data-dir>/seal.key, or the "
               "passphrase when KEYGRANTS_PASSPHRASE is set].")
 @click.option("--store", default=None, help="Store URL [default: sqlite in the data dir].")
 @click.option("--max-plaintext", default=64 * 1024, show_default=True, type=click.IntRange(1),
-              help="Largest plaintext or message accepted, in bytes.")
+              help="Largest plaintext, or message to sign or MAC, accepted, in bytes.")
 @click.option("--scheduler-interval", default=30.0, show_default=True,
               type=click.FloatRange(0.05), help="Seconds between scheduled rotation/deletion "
               "checks.")
 @click.option("--reset-admin-token", is_flag=True, help="Issue a new admin token (the old one "
               "stops working) and write it to <data-dir>/admin.token.")
 @click.option("--access-log", is_flag=True, help="Log every request (never bodies or tokens).")
+@click.option("--audit-sink", "audit_sinks", multiple=True, metavar="URI", help="Also ship audit "
+              "events to file:///path/audit.jsonl[?max_bytes=N&backups=N] or "
+              "nats://host:port[?stream=S&subject=S] (repeatable; see docs/audit.md).")
+@click.option("--node-id", default=None, envvar="KEYGRANTS_NODE_ID",
+              help="Node name stamped on audit events [default: host name].")
 def server(listen: str, data_dir: str, seal: str | None, store: str | None, max_plaintext: int,
-           scheduler_interval: float, reset_admin_token: bool, access_log: bool) -> None:
+           scheduler_interval: float, reset_admin_token: bool, access_log: bool,
+           audit_sinks: tuple[str, ...], node_id: str | None) -> None:
     """Run the keygrants server (SQLite in the data directory by default)."""
     import logging
 
@@ -75,11 +83,18 @@ def server(listen: str, data_dir: str, seal: str | None, store: str | None, max_
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         parse_listen(listen)
-        serve(ServerConfig(data_dir=Path(data_dir), listen=listen, seal=seal, store=store,
-                           max_plaintext=max_plaintext, scheduler_interval=scheduler_interval,
-                           reset_admin_token=reset_admin_token, access_log=access_log))
+        config = ServerConfig(data_dir=Path(data_dir), listen=listen, seal=seal, store=store,
+                              max_plaintext=max_plaintext, scheduler_interval=scheduler_interval,
+                              reset_admin_token=reset_admin_token, access_log=access_log,
+                              audit_sinks=list(audit_sinks))
+        if node_id:
+            config.node_id = node_id
+        serve(config)
     except KeygrantsError as exc:
         fail(False, exc)
+    except OSError as exc:
+        click.echo(f"Error: cannot listen on {listen}: {exc.strerror or exc}", err=True)
+        sys.exit(1)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
 
@@ -428,3 +443,9 @@ def public_key(state: State, key: str, key_version: int | None, fmt: str) -> Non
 from keygrants.cli.audit import audit  # noqa: E402
 
 main.add_command(audit)
+from keygrants.cli.operator import operator  # noqa: E402
+
+main.add_command(operator)
+from keygrants.cli.seal import register as _register_seal  # noqa: E402
+
+_register_seal(main)  # seal, unseal, seal-keygen

@@ -63,7 +63,7 @@ def audit_hash(state: State, value: str) -> None:
 @click.option("--type", "event_type", default=None, help="Event type, e.g. crypto.decrypt.")
 @click.option("--since", default=None, help="RFC 3339 UTC time, e.g. 2026-11-22T00:00:00Z.")
 @click.option("--until", default=None, help="RFC 3339 UTC time (exclusive).")
-@click.option("--after", default=None, type=click.IntRange(-1), help="Continue after this seq.")
+@click.option("--after", default=None, type=click.IntRange(0), help="Continue after this seq.")
 @click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 1000))
 @common
 def audit_search(state: State, principal: str | None, key_id: str | None, grant: str | None,

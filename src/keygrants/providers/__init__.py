@@ -94,4 +94,49 @@ def _open_local_root(uri: str, **options: Any) -> RootKeyProvider:
     return open_local_provider(uri, **options)
 
 
+def _open_local(uri: str, **options: Any) -> KeyProvider:
+    from keygrants.providers.local import open_local_key_provider
+
+    return open_local_key_provider(uri, **options)
+
+
+register_provider("local", _open_local)
 register_root_provider("local", _open_local_root)
+
+
+# -- external providers: each module (and its client library) is imported on first open ------
+
+def _lazy_provider(scheme: str, module: str, factory: str, extra: str | None = None,
+                   drivers: tuple[str, ...] = ()) -> Callable[..., KeyProvider]:
+    """A factory that imports ``module`` when the scheme is first opened; a missing client
+    library (one of ``drivers``) becomes a ProviderConnectionError naming the extra."""
+
+    def open_(uri: str, **options: Any) -> KeyProvider:
+        import importlib
+
+        from keygrants.errors import ProviderConnectionError
+
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as exc:
+            if extra is None or (exc.name or "").split(".")[0] not in drivers:
+                raise
+            raise ProviderConnectionError(
+                f"the {scheme}: provider needs {exc.name}: pip install 'keygrants[{extra}]'"
+            ) from exc
+        provider: KeyProvider = getattr(mod, factory).from_uri(uri, **options)
+        return provider
+
+    return open_
+
+
+register_provider("aws-kms", _lazy_provider("aws-kms", "keygrants.providers.aws", "AwsKmsProvider",
+                                            "aws", ("boto3", "botocore")))
+register_provider("vault", _lazy_provider("vault", "keygrants.providers.vault",
+                                          "VaultTransitProvider", "vault", ("hvac", "requests")))
+register_provider("pkcs11", _lazy_provider("pkcs11", "keygrants.providers.pkcs11", "Pkcs11Provider",
+                                           "pkcs11", ("pkcs11",)))
+register_provider("gcp-kms", _lazy_provider("gcp-kms", "keygrants.providers.gcp", "GcpKmsProvider",
+                                            "gcp", ("google", "grpc", "proto")))
+register_provider("keygrants", _lazy_provider("keygrants", "keygrants.providers.keygrants_provider",
+                                              "KeygrantsProvider"))

@@ -13,26 +13,83 @@ Wrapped blob layouts::
     passphrase: 0x02 | salt (16) | log2(N) (1) | r (1) | p (1) | nonce (12) | AES-256-GCM(...)
 
 The AAD of every wrap is the caller's AAD; the passphrase header is authenticated too.
+
+The same module holds :class:`LocalKeyProvider`, the ``local:`` application key provider for
+:class:`~keygrants.KeyManager` (same URI forms, its own ciphertext layout and HKDF-separated
+keys; see its docstring).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
-from keygrants.crypto import KEY_SIZE, NONCE_SIZE, Aead, random_bytes, scrypt_derive
+from keygrants.crypto import KEY_SIZE, NONCE_SIZE, TAG_SIZE, Aead, hkdf_sha256, random_bytes, scrypt_derive
 from keygrants.crypto.kdf import SCRYPT_N, SCRYPT_P, SCRYPT_R
-from keygrants.errors import InvalidCiphertext, SealError, UnsealFailed
+from keygrants.errors import (
+    DecryptionError,
+    InvalidCiphertext,
+    InvalidRequest,
+    KeyNotFoundError,
+    PayloadTooLarge,
+    ProviderConnectionError,
+    SealError,
+    UnsealFailed,
+)
+from keygrants.keys.context import canonical_context
+from keygrants.providers.base import KeyProvider
+from keygrants.providers.models import EncryptedData, KeyReference
 
-__all__ = ["PASSPHRASE_ENV", "KeyFileProvider", "PassphraseProvider", "open_local_provider"]
+__all__ = [
+    "MAX_PROVIDER_PLAINTEXT",
+    "PASSPHRASE_ENV",
+    "KeyFileProvider",
+    "LocalKeyProvider",
+    "PassphraseProvider",
+    "open_local_key_provider",
+    "open_local_provider",
+]
 
 PASSPHRASE_ENV: Final = "KEYGRANTS_PASSPHRASE"
 MIN_PASSPHRASE_LENGTH: Final = 12
 _KEYFILE_V1: Final = 0x01
 _PASSPHRASE_V1: Final = 0x02
 _SALT_SIZE: Final = 16
+
+
+def _load_or_create_key_file(path: Path, what: str, error: type[Exception]) -> bytes:
+    """Read a 32-byte key file, or create it with mode 0600 (never readable by others)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        try:
+            mode = path.stat().st_mode
+            if mode & (stat.S_IRWXG | stat.S_IRWXO):
+                raise error(
+                    f"{what} {path} is accessible by group or others "
+                    f"(mode {stat.S_IMODE(mode):o}); run: chmod 600 {path}"
+                ) from None
+            with open(path, "rb") as f:
+                data = f.read(KEY_SIZE + 1)
+        except OSError as exc:
+            raise error(f"cannot read {what} {path}: {exc.strerror}") from exc
+        if len(data) != KEY_SIZE:
+            raise error(f"{what} {path} is not a {KEY_SIZE}-byte key") from None
+        return data
+    except OSError as exc:
+        raise error(f"cannot create {what} {path}: {exc.strerror}") from exc
+    key = random_bytes(KEY_SIZE)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key)
+        f.flush()
+        os.fsync(f.fileno())
+    return key
 
 
 class KeyFileProvider:
@@ -47,27 +104,7 @@ class KeyFileProvider:
         return f"local://{self.path.resolve()}"
 
     def _load_or_create(self) -> bytes:
-        try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            mode = self.path.stat().st_mode
-            if mode & (stat.S_IRWXG | stat.S_IRWXO):
-                raise SealError(
-                    f"seal key file {self.path} is accessible by group or others "
-                    f"(mode {stat.S_IMODE(mode):o}); run: chmod 600 {self.path}"
-                ) from None
-            data = self.path.read_bytes()
-            if len(data) != KEY_SIZE:
-                raise SealError(f"seal key file {self.path} is not a {KEY_SIZE}-byte key") from None
-            return data
-        except OSError as exc:
-            raise SealError(f"cannot create seal key file {self.path}: {exc.strerror}") from exc
-        key = random_bytes(KEY_SIZE)
-        with os.fdopen(fd, "wb") as f:
-            f.write(key)
-            f.flush()
-            os.fsync(f.fileno())
-        return key
+        return _load_or_create_key_file(self.path, "seal key file", SealError)
 
     def wrap(self, plaintext: bytes, *, aad: bytes) -> bytes:
         nonce = random_bytes(NONCE_SIZE)
@@ -140,3 +177,219 @@ def open_local_provider(uri: str, *, passphrase: str | None = None) -> KeyFilePr
     if not rest:
         raise ValueError("local: provider URI needs a key file path or 'passphrase'")
     return KeyFileProvider(rest)
+
+
+# -- the local: application key provider --------------------------------------------------------
+
+MAX_PROVIDER_PLAINTEXT: Final = 4096
+_LOCAL_FILE_V1: Final = 0x01
+_LOCAL_PASSPHRASE_V1: Final = 0x02
+_PASSPHRASE_HEADER_SIZE: Final = 1 + _SALT_SIZE + 3
+_SCRYPT_PARAMS: Final = bytes([SCRYPT_N.bit_length() - 1, SCRYPT_R, SCRYPT_P])
+_MAX_DERIVED_KEYS: Final = 8
+_HKDF_LABEL: Final = b"keygrants local provider v1\x00"
+_ALGORITHM: Final = "AES_256_GCM"
+
+
+class LocalKeyProvider(KeyProvider):
+    """The ``local:`` key provider: AES-256-GCM under a key file or a passphrase.
+
+    For development, tests, single-machine deployments and as a fallback; the key lives on the
+    machine, so prefer an HSM or a cloud KMS in production.
+
+    URI forms:
+
+    - ``local:///abs/path/key-file`` (or ``local:relative/path``): a 32-byte key file, created
+      with mode 0600 if absent; a file readable by group or others is refused. The file may be
+      the server's seal key file: the provider key is HKDF-derived from it with its own label,
+      so the two uses never share a key.
+    - ``local:passphrase``: a passphrase from ``KEYGRANTS_PASSPHRASE`` (or the ``passphrase=``
+      option, at least 12 characters), stretched with scrypt (N=2**17, r=8, p=1) under a salt
+      drawn once per provider instance and carried in every ciphertext. The derivation
+      (~0.5 s, 128 MiB) runs in a worker thread at :meth:`initialize` or first use; a
+      ciphertext made under another instance's salt costs one more derivation, then the key
+      is cached (at most 8 salts). Only those exact scrypt parameters are accepted on decrypt,
+      so a crafted header cannot ask for a costlier derivation.
+
+    Ciphertext layout (:attr:`EncryptedData.ciphertext`)::
+
+        key file:    0x01 | nonce (12) | AES-256-GCM ciphertext || tag (16)
+        passphrase:  0x02 | salt (16) | log2(N) (1) | r (1) | p (1) | nonce (12) | ciphertext || tag
+        AAD = the bytes before the nonce || RFC 8785 canonical context (empty context = no bytes)
+
+    Provider key = HKDF-SHA256(file key or scrypt output, salt=none,
+    info = "keygrants local provider v1" 0x00 || "key-file" | "passphrase").
+
+    The key id is ``key-file:<16 hex digits>`` (a fingerprint derived from the key with its own
+    HKDF label, so it reveals nothing about the key) or ``passphrase``. Every failed decryption
+    raises :class:`~keygrants.errors.DecryptionError`.
+
+    Args:
+        path: the key file (key-file mode).
+        passphrase: the passphrase (passphrase mode); ``None`` with ``path=None`` reads
+            ``KEYGRANTS_PASSPHRASE``.
+
+    Raises:
+        ProviderConnectionError: when the key file cannot be read or created, is not 32 bytes
+            or is readable by others, or the passphrase is missing or too short.
+    """
+
+    name = "local"
+
+    def __init__(self, path: str | os.PathLike[str] | None = None, *,
+                 passphrase: str | None = None) -> None:
+        self._derived: OrderedDict[bytes, Aead] = OrderedDict()
+        self._derive_lock = threading.Lock()
+        self._passphrase: bytes | None = None
+        self._file_aead: Aead | None = None
+        self._current_header = b""
+        if path is not None:
+            if passphrase is not None:
+                raise ValueError("give either a key file path or a passphrase, not both")
+            self.path: Path | None = Path(path)
+            secret = _load_or_create_key_file(self.path, "local provider key file",
+                                              ProviderConnectionError)
+            self._file_aead = Aead("aes-256-gcm", self._subkey(secret, b"key-file"))
+            fingerprint = hkdf_sha256(secret, salt=None, info=_HKDF_LABEL + b"key id", length=8)
+            self.default_key_id = f"key-file:{fingerprint.hex()}"
+            self.uri = f"local://{self.path.resolve()}"
+            self._current_header = bytes([_LOCAL_FILE_V1])
+            return
+        self.path = None
+        if passphrase is None:
+            passphrase = os.environ.get(PASSPHRASE_ENV)
+        if not passphrase:
+            raise ProviderConnectionError(f"local:passphrase needs {PASSPHRASE_ENV} to be set")
+        if len(passphrase) < MIN_PASSPHRASE_LENGTH:
+            raise ProviderConnectionError(
+                f"the passphrase must be at least {MIN_PASSPHRASE_LENGTH} characters")
+        self._passphrase = passphrase.encode("utf-8")
+        self.default_key_id = "passphrase"
+        self.uri = "local:passphrase"
+        self._current_header = bytes([_LOCAL_PASSPHRASE_V1]) + random_bytes(_SALT_SIZE) + _SCRYPT_PARAMS
+
+    @classmethod
+    def from_uri(cls, uri: str, *, passphrase: str | None = None) -> LocalKeyProvider:
+        """Open ``local:passphrase`` or ``local:///abs/path`` / ``local:relative/path``.
+
+        Raises:
+            ValueError: for a URI that is not ``local:`` or names no key file.
+        """
+        if not uri.startswith("local:"):
+            raise ValueError(f"not a local: provider URI: {uri!r}")
+        rest = uri.removeprefix("local:")
+        if rest == "passphrase":
+            return cls(passphrase=passphrase)
+        if rest.startswith("//"):
+            rest = rest[2:]
+        if not rest:
+            raise ValueError("local: provider URI needs a key file path or 'passphrase'")
+        if passphrase is not None:
+            raise ValueError("the passphrase option only applies to local:passphrase")
+        return cls(rest)
+
+    def __repr__(self) -> str:
+        return f"LocalKeyProvider({self.uri!r})"
+
+    @staticmethod
+    def _subkey(secret: bytes, mode: bytes) -> bytes:
+        return hkdf_sha256(secret, salt=None, info=_HKDF_LABEL + mode, length=KEY_SIZE)
+
+    def _derive(self, header: bytes) -> Aead:
+        """The AEAD for a passphrase header (scrypt, cached; blocking: call in a thread)."""
+        assert self._passphrase is not None
+        with self._derive_lock:  # one derivation per salt even under concurrent first use
+            aead = self._derived.get(header)
+            if aead is None:
+                stretched = scrypt_derive(self._passphrase, salt=header[1:1 + _SALT_SIZE])
+                aead = Aead("aes-256-gcm", self._subkey(stretched, b"passphrase"))
+                self._derived[header] = aead
+                while len(self._derived) > _MAX_DERIVED_KEYS:
+                    oldest = next(iter(self._derived))
+                    if oldest == self._current_header:
+                        self._derived.move_to_end(oldest)
+                        continue
+                    del self._derived[oldest]
+            return aead
+
+    async def _aead_for(self, header: bytes) -> Aead:
+        if self._file_aead is not None:
+            return self._file_aead
+        aead = self._derived.get(header)
+        if aead is None:
+            aead = await asyncio.to_thread(self._derive, header)
+        return aead
+
+    async def initialize(self) -> None:
+        """Derive the passphrase key now (in a worker thread) rather than on first use."""
+        await self._aead_for(self._current_header)
+
+    def _check_key_id(self, key_id: str | None) -> None:
+        if key_id is not None and key_id != self.default_key_id:
+            raise KeyNotFoundError(f"the local provider holds key {self.default_key_id!r}, "
+                                   f"not {key_id!r}")
+
+    async def encrypt(self, plaintext: bytes, *, key_id: str | None = None,
+                      context: Mapping[str, str] | None = None) -> EncryptedData:
+        """Encrypt a small secret (at most 4 KiB) bound to ``context``.
+
+        Raises:
+            KeyNotFoundError: if ``key_id`` names another key.
+            PayloadTooLarge: above 4 KiB.
+        """
+        self._check_key_id(key_id)
+        if not isinstance(plaintext, bytes):
+            raise TypeError("plaintext must be bytes")
+        if len(plaintext) > MAX_PROVIDER_PLAINTEXT:
+            raise PayloadTooLarge(f"the local provider encrypts at most {MAX_PROVIDER_PLAINTEXT} bytes")
+        ctx = canonical_context(context)
+        header = self._current_header
+        aead = await self._aead_for(header)
+        nonce = random_bytes(NONCE_SIZE)
+        return EncryptedData(
+            ciphertext=header + nonce + aead.seal(nonce, plaintext, header + ctx),
+            key_reference=KeyReference(provider=self.name, key_id=self.default_key_id or ""),
+            algorithm=_ALGORITHM, context=dict(context or {}))
+
+    async def decrypt(self, encrypted: EncryptedData, *,
+                      context: Mapping[str, str] | None = None) -> bytes:
+        """Decrypt; ``context`` defaults to the one recorded in ``encrypted``.
+
+        Raises:
+            DecryptionError: for every failure.
+        """
+        data = encrypted.ciphertext
+        ref = encrypted.key_reference
+        if (ref.provider != self.name or ref.key_id != self.default_key_id
+                or encrypted.algorithm != _ALGORITHM or not isinstance(data, bytes)
+                or len(data) > _PASSPHRASE_HEADER_SIZE + NONCE_SIZE + MAX_PROVIDER_PLAINTEXT + TAG_SIZE):
+            raise DecryptionError()
+        if self._file_aead is not None:
+            hlen = 1
+            if not data or data[0] != _LOCAL_FILE_V1:
+                raise DecryptionError()
+        else:
+            hlen = _PASSPHRASE_HEADER_SIZE
+            if (len(data) < hlen or data[0] != _LOCAL_PASSPHRASE_V1
+                    or data[1 + _SALT_SIZE:hlen] != _SCRYPT_PARAMS):
+                raise DecryptionError()
+        if len(data) < hlen + NONCE_SIZE + TAG_SIZE:
+            raise DecryptionError()
+        if context is not None:
+            ctx = canonical_context(context)
+        else:
+            try:
+                ctx = canonical_context(encrypted.context)
+            except InvalidRequest:  # a malformed record is a bad ciphertext, not a bad call
+                raise DecryptionError() from None
+        header = data[:hlen]
+        aead = await self._aead_for(header)
+        try:
+            return aead.open(data[hlen:hlen + NONCE_SIZE], data[hlen + NONCE_SIZE:], header + ctx)
+        except InvalidCiphertext:
+            raise DecryptionError() from None
+
+
+def open_local_key_provider(uri: str, **options: Any) -> LocalKeyProvider:
+    """Factory registered for the ``local`` scheme (see :class:`LocalKeyProvider`)."""
+    return LocalKeyProvider.from_uri(uri, **options)

@@ -1,0 +1,107 @@
+"""``aws-kms:`` specifics, against moto's server (the contract suite covers the rest)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pytest
+
+from keygrants.errors import KMSError, ProviderConnectionError
+from keygrants.providers import open_provider
+from keygrants.providers.aws import AwsKmsProvider
+
+if TYPE_CHECKING:
+    from conftest import MotoKms, ProviderCase
+
+pytestmark = pytest.mark.anyio
+
+CREDS = {"aws_access_key_id": "testing", "aws_secret_access_key": "moto-secret-access-key-5d1f"}
+
+
+def test_uri_forms() -> None:
+    arn = "arn:aws:kms:eu-west-3:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    p = AwsKmsProvider.from_uri(f"aws-kms://{arn}", **CREDS)
+    assert p.default_key_id == arn and p.uri == f"aws-kms://{arn}?region=eu-west-3"
+    p = AwsKmsProvider.from_uri("aws-kms://alias/payments?region=us-east-2&timeout=2.5")
+    assert p.default_key_id == "alias/payments" and p._timeout == 2.5
+    assert AwsKmsProvider.from_uri("aws-kms://?region=us-east-1").default_key_id is None
+    assert "moto-secret" not in repr(AwsKmsProvider.from_uri("aws-kms://k?region=us-east-1",
+                                                             **CREDS))
+
+
+@pytest.mark.parametrize(("uri", "message"), [
+    ("aws-kms://k?region=us-east-1&aws_secret_access_key=x", "must not appear in the URI"),
+    ("aws-kms://k?region=us-east-1&aws-session-token=x", "must not appear in the URI"),
+    ("aws-kms://k?region=us-east-1&colour=blue", "unknown URI option"),
+    ("aws-kms://k?region=us-east-1&region=us-east-2", "given twice"),
+    ("aws-kms://k?region=us-east-1&timeout=0", "timeout"),
+    ("aws-kms://k?region=us-east-1&max_attempts=50", "max_attempts"),
+    ("aws-kms://k?region=us-east-1&profile=no-such-profile-kg", "no AWS profile"),
+])
+def test_bad_configuration_fails_at_construction(uri: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        open_provider(uri)
+
+
+def test_no_region_at_all(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/kg-aws-config")
+    with pytest.raises(ValueError, match="no region"):
+        open_provider("aws-kms://k")
+
+
+async def test_an_alias_is_resolved_to_the_arn_so_repointing_it_orphans_nothing(
+        moto_kms: MotoKms) -> None:
+    kms = moto_kms.client
+    kms.create_alias(AliasName="alias/kg-moving", TargetKeyId=moto_kms.keys["enc"])
+    p = open_provider(f"aws-kms://alias/kg-moving?region=us-east-1&endpoint={moto_kms.endpoint}",
+                      **CREDS)
+    before = await p.encrypt(b"secret", context={"a": "b"})
+    assert before.key_reference.key_id == moto_kms.keys["enc"]
+    assert before.key_reference.key_alias == "alias/kg-moving"
+    kms.update_alias(AliasName="alias/kg-moving", TargetKeyId=moto_kms.keys["other"])
+    after = await p.encrypt(b"secret", context={"a": "b"})
+    assert after.key_reference.key_id == moto_kms.keys["other"]
+    assert await p.decrypt(before) == b"secret" == await p.decrypt(after)
+    await p.close()
+
+
+async def test_the_context_is_the_native_encryption_context(aws_case: ProviderCase,
+                                                           moto_kms: MotoKms) -> None:
+    p = aws_case.open()
+    enc = await p.encrypt(b"secret", context={"tenant": "42"})
+    out = moto_kms.client.decrypt(CiphertextBlob=enc.ciphertext,
+                                  EncryptionContext={"tenant": "42"})
+    assert out["Plaintext"] == b"secret" and enc.algorithm == "SYMMETRIC_DEFAULT"
+    await p.close()
+
+
+async def test_a_disabled_key_fails_initialize_with_a_kms_error(moto_kms: MotoKms) -> None:
+    meta = moto_kms.client.create_key()["KeyMetadata"]
+    arn = meta["Arn"]
+    moto_kms.client.disable_key(KeyId=meta["KeyId"])
+    p = open_provider(f"aws-kms://{arn}?endpoint={moto_kms.endpoint}", **CREDS)
+    with pytest.raises(KMSError, match="Disabled") as info:
+        await p.initialize()
+    assert type(info.value) is KMSError
+    await p.close()
+
+
+async def test_rotation_policy(moto_kms: MotoKms) -> None:
+    arn = moto_kms.client.create_key()["KeyMetadata"]["Arn"]
+    p = open_provider(f"aws-kms://{arn}?endpoint={moto_kms.endpoint}", **CREDS)
+    assert not (await p.get_rotation_policy()).enabled
+    moto_kms.client.enable_key_rotation(KeyId=arn, RotationPeriodInDays=90)
+    policy = await p.get_rotation_policy()
+    assert policy.enabled  # moto does not report RotationPeriodInDays back
+    await p.close()
+
+
+async def test_credentials_are_never_in_errors(moto_kms: MotoKms, closed_port: int) -> None:
+    p = open_provider(f"aws-kms://k?region=us-east-1&endpoint=http://127.0.0.1:{closed_port}"
+                      "&timeout=2&max_attempts=1", **CREDS)
+    with pytest.raises(ProviderConnectionError) as info:
+        await p.encrypt(b"x")
+    assert CREDS["aws_secret_access_key"] not in str(info.value)
+    await p.close()

@@ -1,0 +1,106 @@
+"""``keygrants:`` specifics against a real keygrants server."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pytest
+
+from keygrants.client import Client
+from keygrants.errors import KMSError, ProviderConnectionError, UnsupportedOperation
+from keygrants.providers import open_provider
+from keygrants.providers.base import ProviderSeal
+
+if TYPE_CHECKING:
+    from conftest import KeygrantsServer
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(autouse=True)
+def _no_token_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KEYGRANTS_TOKEN", raising=False)
+
+
+def uri(server: KeygrantsServer, key: str = "enc", extra: str = "") -> str:
+    return f"keygrants://127.0.0.1:{server.port}/{key}?tls=false{extra}"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("keygrants://h:8650/k?token=abc", "must not appear in the URI"),
+    ("keygrants://h:8650/k", "no token"),
+    ("keygrants://h:8650/k?tls=sometimes", "true or false"),
+    ("keygrants:h/k", "URI must be"),
+])
+def test_bad_configuration_fails_at_construction(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        open_provider(text)
+
+
+async def test_an_alias_is_kept_next_to_the_key_id(keygrants_server: KeygrantsServer) -> None:
+    p = open_provider(uri(keygrants_server, "enc-alias"), token=keygrants_server.token)
+    enc = await p.encrypt(b"secret", context={"a": "b"})
+    with Client(keygrants_server.addr, token=keygrants_server.token) as c:
+        key_id = c.describe_key("enc").id
+    assert enc.key_reference.key_id == key_id and enc.key_reference.key_alias == "enc-alias"
+    assert await p.decrypt(enc) == b"secret"
+    await p.close()
+
+
+async def test_token_from_a_named_environment_variable(keygrants_server: KeygrantsServer,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("UPSTREAM_KG_TOKEN", keygrants_server.token)
+    p = open_provider(uri(keygrants_server, extra="&token_env=UPSTREAM_KG_TOKEN"))
+    assert "token_env=UPSTREAM_KG_TOKEN" in p.uri
+    await p.initialize()
+    await p.close()
+
+
+async def test_a_bad_token_is_a_kms_error_without_the_token(
+        keygrants_server: KeygrantsServer) -> None:
+    p = open_provider(uri(keygrants_server), token="kg_not_a_valid_token")
+    with pytest.raises(KMSError, match="denied") as info:
+        await p.encrypt(b"secret")
+    assert "kg_not_a_valid_token" not in str(info.value)
+    await p.close()
+
+
+async def test_tls_is_the_default(keygrants_server: KeygrantsServer) -> None:
+    """Without tls=false the provider speaks HTTPS, which a plain-HTTP server cannot answer."""
+    p = open_provider(f"keygrants://127.0.0.1:{keygrants_server.port}/enc?timeout=3",
+                      token=keygrants_server.token)
+    with pytest.raises(ProviderConnectionError):
+        await p.encrypt(b"secret")
+    await p.close()
+
+
+async def test_initialize_checks_purpose_and_state(keygrants_server: KeygrantsServer) -> None:
+    with Client(keygrants_server.addr, token=keygrants_server.token) as c:
+        c.create_key("switched-off")
+        c.disable_key("switched-off")
+    off = open_provider(uri(keygrants_server, "switched-off"), token=keygrants_server.token)
+    with pytest.raises(KMSError, match="disabled"):
+        await off.initialize()
+    signing = open_provider(uri(keygrants_server, "sig"), token=keygrants_server.token)
+    with pytest.raises(UnsupportedOperation):
+        await signing.initialize()
+    await off.close()
+    await signing.close()
+
+
+async def test_rotation_policy(keygrants_server: KeygrantsServer) -> None:
+    with Client(keygrants_server.addr, token=keygrants_server.token) as c:
+        c.create_key("rotating", rotation_period=30 * 86400)
+    p = open_provider(uri(keygrants_server, "rotating"), token=keygrants_server.token)
+    policy = await p.get_rotation_policy()
+    assert policy.enabled and policy.rotation_period_days == 30 and policy.next_rotation
+    assert not (await p.get_rotation_policy("enc")).enabled
+    await p.close()
+
+
+def test_as_a_seal_each_call_gets_a_client_of_its_own_event_loop(
+        keygrants_server: KeygrantsServer) -> None:
+    """ProviderSeal runs every call on a fresh event loop; httpx clients belong to one."""
+    seal = ProviderSeal(open_provider(uri(keygrants_server), token=keygrants_server.token))
+    blobs = [seal.wrap(bytes([i]) * 32, aad=b"aad") for i in range(3)]
+    assert [seal.unwrap(b, aad=b"aad") for b in blobs] == [bytes([i]) * 32 for i in range(3)]
