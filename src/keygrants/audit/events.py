@@ -139,9 +139,24 @@ def decode_event(data: bytes) -> AuditEvent:
         raise ValueError(f"not an audit event: {exc}") from None
 
 
+# (whole second, its formatted prefix), replaced as one tuple so threads never see a mix
+_second: tuple[int, str] = (-1, "")
+
+
 def format_time(ts: float) -> str:
-    """RFC 3339 UTC with microseconds."""
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """RFC 3339 UTC with microseconds (``2026-11-22T03:20:00.123456Z``).
+
+    Called for every audit event, so the date part is formatted once per second.
+    """
+    whole = int(ts)
+    micros = round((ts - whole) * 1_000_000)
+    if micros >= 1_000_000:
+        whole, micros = whole + 1, micros - 1_000_000
+    global _second
+    cached = _second
+    if cached[0] != whole:
+        cached = _second = (whole, datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S"))
+    return f"{cached[1]}.{micros:06d}Z"
 
 
 class Digester:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import os
 import sqlite3
@@ -92,6 +93,17 @@ class CheckpointRecord:
     size: int
     time: int
     note: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _Staged:
+    """A numbered, encoded batch waiting for its COMMIT."""
+
+    tree: CompactTree
+    rows: list[tuple[Any, ...]]
+    accepted: list[tuple[_Pending, int]]
+    checkpoint: CheckpointRecord | None
+    now: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +183,18 @@ class AuditLog:
                 p = Path(self.path + suffix)
                 if p.exists():
                     p.chmod(0o600)
+        # Reads use their own connection (WAL: they see committed data only), so they never
+        # touch the writer's connection while a commit is in flight on the commit thread.
+        self._read_lock = threading.Lock()
+        self._read_db = (self._db if self.path == ":memory:" else
+                         sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                         timeout=10.0))
+        # On a file, the loop's batches are fsynced by COMMIT on this thread while the loop
+        # goes on serving (and gathering the next batch); ":memory:" has nothing to wait for.
+        self._committer = (None if self.path == ":memory:" else
+                           concurrent.futures.ThreadPoolExecutor(
+                               max_workers=1, thread_name_prefix="keygrants-audit-commit"))
+        self._inflight = False
         self._proof_cache: SubtreeCache = {}  # perfect subtrees never change in an append-only log
         self._tree = CompactTree()
         for (leaf,) in self._db.execute("SELECT leaf FROM events ORDER BY seq"):
@@ -229,9 +253,45 @@ class AuditLog:
         if len(batch) > seen and deferrals < _MAX_DEFERRALS and len(batch) < self._max_batch:
             loop.call_soon(self._flush, loop, len(batch), deferrals + 1)
             return
+        if self._inflight:
+            return  # the commit in flight flushes again when it completes
         self._pending.pop(loop, None)
-        if batch:
+        if not batch:
+            return
+        if self._committer is None:
             self._commit(batch, force_checkpoint=False)
+            return
+        self._lock.acquire()  # held until the commit completes (released on this loop)
+        if self._closed:
+            self._lock.release()
+            _resolve([(item, AuditUnavailable("the audit log is closed")) for item in batch])
+            return
+        staged = self._stage(batch, force_checkpoint=False)
+        if staged is None or not self._write(staged):
+            self._lock.release()
+            return
+        self._inflight = True
+        done = loop.run_in_executor(self._committer, self._db.execute, "COMMIT")
+        done.add_done_callback(lambda f: self._committed(loop, staged, f))
+
+    def _committed(self, loop: asyncio.AbstractEventLoop, staged: _Staged,
+                   done: asyncio.Future[Any]) -> None:
+        """Runs on the loop when the commit thread's COMMIT returns."""
+        try:
+            exc = done.exception()
+            if exc is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+                log.error("audit: a batch of %d event(s) could not be made durable: %s",
+                          len(staged.rows), exc)
+                _resolve([(item, AuditUnavailable()) for item, _ in staged.accepted])
+            else:
+                self._apply(staged)
+        finally:
+            self._inflight = False
+            self._lock.release()
+        if self._pending.get(loop):
+            loop.call_soon(self._flush, loop, 0, _MAX_DEFERRALS)
 
     def append(self, fields: Mapping[str, Any], *, timeout: float = 10.0) -> int:
         """Commit one event synchronously (for threads other than an event loop's).
@@ -268,11 +328,16 @@ class AuditLog:
             return
         self._stop.set()
         self._thread.join(timeout)
-        with self._lock:
+        with self._lock:  # waits for a commit in flight on the loop
             if not self._closed:
                 self._commit([], force_checkpoint=True)
                 self._closed = True
                 self._db.close()
+                if self._read_db is not self._db:
+                    with self._read_lock:
+                        self._read_db.close()
+        if self._committer is not None:
+            self._committer.shutdown(wait=True)
 
     def _checkpointer(self) -> None:
         """Cover events that stopped flowing (a signed checkpoint within one interval of the
@@ -307,6 +372,25 @@ class AuditLog:
             return self._commit_locked(batch, force_checkpoint=force_checkpoint)
 
     def _commit_locked(self, batch: list[_Pending], *, force_checkpoint: bool) -> bool:
+        staged = self._stage(batch, force_checkpoint=force_checkpoint)
+        if staged is None:
+            return True
+        if not self._write(staged):
+            return False
+        try:
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
+            log.error("audit: a batch of %d event(s) could not be made durable: %s",
+                      len(staged.rows), exc)
+            _resolve([(item, AuditUnavailable()) for item, _ in staged.accepted])
+            return False
+        self._apply(staged)
+        return True
+
+    def _stage(self, batch: list[_Pending], *, force_checkpoint: bool) -> _Staged | None:
+        """Number, encode and hash a batch on a copy of the tree (nothing durable yet)."""
         tree = self._tree.copy()
         rows: list[tuple[Any, ...]] = []
         accepted: list[tuple[_Pending, int]] = []
@@ -332,7 +416,12 @@ class AuditLog:
             cp = Checkpoint(origin=self.origin, size=tree.size, root=tree.root(), time=int(now))
             checkpoint = CheckpointRecord(tree.size, int(now), sign_note(cp.body(), self._signer))
         if not rows and checkpoint is None:
-            return True
+            return None
+        return _Staged(tree, rows, accepted, checkpoint, now)
+
+    def _write(self, staged: _Staged) -> bool:
+        """BEGIN and insert a staged batch (the COMMIT is the caller's); on failure roll back
+        and fail its events."""
         try:
             if self.failing:
                 raise sqlite3.OperationalError("simulated audit store failure")
@@ -340,33 +429,38 @@ class AuditLog:
             try:
                 self._db.executemany(
                     "INSERT INTO events (seq, time, type, principal, key_id, grant_id, data, leaf)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
-                if checkpoint is not None:
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)", staged.rows)
+                if staged.checkpoint is not None:
+                    cp = staged.checkpoint
                     self._db.execute("INSERT INTO checkpoints (size, time, note) VALUES (?, ?, ?)",
-                                     (checkpoint.size, checkpoint.time, checkpoint.note))
-                self._db.execute("COMMIT")
+                                     (cp.size, cp.time, cp.note))
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
         except sqlite3.Error as exc:
-            log.error("audit: a batch of %d event(s) could not be made durable: %s", len(rows), exc)
-            _resolve([(item, AuditUnavailable()) for item, _ in accepted])
+            log.error("audit: a batch of %d event(s) could not be made durable: %s",
+                      len(staged.rows), exc)
+            _resolve([(item, AuditUnavailable()) for item, _ in staged.accepted])
             return False
-        self._tree = tree
-        if checkpoint is not None:
-            self._checkpointed_size = checkpoint.size
-            self._last_checkpoint_at = now
-        _resolve(list(accepted))
         return True
+
+    def _apply(self, staged: _Staged) -> None:
+        """The batch is durable: adopt its tree and answer its submitters."""
+        self._tree = staged.tree
+        if staged.checkpoint is not None:
+            self._checkpointed_size = staged.checkpoint.size
+            self._last_checkpoint_at = staged.now
+        _resolve(list(staged.accepted))
 
     # -- reading ---------------------------------------------------------------------------
 
     def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         if self._closed:
             raise AuditUnavailable("the audit log is closed")
-        with self._lock:
+        lock = self._lock if self._read_db is self._db else self._read_lock
+        with lock:
             try:
-                return self._db.execute(sql, params).fetchall()
+                return self._read_db.execute(sql, params).fetchall()
             except sqlite3.Error as exc:
                 raise AuditUnavailable("the audit log cannot be read") from exc
 
