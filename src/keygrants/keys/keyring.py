@@ -7,6 +7,7 @@ AEAD call.
 
 from __future__ import annotations
 
+import struct
 import uuid
 from collections.abc import Iterable, Mapping
 
@@ -16,6 +17,8 @@ from keygrants.keys.context import canonical_context
 from keygrants.keys.material import KeyMaterial
 
 __all__ = ["KeyVersions", "Keyring"]
+
+_version_at = struct.Struct(">I").unpack_from  # the uint32 version after the key id
 
 
 class KeyVersions:
@@ -87,7 +90,7 @@ class Keyring:
         versions = self._keys.get(data[1:17])
         if versions is None:
             raise InvalidCiphertext()
-        m = versions.by_version.get(int.from_bytes(data[17:21], "big"))
+        m = versions.by_version.get(_version_at(data, 17)[0])
         if m is None or m.version < versions.min_decryption_version or m._aead is None:
             raise InvalidCiphertext()
         # Inlined KeyMaterial.open_matched: one call frame less on the hottest path (the
