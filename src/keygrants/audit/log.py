@@ -195,6 +195,7 @@ class AuditLog:
                            concurrent.futures.ThreadPoolExecutor(
                                max_workers=1, thread_name_prefix="keygrants-audit-commit"))
         self._inflight = False
+        self.commit_timeout = 10.0  # seconds a request may wait for its batch to be durable
         self._proof_cache: SubtreeCache = {}  # perfect subtrees never change in an append-only log
         self._tree = CompactTree()
         for (leaf,) in self._db.execute("SELECT leaf FROM events ORDER BY seq"):
@@ -272,7 +273,22 @@ class AuditLog:
             return
         self._inflight = True
         done = loop.run_in_executor(self._committer, self._db.execute, "COMMIT")
-        done.add_done_callback(lambda f: self._committed(loop, staged, f))
+        # One timer per batch bounds how long requests wait for durability (fail-closed).
+        watchdog = loop.call_later(self.commit_timeout, self._overdue, staged)
+
+        def finished(f: asyncio.Future[Any]) -> None:
+            watchdog.cancel()
+            self._committed(loop, staged, f)
+
+        done.add_done_callback(finished)
+
+    def _overdue(self, staged: _Staged) -> None:
+        """The commit is taking too long: fail its requests now (the commit, if it ever
+        completes, still adopts the batch, whose events then are durable but unanswered)."""
+        log.error("audit: a commit of %d event(s) is overdue by %.0f s; failing its requests",
+                  len(staged.rows), self.commit_timeout)
+        _resolve([(item, AuditUnavailable("the audit log did not confirm the event in time"))
+                  for item, _ in staged.accepted])
 
     def _committed(self, loop: asyncio.AbstractEventLoop, staged: _Staged,
                    done: asyncio.Future[Any]) -> None:
