@@ -49,3 +49,27 @@ def test_error_from_code_round_trip() -> None:
     unknown = errors.error_from_code("brand_new_code", "m", status=409)
     assert isinstance(unknown, errors.Conflict) and unknown.code == "brand_new_code"
     assert err.to_dict() == {"error": {"code": "key_disabled", "message": "m", "request_id": "r"}}
+
+
+def test_results_never_show_secret_bytes_in_their_repr() -> None:
+    from keygrants import models as m
+
+    secret = b"card 4111 1111"
+    for obj in (m.DecryptResult(plaintext=secret, key_id="k", key_version=1),
+                m.DataKey(ciphertext=b"ct", key_id="k", key_version=1, plaintext=secret),
+                m.EncryptRequest(plaintext=secret),
+                m.BatchItemResult(plaintext=secret),
+                m.DerivedKey(derived=secret, key_id="k", key_version=1),
+                m.RandomResult(random=secret)):
+        text = repr(obj)
+        assert "<redacted>" in text and repr(secret) not in text and "card" not in text
+    assert "ciphertext=b'ct'" in repr(m.DataKey(ciphertext=b"ct", key_id="k", key_version=1))
+
+
+def test_provider_uris_refuse_credentials() -> None:
+    import pytest as _pytest
+
+    from keygrants.providers import open_provider
+
+    with _pytest.raises(ValueError, match="credentials do not belong"):
+        open_provider("vault://user:s3cret@127.0.0.1:8200/key")

@@ -9,7 +9,7 @@ error, not a silent default.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Final, Literal
 
 import msgspec
 
@@ -64,12 +64,26 @@ MessageType = Literal["raw", "digest"]
 Context = dict[str, str]
 
 
+_SECRET_FIELDS: Final = frozenset({"plaintext", "derived", "random"})
+
+
+def _redacted_repr(self: msgspec.Struct) -> str:
+    """A repr that never shows secret bytes (plaintext, data keys, derived and random bytes):
+    results end up in logs and tracebacks."""
+    parts = []
+    for name in self.__struct_fields__:
+        value = getattr(self, name)
+        shown = ("<redacted>" if name in _SECRET_FIELDS and value is not None else repr(value))
+        parts.append(f"{name}={shown}")
+    return f"{type(self).__name__}({', '.join(parts)})"
+
+
 class _Request(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    pass
+    __repr__ = _redacted_repr
 
 
 class _Result(msgspec.Struct, kw_only=True):
-    pass
+    __repr__ = _redacted_repr
 
 
 # -- key management -------------------------------------------------------------------------

@@ -102,7 +102,9 @@ def parse_listen(listen: str) -> tuple[str, int]:
 
 def _write_secret_file(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()  # never reuse a leftover (its mode, or a symlink planted in its place)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(text + "\n")
         f.flush()
@@ -161,14 +163,14 @@ def build_server(config: ServerConfig) -> BuiltServer:
         system = RequestContext(principal="system", request_id="lifecycle")
         await asyncio.to_thread(audit.recorder.record, system, "server.start", "ok",
                                 operation="start", detail=started, wait=True)
-        task = asyncio.create_task(_scheduler(kms, interval))
+        stop_scheduler = asyncio.Event()
+        task = asyncio.create_task(_scheduler(kms, interval, stop_scheduler))
         shippers = [Shipper(audit.log, sink).start() for sink in sinks]
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            stop_scheduler.set()
+            await task
             try:
                 await asyncio.to_thread(audit.recorder.record, system, "server.stop", "ok",
                                         operation="stop", wait=True)
@@ -184,9 +186,10 @@ def build_server(config: ServerConfig) -> BuiltServer:
                        created_root_key=created, wrote_admin_token=token is not None)
 
 
-async def _scheduler(kms: KMS, interval: float) -> None:
-    """Apply due rotations and deletions now and every ``interval`` seconds."""
-    while True:
+async def _scheduler(kms: KMS, interval: float, stop: asyncio.Event) -> None:
+    """Apply due rotations and deletions now and every ``interval`` seconds, until ``stop``
+    (a run in progress finishes first: it is never cut off mid-write)."""
+    while not stop.is_set():
         try:
             rotated, destroyed = await asyncio.to_thread(kms.run_due)
             if rotated or destroyed:
@@ -195,7 +198,8 @@ async def _scheduler(kms: KMS, interval: float) -> None:
             log.warning("scheduler: %s (%s); will retry", exc.message, exc.code)
         except Exception:
             log.exception("scheduler: unexpected error; will retry")
-        await asyncio.sleep(interval)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval)
 
 
 def serve(config: ServerConfig, *, announce: Any = print) -> None:

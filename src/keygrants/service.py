@@ -168,6 +168,7 @@ class KMS:
         self.authorizer: Authorizer = self._authorizer
         self._write_lock = threading.RLock()
         self._cache: dict[str, _Loaded] = {}
+        self._generation = 0  # bumped by every cache write (see _load_fresh)
         self._by_kid: dict[bytes, _Loaded] = {}  # the same entries by raw key id (decrypt path)
         self._refs: dict[str, str] = {}
 
@@ -184,6 +185,10 @@ class KMS:
     # -- loading and resolution ------------------------------------------------------------
 
     def _load(self, key: Key) -> _Loaded:
+        """Unseal a key's versions and cache them (writers: under the write lock)."""
+        return self._put(self._build(key))
+
+    def _build(self, key: Key) -> _Loaded:
         versions: KeyVersions | None = None
         if key.state != "destroyed":
             spec = get_spec(key.spec)
@@ -194,9 +199,10 @@ class KMS:
                 for v in self.store.get_versions(key.id)
             ]
             versions = KeyVersions(kid, materials, min_decryption_version=key.min_decryption_version)
-        return self._put(_Loaded(key, versions))
+        return _Loaded(key, versions)
 
     def _put(self, loaded: _Loaded) -> _Loaded:
+        self._generation += 1
         self._cache[loaded.key.id] = loaded
         self._by_kid[_uuid(loaded.key.id).bytes] = loaded
         return loaded
@@ -226,16 +232,35 @@ class KMS:
             key = self.store.find_key(ref)
         if key is None:
             raise KeyNotFound(f"key {ref!r} not found")
-        loaded = self._cache.get(key.id) or self._load(key)
+        loaded = self._cache.get(key.id) or self._load_fresh(key.id)
         self._refs[ref] = key.id
         return loaded
+
+    def _load_fresh(self, key_id: str) -> _Loaded:
+        """Load a key missing from the cache without the write lock (this runs on the event
+        loop, and a writer holding that lock may be waiting for the loop's audit commit), but
+        cache it only if no write happened since the store was read, so a load racing a state
+        change (a disable) cannot put the older state back."""
+        loaded: _Loaded | None = None
+        for _ in range(3):
+            generation = self._generation
+            key = self.store.get_key(key_id)
+            if key is None:
+                raise KeyNotFound()
+            loaded = self._build(key)
+            if self._generation == generation:
+                return self._cache.get(key_id) or self._put(loaded)
+        assert loaded is not None
+        return loaded  # writes keep racing: answer from this fresh read without caching it
 
     def _resolve_kid(self, kid: bytes) -> _Loaded | None:
         loaded = self._by_kid.get(kid)
         if loaded is not None:
             return loaded
-        key = self.store.get_key(str(uuid.UUID(bytes=kid)))
-        return None if key is None else self._load(key)
+        try:
+            return self._load_fresh(str(uuid.UUID(bytes=kid)))
+        except KeyNotFound:
+            return None
 
     def _forget_refs(self, key_id: str) -> None:
         for ref in [r for r, k in self._refs.items() if k == key_id]:

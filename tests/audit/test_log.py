@@ -185,3 +185,60 @@ def test_digests_are_keyed_and_hide_the_value() -> None:
     assert d1.digest(token) == d1.digest(token.encode()) != d2.digest(token)
     with pytest.raises(ValueError):
         Digester(b"short")
+
+
+def test_several_event_loops_each_get_every_event_committed(log: AuditLog) -> None:
+    import asyncio
+
+    done: list[int] = []
+
+    def loop_thread(n: int) -> None:
+        async def run() -> None:
+            for i in range(n):
+                await asyncio.wait_for(log.submit(fields(i)), timeout=10)  # type: ignore[arg-type]
+            done.append(n)
+        asyncio.run(run())
+
+    threads = [threading.Thread(target=loop_thread, args=(60,)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert done == [60, 60, 60, 60]
+    assert log.size == 240
+
+
+def test_a_loop_batch_is_split_at_max_batch(tmp_path: Path, signer: NoteSigner) -> None:
+    import asyncio
+
+    log = AuditLog(tmp_path / "b.db", signer=signer, origin=ORIGIN, max_batch=10)
+
+    async def run() -> list[int]:
+        return list(await asyncio.gather(*(log.submit(fields(i)) for i in range(35))))  # type: ignore[arg-type]
+
+    try:
+        assert sorted(asyncio.run(run())) == list(range(35))
+    finally:
+        log.close()
+
+
+def test_blocking_calls_are_refused_on_a_loop_committing(log: AuditLog) -> None:
+    import asyncio
+
+    gate = threading.Event()
+    assert log._committer is not None
+    log._committer.submit(gate.wait, 10)  # the COMMIT queues behind this on the one commit thread
+
+    async def run() -> None:
+        fut = log.submit(fields())
+        for _ in range(100):
+            if log._inflight_loop is not None:
+                break
+            await asyncio.sleep(0)
+        assert log._inflight_loop is asyncio.get_running_loop()
+        with pytest.raises(RuntimeError, match="worker thread"):
+            log.append(fields())
+        gate.set()
+        assert await fut == 0  # type: ignore[misc]
+
+    asyncio.run(run())

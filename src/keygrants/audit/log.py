@@ -3,11 +3,11 @@
 Group commit happens where the requests are. On the server's event loop, :meth:`AuditLog.submit`
 queues the event and returns an ``asyncio.Future``; the first event of a loop iteration
 schedules one flush callback on that loop, which gives every event queued by then consecutive
-sequence numbers, appends their leaf hashes to the tree and commits them in one transaction:
-one fsync (WAL, ``synchronous=FULL``) makes the whole batch durable, and the futures resolve
-right there, on their own loop. The loop blocks for that commit (a fraction of a millisecond
-for a whole batch) instead of handing every event to a writer thread: measured here, the
-thread hand-off (the GIL changing hands per batch) cost twice the throughput the fsync did.
+sequence numbers, appends their leaf hashes to the tree and inserts them in one transaction;
+a commit thread then runs only the ``COMMIT`` (one fsync, WAL with ``synchronous=FULL``, makes
+the whole batch durable) while the loop goes on serving and gathering the next batch, and the
+futures resolve back on their loop. Measured here, a writer thread doing all of it cost twice
+the throughput (the GIL changing hands for every batch's Python work).
 From any other thread (state changes applied in worker threads, the scheduler, tools),
 :meth:`AuditLog.append` commits synchronously under the same lock. Callers act, or answer,
 only after their event is durable; every failure is :class:`~keygrants.errors.AuditUnavailable`.
@@ -194,7 +194,8 @@ class AuditLog:
         self._committer = (None if self.path == ":memory:" else
                            concurrent.futures.ThreadPoolExecutor(
                                max_workers=1, thread_name_prefix="keygrants-audit-commit"))
-        self._inflight = False
+        self._inflight_loop: asyncio.AbstractEventLoop | None = None
+        self._stuck = False
         self.commit_timeout = 10.0  # seconds a request may wait for its batch to be durable
         self._proof_cache: SubtreeCache = {}  # perfect subtrees never change in an append-only log
         self._tree = CompactTree()
@@ -254,27 +255,47 @@ class AuditLog:
         if len(batch) > seen and deferrals < _MAX_DEFERRALS and len(batch) < self._max_batch:
             loop.call_soon(self._flush, loop, len(batch), deferrals + 1)
             return
-        if self._inflight:
-            return  # the commit in flight flushes again when it completes
-        self._pending.pop(loop, None)
+        if self._inflight_loop is loop:
+            return  # this loop's commit in flight flushes again when it completes
+        if self._stuck:
+            # the last commit overran its deadline: fail closed at once rather than queue
+            self._pending.pop(loop, None)
+            _resolve([(item, AuditUnavailable("the audit log is not confirming commits"))
+                      for item in batch])
+            return
+        rest = batch[self._max_batch:]
+        batch = batch[:self._max_batch]
+        if rest:
+            self._pending[loop] = rest  # flushed when this batch's commit completes
+        else:
+            self._pending.pop(loop, None)
         if not batch:
             return
         if self._committer is None:
             self._commit(batch, force_checkpoint=False)
             return
-        self._lock.acquire()  # held until the commit completes (released on this loop)
-        if self._closed:
+        # Held until the commit completes (released on this loop). Another loop's commit in
+        # flight makes this loop wait for it here, which only a multi-loop process ever sees.
+        self._lock.acquire()
+        try:
+            if self._closed:
+                raise AuditUnavailable("the audit log is closed")
+            staged = self._stage(batch, force_checkpoint=False)
+            if staged is None or not self._write(staged):
+                self._lock.release()
+                return
+            done = loop.run_in_executor(self._committer, self._db.execute, "COMMIT")
+        except BaseException as exc:
             self._lock.release()
-            _resolve([(item, AuditUnavailable("the audit log is closed")) for item in batch])
+            if not isinstance(exc, AuditUnavailable):
+                log.exception("audit: staging a batch failed")
+            _resolve([(item, AuditUnavailable()) for item in batch])
+            if not isinstance(exc, Exception):
+                raise
             return
-        staged = self._stage(batch, force_checkpoint=False)
-        if staged is None or not self._write(staged):
-            self._lock.release()
-            return
-        self._inflight = True
-        done = loop.run_in_executor(self._committer, self._db.execute, "COMMIT")
+        self._inflight_loop = loop
         # One timer per batch bounds how long requests wait for durability (fail-closed).
-        watchdog = loop.call_later(self.commit_timeout, self._overdue, staged)
+        watchdog = loop.call_later(self.commit_timeout, self._overdue, loop, staged)
 
         def finished(f: asyncio.Future[Any]) -> None:
             watchdog.cancel()
@@ -282,13 +303,27 @@ class AuditLog:
 
         done.add_done_callback(finished)
 
-    def _overdue(self, staged: _Staged) -> None:
-        """The commit is taking too long: fail its requests now (the commit, if it ever
-        completes, still adopts the batch, whose events then are durable but unanswered)."""
-        log.error("audit: a commit of %d event(s) is overdue by %.0f s; failing its requests",
-                  len(staged.rows), self.commit_timeout)
+    def _not_during_own_commit(self, what: str) -> None:
+        """The blocking entry points must not run on a loop whose commit is in flight: that
+        loop's thread holds the (reentrant) lock, and re-entering it would use the connection
+        while the commit thread is committing on it."""
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        if running is self._inflight_loop:
+            raise RuntimeError(f"{what} blocks; call it from a worker thread, not from an "
+                               "event loop that is committing audit events")
+
+    def _overdue(self, loop: asyncio.AbstractEventLoop, staged: _Staged) -> None:
+        """The commit is taking too long: fail its requests, and every request that arrives
+        until it completes (if it ever does, its batch is adopted: durable but unanswered)."""
+        log.error("audit: a commit of %d event(s) is overdue by %.0f s; failing requests until "
+                  "it completes", len(staged.rows), self.commit_timeout)
+        self._stuck = True
+        queued = self._pending.pop(loop, [])
         _resolve([(item, AuditUnavailable("the audit log did not confirm the event in time"))
-                  for item, _ in staged.accepted])
+                  for item in [*(i for i, _ in staged.accepted), *queued]])
 
     def _committed(self, loop: asyncio.AbstractEventLoop, staged: _Staged,
                    done: asyncio.Future[Any]) -> None:
@@ -304,7 +339,8 @@ class AuditLog:
             else:
                 self._apply(staged)
         finally:
-            self._inflight = False
+            self._inflight_loop = None
+            self._stuck = False
             self._lock.release()
         if self._pending.get(loop):
             loop.call_soon(self._flush, loop, 0, _MAX_DEFERRALS)
@@ -316,6 +352,7 @@ class AuditLog:
             AuditUnavailable: if the event could not be made durable.
             InvalidRequest: if the fields are not a valid event.
         """
+        self._not_during_own_commit("AuditLog.append (use submit)")
         item = _Pending(dict(fields))
         item.fields.setdefault("time", format_time(self._clock()))
         if self._closed:
@@ -331,6 +368,7 @@ class AuditLog:
 
     def checkpoint_now(self, *, timeout: float = 10.0) -> CheckpointRecord:
         """Make a checkpoint of everything durable so far (unless one exists at this size)."""
+        self._not_during_own_commit("AuditLog.checkpoint_now")
         if not self._commit([], force_checkpoint=True):
             raise AuditUnavailable("audit checkpoint failed")
         latest = self.latest_checkpoint()
@@ -339,7 +377,8 @@ class AuditLog:
         return latest
 
     def close(self, *, timeout: float = 10.0) -> None:
-        """Checkpoint what is durable and close the database."""
+        """Checkpoint what is durable and close the database (from a thread, not a loop)."""
+        self._not_during_own_commit("AuditLog.close")
         if self._closed:
             return
         self._stop.set()
@@ -565,10 +604,20 @@ class AuditLog:
         return int(rows[0][0]) if rows else 0
 
     def set_cursor(self, sink: str, seq: int) -> None:
-        """Record a sink's delivery position durably."""
+        """Record a sink's delivery position durably (from a thread, not a loop).
+
+        Raises:
+            AuditUnavailable: if the log is closed or the write fails.
+        """
+        self._not_during_own_commit("AuditLog.set_cursor")
         with self._lock:
-            self._db.execute("INSERT INTO cursors (sink, seq) VALUES (?, ?) "
-                             "ON CONFLICT (sink) DO UPDATE SET seq = excluded.seq", (sink, seq))
+            if self._closed:
+                raise AuditUnavailable("the audit log is closed")
+            try:
+                self._db.execute("INSERT INTO cursors (sink, seq) VALUES (?, ?) "
+                                 "ON CONFLICT (sink) DO UPDATE SET seq = excluded.seq", (sink, seq))
+            except sqlite3.Error as exc:
+                raise AuditUnavailable("the sink cursor could not be saved") from exc
 
 
 def wait_durable(future: concurrent.futures.Future[int], *, timeout: float = 10.0) -> int:

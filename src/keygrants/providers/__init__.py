@@ -43,6 +43,14 @@ def _scheme(uri: str) -> str:
     return scheme
 
 
+def _no_userinfo(uri: str) -> None:
+    """Provider URIs are logged and recorded; credentials in them would leak."""
+    rest = uri.partition(":")[2]
+    if rest.startswith("//") and "@" in rest[2:].split("/", 1)[0]:
+        raise ValueError("credentials do not belong in a provider URI (it is logged); pass "
+                         "them as options or through the provider's environment variables")
+
+
 def register_provider(scheme: str, factory: Callable[..., KeyProvider]) -> None:
     """Register ``factory(uri, **options) -> KeyProvider`` for a URI scheme."""
     _KEY_PROVIDERS[scheme] = factory
@@ -66,6 +74,7 @@ def open_provider(uri: str, **options: Any) -> KeyProvider:
         ProviderConnectionError: when the provider's optional extra is not installed.
     """
     scheme = _scheme(uri)
+    _no_userinfo(uri)
     factory = _KEY_PROVIDERS.get(scheme)
     if factory is None:
         raise ValueError(f"unknown key provider {scheme!r}; known: {', '.join(sorted(_KEY_PROVIDERS))}")
