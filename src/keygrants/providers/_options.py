@@ -15,7 +15,7 @@ import functools
 import math
 from collections.abc import Callable, Collection, Mapping
 from typing import Any, Final, TypeVar
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlsplit
 
 from keygrants.errors import DecryptionError, InvalidRequest, ProviderConnectionError
 from keygrants.keys.context import canonical_context
@@ -86,6 +86,28 @@ def collect_options(provider: str, query: str, options: Mapping[str, Any], *,
         if value is not None:
             out[name] = value
     return out
+
+
+def parse_http_uri(uri: str, scheme: str, options: Mapping[str, Any], *,
+                   allowed: Collection[str], secrets: Collection[str]
+                   ) -> tuple[str, str | None, dict[str, Any]]:
+    """``SCHEME://HOST:PORT/KEY?options`` for providers spoken to over HTTP(S).
+
+    Returns:
+        ``(base_url, key or None, options)``: the base URL is ``https://`` unless the
+        ``tls=false`` option says otherwise, and a ``timeout`` option is validated.
+
+    Raises:
+        ValueError: for a malformed URI, a bad option, or a secret in the URI.
+    """
+    parts = urlsplit(uri)
+    if parts.scheme != scheme or not parts.netloc or parts.fragment:
+        raise ValueError(f"{scheme}: URI must be {scheme}://HOST:PORT/KEY?options")
+    opts = collect_options(scheme, parts.query, options, allowed=allowed, secrets=secrets)
+    tls = as_bool(opts.pop("tls", True), "tls")
+    if "timeout" in opts:
+        opts["timeout"] = as_timeout(opts["timeout"])
+    return f"{'https' if tls else 'http'}://{parts.netloc}", parts.path.strip("/") or None, opts
 
 
 def as_bool(value: object, name: str) -> bool:

@@ -50,11 +50,10 @@ from keygrants.errors import (
 from keygrants.keys.context import canonical_context
 from keygrants.providers._options import (
     DEFAULT_TIMEOUT,
-    as_bool,
     as_timeout,
     check_plaintext,
-    collect_options,
     decrypt_context,
+    parse_http_uri,
 )
 from keygrants.providers.base import KeyProvider
 from keygrants.providers.models import DataKeyPair, EncryptedData, KeyReference, RotationPolicy
@@ -121,15 +120,9 @@ class KeygrantsProvider(KeyProvider):
         Raises:
             ValueError: for a malformed URI, a bad option, or a token in the URI.
         """
-        parts = urlsplit(uri)
-        if parts.scheme != SCHEME or not parts.netloc or parts.fragment:
-            raise ValueError("keygrants: URI must be keygrants://HOST:PORT/KEY?options")
-        opts = collect_options(SCHEME, parts.query, options, allowed=_OPTIONS, secrets=_SECRETS)
-        tls = as_bool(opts.pop("tls", True), "tls")
-        if "timeout" in opts:
-            opts["timeout"] = as_timeout(opts["timeout"])
-        key = parts.path.strip("/") or None
-        return cls(f"{'https' if tls else 'http'}://{parts.netloc}", key, **opts)
+        base, key, opts = parse_http_uri(uri, SCHEME, options, allowed=_OPTIONS,
+                                         secrets=_SECRETS)
+        return cls(base, key, **opts)
 
     def __repr__(self) -> str:
         return f"KeygrantsProvider({self.uri!r})"

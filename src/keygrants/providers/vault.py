@@ -66,11 +66,10 @@ from keygrants.errors import (
 from keygrants.keys.context import canonical_context
 from keygrants.providers._options import (
     DEFAULT_TIMEOUT,
-    as_bool,
     as_timeout,
     check_plaintext,
-    collect_options,
     decrypt_context,
+    parse_http_uri,
     run_blocking,
 )
 from keygrants.providers.base import KeyProvider
@@ -215,15 +214,9 @@ class VaultTransitProvider(KeyProvider):
         Raises:
             ValueError: for a malformed URI, a bad option, or a secret in the URI.
         """
-        parts = urlsplit(uri)
-        if parts.scheme != SCHEME or not parts.netloc or parts.fragment:
-            raise ValueError("vault: URI must be vault://HOST:PORT/KEY?options")
-        opts = collect_options(SCHEME, parts.query, options, allowed=_OPTIONS, secrets=_SECRETS)
-        tls = as_bool(opts.pop("tls", True), "tls")
-        if "timeout" in opts:
-            opts["timeout"] = as_timeout(opts["timeout"])
-        key = parts.path.strip("/") or None
-        return cls(f"{'https' if tls else 'http'}://{parts.netloc}", key, **opts)
+        base, key, opts = parse_http_uri(uri, SCHEME, options, allowed=_OPTIONS,
+                                         secrets=_SECRETS)
+        return cls(base, key, **opts)
 
     def __repr__(self) -> str:
         return f"VaultTransitProvider({self.uri!r})"
