@@ -439,3 +439,24 @@ def test_material_never_in_results(kms: KMS, admin: RequestContext) -> None:
     assert versions[0].sealed not in encoded
     assert b"sealed" not in encoded
 
+
+
+def test_unknown_key_ids_in_ciphertext_are_remembered(kms: KMS, admin: RequestContext) -> None:
+    import uuid as _uuid
+
+    create(kms, admin, "k")
+    ct = bytearray(kms.encrypt(admin, "k", b"x").ciphertext)
+    ct[1:17] = _uuid.uuid4().bytes
+    calls = 0
+    real_get = kms.store.get_key
+
+    def counting_get(key_id: str):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        return real_get(key_id)
+
+    kms.store.get_key = counting_get  # type: ignore[method-assign]
+    for _ in range(3):
+        with pytest.raises(InvalidCiphertext):
+            kms.decrypt(admin, bytes(ct))
+    assert calls == 1  # the store was asked once, then the miss was remembered

@@ -62,6 +62,7 @@ MIN_DELETION_DAYS: Final = 7
 MAX_DELETION_DAYS: Final = 30
 MAX_DESCRIPTION_LENGTH: Final = 1024
 MAX_LIST_LIMIT: Final = 1000
+_MAX_UNKNOWN_KIDS: Final = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +171,9 @@ class KMS:
         self._cache: dict[str, _Loaded] = {}
         self._generation = 0  # bumped by every cache write (see _load_fresh)
         self._by_kid: dict[bytes, _Loaded] = {}  # the same entries by raw key id (decrypt path)
+        # key ids that named no key, bounded, oldest first (a multi-node deployment must also
+        # clear it when another node publishes a new key)
+        self._unknown_kids: dict[bytes, None] = {}
         self._refs: dict[str, str] = {}
 
     def _now(self) -> int:
@@ -257,9 +261,14 @@ class KMS:
         loaded = self._by_kid.get(kid)
         if loaded is not None:
             return loaded
+        if kid in self._unknown_kids:
+            return None  # a forged or foreign key id: no store query on the event loop again
         try:
             return self._load_fresh(str(uuid.UUID(bytes=kid)))
         except KeyNotFound:
+            if len(self._unknown_kids) >= _MAX_UNKNOWN_KIDS:
+                self._unknown_kids.pop(next(iter(self._unknown_kids)))
+            self._unknown_kids[kid] = None
             return None
 
     def _forget_refs(self, key_id: str) -> None:
@@ -373,6 +382,7 @@ class KMS:
             version = self._new_version(spec, kid, 1, now)
             self._intent(ctx, "key.create", "create_key", key.id, name=key.name, spec=key.spec)
             self.store.create_key(key, version)
+            self._unknown_kids.pop(kid.bytes, None)
             self._load(key)
         return self.info(key)
 
