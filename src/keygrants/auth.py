@@ -83,12 +83,6 @@ class AdminTokenAuthenticator:
             raise ValueError("no admin token configured; call ensure_admin_token first")
         self._digest = digest
 
-    def reload(self) -> None:
-        """Re-read the digest after a reset."""
-        digest = self._store.get_meta(ADMIN_TOKEN_META)
-        if digest is not None:
-            self._digest = digest
-
     def authenticate(self, token: str | None, *, request_id: str = "",
                      source: str | None = None, pending_audit: list[Any] | None = None
                      ) -> RequestContext:

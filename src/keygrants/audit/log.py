@@ -366,7 +366,7 @@ class AuditLog:
         assert isinstance(item.future, concurrent.futures.Future)
         return wait_durable(item.future, timeout=0)
 
-    def checkpoint_now(self, *, timeout: float = 10.0) -> CheckpointRecord:
+    def checkpoint_now(self) -> CheckpointRecord:
         """Make a checkpoint of everything durable so far (unless one exists at this size)."""
         self._not_during_own_commit("AuditLog.checkpoint_now")
         if not self._commit([], force_checkpoint=True):
