@@ -12,13 +12,26 @@ same classes by the SDK (:func:`error_from_code`).
     ├── InvalidRequest                  invalid_request      400
     │   ├── MalformedBody               malformed_body       400
     │   ├── PayloadTooLarge             payload_too_large    413
-    │   └── InvalidKeyUsage             invalid_key_usage    400
+    │   ├── InvalidKeyUsage             invalid_key_usage    400
+    │   ├── PolicyInvalid               policy_invalid       400
+    │   └── HeaderTooLarge              header_too_large     431
     ├── InvalidCiphertext               invalid_ciphertext   400  (opaque, always)
-    ├── Unauthenticated                 unauthenticated      401
+    ├── Unauthenticated                 unauthenticated      401  (+ WWW-Authenticate)
+    │   ├── SignatureInvalid            signature_invalid    401
+    │   ├── SignatureExpired            signature_expired    401
+    │   ├── NonceReplayed               nonce_replayed       401
+    │   ├── UnknownCredential           unknown_key          401
+    │   ├── CredentialRevoked           credential_revoked   401
+    │   ├── CredentialExpired           credential_expired   401
+    │   ├── DigestMismatch              digest_mismatch      401
+    │   └── PrincipalDisabled           principal_disabled   401
     ├── Forbidden                       forbidden            403
     ├── NotFound                        not_found            404
     │   ├── KeyNotFound                 key_not_found        404
-    │   └── AliasNotFound               alias_not_found      404
+    │   ├── AliasNotFound               alias_not_found      404
+    │   ├── PrincipalNotFound           principal_not_found  404
+    │   ├── CredentialNotFound          credential_not_found 404
+    │   └── PolicyNotFound              policy_not_found     404
     ├── MethodNotAllowed                method_not_allowed   405
     ├── Conflict                        conflict             409
     │   └── AlreadyExists               already_exists       409
@@ -27,6 +40,7 @@ same classes by the SDK (:func:`error_from_code`).
     │   ├── KeyPendingDeletion          key_pending_deletion 409
     │   └── KeyDestroyed                key_destroyed        409
     ├── KeyVersionError                 key_version          409
+    ├── RateLimited                     rate_limited         429  (+ Retry-After)
     ├── SealError                       seal_error           503
     │   └── UnsealFailed                unseal_failed        503
     ├── StoreError                      store_unavailable    503
@@ -54,9 +68,14 @@ __all__ = [
     "AlreadyExists",
     "AuditUnavailable",
     "Conflict",
+    "CredentialExpired",
+    "CredentialNotFound",
+    "CredentialRevoked",
     "DecryptionError",
+    "DigestMismatch",
     "EncryptionError",
     "Forbidden",
+    "HeaderTooLarge",
     "InvalidCiphertext",
     "InvalidKeyUsage",
     "InvalidRequest",
@@ -72,13 +91,22 @@ __all__ = [
     "KeygrantsError",
     "MalformedBody",
     "MethodNotAllowed",
+    "NonceReplayed",
     "NotFound",
     "PayloadTooLarge",
+    "PolicyInvalid",
+    "PolicyNotFound",
+    "PrincipalDisabled",
+    "PrincipalNotFound",
     "ProviderConnectionError",
+    "RateLimited",
     "SealError",
     "ServerUnreachable",
+    "SignatureExpired",
+    "SignatureInvalid",
     "StoreError",
     "Unauthenticated",
+    "UnknownCredential",
     "UnsealFailed",
     "UnsupportedOperation",
     "error_from_code",
@@ -132,6 +160,21 @@ class InvalidKeyUsage(InvalidRequest):
     default_message = "operation not allowed for this key's purpose"
 
 
+class PolicyInvalid(InvalidRequest):
+    """Raised when a policy does not parse or does not match the schema (the old one stays)."""
+
+    code = "policy_invalid"
+    default_message = "invalid policy"
+
+
+class HeaderTooLarge(InvalidRequest):
+    """Raised when an authentication header is longer than its limit."""
+
+    code = "header_too_large"
+    status = 431
+    default_message = "request header too large"
+
+
 class InvalidCiphertext(KeygrantsError):
     """Raised for every failed decryption, whatever the cause (opaque by design)."""
 
@@ -146,6 +189,62 @@ class Unauthenticated(KeygrantsError):
     code = "unauthenticated"
     status = 401
     default_message = "authentication required"
+
+
+class SignatureInvalid(Unauthenticated):
+    """Raised when an HTTP message signature is malformed, incomplete or does not verify."""
+
+    code = "signature_invalid"
+    default_message = "invalid signature"
+
+
+class SignatureExpired(Unauthenticated):
+    """Raised when a signature's ``created``/``expires`` lies outside the allowed clock skew."""
+
+    code = "signature_expired"
+    default_message = "signature expired or not yet valid"
+
+
+class NonceReplayed(Unauthenticated):
+    """Raised when a signature's nonce was already seen within its validity window."""
+
+    code = "nonce_replayed"
+    default_message = "nonce already used"
+
+
+class UnknownCredential(Unauthenticated):
+    """Raised when a key id or API key names no credential."""
+
+    code = "unknown_key"
+    default_message = "unknown credential"
+
+
+class CredentialRevoked(Unauthenticated):
+    """Raised when the presented credential has been revoked."""
+
+    code = "credential_revoked"
+    default_message = "credential revoked"
+
+
+class CredentialExpired(Unauthenticated):
+    """Raised when the presented credential is expired or not yet valid."""
+
+    code = "credential_expired"
+    default_message = "credential expired or not yet valid"
+
+
+class DigestMismatch(Unauthenticated):
+    """Raised when the Content-Digest is missing for a body or does not match it."""
+
+    code = "digest_mismatch"
+    default_message = "content digest mismatch"
+
+
+class PrincipalDisabled(Unauthenticated):
+    """Raised when the credential's principal is disabled."""
+
+    code = "principal_disabled"
+    default_message = "principal disabled"
 
 
 class Forbidden(KeygrantsError):
@@ -176,6 +275,27 @@ class AliasNotFound(NotFound):
 
     code = "alias_not_found"
     default_message = "alias not found"
+
+
+class PrincipalNotFound(NotFound):
+    """Raised when a principal id names no principal."""
+
+    code = "principal_not_found"
+    default_message = "principal not found"
+
+
+class CredentialNotFound(NotFound):
+    """Raised when a credential id names no credential of the principal."""
+
+    code = "credential_not_found"
+    default_message = "credential not found"
+
+
+class PolicyNotFound(NotFound):
+    """Raised when a policy name names no policy."""
+
+    code = "policy_not_found"
+    default_message = "policy not found"
 
 
 class MethodNotAllowed(KeygrantsError):
@@ -236,6 +356,19 @@ class KeyVersionError(KeygrantsError):
     code = "key_version"
     status = 409
     default_message = "key version not usable"
+
+
+class RateLimited(KeygrantsError):
+    """Raised when a principal exceeds its request rate; ``retry_after`` is in seconds."""
+
+    code = "rate_limited"
+    status = 429
+    default_message = "too many requests"
+
+    def __init__(self, message: str | None = None, *, request_id: str | None = None,
+                 retry_after: float = 1.0) -> None:
+        super().__init__(message, request_id=request_id)
+        self.retry_after = retry_after
 
 
 class SealError(KeygrantsError):
@@ -350,7 +483,8 @@ def error_from_code(
     cls = classes.get(code)
     if cls is None:
         by_status = {400: InvalidRequest, 401: Unauthenticated, 403: Forbidden, 404: NotFound,
-                     405: MethodNotAllowed, 409: Conflict, 413: PayloadTooLarge}
+                     405: MethodNotAllowed, 409: Conflict, 413: PayloadTooLarge,
+                     429: RateLimited, 431: HeaderTooLarge}
         cls = by_status.get(status or 500, KeygrantsError)
         err = cls(message, request_id=request_id)
         err.code = code  # type: ignore[misc]  # keep the server's precise code
