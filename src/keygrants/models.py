@@ -64,7 +64,7 @@ MessageType = Literal["raw", "digest"]
 Context = dict[str, str]
 
 
-_SECRET_FIELDS: Final = frozenset({"plaintext", "derived", "random"})
+_SECRET_FIELDS: Final = frozenset({"plaintext", "derived", "random", "api_key"})
 
 
 def _redacted_repr(self: msgspec.Struct) -> str:
@@ -97,15 +97,17 @@ class CreateKeyRequest(_Request):
     description: str = ""
     rotation_period: int | None = None
     derivable: bool = False
+    tags: list[str] = []
 
 
 class UpdateKeyRequest(_Request):
     """Change a key's settings; absent fields are left alone (``rotation_period: 0`` turns
-    scheduled rotation off)."""
+    scheduled rotation off; ``tags`` replaces the whole set)."""
 
     description: str | None = None
     rotation_period: int | None = None
     min_decryption_version: int | None = None
+    tags: list[str] | None = None
 
 
 class ScheduleDeletionRequest(_Request):
@@ -138,6 +140,7 @@ class KeyInfo(_Result):
     rotation_period: int | None = None
     next_rotation_at: datetime | None = None
     deletion_date: datetime | None = None
+    tags: list[str] = []
     aliases: list[str] = []
 
 
@@ -428,3 +431,160 @@ class AuditKey(_Result):
 
     origin: str
     vkey: str
+
+
+# -- principals, credentials and policies -------------------------------------------------------
+
+
+class CreatePrincipalRequest(_Request):
+    """Create a principal (a service or a person); ``id`` is its name."""
+
+    id: str
+    display_name: str = ""
+    tags: list[str] = []
+
+
+class UpdatePrincipalRequest(_Request):
+    """Change a principal; absent fields are left alone (``tags`` replaces the whole set)."""
+
+    display_name: str | None = None
+    tags: list[str] | None = None
+
+
+class CredentialInfo(_Result):
+    """A credential's public facts (never an API key or its hash)."""
+
+    id: str
+    principal: str
+    kind: str
+    label: str
+    not_before: datetime
+    created_at: datetime
+    expires_at: datetime | None = None
+    last_used_at: datetime | None = None
+    revoked_at: datetime | None = None
+    algorithm: str | None = None
+    public_key_jwk: dict[str, str] | None = None
+    keyid: str | None = None
+    match: str | None = None
+    state: str = "active"
+
+
+class PrincipalInfo(_Result):
+    """A principal and, when shown alone, its credentials."""
+
+    id: str
+    display_name: str
+    tags: list[str]
+    enabled: bool
+    builtin: bool
+    created_at: datetime
+    updated_at: datetime
+    last_seen_at: datetime | None = None
+    credentials: list[CredentialInfo] | None = None
+
+
+class PrincipalList(_Result):
+    """One page of principals; ``next`` is the cursor for the following page."""
+
+    principals: list[PrincipalInfo]
+    next: str | None = None
+
+
+class AddPublicKeyRequest(_Request):
+    """Register a public key (PEM SubjectPublicKeyInfo or a JWK as JSON text).
+
+    ``not_before``/``expires_at`` are Unix seconds; ``expires_in`` (seconds) is a shortcut."""
+
+    public_key: str
+    label: str = ""
+    not_before: int | None = None
+    expires_at: int | None = None
+    expires_in: int | None = None
+
+
+class CreateApiKeyRequest(_Request):
+    """Issue an API key for a principal (it is shown once)."""
+
+    label: str = ""
+    not_before: int | None = None
+    expires_at: int | None = None
+    expires_in: int | None = None
+
+
+class ApiKeyCreated(_Result):
+    """A new API key; ``api_key`` is shown only in this response."""
+
+    credential: CredentialInfo
+    api_key: str
+
+
+class AddCertificateRequest(_Request):
+    """Map client certificates to a principal: ``match`` is ``sha256:<hex>``,
+    ``subject:<RFC 4514 name>``, ``san-dns:<name>``, ``san-uri:<uri>`` or
+    ``san-email:<address>``; or give the PEM ``certificate`` to match its fingerprint."""
+
+    match: str | None = None
+    certificate: str | None = None
+    label: str = ""
+    not_before: int | None = None
+    expires_at: int | None = None
+    expires_in: int | None = None
+
+
+class WhoAmI(_Result):
+    """The authenticated caller."""
+
+    principal: str
+    credential: str | None
+    auth_method: str | None
+    tags: list[str] = []
+
+
+class PutPolicyRequest(_Request):
+    """Create or replace a named Cedar policy."""
+
+    text: str
+    description: str = ""
+
+
+class PolicyInfo(_Result):
+    """A named policy."""
+
+    name: str
+    text: str
+    description: str
+    statements: int
+    created_at: datetime
+    updated_at: datetime
+
+
+class GrantFactsRequest(_Request):
+    """The grant a ``create_grant`` decision is about (for ``policy test``)."""
+
+    ttl: int = 300
+    uses: int = 0
+    pop: bool = False
+    operations: list[str] = []
+    audiences: list[str] = []
+
+
+class TestPolicyRequest(_Request):
+    """Would ``principal`` be allowed ``action`` on ``key`` with this context?"""
+
+    principal: str
+    action: str
+    key: str | None = None
+    context: dict[str, str] | None = None
+    source: str = "signature"
+    grant: GrantFactsRequest | None = None
+    time: int | None = None
+
+
+class PolicyTestResult(_Result):
+    """The decision and which statements made it."""
+
+    allowed: bool
+    reasons: list[str]
+    errors: list[str]
+    explanation: str

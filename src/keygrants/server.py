@@ -23,16 +23,16 @@ from pathlib import Path
 from typing import Any, Final
 
 from keygrants._version import __version__
+from keygrants.access import open_access
 from keygrants.api.app import HttpLimits, KeygrantsApp, create_app
+from keygrants.api.tls import protocol_class, server_ssl_options
 from keygrants.audit.service import AuditService
 from keygrants.audit.setup import AUDIT_DB_FILE, AuditSetup, open_audit
 from keygrants.audit.sinks import Shipper, open_sink
-from keygrants.auth import (
-    AdminTokenAuthenticator,
-    RequestContext,
-    ensure_admin_token,
-    reset_admin_token,
-)
+from keygrants.auth import RequestContext, ensure_admin_token, reset_admin_token
+from keygrants.auth.authenticator import AuthSettings
+from keygrants.auth.directory import Directory
+from keygrants.auth.ratelimit import RateLimiter
 from keygrants.errors import KeygrantsError
 from keygrants.providers import open_root_provider
 from keygrants.providers.local import PASSPHRASE_ENV
@@ -74,6 +74,13 @@ class ServerConfig:
     node_id: str = field(default_factory=socket.gethostname)
     checkpoint_interval: float = 1.0
     audit_sinks: list[str] = field(default_factory=list)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    rate_limit: float = 1000.0
+    rate_burst: int = 2000
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    client_ca: Path | None = None
+    usage_flush_interval: float = 30.0
 
 
 @dataclass(slots=True)
@@ -142,15 +149,16 @@ def build_server(config: ServerConfig) -> BuiltServer:
     root_key, created = open_root_key(store, provider)
     audit = open_audit(store, root_key, path=data_dir / AUDIT_DB_FILE, node=config.node_id,
                        checkpoint_interval=config.checkpoint_interval)
-    limits = Limits(max_plaintext=config.max_plaintext, max_message=config.max_plaintext)
-    kms = KMS(store, root_key, limits=limits, audit=audit.recorder)
-    audit_service = AuditService(audit, kms.authorizer)
-
     token_path = data_dir / ADMIN_TOKEN_FILE
     token = reset_admin_token(store) if config.reset_admin_token else ensure_admin_token(store)
     if token is not None:
         _write_secret_file(token_path, token)
-    authenticator = AdminTokenAuthenticator(store)
+    access = open_access(store, root_key, audit=audit.recorder, settings=config.auth)
+    limits = Limits(max_plaintext=config.max_plaintext, max_message=config.max_plaintext)
+    kms = KMS(store, root_key, limits=limits, audit=audit.recorder, authorizer=access.authorizer)
+    audit_service = AuditService(audit, kms.authorizer)
+    rate_limiter = (RateLimiter(config.rate_limit, config.rate_burst)
+                    if config.rate_limit > 0 else None)
 
     interval = config.scheduler_interval
 
@@ -165,12 +173,15 @@ def build_server(config: ServerConfig) -> BuiltServer:
                                 operation="start", detail=started, wait=True)
         stop_scheduler = asyncio.Event()
         task = asyncio.create_task(_scheduler(kms, interval, stop_scheduler))
+        usage = asyncio.create_task(_flush_usage(access.directory, config.usage_flush_interval,
+                                                 stop_scheduler))
         shippers = [Shipper(audit.log, sink).start() for sink in sinks]
         try:
             yield
         finally:
             stop_scheduler.set()
             await task
+            await usage
             try:
                 await asyncio.to_thread(audit.recorder.record, system, "server.stop", "ok",
                                         operation="stop", wait=True)
@@ -180,8 +191,9 @@ def build_server(config: ServerConfig) -> BuiltServer:
             await asyncio.to_thread(audit.log.close)
             store.close()
 
-    app = create_app(kms, authenticator, limits=HttpLimits.for_plaintext(config.max_plaintext),
-                     lifespan=lifespan, audit=audit_service)
+    app = create_app(kms, access.authenticator,
+                     limits=HttpLimits.for_plaintext(config.max_plaintext), lifespan=lifespan,
+                     audit=audit_service, access=access.service, rate_limiter=rate_limiter)
     return BuiltServer(kms=kms, app=app, audit=audit, admin_token_path=token_path,
                        created_root_key=created, wrote_admin_token=token is not None)
 
@@ -200,6 +212,23 @@ async def _scheduler(kms: KMS, interval: float, stop: asyncio.Event) -> None:
             log.exception("scheduler: unexpected error; will retry")
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), interval)
+
+
+async def _flush_usage(directory: Directory, interval: float, stop: asyncio.Event) -> None:
+    """Write last-seen/last-used times every ``interval`` seconds and once more at stop."""
+    while True:
+        stopping = False
+        try:
+            await asyncio.wait_for(stop.wait(), interval)
+            stopping = True
+        except TimeoutError:
+            pass
+        try:
+            await asyncio.to_thread(directory.flush_usage)
+        except KeygrantsError as exc:
+            log.warning("could not record principal usage: %s", exc.message)
+        if stopping:
+            return
 
 
 def serve(config: ServerConfig, *, announce: Any = print) -> None:
@@ -226,13 +255,20 @@ def serve(config: ServerConfig, *, announce: Any = print) -> None:
         announce(f"Admin token: {built.admin_token_path.resolve()}")
     announce(f"Audit log: {(config.data_dir / AUDIT_DB_FILE).resolve()} (verifier key: "
              f"{built.audit.vkey})")
-    announce(f"keygrants listening on http://{config.listen} "
+    tls: dict[str, Any] = {}
+    http: Any = "auto"
+    if config.tls_cert is not None:
+        assert config.tls_key is not None
+        tls = server_ssl_options(str(config.tls_cert), str(config.tls_key),
+                                 str(config.client_ca) if config.client_ca else None)
+        http = protocol_class()
+    scheme = "https" if tls else "http"
+    announce(f"keygrants listening on {scheme}://{config.listen} "
              f"(unsealed in {time.monotonic() - started:.2f}s)")
     uv_config = uvicorn.Config(
-        built.app, host=host, port=port, loop="auto", http="auto", lifespan="on",
+        built.app, host=host, port=port, loop="auto", http=http, lifespan="on",
         access_log=config.access_log, log_level="warning", server_header=False,
-        proxy_headers=False,
-        timeout_graceful_shutdown=10,
+        proxy_headers=False, timeout_graceful_shutdown=10, **tls,
     )
     _Server(uv_config).run(sockets=[sock])
     announce("keygrants stopped")

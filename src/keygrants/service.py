@@ -50,6 +50,7 @@ from keygrants.keys.material import KeyMaterial, generate_material
 from keygrants.keys.model import NAME_PATTERN, Key, KeyVersion
 from keygrants.keys.sealing import seal_key_version, unseal_key_version
 from keygrants.keys.specs import SPECS, KeySpec, get_spec
+from keygrants.keys.tags import check_tags
 from keygrants.store.base import Store
 
 __all__ = ["KMS", "AdminOnlyAuthorizer", "Authorizer", "Limits"]
@@ -83,16 +84,24 @@ class Limits:
 
 
 class Authorizer(Protocol):
-    """Decides whether a caller may perform an action on a key (``None`` for global ones)."""
+    """Decides whether a caller may perform an action on a key (``None`` for global ones).
 
-    def authorize(self, ctx: RequestContext, action: str, key: Key | None) -> None:
+    ``aliases`` are the key's aliases, ``context`` the encryption context of a cryptographic
+    operation (policies may condition on both).
+    """
+
+    def authorize(self, ctx: RequestContext, action: str, key: Key | None, *,
+                  aliases: frozenset[str] = frozenset(),
+                  context: Mapping[str, str] | None = None) -> None:
         """Return if allowed; raise :class:`~keygrants.errors.Forbidden` otherwise."""
 
 
 class AdminOnlyAuthorizer:
     """Allows everything to the admin principal and nothing to anyone else."""
 
-    def authorize(self, ctx: RequestContext, action: str, key: Key | None) -> None:
+    def authorize(self, ctx: RequestContext, action: str, key: Key | None, *,
+                  aliases: frozenset[str] = frozenset(),
+                  context: Mapping[str, str] | None = None) -> None:
         if ctx.principal != ADMIN_PRINCIPAL:
             raise Forbidden()
 
@@ -103,10 +112,22 @@ class _Loaded:
 
     key: Key
     versions: KeyVersions | None
+    aliases: frozenset[str] = frozenset()
 
 
 def _uuid(key_id: str) -> uuid.UUID:
     return uuid.UUID(key_id)
+
+
+def _phantom(ref: str) -> Key:
+    """A stand-in for a key that does not exist, for the authorize-before-revealing check."""
+    try:
+        key_id = str(uuid.UUID(ref))
+    except (ValueError, TypeError, AttributeError):
+        key_id = ""
+    name = ref if isinstance(ref, str) and len(ref) <= 160 else ""
+    return Key(id=key_id, name=name, spec="", purpose="", state="enabled", created_at=0,
+               updated_at=0)
 
 
 def _dt(ts: int | None) -> datetime | None:
@@ -203,7 +224,7 @@ class KMS:
                 for v in self.store.get_versions(key.id)
             ]
             versions = KeyVersions(kid, materials, min_decryption_version=key.min_decryption_version)
-        return _Loaded(key, versions)
+        return _Loaded(key, versions, frozenset(a.alias for a in self.store.list_aliases(key.id)))
 
     def _put(self, loaded: _Loaded) -> _Loaded:
         self._generation += 1
@@ -218,7 +239,7 @@ class KMS:
                 or old.key.latest_version != key.latest_version):
             return self._load(key)
         old.versions.min_decryption_version = key.min_decryption_version
-        return self._put(_Loaded(key, old.versions))
+        return self._put(_Loaded(key, old.versions, old.aliases))
 
     def _resolve(self, ref: str) -> _Loaded:
         """A key by id, name or alias, loaded (from the cache when possible)."""
@@ -271,6 +292,11 @@ class KMS:
             self._unknown_kids[kid] = None
             return None
 
+    def key_with_aliases(self, ref: str) -> tuple[Key, frozenset[str]]:
+        """A key and its aliases by reference, for ``policy test`` (no authorization here)."""
+        loaded = self._resolve(ref)
+        return loaded.key, loaded.aliases
+
     def _forget_refs(self, key_id: str) -> None:
         for ref in [r for r, k in self._refs.items() if k == key_id]:
             self._refs.pop(ref, None)
@@ -295,9 +321,27 @@ class KMS:
             )
         return loaded.versions
 
-    def _authorized(self, ctx: RequestContext, operation: str, ref: str) -> tuple[Key, KeyVersions]:
-        loaded = self._resolve(ref)
-        self._authorizer.authorize(ctx, operation, loaded.key)
+    def _resolve_for(self, ctx: RequestContext, action: str, ref: str) -> _Loaded:
+        """Resolve a key the caller wants to act on. A key that does not exist is reported as
+        missing only to a caller who could act on a key of that name: others get
+        ``Forbidden``, so key names cannot be probed (authorize before revealing)."""
+        try:
+            loaded = self._resolve(ref)
+        except KeyNotFound:
+            self._authorizer.authorize(ctx, action, _phantom(ref))
+            raise
+        self._authorizer.authorize(ctx, action, loaded.key, aliases=loaded.aliases)
+        return loaded
+
+    def _authorized(self, ctx: RequestContext, operation: str, ref: str,
+                    context: Mapping[str, str] | None = None) -> tuple[Key, KeyVersions]:
+        try:
+            loaded = self._resolve(ref)
+        except KeyNotFound:
+            self._authorizer.authorize(ctx, operation, _phantom(ref), context=context)
+            raise
+        self._authorizer.authorize(ctx, operation, loaded.key, aliases=loaded.aliases,
+                                   context=context)
         return loaded.key, self._usable(loaded, operation)
 
     def _check_plaintext(self, data: bytes, what: str = "plaintext") -> None:
@@ -318,7 +362,7 @@ class KMS:
             created_at=_dt(key.created_at), updated_at=_dt(key.updated_at),  # type: ignore[arg-type]
             latest_version=key.latest_version, min_decryption_version=key.min_decryption_version,
             rotation_period=key.rotation_period, next_rotation_at=_dt(key.next_rotation_at),
-            deletion_date=_dt(key.deletion_date),
+            deletion_date=_dt(key.deletion_date), tags=list(key.tags),
             aliases=[a.alias for a in self.store.list_aliases(key.id)],
         )
 
@@ -358,12 +402,15 @@ class KMS:
             InvalidRequest: for a bad name, spec, rotation period or description.
             AlreadyExists: if the name is in use.
         """
-        self._authorizer.authorize(ctx, "create_key", None)
         self._check_name(req.name)
+        tags = check_tags(req.tags)
         try:
             spec = get_spec(req.spec)
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from None
+        self._authorizer.authorize(ctx, "create_key", Key(
+            id="", name=req.name, spec=spec.name, purpose=spec.purpose, tags=tags, created_at=0,
+            updated_at=0))
         self._check_rotation_period(req.rotation_period)
         if len(req.description) > MAX_DESCRIPTION_LENGTH:
             raise InvalidRequest(f"description is longer than {MAX_DESCRIPTION_LENGTH} characters")
@@ -375,7 +422,7 @@ class KMS:
         key = Key(
             id=str(kid), name=req.name, spec=spec.name, purpose=spec.purpose,
             description=req.description, derivable=req.derivable, created_at=now, updated_at=now,
-            rotation_period=req.rotation_period,
+            rotation_period=req.rotation_period, tags=tags,
             next_rotation_at=None if req.rotation_period is None else now + req.rotation_period,
         )
         with self._write_lock:
@@ -389,8 +436,7 @@ class KMS:
     @_audited("key.describe", "describe_key")
     def describe_key(self, ctx: RequestContext, ref: str) -> m.KeyInfo:
         """A key's metadata."""
-        loaded = self._resolve(ref)
-        self._authorizer.authorize(ctx, "describe_key", loaded.key)
+        loaded = self._resolve_for(ctx, "describe_key", ref)
         return self.info(self.store.get_key(loaded.key.id) or loaded.key)
 
     @_audited("key.list", "list_keys")
@@ -409,8 +455,7 @@ class KMS:
     def _modify(self, ctx: RequestContext, ref: str, action: str, event_type: str,
                 change: Callable[[Key, int], Key]) -> m.KeyInfo:
         with self._write_lock:
-            loaded = self._resolve(ref)
-            self._authorizer.authorize(ctx, action, loaded.key)
+            loaded = self._resolve_for(ctx, action, ref)
             current = self.store.get_key(loaded.key.id)
             if current is None:
                 raise KeyNotFound()
@@ -437,12 +482,15 @@ class KMS:
         period = req.rotation_period
         if period is not None and period != 0:
             self._check_rotation_period(period)
+        tags = None if req.tags is None else check_tags(req.tags)
 
         def change(key: Key, now: int) -> Key:
             self._not_destroyed(key)
             changes: dict[str, object] = {}
             if req.description is not None:
                 changes["description"] = req.description
+            if tags is not None:
+                changes["tags"] = tags
             if period is not None:
                 changes["rotation_period"] = period or None
                 changes["next_rotation_at"] = now + period if period else None
@@ -462,8 +510,7 @@ class KMS:
     def rotate_key(self, ctx: RequestContext, ref: str) -> m.KeyInfo:
         """Add a new version; encryption uses it from now on, old versions still decrypt."""
         with self._write_lock:
-            loaded = self._resolve(ref)
-            self._authorizer.authorize(ctx, "rotate_key", loaded.key)
+            loaded = self._resolve_for(ctx, "rotate_key", ref)
             key = self.store.get_key(loaded.key.id)
             if key is None:
                 raise KeyNotFound()
@@ -530,10 +577,11 @@ class KMS:
         """Name a key with an extra alias."""
         self._check_name(alias, "alias")
         with self._write_lock:
-            loaded = self._resolve(ref)
-            self._authorizer.authorize(ctx, "create_alias", loaded.key)
+            loaded = self._resolve_for(ctx, "create_alias", ref)
             self._intent(ctx, "alias.create", "create_alias", loaded.key.id, alias=alias)
             self.store.create_alias(alias, loaded.key.id)
+            current = self._cache.get(loaded.key.id, loaded)
+            self._put(_Loaded(current.key, current.versions, current.aliases | {alias}))
         return m.AliasInfo(alias=alias, key_id=loaded.key.id)
 
     @_audited("alias.delete", "delete_alias")
@@ -544,14 +592,16 @@ class KMS:
             self._intent(ctx, "alias.delete", "delete_alias", None, alias=alias)
             self.store.delete_alias(alias)
             self._refs.pop(alias, None)
+            for loaded in list(self._cache.values()):
+                if alias in loaded.aliases:
+                    self._put(_Loaded(loaded.key, loaded.versions, loaded.aliases - {alias}))
 
     @_audited("alias.list", "list_aliases")
     def list_aliases(self, ctx: RequestContext, ref: str | None = None) -> list[m.AliasInfo]:
         """All aliases, or those of one key."""
         key_id = None
         if ref is not None:
-            loaded = self._resolve(ref)
-            self._authorizer.authorize(ctx, "list_aliases", loaded.key)
+            loaded = self._resolve_for(ctx, "list_aliases", ref)
             key_id = loaded.key.id
         else:
             self._authorizer.authorize(ctx, "list_aliases", None)
@@ -598,7 +648,7 @@ class KMS:
     def encrypt(self, ctx: RequestContext, ref: str, plaintext: bytes,
                 context: Mapping[str, str] | None = None) -> m.EncryptResult:
         """Encrypt under the key's latest version."""
-        key, versions = self._authorized(ctx, "encrypt", ref)
+        key, versions = self._authorized(ctx, "encrypt", ref, context)
         self._check_plaintext(plaintext)
         latest = versions.latest
         return m.EncryptResult(ciphertext=latest.encrypt(plaintext, context), key_id=key.id,
@@ -613,7 +663,8 @@ class KMS:
             raise InvalidCiphertext()
         if loaded.key.purpose != "encrypt-decrypt":
             raise InvalidCiphertext()  # a forged header must not reveal other keys' specs
-        self._authorizer.authorize(ctx, operation, loaded.key)
+        self._authorizer.authorize(ctx, operation, loaded.key, aliases=loaded.aliases,
+                                   context=context)
         versions = self._usable(loaded, operation)
         plaintext = versions.for_decrypt(ct.version).open_matched(ciphertext, context)
         return plaintext, loaded.key, ct.version
@@ -630,10 +681,10 @@ class KMS:
         """Decrypt and encrypt again (to the latest version, or to another key)."""
         plaintext, source, version = self._open(ctx, req.ciphertext, req.context, "re_encrypt")
         dest_ref = req.destination_key or source.id
-        dest, dest_versions = self._authorized(ctx, "re_encrypt", dest_ref)
+        context = req.destination_context if req.destination_context is not None else req.context
+        dest, dest_versions = self._authorized(ctx, "re_encrypt", dest_ref, context)
         if dest.purpose != "encrypt-decrypt":
             raise InvalidKeyUsage("the destination key is not an encryption key")
-        context = req.destination_context if req.destination_context is not None else req.context
         latest = dest_versions.latest
         return m.ReEncryptResult(
             ciphertext=latest.encrypt(plaintext, context), key_id=dest.id,
@@ -645,7 +696,7 @@ class KMS:
         """A fresh data key, encrypted under the key (and in plaintext unless declined)."""
         if req.bytes not in DATA_KEY_SIZES:
             raise InvalidRequest("data keys are 16, 32 or 64 bytes")
-        key, versions = self._authorized(ctx, "generate_data_key", ref)
+        key, versions = self._authorized(ctx, "generate_data_key", ref, req.context)
         data_key = random_bytes(req.bytes)
         latest = versions.latest
         return m.DataKey(
@@ -658,11 +709,18 @@ class KMS:
                       items: Sequence[m.BatchEncryptItem]) -> m.BatchResult:
         """Encrypt up to ``max_batch_items`` items; failures are reported per item."""
         self._check_batch(items)
-        key, versions = self._authorized(ctx, "encrypt", ref)
+        key, versions = self._authorized(ctx, "encrypt", ref, items[0].context)
+        aliases = self._resolve(key.id).aliases
+        allowed = {canonical_context(items[0].context)}
         latest = versions.latest
         results: list[m.BatchItemResult] = []
         for item in items:
             try:
+                canonical = canonical_context(item.context)
+                if canonical not in allowed:  # policies may condition on each item's context
+                    self._authorizer.authorize(ctx, "encrypt", key, aliases=aliases,
+                                               context=item.context)
+                    allowed.add(canonical)
                 self._check_plaintext(item.plaintext)
                 ciphertext = latest.encrypt(item.plaintext, item.context)
                 results.append(m.BatchItemResult(ciphertext=ciphertext, key_id=key.id,

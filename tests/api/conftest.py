@@ -10,11 +10,17 @@ from typing import Any, ClassVar
 import httpx
 import pytest
 
+from keygrants.access import Access, open_access
 from keygrants.api.app import HttpLimits, KeygrantsApp, create_app
 from keygrants.audit.service import AuditService
 from keygrants.audit.setup import AuditSetup, open_audit
-from keygrants.auth import ADMIN_PRINCIPAL, AdminTokenAuthenticator, RequestContext, ensure_admin_token
-from keygrants.models import CreateKeyRequest
+from keygrants.auth import ADMIN_PRINCIPAL, RequestContext, ensure_admin_token
+from keygrants.models import (
+    CreateApiKeyRequest,
+    CreateKeyRequest,
+    CreatePrincipalRequest,
+    PutPolicyRequest,
+)
 from keygrants.service import KMS
 from keygrants.store.memory import MemoryStore
 
@@ -40,23 +46,29 @@ class World:
     app: KeygrantsApp
     token: str
     audit: AuditSetup
+    access: Access
     ids: dict[str, str] = field(default_factory=dict)
     ciphertext: bytes = b""
     signature: bytes = b""
     tag: bytes = b""
     sealed: dict[str, bytes] = field(default_factory=dict)  # ciphertext under "off", "doomed"
+    api_key: str = ""  # of principal "svc" (tags: payments), which policy "svc-encrypt" lets
+    api_key_id: str = ""  # encrypt under "enc" only
 
     @property
     def auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"}
 
     def snapshot(self) -> Any:
-        """Everything the store holds about keys and aliases (to prove a request wrote nothing)."""
+        """Everything the store holds (to prove a request wrote nothing)."""
         keys = self.store.list_keys(limit=100_000)
         return (
             keys,
             [(k.id, self.store.get_versions(k.id)) for k in keys],
             self.store.list_aliases(),
+            self.store.list_principals(limit=100_000),
+            self.store.list_credentials(),
+            self.store.list_policies(),
         )
 
 
@@ -67,10 +79,11 @@ def build_world(*, limits: HttpLimits | None = None) -> World:
     root_key = os.urandom(32)
     audit = open_audit(store, root_key, path=":memory:", node="test",
                        checkpoint_interval=0.05)
-    kms = KMS(store, root_key, audit=audit.recorder)
-    app = create_app(kms, AdminTokenAuthenticator(store), limits=limits,
-                     audit=AuditService(audit, kms.authorizer))
-    w = World(store=store, kms=kms, app=app, token=token, audit=audit)
+    access = open_access(store, root_key, audit=audit.recorder)
+    kms = KMS(store, root_key, audit=audit.recorder, authorizer=access.authorizer)
+    app = create_app(kms, access.authenticator, limits=limits,
+                     audit=AuditService(audit, kms.authorizer), access=access.service)
+    w = World(store=store, kms=kms, app=app, token=token, audit=audit, access=access)
     for name, spec, derivable in [
         ("enc", "aes-256-gcm", False),
         ("enc2", "chacha20-poly1305", False),
@@ -90,8 +103,16 @@ def build_world(*, limits: HttpLimits | None = None) -> World:
         w.sealed[name] = kms.encrypt(ADMIN, name, b"sealed before the state change").ciphertext
     kms.disable_key(ADMIN, "off")
     kms.schedule_deletion(ADMIN, "doomed", 7)
+    access.service.create_principal(ADMIN, CreatePrincipalRequest(id="svc", tags=["payments"]))
+    created = access.service.create_api_key(ADMIN, "svc", CreateApiKeyRequest(label="fixture"))
+    w.api_key, w.api_key_id = created.api_key, created.credential.id
+    access.service.put_policy(ADMIN, "svc-encrypt", PutPolicyRequest(text=SVC_POLICY))
     audit.log.checkpoint_now()
     return w
+
+
+SVC_POLICY = """permit(principal == Keygrants::Principal::"svc", action == Keygrants::Action::"encrypt",
+       resource) when { resource.name == "enc" };"""
 
 
 @pytest.fixture

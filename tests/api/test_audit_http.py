@@ -36,7 +36,7 @@ async def test_failures_and_denials_are_audited(world, http) -> None:
     assert anon.status_code == 401
     event = decode_event(world.audit.log.event_data(int(anon.headers["x-audit-index"])) or b"")
     assert (event.type, event.result, event.principal, event.reason) == (
-        "auth.failure", "denied", None, "unauthenticated")
+        "auth.failure", "denied", None, "unknown_key")
 
 
 async def test_state_changes_record_intent_before_effect(world, http) -> None:
@@ -45,7 +45,8 @@ async def test_state_changes_record_intent_before_effect(world, http) -> None:
     events = [decode_event(e) for e in world.audit.log.search(EventQuery(type="key.create",
                                                                          key_id=r.json()["id"]))]
     assert [e.result for e in events] == ["requested", "ok"]
-    assert events[0].detail == {"name": "audited", "spec": "aes-256-gcm"}
+    assert events[0].detail == {"name": "audited", "spec": "aes-256-gcm", "auth": "admin_token",
+                                "policy": "builtin:admin"}
 
 
 async def test_no_answer_and_no_effect_when_the_audit_log_fails(world, http) -> None:

@@ -14,8 +14,9 @@ import httpx
 import pytest
 import uvicorn
 
+from keygrants.access import open_access
 from keygrants.api.app import KeygrantsApp, create_app
-from keygrants.auth import AdminTokenAuthenticator, ensure_admin_token
+from keygrants.auth import ensure_admin_token
 from keygrants.client import AsyncClient, Client
 from keygrants.server import ServerConfig, build_server
 from keygrants.service import KMS
@@ -42,7 +43,10 @@ def in_process() -> InProcess:
     store = MemoryStore()
     token = ensure_admin_token(store)
     assert token is not None
-    return InProcess(create_app(KMS(store, os.urandom(32)), AdminTokenAuthenticator(store)), token)
+    root = os.urandom(32)
+    access = open_access(store, root)
+    kms = KMS(store, root, authorizer=access.authorizer)
+    return InProcess(create_app(kms, access.authenticator, access=access.service), token)
 
 
 @pytest.fixture

@@ -9,7 +9,16 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from keygrants.errors import AliasNotFound, AlreadyExists, Conflict, KeyNotFound
+from keygrants.auth.model import Credential, Policy, Principal
+from keygrants.errors import (
+    AliasNotFound,
+    AlreadyExists,
+    Conflict,
+    CredentialNotFound,
+    KeyNotFound,
+    PolicyNotFound,
+    PrincipalNotFound,
+)
 from keygrants.keys.model import Key, KeyVersion
 from keygrants.store import open_store
 from keygrants.store.base import Store
@@ -171,3 +180,112 @@ def test_open_store_by_url(tmp_path: Path) -> None:
         open_store("mysql://x")
     with pytest.raises(ValueError, match="needs a path"):
         open_store("sqlite:")
+
+
+# -- principals, credentials, policies ----------------------------------------------------------
+
+def _principal(pid: str, **kw: object) -> Principal:
+    return Principal(id=pid, created_at=100, updated_at=100, **kw)  # type: ignore[arg-type]
+
+
+def _credential(cid: str, pid: str, **kw: object) -> Credential:
+    base: dict[str, object] = {"kind": "api_key", "secret_digest": b"d" * 32, "not_before": 100,
+                               "created_at": 100}
+    base.update(kw)
+    return Credential(id=cid, principal_id=pid, **base)  # type: ignore[arg-type]
+
+
+def test_principal_crud(store: Store) -> None:
+    p = _principal("svc-billing", display_name="Billing", tags=("payments", "team=a"))
+    store.create_principal(p)
+    assert store.get_principal("svc-billing") == p
+    with pytest.raises(AlreadyExists):
+        store.create_principal(p)
+    store.create_principal(_principal("alice"))
+    assert [x.id for x in store.list_principals(limit=10)] == ["alice", "svc-billing"]
+    assert [x.id for x in store.list_principals(limit=10, after="alice")] == ["svc-billing"]
+    disabled = msgspec.structs.replace(p, enabled=False, updated_at=101)
+    store.update_principal(disabled)
+    assert store.get_principal("svc-billing") == disabled
+    with pytest.raises(PrincipalNotFound):
+        store.update_principal(_principal("ghost"))
+    with pytest.raises(PrincipalNotFound):
+        store.delete_principal("ghost")
+
+
+def test_credentials_follow_their_principal(store: Store) -> None:
+    store.create_principal(_principal("svc"))
+    pk = _credential("thumb", "svc", kind="public_key", algorithm="ed25519",
+                     public_key_der=b"\x30" * 44, secret_digest=None)
+    ak = _credential("ak1", "svc", created_at=101)
+    store.add_credential(pk)
+    store.add_credential(ak)
+    assert store.get_credential("thumb") == pk
+    assert store.list_credentials("svc") == [pk, ak]
+    with pytest.raises(AlreadyExists):
+        store.add_credential(pk)
+    with pytest.raises(PrincipalNotFound):
+        store.add_credential(_credential("x", "ghost"))
+    revoked = msgspec.structs.replace(ak, revoked_at=150)
+    store.update_credential(revoked)
+    assert store.get_credential("ak1") == revoked
+    with pytest.raises(CredentialNotFound):
+        store.update_credential(_credential("nope", "svc"))
+    store.delete_principal("svc")
+    assert store.get_credential("thumb") is None and store.list_credentials() == []
+
+
+def test_record_usage_only_moves_forward(store: Store) -> None:
+    store.create_principal(_principal("svc"))
+    store.add_credential(_credential("ak1", "svc"))
+    store.record_usage({"svc": 200, "ghost": 1}, {"ak1": 200, "ghost": 1})
+    store.record_usage({"svc": 150}, {"ak1": 150})
+    p, c = store.get_principal("svc"), store.get_credential("ak1")
+    assert p is not None and p.last_seen_at == 200
+    assert c is not None and c.last_used_at == 200
+
+
+def test_policies(store: Store) -> None:
+    pol = Policy(name="billing", text="permit(principal, action, resource);", created_at=1,
+                 updated_at=1)
+    store.put_policy(pol)
+    assert store.get_policy("billing") == pol
+    newer = msgspec.structs.replace(pol, text="forbid(principal, action, resource);", updated_at=2)
+    store.put_policy(newer)
+    assert store.list_policies() == [newer]
+    store.delete_policy("billing")
+    assert store.get_policy("billing") is None
+    with pytest.raises(PolicyNotFound):
+        store.delete_policy("billing")
+
+
+def test_key_tags_round_trip(store: Store) -> None:
+    key, v1 = make_key("tagged", tags=("pci", "team=payments"))
+    store.create_key(key, v1)
+    assert store.get_key(key.id) == key
+    retagged = msgspec.structs.replace(key, tags=(), updated_at=101)
+    store.update_key(retagged)
+    assert store.get_key(key.id) == retagged
+
+
+def test_sqlite_migrates_a_version_1_database(tmp_path: Path) -> None:
+    import sqlite3
+
+    from keygrants.store.sqlite import _MIGRATIONS
+
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.executescript(_MIGRATIONS[0] + "; PRAGMA user_version=1;")
+    db.execute("INSERT INTO keys (id, name, spec, purpose, description, state, derivable, "
+               "created_at, updated_at, min_decryption_version, latest_version) VALUES "
+               "('k1', 'old', 'aes-256-gcm', 'encrypt-decrypt', '', 'enabled', 0, 1, 1, 1, 1)")
+    db.commit()
+    db.close()
+    store = SQLiteStore(path)
+    try:
+        old = store.find_key("old")
+        assert old is not None and old.tags == ()
+        store.create_principal(_principal("p"))
+        assert store.get_principal("p") is not None
+    finally:
+        store.close()

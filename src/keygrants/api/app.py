@@ -17,8 +17,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import re
 import secrets
+import ssl
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -29,17 +31,22 @@ import anyio.to_thread
 import msgspec
 
 from keygrants import models as m
+from keygrants.access import AccessService
 from keygrants.audit.log import EventQuery
 from keygrants.audit.service import AuditService
-from keygrants.auth import AdminTokenAuthenticator, RequestContext
+from keygrants.auth import RequestContext
+from keygrants.auth.authenticator import Authenticator, AuthRequest
+from keygrants.auth.ratelimit import RateLimiter
 from keygrants.errors import (
     AuditUnavailable,
+    HeaderTooLarge,
     InvalidRequest,
     KeygrantsError,
     MalformedBody,
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
+    RateLimited,
     Unauthenticated,
 )
 from keygrants.service import KMS
@@ -107,9 +114,16 @@ class _Call:
     query: dict[str, str]
     body: Any
     audit_service: AuditService | None = None
+    access_service: AccessService | None = None
 
     def param(self, name: str) -> str:
         return self.params[name]
+
+    @property
+    def access(self) -> AccessService:
+        if self.access_service is None:
+            raise NotFound("this server has no principal management")
+        return self.access_service
 
     @property
     def audit(self) -> AuditService:
@@ -137,12 +151,15 @@ class Reply:
 class _Request:
     """The parts of an ASGI HTTP scope the edge reads, parsed once."""
 
-    __slots__ = ("authorization", "content_length", "request_id", "scope")
+    __slots__ = ("authorization", "content_length", "request_id", "scope", "signature",
+                 "signature_input")
 
     def __init__(self, scope: Scope, next_id: Callable[[], str]) -> None:
         self.scope = scope
         self.authorization: bytes | None = None
         self.content_length: bytes | None = None
+        self.signature: bytes | None = None
+        self.signature_input: bytes | None = None
         given: bytes | None = None
         for name, value in scope["headers"]:
             if name == b"authorization":
@@ -151,14 +168,45 @@ class _Request:
                 self.content_length = value
             elif name == b"x-request-id":
                 given = value
+            elif name == b"signature-input":
+                self.signature_input = value
+            elif name == b"signature":
+                self.signature = value
         rid = given.decode("latin-1") if given else ""
         self.request_id = rid if rid and _REQUEST_ID_RE.match(rid) else next_id()
 
-    def bearer(self) -> str | None:
-        if self.authorization is None:
-            return None
-        scheme, _, token = self.authorization.decode("latin-1").partition(" ")
-        return token.strip() if scheme.lower() == "bearer" else None
+    def headers(self) -> dict[str, str]:
+        """All fields, lower-case names, repeated ones joined with ", " (RFC 9421 §2.1)."""
+        out: dict[str, str] = {}
+        for name, value in self.scope["headers"]:
+            key = name.decode("latin-1").lower()
+            text = value.decode("latin-1").strip()
+            out[key] = f"{out[key]}, {text}" if key in out else text
+        return out
+
+    def target_uri(self) -> str:
+        """The absolute request URI as the client addressed it (RFC 9421 ``@target-uri``)."""
+        scope = self.scope
+        host = None
+        for name, value in scope["headers"]:
+            if name == b"host":
+                host = value.decode("latin-1")
+                break
+        if host is None:
+            server = scope.get("server") or ("localhost", None)
+            host = server[0] if server[1] is None else f"{server[0]}:{server[1]}"
+        path = scope.get("raw_path") or scope["path"].encode()
+        uri = f"{scope.get('scheme', 'http')}://{host}{path.decode('latin-1')}"
+        query = scope.get("query_string", b"")
+        return f"{uri}?{query.decode('latin-1')}" if query else uri
+
+    def client_cert(self) -> bytes | None:
+        """The verified client certificate (DER), from the ASGI TLS extension."""
+        tls = (self.scope.get("extensions") or {}).get("tls") or {}
+        chain = tls.get("client_cert_chain") or ()
+        for pem in chain:
+            return ssl.PEM_cert_to_DER_cert(pem)
+        return None
 
     def query(self) -> dict[str, str]:
         raw = self.scope.get("query_string", b"")
@@ -222,7 +270,12 @@ async def _send_error(send: Send, exc: KeygrantsError, request_id: str,
     exc.request_id = request_id
     headers = list(extra or ())
     if isinstance(exc, Unauthenticated):
-        headers.append((b"www-authenticate", b'Bearer realm="keygrants"'))
+        error = exc.code.encode()
+        headers.append((b"www-authenticate",
+                        b'Signature realm="keygrants", error="' + error + b'"'))
+        headers.append((b"www-authenticate", b'Bearer realm="keygrants", error="' + error + b'"'))
+    elif isinstance(exc, RateLimited):
+        headers.append((b"retry-after", str(max(1, math.ceil(exc.retry_after))).encode()))
     await _send(send, exc.status, _encoder.encode(exc.to_dict()), request_id, headers)
 
 
@@ -282,14 +335,18 @@ class KeygrantsApp:
     """The ASGI application: dispatch on the endpoint table, one error shape, no framework
     layers between the server and the handlers."""
 
-    def __init__(self, kms: KMS, authenticator: AdminTokenAuthenticator, limits: HttpLimits,
+    def __init__(self, kms: KMS, authenticator: Authenticator, limits: HttpLimits,
                  lifespan: Callable[[], AbstractAsyncContextManager[None]] | None,
-                 audit: AuditService | None = None) -> None:
+                 audit: AuditService | None = None, access: AccessService | None = None,
+                 rate_limiter: RateLimiter | None = None) -> None:
         from keygrants.api.openapi import openapi_document
 
         self.kms = kms
         self.audit = audit
-        self._auth = authenticator
+        self.access = access
+        self.authenticator = authenticator
+        self.rate_limiter = rate_limiter
+        self.auth_failures: dict[str, int] = {}
         self._lifespan = lifespan
         self._routes: dict[int, list[_Route]] = {}
         for e in ENDPOINTS:
@@ -323,6 +380,37 @@ class KeygrantsApp:
             raise
         await send({"type": "lifespan.shutdown.complete"})
 
+    def _authenticate(self, req: _Request, method: str, body: bytes, source: str | None,
+                      pending: list[Any], endpoint: Endpoint) -> RequestContext:
+        """Who is calling (and within their rate limit)? Failures are counted and audited;
+        nothing past this point runs for an unauthenticated request."""
+        auth = req.authorization
+        sig_input, sig = req.signature_input, req.signature
+        try:
+            ctx = self.authenticator.authenticate(AuthRequest(
+                method=method, target_uri=req.target_uri() if sig_input or sig else "",
+                authorization=auth.decode("latin-1") if auth is not None else None,
+                signature_input=sig_input.decode("latin-1") if sig_input is not None else None,
+                signature=sig.decode("latin-1") if sig is not None else None,
+                headers=req.headers, body=body, client_cert=req.client_cert(),
+                request_id=req.request_id, source=source, pending_audit=pending))
+        except (Unauthenticated, HeaderTooLarge) as exc:
+            self.auth_failures[exc.code] = self.auth_failures.get(exc.code, 0) + 1
+            anonymous = RequestContext(principal="", request_id=req.request_id, source=source,
+                                       pending_audit=pending)
+            self.kms.audit.record(anonymous, "auth.failure", "denied",
+                                  operation=endpoint.operation_id, reason=exc.code)
+            raise
+        ctx.attributes["auth"] = ctx.auth_method or ""
+        if self.rate_limiter is not None:
+            try:
+                self.rate_limiter.take(ctx.principal)
+            except RateLimited:
+                self.kms.audit.record(ctx, "request.rate_limited", "denied",
+                                      operation=endpoint.operation_id, reason=RateLimited.code)
+                raise
+        return ctx
+
     def _find(self, method: str, path: str) -> tuple[_Route, dict[str, str]]:
         parts = path[1:].split("/")
         allowed = False
@@ -354,21 +442,16 @@ class KeygrantsApp:
                 return
             route, params = self._find(method, path)
             endpoint = route.endpoint
+            raw = b""
+            if route.decoder is not None or req.content_length not in (None, b"0"):
+                # read before authenticating: a signature covers the body's Content-Digest
+                raw = await _read_body(req, receive, route.limit)
             if endpoint.auth:
-                try:
-                    ctx = self._auth.authenticate(req.bearer(), request_id=request_id,
-                                                  source=source, pending_audit=pending)
-                except Unauthenticated as exc:
-                    anonymous = RequestContext(principal="", request_id=request_id, source=source,
-                                               pending_audit=pending)
-                    self.kms.audit.record(anonymous, "auth.failure", "denied",
-                                          operation=endpoint.operation_id, reason=exc.code)
-                    raise
+                ctx = self._authenticate(req, method, raw, source, pending, endpoint)
             else:
                 ctx = RequestContext(principal="", request_id=request_id, source=source)
             body = None
             if route.decoder is not None:
-                raw = await _read_body(req, receive, route.limit)
                 try:
                     body = route.decoder.decode(raw or b"{}")
                 except msgspec.ValidationError as exc:
@@ -376,7 +459,7 @@ class KeygrantsApp:
                 except msgspec.DecodeError:
                     raise MalformedBody("request body is not valid JSON") from None
             result = await endpoint.handler(_Call(self.kms, ctx, params, req.query(), body,
-                                                  self.audit))
+                                                  self.audit, self.access))
             status = endpoint.status
         except KeygrantsError as exc:
             result, status = exc, exc.status
@@ -490,6 +573,87 @@ def _audit_export(c: _Call) -> Any:
     return Stream("application/x-ndjson", c.audit.export(c.ctx, since or 0))
 
 
+def _list_principals(c: _Call) -> Any:
+    limit = _query_int(c, "limit", 100)
+    assert limit is not None
+    return c.access.list_principals(c.ctx, limit=limit, after=c.query.get("after"))
+
+
+def _delete_principal(c: _Call) -> None:
+    c.access.delete_principal(c.ctx, c.param("principal"))
+
+
+def _delete_policy(c: _Call) -> None:
+    c.access.delete_policy(c.ctx, c.param("name"))
+
+
+_PRINCIPAL_ENDPOINTS: Final = (
+    Endpoint("GET", "/v1/whoami", _inline(lambda c: c.access.whoami(c.ctx)), "whoami",
+             "The authenticated caller", response=m.WhoAmI, tag="principals"),
+    Endpoint("POST", "/v1/principals",
+             _in_thread(lambda c: c.access.create_principal(c.ctx, c.body)), "createPrincipal",
+             "Create a principal", m.CreatePrincipalRequest, m.PrincipalInfo, status=201,
+             tag="principals"),
+    Endpoint("GET", "/v1/principals", _in_thread(_list_principals), "listPrincipals",
+             "List principals (query: limit, after)", response=m.PrincipalList, tag="principals"),
+    Endpoint("GET", "/v1/principals/{principal}",
+             _in_thread(lambda c: c.access.describe_principal(c.ctx, c.param("principal"))),
+             "describePrincipal", "Show a principal and its credentials",
+             response=m.PrincipalInfo, tag="principals"),
+    Endpoint("PATCH", "/v1/principals/{principal}",
+             _in_thread(lambda c: c.access.update_principal(c.ctx, c.param("principal"), c.body)),
+             "updatePrincipal", "Change display name or tags", m.UpdatePrincipalRequest,
+             m.PrincipalInfo, tag="principals"),
+    Endpoint("POST", "/v1/principals/{principal}/disable",
+             _in_thread(lambda c: c.access.disable_principal(c.ctx, c.param("principal"))),
+             "disablePrincipal", "Refuse all of a principal's credentials",
+             response=m.PrincipalInfo, tag="principals"),
+    Endpoint("POST", "/v1/principals/{principal}/enable",
+             _in_thread(lambda c: c.access.enable_principal(c.ctx, c.param("principal"))),
+             "enablePrincipal", "Accept a principal's credentials again",
+             response=m.PrincipalInfo, tag="principals"),
+    Endpoint("DELETE", "/v1/principals/{principal}", _in_thread(_delete_principal),
+             "deletePrincipal", "Delete a principal and its credentials", status=204,
+             tag="principals"),
+    Endpoint("GET", "/v1/principals/{principal}/credentials",
+             _in_thread(lambda c: c.access.list_credentials(c.ctx, c.param("principal"))),
+             "listCredentials", "A principal's credentials", response=list[m.CredentialInfo],
+             tag="principals"),
+    Endpoint("POST", "/v1/principals/{principal}/keys",
+             _in_thread(lambda c: c.access.add_public_key(c.ctx, c.param("principal"), c.body)),
+             "addPublicKey", "Register a public key (PEM or JWK) for signed requests",
+             m.AddPublicKeyRequest, m.CredentialInfo, status=201, tag="principals"),
+    Endpoint("POST", "/v1/principals/{principal}/api-keys",
+             _in_thread(lambda c: c.access.create_api_key(c.ctx, c.param("principal"), c.body)),
+             "createApiKey", "Issue an API key (shown once)", m.CreateApiKeyRequest,
+             m.ApiKeyCreated, status=201, tag="principals"),
+    Endpoint("POST", "/v1/principals/{principal}/certificates",
+             _in_thread(lambda c: c.access.add_certificate(c.ctx, c.param("principal"), c.body)),
+             "addCertificate", "Map client certificates (fingerprint or subject/SAN rule)",
+             m.AddCertificateRequest, m.CredentialInfo, status=201, tag="principals"),
+    Endpoint("POST", "/v1/principals/{principal}/credentials/{credential}/revoke",
+             _in_thread(lambda c: c.access.revoke_credential(c.ctx, c.param("principal"),
+                                                              c.param("credential"))),
+             "revokeCredential", "Revoke a credential (effective on the next request)",
+             response=m.CredentialInfo, tag="principals"),
+    Endpoint("GET", "/v1/policies", _in_thread(lambda c: c.access.list_policies(c.ctx)),
+             "listPolicies", "List policies", response=list[m.PolicyInfo], tag="policies"),
+    Endpoint("POST", "/v1/policy-test",
+             _in_thread(lambda c: c.access.test_policy(c.ctx, c.body, c.kms.key_with_aliases)),
+             "testPolicy", "Would principal P be allowed action A on key K? And why",
+             m.TestPolicyRequest, m.PolicyTestResult, tag="policies"),
+    Endpoint("GET", "/v1/policies/{name}",
+             _in_thread(lambda c: c.access.get_policy(c.ctx, c.param("name"))), "getPolicy",
+             "Show a policy", response=m.PolicyInfo, tag="policies"),
+    Endpoint("PUT", "/v1/policies/{name}",
+             _in_thread(lambda c: c.access.put_policy(c.ctx, c.param("name"), c.body)),
+             "putPolicy", "Create or replace a Cedar policy (validated first)",
+             m.PutPolicyRequest, m.PolicyInfo, tag="policies"),
+    Endpoint("DELETE", "/v1/policies/{name}", _in_thread(_delete_policy), "deletePolicy",
+             "Delete a policy", status=204, tag="policies"),
+)
+
+
 ENDPOINTS: Final[Sequence[Endpoint]] = (
     Endpoint("GET", "/healthz", _health, "health", "Liveness", auth=False, tag="system"),
     Endpoint("GET", "/readyz", _ready, "ready", "Readiness (store reachable)", auth=False,
@@ -594,13 +758,15 @@ ENDPOINTS: Final[Sequence[Endpoint]] = (
     Endpoint("GET", "/v1/audit/key", _inline(lambda c: c.audit.key(c.ctx)), "auditKey",
              "The audit log's origin and checkpoint verifier key", response=m.AuditKey,
              tag="audit"),
+    *_PRINCIPAL_ENDPOINTS,
 )
 
 
-def create_app(kms: KMS, authenticator: AdminTokenAuthenticator, *,
+def create_app(kms: KMS, authenticator: Authenticator, *,
                limits: HttpLimits | None = None,
                lifespan: Callable[[], AbstractAsyncContextManager[None]] | None = None,
-               audit: AuditService | None = None) -> KeygrantsApp:
+               audit: AuditService | None = None, access: AccessService | None = None,
+               rate_limiter: RateLimiter | None = None) -> KeygrantsApp:
     """Build the ASGI application.
 
     Args:
@@ -609,6 +775,9 @@ def create_app(kms: KMS, authenticator: AdminTokenAuthenticator, *,
         limits: body size limits (defaults fit the service's plaintext limit).
         lifespan: a context manager factory run around the server's life (the scheduler).
         audit: the audit use cases behind ``/v1/audit/*`` (absent: those answer 404).
+        access: principals, credentials and policies behind ``/v1/principals`` and
+            ``/v1/policies`` (absent: those answer 404).
+        rate_limiter: per-principal request limits (absent: none).
     """
     limits = limits or HttpLimits.for_plaintext(kms.limits.max_plaintext)
-    return KeygrantsApp(kms, authenticator, limits, lifespan, audit)
+    return KeygrantsApp(kms, authenticator, limits, lifespan, audit, access, rate_limiter)

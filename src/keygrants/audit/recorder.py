@@ -73,8 +73,8 @@ class LogRecorder:
             "request_id": ctx.request_id or None, "trace_id": ctx.trace_id,
             "source": ctx.source, "node": self.node,
         }
-        if detail:
-            fields["detail"] = dict(detail)
+        if detail or ctx.attributes:
+            fields["detail"] = {**ctx.attributes, **(detail or {})}
         if ctx.pending_audit is not None and not wait:
             ctx.pending_audit.append(self.log.submit(fields))
             return

@@ -26,7 +26,7 @@ class AuditService:
 
     Args:
         setup: the opened log and its keys.
-        authorizer: the same policy decision point as the KMS (``audit_*`` actions).
+        authorizer: the same policy decision point as the KMS (``read_audit``, ``checkpoint_audit``).
     """
 
     def __init__(self, setup: AuditSetup, authorizer: object) -> None:
@@ -45,7 +45,7 @@ class AuditService:
 
     def latest_checkpoint(self, ctx: RequestContext) -> m.AuditCheckpoint:
         """The newest signed checkpoint."""
-        self._allow(ctx, "audit_read")
+        self._allow(ctx, "read_audit")
         latest = self.setup.log.latest_checkpoint()
         if latest is None:
             raise NotFound("no checkpoint yet")
@@ -53,19 +53,19 @@ class AuditService:
 
     def checkpoint_now(self, ctx: RequestContext) -> m.AuditCheckpoint:
         """Checkpoint everything durable so far."""
-        self._allow(ctx, "audit_checkpoint")
+        self._allow(ctx, "checkpoint_audit")
         return self._checkpoint(self.setup.log.checkpoint_now().note)
 
     def search(self, ctx: RequestContext, query: EventQuery) -> m.AuditEventPage:
         """Events matching the filters, paginated by sequence number."""
-        self._allow(ctx, "audit_read")
+        self._allow(ctx, "read_audit")
         events = [decode_event(r) for r in self.setup.log.search(query)]
         nxt = events[-1].seq if len(events) == query.limit and events else None
         return m.AuditEventPage(events=events, next=nxt)
 
     def inclusion_proof(self, ctx: RequestContext, index: int, size: int | None) -> m.InclusionProof:
         """The audit path of event ``index`` (in the tree of ``size``, default: current)."""
-        self._allow(ctx, "audit_read")
+        self._allow(ctx, "read_audit")
         log = self.setup.log
         size = log.size if size is None else size
         data = log.event_data(index)
@@ -79,24 +79,24 @@ class AuditService:
     def consistency_proof(self, ctx: RequestContext, old_size: int, new_size: int | None
                           ) -> m.ConsistencyProof:
         """The consistency proof from ``old_size`` to ``new_size`` (default: current)."""
-        self._allow(ctx, "audit_read")
+        self._allow(ctx, "read_audit")
         new = self.setup.log.size if new_size is None else new_size
         return m.ConsistencyProof(old_size=old_size, new_size=new,
                                   proof=self.setup.log.consistency_proof(old_size, new))
 
     def export(self, ctx: RequestContext, since: int = 0) -> Iterator[bytes]:
         """The JSONL export from ``since`` (see :mod:`keygrants.audit.verify`)."""
-        self._allow(ctx, "audit_export")
+        self._allow(ctx, "read_audit")
         return export_lines(self.setup.log, vkey=self.setup.vkey, since=since)
 
     def digest(self, ctx: RequestContext, value: str) -> m.AuditDigest:
         """The keyed digest recorded in place of ``value``."""
         if len(value) > MAX_HASH_INPUT:
             raise InvalidRequest(f"value longer than {MAX_HASH_INPUT} characters")
-        self._allow(ctx, "audit_hash")
+        self._allow(ctx, "read_audit")
         return m.AuditDigest(digest=self.setup.digester.digest(value))
 
     def key(self, ctx: RequestContext) -> m.AuditKey:
         """The log's origin and verifier key."""
-        self._allow(ctx, "audit_read")
+        self._allow(ctx, "read_audit")
         return m.AuditKey(origin=self.setup.origin, vkey=self.setup.vkey)

@@ -12,10 +12,12 @@ import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from keygrants.errors import Unauthenticated
-from keygrants.store.base import Store
+
+if TYPE_CHECKING:
+    from keygrants.store.base import Store
 
 __all__ = [
     "ADMIN_PRINCIPAL",
@@ -36,7 +38,10 @@ MAX_TOKEN_LENGTH: Final = 512
 class RequestContext:
     """Who is asking, and the request's identifiers for audit and tracing.
 
-    ``pending_audit`` is set by the HTTP edge: audit events recorded for this request put
+    ``auth_method`` is how the caller proved who it is (``signature``, ``api_key``, ``mtls``,
+    ``admin_token``); ``attributes`` collects facts for the request's audit events (the
+    authentication method, the policy statements that decided). ``pending_audit`` is set by
+    the HTTP edge: audit events recorded for this request put
     their durability futures there and the edge awaits them before it answers.
     """
 
@@ -45,6 +50,7 @@ class RequestContext:
     credential_id: str | None = None
     source: str | None = None
     trace_id: str | None = None
+    auth_method: str | None = None
     attributes: dict[str, str] = field(default_factory=dict)
     pending_audit: list[Any] | None = None
 

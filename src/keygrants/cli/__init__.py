@@ -72,21 +72,57 @@ def main() -> None:
               "nats://host:port[?stream=S&subject=S] (repeatable; see docs/audit.md).")
 @click.option("--node-id", default=None, envvar="KEYGRANTS_NODE_ID",
               help="Node name stamped on audit events [default: host name].")
+@click.option("--auth", "auth_methods", default=None, metavar="LIST",
+              help="Accepted authentication methods, comma-separated, of signature, api_key, "
+              "mtls [default: signature,api_key, plus mtls with --client-ca]. The admin token "
+              "always works.")
+@click.option("--max-clock-skew", default=60, show_default=True, type=click.IntRange(1, 3600),
+              help="Seconds a signature's 'created' may differ from the server clock.")
+@click.option("--rate-limit", default=1000.0, show_default=True, type=click.FloatRange(0),
+              help="Requests per second per principal (token bucket; 0 = no limit; the admin "
+              "principal is exempt).")
+@click.option("--rate-burst", default=2000, show_default=True, type=click.IntRange(1),
+              help="Burst size of the per-principal rate limit.")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Serve HTTPS with this PEM certificate (chain).")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="The PEM private key of --tls-cert.")
+@click.option("--client-ca", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Verify client certificates against these CA certificates (enables mTLS "
+              "authentication).")
 def server(listen: str, data_dir: str, seal: str | None, store: str | None, max_plaintext: int,
            scheduler_interval: float, reset_admin_token: bool, access_log: bool,
-           audit_sinks: tuple[str, ...], node_id: str | None) -> None:
+           audit_sinks: tuple[str, ...], node_id: str | None, auth_methods: str | None,
+           max_clock_skew: int, rate_limit: float, rate_burst: int, tls_cert: str | None,
+           tls_key: str | None, client_ca: str | None) -> None:
     """Run the keygrants server (SQLite in the data directory by default)."""
     import logging
 
+    from keygrants.auth.authenticator import AuthSettings
     from keygrants.server import ServerConfig, parse_listen, serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         parse_listen(listen)
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if client_ca is not None and tls_cert is None:
+            raise ValueError("--client-ca needs --tls-cert and --tls-key")
+        if auth_methods is None:
+            methods = {"signature", "api_key"} | ({"mtls"} if client_ca else set())
+        else:
+            methods = {m.strip() for m in auth_methods.split(",") if m.strip()}
+        if "mtls" in methods and client_ca is None:
+            raise ValueError("--auth mtls needs --client-ca")
+        auth = AuthSettings(methods=frozenset(methods | {"admin_token"}), max_skew=max_clock_skew)
         config = ServerConfig(data_dir=Path(data_dir), listen=listen, seal=seal, store=store,
                               max_plaintext=max_plaintext, scheduler_interval=scheduler_interval,
                               reset_admin_token=reset_admin_token, access_log=access_log,
-                              audit_sinks=list(audit_sinks))
+                              audit_sinks=list(audit_sinks), auth=auth, rate_limit=rate_limit,
+                              rate_burst=rate_burst,
+                              tls_cert=Path(tls_cert) if tls_cert else None,
+                              tls_key=Path(tls_key) if tls_key else None,
+                              client_ca=Path(client_ca) if client_ca else None)
         if node_id:
             config.node_id = node_id
         serve(config)
@@ -441,8 +477,12 @@ def public_key(state: State, key: str, key_version: int | None, fmt: str) -> Non
 # -- command groups defined in their own modules ----------------------------------------------
 # Each module defines one click group or command and is registered here with one line.
 from keygrants.cli.audit import audit  # noqa: E402
+from keygrants.cli.principal import policy, principal, whoami  # noqa: E402
 
 main.add_command(audit)
+main.add_command(principal)
+main.add_command(policy)
+main.add_command(whoami)
 from keygrants.cli.operator import operator  # noqa: E402
 
 main.add_command(operator)

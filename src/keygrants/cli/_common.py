@@ -55,6 +55,8 @@ class State:
 
     def client(self) -> Client:
         token = self.token or os.environ.get("KEYGRANTS_TOKEN")
+        if not token and os.environ.get("KEYGRANTS_PRINCIPAL"):
+            return Client(self.addr)  # signs every request with KEYGRANTS_KEY_FILE
         if not token:
             data_dir = Path(self.data_dir or os.environ.get(DATA_DIR_ENV) or "./keygrants-data")
             token_file = data_dir / "admin.token"
@@ -81,7 +83,7 @@ def common(fn: F) -> F:
     @click.option("--data-dir", envvar=DATA_DIR_ENV, default=None,
                   help="Data directory whose admin.token is used when no token is given.")
     @click.option("--token", envvar="KEYGRANTS_TOKEN", default=None, show_envvar=True,
-                  help="Bearer token.")
+                  help="Bearer token: an API key or the admin token.")
     @click.option("--addr", envvar="KEYGRANTS_ADDR", default=None, show_envvar=True,
                   help="Server address [default: http://127.0.0.1:8650].")
     @functools.wraps(fn)

@@ -13,6 +13,7 @@ two clients differ only in how they send it.
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Final, Generic, TypeVar
@@ -21,6 +22,7 @@ import httpx
 import msgspec
 
 from keygrants import models as m
+from keygrants.crypto.signing import SigningKey
 from keygrants.errors import KeygrantsError, ServerUnreachable, error_from_code
 
 __all__ = ["DEFAULT_ADDR", "AsyncClient", "Client"]
@@ -28,6 +30,8 @@ __all__ = ["DEFAULT_ADDR", "AsyncClient", "Client"]
 DEFAULT_ADDR: Final = "http://127.0.0.1:8650"
 ADDR_ENV: Final = "KEYGRANTS_ADDR"
 TOKEN_ENV: Final = "KEYGRANTS_TOKEN"
+PRINCIPAL_ENV: Final = "KEYGRANTS_PRINCIPAL"
+KEY_FILE_ENV: Final = "KEYGRANTS_KEY_FILE"
 T = TypeVar("T")
 _encoder: Final = msgspec.json.Encoder()
 
@@ -200,13 +204,49 @@ class _Ops:
         return _Op("GET", "/v1/audit/key", None, m.AuditKey)
 
 
-def _settings(addr: str | None, token: str | None) -> tuple[str, dict[str, str]]:
+def _signature_auth(principal: str | None, key_file: str | None,
+                    signing_key: SigningKey | None, token: str | None) -> httpx.Auth | None:
+    """RFC 9421 request signing when a principal and its private key are configured
+    (arguments first, then ``KEYGRANTS_PRINCIPAL`` + ``KEYGRANTS_KEY_FILE`` unless a token
+    was passed explicitly)."""
+    from keygrants.auth.credentials import jwk_thumbprint
+    from keygrants.client._signing import SignatureAuth, load_signing_key
+
+    if token is None and principal is None and key_file is None and signing_key is None:
+        principal = os.environ.get(PRINCIPAL_ENV) or None
+        key_file = os.environ.get(KEY_FILE_ENV) or None
+    if signing_key is None and key_file is not None:
+        signing_key = load_signing_key(key_file)
+    if signing_key is None and principal is None:
+        return None
+    if signing_key is None or not principal:
+        raise ValueError("request signing needs both a principal (KEYGRANTS_PRINCIPAL) and its "
+                         "private key (KEYGRANTS_KEY_FILE)")
+    keyid = f"{principal}/{jwk_thumbprint(signing_key.public_key().jwk())}"
+    return SignatureAuth(keyid, signing_key)
+
+
+def _tls(verify: bool | str, cert: tuple[str, str] | None) -> bool | str | ssl.SSLContext:
+    """httpx's ``verify``, as an SSL context carrying the client certificate for mTLS."""
+    if cert is None:
+        return verify
+    context = (ssl.create_default_context(cafile=verify) if isinstance(verify, str)
+               else ssl.create_default_context())
+    if verify is False:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    context.load_cert_chain(cert[0], cert[1])
+    return context
+
+
+def _settings(addr: str | None, token: str | None, auth: httpx.Auth | None = None
+              ) -> tuple[str, dict[str, str]]:
     addr = (addr or os.environ.get(ADDR_ENV) or DEFAULT_ADDR).rstrip("/")
     if "://" not in addr:
         addr = "http://" + addr
     token = token if token is not None else os.environ.get(TOKEN_ENV)
     headers = {"Accept": "application/json", "User-Agent": "keygrants-python"}
-    if token:
+    if token and auth is None:
         token = token.strip()
         if not token.isprintable() or " " in token:
             raise ValueError("the token contains spaces or control characters; check how it was "
@@ -240,18 +280,26 @@ class Client:
 
     Args:
         addr: server address (``KEYGRANTS_ADDR``, default ``http://127.0.0.1:8650``).
-        token: bearer token (``KEYGRANTS_TOKEN``).
+        token: bearer token: an API key or the admin token (``KEYGRANTS_TOKEN``).
+        principal: sign every request (RFC 9421) as this principal (``KEYGRANTS_PRINCIPAL``).
+        key_file: the principal's PEM private key (``KEYGRANTS_KEY_FILE``).
+        signing_key: the private key itself, instead of ``key_file``.
+        cert: ``(certificate file, key file)`` for mTLS.
         timeout: seconds for connect and read.
         transport: an ``httpx`` transport (e.g. ``httpx.ASGITransport`` or a mock in tests).
         verify: TLS verification (a CA bundle path, or ``False`` only for tests).
     """
 
     def __init__(self, addr: str | None = None, *, token: str | None = None,
+                 principal: str | None = None, key_file: str | None = None,
+                 signing_key: SigningKey | None = None,
+                 cert: tuple[str, str] | None = None,
                  timeout: float = 10.0, transport: httpx.BaseTransport | None = None,
                  verify: bool | str = True) -> None:
-        self.addr, headers = _settings(addr, token)
+        auth = _signature_auth(principal, key_file, signing_key, token)
+        self.addr, headers = _settings(addr, token, auth)
         self._http = httpx.Client(base_url=self.addr, headers=headers, timeout=timeout,
-                                  transport=transport, verify=verify)
+                                  auth=auth, transport=transport, verify=_tls(verify, cert))
 
     def __enter__(self) -> Client:
         return self
@@ -444,17 +492,199 @@ class Client:
         except httpx.TransportError as exc:
             raise ServerUnreachable(f"cannot reach {self.addr}: {exc}") from exc
         return written
+    # -- principals, credentials and policies ------------------------------------------
+    def whoami(self) -> m.WhoAmI:
+        """The authenticated caller."""
+        return self._call(_Op("GET", "/v1/whoami", None, m.WhoAmI))
+
+    def create_principal(
+        self, principal: str, *, display_name: str = "", tags: Sequence[str] = ()
+    ) -> m.PrincipalInfo:
+        """Create a principal (a service or a person)."""
+        return self._call(
+            _Op(
+                "POST",
+                "/v1/principals",
+                m.CreatePrincipalRequest(id=principal, display_name=display_name, tags=list(tags)),
+                m.PrincipalInfo,
+            )
+        )
+
+    def list_principals(self, *, limit: int = 100, after: str | None = None) -> m.PrincipalList:
+        """One page of principals."""
+        return self._call(
+            _Op(
+                "GET",
+                "/v1/principals",
+                None,
+                m.PrincipalList,
+                {"limit": str(limit)} | ({"after": after} if after else {}),
+            )
+        )
+
+    def describe_principal(self, principal: str) -> m.PrincipalInfo:
+        """A principal with its credentials."""
+        return self._call(_Op("GET", f"/v1/principals/{_q(principal)}", None, m.PrincipalInfo))
+
+    def update_principal(
+        self, principal: str, *, display_name: str | None = None, tags: Sequence[str] | None = None
+    ) -> m.PrincipalInfo:
+        """Change display name or tags (``tags`` replaces the set)."""
+        return self._call(
+            _Op(
+                "PATCH",
+                f"/v1/principals/{_q(principal)}",
+                m.UpdatePrincipalRequest(
+                    display_name=display_name, tags=None if tags is None else list(tags)
+                ),
+                m.PrincipalInfo,
+            )
+        )
+
+    def disable_principal(self, principal: str) -> m.PrincipalInfo:
+        """Refuse all of a principal's credentials."""
+        return self._call(
+            _Op("POST", f"/v1/principals/{_q(principal)}/disable", None, m.PrincipalInfo)
+        )
+
+    def enable_principal(self, principal: str) -> m.PrincipalInfo:
+        """Accept a principal's credentials again."""
+        return self._call(
+            _Op("POST", f"/v1/principals/{_q(principal)}/enable", None, m.PrincipalInfo)
+        )
+
+    def delete_principal(self, principal: str) -> None:
+        """Delete a principal and its credentials."""
+        self._call(_Op("DELETE", f"/v1/principals/{_q(principal)}", None, None))
+
+    def add_public_key(
+        self, principal: str, public_key: str, *, label: str = "", expires_in: int | None = None
+    ) -> m.CredentialInfo:
+        """Register a public key (PEM or JWK JSON) for signed requests."""
+        return self._call(
+            _Op(
+                "POST",
+                f"/v1/principals/{_q(principal)}/keys",
+                m.AddPublicKeyRequest(public_key=public_key, label=label, expires_in=expires_in),
+                m.CredentialInfo,
+            )
+        )
+
+    def create_api_key(
+        self, principal: str, *, label: str = "", expires_in: int | None = None
+    ) -> m.ApiKeyCreated:
+        """Issue an API key (``result.api_key`` is shown only once)."""
+        return self._call(
+            _Op(
+                "POST",
+                f"/v1/principals/{_q(principal)}/api-keys",
+                m.CreateApiKeyRequest(label=label, expires_in=expires_in),
+                m.ApiKeyCreated,
+            )
+        )
+
+    def add_certificate(
+        self,
+        principal: str,
+        *,
+        match: str | None = None,
+        certificate: str | None = None,
+        label: str = "",
+        expires_in: int | None = None,
+    ) -> m.CredentialInfo:
+        """Map client certificates to the principal (a match rule or a PEM certificate)."""
+        return self._call(
+            _Op(
+                "POST",
+                f"/v1/principals/{_q(principal)}/certificates",
+                m.AddCertificateRequest(
+                    match=match, certificate=certificate, label=label, expires_in=expires_in
+                ),
+                m.CredentialInfo,
+            )
+        )
+
+    def list_credentials(self, principal: str) -> list[m.CredentialInfo]:
+        """A principal's credentials."""
+        return self._call(
+            _Op("GET", f"/v1/principals/{_q(principal)}/credentials", None, list[m.CredentialInfo])
+        )
+
+    def revoke_credential(self, principal: str, credential: str) -> m.CredentialInfo:
+        """Revoke a credential (refused from the next request on)."""
+        return self._call(
+            _Op(
+                "POST",
+                f"/v1/principals/{_q(principal)}/credentials/{_q(credential)}/revoke",
+                None,
+                m.CredentialInfo,
+            )
+        )
+
+    def put_policy(self, name: str, text: str, *, description: str = "") -> m.PolicyInfo:
+        """Create or replace a Cedar policy (validated by the server)."""
+        return self._call(
+            _Op(
+                "PUT",
+                f"/v1/policies/{_q(name)}",
+                m.PutPolicyRequest(text=text, description=description),
+                m.PolicyInfo,
+            )
+        )
+
+    def get_policy(self, name: str) -> m.PolicyInfo:
+        """One policy."""
+        return self._call(_Op("GET", f"/v1/policies/{_q(name)}", None, m.PolicyInfo))
+
+    def list_policies(self) -> list[m.PolicyInfo]:
+        """Every policy."""
+        return self._call(_Op("GET", "/v1/policies", None, list[m.PolicyInfo]))
+
+    def delete_policy(self, name: str) -> None:
+        """Delete a policy."""
+        self._call(_Op("DELETE", f"/v1/policies/{_q(name)}", None, None))
+
+    def test_policy(
+        self,
+        principal: str,
+        action: str,
+        *,
+        key: str | None = None,
+        context: Mapping[str, str] | None = None,
+        source: str = "signature",
+        grant: m.GrantFactsRequest | None = None,
+    ) -> m.PolicyTestResult:
+        """Would ``principal`` be allowed ``action`` on ``key``? The result says which statements decided."""
+        return self._call(
+            _Op(
+                "POST",
+                "/v1/policy-test",
+                m.TestPolicyRequest(
+                    principal=principal,
+                    action=action,
+                    key=key,
+                    context=None if context is None else dict(context),
+                    source=source,
+                    grant=grant,
+                ),
+                m.PolicyTestResult,
+            )
+        )
 
 
 class AsyncClient:
     """Asynchronous client with the same operations as :class:`Client`."""
 
     def __init__(self, addr: str | None = None, *, token: str | None = None,
+                 principal: str | None = None, key_file: str | None = None,
+                 signing_key: SigningKey | None = None,
+                 cert: tuple[str, str] | None = None,
                  timeout: float = 10.0, transport: httpx.AsyncBaseTransport | None = None,
                  verify: bool | str = True) -> None:
-        self.addr, headers = _settings(addr, token)
+        auth = _signature_auth(principal, key_file, signing_key, token)
+        self.addr, headers = _settings(addr, token, auth)
         self._http = httpx.AsyncClient(base_url=self.addr, headers=headers, timeout=timeout,
-                                       transport=transport, verify=verify)
+                                       auth=auth, transport=transport, verify=_tls(verify, cert))
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -654,3 +884,185 @@ class AsyncClient:
     async def audit_key(self) -> m.AuditKey:
         """The audit log's origin and verifier key."""
         return await self._call(_Ops.audit_key())
+    # -- principals, credentials and policies ------------------------------------------
+    async def whoami(self) -> m.WhoAmI:
+        """The authenticated caller."""
+        return await self._call(_Op("GET", "/v1/whoami", None, m.WhoAmI))
+
+    async def create_principal(
+        self, principal: str, *, display_name: str = "", tags: Sequence[str] = ()
+    ) -> m.PrincipalInfo:
+        """Create a principal (a service or a person)."""
+        return await self._call(
+            _Op(
+                "POST",
+                "/v1/principals",
+                m.CreatePrincipalRequest(id=principal, display_name=display_name, tags=list(tags)),
+                m.PrincipalInfo,
+            )
+        )
+
+    async def list_principals(
+        self, *, limit: int = 100, after: str | None = None
+    ) -> m.PrincipalList:
+        """One page of principals."""
+        return await self._call(
+            _Op(
+                "GET",
+                "/v1/principals",
+                None,
+                m.PrincipalList,
+                {"limit": str(limit)} | ({"after": after} if after else {}),
+            )
+        )
+
+    async def describe_principal(self, principal: str) -> m.PrincipalInfo:
+        """A principal with its credentials."""
+        return await self._call(
+            _Op("GET", f"/v1/principals/{_q(principal)}", None, m.PrincipalInfo)
+        )
+
+    async def update_principal(
+        self, principal: str, *, display_name: str | None = None, tags: Sequence[str] | None = None
+    ) -> m.PrincipalInfo:
+        """Change display name or tags (``tags`` replaces the set)."""
+        return await self._call(
+            _Op(
+                "PATCH",
+                f"/v1/principals/{_q(principal)}",
+                m.UpdatePrincipalRequest(
+                    display_name=display_name, tags=None if tags is None else list(tags)
+                ),
+                m.PrincipalInfo,
+            )
+        )
+
+    async def disable_principal(self, principal: str) -> m.PrincipalInfo:
+        """Refuse all of a principal's credentials."""
+        return await self._call(
+            _Op("POST", f"/v1/principals/{_q(principal)}/disable", None, m.PrincipalInfo)
+        )
+
+    async def enable_principal(self, principal: str) -> m.PrincipalInfo:
+        """Accept a principal's credentials again."""
+        return await self._call(
+            _Op("POST", f"/v1/principals/{_q(principal)}/enable", None, m.PrincipalInfo)
+        )
+
+    async def delete_principal(self, principal: str) -> None:
+        """Delete a principal and its credentials."""
+        await self._call(_Op("DELETE", f"/v1/principals/{_q(principal)}", None, None))
+
+    async def add_public_key(
+        self, principal: str, public_key: str, *, label: str = "", expires_in: int | None = None
+    ) -> m.CredentialInfo:
+        """Register a public key (PEM or JWK JSON) for signed requests."""
+        return await self._call(
+            _Op(
+                "POST",
+                f"/v1/principals/{_q(principal)}/keys",
+                m.AddPublicKeyRequest(public_key=public_key, label=label, expires_in=expires_in),
+                m.CredentialInfo,
+            )
+        )
+
+    async def create_api_key(
+        self, principal: str, *, label: str = "", expires_in: int | None = None
+    ) -> m.ApiKeyCreated:
+        """Issue an API key (``result.api_key`` is shown only once)."""
+        return await self._call(
+            _Op(
+                "POST",
+                f"/v1/principals/{_q(principal)}/api-keys",
+                m.CreateApiKeyRequest(label=label, expires_in=expires_in),
+                m.ApiKeyCreated,
+            )
+        )
+
+    async def add_certificate(
+        self,
+        principal: str,
+        *,
+        match: str | None = None,
+        certificate: str | None = None,
+        label: str = "",
+        expires_in: int | None = None,
+    ) -> m.CredentialInfo:
+        """Map client certificates to the principal (a match rule or a PEM certificate)."""
+        return await self._call(
+            _Op(
+                "POST",
+                f"/v1/principals/{_q(principal)}/certificates",
+                m.AddCertificateRequest(
+                    match=match, certificate=certificate, label=label, expires_in=expires_in
+                ),
+                m.CredentialInfo,
+            )
+        )
+
+    async def list_credentials(self, principal: str) -> list[m.CredentialInfo]:
+        """A principal's credentials."""
+        return await self._call(
+            _Op("GET", f"/v1/principals/{_q(principal)}/credentials", None, list[m.CredentialInfo])
+        )
+
+    async def revoke_credential(self, principal: str, credential: str) -> m.CredentialInfo:
+        """Revoke a credential (refused from the next request on)."""
+        return await self._call(
+            _Op(
+                "POST",
+                f"/v1/principals/{_q(principal)}/credentials/{_q(credential)}/revoke",
+                None,
+                m.CredentialInfo,
+            )
+        )
+
+    async def put_policy(self, name: str, text: str, *, description: str = "") -> m.PolicyInfo:
+        """Create or replace a Cedar policy (validated by the server)."""
+        return await self._call(
+            _Op(
+                "PUT",
+                f"/v1/policies/{_q(name)}",
+                m.PutPolicyRequest(text=text, description=description),
+                m.PolicyInfo,
+            )
+        )
+
+    async def get_policy(self, name: str) -> m.PolicyInfo:
+        """One policy."""
+        return await self._call(_Op("GET", f"/v1/policies/{_q(name)}", None, m.PolicyInfo))
+
+    async def list_policies(self) -> list[m.PolicyInfo]:
+        """Every policy."""
+        return await self._call(_Op("GET", "/v1/policies", None, list[m.PolicyInfo]))
+
+    async def delete_policy(self, name: str) -> None:
+        """Delete a policy."""
+        await self._call(_Op("DELETE", f"/v1/policies/{_q(name)}", None, None))
+
+    async def test_policy(
+        self,
+        principal: str,
+        action: str,
+        *,
+        key: str | None = None,
+        context: Mapping[str, str] | None = None,
+        source: str = "signature",
+        grant: m.GrantFactsRequest | None = None,
+    ) -> m.PolicyTestResult:
+        """Would ``principal`` be allowed ``action`` on ``key``? The result says which statements decided."""
+        return await self._call(
+            _Op(
+                "POST",
+                "/v1/policy-test",
+                m.TestPolicyRequest(
+                    principal=principal,
+                    action=action,
+                    key=key,
+                    context=None if context is None else dict(context),
+                    source=source,
+                    grant=grant,
+                ),
+                m.PolicyTestResult,
+            )
+        )

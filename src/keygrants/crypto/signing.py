@@ -12,17 +12,20 @@ from __future__ import annotations
 import base64
 from typing import Final, Literal, get_args
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
 
 __all__ = [
+    "P256_RAW_SIGNATURE_SIZE",
     "RSA_KEY_SIZE",
     "RSA_PSS_SALT_LENGTH",
     "SigningAlgorithm",
     "SigningKey",
     "VerifyingKey",
     "b64url",
+    "ecdsa_p256_der_to_raw",
+    "ecdsa_p256_raw_to_der",
 ]
 
 SigningAlgorithm = Literal["ed25519", "ecdsa-p256-sha256", "rsa-pss-3072-sha256"]
@@ -30,6 +33,8 @@ SIGNING_ALGORITHMS: Final = frozenset(get_args(SigningAlgorithm))
 
 RSA_KEY_SIZE: Final = 3072
 RSA_PSS_SALT_LENGTH: Final = 32
+P256_RAW_SIGNATURE_SIZE: Final = 64
+_P256_SCALAR_LEN: Final = 32
 _SHA256_LEN: Final = 32
 _ED25519_PUBLIC_LEN: Final = 32
 
@@ -40,6 +45,33 @@ _PublicKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey | rsa.RSAPubli
 def b64url(data: bytes) -> str:
     """Unpadded base64url, as JOSE uses it."""
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def ecdsa_p256_der_to_raw(signature: bytes) -> bytes:
+    """Convert an ASN.1 DER ECDSA P-256 signature to the fixed 64-byte ``r || s`` form.
+
+    The raw form is what JOSE ``ES256`` and RFC 9421 ``ecdsa-p256-sha256`` carry on the wire.
+
+    Raises:
+        ValueError: for bytes that are not a DER ``Ecdsa-Sig-Value`` with 256-bit ``r`` and ``s``.
+    """
+    r, s = utils.decode_dss_signature(signature)
+    if not (0 < r < 1 << 256 and 0 < s < 1 << 256):
+        raise ValueError("not a P-256 signature")
+    return r.to_bytes(_P256_SCALAR_LEN, "big") + s.to_bytes(_P256_SCALAR_LEN, "big")
+
+
+def ecdsa_p256_raw_to_der(signature: bytes) -> bytes:
+    """Convert a 64-byte ``r || s`` ECDSA P-256 signature to the DER that :meth:`VerifyingKey.verify` takes.
+
+    Raises:
+        ValueError: for input that is not exactly 64 bytes.
+    """
+    if not isinstance(signature, bytes) or len(signature) != P256_RAW_SIGNATURE_SIZE:
+        raise ValueError("a raw P-256 signature is 64 bytes")
+    r = int.from_bytes(signature[:_P256_SCALAR_LEN], "big")
+    s = int.from_bytes(signature[_P256_SCALAR_LEN:], "big")
+    return utils.encode_dss_signature(r, s)
 
 
 def _int_b64url(n: int) -> str:
@@ -188,6 +220,40 @@ class SigningKey:
             raise ValueError("unsupported private key type")
         _check_public(algorithm, key.public_key())
         return cls(algorithm, key)
+
+    @classmethod
+    def from_pem(cls, pem: bytes | str, *, password: bytes | None = None) -> SigningKey:
+        """Load a PEM private key (PKCS#8, or the traditional SEC1/PKCS#1 forms) and detect its algorithm.
+
+        Ed25519 maps to ``ed25519``, an ECDSA P-256 key to ``ecdsa-p256-sha256`` and a 3072-bit
+        RSA key to ``rsa-pss-3072-sha256``.
+
+        Raises:
+            ValueError: for unreadable PEM, a wrong or missing ``password``, or another key type.
+        """
+        data = pem.encode() if isinstance(pem, str) else pem
+        try:
+            key = serialization.load_pem_private_key(data, password=password)
+        except (TypeError, UnsupportedAlgorithm) as exc:  # missing/unexpected password, odd key type
+            raise ValueError(str(exc)) from None
+        algorithm: SigningAlgorithm
+        if isinstance(key, ed25519.Ed25519PrivateKey):
+            algorithm = "ed25519"
+        elif isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(key.curve, ec.SECP256R1):
+            algorithm = "ecdsa-p256-sha256"
+        elif isinstance(key, rsa.RSAPrivateKey) and key.key_size == RSA_KEY_SIZE:
+            algorithm = "rsa-pss-3072-sha256"
+        else:
+            raise ValueError("unsupported private key type (expected Ed25519, ECDSA P-256 or RSA-3072)")
+        return cls(algorithm, key)
+
+    def private_pem(self) -> bytes:
+        """Unencrypted PKCS#8 PEM; write it only to a file only its owner can read."""
+        return self._key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
 
     def private_bytes(self) -> bytes:
         """Unencrypted PKCS#8 DER; callers must seal it before it leaves memory."""

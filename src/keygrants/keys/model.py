@@ -18,7 +18,8 @@ NAME_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 class Key(msgspec.Struct, frozen=True, kw_only=True):
     """A key: its identity, spec, state and version bookkeeping.
 
-    Times are Unix seconds. ``rotation_period`` is in seconds (``None``: rotate on demand
+    Times are Unix seconds; ``tags`` are free labels that policies match on.
+    ``rotation_period`` is in seconds (``None``: rotate on demand
     only); ``next_rotation_at`` is when the scheduler rotates next; ``deletion_date`` and
     ``previous_state`` (restored by a cancel) are set while the key is pending deletion.
     """
@@ -38,6 +39,7 @@ class Key(msgspec.Struct, frozen=True, kw_only=True):
     previous_state: KeyState | None = None
     min_decryption_version: int = 1
     latest_version: int = 1
+    tags: tuple[str, ...] = ()
 
 
 class KeyVersion(msgspec.Struct, frozen=True, kw_only=True):

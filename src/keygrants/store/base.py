@@ -1,4 +1,5 @@
-"""The store port: durable persistence of keys, versions, aliases and server metadata.
+"""The store port: durable persistence of keys, versions, aliases, principals, credentials,
+policies and server metadata.
 
 Every method that writes returns only after the write is durable. Implementations raise
 :class:`~keygrants.errors.AlreadyExists` for a taken name or alias,
@@ -9,8 +10,10 @@ exceptions to the caller.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Protocol, runtime_checkable
 
+from keygrants.auth.model import Credential, Policy, Principal
 from keygrants.keys.model import Key, KeyVersion
 
 __all__ = ["Alias", "Store"]
@@ -108,6 +111,75 @@ class Store(Protocol):
 
     def list_aliases(self, key_id: str | None = None) -> list[Alias]:
         """Aliases, optionally of one key, ordered by alias."""
+
+    # -- principals and credentials ------------------------------------------------------
+    def create_principal(self, principal: Principal) -> None:
+        """Insert a principal.
+
+        Raises:
+            AlreadyExists: if the id is taken.
+        """
+
+    def get_principal(self, principal_id: str) -> Principal | None:
+        """A principal by id."""
+
+    def list_principals(self, *, limit: int, after: str | None = None) -> list[Principal]:
+        """Principals ordered by id, those after ``after``."""
+
+    def update_principal(self, principal: Principal) -> None:
+        """Replace a principal's record.
+
+        Raises:
+            PrincipalNotFound: if it does not exist.
+        """
+
+    def delete_principal(self, principal_id: str) -> None:
+        """Delete a principal and all its credentials, atomically.
+
+        Raises:
+            PrincipalNotFound: if it does not exist.
+        """
+
+    def add_credential(self, credential: Credential) -> None:
+        """Insert a credential of an existing principal.
+
+        Raises:
+            AlreadyExists: if the credential id is taken.
+            PrincipalNotFound: if the principal does not exist.
+        """
+
+    def get_credential(self, credential_id: str) -> Credential | None:
+        """A credential by id."""
+
+    def list_credentials(self, principal_id: str | None = None) -> list[Credential]:
+        """Credentials of one principal (or of all), ordered by principal then creation."""
+
+    def update_credential(self, credential: Credential) -> None:
+        """Replace a credential's record (revocation, expiry).
+
+        Raises:
+            CredentialNotFound: if it does not exist.
+        """
+
+    def record_usage(self, principals: Mapping[str, int], credentials: Mapping[str, int]) -> None:
+        """Raise last-seen / last-used times (never lowers them); unknown ids are ignored."""
+
+    # -- policies --------------------------------------------------------------------------
+    def put_policy(self, policy: Policy) -> None:
+        """Create or replace a named policy."""
+
+    def get_policy(self, name: str) -> Policy | None:
+        """A policy by name."""
+
+    def list_policies(self) -> list[Policy]:
+        """All policies ordered by name."""
+
+    def delete_policy(self, name: str) -> None:
+        """Delete a policy.
+
+        Raises:
+            PolicyNotFound: if there is no such policy.
+        """
 
     def close(self) -> None:
         """Release the backend."""

@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 
 import msgspec
 
-from keygrants.errors import AliasNotFound, AlreadyExists, Conflict, KeyNotFound
+from keygrants.auth.model import Credential, Policy, Principal
+from keygrants.errors import (
+    AliasNotFound,
+    AlreadyExists,
+    Conflict,
+    CredentialNotFound,
+    KeyNotFound,
+    PolicyNotFound,
+    PrincipalNotFound,
+)
 from keygrants.keys.model import Key, KeyVersion
 from keygrants.store.base import Alias
 
@@ -22,6 +32,9 @@ class MemoryStore:
         self._keys: dict[str, Key] = {}
         self._versions: dict[str, dict[int, KeyVersion]] = {}
         self._aliases: dict[str, str] = {}
+        self._principals: dict[str, Principal] = {}
+        self._credentials: dict[str, Credential] = {}
+        self._policies: dict[str, Policy] = {}
 
     def get_meta(self, name: str) -> bytes | None:
         return self._meta.get(name)
@@ -121,6 +134,87 @@ class MemoryStore:
         with self._lock:
             return [Alias((a, k)) for a, k in sorted(self._aliases.items())
                     if key_id is None or k == key_id]
+
+    # -- principals and credentials ------------------------------------------------------
+
+    def create_principal(self, principal: Principal) -> None:
+        with self._lock:
+            if principal.id in self._principals:
+                raise AlreadyExists(f"principal {principal.id!r} already exists")
+            self._principals[principal.id] = principal
+
+    def get_principal(self, principal_id: str) -> Principal | None:
+        return self._principals.get(principal_id)
+
+    def list_principals(self, *, limit: int, after: str | None = None) -> list[Principal]:
+        with self._lock:
+            out = sorted(self._principals.values(), key=lambda p: p.id)
+        return [p for p in out if after is None or p.id > after][:limit]
+
+    def update_principal(self, principal: Principal) -> None:
+        with self._lock:
+            if principal.id not in self._principals:
+                raise PrincipalNotFound()
+            self._principals[principal.id] = principal
+
+    def delete_principal(self, principal_id: str) -> None:
+        with self._lock:
+            if self._principals.pop(principal_id, None) is None:
+                raise PrincipalNotFound()
+            for cid in [c.id for c in self._credentials.values() if c.principal_id == principal_id]:
+                del self._credentials[cid]
+
+    def add_credential(self, credential: Credential) -> None:
+        with self._lock:
+            if credential.principal_id not in self._principals:
+                raise PrincipalNotFound()
+            if credential.id in self._credentials:
+                raise AlreadyExists(f"credential {credential.id!r} already exists")
+            self._credentials[credential.id] = credential
+
+    def get_credential(self, credential_id: str) -> Credential | None:
+        return self._credentials.get(credential_id)
+
+    def list_credentials(self, principal_id: str | None = None) -> list[Credential]:
+        with self._lock:
+            creds = [c for c in self._credentials.values()
+                     if principal_id is None or c.principal_id == principal_id]
+        return sorted(creds, key=lambda c: (c.principal_id, c.created_at, c.id))
+
+    def update_credential(self, credential: Credential) -> None:
+        with self._lock:
+            if credential.id not in self._credentials:
+                raise CredentialNotFound()
+            self._credentials[credential.id] = credential
+
+    def record_usage(self, principals: Mapping[str, int], credentials: Mapping[str, int]) -> None:
+        with self._lock:
+            for pid, ts in principals.items():
+                p = self._principals.get(pid)
+                if p is not None and (p.last_seen_at or 0) < ts:
+                    self._principals[pid] = msgspec.structs.replace(p, last_seen_at=ts)
+            for cid, ts in credentials.items():
+                c = self._credentials.get(cid)
+                if c is not None and (c.last_used_at or 0) < ts:
+                    self._credentials[cid] = msgspec.structs.replace(c, last_used_at=ts)
+
+    # -- policies --------------------------------------------------------------------------
+
+    def put_policy(self, policy: Policy) -> None:
+        with self._lock:
+            self._policies[policy.name] = policy
+
+    def get_policy(self, name: str) -> Policy | None:
+        return self._policies.get(name)
+
+    def list_policies(self) -> list[Policy]:
+        with self._lock:
+            return [p for _, p in sorted(self._policies.items())]
+
+    def delete_policy(self, name: str) -> None:
+        with self._lock:
+            if self._policies.pop(name, None) is None:
+                raise PolicyNotFound()
 
     def close(self) -> None:
         pass

@@ -8,21 +8,32 @@ hot path come from the service's in-memory cache, not from here.
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
-from keygrants.errors import AliasNotFound, AlreadyExists, Conflict, KeyNotFound, StoreError
+from keygrants.auth.model import Credential, Policy, Principal
+from keygrants.errors import (
+    AliasNotFound,
+    AlreadyExists,
+    Conflict,
+    CredentialNotFound,
+    KeyNotFound,
+    PolicyNotFound,
+    PrincipalNotFound,
+    StoreError,
+)
 from keygrants.keys.model import Key, KeyVersion
 from keygrants.store.base import Alias
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 T = TypeVar("T")
 
 _MIGRATIONS: Final[tuple[str, ...]] = (
@@ -61,12 +72,48 @@ _MIGRATIONS: Final[tuple[str, ...]] = (
     );
     CREATE INDEX aliases_key ON aliases (key_id);
     """,
+    """
+    ALTER TABLE keys ADD COLUMN tags TEXT NOT NULL DEFAULT '[]';
+    CREATE TABLE principals (
+        id TEXT PRIMARY KEY,
+        display_name TEXT NOT NULL,
+        tags TEXT NOT NULL,
+        enabled INTEGER NOT NULL,
+        builtin INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        last_seen_at INTEGER
+    );
+    CREATE TABLE credentials (
+        id TEXT PRIMARY KEY,
+        principal_id TEXT NOT NULL REFERENCES principals (id),
+        kind TEXT NOT NULL,
+        label TEXT NOT NULL,
+        algorithm TEXT,
+        public_key_der BLOB,
+        secret_digest BLOB,
+        match TEXT,
+        not_before INTEGER NOT NULL,
+        expires_at INTEGER,
+        created_at INTEGER NOT NULL,
+        last_used_at INTEGER,
+        revoked_at INTEGER
+    );
+    CREATE INDEX credentials_principal ON credentials (principal_id, created_at);
+    CREATE TABLE policies (
+        name TEXT PRIMARY KEY,
+        text TEXT NOT NULL,
+        description TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL
+    );
+    """,
 )
 
 _KEY_COLUMNS: Final = (
     "id", "name", "spec", "purpose", "description", "state", "derivable", "created_at",
     "updated_at", "rotation_period", "next_rotation_at", "deletion_date", "previous_state",
-    "min_decryption_version", "latest_version",
+    "min_decryption_version", "latest_version", "tags",
 )
 _KEY_SELECT: Final = f"SELECT {', '.join(_KEY_COLUMNS)} FROM keys"
 
@@ -74,11 +121,39 @@ _KEY_SELECT: Final = f"SELECT {', '.join(_KEY_COLUMNS)} FROM keys"
 def _key_from_row(row: tuple[Any, ...]) -> Key:
     values = dict(zip(_KEY_COLUMNS, row, strict=True))
     values["derivable"] = bool(values["derivable"])
+    values["tags"] = tuple(json.loads(values["tags"]))
     return Key(**values)
 
 
 def _key_params(key: Key) -> tuple[Any, ...]:
-    return tuple(getattr(key, c) for c in _KEY_COLUMNS)
+    return tuple(json.dumps(list(key.tags)) if c == "tags" else getattr(key, c)
+                 for c in _KEY_COLUMNS)
+
+
+_PRINCIPAL_COLUMNS: Final = ("id", "display_name", "tags", "enabled", "builtin", "created_at",
+                             "updated_at", "last_seen_at")
+_CREDENTIAL_COLUMNS: Final = tuple(Credential.__struct_fields__)
+_POLICY_COLUMNS: Final = tuple(Policy.__struct_fields__)
+
+
+def _principal_from_row(row: tuple[Any, ...]) -> Principal:
+    v = dict(zip(_PRINCIPAL_COLUMNS, row, strict=True))
+    v["tags"] = tuple(json.loads(v["tags"]))
+    v["enabled"], v["builtin"] = bool(v["enabled"]), bool(v["builtin"])
+    return Principal(**v)
+
+
+def _principal_params(p: Principal) -> tuple[Any, ...]:
+    return (p.id, p.display_name, json.dumps(list(p.tags)), int(p.enabled), int(p.builtin),
+            p.created_at, p.updated_at, p.last_seen_at)
+
+
+def _credential_from_row(row: tuple[Any, ...]) -> Credential:
+    v = dict(zip(_CREDENTIAL_COLUMNS, row, strict=True))
+    for blob in ("public_key_der", "secret_digest"):
+        if v[blob] is not None:
+            v[blob] = bytes(v[blob])
+    return Credential(**v)
 
 
 class SQLiteStore:
@@ -274,6 +349,118 @@ class SQLiteStore:
             return db.execute("SELECT alias, key_id FROM aliases WHERE key_id = ? ORDER BY alias",
                               (key_id,)).fetchall()
         return [Alias((a, k)) for a, k in self._read(go)]
+
+    # -- principals and credentials ------------------------------------------------------
+
+    def create_principal(self, principal: Principal) -> None:
+        cols = ", ".join(_PRINCIPAL_COLUMNS)
+        marks = ", ".join("?" for _ in _PRINCIPAL_COLUMNS)
+        self._write(lambda db: db.execute(f"INSERT INTO principals ({cols}) VALUES ({marks})",
+                                          _principal_params(principal)))
+
+    def get_principal(self, principal_id: str) -> Principal | None:
+        row = self._read(lambda db: db.execute(
+            f"SELECT {', '.join(_PRINCIPAL_COLUMNS)} FROM principals WHERE id = ?",
+            (principal_id,)).fetchone())
+        return None if row is None else _principal_from_row(row)
+
+    def list_principals(self, *, limit: int, after: str | None = None) -> list[Principal]:
+        rows = self._read(lambda db: db.execute(
+            f"SELECT {', '.join(_PRINCIPAL_COLUMNS)} FROM principals WHERE id > ? "
+            "ORDER BY id LIMIT ?", (after or "", limit)).fetchall())
+        return [_principal_from_row(r) for r in rows]
+
+    def update_principal(self, principal: Principal) -> None:
+        def go(db: sqlite3.Connection) -> None:
+            sets = ", ".join(f"{c} = ?" for c in _PRINCIPAL_COLUMNS[1:])
+            cur = db.execute(f"UPDATE principals SET {sets} WHERE id = ?",
+                             (*_principal_params(principal)[1:], principal.id))
+            if cur.rowcount == 0:
+                raise PrincipalNotFound()
+        self._write(go)
+
+    def delete_principal(self, principal_id: str) -> None:
+        def go(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM credentials WHERE principal_id = ?", (principal_id,))
+            if db.execute("DELETE FROM principals WHERE id = ?", (principal_id,)).rowcount == 0:
+                raise PrincipalNotFound()
+        self._write(go)
+
+    def add_credential(self, credential: Credential) -> None:
+        def go(db: sqlite3.Connection) -> None:
+            if not db.execute("SELECT 1 FROM principals WHERE id = ?",
+                              (credential.principal_id,)).fetchone():
+                raise PrincipalNotFound()
+            if db.execute("SELECT 1 FROM credentials WHERE id = ?", (credential.id,)).fetchone():
+                raise AlreadyExists(f"credential {credential.id!r} already exists")
+            cols = ", ".join(_CREDENTIAL_COLUMNS)
+            marks = ", ".join("?" for _ in _CREDENTIAL_COLUMNS)
+            db.execute(f"INSERT INTO credentials ({cols}) VALUES ({marks})",
+                       tuple(getattr(credential, c) for c in _CREDENTIAL_COLUMNS))
+        self._write(go)
+
+    def get_credential(self, credential_id: str) -> Credential | None:
+        row = self._read(lambda db: db.execute(
+            f"SELECT {', '.join(_CREDENTIAL_COLUMNS)} FROM credentials WHERE id = ?",
+            (credential_id,)).fetchone())
+        return None if row is None else _credential_from_row(row)
+
+    def list_credentials(self, principal_id: str | None = None) -> list[Credential]:
+        select = f"SELECT {', '.join(_CREDENTIAL_COLUMNS)} FROM credentials"
+        order = " ORDER BY principal_id, created_at, id"
+
+        def go(db: sqlite3.Connection) -> list[Any]:
+            if principal_id is None:
+                return db.execute(select + order).fetchall()
+            return db.execute(select + " WHERE principal_id = ?" + order, (principal_id,)).fetchall()
+        return [_credential_from_row(r) for r in self._read(go)]
+
+    def update_credential(self, credential: Credential) -> None:
+        def go(db: sqlite3.Connection) -> None:
+            sets = ", ".join(f"{c} = ?" for c in _CREDENTIAL_COLUMNS[1:])
+            cur = db.execute(f"UPDATE credentials SET {sets} WHERE id = ?",
+                             (*(getattr(credential, c) for c in _CREDENTIAL_COLUMNS[1:]),
+                              credential.id))
+            if cur.rowcount == 0:
+                raise CredentialNotFound()
+        self._write(go)
+
+    def record_usage(self, principals: Mapping[str, int], credentials: Mapping[str, int]) -> None:
+        def go(db: sqlite3.Connection) -> None:
+            db.executemany("UPDATE principals SET last_seen_at = ? WHERE id = ? AND "
+                           "(last_seen_at IS NULL OR last_seen_at < ?)",
+                           [(ts, pid, ts) for pid, ts in principals.items()])
+            db.executemany("UPDATE credentials SET last_used_at = ? WHERE id = ? AND "
+                           "(last_used_at IS NULL OR last_used_at < ?)",
+                           [(ts, cid, ts) for cid, ts in credentials.items()])
+        self._write(go)
+
+    # -- policies --------------------------------------------------------------------------
+
+    def put_policy(self, policy: Policy) -> None:
+        cols = ", ".join(_POLICY_COLUMNS)
+        marks = ", ".join("?" for _ in _POLICY_COLUMNS)
+        self._write(lambda db: db.execute(
+            f"INSERT INTO policies ({cols}) VALUES ({marks}) ON CONFLICT (name) DO UPDATE SET "
+            "text = excluded.text, description = excluded.description, "
+            "updated_at = excluded.updated_at",
+            tuple(getattr(policy, c) for c in _POLICY_COLUMNS)))
+
+    def get_policy(self, name: str) -> Policy | None:
+        row = self._read(lambda db: db.execute(
+            f"SELECT {', '.join(_POLICY_COLUMNS)} FROM policies WHERE name = ?", (name,)).fetchone())
+        return None if row is None else Policy(**dict(zip(_POLICY_COLUMNS, row, strict=True)))
+
+    def list_policies(self) -> list[Policy]:
+        rows = self._read(lambda db: db.execute(
+            f"SELECT {', '.join(_POLICY_COLUMNS)} FROM policies ORDER BY name").fetchall())
+        return [Policy(**dict(zip(_POLICY_COLUMNS, r, strict=True))) for r in rows]
+
+    def delete_policy(self, name: str) -> None:
+        def go(db: sqlite3.Connection) -> None:
+            if db.execute("DELETE FROM policies WHERE name = ?", (name,)).rowcount == 0:
+                raise PolicyNotFound()
+        self._write(go)
 
     def close(self) -> None:
         with self._lock:

@@ -1,0 +1,627 @@
+"""Access use cases: principals, their credentials, policies, and the policy authorizer.
+
+:class:`AccessService` manages principals and credentials (writes are durable before the
+in-memory :class:`~keygrants.auth.directory.Directory` is updated, so a revocation takes
+effect on the next request) and named Cedar policies (validated on write; a refused policy
+leaves the old set in force). :class:`PolicyAuthorizer` is the KMS's policy decision point:
+deny by default, the built-in ``admin`` principal exempt (no policy can lock it out), every
+decision handed to the audit trail with the statements that made it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final, TypeVar
+
+import msgspec
+
+from keygrants import models as m
+from keygrants.audit.recorder import AuditRecorder, NoAudit
+from keygrants.auth import ADMIN_PRINCIPAL, ADMIN_TOKEN_META, RequestContext
+from keygrants.auth.authenticator import KEYID_SEPARATOR, Authenticator, AuthSettings
+from keygrants.auth.credentials import (
+    api_key_digest,
+    certificate_der_from_pem,
+    certificate_fingerprint,
+    generate_api_key,
+    jwk_thumbprint,
+    load_public_key,
+    normalize_match,
+)
+from keygrants.auth.directory import Directory
+from keygrants.auth.model import PRINCIPAL_NAME_PATTERN, Credential, Policy, Principal
+from keygrants.crypto import Aead, random_bytes
+from keygrants.errors import (
+    AlreadyExists,
+    CredentialNotFound,
+    Forbidden,
+    InvalidRequest,
+    KeygrantsError,
+    PolicyNotFound,
+    PrincipalNotFound,
+)
+from keygrants.keys.model import Key
+from keygrants.keys.sealing import seal_named_secret, unseal_named_secret
+from keygrants.keys.tags import check_tags
+from keygrants.policy import ACTIONS, GrantFacts, KeyFacts, PolicyEngine, PrincipalFacts, RequestFacts
+from keygrants.store.base import Store
+
+__all__ = ["Access", "AccessService", "PolicyAuthorizer", "open_access"]
+
+API_KEY_HMAC_META: Final = "api_key_hmac_key"
+_PRINCIPAL_RE: Final = re.compile(PRINCIPAL_NAME_PATTERN)
+MAX_LABEL: Final = 128
+MAX_DISPLAY_NAME: Final = 256
+MAX_CREDENTIALS: Final = 20
+MAX_LIST_LIMIT: Final = 1000
+MAX_POLICY_DESCRIPTION: Final = 1024
+_FACTS_CACHE: Final = 4096
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _dt(ts: int | None) -> datetime | None:
+    return None if ts is None else datetime.fromtimestamp(ts, UTC)
+
+
+def _audited(event_type: str, operation: str) -> Callable[[F], F]:
+    """Record each access use case's outcome (``ok``, ``denied`` or ``error``)."""
+
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(self: AccessService, ctx: RequestContext, *args: Any, **kwargs: Any) -> Any:
+            target = str(args[0]) if args and isinstance(args[0], str) else None
+            detail = {"target": target} if target else None
+            try:
+                result = fn(self, ctx, *args, **kwargs)
+            except KeygrantsError as exc:
+                self.audit.record(ctx, event_type, "denied" if isinstance(exc, Forbidden)
+                                  else "error", operation=operation, reason=exc.code, detail=detail)
+                raise
+            self.audit.record(ctx, event_type, "ok", operation=operation, detail=detail)
+            return result
+        return wrapper  # type: ignore[return-value]
+    return decorate
+
+
+class PolicyAuthorizer:
+    """The KMS's policy decision point over a swappable :class:`PolicyEngine`.
+
+    Facts about principals and keys are built once per record version and cached (the
+    directory's and the key's records are immutable, so identity tells when they change).
+    """
+
+    def __init__(self, directory: Directory, engine: PolicyEngine,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.directory = directory
+        self.engine = engine
+        self._clock = clock
+        self._principal_facts: dict[str, tuple[Principal, PrincipalFacts]] = {}
+        self._key_facts: dict[str, tuple[Key, frozenset[str], KeyFacts]] = {}
+        self.decisions = {"allow": 0, "deny": 0}
+
+    def _principal(self, principal_id: str) -> PrincipalFacts | None:
+        record = self.directory.principal(principal_id)
+        if record is None:
+            return None
+        cached = self._principal_facts.get(principal_id)
+        if cached is not None and cached[0] is record:
+            return cached[1]
+        facts = PrincipalFacts(id=record.id, tags=frozenset(record.tags))
+        if len(self._principal_facts) >= _FACTS_CACHE:
+            self._principal_facts.clear()
+        self._principal_facts[principal_id] = (record, facts)
+        return facts
+
+    def _key(self, key: Key, aliases: frozenset[str]) -> KeyFacts:
+        cached = self._key_facts.get(key.id) if key.id else None
+        if cached is not None and cached[0] is key and cached[1] == aliases:
+            return cached[2]
+        facts = KeyFacts(id=key.id, name=key.name, aliases=aliases, spec=key.spec,
+                         purpose=key.purpose, state=key.state, tags=frozenset(key.tags))
+        if key.id:
+            if len(self._key_facts) >= _FACTS_CACHE:
+                self._key_facts.clear()
+            self._key_facts[key.id] = (key, aliases, facts)
+        return facts
+
+    def authorize(self, ctx: RequestContext, action: str, key: Key | None, *,
+                  aliases: frozenset[str] = frozenset(),
+                  context: Mapping[str, str] | None = None,
+                  grant: GrantFacts | None = None) -> None:
+        """Allow or raise :class:`Forbidden`; the deciding statements go into the request's
+        audit attributes (``policy``)."""
+        if ctx.principal == ADMIN_PRINCIPAL:
+            ctx.attributes["policy"] = "builtin:admin"
+            return
+        principal = self._principal(ctx.principal) if ctx.principal else None
+        if principal is None:
+            self.decisions["deny"] += 1
+            ctx.attributes["policy"] = "deny:unknown-principal"
+            raise Forbidden()
+        resource = None
+        if ACTIONS.get(action) == "key":
+            resource = self._key(key, aliases) if key is not None else None
+            if resource is None:
+                raise ValueError(f"action {action!r} needs a key")
+        decision = self.engine.decide(
+            principal, action, resource,
+            RequestFacts(source=ctx.auth_method or "signature", now=int(self._clock()),
+                         encryption_context=context, grant=grant))
+        if decision.allowed:
+            self.decisions["allow"] += 1
+            ctx.attributes["policy"] = ",".join(decision.reasons)[:500]
+            return
+        self.decisions["deny"] += 1
+        ctx.attributes["policy"] = ("deny:" + ",".join(decision.reasons))[:500] \
+            if decision.reasons else "deny:default"
+        raise Forbidden()
+
+
+class AccessService:
+    """Principals, credentials and policies (synchronous; writes run in a worker thread)."""
+
+    def __init__(self, store: Store, directory: Directory, authorizer: PolicyAuthorizer, *,
+                 api_key_hmac_key: bytes, audit: AuditRecorder | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.directory = directory
+        self.authorizer = authorizer
+        self.audit: AuditRecorder = audit or NoAudit()
+        self._hmac_key = api_key_hmac_key
+        self._clock = clock
+        self._lock = threading.RLock()
+
+    def _now(self) -> int:
+        return int(self._clock())
+
+    def _allow(self, ctx: RequestContext, action: str) -> None:
+        self.authorizer.authorize(ctx, action, None)
+
+    def _intent(self, ctx: RequestContext, event_type: str, operation: str, **detail: str) -> None:
+        self.audit.record(ctx, event_type, "requested", operation=operation,
+                          detail=detail or None, wait=True)
+
+    # -- views -------------------------------------------------------------------------------
+
+    def _credential_info(self, c: Credential) -> m.CredentialInfo:
+        now = self._now()
+        state = ("revoked" if c.revoked_at is not None
+                 else "expired" if c.expires_at is not None and c.expires_at <= now
+                 else "pending" if c.not_before > now else "active")
+        jwk = None
+        if c.kind == "public_key":
+            jwk = self.directory.verifying_key(c).jwk(kid=c.id)
+        return m.CredentialInfo(
+            id=c.id, principal=c.principal_id, kind=c.kind, label=c.label,
+            not_before=_dt(c.not_before), created_at=_dt(c.created_at),  # type: ignore[arg-type]
+            expires_at=_dt(c.expires_at), last_used_at=_dt(c.last_used_at),
+            revoked_at=_dt(c.revoked_at), algorithm=c.algorithm, public_key_jwk=jwk,
+            keyid=f"{c.principal_id}{KEYID_SEPARATOR}{c.id}" if c.kind == "public_key" else None,
+            match=c.match, state=state)
+
+    def _principal_info(self, p: Principal, *, with_credentials: bool = False) -> m.PrincipalInfo:
+        creds = None
+        if with_credentials:
+            creds = [self._credential_info(c) for c in self.store.list_credentials(p.id)]
+        current = self.directory.principal(p.id) or p
+        return m.PrincipalInfo(
+            id=p.id, display_name=p.display_name, tags=list(p.tags), enabled=p.enabled,
+            builtin=p.builtin, created_at=_dt(p.created_at),  # type: ignore[arg-type]
+            updated_at=_dt(p.updated_at),  # type: ignore[arg-type]
+            last_seen_at=_dt(current.last_seen_at), credentials=creds)
+
+    def _get(self, principal_id: str) -> Principal:
+        p = self.store.get_principal(principal_id) if isinstance(principal_id, str) else None
+        if p is None:
+            raise PrincipalNotFound(f"principal {principal_id!r} not found")
+        return p
+
+    # -- principals --------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_display_name(name: str) -> None:
+        if len(name) > MAX_DISPLAY_NAME or any(ord(c) < 0x20 for c in name):
+            raise InvalidRequest(f"display_name must be at most {MAX_DISPLAY_NAME} printable "
+                                 "characters")
+
+    @_audited("principal.create", "create_principal")
+    def create_principal(self, ctx: RequestContext, req: m.CreatePrincipalRequest) -> m.PrincipalInfo:
+        """Create a principal (no credentials yet).
+
+        Raises:
+            InvalidRequest: for a bad id, display name or tags.
+            AlreadyExists: if the id is taken.
+        """
+        self._allow(ctx, "create_principal")
+        if not isinstance(req.id, str) or not _PRINCIPAL_RE.fullmatch(req.id):
+            raise InvalidRequest("principal id must be 1-128 characters of letters, digits and "
+                                 "'._@-', starting with a letter or digit")
+        if req.id.startswith("system"):
+            raise InvalidRequest("principal ids starting with 'system' are reserved")
+        self._check_display_name(req.display_name)
+        now = self._now()
+        p = Principal(id=req.id, display_name=req.display_name, tags=check_tags(req.tags),
+                      created_at=now, updated_at=now)
+        with self._lock:
+            if self.store.get_principal(p.id) is not None:
+                raise AlreadyExists(f"principal {p.id!r} already exists")
+            self._intent(ctx, "principal.create", "create_principal", target=p.id)
+            self.store.create_principal(p)
+            self.directory.put_principal(p)
+        return self._principal_info(p)
+
+    @_audited("principal.list", "list_principals")
+    def list_principals(self, ctx: RequestContext, *, limit: int = 100,
+                        after: str | None = None) -> m.PrincipalList:
+        """One page of principals ordered by id."""
+        self._allow(ctx, "list_principals")
+        if not 1 <= limit <= MAX_LIST_LIMIT:
+            raise InvalidRequest(f"limit must be 1..{MAX_LIST_LIMIT}")
+        page = self.store.list_principals(limit=limit + 1, after=after)
+        more = len(page) > limit
+        page = page[:limit]
+        return m.PrincipalList(principals=[self._principal_info(p) for p in page],
+                               next=page[-1].id if more and page else None)
+
+    @_audited("principal.describe", "describe_principal")
+    def describe_principal(self, ctx: RequestContext, principal_id: str) -> m.PrincipalInfo:
+        """A principal with its credentials."""
+        self._allow(ctx, "describe_principal")
+        return self._principal_info(self._get(principal_id), with_credentials=True)
+
+    def _change(self, ctx: RequestContext, principal_id: str, event_type: str, operation: str,
+                change: Callable[[Principal], Principal]) -> m.PrincipalInfo:
+        with self._lock:
+            current = self._get(principal_id)
+            updated = change(current)
+            if updated == current:
+                return self._principal_info(current)
+            updated = msgspec.structs.replace(updated, updated_at=max(self._now(),
+                                                                      current.updated_at))
+            self._intent(ctx, event_type, operation, target=principal_id)
+            self.store.update_principal(updated)
+            self.directory.put_principal(updated)
+        return self._principal_info(updated)
+
+    @_audited("principal.update", "update_principal")
+    def update_principal(self, ctx: RequestContext, principal_id: str,
+                         req: m.UpdatePrincipalRequest) -> m.PrincipalInfo:
+        """Change display name or tags."""
+        self._allow(ctx, "update_principal")
+        if req.display_name is not None:
+            self._check_display_name(req.display_name)
+        tags = None if req.tags is None else check_tags(req.tags)
+
+        def change(p: Principal) -> Principal:
+            changes: dict[str, object] = {}
+            if req.display_name is not None:
+                changes["display_name"] = req.display_name
+            if tags is not None:
+                changes["tags"] = tags
+            return msgspec.structs.replace(p, **changes) if changes else p
+        return self._change(ctx, principal_id, "principal.update", "update_principal", change)
+
+    @_audited("principal.disable", "update_principal")
+    def disable_principal(self, ctx: RequestContext, principal_id: str) -> m.PrincipalInfo:
+        """Refuse every credential of the principal from the next request on.
+
+        Raises:
+            Forbidden: for the built-in admin (lockout-free design).
+        """
+        self._allow(ctx, "update_principal")
+
+        def change(p: Principal) -> Principal:
+            if p.builtin:
+                raise Forbidden("the built-in admin principal cannot be disabled")
+            return msgspec.structs.replace(p, enabled=False)
+        return self._change(ctx, principal_id, "principal.disable", "update_principal", change)
+
+    @_audited("principal.enable", "update_principal")
+    def enable_principal(self, ctx: RequestContext, principal_id: str) -> m.PrincipalInfo:
+        """Accept the principal's credentials again."""
+        self._allow(ctx, "update_principal")
+        return self._change(ctx, principal_id, "principal.enable", "update_principal",
+                            lambda p: msgspec.structs.replace(p, enabled=True))
+
+    @_audited("principal.delete", "delete_principal")
+    def delete_principal(self, ctx: RequestContext, principal_id: str) -> None:
+        """Delete a principal and every credential it has.
+
+        Raises:
+            Forbidden: for the built-in admin.
+        """
+        self._allow(ctx, "delete_principal")
+        with self._lock:
+            p = self._get(principal_id)
+            if p.builtin:
+                raise Forbidden("the built-in admin principal cannot be deleted")
+            self._intent(ctx, "principal.delete", "delete_principal", target=principal_id)
+            self.store.delete_principal(principal_id)
+            self.directory.remove_principal(principal_id)
+
+    # -- credentials -------------------------------------------------------------------------
+
+    def _window(self, not_before: int | None, expires_at: int | None,
+                expires_in: int | None) -> tuple[int, int | None]:
+        now = self._now()
+        if expires_in is not None:
+            if expires_at is not None:
+                raise InvalidRequest("give expires_at or expires_in, not both")
+            if not 1 <= expires_in <= 10 * 366 * 86400:
+                raise InvalidRequest("expires_in must be 1 second to 10 years")
+            expires_at = now + expires_in
+        start = now if not_before is None else not_before
+        if not 0 <= start <= now + 366 * 86400:
+            raise InvalidRequest("not_before must be within a year from now")
+        if expires_at is not None and expires_at <= max(start, now):
+            raise InvalidRequest("expires_at must be after not_before and in the future")
+        return start, expires_at
+
+    def _add(self, ctx: RequestContext, principal_id: str, credential: Credential) -> Credential:
+        if len(credential.label) > MAX_LABEL or any(ord(c) < 0x20 for c in credential.label):
+            raise InvalidRequest(f"label must be at most {MAX_LABEL} printable characters")
+        with self._lock:
+            self._get(principal_id)
+            live = [c for c in self.store.list_credentials(principal_id) if c.revoked_at is None]
+            if len(live) >= MAX_CREDENTIALS:
+                raise InvalidRequest(f"a principal has at most {MAX_CREDENTIALS} unrevoked "
+                                     "credentials; revoke one first")
+            self._intent(ctx, "credential.add", "manage_credentials", target=principal_id,
+                         credential=credential.id, kind=credential.kind)
+            self.store.add_credential(credential)
+            self.directory.put_credential(credential)
+        return credential
+
+    @_audited("credential.add_key", "manage_credentials")
+    def add_public_key(self, ctx: RequestContext, principal_id: str,
+                       req: m.AddPublicKeyRequest) -> m.CredentialInfo:
+        """Register an Ed25519 or ECDSA P-256 public key; its id is its JWK thumbprint and
+        its signature ``keyid`` is ``<principal>/<thumbprint>``.
+
+        Raises:
+            InvalidRequest: for a key that is not an accepted public key.
+            AlreadyExists: if that key is already registered.
+        """
+        self._allow(ctx, "manage_credentials")
+        try:
+            key = load_public_key(req.public_key)
+        except ValueError as exc:
+            raise InvalidRequest(f"public_key: {exc}") from None
+        start, expires = self._window(req.not_before, req.expires_at, req.expires_in)
+        now = self._now()
+        cred = Credential(id=jwk_thumbprint(key.jwk()), principal_id=principal_id,
+                          kind="public_key", label=req.label, algorithm=key.algorithm,
+                          public_key_der=key.public_der(), not_before=start, expires_at=expires,
+                          created_at=now)
+        if self.store.get_credential(cred.id) is not None:
+            raise AlreadyExists("that public key is already registered")
+        return self._credential_info(self._add(ctx, principal_id, cred))
+
+    @_audited("credential.add_api_key", "manage_credentials")
+    def create_api_key(self, ctx: RequestContext, principal_id: str,
+                       req: m.CreateApiKeyRequest) -> m.ApiKeyCreated:
+        """Issue an API key (returned once; the store keeps only its keyed hash)."""
+        self._allow(ctx, "manage_credentials")
+        start, expires = self._window(req.not_before, req.expires_at, req.expires_in)
+        cred_id, api_key = generate_api_key()
+        cred = Credential(id=cred_id, principal_id=principal_id, kind="api_key", label=req.label,
+                          secret_digest=api_key_digest(self._hmac_key, api_key),
+                          not_before=start, expires_at=expires, created_at=self._now())
+        return m.ApiKeyCreated(credential=self._credential_info(self._add(ctx, principal_id, cred)),
+                               api_key=api_key)
+
+    @_audited("credential.add_certificate", "manage_credentials")
+    def add_certificate(self, ctx: RequestContext, principal_id: str,
+                        req: m.AddCertificateRequest) -> m.CredentialInfo:
+        """Map client certificates to the principal by fingerprint or subject/SAN rule.
+
+        Raises:
+            InvalidRequest: for a bad rule or certificate.
+            AlreadyExists: if another credential has the same rule.
+        """
+        self._allow(ctx, "manage_credentials")
+        if (req.match is None) == (req.certificate is None):
+            raise InvalidRequest("give either match or certificate")
+        try:
+            if req.certificate is not None:
+                if len(req.certificate) > 65536:
+                    raise ValueError("certificate is too large")
+                match = certificate_fingerprint(certificate_der_from_pem(req.certificate.encode()))
+            else:
+                assert req.match is not None
+                match = normalize_match(req.match)
+        except ValueError as exc:
+            raise InvalidRequest(f"certificate match: {exc}") from None
+        if self.directory.credential_for_match(match) is not None:
+            raise AlreadyExists("another credential already has that certificate match")
+        start, expires = self._window(req.not_before, req.expires_at, req.expires_in)
+        cred = Credential(id="mc_" + random_bytes(8).hex(), principal_id=principal_id,
+                          kind="mtls", label=req.label, match=match, not_before=start,
+                          expires_at=expires, created_at=self._now())
+        return self._credential_info(self._add(ctx, principal_id, cred))
+
+    @_audited("credential.list", "describe_principal")
+    def list_credentials(self, ctx: RequestContext, principal_id: str) -> list[m.CredentialInfo]:
+        """A principal's credentials, revoked ones included."""
+        self._allow(ctx, "describe_principal")
+        self._get(principal_id)
+        return [self._credential_info(c) for c in self.store.list_credentials(principal_id)]
+
+    @_audited("credential.revoke", "manage_credentials")
+    def revoke_credential(self, ctx: RequestContext, principal_id: str,
+                          credential_id: str) -> m.CredentialInfo:
+        """Revoke a credential; it is refused from the next request on (idempotent)."""
+        self._allow(ctx, "manage_credentials")
+        with self._lock:
+            cred = self.store.get_credential(credential_id)
+            if cred is None or cred.principal_id != principal_id:
+                raise CredentialNotFound(f"principal {principal_id!r} has no credential "
+                                         f"{credential_id!r}")
+            if cred.revoked_at is None:
+                self._intent(ctx, "credential.revoke", "manage_credentials", target=principal_id,
+                             credential=credential_id)
+                cred = msgspec.structs.replace(cred, revoked_at=self._now())
+                self.store.update_credential(cred)
+                self.directory.put_credential(cred)
+        return self._credential_info(cred)
+
+    def whoami(self, ctx: RequestContext) -> m.WhoAmI:
+        """The authenticated caller (no policy needed to ask who you are)."""
+        p = self.directory.principal(ctx.principal)
+        return m.WhoAmI(principal=ctx.principal, credential=ctx.credential_id,
+                        auth_method=ctx.auth_method, tags=list(p.tags) if p else [])
+
+    # -- policies ----------------------------------------------------------------------------
+
+    def _policy_info(self, p: Policy) -> m.PolicyInfo:
+        return m.PolicyInfo(name=p.name, text=p.text, description=p.description,
+                            statements=PolicyEngine.validate(p.name, p.text),
+                            created_at=_dt(p.created_at),  # type: ignore[arg-type]
+                            updated_at=_dt(p.updated_at))  # type: ignore[arg-type]
+
+    @_audited("policy.put", "put_policy")
+    def put_policy(self, ctx: RequestContext, name: str, req: m.PutPolicyRequest) -> m.PolicyInfo:
+        """Create or replace a policy after validating it against the schema.
+
+        Raises:
+            PolicyInvalid: for a syntax or schema error (with its position); the policy in
+                force stays.
+        """
+        self._allow(ctx, "put_policy")
+        if len(req.description) > MAX_POLICY_DESCRIPTION:
+            raise InvalidRequest(f"description is longer than {MAX_POLICY_DESCRIPTION} characters")
+        PolicyEngine.validate(name, req.text)
+        with self._lock:
+            engine = self.authorizer.engine.with_policy(name, req.text)
+            now = self._now()
+            old = self.store.get_policy(name)
+            policy = Policy(name=name, text=req.text, description=req.description,
+                            created_at=old.created_at if old else now, updated_at=now)
+            self._intent(ctx, "policy.put", "put_policy", target=name,
+                         digest=self.audit.digest(req.text))
+            self.store.put_policy(policy)
+            self.authorizer.engine = engine
+        return self._policy_info(policy)
+
+    @_audited("policy.get", "get_policy")
+    def get_policy(self, ctx: RequestContext, name: str) -> m.PolicyInfo:
+        """One policy."""
+        self._allow(ctx, "get_policy")
+        p = self.store.get_policy(name)
+        if p is None:
+            raise PolicyNotFound(f"policy {name!r} not found")
+        return self._policy_info(p)
+
+    @_audited("policy.list", "list_policies")
+    def list_policies(self, ctx: RequestContext) -> list[m.PolicyInfo]:
+        """Every policy, by name."""
+        self._allow(ctx, "list_policies")
+        return [self._policy_info(p) for p in self.store.list_policies()]
+
+    @_audited("policy.delete", "delete_policy")
+    def delete_policy(self, ctx: RequestContext, name: str) -> None:
+        """Delete a policy; what it allowed is denied from the next request on."""
+        self._allow(ctx, "delete_policy")
+        with self._lock:
+            if self.store.get_policy(name) is None:
+                raise PolicyNotFound(f"policy {name!r} not found")
+            engine = self.authorizer.engine.without_policy(name)
+            self._intent(ctx, "policy.delete", "delete_policy", target=name)
+            self.store.delete_policy(name)
+            self.authorizer.engine = engine
+
+    @_audited("policy.test", "test_policy")
+    def test_policy(self, ctx: RequestContext, req: m.TestPolicyRequest,
+                    resolve_key: Callable[[str], tuple[Key, frozenset[str]]]) -> m.PolicyTestResult:
+        """Would ``req.principal`` be allowed ``req.action`` on ``req.key``? And why.
+
+        ``resolve_key`` looks a key reference up (the KMS's resolver).
+        """
+        self._allow(ctx, "test_policy")
+        if req.action not in ACTIONS:
+            raise InvalidRequest(f"unknown action {req.action!r}; one of: "
+                                 f"{', '.join(sorted(ACTIONS))}")
+        if req.source not in ("signature", "api_key", "mtls", "admin_token"):
+            raise InvalidRequest("source must be signature, api_key, mtls or admin_token")
+        p = self.directory.principal(req.principal)
+        if p is None:
+            raise PrincipalNotFound(f"principal {req.principal!r} not found")
+        if p.id == ADMIN_PRINCIPAL:
+            return m.PolicyTestResult(allowed=True, reasons=["builtin:admin"], errors=[],
+                                      explanation="allowed: the built-in admin principal is not "
+                                                  "subject to policy")
+        resource = None
+        if ACTIONS[req.action] == "key":
+            if req.key is None:
+                raise InvalidRequest(f"action {req.action!r} needs a key")
+            key, aliases = resolve_key(req.key)
+            resource = KeyFacts(id=key.id, name=key.name, aliases=aliases, spec=key.spec,
+                                purpose=key.purpose, state=key.state, tags=frozenset(key.tags))
+        grant = None
+        if req.grant is not None:
+            g = req.grant
+            grant = GrantFacts(ttl=g.ttl, uses=g.uses, pop=g.pop, operations=frozenset(g.operations),
+                               audiences=frozenset(g.audiences))
+        decision = self.authorizer.engine.decide(
+            PrincipalFacts(id=p.id, tags=frozenset(p.tags)), req.action, resource,
+            RequestFacts(source=req.source, now=req.time if req.time is not None else self._now(),
+                         encryption_context=req.context, grant=grant))
+        return m.PolicyTestResult(allowed=decision.allowed, reasons=list(decision.reasons),
+                                  errors=list(decision.errors), explanation=decision.explain())
+
+
+@dataclass(slots=True)
+class Access:
+    """Everything authentication and authorization need, assembled at start."""
+
+    directory: Directory
+    authenticator: Authenticator
+    authorizer: PolicyAuthorizer
+    service: AccessService
+
+
+def _secret(store: Store, root: Aead, name: str) -> bytes:
+    fresh = random_bytes(32)
+    if store.set_meta_if_absent(name, seal_named_secret(root, name, fresh)):
+        return fresh
+    stored = store.get_meta(name)
+    assert stored is not None
+    return unseal_named_secret(root, name, stored)
+
+
+def ensure_admin_principal(store: Store, now: int) -> None:
+    """Create the built-in ``admin`` principal on first start."""
+    if store.get_principal(ADMIN_PRINCIPAL) is None:
+        with contextlib.suppress(AlreadyExists):  # another node created it first
+            store.create_principal(Principal(
+                id=ADMIN_PRINCIPAL, display_name="Built-in administrator", builtin=True,
+                created_at=now, updated_at=now))
+
+
+def open_access(store: Store, root_key: bytes, *, audit: AuditRecorder | None = None,
+                settings: AuthSettings | None = None,
+                clock: Callable[[], float] = time.time) -> Access:
+    """Load principals, credentials and policies and build the access layer.
+
+    The admin token must exist (:func:`keygrants.auth.ensure_admin_token`).
+    """
+    admin_digest = store.get_meta(ADMIN_TOKEN_META)
+    if admin_digest is None:
+        raise ValueError("no admin token configured; call ensure_admin_token first")
+    ensure_admin_principal(store, int(clock()))
+    hmac_key = _secret(store, Aead("aes-256-gcm", root_key), API_KEY_HMAC_META)
+    directory = Directory(store)
+    engine = PolicyEngine({p.name: p.text for p in store.list_policies()})
+    authorizer = PolicyAuthorizer(directory, engine, clock)
+    authenticator = Authenticator(directory, admin_digest, hmac_key, settings, clock)
+    service = AccessService(store, directory, authorizer, api_key_hmac_key=hmac_key, audit=audit,
+                            clock=clock)
+    return Access(directory, authenticator, authorizer, service)

@@ -1,0 +1,366 @@
+"""``keygrants principal …``, ``keygrants policy …`` and ``keygrants whoami``."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from keygrants import models as m
+from keygrants.cli._common import (
+    State,
+    common,
+    emit,
+    parse_context,
+    parse_duration_option,
+    read_input,
+)
+from keygrants.errors import InvalidRequest
+
+__all__ = ["policy", "principal", "whoami"]
+
+
+def _ts(value: object) -> str:
+    return "-" if value is None else value.isoformat()  # type: ignore[attr-defined]
+
+
+def _show_principal(p: m.PrincipalInfo) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(show_header=False, box=None)
+    for k, v in (("id", p.id), ("display name", p.display_name or "-"),
+                 ("tags", ", ".join(p.tags) or "-"), ("enabled", "yes" if p.enabled else "no"),
+                 ("built-in", "yes" if p.builtin else "no"), ("created", _ts(p.created_at)),
+                 ("last seen", _ts(p.last_seen_at))):
+        table.add_row(k, v)
+    console.print(table)
+    if p.credentials is not None:
+        _show_credentials(p.credentials)
+
+
+def _show_credentials(creds: list[m.CredentialInfo]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("id", "kind", "state", "label", "expires", "last used")
+    for c in creds:
+        table.add_row(c.id, c.kind + (f" ({c.algorithm})" if c.algorithm else "")
+                      + (f" {c.match}" if c.match else ""), c.state, c.label or "-",
+                      _ts(c.expires_at), _ts(c.last_used_at))
+    Console().print(table)
+
+
+@click.command()
+@common
+def whoami(state: State) -> None:
+    """Show who the configured credentials authenticate as."""
+    with state.client() as c:
+        me = c.whoami()
+    emit(state, me, f"{me.principal} (credential {me.credential}, via {me.auth_method})")
+
+
+@click.group()
+def principal() -> None:
+    """Manage principals (services and people) and their credentials."""
+
+
+@principal.command("create")
+@click.argument("name")
+@click.option("--display-name", default="", help="A human-readable name.")
+@click.option("--tag", "tags", multiple=True, help="A tag that policies can match (repeatable).")
+@common
+def principal_create(state: State, name: str, display_name: str, tags: tuple[str, ...]) -> None:
+    """Create principal NAME (no credentials yet; see add-key, keygen, api-key, add-cert)."""
+    with state.client() as c:
+        p = c.create_principal(name, display_name=display_name, tags=tags)
+    emit(state, p, f"Created principal {p.id}")
+
+
+@principal.command("list")
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--after", default=None, help="Continue after this principal id.")
+@common
+def principal_list(state: State, limit: int, after: str | None) -> None:
+    """List principals."""
+    with state.client() as c:
+        page = c.list_principals(limit=limit, after=after)
+
+    def show() -> None:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table("id", "display name", "tags", "enabled", "last seen")
+        for p in page.principals:
+            table.add_row(p.id, p.display_name or "-", ", ".join(p.tags) or "-",
+                          "yes" if p.enabled else "no", _ts(p.last_seen_at))
+        Console().print(table)
+        if page.next:
+            click.echo(f"more: --after {page.next}")
+    emit(state, page, show)
+
+
+@principal.command("show")
+@click.argument("name")
+@common
+def principal_show(state: State, name: str) -> None:
+    """Show a principal and its credentials."""
+    with state.client() as c:
+        p = c.describe_principal(name)
+    emit(state, p, lambda: _show_principal(p))
+
+
+@principal.command("update")
+@click.argument("name")
+@click.option("--display-name", default=None)
+@click.option("--tag", "tags", multiple=True, help="Replace the tags with these (repeatable).")
+@click.option("--clear-tags", is_flag=True, help="Remove every tag.")
+@common
+def principal_update(state: State, name: str, display_name: str | None, tags: tuple[str, ...],
+                     clear_tags: bool) -> None:
+    """Change a principal's display name or tags."""
+    new_tags = [] if clear_tags else (list(tags) if tags else None)
+    with state.client() as c:
+        p = c.update_principal(name, display_name=display_name, tags=new_tags)
+    emit(state, p, lambda: _show_principal(p))
+
+
+@principal.command("disable")
+@click.argument("name")
+@common
+def principal_disable(state: State, name: str) -> None:
+    """Refuse every credential of NAME from the next request on."""
+    with state.client() as c:
+        p = c.disable_principal(name)
+    emit(state, p, f"Disabled principal {p.id}")
+
+
+@principal.command("enable")
+@click.argument("name")
+@common
+def principal_enable(state: State, name: str) -> None:
+    """Accept NAME's credentials again."""
+    with state.client() as c:
+        p = c.enable_principal(name)
+    emit(state, p, f"Enabled principal {p.id}")
+
+
+@principal.command("delete")
+@click.argument("name")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@common
+def principal_delete(state: State, name: str, yes: bool) -> None:
+    """Delete NAME and all its credentials."""
+    if not yes and not state.as_json:
+        click.confirm(f"Delete principal {name} and all its credentials?", abort=True)
+    with state.client() as c:
+        c.delete_principal(name)
+    emit(state, {"deleted": name}, f"Deleted principal {name}")
+
+
+@principal.command("add-key")
+@click.argument("name")
+@click.option("--public-key", "public_key_file", required=True,
+              type=click.Path(dir_okay=False, allow_dash=True),
+              help="PEM public key or JWK (JSON) file, '-' for stdin.")
+@click.option("--label", default="")
+@click.option("--expires-in", default=None, metavar="DURATION", help="e.g. 90d, 12h.")
+@common
+def principal_add_key(state: State, name: str, public_key_file: str, label: str,
+                      expires_in: str | None) -> None:
+    """Register a public key (Ed25519 or ECDSA P-256) for NAME's signed requests."""
+    text = read_input(public_key_file).decode("utf-8", "replace")
+    with state.client() as c:
+        cred = c.add_public_key(name, text, label=label,
+                                expires_in=parse_duration_option(expires_in) or None)
+    emit(state, cred, f"Registered key {cred.id} (keyid {cred.keyid})")
+
+
+@principal.command("keygen")
+@click.argument("name")
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False),
+              help="Where to write the private key (PEM, mode 0600).")
+@click.option("--algorithm", type=click.Choice(["ed25519", "ecdsa-p256-sha256"]),
+              default="ed25519", show_default=True)
+@click.option("--label", default="")
+@click.option("--expires-in", default=None, metavar="DURATION")
+@click.option("--force", is_flag=True, help="Overwrite an existing --out file.")
+@common
+def principal_keygen(state: State, name: str, out: str, algorithm: str, label: str,
+                     expires_in: str | None, force: bool) -> None:
+    """Create a key pair locally, write the private key to --out (0600) and register the
+    public half for NAME. Then `KEYGRANTS_PRINCIPAL=NAME KEYGRANTS_KEY_FILE=FILE keygrants …`
+    signs every request as NAME."""
+    from keygrants.crypto.signing import SigningKey
+
+    path = Path(out)
+    if path.exists() and not force:
+        raise InvalidRequest(f"{out} exists; pass --force to overwrite it")
+    key = SigningKey.generate(algorithm)  # type: ignore[arg-type]
+    _write_private(path, key.private_pem())
+    try:
+        with state.client() as c:
+            cred = c.add_public_key(name, key.public_key().public_pem(), label=label,
+                                    expires_in=parse_duration_option(expires_in) or None)
+    except BaseException:
+        path.unlink(missing_ok=True)  # nothing half-made: no key file for an unregistered key
+        raise
+    emit(state, cred, f"Wrote {out} (mode 0600) and registered key {cred.id}\n"
+                      f"Use: KEYGRANTS_PRINCIPAL={name} KEYGRANTS_KEY_FILE={out} keygrants …")
+
+
+def _write_private(path: Path, pem: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@principal.command("api-key")
+@click.argument("name")
+@click.option("--label", default="")
+@click.option("--expires-in", default=None, metavar="DURATION")
+@common
+def principal_api_key(state: State, name: str, label: str, expires_in: str | None) -> None:
+    """Issue an API key for NAME. It is printed once; store it like a password."""
+    with state.client() as c:
+        created = c.create_api_key(name, label=label,
+                                   expires_in=parse_duration_option(expires_in) or None)
+    if not state.as_json:
+        click.echo(f"API key {created.credential.id} (shown once):", err=True)
+    emit(state, created, created.api_key)
+
+
+@principal.command("add-cert")
+@click.argument("name")
+@click.option("--cert", "cert_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A PEM client certificate: match its SHA-256 fingerprint.")
+@click.option("--match", default=None, help="sha256:<hex>, subject:<RFC 4514 name>, "
+              "san-dns:<name>, san-uri:<uri> or san-email:<address>.")
+@click.option("--label", default="")
+@click.option("--expires-in", default=None, metavar="DURATION")
+@common
+def principal_add_cert(state: State, name: str, cert_file: str | None, match: str | None,
+                       label: str, expires_in: str | None) -> None:
+    """Map mTLS client certificates to NAME (by fingerprint or subject/SAN rule)."""
+    certificate = Path(cert_file).read_text() if cert_file else None
+    with state.client() as c:
+        cred = c.add_certificate(name, match=match, certificate=certificate, label=label,
+                                 expires_in=parse_duration_option(expires_in) or None)
+    emit(state, cred, f"Added certificate match {cred.match} ({cred.id})")
+
+
+@principal.command("credentials")
+@click.argument("name")
+@common
+def principal_credentials(state: State, name: str) -> None:
+    """List NAME's credentials."""
+    with state.client() as c:
+        creds = c.list_credentials(name)
+    emit(state, creds, lambda: _show_credentials(creds))
+
+
+@principal.command("revoke")
+@click.argument("name")
+@click.argument("credential")
+@common
+def principal_revoke(state: State, name: str, credential: str) -> None:
+    """Revoke one of NAME's credentials (refused from the next request on)."""
+    with state.client() as c:
+        cred = c.revoke_credential(name, credential)
+    emit(state, cred, f"Revoked {cred.id}")
+
+
+# -- policies ---------------------------------------------------------------------------------
+
+@click.group()
+def policy() -> None:
+    """Manage Cedar policies (deny by default; see docs/policy.md)."""
+
+
+@policy.command("set")
+@click.argument("name")
+@click.option("--file", "policy_file", type=click.Path(dir_okay=False, allow_dash=True),
+              default=None, help="Read the policy from FILE ('-' for stdin).")
+@click.option("--text", default=None, help="The policy text itself.")
+@click.option("--description", default="")
+@common
+def policy_set(state: State, name: str, policy_file: str | None, text: str | None,
+               description: str) -> None:
+    """Create or replace policy NAME (validated; on error the old one stays)."""
+    if (policy_file is None) == (text is None):
+        raise InvalidRequest("give --file or --text")
+    body = text if text is not None else read_input(policy_file).decode("utf-8")
+    with state.client() as c:
+        info = c.put_policy(name, body, description=description)
+    emit(state, info, f"Policy {info.name} saved ({info.statements} statement(s))")
+
+
+@policy.command("get")
+@click.argument("name")
+@common
+def policy_get(state: State, name: str) -> None:
+    """Print policy NAME."""
+    with state.client() as c:
+        info = c.get_policy(name)
+    emit(state, info, info.text.rstrip("\n"))
+
+
+@policy.command("list")
+@common
+def policy_list(state: State) -> None:
+    """List policies."""
+    with state.client() as c:
+        items = c.list_policies()
+
+    def show() -> None:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table("name", "statements", "updated", "description")
+        for p in items:
+            table.add_row(p.name, str(p.statements), _ts(p.updated_at), p.description or "-")
+        Console().print(table)
+    emit(state, items, show)
+
+
+@policy.command("delete")
+@click.argument("name")
+@common
+def policy_delete(state: State, name: str) -> None:
+    """Delete policy NAME."""
+    with state.client() as c:
+        c.delete_policy(name)
+    emit(state, {"deleted": name}, f"Deleted policy {name}")
+
+
+@policy.command("test")
+@click.option("--principal", "-p", "who", required=True)
+@click.option("--action", "-a", required=True, help="e.g. decrypt, create_grant, list_keys.")
+@click.option("--key", "-k", default=None, help="Key id, name or alias (key actions).")
+@click.option("--context", "-c", "context", multiple=True, metavar="KEY=VALUE")
+@click.option("--source", type=click.Choice(["signature", "api_key", "mtls", "admin_token"]),
+              default="signature", show_default=True)
+@click.option("--grant-ttl", type=int, default=None, help="create_grant: TTL in seconds.")
+@click.option("--grant-uses", type=int, default=0, help="create_grant: max uses (0 = unlimited).")
+@click.option("--grant-pop", is_flag=True, help="create_grant: proof-of-possession bound.")
+@common
+def policy_test(state: State, who: str, action: str, key: str | None, context: tuple[str, ...],
+                source: str, grant_ttl: int | None, grant_uses: int, grant_pop: bool) -> None:
+    """Would principal P be allowed action A on key K with context C? Explains which
+    statement decided. Exit status 0 when allowed, 3 when denied."""
+    grant = (m.GrantFactsRequest(ttl=grant_ttl, uses=grant_uses, pop=grant_pop)
+             if grant_ttl is not None else None)
+    with state.client() as c:
+        result = c.test_policy(who, action, key=key, context=parse_context(context),
+                               source=source, grant=grant)
+    emit(state, result, result.explanation)
+    if not result.allowed:
+        sys.exit(3)
