@@ -744,6 +744,8 @@ class KMS:
             except KeygrantsError as exc:
                 results.append(m.BatchItemResult(error=m.BatchItemError(code=exc.code,
                                                                         message=exc.message)))
+        if all(r.error is not None and r.error.code == Forbidden.code for r in results):
+            raise Forbidden()  # nothing in the batch was the caller's to decrypt
         return m.BatchResult(results=results)
 
     def _check_batch(self, items: Sequence[object]) -> None:

@@ -21,6 +21,7 @@ import msgspec
 import pytest
 
 from keygrants.api.app import ENDPOINTS, Endpoint, HttpLimits
+from keygrants.audit.events import decode_event
 from keygrants.auth import ADMIN_PRINCIPAL, RequestContext
 from keygrants.errors import StoreError
 from keygrants.keys.ciphertext import HEADER_SIZE
@@ -1047,3 +1048,90 @@ async def test_ed25519_refuses_digest_mode(world, http) -> None:
     assert_error(await http.post("/v1/keys/sig/sign", headers=world.auth,
                                  json={"message": b64(digest), "message_type": "digest"}),
                  400, "invalid_request")
+
+
+# -- authorization: every endpoint refuses a principal without the right policy ---------------
+
+# the policy action each endpoint needs (whoami needs none: anyone may ask who they are)
+ACTIONS_NEEDED: dict[str, str] = {
+    "createKey": "create_key", "listKeys": "list_keys", "describeKey": "describe_key",
+    "updateKey": "update_key", "rotateKey": "rotate_key", "disableKey": "disable_key",
+    "enableKey": "enable_key", "scheduleKeyDeletion": "schedule_key_deletion",
+    "cancelKeyDeletion": "cancel_key_deletion", "getPublicKey": "get_public_key",
+    "encrypt": "encrypt", "batchEncrypt": "encrypt", "decrypt": "decrypt",
+    "batchDecrypt": "decrypt", "reEncrypt": "re_encrypt", "generateDataKey": "generate_data_key",
+    "sign": "sign", "verify": "verify", "mac": "mac", "verifyMac": "verify_mac",
+    "derive": "derive", "generateRandom": "generate_random", "createAlias": "create_alias",
+    "listAliases": "list_aliases", "deleteAlias": "delete_alias",
+    "auditCheckpoint": "read_audit", "auditCheckpointNow": "checkpoint_audit",
+    "auditSearch": "read_audit", "auditInclusionProof": "read_audit",
+    "auditConsistencyProof": "read_audit", "auditExport": "read_audit", "auditHash": "read_audit",
+    "auditKey": "read_audit", "createPrincipal": "create_principal",
+    "listPrincipals": "list_principals", "describePrincipal": "describe_principal",
+    "updatePrincipal": "update_principal", "disablePrincipal": "update_principal",
+    "enablePrincipal": "update_principal", "deletePrincipal": "delete_principal",
+    "listCredentials": "describe_principal", "addPublicKey": "manage_credentials",
+    "createApiKey": "manage_credentials", "addCertificate": "manage_credentials",
+    "revokeCredential": "manage_credentials", "listPolicies": "list_policies",
+    "testPolicy": "test_policy", "getPolicy": "get_policy", "putPolicy": "put_policy",
+    "deletePolicy": "delete_policy",
+}
+NEEDS_POLICY = [e for e in AUTHENTICATED if e.operation_id != "whoami"]
+
+
+def test_every_authenticated_endpoint_names_its_action() -> None:
+    from keygrants.policy import ACTIONS
+
+    assert set(ACTIONS_NEEDED) == {e.operation_id for e in NEEDS_POLICY}
+    assert set(ACTIONS_NEEDED.values()) <= set(ACTIONS)
+
+
+def _principal_with_api_key(world: Any, name: str) -> str:
+    from keygrants.models import CreateApiKeyRequest, CreatePrincipalRequest
+
+    world.access.service.create_principal(ADMIN, CreatePrincipalRequest(id=name))
+    return world.access.service.create_api_key(ADMIN, name, CreateApiKeyRequest()).api_key
+
+
+@pytest.mark.parametrize("endpoint", NEEDS_POLICY, ids=lambda e: e.operation_id)
+async def test_every_endpoint_refuses_a_principal_without_the_right_policy(
+        world, http, endpoint: Endpoint) -> None:
+    api_key = _principal_with_api_key(world, "nobody")
+    # a policy for some other action must not help
+    other = "mac" if ACTIONS_NEEDED[endpoint.operation_id] != "mac" else "sign"
+    world.access.service.put_policy(ADMIN, "other", _put(
+        f'permit(principal == Keygrants::Principal::"nobody", '
+        f'action == Keygrants::Action::"{other}", resource);'))
+    url, body = case_for(endpoint, world)
+    before = world.snapshot()
+    r = await send(http, endpoint, url, body, {"Authorization": f"Bearer {api_key}"})
+    assert_error(r, 403, "forbidden")
+    assert world.snapshot() == before
+    event = decode_event(world.audit.log.event_data(int(r.headers["x-audit-index"])) or b"")
+    assert (event.result, event.principal, event.reason) == ("denied", "nobody", "forbidden")
+    assert event.detail["policy"].startswith("deny")
+
+
+@pytest.mark.parametrize("endpoint", NEEDS_POLICY, ids=lambda e: e.operation_id)
+async def test_every_endpoint_accepts_a_principal_with_the_right_policy(
+        world, http, endpoint: Endpoint) -> None:
+    api_key = _principal_with_api_key(world, "somebody")
+    action = ACTIONS_NEEDED[endpoint.operation_id]
+    world.access.service.put_policy(ADMIN, "just-this", _put(
+        f'permit(principal == Keygrants::Principal::"somebody", '
+        f'action == Keygrants::Action::"{action}", resource);'))
+    url, body = case_for(endpoint, world)
+    r = await send(http, endpoint, url, body, {"Authorization": f"Bearer {api_key}"})
+    assert r.status_code == endpoint.status, r.text
+    if endpoint.operation_id != "auditExport" and endpoint.status != 204:
+        event_index = r.headers.get("x-audit-index")
+        assert event_index is not None
+        event = decode_event(world.audit.log.event_data(int(event_index)) or b"")
+        assert (event.principal, event.credential) == ("somebody", event.credential)
+        assert event.detail["policy"] == "just-this#1", event.detail
+
+
+def _put(text: str) -> Any:
+    from keygrants.models import PutPolicyRequest
+
+    return PutPolicyRequest(text=text)

@@ -36,9 +36,11 @@ from keygrants.audit.log import EventQuery
 from keygrants.audit.service import AuditService
 from keygrants.auth import RequestContext
 from keygrants.auth.authenticator import Authenticator, AuthRequest
+from keygrants.auth.httpsig import build_target_uri
 from keygrants.auth.ratelimit import RateLimiter
 from keygrants.errors import (
     AuditUnavailable,
+    Forbidden,
     HeaderTooLarge,
     InvalidRequest,
     KeygrantsError,
@@ -195,10 +197,9 @@ class _Request:
         if host is None:
             server = scope.get("server") or ("localhost", None)
             host = server[0] if server[1] is None else f"{server[0]}:{server[1]}"
-        path = scope.get("raw_path") or scope["path"].encode()
-        uri = f"{scope.get('scheme', 'http')}://{host}{path.decode('latin-1')}"
-        query = scope.get("query_string", b"")
-        return f"{uri}?{query.decode('latin-1')}" if query else uri
+        path = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
+        return build_target_uri(scope.get("scheme", "http"), host, path,
+                                scope.get("query_string", b"").decode("latin-1"))
 
     def client_cert(self) -> bytes | None:
         """The verified client certificate (DER), from the ASGI TLS extension."""
@@ -464,9 +465,10 @@ class KeygrantsApp:
         except KeygrantsError as exc:
             result, status = exc, exc.status
             if ctx is not None and ctx.principal and not pending:
-                # authenticated but refused before the service saw it (malformed or oversize
-                # body): still an event, so probing leaves a trace
-                self.kms.audit.record(ctx, "request.rejected", "error",
+                # authenticated but refused without an event of its own (malformed or oversize
+                # body, or a denied audit read): still an event, so probing leaves a trace
+                self.kms.audit.record(ctx, "request.rejected",
+                                      "denied" if isinstance(exc, Forbidden) else "error",
                                       operation=endpoint.operation_id if endpoint else None,
                                       reason=exc.code)
         except Exception:

@@ -510,7 +510,18 @@ def check_content_digest(header: str | None, body: bytes, *, required: bool) -> 
 
 @dataclass(frozen=True, slots=True)
 class SignatureParams:
-    """The covered components and signature parameters of one signature (RFC 9421 §2.3)."""
+    """The covered components and signature parameters of one signature (RFC 9421 §2.3).
+
+    Attributes:
+        components: the covered components, in order.
+        created: Unix seconds the signature was made.
+        expires: Unix seconds after which it must not be accepted.
+        keyid: which key made it (chosen by the application; keygrants uses
+            ``<principal>/<key thumbprint>``).
+        nonce: a value unique per key, for replay protection.
+        alg: the algorithm the signer claims; verifiers compare it, never follow it.
+        tag: an application-specific tag.
+    """
 
     components: tuple[Component, ...]
     created: int | None = None
@@ -521,8 +532,10 @@ class SignatureParams:
     tag: str | None = None
 
     def serialize(self) -> str:
-        """The canonical inner list: components, then ``created``, ``expires``, ``keyid``,
-        ``nonce``, ``alg``, ``tag`` (those that are set), e.g.
+        """The canonical serialized inner list, the ``@signature-params`` value.
+
+        Components come first, then those of ``created``, ``expires``, ``keyid``, ``nonce``,
+        ``alg`` and ``tag`` that are set, in that order:
         ``("@method" "@target-uri");created=1618884473;keyid="k"``.
 
         Raises:

@@ -676,11 +676,11 @@ class _EntityCache:
         self.for_pair = functools.lru_cache(maxsize=_PAIR_CACHE_SIZE)(self._pair)
 
     def _principal(self, principal: PrincipalFacts) -> cedarpy.Entities:
-        return self._base.with_added_json_str(json.dumps([_principal_entity(principal)]), _schema())
+        return self._base.with_added_json_str(json.dumps([_principal_entity(principal)]))
 
     def _pair(self, principal: PrincipalFacts, key: KeyFacts) -> cedarpy.Entities:
         return self.for_principal(principal).with_added_json_str(
-            json.dumps([_key_entity(key)]), _schema())
+            json.dumps([_key_entity(key)]))
 
 
 # --------------------------------------------------------------------------------------------

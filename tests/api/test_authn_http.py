@@ -1,0 +1,259 @@
+"""Authentication at the HTTP edge: RFC 9421 signatures, API keys, credential lifecycle, rate
+limits, authorize-before-revealing and the lockout-free admin."""
+
+from __future__ import annotations
+
+import base64
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+from keygrants.api.app import create_app
+from keygrants.audit.events import decode_event
+from keygrants.auth import ADMIN_PRINCIPAL, RequestContext
+from keygrants.auth.credentials import jwk_thumbprint
+from keygrants.auth.ratelimit import RateLimiter
+from keygrants.client._signing import SignatureAuth
+from keygrants.crypto.signing import SigningKey
+from keygrants.models import (
+    AddPublicKeyRequest,
+    CreateApiKeyRequest,
+    CreatePrincipalRequest,
+    PutPolicyRequest,
+)
+
+pytestmark = pytest.mark.anyio
+
+ADMIN = RequestContext(principal=ADMIN_PRINCIPAL, request_id="fixture")
+ENCRYPT_BODY = {"plaintext": base64.b64encode(b"hello").decode(), "context": {"tenant": "42"}}
+
+
+def register_key(world: Any, principal: str, algorithm: str = "ed25519",
+                 **window: int) -> tuple[SigningKey, str]:
+    key = SigningKey.generate(algorithm)  # type: ignore[arg-type]
+    if world.store.get_principal(principal) is None:
+        world.access.service.create_principal(ADMIN, CreatePrincipalRequest(id=principal))
+    cred = world.access.service.add_public_key(
+        ADMIN, principal, AddPublicKeyRequest(public_key=key.public_key().public_pem(), **window))
+    assert cred.id == jwk_thumbprint(key.public_key().jwk())
+    return key, f"{principal}/{cred.id}"
+
+
+def allow_encrypt(world: Any, principal: str) -> None:
+    world.access.service.put_policy(ADMIN, f"{principal}-enc", PutPolicyRequest(text=f'''
+        permit(principal == Keygrants::Principal::"{principal}",
+               action in [Keygrants::Action::"encrypt", Keygrants::Action::"describe_key"],
+               resource) when {{ resource.name == "enc" }};'''))
+
+
+def signed(world: Any, key: SigningKey | bytes, keyid: str, **kw: Any) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=world.app), base_url="http://test",
+                             auth=SignatureAuth(keyid, key, **kw))
+
+
+def sign_request(key: SigningKey, keyid: str, method: str, url: str, *, json: Any = None,
+                 clock: Any = time.time) -> httpx.Request:
+    request = httpx.Request(method, "http://test" + url, json=json)
+    SignatureAuth(keyid, key, clock=clock).sign(request)
+    return request
+
+
+async def send_raw(world: Any, request: httpx.Request) -> httpx.Response:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=world.app)) as client:
+        return await client.send(request)
+
+
+def audited(world: Any, r: httpx.Response) -> Any:
+    return decode_event(world.audit.log.event_data(int(r.headers["x-audit-index"])) or b"")
+
+
+@pytest.mark.parametrize("algorithm", ["ed25519", "ecdsa-p256-sha256"])
+async def test_a_signed_request_authenticates_its_principal(world, algorithm: str) -> None:
+    key, keyid = register_key(world, "svc-a", algorithm)
+    allow_encrypt(world, "svc-a")
+    async with signed(world, key, keyid) as client:
+        me = await client.get("/v1/whoami")
+        assert me.status_code == 200, me.text
+        assert me.json()["principal"] == "svc-a" and me.json()["auth_method"] == "signature"
+        r = await client.post("/v1/keys/enc/encrypt", json=ENCRYPT_BODY)
+        assert r.status_code == 200, r.text
+        event = audited(world, r)
+        assert (event.principal, event.credential, event.detail["auth"], event.detail["policy"]) \
+            == ("svc-a", keyid.split("/")[1], "signature", "svc-a-enc#1")
+        denied = await client.post("/v1/keys/enc2/encrypt", json=ENCRYPT_BODY)
+        assert denied.status_code == 403 and denied.json()["error"]["code"] == "forbidden"
+
+
+async def test_every_signature_failure_has_its_code_and_no_effect(world) -> None:
+    key, keyid = register_key(world, "svc-b")
+    allow_encrypt(world, "svc-b")
+    url = "/v1/keys/enc/encrypt"
+
+    def fresh(**kw: Any) -> httpx.Request:
+        return sign_request(key, keyid, "POST", url, json=ENCRYPT_BODY, **kw)
+
+    cases: list[tuple[str, httpx.Request, int, str]] = []
+    r = fresh()
+    r.headers["Signature"] = r.headers["Signature"][:-6] + "AAAA=:"
+    cases.append(("tampered signature", r, 401, "signature_invalid"))
+    r = fresh()
+    r = httpx.Request("POST", r.url, headers=r.headers, content=r.content.replace(b"42", b"43"))
+    cases.append(("body changed after signing", r, 401, "digest_mismatch"))
+    r = fresh()
+    del r.headers["Content-Digest"]
+    cases.append(("digest removed", r, 401, "digest_mismatch"))
+    cases.append(("expired created", fresh(clock=lambda: time.time() - 3600), 401,
+                  "signature_expired"))
+    cases.append(("future created", fresh(clock=lambda: time.time() + 600), 401,
+                  "signature_expired"))
+    r = fresh()
+    r.headers["Signature-Input"] = r.headers["Signature-Input"].replace(keyid, "svc-b/nope")
+    cases.append(("unknown keyid", r, 401, "unknown_key"))
+    for bad in ['sig1=("@method"', "sig1=oops", 'sig1=("@method");created="x"', "", "(((("]:
+        r = fresh()
+        r.headers["Signature-Input"] = bad
+        cases.append((f"malformed Signature-Input {bad!r}", r, 401, "signature_invalid"))
+    r = fresh()
+    r.headers["Signature-Input"] = 'sig1=("@method" ' + '"x-a" ' * 3000 + ")"
+    cases.append(("oversize header", r, 431, "header_too_large"))
+    before = world.snapshot()
+    for name, request, status, code in cases:
+        response = await send_raw(world, request)
+        assert (response.status_code, response.json()["error"]["code"]) == (status, code), name
+        event = audited(world, response)
+        assert (event.type, event.result, event.reason) == ("auth.failure", "denied", code), name
+    assert world.snapshot() == before
+    assert world.app.auth_failures["signature_invalid"] >= 6
+
+
+async def test_a_replayed_request_is_refused(world) -> None:
+    key, keyid = register_key(world, "svc-c")
+    allow_encrypt(world, "svc-c")
+    request = sign_request(key, keyid, "POST", "/v1/keys/enc/encrypt", json=ENCRYPT_BODY)
+    first = await send_raw(world, request)
+    assert first.status_code == 200, first.text
+    again = await send_raw(world, request)
+    assert (again.status_code, again.json()["error"]["code"]) == (401, "nonce_replayed")
+
+
+async def test_revoking_a_key_or_disabling_a_principal_takes_effect_on_the_next_request(world) -> None:
+    old, old_keyid = register_key(world, "svc-d")
+    new, new_keyid = register_key(world, "svc-d")  # rotation without downtime: two live keys
+    async with signed(world, old, old_keyid) as c_old, signed(world, new, new_keyid) as c_new:
+        assert (await c_old.get("/v1/whoami")).status_code == 200
+        assert (await c_new.get("/v1/whoami")).status_code == 200
+        world.access.service.revoke_credential(ADMIN, "svc-d", old_keyid.split("/")[1])
+        r = await c_old.get("/v1/whoami")
+        assert (r.status_code, r.json()["error"]["code"]) == (401, "credential_revoked")
+        assert (await c_new.get("/v1/whoami")).status_code == 200
+        world.access.service.disable_principal(ADMIN, "svc-d")
+        r = await c_new.get("/v1/whoami")
+        assert (r.status_code, r.json()["error"]["code"]) == (401, "principal_disabled")
+        world.access.service.enable_principal(ADMIN, "svc-d")
+        assert (await c_new.get("/v1/whoami")).status_code == 200
+
+
+async def test_credential_validity_windows(world, http) -> None:
+    now = int(time.time())
+    key, keyid = register_key(world, "svc-e", not_before=now + 3600)
+    async with signed(world, key, keyid) as client:
+        r = await client.get("/v1/whoami")
+        assert (r.status_code, r.json()["error"]["code"]) == (401, "credential_expired")
+    created = world.access.service.create_api_key(ADMIN, "svc-e",
+                                                  CreateApiKeyRequest(expires_in=3600))
+    ok = await http.get("/v1/whoami", headers={"Authorization": f"Bearer {created.api_key}"})
+    assert ok.status_code == 200 and ok.json()["auth_method"] == "api_key"
+    world.access.service.revoke_credential(ADMIN, "svc-e", created.credential.id)
+    r = await http.get("/v1/whoami", headers={"Authorization": f"Bearer {created.api_key}"})
+    assert (r.status_code, r.json()["error"]["code"]) == (401, "credential_revoked")
+
+
+async def test_api_keys_are_stored_only_as_keyed_hashes(world) -> None:
+    created = world.access.service.create_api_key(ADMIN, "svc", CreateApiKeyRequest())
+    stored = world.store.get_credential(created.credential.id)
+    assert stored is not None and stored.secret_digest is not None
+    assert created.api_key.encode() not in repr(stored).encode()
+    assert created.api_key.split("_")[-1].encode() not in stored.secret_digest
+    assert "api_key=<redacted>" in repr(created)
+
+
+async def test_hmac_signatures_are_not_accepted_for_public_key_credentials(world) -> None:
+    _, keyid = register_key(world, "svc-f")
+    async with signed(world, b"a shared secret of 32 bytes, at least", keyid) as client:
+        r = await client.get("/v1/whoami")
+    assert r.status_code == 401 and r.json()["error"]["code"] == "signature_invalid"
+
+
+async def test_unknown_keys_are_forbidden_not_revealed_to_principals_without_rights(world, http) -> None:
+    created = world.access.service.create_api_key(ADMIN, "svc", CreateApiKeyRequest())
+    headers = {"Authorization": f"Bearer {created.api_key}"}
+    # svc may encrypt with "enc" only: a missing key and an existing one look the same to it
+    for ref in ("no-such-key", "enc2"):
+        r = await http.post(f"/v1/keys/{ref}/encrypt", json=ENCRYPT_BODY, headers=headers)
+        assert (r.status_code, r.json()["error"]["code"]) == (403, "forbidden"), ref
+    world.access.service.put_policy(ADMIN, "all-encrypt", PutPolicyRequest(
+        text='permit(principal == Keygrants::Principal::"svc", '
+             'action == Keygrants::Action::"encrypt", resource);'))
+    r = await http.post("/v1/keys/no-such-key/encrypt", json=ENCRYPT_BODY, headers=headers)
+    assert (r.status_code, r.json()["error"]["code"]) == (404, "key_not_found")
+
+
+async def test_no_policy_can_lock_out_the_admin(world, http) -> None:
+    world.access.service.put_policy(ADMIN, "deny-all", PutPolicyRequest(
+        text="forbid(principal, action, resource);"))
+    assert (await http.get("/v1/keys", headers=world.auth)).status_code == 200
+    for path in ("/v1/principals/admin/disable",):
+        r = await http.post(path, headers=world.auth)
+        assert (r.status_code, r.json()["error"]["code"]) == (403, "forbidden")
+    r = await http.delete("/v1/principals/admin", headers=world.auth)
+    assert r.status_code == 403
+    assert (await http.get("/v1/whoami", headers=world.auth)).json()["principal"] == "admin"
+
+
+async def test_the_rate_limit_answers_429_with_retry_after(world) -> None:
+    now = [1000.0]
+    limiter = RateLimiter(2, 3, clock=lambda: now[0])
+    app = create_app(world.kms, world.access.authenticator, access=world.access.service,
+                     rate_limiter=limiter)
+    created = world.access.service.create_api_key(ADMIN, "svc", CreateApiKeyRequest())
+    headers = {"Authorization": f"Bearer {created.api_key}"}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                 base_url="http://test") as client:
+        codes = [(await client.get("/v1/whoami", headers=headers)).status_code for _ in range(4)]
+        assert codes == [200, 200, 200, 429]
+        r = await client.get("/v1/whoami", headers=headers)
+        assert r.json()["error"]["code"] == "rate_limited" and r.headers["retry-after"] == "1"
+        # the admin is never limited by another principal's traffic, nor by its own
+        for _ in range(10):
+            assert (await client.get("/v1/whoami", headers=world.auth)).status_code == 200
+        now[0] += 1.0  # two tokens back
+        assert (await client.get("/v1/whoami", headers=headers)).status_code == 200
+
+
+async def test_policy_test_explains_the_decision(world, http) -> None:
+    r = await http.post("/v1/policy-test", headers=world.auth, json={
+        "principal": "svc", "action": "encrypt", "key": "enc2"})
+    body = r.json()
+    assert (body["allowed"], body["reasons"]) == (False, [])
+    assert "default deny" in body["explanation"]
+    r = await http.post("/v1/policy-test", headers=world.auth, json={
+        "principal": "svc", "action": "encrypt", "key": "enc"})
+    assert r.json()["allowed"] and "svc-encrypt#1" in r.json()["explanation"]
+
+
+async def test_an_invalid_policy_is_refused_and_the_old_one_stays(world, http) -> None:
+    bad = await http.put("/v1/policies/svc-encrypt", headers=world.auth,
+                         json={"text": "permit(principal, action, resource) when { oops"})
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "policy_invalid"
+    schema = await http.put("/v1/policies/svc-encrypt", headers=world.auth,
+                            json={"text": "permit(principal, action, resource) when "
+                                          "{ resource.no_such_attribute == 1 };"})
+    assert schema.status_code == 400 and schema.json()["error"]["code"] == "policy_invalid"
+    kept = await http.get("/v1/policies/svc-encrypt", headers=world.auth)
+    assert 'resource.name == "enc"' in kept.json()["text"]
+    created = world.access.service.create_api_key(ADMIN, "svc", CreateApiKeyRequest())
+    ok = await http.post("/v1/keys/enc/encrypt", json=ENCRYPT_BODY,
+                         headers={"Authorization": f"Bearer {created.api_key}"})
+    assert ok.status_code == 200
