@@ -45,10 +45,16 @@ class ServerProcess:
     data_dir: Path
     log_dir: Path
     env: dict[str, str] = field(default_factory=dict)
+    scheme: str = "http"
+    verify: str | bool = True  # the CA bundle that checks an https server
 
     @property
     def addr(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://{self.addr}"
 
     def output(self) -> str:
         return ((self.log_dir / "stdout").read_text(errors="replace")
@@ -63,7 +69,8 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 pytest.fail(f"server exited with {self.proc.returncode}:\n{self.output()}")
             try:
-                if httpx.get(f"http://{self.addr}/readyz", timeout=2).status_code == 200:
+                if httpx.get(f"{self.url}/readyz", timeout=2,
+                             verify=self.verify).status_code == 200:
                     return
             except httpx.TransportError:
                 pass
@@ -99,8 +106,8 @@ def start_server(tmp_path: Path) -> Iterator[StartServer]:
     """Start ``keygrants server`` on a free port: ``start_server(data_dir, env=..., ready=True)``."""
     started: list[ServerProcess] = []
 
-    def start(data_dir: Path, *, env: dict[str, str] | None = None,
-              ready: bool = True) -> ServerProcess:
+    def start(data_dir: Path, *, env: dict[str, str] | None = None, ready: bool = True,
+              args: tuple[str, ...] = (), verify: str | None = None) -> ServerProcess:
         port = free_port()
         log_dir = tmp_path / f"server-{len(started)}"
         log_dir.mkdir()
@@ -108,9 +115,11 @@ def start_server(tmp_path: Path) -> Iterator[StartServer]:
         with open(log_dir / "stdout", "wb") as out, open(log_dir / "stderr", "wb") as err:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "keygrants", "server", "--listen", f"127.0.0.1:{port}",
-                 "--data-dir", str(data_dir)],
+                 "--data-dir", str(data_dir), *args],
                 stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=full_env)
         server = ServerProcess(proc, port, data_dir, log_dir, full_env)
+        if "--tls-cert" in args:
+            server.scheme, server.verify = "https", verify or True
         started.append(server)
         if ready:
             server.wait_ready()
