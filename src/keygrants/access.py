@@ -50,7 +50,15 @@ from keygrants.errors import (
 from keygrants.keys.model import Key
 from keygrants.keys.sealing import seal_named_secret, unseal_named_secret
 from keygrants.keys.tags import check_tags
-from keygrants.policy import ACTIONS, GrantFacts, KeyFacts, PolicyEngine, PrincipalFacts, RequestFacts
+from keygrants.policy import (
+    ACTIONS,
+    Decision,
+    GrantFacts,
+    KeyFacts,
+    PolicyEngine,
+    PrincipalFacts,
+    RequestFacts,
+)
 from keygrants.store.base import Store
 
 __all__ = ["Access", "AccessService", "PolicyAuthorizer", "open_access"]
@@ -63,6 +71,7 @@ MAX_CREDENTIALS: Final = 20
 MAX_LIST_LIMIT: Final = 1000
 MAX_POLICY_DESCRIPTION: Final = 1024
 _FACTS_CACHE: Final = 4096
+_DECISION_CACHE: Final = 8192
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -105,6 +114,9 @@ class PolicyAuthorizer:
         self._clock = clock
         self._principal_facts: dict[str, tuple[Principal, PrincipalFacts]] = {}
         self._key_facts: dict[str, tuple[Key, frozenset[str], KeyFacts]] = {}
+        self._decisions: dict[tuple[Any, ...], Decision] = {}
+        self._decisions_engine: PolicyEngine | None = None
+        self._decisions_second = 0
         self.decisions = {"allow": 0, "deny": 0}
 
     def _principal(self, principal_id: str) -> PrincipalFacts | None:
@@ -151,10 +163,8 @@ class PolicyAuthorizer:
             resource = self._key(key, aliases) if key is not None else None
             if resource is None:
                 raise ValueError(f"action {action!r} needs a key")
-        decision = self.engine.decide(
-            principal, action, resource,
-            RequestFacts(source=ctx.auth_method or "signature", now=int(self._clock()),
-                         encryption_context=context, grant=grant))
+        decision = self._decide(principal, action, resource, ctx.auth_method or "signature",
+                                context, grant)
         if decision.allowed:
             self.decisions["allow"] += 1
             ctx.attributes["policy"] = ",".join(decision.reasons)[:500]
@@ -163,6 +173,30 @@ class PolicyAuthorizer:
         ctx.attributes["policy"] = ("deny:" + ",".join(decision.reasons))[:500] \
             if decision.reasons else "deny:default"
         raise Forbidden()
+
+
+    def _decide(self, principal: PrincipalFacts, action: str, resource: KeyFacts | None,
+                source: str, context: Mapping[str, str] | None,
+                grant: GrantFacts | None) -> Decision:
+        """The engine's decision, memoized for the current second: every input of a decision
+        is in the cache key, including the time (policies see it in whole seconds), so a hit
+        is the same decision the engine would make now."""
+        engine = self.engine
+        now = int(self._clock())
+        if engine is not self._decisions_engine or now != self._decisions_second:
+            self._decisions = {}  # another policy set, or another second: start afresh
+            self._decisions_engine, self._decisions_second = engine, now
+        key = (principal, action, resource, source, now, grant,
+               None if context is None else tuple(sorted(context.items())))
+        decision = self._decisions.get(key)
+        if decision is None:
+            decision = engine.decide(principal, action, resource,
+                                     RequestFacts(source=source, now=now,
+                                                  encryption_context=context, grant=grant))
+            if len(self._decisions) >= _DECISION_CACHE:
+                self._decisions = {}  # a flood of distinct requests within one second
+            self._decisions[key] = decision
+        return decision
 
 
 class AccessService:

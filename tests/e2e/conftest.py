@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -69,8 +70,9 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 pytest.fail(f"server exited with {self.proc.returncode}:\n{self.output()}")
             try:
-                if httpx.get(f"{self.url}/readyz", timeout=2,
-                             verify=self.verify).status_code == 200:
+                verify = (ssl.create_default_context(cafile=self.verify)
+                          if isinstance(self.verify, str) else self.verify)
+                if httpx.get(f"{self.url}/readyz", timeout=2, verify=verify).status_code == 200:
                     return
             except httpx.TransportError:
                 pass

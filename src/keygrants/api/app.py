@@ -21,7 +21,7 @@ import math
 import re
 import secrets
 import ssl
-from collections.abc import Awaitable, Callable, Iterator, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Final
@@ -150,6 +150,28 @@ class Reply:
     body: Any
 
 
+class _HeaderView(Mapping[str, str]):
+    """Read-only, case-insensitive access to ASGI headers (names arrive lower-case)."""
+
+    __slots__ = ("_raw",)
+
+    def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
+        self._raw = raw
+
+    def __getitem__(self, name: str) -> str:
+        key = name.lower().encode("latin-1")
+        values = [v.decode("latin-1").strip() for k, v in self._raw if k == key]
+        if not values:
+            raise KeyError(name)
+        return ", ".join(values)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(dict.fromkeys(k.decode("latin-1") for k, _ in self._raw))
+
+    def __len__(self) -> int:
+        return len({k for k, _ in self._raw})
+
+
 class _Request:
     """The parts of an ASGI HTTP scope the edge reads, parsed once."""
 
@@ -177,14 +199,10 @@ class _Request:
         rid = given.decode("latin-1") if given else ""
         self.request_id = rid if rid and _REQUEST_ID_RE.match(rid) else next_id()
 
-    def headers(self) -> dict[str, str]:
-        """All fields, lower-case names, repeated ones joined with ", " (RFC 9421 §2.1)."""
-        out: dict[str, str] = {}
-        for name, value in self.scope["headers"]:
-            key = name.decode("latin-1").lower()
-            text = value.decode("latin-1").strip()
-            out[key] = f"{out[key]}, {text}" if key in out else text
-        return out
+    def headers(self) -> Mapping[str, str]:
+        """The fields, looked up by lower-case name; repeated ones joined with ", " (RFC 9421
+        §2.1). A view, not a copy: a signed request reads two or three fields at most."""
+        return _HeaderView(self.scope["headers"])
 
     def target_uri(self) -> str:
         """The absolute request URI as the client addressed it (RFC 9421 ``@target-uri``)."""

@@ -69,6 +69,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import heapq
+import hmac
 import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -232,6 +233,8 @@ class Component:
 
     def identifier(self) -> str:
         """The serialized identifier, as it appears in the signature base: ``"@query-param";name="Pet"``."""
+        if not self.params and _PLAIN_NAME.match(self.name):
+            return f'"{self.name}"'  # what the sf serializer writes for a plain name, quicker
         return str(self._item())
 
     def _item(self) -> Item:
@@ -333,9 +336,11 @@ def _derived_value(message: Message, component: Component) -> str:
         if status is None or type(status) is not int or not 100 <= status <= 999:
             raise SignatureInvalid("covered component @status is missing")
         return str(status)
-    parts = _target(message)
     if name == "@target-uri":
+        if not message.target_uri.startswith(("http://", "https://")):
+            _target(message)  # raises: not an absolute URI
         return message.target_uri
+    parts = _target(message)
     if name == "@authority":
         return _authority(parts.scheme, parts.netloc)
     if name == "@scheme":
@@ -416,7 +421,8 @@ def signature_base(message: Message, components: Sequence[Component | str],
     seen: set[str] = set()
     for raw in components:
         component = raw if isinstance(raw, Component) else _component_from_string(raw)
-        _check_component(component)
+        if _COMPONENTS.get(component.name) is not component:  # cached ones were checked
+            _check_component(component)
         ident = component.identifier()
         if ident in seen:
             raise SignatureInvalid(f"component {_show(ident)} is covered twice")
@@ -487,6 +493,12 @@ def check_content_digest(header: str | None, body: bytes, *, required: bool) -> 
         return
     if len(header) > MAX_CONTENT_DIGEST_LENGTH:
         raise HeaderTooLarge("Content-Digest header too large")
+    if header.startswith("sha-256=:") and len(header) == 54 and header[-1] == ":":
+        # the usual single sha-256 member: compare the canonical encoding, no parser needed
+        expected = base64.b64encode(hashlib.sha256(body).digest()).decode("ascii")
+        if not hmac.compare_digest(header[9:53], expected):
+            raise DigestMismatch()
+        return
     try:
         field = _parse_dictionary(header)
     except ValueError:
@@ -604,6 +616,66 @@ def _signature_params(label: str, inner: InnerList) -> SignatureParams:
                            alg=strings.get("alg"), tag=strings.get("tag"))
 
 
+# The common case, one signature written canonically (what the SDK and most signers send), is
+# read with two regular expressions instead of the structured-field parser (about 5x quicker).
+# The pattern admits only text that the parser would read to the same values and that
+# re-serializes to itself, so ``signature_params`` is the input and both paths agree; anything
+# else (escapes, whitespace variants, repeated parameters, several signatures) takes the full
+# parser.
+_PLAIN_NAME: Final = re.compile(r"^@?[a-z0-9!#$%&'*+.^_`|~-]+$")
+_FAST_INPUT: Final = re.compile(
+    r'([a-z*][a-z0-9_.*-]{0,63})='
+    r'(\((?:"@?[a-z0-9!#$%&\'*+.^_`|~-]+"(?: "@?[a-z0-9!#$%&\'*+.^_`|~-]+")*)?\))'
+    r'((?:;(?:created|expires)=(?:0|[1-9][0-9]{0,14})'
+    r'|;(?:keyid|nonce|alg|tag)="[\x20\x21\x23-\x5b\x5d-\x7e]*")*)')
+_FAST_SIGNATURE: Final = re.compile(r"([a-z*][a-z0-9_.*-]{0,63})=:([A-Za-z0-9+/]+={0,2}):")
+_FAST_PARAM: Final = re.compile(r';([a-z]+)=(?:"([^"]*)"|([0-9]+))')
+_COMPONENTS: dict[str, Component] = {}  # parsed and checked covered components, by name
+
+
+def _parse_fast(signature_input: str, signature: str) -> list[ParsedSignature] | None:
+    m = _FAST_INPUT.fullmatch(signature_input)
+    s = _FAST_SIGNATURE.fullmatch(signature)
+    if m is None or s is None or m.group(1) != s.group(1):
+        return None
+    label, inner, param_text = m.group(1), m.group(2), m.group(3)
+    names = inner[2:-2].split('" "') if len(inner) > 2 else []
+    if len(names) > MAX_COMPONENTS:
+        return None
+    components: list[Component] = []
+    for name in names:
+        component = _COMPONENTS.get(name)
+        if component is None:
+            component = Component(name)
+            _check_component(component)
+            if len(_COMPONENTS) < 256:
+                _COMPONENTS[name] = component
+        components.append(component)
+    values: dict[str, str] = {}
+    for key, text, number in _FAST_PARAM.findall(param_text):
+        if key in values:
+            return None  # repeated parameter: the full parser decides
+        values[key] = number if number else text
+    for key, limit in _STRING_PARAMS.items():
+        if key in values and not 0 < len(values[key]) <= limit:
+            raise SignatureInvalid(f"{key} is empty or too long")
+    raw = s.group(2)
+    try:
+        value = base64.b64decode(raw, validate=True)
+    except ValueError:
+        return None
+    if base64.b64encode(value).decode("ascii") != raw:
+        raise SignatureInvalid(f"Signature {_show(label)} is not canonical Base64")
+    if not 0 < len(value) <= MAX_SIGNATURE_BYTES:
+        raise SignatureInvalid(f"Signature {_show(label)} has a bad length")
+    created, expires = values.get("created"), values.get("expires")
+    params = SignatureParams(
+        tuple(components), created=None if created is None else int(created),
+        expires=None if expires is None else int(expires), keyid=values.get("keyid"),
+        nonce=values.get("nonce"), alg=values.get("alg"), tag=values.get("tag"))
+    return [ParsedSignature(label, params, value, inner + param_text)]
+
+
 def parse_signatures(signature_input: str, signature: str) -> list[ParsedSignature]:
     """Read every labelled signature, in ``Signature-Input`` order.
 
@@ -615,6 +687,9 @@ def parse_signatures(signature_input: str, signature: str) -> list[ParsedSignatu
     """
     if len(signature_input) > MAX_SIGNATURE_INPUT_LENGTH or len(signature) > MAX_SIGNATURE_LENGTH:
         raise SignatureInvalid("signature header too long")
+    fast = _parse_fast(signature_input, signature)
+    if fast is not None:
+        return fast
     inputs = _parse_header(signature_input, "Signature-Input")
     values = _parse_header(signature, "Signature")
     if len(inputs) > MAX_SIGNATURES or len(values) > MAX_SIGNATURES:

@@ -227,15 +227,17 @@ def _signature_auth(principal: str | None, key_file: str | None,
 
 
 def _tls(verify: bool | str, cert: tuple[str, str] | None) -> bool | str | ssl.SSLContext:
-    """httpx's ``verify``, as an SSL context carrying the client certificate for mTLS."""
-    if cert is None:
+    """httpx's ``verify``: an SSL context for a CA bundle path and for the client certificate
+    of mTLS (httpx deprecates both as plain arguments)."""
+    if cert is None and not isinstance(verify, str):
         return verify
     context = (ssl.create_default_context(cafile=verify) if isinstance(verify, str)
                else ssl.create_default_context())
     if verify is False:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
-    context.load_cert_chain(cert[0], cert[1])
+    if cert is not None:
+        context.load_cert_chain(cert[0], cert[1])
     return context
 
 

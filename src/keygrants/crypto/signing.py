@@ -12,6 +12,8 @@ from __future__ import annotations
 import base64
 from typing import Final, Literal, get_args
 
+import nacl.exceptions
+import nacl.signing
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
@@ -90,11 +92,12 @@ def _check_digest(message: bytes, prehashed: bool) -> None:
 class VerifyingKey:
     """A public key that checks signatures of one algorithm."""
 
-    __slots__ = ("_key", "algorithm")
+    __slots__ = ("_key", "_nacl", "algorithm")
 
     def __init__(self, algorithm: SigningAlgorithm, key: _PublicKey) -> None:
         self.algorithm = algorithm
         self._key = key
+        self._nacl: nacl.signing.VerifyKey | None = None
 
     @classmethod
     def from_der(cls, algorithm: SigningAlgorithm, der: bytes) -> VerifyingKey:
@@ -129,7 +132,7 @@ class VerifyingKey:
             if isinstance(key, ed25519.Ed25519PublicKey):
                 if prehashed:
                     raise ValueError("Ed25519 signs whole messages, not digests")
-                key.verify(signature, message)
+                return self._verify_ed25519(message, signature)
             elif isinstance(key, ec.EllipticCurvePublicKey):
                 _check_digest(message, prehashed)
                 algo = utils.Prehashed(hashes.SHA256()) if prehashed else hashes.SHA256()
@@ -139,6 +142,20 @@ class VerifyingKey:
                 algo = utils.Prehashed(hashes.SHA256()) if prehashed else hashes.SHA256()
                 key.verify(signature, message, _pss(), algo)
         except InvalidSignature:
+            return False
+        return True
+
+    def _verify_ed25519(self, message: bytes, signature: bytes) -> bool:
+        # libsodium (PyNaCl) verifies Ed25519 about twice as fast as OpenSSL here, and this is
+        # on the request path of every signed request. It is also the stricter of the two
+        # (it refuses small-order public keys and non-canonical encodings).
+        verifier = self._nacl
+        if verifier is None:
+            raw = self._key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+            verifier = self._nacl = nacl.signing.VerifyKey(raw)
+        try:
+            verifier.verify(message, signature)
+        except (nacl.exceptions.BadSignatureError, ValueError, TypeError):
             return False
         return True
 

@@ -9,6 +9,8 @@ in :class:`RequestFacts`). The model for users is in ``docs/policy.md``.
 from __future__ import annotations
 
 from keygrants.policy.engine import (
+    MAX_NESTING,
+    MAX_OPERATORS_PER_STATEMENT,
     MAX_POLICIES,
     MAX_POLICY_BYTES,
     MAX_STATEMENTS_PER_POLICY,
@@ -26,6 +28,8 @@ from keygrants.policy.schema import ACTION_GROUPS, ACTIONS, NAMESPACE, SCHEMA, S
 __all__ = [
     "ACTIONS",
     "ACTION_GROUPS",
+    "MAX_NESTING",
+    "MAX_OPERATORS_PER_STATEMENT",
     "MAX_POLICIES",
     "MAX_POLICY_BYTES",
     "MAX_STATEMENTS_PER_POLICY",

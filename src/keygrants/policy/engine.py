@@ -46,6 +46,8 @@ from keygrants.errors import PolicyInvalid, PolicyNotFound
 from keygrants.policy.schema import ACTION_GROUPS, ACTIONS, NAMESPACE, SCHEMA, SERVICE_ID, SOURCES
 
 __all__ = [
+    "MAX_NESTING",
+    "MAX_OPERATORS_PER_STATEMENT",
     "MAX_POLICIES",
     "MAX_POLICY_BYTES",
     "MAX_STATEMENTS_PER_POLICY",
@@ -63,6 +65,13 @@ MAX_POLICIES: Final = 10_000
 MAX_POLICY_BYTES: Final = 64 * 1024
 MAX_STATEMENTS_PER_POLICY: Final = 100
 MAX_TOTAL_STATEMENTS: Final = 100_000
+# Cedar's parser and evaluator recurse once per nesting level and crash the process (a stack
+# overflow, not an exception) on deep input: ~660 nested brackets or ~16k chained operators
+# on an 8 MiB stack, a quarter of that on a 2 MiB thread stack. These bounds are checked on
+# our own tokens before Cedar sees the text, with a wide margin; they also keep the Cedar JSON
+# of a statement within Python's recursion limit.
+MAX_NESTING: Final = 32
+MAX_OPERATORS_PER_STATEMENT: Final = 256
 
 # Parsed handles kept per engine (slices) and per engine family (entities); each entry holds
 # a few small entities or the statements of one slice.
@@ -354,6 +363,11 @@ _TOKEN_RE: Final = re.compile(
     """,
     re.VERBOSE | re.DOTALL,
 )
+_OPENING: Final = frozenset("([{")
+_CLOSING: Final = frozenset(")]}")
+# every token that adds a level to the expression tree (an upper bound: siblings count too)
+_OPERATORS: Final = frozenset({"&&", "||", "==", "!=", "<", "<=", ">", ">=", "+", "-", "*", "!",
+                               ".", "in", "has", "like", "is", "if"})
 _EOF_MESSAGE: Final = "unexpected end of input"
 _TOKEN_ERRORS: Final = ("unexpected token", "invalid token", "extra token")
 
@@ -376,7 +390,6 @@ class _Source:
         self.code = "".join(code)
         # statements as [first token, last token] index ranges, split at top-level ";"
         self.statements: list[tuple[int, int]] = []
-        self.complete = 0
         first = 0
         for i, (start, end) in enumerate(self.tokens):
             if text[start:end] == ";":
@@ -394,6 +407,27 @@ class _Source:
     def span(self, statement: int) -> tuple[int, int]:
         first, last = self.statements[statement]
         return self.tokens[first][0], self.tokens[last][1]
+
+    def too_deep(self) -> tuple[int, int, str] | None:
+        """(statement, offset, message) of the first token past :data:`MAX_NESTING` or
+        :data:`MAX_OPERATORS_PER_STATEMENT`, or None."""
+        text = self.text
+        for index, (first, last) in enumerate(self.statements):
+            depth = operators = 0
+            for start, end in self.tokens[first:last + 1]:
+                token = text[start:end]
+                if token in _OPENING:
+                    depth += 1
+                    if depth > MAX_NESTING:
+                        return index, start, f"nested more than {MAX_NESTING} brackets deep"
+                elif token in _CLOSING:
+                    depth = max(0, depth - 1)
+                elif token in _OPERATORS:
+                    operators += 1
+                    if operators > MAX_OPERATORS_PER_STATEMENT:
+                        return (index, start, f"more than {MAX_OPERATORS_PER_STATEMENT} operators in "
+                                "one statement; split it, or test membership in a set")
+        return None
 
 
 def _parses(text: str) -> str | None:
@@ -513,7 +547,10 @@ class _Compiled:
     est: str  # the statement as Cedar JSON policy text
     actions: frozenset[str] | None  # the request actions its scope can match; None = any
     principal: _PrincipalKey
-    context: frozenset[str] | None  # the context attributes it reads; None = all of them
+    # the attributes its conditions read; None = all of them
+    principal_attrs: frozenset[str] | None
+    resource_attrs: frozenset[str] | None
+    context_attrs: frozenset[str] | None
     action_literals: frozenset[str]  # actions its conditions name as entity literals
 
 
@@ -583,22 +620,73 @@ def _positional(policy_id: str) -> tuple[int, str]:
     return (int(match.group(1)) if match else -1, policy_id)
 
 
-def _context_reads(node: object, out: set[str]) -> bool:
-    """Collect the attributes a statement reads from ``context`` (``context.x``,
-    ``context has x``) into ``out``; False if it uses ``context`` any other way."""
+_Reads = dict[str, set[str] | None]  # variable -> attributes read (None = all of them)
+_READ_VARS: Final = ("principal", "resource", "context")
+
+
+def _root_var(node: object) -> str | None:
+    """The variable an attribute chain starts from (``context`` for ``context.grant.ttl``)."""
+    while isinstance(node, dict) and len(node) == 1:
+        if isinstance(node.get("Var"), str):
+            return str(node["Var"])
+        inner = node.get(".")
+        if not isinstance(inner, dict):
+            return None
+        node = inner.get("left")
+    return None
+
+
+def _add_read(reads: _Reads, var: str, attr: str | None) -> None:
+    current = reads[var]
+    if attr is None:
+        reads[var] = None
+    elif current is not None:
+        current.add(attr)
+
+
+def _attribute_reads(node: object, reads: _Reads) -> None:
+    """Collect which attributes of ``principal``, ``resource`` and ``context`` a statement's
+    conditions read. Attributes are only reached with ``.`` and ``has``; an entity used as a
+    value (compared, tested with ``in``/``is``) is just its uid. Anything not recognised
+    counts as reading every attribute, so a miss can only ever add attributes."""
     if isinstance(node, list):
-        return all(_context_reads(item, out) for item in node)
+        for item in node:
+            _attribute_reads(item, reads)
+        return
     if not isinstance(node, dict):
-        return True
-    if node == {"Var": "context"}:
-        return False  # the whole record is used: every attribute may matter
-    for op in (".", "has"):
-        inner = node.get(op)
-        if (len(node) == 1 and isinstance(inner, dict) and inner.get("left") == {"Var": "context"}
-                and isinstance(inner.get("attr"), str)):
-            out.add(inner["attr"])
-            return True
-    return all(_context_reads(value, out) for value in node.values())
+        return
+    if len(node) == 1 and node.get("Var") == "context":
+        reads["context"] = None  # the record as a whole
+        return
+    if len(node) == 1:
+        ((op, inner),) = node.items()
+        if op in (".", "has") and isinstance(inner, dict) and isinstance(inner.get("attr"), str):
+            left = inner.get("left")
+            if isinstance(left, dict) and len(left) == 1 and left.get("Var") in _READ_VARS:
+                _add_read(reads, str(left["Var"]), str(inner["attr"]))
+                return
+            if _root_var(left) != "context":
+                # an attribute of some computed value, which may be the principal or the
+                # resource (`(if c then principal else resource).name`): keep them whole
+                _add_read(reads, "principal", None)
+                _add_read(reads, "resource", None)
+            _attribute_reads(left, reads)
+            return
+    for value in node.values():
+        _attribute_reads(value, reads)
+
+
+def _freeze(attrs: set[str] | None) -> frozenset[str] | None:
+    return None if attrs is None else frozenset(attrs)
+
+
+def _union(parts: Iterable[frozenset[str] | None]) -> frozenset[str] | None:
+    out: set[str] = set()
+    for part in parts:
+        if part is None:
+            return None
+        out |= part
+    return frozenset(out)
 
 
 def _action_literals(node: object, out: set[str]) -> None:
@@ -623,12 +711,19 @@ def _compile(name: str, text: str) -> tuple[_Compiled, ...]:
     _check_name(name)
     if not isinstance(text, str):
         raise TypeError("policy text must be a str")
-    if len(text.encode("utf-8", "surrogatepass")) > MAX_POLICY_BYTES:
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise PolicyInvalid(f"policy {name}: text is not valid Unicode (a lone surrogate)") from None
+    if size > MAX_POLICY_BYTES:
         raise PolicyInvalid(f"policy {name}: text larger than {MAX_POLICY_BYTES} bytes")
     source = _Source(text)
     if len(source.statements) > MAX_STATEMENTS_PER_POLICY:
         # checked on the lexer's count first so an oversize policy is not even parsed
         raise PolicyInvalid(f"policy {name}: more than {MAX_STATEMENTS_PER_POLICY} statements")
+    deep = source.too_deep()
+    if deep is not None:
+        raise _invalid(name, source, *deep)
     try:
         document = json.loads(cedarpy.policies_to_json_str(text))
     except ValueError as exc:
@@ -660,7 +755,8 @@ def _compile(name: str, text: str) -> tuple[_Compiled, ...]:
                               effect="forbid" if body.get("effect") == "forbid" else "permit",
                               line=line, column=column,
                               label=label if isinstance(label, str) else None)
-        reads: set[str] = set()
+        reads: _Reads = {var: set() for var in _READ_VARS}
+        _attribute_reads(body.get("conditions"), reads)
         literals: set[str] = set()
         _action_literals(body.get("conditions"), literals)
         compiled.append(_Compiled(
@@ -668,7 +764,9 @@ def _compile(name: str, text: str) -> tuple[_Compiled, ...]:
             est=json.dumps(body, ensure_ascii=False, separators=(",", ":")),
             actions=_action_scope(body.get("action")),
             principal=_principal_scope(body.get("principal")),
-            context=frozenset(reads) if _context_reads(body.get("conditions"), reads) else None,
+            principal_attrs=_freeze(reads["principal"]),
+            resource_attrs=_freeze(reads["resource"]),
+            context_attrs=_freeze(reads["context"]),
             action_literals=frozenset(literals)))
     return tuple(compiled)
 
@@ -677,29 +775,46 @@ def _compile(name: str, text: str) -> tuple[_Compiled, ...]:
 # Entities
 
 
-def _principal_entity(principal: PrincipalFacts) -> dict[str, Any]:
+class _Needs(NamedTuple):
+    """The parts of the entities a slice can reach (hashable: part of the cache key)."""
+
+    actions: frozenset[str]  # the request action and any action the statements name
+    principal_attrs: frozenset[str] | None
+    resource_attrs: frozenset[str] | None
+
+
+# Entity JSON is cached apart from the parsed handles: a principal or a key recurs across
+# many (principal, key, action) handles, and json.dumps is a fair share of building one.
+@functools.lru_cache(maxsize=_ENTITY_CACHE_SIZE)
+def _principal_json(principal: PrincipalFacts, attrs: frozenset[str] | None) -> str:
     tags = sorted(principal.tags)
-    return {"uid": {"type": _PRINCIPAL_TYPE, "id": principal.id},
-            "attrs": {"id": principal.id, "tags": tags},
-            "parents": [{"type": _GROUP_TYPE, "id": t} for t in tags]}
+    values: dict[str, Any] = {"id": principal.id, "tags": tags}
+    return json.dumps({
+        "uid": {"type": _PRINCIPAL_TYPE, "id": principal.id},
+        "attrs": values if attrs is None else {k: v for k, v in values.items() if k in attrs},
+        "parents": [{"type": _GROUP_TYPE, "id": t} for t in tags]})
 
 
-def _key_entity(key: KeyFacts) -> dict[str, Any]:
-    return {"uid": {"type": _KEY_TYPE, "id": key.id},
-            "attrs": {"id": key.id, "name": key.name, "aliases": sorted(key.aliases),
-                      "spec": key.spec, "purpose": key.purpose, "state": key.state,
-                      "tags": sorted(key.tags)},
-            "parents": []}
+@functools.lru_cache(maxsize=_ENTITY_CACHE_SIZE)
+def _key_json(key: KeyFacts, attrs: frozenset[str] | None) -> str:
+    values: dict[str, Any] = {"id": key.id, "name": key.name, "aliases": sorted(key.aliases),
+                              "spec": key.spec, "purpose": key.purpose, "state": key.state,
+                              "tags": sorted(key.tags)}
+    return json.dumps({
+        "uid": {"type": _KEY_TYPE, "id": key.id},
+        "attrs": values if attrs is None else {k: v for k, v in values.items() if k in attrs},
+        "parents": []})
 
 
 class _EntityCache:
-    """Parsed entity handles, one per (principal, key, actions) seen lately.
+    """Parsed entity handles, kept for the (principal, key, needs) seen lately.
 
-    A handle holds only what a decision can reach: the principal (its tags as ``Group``
-    parents), the key, the service, and the request action plus any action a statement of the
-    slice names, each with its groups as parents. Entities nothing refers to need not exist
-    for ``in`` to hold (an entity's ancestors live on the entity), and leaving the other ~45
-    action entities out makes a handle ~15 µs to parse instead of ~90 µs, and small.
+    A handle holds only what the decision can reach: the principal (its tags as ``Group``
+    parents), the key, the service, and the request action plus any action a statement names,
+    each with its groups as parents; and of the principal and key only the attributes the
+    statements read. Cedar spends ~2-5 µs parsing each attribute and entity, and an entity
+    nothing refers to need not exist for ``in`` to hold (an entity's ancestors are stored on
+    the entity), so this keeps a handle cheap to build and small to keep.
 
     Handles do not depend on the policies, so every engine derived from another
     (``with_policy``...) shares its cache and starts warm.
@@ -709,12 +824,11 @@ class _EntityCache:
         self.get = functools.lru_cache(maxsize=_ENTITY_CACHE_SIZE)(self._build)
 
     @staticmethod
-    def _build(principal: PrincipalFacts, key: KeyFacts | None,
-               actions: frozenset[str]) -> cedarpy.Entities:
-        parts = [json.dumps(_principal_entity(principal)), _SERVICE_ENTITY]
+    def _build(principal: PrincipalFacts, key: KeyFacts | None, needs: _Needs) -> cedarpy.Entities:
+        parts = [_principal_json(principal, needs.principal_attrs), _SERVICE_ENTITY]
         if key is not None:
-            parts.append(json.dumps(_key_entity(key)))
-        parts.extend(_ACTION_ENTITIES[a] for a in sorted(actions))
+            parts.append(_key_json(key, needs.resource_attrs))
+        parts.extend(_ACTION_ENTITIES[a] for a in sorted(needs.actions))
         return cedarpy.Entities.from_json_str(f"[{','.join(parts)}]")
 
 
@@ -726,8 +840,10 @@ _ERROR_RE: Final = re.compile(r"error while evaluating policy `([^`]*)`:\s*(.*)"
 
 class _Slice(NamedTuple):
     policies: cedarpy.PolicySet
-    reads: frozenset[str] | None  # context attributes the statements read; None = all
-    actions: frozenset[str]  # action entities the decision needs (the request's + literals)
+    # what the statements can look at; an attribute none of them reads cannot change the
+    # outcome, so entities and context carry only these (None = all)
+    needs: _Needs
+    context_attrs: frozenset[str] | None
 
 
 class PolicyEngine:
@@ -891,10 +1007,10 @@ class PolicyEngine:
         policies = cedarpy.PolicySet.from_json_str(
             f'{{"staticPolicies":{{{body}}},"templates":{{}},"templateLinks":[]}}')
         compiled = [self._statements[ref] for ref in refs]
-        reads = None if any(c.context is None for c in compiled) else frozenset().union(
-            *(c.context for c in compiled if c.context is not None))
-        actions = frozenset({action}).union(*(c.action_literals for c in compiled))
-        return _Slice(policies, reads, actions)
+        needs = _Needs(actions=frozenset({action}).union(*(c.action_literals for c in compiled)),
+                       principal_attrs=_union(c.principal_attrs for c in compiled),
+                       resource_attrs=_union(c.resource_attrs for c in compiled))
+        return _Slice(policies, needs, _union(c.context_attrs for c in compiled))
 
     def decide(self, principal: PrincipalFacts, action: str, resource: KeyFacts | None,
                request: RequestFacts) -> Decision:
@@ -914,7 +1030,8 @@ class PolicyEngine:
             The :class:`Decision`, with the statements that decided.
 
         Raises:
-            ValueError: for an unknown action, or a resource of the wrong kind for it.
+            ValueError: for an unknown action, a resource of the wrong kind for it, or facts
+                Cedar cannot represent (a string holding a lone surrogate).
             TypeError: when a facts argument has the wrong type.
         """
         kind = ACTIONS.get(action) if isinstance(action, str) else None
@@ -938,12 +1055,12 @@ class PolicyEngine:
         found = self._slice(action, pid, groups)
         if found is None:
             return _DEFAULT_DENY
-        policies, reads, actions = found
-        entities = self._entities.get(principal, resource, actions)
+        policies, needs, context_attrs = found
+        entities = self._entities.get(principal, resource, needs)
         result = cedarpy.is_authorized(
             {"principal": {"type": _PRINCIPAL_TYPE, "id": principal.id},
              "action": _ACTION_UIDS[action], "resource": resource_uid,
-             "context": _context(request, reads)},
+             "context": _context(request, context_attrs)},
             policies, entities)
         return self._decision(result.allowed, result.diagnostics.reasons, result.diagnostics.errors)
 

@@ -1,0 +1,187 @@
+#!/usr/bin/env python3
+"""What request authentication costs: encrypt over HTTP, signed (RFC 9421, Ed25519) vs bearer.
+
+One command, one server, the variants measured in alternating rounds under the same load::
+
+    python benchmarks/auth_overhead.py                  # 3 rounds of 5 s per variant
+    python benchmarks/auth_overhead.py --duration 3 --rounds 1
+
+Variants, all ``POST /v1/keys/bench/encrypt`` with the same 1 KiB plaintext:
+  admin      the admin bearer token (the reference: no policy evaluation, a SHA-256 compare)
+  api-key    an API key of principal ``bench-svc`` (keyed-hash check + Cedar policy decision)
+  signature  an RFC 9421 Ed25519 signature of ``bench-svc`` over @method, @target-uri and
+             content-digest with created/expires/keyid/nonce (digest check, signature
+             verification, nonce replay cache + the same Cedar policy decision)
+
+Each signed request needs its own nonce, so the signatures are computed before each run (by the
+SDK's ``SignatureAuth``) and replayed by ``benchmarks/signed.lua``; the client's signing cost is
+therefore not in the measurement, only the server's. Load: ``wrk -t1 -cN``; the server is pinned
+to one CPU and wrk to another when there are two. The server runs with ``--rate-limit 0``.
+
+Target (issue #3): signature auth costs at most 30% throughput, i.e. signature/admin >= 0.70.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import http_encrypt as h  # noqa: E402  (the shared process/wrk harness)
+
+SIGNED_LUA = HERE / "signed.lua"
+VARIANTS = ("admin", "api-key", "signature")
+POLICY = ('permit(principal == Keygrants::Principal::"bench-svc", '
+          'action == Keygrants::Action::"encrypt", resource) when { resource.name == "bench" };')
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--duration", type=int, default=5, help="seconds per run (default 5)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds per variant (default 3)")
+    p.add_argument("--connections", type=int, default=16)
+    p.add_argument("--size", type=int, default=1024, help="plaintext bytes (default 1024)")
+    p.add_argument("--max-rps", type=int, default=15000,
+                   help="upper bound of the expected rate, to size the pre-signed requests")
+    return p.parse_args(argv)
+
+
+def presign(n: int, keyid: str, key_file: Path, url: str, body: bytes, out: Path) -> float:
+    """Write ``n`` signed requests' headers; return seconds spent signing."""
+    import httpx
+
+    from keygrants.client._signing import SignatureAuth, load_signing_key
+
+    auth = SignatureAuth(keyid, load_signing_key(key_file), lifetime=300)
+    start = time.perf_counter()
+    with open(out, "w") as f:
+        for _ in range(n):
+            request = httpx.Request("POST", url, content=body,
+                                    headers={"Content-Type": "application/json"})
+            auth.sign(request)
+            f.write(f"{request.headers['Signature-Input']}\t{request.headers['Signature']}\t"
+                    f"{request.headers['Content-Digest']}\n")
+    return time.perf_counter() - start
+
+
+def run(url: str, body_file: Path, *, variant: str, header: tuple[str, str] | None,
+        sig_file: Path | None, args: argparse.Namespace, cpu: int | None, pid: int
+        ) -> h.WrkResult:
+    env = dict(os.environ, BENCH_BODY_FILE=str(body_file))
+    script = h.POST_LUA
+    if variant == "signature":
+        assert sig_file is not None
+        env["BENCH_SIG_FILE"] = str(sig_file)
+        script = SIGNED_LUA
+    elif header is not None:
+        env["BENCH_HEADER_NAME"], env["BENCH_HEADER_VALUE"] = header
+    argv = ["wrk", "-t1", f"-c{args.connections}", f"-d{args.duration}s", "--latency",
+            "-s", str(script), url]
+    proc = h.spawn("wrk", argv, log_path=None, cpu=cpu, env=env, capture=True)
+    try:
+        out, err = proc.popen.communicate(timeout=args.duration + 60)
+    finally:
+        h.stop(proc, timeout=2)
+    text = out.decode(errors="replace")
+    if proc.popen.returncode != 0 or "Requests/sec" not in text:
+        raise h.TargetError(f"wrk failed: {text}\n{err.decode(errors='replace')}")
+    return h.parse_wrk(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if shutil.which("wrk") is None:
+        print("error: wrk not found on PATH (apt-get install wrk)", file=sys.stderr)
+        return 1
+    cmd = h.keygrants_command()
+    if cmd is None:
+        print("error: the keygrants command is not installed", file=sys.stderr)
+        return 1
+    cpus = sorted(os.sched_getaffinity(0))
+    server_cpu, wrk_cpu = (cpus[0], cpus[1]) if len(cpus) >= 2 else (None, None)
+    work = Path(tempfile.mkdtemp(prefix="keygrants-auth-bench-"))
+    data_dir = work / "data"
+    data_dir.mkdir()
+    port = h.free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KEYGRANTS_")}
+    server = h.spawn("keygrants", [*cmd, "server", "--listen", f"127.0.0.1:{port}",
+                                   "--data-dir", str(data_dir), "--rate-limit", "0"],
+                     log_path=work / "server.log", cpu=server_cpu, env=env)
+    failed = False
+    results: dict[str, list[h.WrkResult]] = {v: [] for v in VARIANTS}
+    try:
+        h.wait_ready(server, port, "/readyz")
+        token = (data_dir / "admin.token").read_text().strip()
+        admin = {"Authorization": f"Bearer {token}"}
+        for method, path, payload in (
+                ("POST", "/v1/keys", {"name": "bench"}),
+                ("POST", "/v1/principals", {"id": "bench-svc"}),
+                ("PUT", "/v1/policies/bench", {"text": POLICY})):
+            status, resp = h.http_call(port, method, path, payload, admin)
+            if status >= 300:
+                raise h.TargetError(f"{method} {path}: HTTP {status} {resp}")
+        from keygrants.crypto.signing import SigningKey
+
+        key = SigningKey.generate("ed25519")
+        key_file = work / "bench-svc.pem"
+        key_file.write_bytes(key.private_pem())
+        status, cred = h.http_call(port, "POST", "/v1/principals/bench-svc/keys",
+                                   {"public_key": key.public_key().public_pem()}, admin)
+        status2, api = h.http_call(port, "POST", "/v1/principals/bench-svc/api-keys", {}, admin)
+        if status >= 300 or status2 >= 300:
+            raise h.TargetError(f"credentials: {cred} {api}")
+        headers = {"admin": ("Authorization", f"Bearer {token}"),
+                   "api-key": ("Authorization", f"Bearer {api['api_key']}"), "signature": None}
+        body = json.dumps({"plaintext": base64.b64encode(os.urandom(args.size)).decode()},
+                          separators=(",", ":")).encode()
+        body_file = work / "body.json"
+        body_file.write_bytes(body)
+        url = f"http://127.0.0.1:{port}/v1/keys/bench/encrypt"
+        print(f"load: {args.size} B plaintext, wrk -t1 -c{args.connections} -d{args.duration}s, "
+              f"{args.rounds} round(s) per variant; server pinned to CPU {server_cpu}, wrk to "
+              f"{wrk_cpu}", flush=True)
+        for rnd in range(args.rounds):
+            for variant in VARIANTS:
+                sig_file = None
+                if variant == "signature":
+                    sig_file = work / "signatures.tsv"
+                    n = args.max_rps * args.duration
+                    spent = presign(n, cred["keyid"], key_file, url, body, sig_file)
+                    print(f"  (pre-signed {n} requests in {spent:.1f}s: "
+                          f"{spent / n * 1e6:.0f} us each on the client side)", flush=True)
+                res = run(url, body_file, variant=variant, header=headers[variant],
+                          sig_file=sig_file, args=args, cpu=wrk_cpu, pid=server.pid)
+                if not res.ok:
+                    failed = True
+                    print(f"  WARNING {variant}: {res.non_2xx} non-2xx, {res.socket_errors}")
+                results[variant].append(res)
+                print(f"  round {rnd + 1} {variant:<9} {res.rps:9,.0f} req/s  p99 "
+                      f"{res.p99_ms or 0:6.2f} ms", flush=True)
+    except h.TargetError as exc:
+        print(f"error: {exc}\n{server.log_tail()}", file=sys.stderr)
+        return 1
+    finally:
+        h.stop(server)
+    median = {v: statistics.median(r.rps for r in rs) for v, rs in results.items()}
+    p99 = {v: statistics.median(r.p99_ms or 0 for r in rs) for v, rs in results.items()}
+    print("\nvariant     req/s (median)   p99 ms   vs admin bearer")
+    for v in VARIANTS:
+        print(f"{v:<10} {median[v]:>14,.0f} {p99[v]:>8.2f}   {median[v] / median['admin']:.2f}x")
+    ratio = median["signature"] / median["admin"]
+    verdict = "met" if ratio >= 0.70 else "NOT met"
+    print(f"\nsignature auth throughput cost: {1 - ratio:.0%} (target <= 30%: {verdict})")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
