@@ -31,9 +31,11 @@ from keygrants.auth.credentials import (
     certificate_der_from_pem,
     certificate_fingerprint,
     generate_api_key,
+    generate_shared_secret,
     jwk_thumbprint,
     load_public_key,
     normalize_match,
+    parse_shared_secret,
 )
 from keygrants.auth.directory import Directory
 from keygrants.auth.model import PRINCIPAL_NAME_PATTERN, Credential, Policy, Principal
@@ -204,8 +206,9 @@ class AccessService:
 
     def __init__(self, store: Store, directory: Directory, authorizer: PolicyAuthorizer, *,
                  api_key_hmac_key: bytes, audit: AuditRecorder | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, sealer: Aead | None = None) -> None:
         self.store = store
+        self._sealer = sealer
         self.directory = directory
         self.authorizer = authorizer
         self.audit: AuditRecorder = audit or NoAudit()
@@ -238,7 +241,8 @@ class AccessService:
             not_before=_dt(c.not_before), created_at=_dt(c.created_at),  # type: ignore[arg-type]
             expires_at=_dt(c.expires_at), last_used_at=_dt(c.last_used_at),
             revoked_at=_dt(c.revoked_at), algorithm=c.algorithm, public_key_jwk=jwk,
-            keyid=f"{c.principal_id}{KEYID_SEPARATOR}{c.id}" if c.kind == "public_key" else None,
+            keyid=(f"{c.principal_id}{KEYID_SEPARATOR}{c.id}"
+                   if c.kind in ("public_key", "shared_secret") else None),
             match=c.match, state=state)
 
     def _principal_info(self, p: Principal, *, with_credentials: bool = False) -> m.PrincipalInfo:
@@ -452,6 +456,31 @@ class AccessService:
         return m.ApiKeyCreated(credential=self._credential_info(self._add(ctx, principal_id, cred)),
                                api_key=api_key)
 
+    @_audited("credential.add_shared_secret", "manage_credentials")
+    def create_shared_secret(self, ctx: RequestContext, principal_id: str,
+                             req: m.CreateApiKeyRequest) -> m.SharedSecretCreated:
+        """Issue a shared secret for ``hmac-sha256`` request signatures (returned once; kept
+        sealed under the root key, since verifying a MAC needs the secret itself).
+
+        Raises:
+            InvalidRequest: when this server cannot seal secrets.
+        """
+        self._allow(ctx, "manage_credentials")
+        if self._sealer is None:
+            raise InvalidRequest("this server cannot issue shared secrets")
+        start, expires = self._window(req.not_before, req.expires_at, req.expires_in)
+        cred_id, text = generate_shared_secret()
+        parsed = parse_shared_secret(text)
+        assert parsed is not None
+        cred = Credential(id=cred_id, principal_id=principal_id, kind="shared_secret",
+                          label=req.label, algorithm="hmac-sha256",
+                          sealed_secret=seal_named_secret(self._sealer, _secret_name(cred_id),
+                                                          parsed[1]),
+                          not_before=start, expires_at=expires, created_at=self._now())
+        return m.SharedSecretCreated(
+            credential=self._credential_info(self._add(ctx, principal_id, cred)),
+            shared_secret=text)
+
     @_audited("credential.add_certificate", "manage_credentials")
     def add_certificate(self, ctx: RequestContext, principal_id: str,
                         req: m.AddCertificateRequest) -> m.CredentialInfo:
@@ -622,6 +651,10 @@ class Access:
     service: AccessService
 
 
+def _secret_name(credential_id: str) -> str:
+    return f"credential:{credential_id}"
+
+
 def _secret(store: Store, root: Aead, name: str) -> bytes:
     fresh = random_bytes(32)
     if store.set_meta_if_absent(name, seal_named_secret(root, name, fresh)):
@@ -651,11 +684,17 @@ def open_access(store: Store, root_key: bytes, *, audit: AuditRecorder | None = 
     if admin_digest is None:
         raise ValueError("no admin token configured; call ensure_admin_token first")
     ensure_admin_principal(store, int(clock()))
-    hmac_key = _secret(store, Aead("aes-256-gcm", root_key), API_KEY_HMAC_META)
-    directory = Directory(store)
+    root = Aead("aes-256-gcm", root_key)
+    hmac_key = _secret(store, root, API_KEY_HMAC_META)
+
+    def open_secret(credential: Credential) -> bytes:
+        assert credential.sealed_secret is not None
+        return unseal_named_secret(root, _secret_name(credential.id), credential.sealed_secret)
+
+    directory = Directory(store, open_secret)
     engine = PolicyEngine({p.name: p.text for p in store.list_policies()})
     authorizer = PolicyAuthorizer(directory, engine, clock)
     authenticator = Authenticator(directory, admin_digest, hmac_key, settings, clock)
     service = AccessService(store, directory, authorizer, api_key_hmac_key=hmac_key, audit=audit,
-                            clock=clock)
+                            clock=clock, sealer=root)
     return Access(directory, authenticator, authorizer, service)

@@ -64,7 +64,7 @@ MessageType = Literal["raw", "digest"]
 Context = dict[str, str]
 
 
-_SECRET_FIELDS: Final = frozenset({"plaintext", "derived", "random", "api_key"})
+_SECRET_FIELDS: Final = frozenset({"plaintext", "derived", "random", "api_key", "shared_secret"})
 
 
 def _redacted_repr(self: msgspec.Struct) -> str:
@@ -517,6 +517,14 @@ class ApiKeyCreated(_Result):
 
     credential: CredentialInfo
     api_key: str
+
+
+class SharedSecretCreated(_Result):
+    """A new shared secret for ``hmac-sha256`` signatures; shown only in this response. Sign
+    with the 256-bit key it encodes and ``keyid`` ``credential.keyid``."""
+
+    credential: CredentialInfo
+    shared_secret: str
 
 
 class AddCertificateRequest(_Request):

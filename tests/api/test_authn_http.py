@@ -257,3 +257,25 @@ async def test_an_invalid_policy_is_refused_and_the_old_one_stays(world, http) -
     ok = await http.post("/v1/keys/enc/encrypt", json=ENCRYPT_BODY,
                          headers={"Authorization": f"Bearer {created.api_key}"})
     assert ok.status_code == 200
+
+
+async def test_a_shared_secret_signs_with_hmac_sha256(world) -> None:
+    from keygrants.auth.credentials import parse_shared_secret
+
+    created = world.access.service.create_shared_secret(ADMIN, "svc", CreateApiKeyRequest())
+    stored = world.store.get_credential(created.credential.id)
+    parsed = parse_shared_secret(created.shared_secret)
+    assert stored is not None and stored.sealed_secret is not None and parsed is not None
+    assert parsed[1] not in stored.sealed_secret  # sealed, not in clear
+    async with signed(world, parsed[1], created.credential.keyid) as client:
+        me = await client.get("/v1/whoami")
+        assert (me.status_code, me.json()["credential"]) == (200, created.credential.id)
+        r = await client.post("/v1/keys/enc/encrypt", json=ENCRYPT_BODY)
+        assert r.status_code == 200, r.text
+    async with signed(world, b"\x00" * 32, created.credential.keyid) as client:
+        r = await client.get("/v1/whoami")
+        assert (r.status_code, r.json()["error"]["code"]) == (401, "signature_invalid")
+    world.access.service.revoke_credential(ADMIN, "svc", created.credential.id)
+    async with signed(world, parsed[1], created.credential.keyid) as client:
+        r = await client.get("/v1/whoami")
+        assert (r.status_code, r.json()["error"]["code"]) == (401, "credential_revoked")

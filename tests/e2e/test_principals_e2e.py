@@ -73,8 +73,16 @@ def test_a_principal_signs_cli_requests_with_its_own_key(start_server, tmp_path:
     ok(server.cli("principal", "revoke", "svc-billing", created["credential"]["id"]))
     assert error_code(server.cli("whoami", "--json", env=bearer)) == "credential_revoked"
 
+    # a shared secret in a key file signs with hmac-sha256
+    secret_file = tmp_path / "svc.secret"
+    ok(server.cli("principal", "shared-secret", "svc-billing", "--out", str(secret_file)))
+    assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
+    hmac_signer = dict(signer, KEYGRANTS_KEY_FILE=str(secret_file))
+    me = json.loads(ok(server.cli("whoami", "--json", env=hmac_signer)))
+    assert (me["auth_method"], me["credential"].startswith("ss_")) == ("signature", True)
+
     shown = json.loads(ok(server.cli("principal", "show", "svc-billing", "--json")))
-    assert sorted(c["state"] for c in shown["credentials"]) == ["active", "revoked"]
+    assert sorted(c["state"] for c in shown["credentials"]) == ["active", "active", "revoked"]
     ok(server.cli("principal", "disable", "svc-billing"))
     assert error_code(server.cli("whoami", "--json", env=signer)) == "principal_disabled"
 

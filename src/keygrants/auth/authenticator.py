@@ -3,7 +3,8 @@
 Schemes, each enabled per deployment (:class:`AuthSettings`), tried in this order:
 
 1. **HTTP Message Signature** (RFC 9421; primary): a ``Signature-Input``/``Signature`` pair
-   whose ``keyid`` is ``<principal>/<JWK thumbprint>`` of a registered public key.
+   whose ``keyid`` is ``<principal>/<JWK thumbprint>`` of a registered public key (``ed25519``,
+   ``ecdsa-p256-sha256``) or ``<principal>/ss_…`` of a shared secret (``hmac-sha256``).
 2. **Bearer token**: the admin token (``kg_admin_…``) or an API key (``kg_ak_…``).
 3. **mTLS**: a verified client certificate that matches a credential (fingerprint or
    subject/SAN rule).
@@ -152,9 +153,12 @@ class Authenticator:
     def _signing_key(self, keyid: str) -> tuple[str, VerifyingKey | bytes]:
         principal_id, sep, thumbprint = keyid.rpartition(KEYID_SEPARATOR)
         cred = self.directory.credential(thumbprint) if sep else None
-        if cred is None or cred.kind != "public_key" or cred.principal_id != principal_id:
+        if (cred is None or cred.kind not in ("public_key", "shared_secret")
+                or cred.principal_id != principal_id):
             raise UnknownCredential()
         self._usable(cred, self._clock())
+        if cred.kind == "shared_secret":
+            return "hmac-sha256", self.directory.shared_secret(cred)
         assert cred.algorithm is not None
         return cred.algorithm, self.directory.verifying_key(cred)
 

@@ -1,5 +1,8 @@
 """Credential formats: public keys (PEM or JWK), API keys and mTLS certificate matches.
 
+Shared secrets (for ``hmac-sha256`` request signatures) look the same with ``kg_ss_``; the
+server keeps them sealed under the root key, since it must recompute the MAC.
+
 API key layout (a typed prefix, so secret scanners recognise a leaked key)::
 
     kg_ak_<16 hex: credential id suffix>_<43 base64url: 256-bit secret>
@@ -15,6 +18,7 @@ mTLS matches are ``sha256:<64 hex>`` (the DER certificate's fingerprint),
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
@@ -35,14 +39,18 @@ __all__ = [
     "certificate_fingerprint",
     "certificate_matches",
     "generate_api_key",
+    "generate_shared_secret",
     "jwk_thumbprint",
     "load_public_key",
     "normalize_match",
     "parse_api_key",
+    "parse_shared_secret",
     "verify_api_key",
 ]
 
 API_KEY_PREFIX: Final = "kg_ak_"
+SHARED_SECRET_PREFIX: Final = "kg_ss_"
+_SHARED_SECRET_RE: Final = re.compile(r"^kg_ss_([0-9a-f]{16})_([A-Za-z0-9_-]{43})$")
 _API_KEY_RE: Final = re.compile(r"^kg_ak_([0-9a-f]{16})_([A-Za-z0-9_-]{43})$")
 MAX_PUBLIC_KEY_TEXT: Final = 8192
 MAX_MATCH_LENGTH: Final = 512
@@ -68,6 +76,23 @@ def generate_api_key() -> tuple[str, str]:
     """A fresh ``(credential id, API key)``."""
     suffix = secrets.token_hex(8)
     return f"ak_{suffix}", f"{API_KEY_PREFIX}{suffix}_{secrets.token_urlsafe(32)}"
+
+
+def generate_shared_secret() -> tuple[str, str]:
+    """A fresh ``(credential id, shared secret text)`` for ``hmac-sha256`` signatures."""
+    suffix = secrets.token_hex(8)
+    return f"ss_{suffix}", f"{SHARED_SECRET_PREFIX}{suffix}_{secrets.token_urlsafe(32)}"
+
+
+def parse_shared_secret(text: str) -> tuple[str, bytes] | None:
+    """``(credential id, 32 secret bytes)`` of a well-formed shared secret, else ``None``.
+
+    The MAC key is the decoded 256-bit part; the id travels in the signature's ``keyid``.
+    """
+    m = _SHARED_SECRET_RE.match(text.strip())
+    if m is None:
+        return None
+    return f"ss_{m.group(1)}", base64.urlsafe_b64decode(m.group(2) + "=")
 
 
 def parse_api_key(token: str) -> ParsedApiKey | None:

@@ -11,6 +11,7 @@ interval.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Final
 
 import msgspec
@@ -27,8 +28,11 @@ _PAGE: Final = 1000
 class Directory:
     """Principals and credentials by id, mTLS matches by rule, parsed public keys cached."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store,
+                 open_secret: Callable[[Credential], bytes] | None = None) -> None:
         self._store = store
+        self._open_secret = open_secret
+        self._secrets: dict[str, bytes] = {}
         self._lock = threading.Lock()
         self._principals: dict[str, Principal] = {}
         self._credentials: dict[str, Credential] = {}
@@ -65,6 +69,7 @@ class Directory:
             self._by_match.pop(old.match, None)
         self._credentials[c.id] = c
         self._keys.pop(c.id, None)
+        self._secrets.pop(c.id, None)
         if c.kind == "mtls" and c.match is not None:
             self._by_match[c.match] = c
 
@@ -78,6 +83,19 @@ class Directory:
 
     def credential_for_match(self, match: str) -> Credential | None:
         return self._by_match.get(match)
+
+    def shared_secret(self, credential: Credential) -> bytes:
+        """The unsealed MAC key of a ``shared_secret`` credential (unsealed once).
+
+        Raises:
+            ValueError: when the directory was built without a way to unseal secrets.
+        """
+        secret = self._secrets.get(credential.id)
+        if secret is None:
+            if self._open_secret is None:
+                raise ValueError("this directory cannot unseal shared secrets")
+            secret = self._secrets[credential.id] = self._open_secret(credential)
+        return secret
 
     def verifying_key(self, credential: Credential) -> VerifyingKey:
         """The parsed public key of a ``public_key`` credential (parsed once)."""
@@ -102,6 +120,7 @@ class Directory:
             for cid in [c.id for c in self._credentials.values() if c.principal_id == principal_id]:
                 c = self._credentials.pop(cid)
                 self._keys.pop(cid, None)
+                self._secrets.pop(cid, None)
                 if c.match is not None and self._by_match.get(c.match) is c:
                     del self._by_match[c.match]
             self.generation += 1

@@ -7,6 +7,8 @@ can be rotated without downtime:
 - ``public_key``: an Ed25519 or ECDSA P-256 public key (SubjectPublicKeyInfo DER) that signs
   requests (RFC 9421). Its id is the key's RFC 7638 JWK thumbprint, so a client derives the
   signature ``keyid`` (``<principal>/<thumbprint>``) from its private key file alone.
+- ``shared_secret``: a server-generated 256-bit secret for ``hmac-sha256`` request signatures,
+  stored sealed under the root key (the server must be able to recompute the MAC).
 - ``api_key``: a server-generated bearer secret, stored only as a keyed hash.
 - ``mtls``: a client-certificate match, by SHA-256 fingerprint or by subject/SAN rule.
 
@@ -28,8 +30,9 @@ __all__ = [
     "Principal",
 ]
 
-CredentialKind = Literal["public_key", "api_key", "mtls"]
-CREDENTIAL_KINDS: Final[tuple[CredentialKind, ...]] = ("public_key", "api_key", "mtls")
+CredentialKind = Literal["public_key", "shared_secret", "api_key", "mtls"]
+CREDENTIAL_KINDS: Final[tuple[CredentialKind, ...]] = ("public_key", "shared_secret", "api_key",
+                                                      "mtls")
 
 PRINCIPAL_NAME_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$"
 
@@ -52,7 +55,8 @@ class Credential(msgspec.Struct, frozen=True, kw_only=True):
     """One way for a principal to authenticate.
 
     ``algorithm`` and ``public_key_der`` are set for public keys, ``secret_digest`` (keyed
-    HMAC-SHA256 of the API key) for API keys, ``match`` for mTLS (``sha256:<hex>``,
+    HMAC-SHA256 of the API key) for API keys, ``sealed_secret`` for shared secrets,
+    ``match`` for mTLS (``sha256:<hex>``,
     ``subject:<RFC 4514 name>``, ``san-dns:<name>``, ``san-uri:<uri>`` or
     ``san-email:<address>``).
     """
@@ -64,6 +68,7 @@ class Credential(msgspec.Struct, frozen=True, kw_only=True):
     algorithm: str | None = None
     public_key_der: bytes | None = None
     secret_digest: bytes | None = None
+    sealed_secret: bytes | None = None
     match: str | None = None
     not_before: int
     expires_at: int | None = None

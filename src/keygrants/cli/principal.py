@@ -238,6 +238,33 @@ def principal_api_key(state: State, name: str, label: str, expires_in: str | Non
     emit(state, created, created.api_key)
 
 
+@principal.command("shared-secret")
+@click.argument("name")
+@click.option("--out", "out", type=click.Path(dir_okay=False), default=None,
+              help="Write the secret to this file (mode 0600) instead of printing it.")
+@click.option("--label", default="")
+@click.option("--expires-in", default=None, metavar="DURATION")
+@click.option("--force", is_flag=True, help="Overwrite an existing --out file.")
+@common
+def principal_shared_secret(state: State, name: str, out: str | None, label: str,
+                            expires_in: str | None, force: bool) -> None:
+    """Issue a shared secret for hmac-sha256 request signatures (shown once). With --out,
+    `KEYGRANTS_PRINCIPAL=NAME KEYGRANTS_KEY_FILE=FILE keygrants …` signs with it."""
+    if out is not None and Path(out).exists() and not force:
+        raise InvalidRequest(f"{out} exists; pass --force to overwrite it")
+    with state.client() as c:
+        created = c.create_shared_secret(name, label=label,
+                                         expires_in=parse_duration_option(expires_in) or None)
+    if out is not None:
+        _write_private(Path(out), (created.shared_secret + "\n").encode())
+        emit(state, created.credential, f"Wrote {out} (mode 0600): keyid {created.credential.keyid}")
+        return
+    if not state.as_json:
+        click.echo(f"Shared secret {created.credential.id}, keyid {created.credential.keyid} "
+                   "(shown once):", err=True)
+    emit(state, created, created.shared_secret)
+
+
 @principal.command("add-cert")
 @click.argument("name")
 @click.option("--cert", "cert_file", type=click.Path(exists=True, dir_okay=False), default=None,

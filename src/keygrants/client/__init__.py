@@ -206,22 +206,35 @@ class _Ops:
 
 def _signature_auth(principal: str | None, key_file: str | None,
                     signing_key: SigningKey | None, token: str | None) -> httpx.Auth | None:
-    """RFC 9421 request signing when a principal and its private key are configured
-    (arguments first, then ``KEYGRANTS_PRINCIPAL`` + ``KEYGRANTS_KEY_FILE`` unless a token
-    was passed explicitly)."""
-    from keygrants.auth.credentials import jwk_thumbprint
+    """RFC 9421 request signing when a principal and its key are configured (arguments first,
+    then ``KEYGRANTS_PRINCIPAL`` + ``KEYGRANTS_KEY_FILE`` unless a token was passed explicitly).
+
+    The key file holds a PEM private key (Ed25519 or ECDSA P-256; the keyid is
+    ``<principal>/<JWK thumbprint>``) or a shared secret ``kg_ss_…`` (hmac-sha256; the keyid is
+    ``<principal>/ss_…``).
+    """
+    from keygrants.auth.credentials import SHARED_SECRET_PREFIX, jwk_thumbprint, parse_shared_secret
     from keygrants.client._signing import SignatureAuth, load_signing_key
 
     if token is None and principal is None and key_file is None and signing_key is None:
         principal = os.environ.get(PRINCIPAL_ENV) or None
         key_file = os.environ.get(KEY_FILE_ENV) or None
-    if signing_key is None and key_file is not None:
-        signing_key = load_signing_key(key_file)
-    if signing_key is None and principal is None:
+    if key_file is None and signing_key is None and principal is None:
         return None
-    if signing_key is None or not principal:
+    if not principal or (key_file is None and signing_key is None):
         raise ValueError("request signing needs both a principal (KEYGRANTS_PRINCIPAL) and its "
-                         "private key (KEYGRANTS_KEY_FILE)")
+                         "key file (KEYGRANTS_KEY_FILE)")
+    if signing_key is None:
+        assert key_file is not None
+        with open(key_file, "rb") as f:
+            head = f.read(len(SHARED_SECRET_PREFIX))
+        if head == SHARED_SECRET_PREFIX.encode():
+            with open(key_file) as f:
+                parsed = parse_shared_secret(f.read())
+            if parsed is None:
+                raise ValueError(f"{key_file} does not hold a well-formed shared secret")
+            return SignatureAuth(f"{principal}/{parsed[0]}", parsed[1])
+        signing_key = load_signing_key(key_file)
     keyid = f"{principal}/{jwk_thumbprint(signing_key.public_key().jwk())}"
     return SignatureAuth(keyid, signing_key)
 
@@ -584,6 +597,13 @@ class Client:
                 m.ApiKeyCreated,
             )
         )
+
+    def create_shared_secret(self, principal: str, *, label: str = "",
+                             expires_in: int | None = None) -> m.SharedSecretCreated:
+        """Issue a shared secret for hmac-sha256 request signatures (shown only once)."""
+        return self._call(_Op("POST", f"/v1/principals/{_q(principal)}/shared-secrets",
+                              m.CreateApiKeyRequest(label=label, expires_in=expires_in),
+                              m.SharedSecretCreated))
 
     def add_certificate(
         self,
@@ -980,6 +1000,13 @@ class AsyncClient:
                 m.ApiKeyCreated,
             )
         )
+
+    async def create_shared_secret(self, principal: str, *, label: str = "",
+                             expires_in: int | None = None) -> m.SharedSecretCreated:
+        """Issue a shared secret for hmac-sha256 request signatures (shown only once)."""
+        return await self._call(_Op("POST", f"/v1/principals/{_q(principal)}/shared-secrets",
+                              m.CreateApiKeyRequest(label=label, expires_in=expires_in),
+                              m.SharedSecretCreated))
 
     async def add_certificate(
         self,

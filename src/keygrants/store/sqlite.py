@@ -92,6 +92,7 @@ _MIGRATIONS: Final[tuple[str, ...]] = (
         algorithm TEXT,
         public_key_der BLOB,
         secret_digest BLOB,
+        sealed_secret BLOB,
         match TEXT,
         not_before INTEGER NOT NULL,
         expires_at INTEGER,
@@ -150,7 +151,7 @@ def _principal_params(p: Principal) -> tuple[Any, ...]:
 
 def _credential_from_row(row: tuple[Any, ...]) -> Credential:
     v = dict(zip(_CREDENTIAL_COLUMNS, row, strict=True))
-    for blob in ("public_key_der", "secret_digest"):
+    for blob in ("public_key_der", "secret_digest", "sealed_secret"):
         if v[blob] is not None:
             v[blob] = bytes(v[blob])
     return Credential(**v)
