@@ -279,3 +279,21 @@ async def test_a_shared_secret_signs_with_hmac_sha256(world) -> None:
     async with signed(world, parsed[1], created.credential.keyid) as client:
         r = await client.get("/v1/whoami")
         assert (r.status_code, r.json()["error"]["code"]) == (401, "credential_revoked")
+
+
+async def test_policies_match_key_tags_and_see_tag_changes_at_once(world, http) -> None:
+    created = world.access.service.create_api_key(ADMIN, "svc", CreateApiKeyRequest())
+    headers = {"Authorization": f"Bearer {created.api_key}"}
+    r = await http.post("/v1/keys", headers=world.auth, json={"name": "card-data", "tags": ["pci"]})
+    assert r.status_code == 201 and r.json()["tags"] == ["pci"]
+    world.access.service.put_policy(ADMIN, "pci", PutPolicyRequest(text='''
+        permit(principal in Keygrants::Group::"payments", action == Keygrants::Action::"encrypt",
+               resource) when { resource.tags.contains("pci") };'''))
+    ok = await http.post("/v1/keys/card-data/encrypt", json=ENCRYPT_BODY, headers=headers)
+    assert ok.status_code == 200, ok.text
+    r = await http.patch("/v1/keys/card-data", headers=world.auth, json={"tags": ["public"]})
+    assert r.json()["tags"] == ["public"]
+    denied = await http.post("/v1/keys/card-data/encrypt", json=ENCRYPT_BODY, headers=headers)
+    assert denied.status_code == 403
+    bad = await http.patch("/v1/keys/card-data", headers=world.auth, json={"tags": ["no spaces"]})
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_request"

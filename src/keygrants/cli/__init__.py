@@ -157,6 +157,7 @@ def _show_key(info: m.KeyInfo) -> None:
         ("next rotation", info.next_rotation_at.isoformat() if info.next_rotation_at else "-"),
         ("deletion date", info.deletion_date.isoformat() if info.deletion_date else "-"),
         ("aliases", ", ".join(info.aliases) or "-"),
+        ("tags", ", ".join(info.tags) or "-"),
         ("description", info.description or "-"),
         ("created", info.created_at.isoformat()), ("updated", info.updated_at.isoformat()),
     ]
@@ -173,14 +174,15 @@ def _show_key(info: m.KeyInfo) -> None:
 @click.option("--rotation-period", default=None, help="Rotate on schedule, e.g. 30d, 12h.")
 @click.option("--description", default="", help="Free text.")
 @click.option("--derivable", is_flag=True, help="Allow HKDF derivation (symmetric keys only).")
+@click.option("--tag", "tags", multiple=True, help="A tag that policies can match (repeatable).")
 @common
 def key_create(state: State, name: str, spec: str, rotation_period: str | None,
-               description: str, derivable: bool) -> None:
+               description: str, derivable: bool, tags: tuple[str, ...]) -> None:
     """Create a key NAME."""
     period = parse_duration_option(rotation_period) or None
     with state.client() as c:
         info = c.create_key(name, spec=spec, description=description, rotation_period=period,
-                            derivable=derivable)
+                            derivable=derivable, tags=tags)
     emit(state, info, lambda: _show_key(info))
 
 
@@ -223,14 +225,18 @@ def key_show(state: State, key_ref: str) -> None:
 @click.option("--description", default=None)
 @click.option("--rotation-period", default=None, help="e.g. 30d, or 'off'.")
 @click.option("--min-decryption-version", default=None, type=click.IntRange(1))
+@click.option("--tag", "tags", multiple=True, help="Replace the tags with these (repeatable).")
+@click.option("--clear-tags", is_flag=True, help="Remove every tag.")
 @common
 def key_update(state: State, key_ref: str, description: str | None,
-               rotation_period: str | None, min_decryption_version: int | None) -> None:
-    """Change a key's description, rotation period or minimum decryption version."""
+               rotation_period: str | None, min_decryption_version: int | None,
+               tags: tuple[str, ...], clear_tags: bool) -> None:
+    """Change a key's description, rotation period, minimum decryption version or tags."""
     with state.client() as c:
         info = c.update_key(key_ref, description=description,
                             rotation_period=parse_duration_option(rotation_period),
-                            min_decryption_version=min_decryption_version)
+                            min_decryption_version=min_decryption_version,
+                            tags=[] if clear_tags else (list(tags) if tags else None))
     emit(state, info, lambda: _show_key(info))
 
 

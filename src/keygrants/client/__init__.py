@@ -57,9 +57,11 @@ class _Ops:
 
     @staticmethod
     def create_key(name: str, *, spec: str = "aes-256-gcm", description: str = "",
-                   rotation_period: int | None = None, derivable: bool = False) -> _Op[m.KeyInfo]:
+                   rotation_period: int | None = None, derivable: bool = False,
+                   tags: Sequence[str] = ()) -> _Op[m.KeyInfo]:
         body = m.CreateKeyRequest(name=name, spec=spec, description=description,
-                                  rotation_period=rotation_period, derivable=derivable)
+                                  rotation_period=rotation_period, derivable=derivable,
+                                  tags=list(tags))
         return _Op("POST", "/v1/keys", body, m.KeyInfo)
 
     @staticmethod
@@ -74,9 +76,11 @@ class _Ops:
     @staticmethod
     def update_key(key: str, *, description: str | None = None,
                    rotation_period: int | None = None,
-                   min_decryption_version: int | None = None) -> _Op[m.KeyInfo]:
+                   min_decryption_version: int | None = None,
+                   tags: Sequence[str] | None = None) -> _Op[m.KeyInfo]:
         body = m.UpdateKeyRequest(description=description, rotation_period=rotation_period,
-                                  min_decryption_version=min_decryption_version)
+                                  min_decryption_version=min_decryption_version,
+                                  tags=None if tags is None else list(tags))
         return _Op("PATCH", f"/v1/keys/{_q(key)}", body, m.KeyInfo)
 
     @staticmethod
@@ -337,10 +341,12 @@ class Client:
 
     # -- keys ----------------------------------------------------------------------------
     def create_key(self, name: str, *, spec: str = "aes-256-gcm", description: str = "",
-                   rotation_period: int | None = None, derivable: bool = False) -> m.KeyInfo:
-        """Create a key (``rotation_period`` in seconds)."""
+                   rotation_period: int | None = None, derivable: bool = False,
+                   tags: Sequence[str] = ()) -> m.KeyInfo:
+        """Create a key (``rotation_period`` in seconds; ``tags`` for policies to match)."""
         return self._call(_Ops.create_key(name, spec=spec, description=description,
-                                          rotation_period=rotation_period, derivable=derivable))
+                                          rotation_period=rotation_period, derivable=derivable,
+                                          tags=tags))
 
     def list_keys(self, *, limit: int = 100, after: str | None = None) -> m.KeyList:
         """One page of keys."""
@@ -352,11 +358,14 @@ class Client:
 
     def update_key(self, key: str, *, description: str | None = None,
                    rotation_period: int | None = None,
-                   min_decryption_version: int | None = None) -> m.KeyInfo:
-        """Change settings (``rotation_period=0`` turns scheduled rotation off)."""
+                   min_decryption_version: int | None = None,
+                   tags: Sequence[str] | None = None) -> m.KeyInfo:
+        """Change settings (``rotation_period=0`` turns scheduled rotation off; ``tags``
+        replaces the set)."""
         return self._call(_Ops.update_key(key, description=description,
                                           rotation_period=rotation_period,
-                                          min_decryption_version=min_decryption_version))
+                                          min_decryption_version=min_decryption_version,
+                                          tags=tags))
 
     def rotate_key(self, key: str) -> m.KeyInfo:
         """Add a new version."""
@@ -729,12 +738,12 @@ class AsyncClient:
 
     # -- keys ----------------------------------------------------------------------------
     async def create_key(self, name: str, *, spec: str = "aes-256-gcm", description: str = "",
-                         rotation_period: int | None = None, derivable: bool = False
-                         ) -> m.KeyInfo:
-        """Create a key (``rotation_period`` in seconds)."""
+                         rotation_period: int | None = None, derivable: bool = False,
+                         tags: Sequence[str] = ()) -> m.KeyInfo:
+        """Create a key (``rotation_period`` in seconds; ``tags`` for policies to match)."""
         return await self._call(_Ops.create_key(
             name, spec=spec, description=description, rotation_period=rotation_period,
-            derivable=derivable))
+            derivable=derivable, tags=tags))
 
     async def list_keys(self, *, limit: int = 100, after: str | None = None) -> m.KeyList:
         """One page of keys."""
@@ -746,11 +755,13 @@ class AsyncClient:
 
     async def update_key(self, key: str, *, description: str | None = None,
                          rotation_period: int | None = None,
-                         min_decryption_version: int | None = None) -> m.KeyInfo:
-        """Change settings (``rotation_period=0`` turns scheduled rotation off)."""
+                         min_decryption_version: int | None = None,
+                         tags: Sequence[str] | None = None) -> m.KeyInfo:
+        """Change settings (``rotation_period=0`` turns scheduled rotation off; ``tags``
+        replaces the set)."""
         return await self._call(_Ops.update_key(
             key, description=description, rotation_period=rotation_period,
-            min_decryption_version=min_decryption_version))
+            min_decryption_version=min_decryption_version, tags=tags))
 
     async def rotate_key(self, key: str) -> m.KeyInfo:
         """Add a new version."""
