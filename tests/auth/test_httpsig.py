@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import importlib.util
 import random
@@ -795,3 +796,47 @@ def test_nonce_cache_is_thread_safe() -> None:
     assert sum(accepted) == 2000          # every nonce accepted exactly once across threads
     assert len(cache) == 2000
 
+
+
+# -- the canonical-form fast path agrees with the structured-field parser -----------------------
+
+def _slow(monkeypatch: pytest.MonkeyPatch, signature_input: str, signature: str) -> object:
+    from keygrants.auth import httpsig
+
+    with monkeypatch.context() as m:
+        m.setattr(httpsig, "_parse_fast", lambda a, b: None)
+        try:
+            return httpsig.parse_signatures(signature_input, signature)
+        except KeygrantsError as exc:
+            return type(exc)
+
+
+def test_the_fast_path_reads_exactly_what_the_full_parser_reads(monkeypatch) -> None:
+    import random
+
+    from keygrants.auth import httpsig
+
+    rng = random.Random(9421)
+    names = ["@method", "@target-uri", "content-digest", "@authority", "@path", "@query",
+             "x-custom", "date"]
+    params = ['created=1618884473', 'expires=1618884773', 'keyid="svc/abc"', 'nonce="n-1"',
+              'alg="ed25519"', 'tag="app"', 'created=0', 'keyid=""', 'nonce="a b"']
+    mutations = [lambda t: t, lambda t: t.replace(" ", "  ", 1), lambda t: t.replace(";", "; ", 1),
+                 lambda t: t.replace('"', "", 2), lambda t: t + ";created=1",
+                 lambda t: t.replace("=", "=0", 1), lambda t: t.replace("(", "( ", 1),
+                 lambda t: t.upper(), lambda t: t.replace('"', '\\"', 1), lambda t: t[:-1]]
+    fast_hits = 0
+    for _ in range(3000):
+        inner = "(" + " ".join(f'"{n}"' for n in rng.sample(names, rng.randint(0, 4))) + ")"
+        text = "sig1=" + inner + "".join(";" + p for p in rng.sample(params, rng.randint(0, 5)))
+        text = rng.choice(mutations)(text)
+        sig = "sig1=:" + base64.b64encode(bytes(rng.randrange(256) for _ in range(64))).decode() + ":"
+        try:
+            fast: object = httpsig._parse_fast(text, sig)
+        except KeygrantsError as exc:
+            fast = type(exc)
+        if fast is None:
+            continue  # the full parser decides; nothing to compare
+        fast_hits += 1
+        assert fast == _slow(monkeypatch, text, sig), text
+    assert fast_hits > 500  # the comparison actually exercised the fast path
