@@ -598,13 +598,14 @@ class KMS:
 
     @_audited("alias.list", "list_aliases")
     def list_aliases(self, ctx: RequestContext, ref: str | None = None) -> list[m.AliasInfo]:
-        """All aliases, or those of one key."""
+        """All aliases (which needs ``list_keys``: they name every key), or those of one key
+        (``list_aliases`` on that key)."""
         key_id = None
         if ref is not None:
             loaded = self._resolve_for(ctx, "list_aliases", ref)
             key_id = loaded.key.id
         else:
-            self._authorizer.authorize(ctx, "list_aliases", None)
+            self._authorizer.authorize(ctx, "list_keys", None)
         return [m.AliasInfo(alias=a.alias, key_id=a.key_id) for a in self.store.list_aliases(key_id)]
 
     # -- scheduler -------------------------------------------------------------------------

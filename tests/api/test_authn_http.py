@@ -297,3 +297,15 @@ async def test_policies_match_key_tags_and_see_tag_changes_at_once(world, http) 
     assert denied.status_code == 403
     bad = await http.patch("/v1/keys/card-data", headers=world.auth, json={"tags": ["no spaces"]})
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_request"
+
+
+async def test_listing_every_alias_needs_list_keys(world, http) -> None:
+    created = world.access.service.create_api_key(ADMIN, "svc", CreateApiKeyRequest())
+    headers = {"Authorization": f"Bearer {created.api_key}"}
+    r = await http.get("/v1/aliases", headers=headers)
+    assert (r.status_code, r.json()["error"]["code"]) == (403, "forbidden")
+    world.access.service.put_policy(ADMIN, "lister", PutPolicyRequest(
+        text='permit(principal == Keygrants::Principal::"svc", '
+             'action == Keygrants::Action::"list_keys", resource);'))
+    r = await http.get("/v1/aliases", headers=headers)
+    assert r.status_code == 200 and [a["alias"] for a in r.json()] == ["enc-alias"]
