@@ -104,3 +104,30 @@ def test_as_a_seal_each_call_gets_a_client_of_its_own_event_loop(
     seal = ProviderSeal(open_provider(uri(keygrants_server), token=keygrants_server.token))
     blobs = [seal.wrap(bytes([i]) * 32, aad=b"aad") for i in range(3)]
     assert [seal.unwrap(b, aad=b"aad") for b in blobs] == [bytes([i]) * 32 for i in range(3)]
+
+
+async def test_a_principal_signing_its_requests_uses_the_provider(
+        keygrants_server: KeygrantsServer, tmp_path) -> None:
+    from keygrants.crypto.signing import SigningKey
+
+    key = SigningKey.generate("ed25519")
+    key_file = tmp_path / "svc.pem"
+    key_file.write_bytes(key.private_pem())
+    name = f"svc-provider-{tmp_path.name[-6:]}"
+    with Client(keygrants_server.addr, token=keygrants_server.token) as admin:
+        admin.create_principal(name)
+        admin.add_public_key(name, key.public_key().public_pem())
+        admin.put_policy(f"{name}-enc", f'''permit(principal == Keygrants::Principal::"{name}",
+            action in [Keygrants::Action::"describe_key", Keygrants::Action::"encrypt",
+                       Keygrants::Action::"decrypt"], resource) when {{ resource.name == "enc" }};''')
+    p = open_provider(uri(keygrants_server, extra=f"&principal={name}&key_file={key_file}"))
+    assert f"principal={name}" in p.uri
+    enc = await p.encrypt(b"secret", context={"tenant": "42"})
+    assert await p.decrypt(enc, context={"tenant": "42"}) == b"secret"
+    other = open_provider(uri(keygrants_server, "other", f"&principal={name}&key_file={key_file}"))
+    with pytest.raises(KMSError):
+        await other.encrypt(b"no", context={})
+    await p.close()
+    await other.close()
+    with pytest.raises(ValueError, match="go together"):
+        open_provider(uri(keygrants_server, extra=f"&principal={name}"))

@@ -9,8 +9,12 @@ URI form::
 Options (URI query or keyword): ``tls`` (default ``true``), ``ca`` (a CA bundle; verification
 is always on with TLS), ``timeout`` (seconds per request, default 10), ``token_env`` (the name
 of the environment variable holding the token, default ``KEYGRANTS_TOKEN``; useful when this
-process also talks to its own server). The bearer token (a principal's token or a grant token)
-is the keyword-only option ``token``, refused in the URI.
+process also talks to its own server), ``principal`` and ``key_file`` (authenticate as that
+principal by signing every request with its private key or shared secret file, RFC 9421,
+instead of a bearer token; see docs/auth.md). The bearer token (a principal's API key or a
+grant token) is the keyword-only option ``token``, refused in the URI.
+
+    keygrants://kms.internal:8650/payments?principal=svc-billing&key_file=/etc/kg/svc.pem
 
 Mapping: the server's native ``encrypt``/``decrypt``/``data-key``/``sign`` with the context
 passed as the server's encryption context (bound as AAD by the server). References name the
@@ -65,7 +69,7 @@ T = TypeVar("T")
 SCHEME: Final = "keygrants"
 TOKEN_ENV: Final = "KEYGRANTS_TOKEN"
 ALGORITHM: Final = "keygrants-native-v1"
-_OPTIONS: Final = ("tls", "ca", "timeout", "token_env")
+_OPTIONS: Final = ("tls", "ca", "timeout", "token_env", "principal", "key_file")
 _SECRETS: Final = ("token",)
 _DATA_KEY_SIZES: Final = {"AES_256": 32, "AES_128": 16}
 
@@ -78,6 +82,8 @@ class KeygrantsProvider(KeyProvider):
         key: default key name, alias or id.
         token: bearer token (default: the ``token_env`` variable, ``KEYGRANTS_TOKEN``).
         token_env: the environment variable to read the token from.
+        principal: sign requests as this principal (with ``key_file``) instead of a token.
+        key_file: the principal's PEM private key or shared secret file.
         ca: CA bundle path for TLS.
         timeout: seconds per request.
 
@@ -89,15 +95,24 @@ class KeygrantsProvider(KeyProvider):
 
     def __init__(self, addr: str, key: str | None = None, *, token: str | None = None,
                  token_env: str = TOKEN_ENV, ca: str | None = None,
-                 timeout: float = DEFAULT_TIMEOUT) -> None:
+                 timeout: float = DEFAULT_TIMEOUT, principal: str | None = None,
+                 key_file: str | None = None) -> None:
         parts = urlsplit(addr)
         if parts.scheme not in ("https", "http") or not parts.hostname:
             raise ValueError(f"keygrants: address must be https://HOST:PORT, got {addr!r}")
-        token = token or os.environ.get(token_env)
-        if not token:
-            raise ValueError(f"keygrants: no token: pass token=... or set {token_env}")
+        if (principal is None) != (key_file is None):
+            raise ValueError("keygrants: principal and key_file go together")
+        if principal is None:
+            token = token or os.environ.get(token_env)
+            if not token:
+                raise ValueError(f"keygrants: no token: pass token=... or set {token_env}, "
+                                 "or principal=... and key_file=...")
+        elif token:
+            raise ValueError("keygrants: give a token or principal and key_file, not both")
         self._addr = addr.rstrip("/")
         self._token = token
+        self._principal = principal
+        self._key_file = key_file
         self._verify: bool | str = ca if ca else True
         self._timeout = as_timeout(timeout)
         self.default_key_id = key or None
@@ -110,6 +125,8 @@ class KeygrantsProvider(KeyProvider):
             query["ca"] = ca
         if token_env != TOKEN_ENV:
             query["token_env"] = token_env
+        if principal is not None and key_file is not None:
+            query["principal"], query["key_file"] = principal, key_file
         self.uri = (f"{SCHEME}://{parts.netloc}/{key or ''}"
                     + (f"?{urlencode(query)}" if query else ""))
 
@@ -134,7 +151,8 @@ class KeygrantsProvider(KeyProvider):
         loop = asyncio.get_running_loop()
         if self._client is None or self._loop is not loop:
             self._client = AsyncClient(self._addr, token=self._token, timeout=self._timeout,
-                                       verify=self._verify)
+                                       verify=self._verify, principal=self._principal,
+                                       key_file=self._key_file)
             self._loop = loop
         return self._client
 
