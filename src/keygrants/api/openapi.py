@@ -56,7 +56,7 @@ def openapi_document(endpoints: Sequence[Endpoint]) -> dict[str, Any]:
             ok["content"] = {"application/json": {"schema": schema_of[e.response]}}
         op["responses"] = {str(e.status): ok, "default": {"description": "error", "content": error}}
         if e.auth:
-            op["security"] = [{"bearer": []}]
+            op["security"] = [{"httpSignature": []}, {"bearer": []}, {"mutualTLS": []}]
         paths.setdefault(e.path, {})[e.method.lower()] = op
     return {
         "openapi": "3.1.0",
@@ -65,6 +65,16 @@ def openapi_document(endpoints: Sequence[Endpoint]) -> dict[str, Any]:
         "paths": paths,
         "components": {
             "schemas": components,
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer",
+                           "description": "An API key (kg_ak_...) or the admin token."},
+                "httpSignature": {
+                    "type": "apiKey", "in": "header", "name": "Signature",
+                    "description": "RFC 9421 HTTP Message Signature with Signature-Input (and "
+                                   "Content-Digest for a body); keyid <principal>/<credential "
+                                   "id>. See docs/auth.md."},
+                "mutualTLS": {"type": "mutualTLS",
+                              "description": "A client certificate mapped to a principal."},
+            },
         },
     }
