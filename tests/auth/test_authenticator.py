@@ -1,0 +1,83 @@
+"""The authenticator and rate limiter as units: methods per deployment, settings checks."""
+
+from __future__ import annotations
+
+import os
+
+import httpx
+import pytest
+
+from keygrants.access import open_access
+from keygrants.auth import RequestContext, ensure_admin_token
+from keygrants.auth.authenticator import Authenticator, AuthRequest, AuthSettings
+from keygrants.auth.ratelimit import RateLimiter
+from keygrants.client._signing import SignatureAuth
+from keygrants.crypto.signing import SigningKey
+from keygrants.errors import RateLimited, Unauthenticated
+from keygrants.models import AddPublicKeyRequest, CreateApiKeyRequest, CreatePrincipalRequest
+from keygrants.store.memory import MemoryStore
+
+ADMIN = RequestContext(principal="admin")
+
+
+def _setup(methods: frozenset[str]) -> tuple[Authenticator, str, httpx.Request]:
+    store = MemoryStore()
+    ensure_admin_token(store)
+    access = open_access(store, os.urandom(32), settings=AuthSettings(methods=methods))
+    access.service.create_principal(ADMIN, CreatePrincipalRequest(id="svc"))
+    key = SigningKey.generate("ed25519")
+    cred = access.service.add_public_key(ADMIN, "svc", AddPublicKeyRequest(
+        public_key=key.public_key().public_pem()))
+    api_key = access.service.create_api_key(ADMIN, "svc", CreateApiKeyRequest()).api_key
+    request = httpx.Request("GET", "http://test/v1/whoami")
+    SignatureAuth(str(cred.keyid), key).sign(request)
+    return access.authenticator, api_key, request
+
+
+def _signed(request: httpx.Request) -> AuthRequest:
+    headers = {k.lower(): v for k, v in request.headers.items()}
+    return AuthRequest(method="GET", target_uri=str(request.url),
+                       signature_input=headers["signature-input"],
+                       signature=headers["signature"], headers=lambda: headers)
+
+
+def test_each_method_is_enabled_per_deployment() -> None:
+    authn, api_key, request = _setup(frozenset({"api_key", "admin_token"}))
+    with pytest.raises(Unauthenticated) as info:
+        authn.authenticate(_signed(request))
+    assert info.value.code == "unauthenticated"
+    assert authn.authenticate(AuthRequest(method="GET", target_uri="",
+                                          authorization=f"Bearer {api_key}")).principal == "svc"
+
+    authn, api_key, request = _setup(frozenset({"signature", "admin_token"}))
+    assert authn.authenticate(_signed(request)).auth_method == "signature"
+    with pytest.raises(Unauthenticated) as info:
+        authn.authenticate(AuthRequest(method="GET", target_uri="",
+                                       authorization=f"Bearer {api_key}"))
+    assert info.value.code == "unauthenticated"
+
+
+@pytest.mark.parametrize("kwargs", [{"methods": frozenset({"kerberos"})}, {"max_skew": 0},
+                                    {"max_signature_lifetime": 99999}, {"nonce_cache_size": 0}])
+def test_bad_settings_fail_in_the_constructor(kwargs: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        AuthSettings(**kwargs)  # type: ignore[arg-type]
+
+
+def test_the_token_bucket_refills_and_exempts_the_admin() -> None:
+    now = [0.0]
+    limiter = RateLimiter(10, 2, clock=lambda: now[0])
+    limiter.take("svc")
+    limiter.take("svc")
+    with pytest.raises(RateLimited) as info:
+        limiter.take("svc")
+    assert info.value.retry_after == pytest.approx(0.1)
+    limiter.take("other")  # buckets are per principal
+    for _ in range(100):
+        limiter.take("admin")
+    now[0] += 0.1
+    limiter.take("svc")
+    with pytest.raises(ValueError):
+        RateLimiter(0, 1)
+    with pytest.raises(ValueError):
+        RateLimiter(1, 0)
