@@ -64,7 +64,7 @@ def presign(n: int, keyid: str, key: object, url: str, body: bytes, out: Path) -
 
     from keygrants.client._signing import SignatureAuth
 
-    auth = SignatureAuth(keyid, key, lifetime=300)  # type: ignore[arg-type]
+    auth = SignatureAuth(keyid, key, lifetime=60)  # type: ignore[arg-type]
     start = time.perf_counter()
     with open(out, "w") as f:
         for _ in range(n):
@@ -74,6 +74,26 @@ def presign(n: int, keyid: str, key: object, url: str, body: bytes, out: Path) -
             f.write(f"{request.headers['Signature-Input']}\t{request.headers['Signature']}\t"
                     f"{request.headers['Content-Digest']}\n")
     return time.perf_counter() - start
+
+
+def fresh_signer(port: int, admin: dict[str, str], variant: str) -> tuple[str, object]:
+    """Register a new Ed25519 key (or shared secret) for ``bench-svc``: (keyid, signer)."""
+    from keygrants.auth.credentials import parse_shared_secret
+    from keygrants.crypto.signing import SigningKey
+
+    if variant == "signature":
+        key = SigningKey.generate("ed25519")
+        status, cred = h.http_call(port, "POST", "/v1/principals/bench-svc/keys",
+                                   {"public_key": key.public_key().public_pem()}, admin)
+        if status >= 300:
+            raise h.TargetError(f"register key: {cred}")
+        return cred["keyid"], key
+    status, shared = h.http_call(port, "POST", "/v1/principals/bench-svc/shared-secrets", {},
+                                 admin)
+    parsed = parse_shared_secret(shared["shared_secret"]) if status < 300 else None
+    if parsed is None:
+        raise h.TargetError(f"shared secret: {shared}")
+    return shared["credential"]["keyid"], parsed[1]
 
 
 def run(url: str, body_file: Path, *, variant: str, header: tuple[str, str] | None,
@@ -167,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
                 if variant in signers:
                     sig_file = work / "signatures.tsv"
                     n = args.max_rps * args.duration
+                    if rnd:  # a fresh credential per round: each key's replay-cache share
+                        signers[variant] = fresh_signer(port, admin, variant)  # stays ample
                     keyid, signer = signers[variant]
                     spent = presign(n, keyid, signer, url, body, sig_file)
                     print(f"  (pre-signed {n} requests in {spent:.1f}s: "

@@ -74,6 +74,7 @@ MAX_LIST_LIMIT: Final = 1000
 MAX_POLICY_DESCRIPTION: Final = 1024
 _FACTS_CACHE: Final = 4096
 _DECISION_CACHE: Final = 8192
+_MAX_CREDENTIAL_LIFETIME: Final = 10 * 366 * 86400
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -116,9 +117,8 @@ class PolicyAuthorizer:
         self._clock = clock
         self._principal_facts: dict[str, tuple[Principal, PrincipalFacts]] = {}
         self._key_facts: dict[str, tuple[Key, frozenset[str], KeyFacts]] = {}
-        self._decisions: dict[tuple[Any, ...], Decision] = {}
-        self._decisions_engine: PolicyEngine | None = None
-        self._decisions_second = 0
+        self._memo: tuple[PolicyEngine | None, int, dict[tuple[Any, ...], Decision]] = (
+            None, 0, {})
         self.decisions = {"allow": 0, "deny": 0}
 
     def _principal(self, principal_id: str) -> PrincipalFacts | None:
@@ -182,22 +182,24 @@ class PolicyAuthorizer:
                 grant: GrantFacts | None) -> Decision:
         """The engine's decision, memoized for the current second: every input of a decision
         is in the cache key, including the time (policies see it in whole seconds), so a hit
-        is the same decision the engine would make now."""
+        is the same decision the engine would make now. The memo is one ``(engine, second,
+        decisions)`` tuple, read once per call, so a decision made by an engine that has just
+        been replaced can never land in the new engine's memo."""
         engine = self.engine
         now = int(self._clock())
-        if engine is not self._decisions_engine or now != self._decisions_second:
-            self._decisions = {}  # another policy set, or another second: start afresh
-            self._decisions_engine, self._decisions_second = engine, now
-        key = (principal, action, resource, source, now, grant,
+        memo = self._memo
+        if memo[0] is not engine or memo[1] != now:
+            memo = self._memo = (engine, now, {})  # another policy set, or another second
+        decisions = memo[2]
+        key = (principal, action, resource, source, grant,
                None if context is None else tuple(sorted(context.items())))
-        decision = self._decisions.get(key)
+        decision = decisions.get(key)
         if decision is None:
             decision = engine.decide(principal, action, resource,
                                      RequestFacts(source=source, now=now,
                                                   encryption_context=context, grant=grant))
-            if len(self._decisions) >= _DECISION_CACHE:
-                self._decisions = {}  # a flood of distinct requests within one second
-            self._decisions[key] = decision
+            if len(decisions) < _DECISION_CACHE:  # beyond: a flood of distinct requests
+                decisions[key] = decision
         return decision
 
 
@@ -319,6 +321,7 @@ class AccessService:
                 change: Callable[[Principal], Principal]) -> m.PrincipalInfo:
         with self._lock:
             current = self._get(principal_id)
+            self._only_admin_changes_admin(ctx, current)
             updated = change(current)
             if updated == current:
                 return self._principal_info(current)
@@ -401,13 +404,25 @@ class AccessService:
             raise InvalidRequest("not_before must be within a year from now")
         if expires_at is not None and expires_at <= max(start, now):
             raise InvalidRequest("expires_at must be after not_before and in the future")
+        if expires_at is not None and expires_at > now + _MAX_CREDENTIAL_LIFETIME:
+            raise InvalidRequest("expires_at must be within 10 years from now")
         return start, expires_at
 
-    def _add(self, ctx: RequestContext, principal_id: str, credential: Credential) -> Credential:
+    @staticmethod
+    def _only_admin_changes_admin(ctx: RequestContext, target: Principal) -> None:
+        """The built-in admin is exempt from policy, so whoever could add a credential to it,
+        or change it, could act as it: only the admin itself may."""
+        if target.builtin and ctx.principal != ADMIN_PRINCIPAL:
+            raise Forbidden("only the admin may change the built-in admin principal")
+
+    def _add(self, ctx: RequestContext, principal_id: str, credential: Credential,
+             check: Callable[[], None] | None = None) -> Credential:
         if len(credential.label) > MAX_LABEL or any(ord(c) < 0x20 for c in credential.label):
             raise InvalidRequest(f"label must be at most {MAX_LABEL} printable characters")
         with self._lock:
-            self._get(principal_id)
+            self._only_admin_changes_admin(ctx, self._get(principal_id))
+            if check is not None:
+                check()
             live = [c for c in self.store.list_credentials(principal_id) if c.revoked_at is None]
             if len(live) >= MAX_CREDENTIALS:
                 raise InvalidRequest(f"a principal has at most {MAX_CREDENTIALS} unrevoked "
@@ -503,13 +518,16 @@ class AccessService:
                 match = normalize_match(req.match)
         except ValueError as exc:
             raise InvalidRequest(f"certificate match: {exc}") from None
-        if self.directory.credential_for_match(match) is not None:
-            raise AlreadyExists("another credential already has that certificate match")
         start, expires = self._window(req.not_before, req.expires_at, req.expires_in)
         cred = Credential(id="mc_" + random_bytes(8).hex(), principal_id=principal_id,
                           kind="mtls", label=req.label, match=match, not_before=start,
                           expires_at=expires, created_at=self._now())
-        return self._credential_info(self._add(ctx, principal_id, cred))
+
+        def unique() -> None:  # under the lock: two adds cannot map one certificate twice
+            taken = self.directory.credential_for_match(match)
+            if taken is not None and taken.revoked_at is None:
+                raise AlreadyExists("another credential already has that certificate match")
+        return self._credential_info(self._add(ctx, principal_id, cred, unique))
 
     @_audited("credential.list", "describe_principal")
     def list_credentials(self, ctx: RequestContext, principal_id: str) -> list[m.CredentialInfo]:
@@ -524,6 +542,7 @@ class AccessService:
         """Revoke a credential; it is refused from the next request on (idempotent)."""
         self._allow(ctx, "manage_credentials")
         with self._lock:
+            self._only_admin_changes_admin(ctx, self._get(principal_id))
             cred = self.store.get_credential(credential_id)
             if cred is None or cred.principal_id != principal_id:
                 raise CredentialNotFound(f"principal {principal_id!r} has no credential "
@@ -628,15 +647,20 @@ class AccessService:
             key, aliases = resolve_key(req.key)
             resource = KeyFacts(id=key.id, name=key.name, aliases=aliases, spec=key.spec,
                                 purpose=key.purpose, state=key.state, tags=frozenset(key.tags))
-        grant = None
-        if req.grant is not None:
-            g = req.grant
-            grant = GrantFacts(ttl=g.ttl, uses=g.uses, pop=g.pop, operations=frozenset(g.operations),
-                               audiences=frozenset(g.audiences))
+        try:
+            grant = None
+            if req.grant is not None:
+                g = req.grant
+                grant = GrantFacts(ttl=g.ttl, uses=g.uses, pop=g.pop,
+                                   operations=frozenset(g.operations),
+                                   audiences=frozenset(g.audiences))
+            facts = RequestFacts(source=req.source,
+                                 now=req.time if req.time is not None else self._now(),
+                                 encryption_context=req.context, grant=grant)
+        except (TypeError, ValueError) as exc:
+            raise InvalidRequest(f"policy test: {exc}") from None
         decision = self.authorizer.engine.decide(
-            PrincipalFacts(id=p.id, tags=frozenset(p.tags)), req.action, resource,
-            RequestFacts(source=req.source, now=req.time if req.time is not None else self._now(),
-                         encryption_context=req.context, grant=grant))
+            PrincipalFacts(id=p.id, tags=frozenset(p.tags)), req.action, resource, facts)
         return m.PolicyTestResult(allowed=decision.allowed, reasons=list(decision.reasons),
                                   errors=list(decision.errors), explanation=decision.explain())
 

@@ -366,9 +366,10 @@ class RateLimited(KeygrantsError):
     default_message = "too many requests"
 
     def __init__(self, message: str | None = None, *, request_id: str | None = None,
-                 retry_after: float = 1.0) -> None:
+                 retry_after: float = 1.0, principal: str | None = None) -> None:
         super().__init__(message, request_id=request_id)
         self.retry_after = retry_after
+        self.principal = principal
 
 
 class SealError(KeygrantsError):

@@ -483,6 +483,13 @@ class KMS:
         if period is not None and period != 0:
             self._check_rotation_period(period)
         tags = None if req.tags is None else check_tags(req.tags)
+        if tags is not None:
+            # policies may match on tags: the caller must be allowed to update the key as it
+            # will be, not only as it is (no retagging a key out of a forbid or into a permit)
+            loaded = self._resolve_for(ctx, "update_key", ref)
+            self._authorizer.authorize(ctx, "update_key",
+                                       msgspec.structs.replace(loaded.key, tags=tags),
+                                       aliases=loaded.aliases)
 
         def change(key: Key, now: int) -> Key:
             self._not_destroyed(key)

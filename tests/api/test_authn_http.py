@@ -18,6 +18,7 @@ from keygrants.auth.ratelimit import RateLimiter
 from keygrants.client._signing import SignatureAuth
 from keygrants.crypto.signing import SigningKey
 from keygrants.models import (
+    AddCertificateRequest,
     AddPublicKeyRequest,
     CreateApiKeyRequest,
     CreatePrincipalRequest,
@@ -309,3 +310,136 @@ async def test_listing_every_alias_needs_list_keys(world, http) -> None:
              'action == Keygrants::Action::"list_keys", resource);'))
     r = await http.get("/v1/aliases", headers=headers)
     assert r.status_code == 200 and [a["alias"] for a in r.json()] == ["enc-alias"]
+
+
+async def test_principal_admins_cannot_reach_the_builtin_admin(world, http) -> None:
+    world.access.service.create_principal(ADMIN, CreatePrincipalRequest(id="helpdesk"))
+    key = world.access.service.create_api_key(ADMIN, "helpdesk", CreateApiKeyRequest()).api_key
+    world.access.service.put_policy(ADMIN, "helpdesk", PutPolicyRequest(text='''
+        permit(principal == Keygrants::Principal::"helpdesk",
+               action in [Keygrants::Action::"manage_credentials",
+                          Keygrants::Action::"update_principal"], resource);'''))
+    headers = {"Authorization": f"Bearer {key}"}
+    for method, path, body in (("POST", "/v1/principals/admin/api-keys", {}),
+                               ("POST", "/v1/principals/admin/keys",
+                                {"public_key": SigningKey.generate("ed25519").public_key()
+                                 .public_pem()}),
+                               ("PATCH", "/v1/principals/admin", {"tags": ["x"]}),
+                               ("POST", "/v1/principals/admin/disable", None)):
+        r = await http.request(method, path, json=body, headers=headers)
+        assert (r.status_code, r.json()["error"]["code"]) == (403, "forbidden"), path
+    # ... while other principals stay within its (powerful, documented) rights
+    r = await http.post("/v1/principals/svc/api-keys", json={}, headers=headers)
+    assert r.status_code == 201
+    r = await http.post("/v1/principals/admin/api-keys", json={}, headers=world.auth)
+    assert r.status_code == 201  # the admin may manage itself
+
+
+async def test_a_deleted_principals_certificate_rule_goes_with_it(world, http, monkeypatch) -> None:
+    from keygrants.auth.authenticator import AuthRequest, AuthSettings
+
+    monkeypatch.setattr(world.access.authenticator, "settings",
+                        AuthSettings(methods=frozenset({"mtls", "admin_token"})))
+    world.access.service.create_principal(ADMIN, CreatePrincipalRequest(id="billing"))
+    cred = world.access.service.add_certificate(ADMIN, "billing", AddCertificateRequest(
+        match="subject:CN=billing"))
+    directory = world.access.directory
+    directory.touch("billing", cred.id, int(time.time()))
+    directory.flush_usage()  # replaces the credential record in the directory
+    assert directory.credential_for_match("subject:CN=billing").last_used_at is not None
+    world.access.service.delete_principal(ADMIN, "billing")
+    assert directory.credential_for_match("subject:CN=billing") is None
+    world.access.service.create_principal(ADMIN, CreatePrincipalRequest(id="billing"))
+    with pytest.raises(Exception) as info:
+        world.access.authenticator.authenticate(AuthRequest(
+            method="GET", target_uri="", client_cert=_self_signed_der("billing")))
+    assert getattr(info.value, "code", None) == "unknown_key"
+    # a revoked rule may be given again
+    again = world.access.service.add_certificate(ADMIN, "billing", AddCertificateRequest(
+        match="subject:CN=billing"))
+    world.access.service.revoke_credential(ADMIN, "billing", again.id)
+    world.access.service.add_certificate(ADMIN, "billing", AddCertificateRequest(
+        match="subject:CN=billing"))
+
+
+def _self_signed_der(cn: str) -> bytes:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(1).not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(hours=1)).sign(key, hashes.SHA256()))
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+async def test_rate_limited_signatures_spend_no_nonce(world) -> None:
+    from keygrants.auth.authenticator import AuthRequest
+    from keygrants.errors import RateLimited
+
+    key, keyid = register_key(world, "svc-r")
+    limiter = RateLimiter(0.001, 1)
+    authn = world.access.authenticator
+    before = len(authn.nonces)
+    for i in range(3):
+        request = sign_request(key, keyid, "GET", "/v1/whoami")
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        auth = AuthRequest(method="GET", target_uri=str(request.url),
+                           signature_input=headers["signature-input"],
+                           signature=headers["signature"], headers=lambda h=headers: h)
+        if i == 0:
+            assert authn.authenticate(auth, rate_limiter=limiter).principal == "svc-r"
+        else:
+            with pytest.raises(RateLimited):
+                authn.authenticate(auth, rate_limiter=limiter)
+    assert len(authn.nonces) == before + 1
+
+
+async def test_odd_inputs_are_4xx_not_500(world, http) -> None:
+    key, keyid = register_key(world, "svc-o")
+    signed_request = sign_request(key, keyid, "POST", "/v1/keys/enc/encrypt", json=ENCRYPT_BODY)
+    raw = [(k.encode(), v.encode()) for k, v in signed_request.headers.items()
+           if k.lower() != "content-digest"] + [(b"content-digest", b"sha-256=:" + b"\xe9" * 44 + b":")]
+    request = httpx.Request("POST", signed_request.url, headers=raw, content=signed_request.content)
+    r = await send_raw(world, request)
+    assert (r.status_code, r.json()["error"]["code"]) == (401, "digest_mismatch")
+    r = await http.post("/v1/principals/svc/api-keys", headers=world.auth,
+                        json={"expires_at": 10**12})
+    assert (r.status_code, r.json()["error"]["code"]) == (400, "invalid_request")
+    assert (await http.get("/v1/principals/svc", headers=world.auth)).status_code == 200
+    for body in ({"principal": "svc", "action": "encrypt", "key": "enc", "time": -1},
+                 {"principal": "svc", "action": "create_grant", "key": "enc",
+                  "grant": {"ttl": -5}}):
+        r = await http.post("/v1/policy-test", headers=world.auth, json=body)
+        assert (r.status_code, r.json()["error"]["code"]) == (400, "invalid_request"), body
+
+
+async def test_retagging_a_key_needs_the_right_to_update_it_as_it_will_be(world, http) -> None:
+    created = world.access.service.create_api_key(ADMIN, "svc", CreateApiKeyRequest())
+    headers = {"Authorization": f"Bearer {created.api_key}"}
+    world.access.service.put_policy(ADMIN, "keyadmin", PutPolicyRequest(text='''
+        permit(principal == Keygrants::Principal::"svc", action == Keygrants::Action::"update_key",
+               resource) when { !resource.tags.contains("pci") };'''))
+    ok = await http.patch("/v1/keys/enc2", headers=headers, json={"description": "fine"})
+    assert ok.status_code == 200, ok.text
+    r = await http.patch("/v1/keys/enc2", headers=headers, json={"tags": ["pci"]})
+    assert (r.status_code, r.json()["error"]["code"]) == (403, "forbidden")
+
+
+def test_the_decision_memo_never_outlives_a_policy_change(world) -> None:
+    from keygrants.policy import PolicyEngine
+
+    authorizer = world.access.authorizer
+    ctx = RequestContext(principal="svc", auth_method="api_key")
+    key, aliases = world.kms.key_with_aliases("enc")
+    authorizer.authorize(ctx, "encrypt", key, aliases=aliases)  # allowed by svc-encrypt
+    authorizer.engine = PolicyEngine({})
+    with pytest.raises(Exception) as info:
+        authorizer.authorize(ctx, "encrypt", key, aliases=aliases)
+    assert getattr(info.value, "code", None) == "forbidden"

@@ -747,7 +747,7 @@ def test_fuzzed_messages_only_raise_keygrants_errors(world: World) -> None:
 
 
 def test_nonce_cache_is_bounded_and_fails_closed() -> None:
-    cache = NonceCache(max_entries=3)
+    cache = NonceCache(max_entries=3, max_per_key=3)
     for n in "abc":
         cache.check_and_remember("k", n, until=100, now=0)
     with pytest.raises(NonceReplayed, match="full"):
@@ -761,8 +761,21 @@ def test_nonce_cache_is_bounded_and_fails_closed() -> None:
     cache.check_and_remember("other", "d", until=300, now=101)     # nonces are per key
 
 
+def test_one_key_cannot_fill_the_nonce_cache_for_everyone() -> None:
+    cache = NonceCache(max_entries=16)  # a quarter (4) per key by default
+    for n in "abcd":
+        cache.check_and_remember("mallory", n, until=100, now=0)
+    with pytest.raises(NonceReplayed, match="this key"):
+        cache.check_and_remember("mallory", "e", until=100, now=1)
+    for n in "abcd":
+        cache.check_and_remember("victim", n, until=100, now=1)  # still room for others
+    cache.check_and_remember("mallory", "e", until=300, now=100.5)  # its old ones expired
+    with pytest.raises(ValueError):
+        NonceCache(max_entries=16, max_per_key=0)
+
+
 def test_nonce_cache_purges_lazily_in_expiry_order() -> None:
-    cache = NonceCache(max_entries=1000)
+    cache = NonceCache(max_entries=1000, max_per_key=1000)
     for i in range(500):
         cache.check_and_remember("k", f"n{i}", until=i, now=0)
     cache.check_and_remember("k", "late", until=10_000, now=250.5)

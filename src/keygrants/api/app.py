@@ -412,7 +412,8 @@ class KeygrantsApp:
                 signature_input=sig_input.decode("latin-1") if sig_input is not None else None,
                 signature=sig.decode("latin-1") if sig is not None else None,
                 headers=req.headers, body=body, client_cert=req.client_cert(),
-                request_id=req.request_id, source=source, pending_audit=pending))
+                request_id=req.request_id, source=source, pending_audit=pending),
+                rate_limiter=self.rate_limiter)
         except (Unauthenticated, HeaderTooLarge) as exc:
             self.auth_failures[exc.code] = self.auth_failures.get(exc.code, 0) + 1
             anonymous = RequestContext(principal="", request_id=req.request_id, source=source,
@@ -420,14 +421,13 @@ class KeygrantsApp:
             self.kms.audit.record(anonymous, "auth.failure", "denied",
                                   operation=endpoint.operation_id, reason=exc.code)
             raise
+        except RateLimited as exc:
+            limited = RequestContext(principal=exc.principal or "", request_id=req.request_id,
+                                     source=source, pending_audit=pending)
+            self.kms.audit.record(limited, "request.rate_limited", "denied",
+                                  operation=endpoint.operation_id, reason=exc.code)
+            raise
         ctx.attributes["auth"] = ctx.auth_method or ""
-        if self.rate_limiter is not None:
-            try:
-                self.rate_limiter.take(ctx.principal)
-            except RateLimited:
-                self.kms.audit.record(ctx, "request.rate_limited", "denied",
-                                      operation=endpoint.operation_id, reason=RateLimited.code)
-                raise
         return ctx
 
     def _find(self, method: str, path: str) -> tuple[_Route, dict[str, str]]:

@@ -19,8 +19,9 @@ def protocol_class() -> type:
     """uvicorn's fastest available HTTP/1.1 protocol, exposing the client certificate."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as Base
-    except ImportError:  # httptools not installed
-        from uvicorn.protocols.http.h11_impl import H11Protocol as Base  # type: ignore[assignment]
+    except ImportError as exc:  # the h11 protocol builds its scope elsewhere: fail loudly
+        raise RuntimeError("TLS client certificates need httptools "
+                           "(pip install 'uvicorn[standard]')") from exc
 
     class TlsExtensionProtocol(Base):
         _tls_extension: dict[str, Any] | None = None
@@ -41,8 +42,6 @@ def protocol_class() -> type:
             super().on_message_begin()
             self.scope["extensions"] = {"tls": self._tls()}  # type: ignore[dict-item]
 
-    if not hasattr(Base, "on_message_begin"):  # h11 builds its scope elsewhere
-        return Base
     return TlsExtensionProtocol
 
 

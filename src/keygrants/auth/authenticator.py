@@ -17,6 +17,7 @@ no configuration can lock the operator out.
 from __future__ import annotations
 
 import hmac
+import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -27,17 +28,22 @@ from keygrants.auth.credentials import certificate_matches, parse_api_key, verif
 from keygrants.auth.directory import Directory
 from keygrants.auth.httpsig import Message, NonceCache, RequestVerifier
 from keygrants.auth.model import Credential
+from keygrants.auth.ratelimit import RateLimiter
 from keygrants.crypto.signing import VerifyingKey
 from keygrants.errors import (
     CredentialExpired,
     CredentialRevoked,
     HeaderTooLarge,
+    KeygrantsError,
     PrincipalDisabled,
+    SignatureInvalid,
     Unauthenticated,
     UnknownCredential,
 )
 
 __all__ = ["AUTH_METHODS", "AuthRequest", "AuthSettings", "Authenticator"]
+
+log = logging.getLogger("keygrants.auth")
 
 AUTH_METHODS: Final = ("signature", "api_key", "mtls", "admin_token")
 KEYID_SEPARATOR: Final = "/"
@@ -117,19 +123,29 @@ class Authenticator:
         """Swap the admin token (``--reset-admin-token``)."""
         self._admin_digest = digest
 
-    def authenticate(self, req: AuthRequest) -> RequestContext:
-        """Identify the caller.
+    def authenticate(self, req: AuthRequest, *,
+                     rate_limiter: RateLimiter | None = None) -> RequestContext:
+        """Identify the caller, and spend one token of its rate limit.
 
         Raises:
             Unauthenticated: ``unauthenticated`` when no credential was presented, or the
                 precise subclass for a presented credential that fails.
+            RateLimited: the authenticated principal is over its rate limit (for a signature,
+                checked before its nonce is recorded, so refused requests do not fill the
+                replay cache).
         """
+        ctx = self._authenticate(req, rate_limiter)
+        if rate_limiter is not None and ctx.auth_method != "signature":
+            rate_limiter.take(ctx.principal)
+        return ctx
+
+    def _authenticate(self, req: AuthRequest, rate_limiter: RateLimiter | None) -> RequestContext:
         methods = self.settings.methods
         now = self._clock()
         if req.signature_input is not None or req.signature is not None:
             if "signature" not in methods:
                 raise Unauthenticated("signature authentication is not enabled")
-            return self._by_signature(req, now)
+            return self._by_signature(req, now, rate_limiter)
         if req.authorization is not None:
             scheme, _, token = req.authorization.partition(" ")
             token = token.strip()
@@ -150,23 +166,44 @@ class Authenticator:
 
     # -- schemes -----------------------------------------------------------------------------
 
-    def _signing_key(self, keyid: str) -> tuple[str, VerifyingKey | bytes]:
+    def _signing_credential(self, keyid: str) -> Credential:
         principal_id, sep, thumbprint = keyid.rpartition(KEYID_SEPARATOR)
         cred = self.directory.credential(thumbprint) if sep else None
         if (cred is None or cred.kind not in ("public_key", "shared_secret")
                 or cred.principal_id != principal_id):
             raise UnknownCredential()
-        self._usable(cred, self._clock())
+        return cred
+
+    def _signing_key(self, keyid: str) -> tuple[str, VerifyingKey | bytes]:
+        # The credential's state is checked only after the signature verifies (see
+        # _by_signature): only the key's holder learns that it was revoked or expired.
+        cred = self._signing_credential(keyid)
         if cred.kind == "shared_secret":
             return "hmac-sha256", self.directory.shared_secret(cred)
         assert cred.algorithm is not None
         return cred.algorithm, self.directory.verifying_key(cred)
 
-    def _by_signature(self, req: AuthRequest, now: float) -> RequestContext:
+    def _by_signature(self, req: AuthRequest, now: float,
+                      rate_limiter: RateLimiter | None) -> RequestContext:
         headers = req.headers() if req.headers is not None else {}
         message = Message(method=req.method, target_uri=req.target_uri, headers=headers)
-        parsed = self._verifier.verify(message, req.body, signature_input=req.signature_input,
-                                       signature=req.signature, now=now)
+
+        def verified(keyid: str) -> None:
+            cred = self._signing_credential(keyid)
+            self._usable(cred, now)
+            if rate_limiter is not None:
+                rate_limiter.take(cred.principal_id)
+
+        try:
+            parsed = self._verifier.verify(message, req.body, signature_input=req.signature_input,
+                                           signature=req.signature, now=now,
+                                           before_nonce=verified)
+        except KeygrantsError:
+            raise
+        except (TypeError, ValueError, UnicodeError):
+            # input the parser should have refused with a code of its own: a 401, never a 500
+            log.exception("signature verification raised unexpectedly")
+            raise SignatureInvalid() from None
         keyid = parsed.params.keyid
         assert keyid is not None
         principal_id, _, thumbprint = keyid.rpartition(KEYID_SEPARATOR)

@@ -121,8 +121,9 @@ class Directory:
                 c = self._credentials.pop(cid)
                 self._keys.pop(cid, None)
                 self._secrets.pop(cid, None)
-                if c.match is not None and self._by_match.get(c.match) is c:
-                    del self._by_match[c.match]
+                indexed = self._by_match.get(c.match) if c.match is not None else None
+                if indexed is not None and indexed.id == c.id:
+                    del self._by_match[indexed.match]  # type: ignore[arg-type]
             self.generation += 1
 
     def put_credential(self, credential: Credential) -> None:
@@ -142,6 +143,10 @@ class Directory:
         """Write pending last-seen/last-used times to the store; return how many."""
         seen, self._seen = self._seen, {}
         used, self._used = self._used, {}
+        # Snapshots (list() of a dict is one C call): a touch from the event loop that still
+        # wrote into a swapped-out dict must not break this iteration.
+        seen = dict(list(seen.items()))
+        used = dict(list(used.items()))
         if not seen and not used:
             return 0
         self._store.record_usage(seen, used)
@@ -153,5 +158,7 @@ class Directory:
             for cid, ts in used.items():
                 c = self._credentials.get(cid)
                 if c is not None and (c.last_used_at or 0) < ts:
-                    self._credentials[cid] = msgspec.structs.replace(c, last_used_at=ts)
+                    fresh = self._credentials[cid] = msgspec.structs.replace(c, last_used_at=ts)
+                    if c.match is not None and self._by_match.get(c.match) is c:
+                        self._by_match[c.match] = fresh  # keep the match index on the record
         return len(seen) + len(used)

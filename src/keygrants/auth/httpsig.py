@@ -493,6 +493,8 @@ def check_content_digest(header: str | None, body: bytes, *, required: bool) -> 
         return
     if len(header) > MAX_CONTENT_DIGEST_LENGTH:
         raise HeaderTooLarge("Content-Digest header too large")
+    if not header.isascii():
+        raise DigestMismatch("malformed Content-Digest")
     if header.startswith("sha-256=:") and len(header) == 54 and header[-1] == ":":
         # the usual single sha-256 member: compare the canonical encoding, no parser needed
         expected = base64.b64encode(hashlib.sha256(body).digest()).decode("ascii")
@@ -832,19 +834,27 @@ class NonceCache:
     caller passes (the end of the signature's acceptance window), and expired pairs are purged
     lazily, oldest first, on every call (amortized O(log n)). When the cache is full of
     unexpired pairs it fails closed: it refuses the new nonce rather than forget one that could
-    then be replayed. Thread-safe.
+    then be replayed. One key may hold at most ``max_per_key`` pairs (a quarter of the cache by
+    default), so a single signer cannot fill the cache and lock every other signer out.
+    Thread-safe.
 
     Args:
         max_entries: the most pairs remembered at once.
+        max_per_key: the most pairs of one keyid remembered at once.
     """
 
-    def __init__(self, max_entries: int = DEFAULT_NONCE_CACHE_SIZE) -> None:
+    def __init__(self, max_entries: int = DEFAULT_NONCE_CACHE_SIZE,
+                 max_per_key: int | None = None) -> None:
         if max_entries < 1:
             raise ValueError("max_entries must be positive")
         self._max = max_entries
+        self._max_per_key = max_per_key if max_per_key is not None else max(1, max_entries // 4)
+        if self._max_per_key < 1:
+            raise ValueError("max_per_key must be positive")
         self._lock = threading.Lock()
         self._until: dict[tuple[str, str], float] = {}
         self._expiry: list[tuple[float, tuple[str, str]]] = []
+        self._per_key: dict[str, int] = {}
 
     def __len__(self) -> int:
         with self._lock:
@@ -856,6 +866,11 @@ class NonceCache:
             when, pair = heapq.heappop(expiry)
             if until.get(pair) == when:
                 del until[pair]
+                left = self._per_key[pair[0]] - 1
+                if left:
+                    self._per_key[pair[0]] = left
+                else:
+                    del self._per_key[pair[0]]
 
     def check_and_remember(self, keyid: str, nonce: str, *, until: float, now: float) -> None:
         """Record a nonce, or refuse it if it was seen and has not expired.
@@ -867,8 +882,8 @@ class NonceCache:
             now: the current time (same clock as ``until``).
 
         Raises:
-            NonceReplayed: the pair was seen before and has not expired, or the cache is full
-                of unexpired pairs.
+            NonceReplayed: the pair was seen before and has not expired, or the cache (or this
+                key's share of it) is full of unexpired pairs.
         """
         pair = (keyid, nonce)
         with self._lock:
@@ -877,6 +892,10 @@ class NonceCache:
                 raise NonceReplayed()
             if len(self._until) >= self._max:
                 raise NonceReplayed("replay cache full; request refused, retry later")
+            held = self._per_key.get(keyid, 0)
+            if held >= self._max_per_key:
+                raise NonceReplayed("too many signatures in flight for this key; retry later")
+            self._per_key[keyid] = held + 1
             self._until[pair] = until
             heapq.heappush(self._expiry, (until, pair))
 
@@ -914,7 +933,8 @@ class RequestVerifier:
         self._require_nonce = require_nonce
 
     def verify(self, message: Message, body: bytes, *, signature_input: str | None,
-               signature: str | None, now: float) -> ParsedSignature:
+               signature: str | None, now: float,
+               before_nonce: Callable[[str], None] | None = None) -> ParsedSignature:
         """Verify the request's first signature and record its nonce.
 
         The signature must cover ``@method``, and ``@target-uri`` or all of ``@authority``,
@@ -927,6 +947,9 @@ class RequestVerifier:
             signature_input: the ``Signature-Input`` header, or ``None`` if absent.
             signature: the ``Signature`` header, or ``None`` if absent.
             now: the current Unix time.
+            before_nonce: called with the keyid once the signature has verified and before its
+                nonce is recorded (the caller's credential-state and rate-limit checks: what
+                they refuse spends no nonce, and only a key's holder learns its state).
 
         Returns:
             The verified signature; ``params.keyid`` names the signer.
@@ -963,6 +986,8 @@ class RequestVerifier:
             check_content_digest(message.headers.get("content-digest"), body, required=bool(body))
         alg, key = self._resolve_key(keyid)
         verify_signature(message, parsed, key=key, alg=alg)
+        if before_nonce is not None:
+            before_nonce(keyid)
         # Only a verified signature may spend its nonce: a forgery must not burn a real one.
         if params.nonce is not None:
             self._nonces.check_and_remember(keyid, params.nonce, until=until, now=now)

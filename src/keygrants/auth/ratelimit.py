@@ -67,7 +67,7 @@ class RateLimiter:
             bucket[0] = tokens
             self.refused += 1
             raise RateLimited(f"rate limit of {self.rate:g} requests/s exceeded",
-                              retry_after=(1.0 - tokens) / self.rate)
+                              retry_after=(1.0 - tokens) / self.rate, principal=principal)
         bucket[0] = tokens - 1.0
 
     def _prune(self, now: float) -> None:

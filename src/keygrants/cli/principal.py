@@ -200,14 +200,16 @@ def principal_keygen(state: State, name: str, out: str, algorithm: str, label: s
     if path.exists() and not force:
         raise InvalidRequest(f"{out} exists; pass --force to overwrite it")
     key = SigningKey.generate(algorithm)  # type: ignore[arg-type]
-    _write_private(path, key.private_pem())
+    staged = path.with_name(path.name + ".new")
+    _write_private(staged, key.private_pem())  # durable before the public half is registered
     try:
         with state.client() as c:
             cred = c.add_public_key(name, key.public_key().public_pem(), label=label,
                                     expires_in=parse_duration_option(expires_in) or None)
     except BaseException:
-        path.unlink(missing_ok=True)  # nothing half-made: no key file for an unregistered key
+        staged.unlink(missing_ok=True)  # nothing half-made; an existing --out file is untouched
         raise
+    os.replace(staged, path)
     emit(state, cred, f"Wrote {out} (mode 0600) and registered key {cred.id}\n"
                       f"Use: KEYGRANTS_PRINCIPAL={name} KEYGRANTS_KEY_FILE={out} keygrants …")
 
