@@ -29,6 +29,7 @@ from keygrants.audit.recorder import AuditRecorder, NoAudit
 from keygrants.auth import ADMIN_PRINCIPAL, RequestContext
 from keygrants.crypto import Aead, random_bytes
 from keygrants.errors import (
+    AliasNotFound,
     AuditUnavailable,
     Forbidden,
     InvalidCiphertext,
@@ -593,10 +594,19 @@ class KMS:
 
     @_audited("alias.delete", "delete_alias")
     def delete_alias(self, ctx: RequestContext, alias: str) -> None:
-        """Remove an alias (the key is untouched)."""
-        self._authorizer.authorize(ctx, "delete_alias", None)
+        """Remove an alias (the key is untouched). Policies decide on the key the alias names
+        (aliases can carry policy meaning, so removing one is an act on that key).
+
+        Raises:
+            AliasNotFound: if there is no such alias (for a caller who may delete aliases).
+        """
         with self._write_lock:
-            self._intent(ctx, "alias.delete", "delete_alias", None, alias=alias)
+            target = next((a.key_id for a in self.store.list_aliases() if a.alias == alias), None)
+            if target is None:
+                self._authorizer.authorize(ctx, "delete_alias", _phantom(alias))
+                raise AliasNotFound()
+            loaded = self._resolve_for(ctx, "delete_alias", target)
+            self._intent(ctx, "alias.delete", "delete_alias", loaded.key.id, alias=alias)
             self.store.delete_alias(alias)
             self._refs.pop(alias, None)
             for loaded in list(self._cache.values()):

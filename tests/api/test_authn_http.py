@@ -443,3 +443,19 @@ def test_the_decision_memo_never_outlives_a_policy_change(world) -> None:
     with pytest.raises(Exception) as info:
         authorizer.authorize(ctx, "encrypt", key, aliases=aliases)
     assert getattr(info.value, "code", None) == "forbidden"
+
+
+async def test_deleting_an_alias_is_decided_on_the_key_it_names(world, http) -> None:
+    created = world.access.service.create_api_key(ADMIN, "svc", CreateApiKeyRequest())
+    headers = {"Authorization": f"Bearer {created.api_key}"}
+    world.access.service.put_policy(ADMIN, "aliases", PutPolicyRequest(text='''
+        permit(principal == Keygrants::Principal::"svc", action == Keygrants::Action::"delete_alias",
+               resource) when { resource.name == "enc2" };'''))
+    r = await http.delete("/v1/aliases/enc-alias", headers=headers)  # names "enc"
+    assert (r.status_code, r.json()["error"]["code"]) == (403, "forbidden")
+    r = await http.delete("/v1/aliases/no-such-alias", headers=headers)
+    assert (r.status_code, r.json()["error"]["code"]) == (403, "forbidden")
+    world.kms.create_alias(ADMIN, "enc2-alias", "enc2")
+    assert (await http.delete("/v1/aliases/enc2-alias", headers=headers)).status_code == 204
+    r = await http.delete("/v1/aliases/no-such-alias", headers=world.auth)
+    assert (r.status_code, r.json()["error"]["code"]) == (404, "alias_not_found")

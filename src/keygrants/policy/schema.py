@@ -46,13 +46,13 @@ SOURCES: Final = frozenset({"signature", "api_key", "mtls", "admin_token"})
 
 _KEY_ACTIONS = (
     "describe_key", "update_key", "rotate_key", "disable_key", "enable_key",
-    "schedule_key_deletion", "cancel_key_deletion", "create_alias", "list_aliases",
+    "schedule_key_deletion", "cancel_key_deletion", "create_alias", "delete_alias", "list_aliases",
     "get_public_key", "encrypt", "decrypt", "re_encrypt", "generate_data_key", "sign", "verify",
     "mac", "verify_mac", "derive", "create_grant", "revoke_grant", "approve_grant", "list_grants",
     "create_key",
 )
 _SERVICE_ACTIONS = (
-    "list_keys", "delete_alias", "generate_random", "create_principal", "describe_principal",
+    "list_keys", "generate_random", "create_principal", "describe_principal",
     "list_principals", "update_principal", "delete_principal", "manage_credentials", "put_policy",
     "get_policy", "list_policies", "delete_policy", "test_policy", "read_audit", "checkpoint_audit",
 )
@@ -72,8 +72,8 @@ ACTION_GROUPS: Final[Mapping[str, frozenset[str]]] = MappingProxyType({
     }),
     "key_admin": frozenset({
         "create_key", "describe_key", "update_key", "rotate_key", "disable_key", "enable_key",
-        "schedule_key_deletion", "cancel_key_deletion", "create_alias", "list_aliases",
-        "delete_alias", "get_public_key", "list_keys",
+        "schedule_key_deletion", "cancel_key_deletion", "create_alias", "delete_alias", "list_aliases",
+        "get_public_key", "list_keys",
     }),
     "grants": frozenset({"create_grant", "revoke_grant", "approve_grant", "list_grants"}),
     "principal_admin": frozenset({
