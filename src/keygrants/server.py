@@ -227,6 +227,8 @@ async def _flush_usage(directory: Directory, interval: float, stop: asyncio.Even
             await asyncio.to_thread(directory.flush_usage)
         except KeygrantsError as exc:
             log.warning("could not record principal usage: %s", exc.message)
+        except Exception:  # never let the loop die: usage times are a convenience
+            log.exception("could not record principal usage")
         if stopping:
             return
 
