@@ -107,7 +107,8 @@ class PolicyAuthorizer:
     """The KMS's policy decision point over a swappable :class:`PolicyEngine`.
 
     Facts about principals and keys are built once per record version and cached (the
-    directory's and the key's records are immutable, so identity tells when they change).
+    directory's, the store's and the key's records are immutable, so identity tells when they
+    change). The principal-administration actions are decided on their target principal.
     """
 
     def __init__(self, directory: Directory, engine: PolicyEngine,
@@ -117,6 +118,7 @@ class PolicyAuthorizer:
         self._clock = clock
         self._principal_facts: dict[str, tuple[Principal, PrincipalFacts]] = {}
         self._key_facts: dict[str, tuple[Key, frozenset[str], KeyFacts]] = {}
+        self._target_facts: dict[str, tuple[Principal, PrincipalFacts]] = {}
         self._memo: tuple[PolicyEngine | None, int, dict[tuple[Any, ...], Decision]] = (
             None, 0, {})
         self.decisions = {"allow": 0, "deny": 0}
@@ -146,12 +148,32 @@ class PolicyAuthorizer:
             self._key_facts[key.id] = (key, aliases, facts)
         return facts
 
+    def _target(self, target: Principal) -> PrincipalFacts:
+        cached = self._target_facts.get(target.id)
+        if cached is not None and cached[0] is target:
+            return cached[1]
+        facts = PrincipalFacts(id=target.id, tags=frozenset(target.tags))
+        if len(self._target_facts) >= _FACTS_CACHE:
+            self._target_facts.clear()
+        self._target_facts[target.id] = (target, facts)
+        return facts
+
     def authorize(self, ctx: RequestContext, action: str, key: Key | None, *,
                   aliases: frozenset[str] = frozenset(),
                   context: Mapping[str, str] | None = None,
-                  grant: GrantFacts | None = None) -> None:
+                  grant: GrantFacts | None = None,
+                  target: Principal | None = None) -> None:
         """Allow or raise :class:`Forbidden`; the deciding statements go into the request's
-        audit attributes (``policy``)."""
+        audit attributes (``policy``).
+
+        ``key`` is the resource of a key-scoped action, ``target`` that of a principal-scoped
+        one (the principal acted on; for ``create_principal`` a provisional record with the
+        requested id and tags).
+
+        Raises:
+            Forbidden: when the policies do not allow it.
+            ValueError: when the resource the action needs is missing.
+        """
         if ctx.principal == ADMIN_PRINCIPAL:
             ctx.attributes["policy"] = "builtin:admin"
             return
@@ -160,11 +182,24 @@ class PolicyAuthorizer:
             self.decisions["deny"] += 1
             ctx.attributes["policy"] = "deny:unknown-principal"
             raise Forbidden()
-        resource = None
-        if ACTIONS.get(action) == "key":
-            resource = self._key(key, aliases) if key is not None else None
-            if resource is None:
+        resource: KeyFacts | PrincipalFacts | None = None
+        kind = ACTIONS.get(action)
+        if kind == "key":
+            if key is None:
                 raise ValueError(f"action {action!r} needs a key")
+            resource = self._key(key, aliases)
+        elif kind == "principal":
+            if target is None:
+                raise ValueError(f"action {action!r} needs a target principal")
+            resource = self._target(target)
+            if resource.id == principal.id:
+                if resource != principal:
+                    # The caller as it is and as it would be (its own tags changed) share one
+                    # Cedar uid, which is one entity: no request can ask that question.
+                    self.decisions["deny"] += 1
+                    ctx.attributes["policy"] = "deny:self-as-other-facts"
+                    raise Forbidden()
+                resource = principal
         decision = self._decide(principal, action, resource, ctx.auth_method or "signature",
                                 context, grant)
         if decision.allowed:
@@ -177,7 +212,8 @@ class PolicyAuthorizer:
         raise Forbidden()
 
 
-    def _decide(self, principal: PrincipalFacts, action: str, resource: KeyFacts | None,
+    def _decide(self, principal: PrincipalFacts, action: str,
+                resource: KeyFacts | PrincipalFacts | None,
                 source: str, context: Mapping[str, str] | None,
                 grant: GrantFacts | None) -> Decision:
         """The engine's decision, memoized for the current second: every input of a decision
@@ -223,6 +259,33 @@ class AccessService:
 
     def _allow(self, ctx: RequestContext, action: str) -> None:
         self.authorizer.authorize(ctx, action, None)
+
+    def _allow_on(self, ctx: RequestContext, action: str, principal_id: str) -> Principal:
+        """Authorize ``action`` on principal ``principal_id`` and return its record.
+
+        Authorize before revealing: a principal that does not exist is decided as a
+        provisional one with that id and no tags, so a caller who could not act on it gets
+        ``Forbidden`` either way and only one who could learns it is missing.
+
+        Raises:
+            Forbidden: when the policies do not allow the action on that principal.
+            PrincipalNotFound: when it does not exist (and the caller may act on it).
+        """
+        p = self.store.get_principal(principal_id) if isinstance(principal_id, str) else None
+        if p is None:
+            if isinstance(principal_id, str) and principal_id:
+                self.authorizer.authorize(ctx, action, None,
+                                          target=_provisional(principal_id, ()))
+            raise PrincipalNotFound(f"principal {principal_id!r} not found")
+        self.authorizer.authorize(ctx, action, None, target=p)
+        return p
+
+    def _allow_current(self, ctx: RequestContext, action: str, principal_id: str) -> Principal:
+        """Under the lock: the principal as it is now, authorized again (it may have been
+        re-tagged since :meth:`_allow_on`; a decision on unchanged facts is memoized)."""
+        current = self._get(principal_id)
+        self.authorizer.authorize(ctx, action, None, target=current)
+        return current
 
     def _intent(self, ctx: RequestContext, event_type: str, operation: str, **detail: str) -> None:
         self.audit.record(ctx, event_type, "requested", operation=operation,
@@ -280,15 +343,18 @@ class AccessService:
             InvalidRequest: for a bad id, display name or tags.
             AlreadyExists: if the id is taken.
         """
-        self._allow(ctx, "create_principal")
+        # the id and tags are the resource the policies see: check their form first
         if not isinstance(req.id, str) or not _PRINCIPAL_RE.fullmatch(req.id):
             raise InvalidRequest("principal id must be 1-128 characters of letters, digits and "
                                  "'._@-', starting with a letter or digit")
+        tags = check_tags(req.tags)
+        self.authorizer.authorize(ctx, "create_principal", None,
+                                  target=_provisional(req.id, tags))
         if req.id.startswith("system"):
             raise InvalidRequest("principal ids starting with 'system' are reserved")
         self._check_display_name(req.display_name)
         now = self._now()
-        p = Principal(id=req.id, display_name=req.display_name, tags=check_tags(req.tags),
+        p = Principal(id=req.id, display_name=req.display_name, tags=tags,
                       created_at=now, updated_at=now)
         with self._lock:
             if self.store.get_principal(p.id) is not None:
@@ -314,17 +380,19 @@ class AccessService:
     @_audited("principal.describe", "describe_principal")
     def describe_principal(self, ctx: RequestContext, principal_id: str) -> m.PrincipalInfo:
         """A principal with its credentials."""
-        self._allow(ctx, "describe_principal")
-        return self._principal_info(self._get(principal_id), with_credentials=True)
+        return self._principal_info(self._allow_on(ctx, "describe_principal", principal_id),
+                                    with_credentials=True)
 
     def _change(self, ctx: RequestContext, principal_id: str, event_type: str, operation: str,
                 change: Callable[[Principal], Principal]) -> m.PrincipalInfo:
         with self._lock:
-            current = self._get(principal_id)
+            current = self._allow_current(ctx, operation, principal_id)
             self._only_admin_changes_admin(ctx, current)
             updated = change(current)
             if updated == current:
                 return self._principal_info(current)
+            if set(updated.tags) != set(current.tags):
+                self._allow_retag(ctx, operation, updated)
             updated = msgspec.structs.replace(updated, updated_at=max(self._now(),
                                                                       current.updated_at))
             self._intent(ctx, event_type, operation, target=principal_id)
@@ -336,7 +404,7 @@ class AccessService:
     def update_principal(self, ctx: RequestContext, principal_id: str,
                          req: m.UpdatePrincipalRequest) -> m.PrincipalInfo:
         """Change display name or tags."""
-        self._allow(ctx, "update_principal")
+        self._allow_on(ctx, "update_principal", principal_id)
         if req.display_name is not None:
             self._check_display_name(req.display_name)
         tags = None if req.tags is None else check_tags(req.tags)
@@ -357,7 +425,7 @@ class AccessService:
         Raises:
             Forbidden: for the built-in admin (lockout-free design).
         """
-        self._allow(ctx, "update_principal")
+        self._allow_on(ctx, "update_principal", principal_id)
 
         def change(p: Principal) -> Principal:
             if p.builtin:
@@ -368,7 +436,7 @@ class AccessService:
     @_audited("principal.enable", "update_principal")
     def enable_principal(self, ctx: RequestContext, principal_id: str) -> m.PrincipalInfo:
         """Accept the principal's credentials again."""
-        self._allow(ctx, "update_principal")
+        self._allow_on(ctx, "update_principal", principal_id)
         return self._change(ctx, principal_id, "principal.enable", "update_principal",
                             lambda p: msgspec.structs.replace(p, enabled=True))
 
@@ -379,9 +447,9 @@ class AccessService:
         Raises:
             Forbidden: for the built-in admin.
         """
-        self._allow(ctx, "delete_principal")
+        self._allow_on(ctx, "delete_principal", principal_id)
         with self._lock:
-            p = self._get(principal_id)
+            p = self._allow_current(ctx, "delete_principal", principal_id)
             if p.builtin:
                 raise Forbidden("the built-in admin principal cannot be deleted")
             self._intent(ctx, "principal.delete", "delete_principal", target=principal_id)
@@ -408,6 +476,16 @@ class AccessService:
             raise InvalidRequest("expires_at must be within 10 years from now")
         return start, expires_at
 
+    def _allow_retag(self, ctx: RequestContext, action: str, updated: Principal) -> None:
+        """Policies may match on the target's tags: the caller must be allowed to act on the
+        principal as it will be, not only as it is (no re-tagging into a group it may not
+        administer). A principal cannot change its own tags: its tags decide what it may do,
+        and one Cedar request cannot tell the caller as it is from itself as it will be."""
+        if ctx.principal == updated.id and ctx.principal != ADMIN_PRINCIPAL:
+            ctx.attributes["policy"] = "deny:own-tags"
+            raise Forbidden("a principal cannot change its own tags")
+        self.authorizer.authorize(ctx, action, None, target=updated)
+
     @staticmethod
     def _only_admin_changes_admin(ctx: RequestContext, target: Principal) -> None:
         """The built-in admin is exempt from policy, so whoever could add a credential to it,
@@ -420,7 +498,8 @@ class AccessService:
         if len(credential.label) > MAX_LABEL or any(ord(c) < 0x20 for c in credential.label):
             raise InvalidRequest(f"label must be at most {MAX_LABEL} printable characters")
         with self._lock:
-            self._only_admin_changes_admin(ctx, self._get(principal_id))
+            self._only_admin_changes_admin(
+                ctx, self._allow_current(ctx, "manage_credentials", principal_id))
             if check is not None:
                 check()
             live = [c for c in self.store.list_credentials(principal_id) if c.revoked_at is None]
@@ -443,7 +522,7 @@ class AccessService:
             InvalidRequest: for a key that is not an accepted public key.
             AlreadyExists: if that key is already registered.
         """
-        self._allow(ctx, "manage_credentials")
+        self._allow_on(ctx, "manage_credentials", principal_id)
         try:
             key = load_public_key(req.public_key)
         except ValueError as exc:
@@ -462,7 +541,7 @@ class AccessService:
     def create_api_key(self, ctx: RequestContext, principal_id: str,
                        req: m.CreateApiKeyRequest) -> m.ApiKeyCreated:
         """Issue an API key (returned once; the store keeps only its keyed hash)."""
-        self._allow(ctx, "manage_credentials")
+        self._allow_on(ctx, "manage_credentials", principal_id)
         start, expires = self._window(req.not_before, req.expires_at, req.expires_in)
         cred_id, api_key = generate_api_key()
         cred = Credential(id=cred_id, principal_id=principal_id, kind="api_key", label=req.label,
@@ -480,7 +559,7 @@ class AccessService:
         Raises:
             InvalidRequest: when this server cannot seal secrets.
         """
-        self._allow(ctx, "manage_credentials")
+        self._allow_on(ctx, "manage_credentials", principal_id)
         if self._sealer is None:
             raise InvalidRequest("this server cannot issue shared secrets")
         start, expires = self._window(req.not_before, req.expires_at, req.expires_in)
@@ -505,7 +584,7 @@ class AccessService:
             InvalidRequest: for a bad rule or certificate.
             AlreadyExists: if another credential has the same rule.
         """
-        self._allow(ctx, "manage_credentials")
+        self._allow_on(ctx, "manage_credentials", principal_id)
         if (req.match is None) == (req.certificate is None):
             raise InvalidRequest("give either match or certificate")
         try:
@@ -532,17 +611,17 @@ class AccessService:
     @_audited("credential.list", "describe_principal")
     def list_credentials(self, ctx: RequestContext, principal_id: str) -> list[m.CredentialInfo]:
         """A principal's credentials, revoked ones included."""
-        self._allow(ctx, "describe_principal")
-        self._get(principal_id)
+        self._allow_on(ctx, "describe_principal", principal_id)
         return [self._credential_info(c) for c in self.store.list_credentials(principal_id)]
 
     @_audited("credential.revoke", "manage_credentials")
     def revoke_credential(self, ctx: RequestContext, principal_id: str,
                           credential_id: str) -> m.CredentialInfo:
         """Revoke a credential; it is refused from the next request on (idempotent)."""
-        self._allow(ctx, "manage_credentials")
+        self._allow_on(ctx, "manage_credentials", principal_id)
         with self._lock:
-            self._only_admin_changes_admin(ctx, self._get(principal_id))
+            self._only_admin_changes_admin(
+                ctx, self._allow_current(ctx, "manage_credentials", principal_id))
             cred = self.store.get_credential(credential_id)
             if cred is None or cred.principal_id != principal_id:
                 raise CredentialNotFound(f"principal {principal_id!r} has no credential "
@@ -640,13 +719,22 @@ class AccessService:
             return m.PolicyTestResult(allowed=True, reasons=["builtin:admin"], errors=[],
                                       explanation="allowed: the built-in admin principal is not "
                                                   "subject to policy")
-        resource = None
+        caller = PrincipalFacts(id=p.id, tags=frozenset(p.tags))
+        resource: KeyFacts | PrincipalFacts | None = None
         if ACTIONS[req.action] == "key":
             if req.key is None:
                 raise InvalidRequest(f"action {req.action!r} needs a key")
             key, aliases = resolve_key(req.key)
             resource = KeyFacts(id=key.id, name=key.name, aliases=aliases, spec=key.spec,
                                 purpose=key.purpose, state=key.state, tags=frozenset(key.tags))
+        elif ACTIONS[req.action] == "principal":
+            if not isinstance(req.target, str) or not req.target:
+                raise InvalidRequest(f"action {req.action!r} needs a target principal")
+            # a principal that does not exist is decided as the service decides it: a
+            # provisional principal with that id and no tags
+            t = self.directory.principal(req.target)
+            resource = (caller if req.target == p.id
+                        else PrincipalFacts(id=req.target, tags=frozenset(t.tags if t else ())))
         try:
             grant = None
             if req.grant is not None:
@@ -659,8 +747,7 @@ class AccessService:
                                  encryption_context=req.context, grant=grant)
         except (TypeError, ValueError) as exc:
             raise InvalidRequest(f"policy test: {exc}") from None
-        decision = self.authorizer.engine.decide(
-            PrincipalFacts(id=p.id, tags=frozenset(p.tags)), req.action, resource, facts)
+        decision = self.authorizer.engine.decide(caller, req.action, resource, facts)
         return m.PolicyTestResult(allowed=decision.allowed, reasons=list(decision.reasons),
                                   errors=list(decision.errors), explanation=decision.explain())
 
@@ -673,6 +760,11 @@ class Access:
     authenticator: Authenticator
     authorizer: PolicyAuthorizer
     service: AccessService
+
+
+def _provisional(principal_id: str, tags: tuple[str, ...]) -> Principal:
+    """A stand-in for a principal that does not exist (yet), for authorization."""
+    return Principal(id=principal_id, tags=tags, created_at=0, updated_at=0)
 
 
 def _secret_name(credential_id: str) -> str:

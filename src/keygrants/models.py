@@ -578,11 +578,13 @@ class GrantFactsRequest(_Request):
 
 
 class TestPolicyRequest(_Request):
-    """Would ``principal`` be allowed ``action`` on ``key`` with this context?"""
+    """Would ``principal`` be allowed ``action`` on ``key`` (or on principal ``target``, for the
+    principal-scoped actions) with this context?"""
 
     principal: str
     action: str
     key: str | None = None
+    target: str | None = None
     context: dict[str, str] | None = None
     source: str = "signature"
     grant: GrantFactsRequest | None = None

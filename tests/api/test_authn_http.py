@@ -459,3 +459,143 @@ async def test_deleting_an_alias_is_decided_on_the_key_it_names(world, http) -> 
     assert (await http.delete("/v1/aliases/enc2-alias", headers=headers)).status_code == 204
     r = await http.delete("/v1/aliases/no-such-alias", headers=world.auth)
     assert (r.status_code, r.json()["error"]["code"]) == (404, "alias_not_found")
+
+
+# ---- principal-scoped administration ---------------------------------------------------------
+
+HELPDESK_POLICY = '''
+    permit(principal in Keygrants::Group::"helpdesk",
+           action in [Keygrants::Action::"manage_credentials",
+                      Keygrants::Action::"describe_principal",
+                      Keygrants::Action::"update_principal"],
+           resource in Keygrants::Group::"team-a");'''
+
+
+def principal_with_api_key(world: Any, principal: str, tags: list[str]) -> dict[str, str]:
+    world.access.service.create_principal(ADMIN, CreatePrincipalRequest(id=principal, tags=tags))
+    created = world.access.service.create_api_key(ADMIN, principal, CreateApiKeyRequest())
+    return {"Authorization": f"Bearer {created.api_key}"}
+
+
+async def test_a_helpdesk_manages_credentials_of_its_team_only(world, http) -> None:
+    headers = principal_with_api_key(world, "helpdesk-1", ["helpdesk"])
+    world.access.service.create_principal(ADMIN, CreatePrincipalRequest(id="alice", tags=["team-a"]))
+    world.access.service.create_principal(ADMIN, CreatePrincipalRequest(id="bob", tags=["team-b"]))
+    world.access.service.put_policy(ADMIN, "helpdesk", PutPolicyRequest(text=HELPDESK_POLICY))
+    r = await http.post("/v1/principals/alice/api-keys", json={}, headers=headers)
+    assert r.status_code == 201, r.text
+    assert audited(world, r).detail["policy"] == "helpdesk#1"
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=world.app),
+                                 base_url="http://test") as as_alice:
+        me = await as_alice.get("/v1/whoami",
+                                headers={"Authorization": f"Bearer {r.json()['api_key']}"})
+        assert me.json()["principal"] == "alice"
+    before = world.snapshot()
+    for method, path, body in (("POST", "/v1/principals/bob/api-keys", {}),
+                               ("POST", "/v1/principals/bob/shared-secrets", {}),
+                               ("POST", "/v1/principals/bob/certificates",
+                                {"match": "san-dns:bob.internal"}),
+                               ("GET", "/v1/principals/bob/credentials", None),
+                               ("GET", "/v1/principals/bob", None),
+                               ("PATCH", "/v1/principals/bob", {"display_name": "Bob"}),
+                               ("POST", "/v1/principals/svc/api-keys", {}),
+                               ("POST", "/v1/principals/helpdesk-1/api-keys", {})):
+        r = await http.request(method, path, json=body, headers=headers)
+        assert (r.status_code, r.json()["error"]["code"]) == (403, "forbidden"), path
+    assert world.snapshot() == before
+    cred = world.store.list_credentials("alice")[0].id
+    r = await http.post(f"/v1/principals/alice/credentials/{cred}/revoke", headers=headers)
+    assert r.status_code == 200 and r.json()["state"] == "revoked"
+
+
+async def test_self_service_lets_a_principal_rotate_only_its_own_keys(world, http) -> None:
+    headers = principal_with_api_key(world, "alice", ["team-a"])
+    world.access.service.put_policy(ADMIN, "self", PutPolicyRequest(text='''
+        permit(principal, action == Keygrants::Action::"manage_credentials", resource)
+          when { resource == principal };'''))
+    old = world.store.list_credentials("alice")[0].id
+    r = await http.post("/v1/principals/alice/api-keys", json={"label": "next"}, headers=headers)
+    assert r.status_code == 201, r.text
+    fresh = {"Authorization": f"Bearer {r.json()['api_key']}"}
+    r = await http.post(f"/v1/principals/alice/credentials/{old}/revoke", headers=fresh)
+    assert r.status_code == 200 and r.json()["state"] == "revoked"
+    assert (await http.get("/v1/whoami", headers=headers)).status_code == 401
+    for path in ("/v1/principals/svc/api-keys", "/v1/principals/admin/api-keys"):
+        r = await http.post(path, json={}, headers=fresh)
+        assert (r.status_code, r.json()["error"]["code"]) == (403, "forbidden"), path
+    r = await http.patch("/v1/principals/alice", json={"display_name": "A"}, headers=fresh)
+    assert r.status_code == 403  # manage_credentials only
+
+
+async def test_retagging_a_principal_needs_the_right_to_update_it_as_it_will_be(world, http) -> None:
+    headers = principal_with_api_key(world, "helpdesk-1", ["helpdesk", "team-a"])
+    world.access.service.create_principal(ADMIN, CreatePrincipalRequest(id="alice", tags=["team-a"]))
+    world.access.service.put_policy(ADMIN, "helpdesk", PutPolicyRequest(text=HELPDESK_POLICY))
+    ok = await http.patch("/v1/principals/alice", json={"display_name": "Alice"}, headers=headers)
+    assert ok.status_code == 200, ok.text
+    before = world.snapshot()
+    for tags in (["team-b"], ["admins"], []):
+        r = await http.patch("/v1/principals/alice", json={"tags": tags}, headers=headers)
+        assert (r.status_code, r.json()["error"]["code"]) == (403, "forbidden"), tags
+    # nor re-tag itself, even within the groups it administers
+    r = await http.patch("/v1/principals/helpdesk-1", json={"tags": ["team-a"]}, headers=headers)
+    assert (r.status_code, r.json()["error"]["code"]) == (403, "forbidden")
+    assert world.snapshot() == before
+    r = await http.patch("/v1/principals/alice", json={"tags": ["team-a", "x"]}, headers=headers)
+    assert r.status_code == 200 and r.json()["tags"] == ["team-a", "x"]
+    r = await http.patch("/v1/principals/helpdesk-1", json={"tags": ["team-a"]}, headers=world.auth)
+    assert r.status_code == 200  # the admin may
+
+
+async def test_creating_a_principal_is_decided_on_the_requested_id_and_tags(world, http) -> None:
+    headers = principal_with_api_key(world, "helpdesk-1", ["helpdesk"])
+    world.access.service.put_policy(ADMIN, "create", PutPolicyRequest(text='''
+        permit(principal in Keygrants::Group::"helpdesk",
+               action == Keygrants::Action::"create_principal", resource)
+          when { resource.id like "team-a-*" && ["team-a"].containsAll(resource.tags) };'''))
+    r = await http.post("/v1/principals", json={"id": "team-a-bot", "tags": ["team-a"]},
+                        headers=headers)
+    assert r.status_code == 201, r.text
+    for body in ({"id": "team-b-bot", "tags": ["team-a"]},
+                 {"id": "team-a-bot2", "tags": ["team-a", "admins"]}):
+        r = await http.post("/v1/principals", json=body, headers=headers)
+        assert (r.status_code, r.json()["error"]["code"]) == (403, "forbidden"), body
+    r = await http.post("/v1/principals", json={"id": "team-a-bot", "tags": []}, headers=headers)
+    assert (r.status_code, r.json()["error"]["code"]) == (409, "already_exists")
+
+
+async def test_a_missing_principal_is_revealed_only_to_who_could_act_on_it(world, http) -> None:
+    headers = principal_with_api_key(world, "helpdesk-1", ["helpdesk"])
+    world.access.service.put_policy(ADMIN, "helpdesk", PutPolicyRequest(text=HELPDESK_POLICY))
+    for method, path, body in (("POST", "/v1/principals/nobody/api-keys", {}),
+                               ("GET", "/v1/principals/nobody", None),
+                               ("GET", "/v1/principals/nobody/credentials", None),
+                               ("DELETE", "/v1/principals/nobody", None)):
+        r = await http.request(method, path, json=body, headers=headers)
+        assert (r.status_code, r.json()["error"]["code"]) == (403, "forbidden"), path
+    world.access.service.put_policy(ADMIN, "by-name", PutPolicyRequest(text='''
+        permit(principal in Keygrants::Group::"helpdesk",
+               action in Keygrants::Action::"principal_admin", resource)
+          when { resource is Keygrants::Principal && resource.id like "nobody*" };'''))
+    for method, path, body in (("POST", "/v1/principals/nobody/api-keys", {}),
+                               ("GET", "/v1/principals/nobody", None),
+                               ("GET", "/v1/principals/nobody/credentials", None),
+                               ("PATCH", "/v1/principals/nobody", {"display_name": "x"}),
+                               ("POST", "/v1/principals/nobody/disable", None),
+                               ("DELETE", "/v1/principals/nobody", None)):
+        r = await http.request(method, path, json=body, headers=headers)
+        assert (r.status_code, r.json()["error"]["code"]) == (404, "principal_not_found"), path
+
+
+async def test_policy_test_takes_a_target_principal(world, http) -> None:
+    world.access.service.create_principal(ADMIN, CreatePrincipalRequest(id="helpdesk-1",
+                                                                        tags=["helpdesk"]))
+    world.access.service.create_principal(ADMIN, CreatePrincipalRequest(id="alice", tags=["team-a"]))
+    world.access.service.put_policy(ADMIN, "helpdesk", PutPolicyRequest(text=HELPDESK_POLICY))
+    for target, ok in (("alice", True), ("svc", False), ("nobody", False), ("helpdesk-1", False)):
+        r = await http.post("/v1/policy-test", headers=world.auth, json={
+            "principal": "helpdesk-1", "action": "manage_credentials", "target": target})
+        assert r.status_code == 200 and r.json()["allowed"] is ok, (target, r.text)
+    r = await http.post("/v1/policy-test", headers=world.auth, json={
+        "principal": "helpdesk-1", "action": "manage_credentials"})
+    assert (r.status_code, r.json()["error"]["code"]) == (400, "invalid_request")

@@ -39,6 +39,9 @@ OVERFLOW = "context.now * 4611686018427387904 > 0"
 
 BILLING = PrincipalFacts("svc-billing", frozenset({"payments"}))
 OTHER = PrincipalFacts("svc-other", frozenset({"web"}))
+TEAM_A_MEMBER = PrincipalFacts("alice", frozenset({"team-a"}))
+TEAM_B_MEMBER = PrincipalFacts("bob", frozenset({"team-b"}))
+HELPDESK = PrincipalFacts("helpdesk-1", frozenset({"helpdesk"}))
 PAYMENTS_KEY = KeyFacts(id="k-1", name="payments-main", aliases=frozenset({"payments"}),
                         spec="aes-256-gcm", purpose="encrypt", state="enabled",
                         tags=frozenset({"pci"}))
@@ -53,8 +56,10 @@ def request(source: str = "mtls", now: int = MONDAY_10H, context: dict[str, str]
 
 
 def decide(engine: PolicyEngine, action: str = "encrypt", principal: PrincipalFacts = BILLING,
-           key: KeyFacts | None = PAYMENTS_KEY, req: RequestFacts | None = None) -> Decision:
-    resource = key if ACTIONS[action] == "key" else None
+           key: KeyFacts | None = PAYMENTS_KEY, req: RequestFacts | None = None,
+           target: PrincipalFacts = OTHER) -> Decision:
+    kind = ACTIONS[action]
+    resource = key if kind == "key" else target if kind == "principal" else None
     return engine.decide(principal, action, resource, req or request())
 
 
@@ -509,6 +514,17 @@ def test_resource_of_the_wrong_kind_is_a_value_error() -> None:
         engine.decide(BILLING, "encrypt", None, request())
     with pytest.raises(ValueError, match="resource=None"):
         engine.decide(BILLING, "list_keys", PAYMENTS_KEY, request())
+    with pytest.raises(ValueError, match="resource=None"):
+        engine.decide(BILLING, "list_principals", OTHER, request())
+    with pytest.raises(ValueError, match="PrincipalFacts"):
+        engine.decide(BILLING, "manage_credentials", None, request())
+    with pytest.raises(ValueError, match="PrincipalFacts"):
+        engine.decide(BILLING, "update_principal", PAYMENTS_KEY, request())
+    with pytest.raises(ValueError, match="KeyFacts"):
+        engine.decide(BILLING, "encrypt", OTHER, request())
+    # one uid is one entity: the caller as a resource must be the caller's own facts
+    with pytest.raises(ValueError, match="caller"):
+        engine.decide(BILLING, "update_principal", PrincipalFacts("svc-billing"), request())
     with pytest.raises(TypeError):
         engine.decide("svc-billing", "list_keys", None, request())  # type: ignore[arg-type]
     with pytest.raises(TypeError):
@@ -582,6 +598,75 @@ def test_unicode_and_quotes_in_names_and_tags_match_exactly() -> None:
     assert not decide(engine, principal=PrincipalFacts("svc-ü", frozenset({"päy"}))).allowed
 
 
+# ---- principal-scoped actions -----------------------------------------------------------------
+
+HELPDESK_POLICY = """\
+permit(principal in Keygrants::Group::"helpdesk",
+       action == Keygrants::Action::"manage_credentials",
+       resource in Keygrants::Group::"team-a");
+"""
+SELF_SERVICE = """\
+permit(principal, action == Keygrants::Action::"manage_credentials", resource)
+  when { resource == principal };
+"""
+
+
+def test_principal_actions_are_decided_on_the_target_principal() -> None:
+    engine = PolicyEngine({"helpdesk": HELPDESK_POLICY})
+    assert decide(engine, "manage_credentials", HELPDESK, target=TEAM_A_MEMBER).allowed
+    assert not decide(engine, "manage_credentials", HELPDESK, target=TEAM_B_MEMBER).allowed
+    assert not decide(engine, "manage_credentials", OTHER, target=TEAM_A_MEMBER).allowed
+    assert not decide(engine, "update_principal", HELPDESK, target=TEAM_A_MEMBER).allowed
+
+
+def test_self_service_credentials() -> None:
+    engine = PolicyEngine({"self": SELF_SERVICE})
+    assert decide(engine, "manage_credentials", TEAM_A_MEMBER, target=TEAM_A_MEMBER).allowed
+    assert not decide(engine, "manage_credentials", TEAM_A_MEMBER, target=TEAM_B_MEMBER).allowed
+    assert not decide(engine, "describe_principal", TEAM_A_MEMBER, target=TEAM_A_MEMBER).allowed
+
+
+@pytest.mark.parametrize(("condition", "target", "ok"), [
+    ('resource.tags.contains("team-a")', TEAM_A_MEMBER, True),
+    ('resource.tags.contains("team-a")', TEAM_B_MEMBER, False),
+    ('resource in Keygrants::Group::"team-a"', TEAM_A_MEMBER, True),
+    ('resource in Keygrants::Group::"team-a"', TEAM_B_MEMBER, False),
+    ('resource.id like "ali*"', TEAM_A_MEMBER, True),
+    ('resource.id like "ali*"', TEAM_B_MEMBER, False),
+    ('["team-a", "team-c"].containsAll(resource.tags)', TEAM_A_MEMBER, True),
+    ('["team-a", "team-c"].containsAll(resource.tags)',
+     PrincipalFacts("alice", frozenset({"team-a", "admins"})), False),
+    ('resource != principal && principal.tags.contains("helpdesk")', TEAM_A_MEMBER, True),
+    ('resource != principal && principal.tags.contains("helpdesk")', HELPDESK, False),
+])
+def test_conditions_on_the_target_principal(condition: str, target: PrincipalFacts, ok: bool) -> None:
+    policy = (f'permit(principal, action in Keygrants::Action::"principal_admin", '
+              f'resource is Keygrants::Principal) when {{ {condition} }};')
+    for action in ("describe_principal", "update_principal", "delete_principal",
+                   "manage_credentials", "create_principal"):
+        assert allowed(policy, action=action, principal=HELPDESK, target=target) is ok, action
+
+
+def test_the_caller_as_resource_carries_what_either_role_reads() -> None:
+    # principal reads id, resource reads tags: the one entity must have both
+    engine = PolicyEngine({"p": 'permit(principal, action == Keygrants::Action::"update_principal", '
+                                'resource) when { principal.id == "alice" && '
+                                'resource.tags.contains("team-a") };'})
+    assert decide(engine, "update_principal", TEAM_A_MEMBER, target=TEAM_A_MEMBER).allowed
+    assert decide(engine, "update_principal", TEAM_A_MEMBER,
+                  target=PrincipalFacts("carol", frozenset({"team-a"}))).allowed
+    assert not decide(engine, "update_principal", TEAM_A_MEMBER, target=TEAM_B_MEMBER).allowed
+
+
+def test_list_principals_stays_service_scoped() -> None:
+    assert ACTIONS["list_principals"] == "service"
+    for action in ACTION_GROUPS["principal_admin"] - {"list_principals"}:
+        assert ACTIONS[action] == "principal"
+    with pytest.raises(PolicyInvalid):
+        PolicyEngine.validate("p", 'permit(principal, action == Keygrants::Action::"list_principals", '
+                                   'resource) when { resource.tags.contains("x") };')
+
+
 # ---- schema and public surface ---------------------------------------------------------------
 
 
@@ -645,6 +730,20 @@ EQUIVALENCE_POLICIES = {
              '(if context.source == "mtls" then principal else principal).id like "svc-1*" };\n'
              'permit(principal, action == Keygrants::Action::"rotate_key", resource is Keygrants::Key) '
              'when { resource has aliases && resource.name like "team1-*" };',
+    # principal-scoped actions: the target principal's tags, groups, id and identity
+    "principals": 'permit(principal in Keygrants::Group::"team0", '
+                  'action == Keygrants::Action::"manage_credentials", '
+                  'resource in Keygrants::Group::"team1");\n'
+                  'permit(principal, action == Keygrants::Action::"manage_credentials", resource) '
+                  'when { resource == principal };\n'
+                  'permit(principal, action in Keygrants::Action::"principal_admin", '
+                  'resource is Keygrants::Principal) when { principal.tags.contains("team2") && '
+                  'resource.tags.contains("team3") };\n'
+                  'forbid(principal, action == Keygrants::Action::"delete_principal", '
+                  'resource is Keygrants::Principal) when { resource.id like "svc-4*" };\n'
+                  'permit(principal == Keygrants::Principal::"svc-3", '
+                  'action == Keygrants::Action::"update_principal", resource) '
+                  'when { resource is Keygrants::Principal && resource.id != principal.id };',
 }
 
 
@@ -660,8 +759,9 @@ def test_slicing_and_context_pruning_match_cedar_on_the_whole_set() -> None:
         json.dumps({"staticPolicies": whole, "templates": {}, "templateLinks": []}))
     schema = cedarpy.Schema.from_str(SCHEMA)
     rng = random.Random(7)
-    checked = 0
-    focus = ["describe_key", "rotate_key", "list_keys", "decrypt", "create_grant", "read_audit"]
+    checked = principal_checked = 0
+    focus = ["describe_key", "rotate_key", "list_keys", "decrypt", "create_grant", "read_audit",
+             "manage_credentials", "update_principal", "delete_principal", "create_principal"]
     for _ in range(600):
         tags = rng.sample(["team0", "team1", "team2", "team3"], rng.randrange(3))
         principal = PrincipalFacts(f"svc-{rng.randrange(5)}", frozenset(tags))
@@ -671,14 +771,26 @@ def test_slicing_and_context_pruning_match_cedar_on_the_whole_set() -> None:
         grant = GrantFacts(ttl=rng.choice([30, 120]), uses=1) if rng.random() < 0.5 else None
         req = RequestFacts(source=rng.choice(["mtls", "api_key"]), now=MONDAY_10H + rng.randrange(DAY),
                            encryption_context={"t": "1"}, grant=grant)
-        resource = key if ACTIONS[action] == "key" else None
+        kind = ACTIONS[action]
+        target = principal
+        if rng.random() < 0.7:  # else the caller itself
+            target = PrincipalFacts(f"svc-{rng.randrange(5)}",
+                                    frozenset(rng.sample(["team0", "team1", "team2", "team3"],
+                                                         rng.randrange(3))))
+            if target.id == principal.id:
+                target = principal
+        resource = key if kind == "key" else target if kind == "principal" else None
         got = engine.decide(principal, action, resource, req)
 
         entities = [{"uid": {"type": "Keygrants::Principal", "id": principal.id},
                      "attrs": {"id": principal.id, "tags": sorted(principal.tags)},
                      "parents": [{"type": "Keygrants::Group", "id": t} for t in principal.tags]},
                     {"uid": {"type": "Keygrants::Service", "id": "keygrants"}, "attrs": {}, "parents": []}]
-        if resource is not None:
+        if kind == "principal" and target != principal:
+            entities.append({"uid": {"type": "Keygrants::Principal", "id": target.id},
+                             "attrs": {"id": target.id, "tags": sorted(target.tags)},
+                             "parents": [{"type": "Keygrants::Group", "id": t} for t in target.tags]})
+        if kind == "key":
             entities.append({"uid": {"type": "Keygrants::Key", "id": key.id},
                              "attrs": {"id": key.id, "name": key.name, "aliases": [], "spec": "",
                                        "purpose": "", "state": key.state, "tags": []},
@@ -693,7 +805,9 @@ def test_slicing_and_context_pruning_match_cedar_on_the_whole_set() -> None:
         want = cedarpy.is_authorized(
             {"principal": {"type": "Keygrants::Principal", "id": principal.id},
              "action": {"type": "Keygrants::Action", "id": action},
-             "resource": ({"type": "Keygrants::Key", "id": key.id} if resource is not None
+             "resource": ({"type": "Keygrants::Key", "id": key.id} if kind == "key"
+                          else {"type": "Keygrants::Principal", "id": target.id}
+                          if kind == "principal"
                           else {"type": "Keygrants::Service", "id": "keygrants"}),
              "context": context},
             reference, json.dumps(entities), schema=schema)
@@ -701,7 +815,9 @@ def test_slicing_and_context_pruning_match_cedar_on_the_whole_set() -> None:
         assert got.allowed == want.allowed, (principal, action, key, req)
         assert set(got.reasons) == set(want.diagnostics.reasons), (principal, action, key, req)
         checked += got.allowed
+        principal_checked += got.allowed and kind == "principal"
     assert checked > 20, "the sample should allow some requests"
+    assert principal_checked > 5, "and some on principals"
 
 
 def test_cached_entities_follow_the_facts() -> None:
@@ -714,6 +830,17 @@ def test_cached_entities_follow_the_facts() -> None:
     assert not decide(engine, principal=PrincipalFacts("svc-billing")).allowed
     derived = engine.with_policy("q", "forbid(principal, action, resource) when { false };")
     assert decide(derived).allowed and not decide(derived, key=disabled).allowed
+
+
+def test_cached_entities_follow_the_target_principal() -> None:
+    engine = PolicyEngine({"p": HELPDESK_POLICY})
+    assert decide(engine, "manage_credentials", HELPDESK, target=TEAM_A_MEMBER).allowed
+    retagged = PrincipalFacts("alice", frozenset({"team-b"}))
+    assert not decide(engine, "manage_credentials", HELPDESK, target=retagged).allowed
+    assert decide(engine, "manage_credentials", HELPDESK, target=TEAM_A_MEMBER).allowed
+    # a key and a principal resource with the same id are different entities
+    key = KeyFacts(id="alice", name="alice")
+    assert not engine.decide(HELPDESK, "describe_key", key, request()).allowed
 
 
 # ---- the user documentation ------------------------------------------------------------------

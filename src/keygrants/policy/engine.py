@@ -19,8 +19,10 @@ How a decision is made, and why it is fast:
    how many unrelated policies exist. Slicing only ever drops statements whose scope cannot
    match, so the decision is the one Cedar would make on the whole set.
 3. Entities are built from the facts with ``json.dumps`` (never by formatting Cedar source)
-   and parsed into ``cedarpy.Entities`` handles kept in an LRU cache per (principal, key,
-   actions). A handle holds only what the decision can reach, so it is small and cheap.
+   and parsed into ``cedarpy.Entities`` handles kept in an LRU cache per (principal,
+   resource, actions). A handle holds only what the decision can reach, so it is small and
+   cheap. A resource principal is one more ``Principal`` entity (with its tag groups as
+   parents), or the caller's own entity when it is the caller.
 4. The context record holds only the attributes the slice's statements read: Cedar spends
    ~2 µs turning each attribute into a value (~20 µs for the grant record).
 
@@ -135,7 +137,9 @@ def _check_long(value: object, what: str) -> None:
 
 @dataclass(frozen=True, slots=True)
 class PrincipalFacts:
-    """The caller: its id and its tags (each tag makes it a member of ``Keygrants::Group::"<tag>"``).
+    """A principal: its id and its tags (each tag makes it a member of
+    ``Keygrants::Group::"<tag>"``). The caller of every decision, and the resource of the
+    principal-scoped actions (for ``create_principal``: the requested id and tags).
 
     Hashable, so the engine caches the parsed entity per distinct value.
     """
@@ -807,12 +811,14 @@ def _key_json(key: KeyFacts, attrs: frozenset[str] | None) -> str:
 
 
 class _EntityCache:
-    """Parsed entity handles, kept for the (principal, key, needs) seen lately.
+    """Parsed entity handles, kept for the (principal, resource, needs) seen lately.
 
     A handle holds only what the decision can reach: the principal (its tags as ``Group``
-    parents), the key, the service, and the request action plus any action a statement names,
-    each with its groups as parents; and of the principal and key only the attributes the
-    statements read. Cedar spends ~2-5 µs parsing each attribute and entity, and an entity
+    parents), the resource (a key, or a principal with its tags as ``Group`` parents; the
+    caller's own entity when the resource is the caller), the service, and the request action
+    plus any action a statement names,
+    each with its groups as parents; and of the principal and the resource only the
+    attributes the statements read. Cedar spends ~2-5 µs parsing each attribute and entity, and an entity
     nothing refers to need not exist for ``in`` to hold (an entity's ancestors are stored on
     the entity), so this keeps a handle cheap to build and small to keep.
 
@@ -824,10 +830,18 @@ class _EntityCache:
         self.get = functools.lru_cache(maxsize=_ENTITY_CACHE_SIZE)(self._build)
 
     @staticmethod
-    def _build(principal: PrincipalFacts, key: KeyFacts | None, needs: _Needs) -> cedarpy.Entities:
-        parts = [_principal_json(principal, needs.principal_attrs), _SERVICE_ENTITY]
-        if key is not None:
-            parts.append(_key_json(key, needs.resource_attrs))
+    def _build(principal: PrincipalFacts, resource: KeyFacts | PrincipalFacts | None,
+               needs: _Needs) -> cedarpy.Entities:
+        if resource == principal:
+            # one uid is one entity: it must carry what either role of it reads
+            parts = [_principal_json(principal, _union((needs.principal_attrs,
+                                                        needs.resource_attrs))), _SERVICE_ENTITY]
+        else:
+            parts = [_principal_json(principal, needs.principal_attrs), _SERVICE_ENTITY]
+            if isinstance(resource, KeyFacts):
+                parts.append(_key_json(resource, needs.resource_attrs))
+            elif resource is not None:
+                parts.append(_principal_json(resource, needs.resource_attrs))
         parts.extend(_ACTION_ENTITIES[a] for a in sorted(needs.actions))
         return cedarpy.Entities.from_json_str(f"[{','.join(parts)}]")
 
@@ -1012,8 +1026,8 @@ class PolicyEngine:
                        resource_attrs=_union(c.resource_attrs for c in compiled))
         return _Slice(policies, needs, _union(c.context_attrs for c in compiled))
 
-    def decide(self, principal: PrincipalFacts, action: str, resource: KeyFacts | None,
-               request: RequestFacts) -> Decision:
+    def decide(self, principal: PrincipalFacts, action: str,
+               resource: KeyFacts | PrincipalFacts | None, request: RequestFacts) -> Decision:
         """Decide whether ``principal`` may do ``action`` on ``resource``.
 
         This is also the answer to ``test``: build the facts for "principal P, action A, key K,
@@ -1023,15 +1037,19 @@ class PolicyEngine:
         Args:
             principal: the caller.
             action: one of :data:`ACTIONS`.
-            resource: the key for a key-scoped action; ``None`` for a service-scoped one.
+            resource: the key for a key-scoped action; the target principal for a
+                principal-scoped one (for ``create_principal``, the requested id and tags);
+                ``None`` for a service-scoped one. A target with the caller's id is the
+                caller: it must be equal to ``principal`` (one uid is one Cedar entity).
             request: source, time, encryption context and grant limits.
 
         Returns:
             The :class:`Decision`, with the statements that decided.
 
         Raises:
-            ValueError: for an unknown action, a resource of the wrong kind for it, or facts
-                Cedar cannot represent (a string holding a lone surrogate).
+            ValueError: for an unknown action, a resource of the wrong kind for it, a resource
+                principal with the caller's id but other tags, or facts Cedar cannot represent
+                (a string holding a lone surrogate).
             TypeError: when a facts argument has the wrong type.
         """
         kind = ACTIONS.get(action) if isinstance(action, str) else None
@@ -1045,8 +1063,16 @@ class PolicyEngine:
             if not isinstance(resource, KeyFacts):
                 raise ValueError(f"action {action!r} needs a KeyFacts resource")
             resource_uid: Mapping[str, str] = {"type": _KEY_TYPE, "id": resource.id}
+        elif kind == "principal":
+            if not isinstance(resource, PrincipalFacts):
+                raise ValueError(f"action {action!r} needs a PrincipalFacts resource")
+            if resource.id == principal.id and resource != principal:
+                raise ValueError("a resource principal with the caller's id must be the caller's "
+                                 "facts (one uid is one entity)")
+            resource_uid = {"type": _PRINCIPAL_TYPE, "id": resource.id}
         elif resource is not None:
-            raise ValueError(f"action {action!r} is not about a key; pass resource=None")
+            raise ValueError(f"action {action!r} is not about a key or a principal; "
+                             "pass resource=None")
         else:
             resource_uid = _SERVICE_UID
 

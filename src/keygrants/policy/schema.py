@@ -5,12 +5,16 @@ One namespace, ``Keygrants``, four entity types and one action per service opera
 - ``Group``: a principal tag. A principal tagged ``payments`` is a member of
   ``Keygrants::Group::"payments"``, so ``principal in Keygrants::Group::"payments"`` attaches a
   statement to every principal carrying that tag.
-- ``Principal in [Group]``: the caller, with ``id`` and ``tags``.
+- ``Principal in [Group]``: a principal, with ``id`` and ``tags``: the caller, and the resource
+  of the principal-administration actions (the principal being described, changed, deleted or
+  given credentials). For ``create_principal`` it is a provisional principal with the
+  requested id and tags, so policies can restrict who may create which principals.
 - ``Key``: the key an action is about (``id``, ``name``, ``aliases``, ``spec``, ``purpose``,
   ``state``, ``tags``). For ``create_key`` it is a provisional key with id ``""`` carrying the
   requested name and spec, so policies can restrict creation by name pattern.
 - ``Service``: the singleton ``Keygrants::Service::"keygrants"``, the resource of every action
-  that is not about one key (listing keys, random bytes, principal, policy and audit admin).
+  that is not about one key or one principal (listing keys and principals, random bytes,
+  policy and audit admin).
 
 Actions are grouped (Cedar action ``memberOf``) so a statement can say
 ``action in Keygrants::Action::"crypto"``. The request context is one record type for every
@@ -51,18 +55,23 @@ _KEY_ACTIONS = (
     "mac", "verify_mac", "derive", "create_grant", "revoke_grant", "approve_grant", "list_grants",
     "create_key",
 )
+_PRINCIPAL_ACTIONS = (
+    "create_principal", "describe_principal", "update_principal", "delete_principal",
+    "manage_credentials",
+)
 _SERVICE_ACTIONS = (
-    "list_keys", "generate_random", "create_principal", "describe_principal",
-    "list_principals", "update_principal", "delete_principal", "manage_credentials", "put_policy",
-    "get_policy", "list_policies", "delete_policy", "test_policy", "read_audit", "checkpoint_audit",
+    "list_keys", "generate_random", "list_principals", "put_policy", "get_policy",
+    "list_policies", "delete_policy", "test_policy", "read_audit", "checkpoint_audit",
 )
 
 #: Every action a policy can name, mapped to the kind of its resource: ``"key"`` (a ``Key``
-#: entity; :meth:`PolicyEngine.decide` needs a :class:`KeyFacts`) or ``"service"`` (the
-#: ``Service`` singleton; no resource is passed).
-ACTIONS: Final[Mapping[str, Literal["key", "service"]]] = MappingProxyType(
-    {**dict.fromkeys(_KEY_ACTIONS, "key"), **dict.fromkeys(_SERVICE_ACTIONS, "service")}
-)
+#: entity; :meth:`PolicyEngine.decide` needs a :class:`KeyFacts`), ``"principal"`` (the
+#: target ``Principal``; a :class:`PrincipalFacts`) or ``"service"`` (the ``Service``
+#: singleton; no resource is passed).
+ACTIONS: Final[Mapping[str, Literal["key", "principal", "service"]]] = MappingProxyType({
+    **dict.fromkeys(_KEY_ACTIONS, "key"), **dict.fromkeys(_PRINCIPAL_ACTIONS, "principal"),
+    **dict.fromkeys(_SERVICE_ACTIONS, "service"),
+})
 
 #: Action groups (Cedar ``Keygrants::Action::"<group>"``) and their member actions.
 ACTION_GROUPS: Final[Mapping[str, frozenset[str]]] = MappingProxyType({
@@ -98,6 +107,8 @@ namespace {NAMESPACE} {{
   // A principal tag: a principal tagged "payments" is `in {NAMESPACE}::Group::"payments"`.
   entity Group;
 
+  // The caller, and the target of the principal-administration actions. For
+  // create_principal: a provisional principal with the requested id and tags.
   entity Principal in [Group] {{
     id: String,
     tags: Set<String>
@@ -114,7 +125,8 @@ namespace {NAMESPACE} {{
     tags: Set<String>
   }};
 
-  // The singleton {NAMESPACE}::Service::"{SERVICE_ID}": resource of actions not about one key.
+  // The singleton {NAMESPACE}::Service::"{SERVICE_ID}": resource of actions not about one key
+  // or one principal.
   entity Service;
 
   // Limits of the grant being created (create_grant); uses 0 = unlimited.
@@ -143,6 +155,9 @@ namespace {NAMESPACE} {{
 """
 
 
+_RESOURCE_TYPES: Final = {"key": "Key", "principal": "Principal", "service": "Service"}
+
+
 def _schema_text() -> str:
     """The schema: the fixed header, then one ``action`` line per (groups, resource) class."""
     classes: dict[tuple[tuple[str, ...], str], list[str]] = {}
@@ -155,7 +170,7 @@ def _schema_text() -> str:
                               initial_indent="  action ", subsequent_indent="         ",
                               break_on_hyphens=False)
         member_of = f"\n    in [{', '.join(groups)}]" if groups else ""
-        resource = "Key" if kind == "key" else "Service"
+        resource = _RESOURCE_TYPES[kind]
         blocks.append(f"{names}{member_of}\n    appliesTo {{ principal: Principal, resource: {resource}, "
                       f"context: RequestContext }};")
     return _HEADER + "\n" + "\n\n".join(blocks) + "\n}\n"
