@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from keygrants._files import write_private_file
 from keygrants._version import __version__
 from keygrants.access import open_access
 from keygrants.api.app import HttpLimits, KeygrantsApp, create_app
@@ -108,15 +109,7 @@ def parse_listen(listen: str) -> tuple[str, int]:
 
 
 def _write_secret_file(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()  # never reuse a leftover (its mode, or a symlink planted in its place)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_private_file(path, (text + "\n").encode())
 
 
 def _choose_seal(given: str | None, stored: str | None, data_dir: Path) -> str:

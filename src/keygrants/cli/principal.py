@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from keygrants import models as m
+from keygrants._files import write_private_file
 from keygrants.cli._common import (
     State,
     common,
@@ -201,7 +202,7 @@ def principal_keygen(state: State, name: str, out: str, algorithm: str, label: s
         raise InvalidRequest(f"{out} exists; pass --force to overwrite it")
     key = SigningKey.generate(algorithm)  # type: ignore[arg-type]
     staged = path.with_name(path.name + ".new")
-    _write_private(staged, key.private_pem())  # durable before the public half is registered
+    write_private_file(staged, key.private_pem())  # durable before the public half is registered
     try:
         with state.client() as c:
             cred = c.add_public_key(name, key.public_key().public_pem(), label=label,
@@ -212,17 +213,6 @@ def principal_keygen(state: State, name: str, out: str, algorithm: str, label: s
     os.replace(staged, path)
     emit(state, cred, f"Wrote {out} (mode 0600) and registered key {cred.id}\n"
                       f"Use: KEYGRANTS_PRINCIPAL={name} KEYGRANTS_KEY_FILE={out} keygrants …")
-
-
-def _write_private(path: Path, pem: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(pem)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 @principal.command("api-key")
@@ -258,7 +248,7 @@ def principal_shared_secret(state: State, name: str, out: str | None, label: str
         created = c.create_shared_secret(name, label=label,
                                          expires_in=parse_duration_option(expires_in) or None)
     if out is not None:
-        _write_private(Path(out), (created.shared_secret + "\n").encode())
+        write_private_file(Path(out), (created.shared_secret + "\n").encode())
         emit(state, created.credential, f"Wrote {out} (mode 0600): keyid {created.credential.keyid}")
         return
     if not state.as_json:
