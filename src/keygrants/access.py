@@ -174,9 +174,19 @@ class PolicyAuthorizer:
             Forbidden: when the policies do not allow it.
             ValueError: when the resource the action needs is missing.
         """
+        self.decide(ctx, action, key, aliases=aliases, context=context, grant=grant,
+                    target=target)
+
+    def decide(self, ctx: RequestContext, action: str, key: Key | None, *,
+               aliases: frozenset[str] = frozenset(),
+               context: Mapping[str, str] | None = None,
+               grant: GrantFacts | None = None,
+               target: Principal | None = None) -> Decision | None:
+        """:meth:`authorize`, returning the allowing decision (``None`` for the built-in
+        admin, which no policy decides), e.g. to read :attr:`Decision.requires_approval`."""
         if ctx.principal == ADMIN_PRINCIPAL:
             ctx.attributes["policy"] = "builtin:admin"
-            return
+            return None
         principal = self._principal(ctx.principal) if ctx.principal else None
         if principal is None:
             self.decisions["deny"] += 1
@@ -205,7 +215,7 @@ class PolicyAuthorizer:
         if decision.allowed:
             self.decisions["allow"] += 1
             ctx.attributes["policy"] = ",".join(decision.reasons)[:500]
-            return
+            return decision
         self.decisions["deny"] += 1
         ctx.attributes["policy"] = ("deny:" + ",".join(decision.reasons))[:500] \
             if decision.reasons else "deny:default"
@@ -741,7 +751,7 @@ class AccessService:
                 g = req.grant
                 grant = GrantFacts(ttl=g.ttl, uses=g.uses, pop=g.pop,
                                    operations=frozenset(g.operations),
-                                   audiences=frozenset(g.audiences))
+                                   audiences=frozenset(g.audiences), grantee=g.grantee)
             facts = RequestFacts(source=req.source,
                                  now=req.time if req.time is not None else self._now(),
                                  encryption_context=req.context, grant=grant)

@@ -26,15 +26,43 @@ same classes by the SDK (:func:`error_from_code`).
     │   ├── DigestMismatch              digest_mismatch      401
     │   └── PrincipalDisabled           principal_disabled   401
     ├── Forbidden                       forbidden            403
+    │   ├── GrantDenied                 grant_denied         403  (grant token refused)
+    │   │   ├── GrantMalformed          grant_malformed      403
+    │   │   ├── GrantAlgorithmRejected  grant_algorithm_rejected 403
+    │   │   ├── GrantHeaderRejected     grant_header_rejected 403
+    │   │   ├── GrantTypeInvalid        grant_type_invalid   403
+    │   │   ├── GrantUnknownKey         grant_unknown_kid    403
+    │   │   ├── GrantSignatureInvalid   grant_signature_invalid 403
+    │   │   ├── GrantClaimsInvalid      grant_claims_invalid 403
+    │   │   ├── IssuerMismatch          issuer_mismatch      403
+    │   │   ├── AudienceMismatch        audience_mismatch    403
+    │   │   ├── GrantExpired            grant_expired        403
+    │   │   ├── GrantNotYetValid        grant_not_yet_valid  403
+    │   │   ├── GrantRevoked            grant_revoked        403
+    │   │   ├── GrantRetired            grant_retired        403
+    │   │   ├── GrantExhausted          grant_exhausted      403
+    │   │   ├── GrantPending            grant_pending        403
+    │   │   ├── WrongGrantee            wrong_grantee        403
+    │   │   ├── KeyNotGranted           key_not_granted      403
+    │   │   ├── OperationNotGranted     operation_not_granted 403
+    │   │   ├── ContextMismatch         context_mismatch     403
+    │   │   ├── PopRequired             pop_required         403
+    │   │   └── PopInvalid              pop_invalid          403
+    │   │       ├── PopReplayed         pop_replayed         403
+    │   │       └── UseDpopNonce        use_dpop_nonce       401  (+ DPoP-Nonce)
+    │   ├── AttenuationViolated         attenuation_violated 403  (sub-grant exceeds parent)
+    │   └── SelfApproval                self_approval        403  (two-person rule)
     ├── NotFound                        not_found            404
     │   ├── KeyNotFound                 key_not_found        404
     │   ├── AliasNotFound               alias_not_found      404
     │   ├── PrincipalNotFound           principal_not_found  404
     │   ├── CredentialNotFound          credential_not_found 404
+    │   ├── GrantNotFound               grant_not_found      404
     │   └── PolicyNotFound              policy_not_found     404
     ├── MethodNotAllowed                method_not_allowed   405
     ├── Conflict                        conflict             409
-    │   └── AlreadyExists               already_exists       409
+    │   ├── AlreadyExists               already_exists       409
+    │   └── GrantStateError             grant_state          409
     ├── KeyStateError                   key_state            409
     │   ├── KeyDisabled                 key_disabled         409
     │   ├── KeyPendingDeletion          key_pending_deletion 409
@@ -66,8 +94,11 @@ from typing import ClassVar
 __all__ = [
     "AliasNotFound",
     "AlreadyExists",
+    "AttenuationViolated",
+    "AudienceMismatch",
     "AuditUnavailable",
     "Conflict",
+    "ContextMismatch",
     "CredentialExpired",
     "CredentialNotFound",
     "CredentialRevoked",
@@ -75,15 +106,33 @@ __all__ = [
     "DigestMismatch",
     "EncryptionError",
     "Forbidden",
+    "GrantAlgorithmRejected",
+    "GrantClaimsInvalid",
+    "GrantDenied",
+    "GrantExhausted",
+    "GrantExpired",
+    "GrantHeaderRejected",
+    "GrantMalformed",
+    "GrantNotFound",
+    "GrantNotYetValid",
+    "GrantPending",
+    "GrantRetired",
+    "GrantRevoked",
+    "GrantSignatureInvalid",
+    "GrantStateError",
+    "GrantTypeInvalid",
+    "GrantUnknownKey",
     "HeaderTooLarge",
     "InvalidCiphertext",
     "InvalidKeyUsage",
     "InvalidRequest",
+    "IssuerMismatch",
     "KMSError",
     "KeyDestroyed",
     "KeyDisabled",
     "KeyNotFound",
     "KeyNotFoundError",
+    "KeyNotGranted",
     "KeyPendingDeletion",
     "KeyRotationError",
     "KeyStateError",
@@ -93,14 +142,19 @@ __all__ = [
     "MethodNotAllowed",
     "NonceReplayed",
     "NotFound",
+    "OperationNotGranted",
     "PayloadTooLarge",
     "PolicyInvalid",
     "PolicyNotFound",
+    "PopInvalid",
+    "PopReplayed",
+    "PopRequired",
     "PrincipalDisabled",
     "PrincipalNotFound",
     "ProviderConnectionError",
     "RateLimited",
     "SealError",
+    "SelfApproval",
     "ServerUnreachable",
     "SignatureExpired",
     "SignatureInvalid",
@@ -109,6 +163,8 @@ __all__ = [
     "UnknownCredential",
     "UnsealFailed",
     "UnsupportedOperation",
+    "UseDpopNonce",
+    "WrongGrantee",
     "error_from_code",
 ]
 
@@ -255,6 +311,196 @@ class Forbidden(KeygrantsError):
     default_message = "forbidden"
 
 
+class GrantDenied(Forbidden):
+    """Raised when a presented grant token does not authorize the request (base of every grant
+    denial code)."""
+
+    code = "grant_denied"
+    default_message = "a grant token was refused"
+
+
+class GrantMalformed(GrantDenied):
+    """Raised when a grant token is not a well-formed compact JWS with JSON header and claims."""
+
+    code = "grant_malformed"
+    default_message = "malformed grant token"
+
+
+class GrantAlgorithmRejected(GrantDenied):
+    """Raised for ``alg`` ``none``, HMAC algorithms or any algorithm other than the issuer key's."""
+
+    code = "grant_algorithm_rejected"
+    default_message = "grant token algorithm rejected"
+
+
+class GrantHeaderRejected(GrantDenied):
+    """Raised for ``jku``/``x5u``/``jwk``/``x5c`` headers, ``crit`` or any unexpected header."""
+
+    code = "grant_header_rejected"
+    default_message = "grant token header rejected"
+
+
+class GrantTypeInvalid(GrantDenied):
+    """Raised when the token's ``typ`` is not ``kg+jwt``."""
+
+    code = "grant_type_invalid"
+    default_message = "grant token has the wrong type"
+
+
+class GrantUnknownKey(GrantDenied):
+    """Raised when ``kid`` names no live issuer key (unknown, retired or malformed)."""
+
+    code = "grant_unknown_kid"
+    default_message = "grant token signed by an unknown key"
+
+
+class GrantSignatureInvalid(GrantDenied):
+    """Raised when a grant token's signature does not verify."""
+
+    code = "grant_signature_invalid"
+    default_message = "grant token signature invalid"
+
+
+class GrantClaimsInvalid(GrantDenied):
+    """Raised when a required claim is missing or has the wrong type."""
+
+    code = "grant_claims_invalid"
+    default_message = "grant token claims invalid"
+
+
+class IssuerMismatch(GrantDenied):
+    """Raised when ``iss`` is not exactly this service's issuer."""
+
+    code = "issuer_mismatch"
+    default_message = "grant token issuer mismatch"
+
+
+class AudienceMismatch(GrantDenied):
+    """Raised when the token's ``aud`` does not include the expected audience."""
+
+    code = "audience_mismatch"
+    default_message = "grant token audience mismatch"
+
+
+class GrantExpired(GrantDenied):
+    """Raised when the grant's ``exp`` (plus leeway) has passed."""
+
+    code = "grant_expired"
+    default_message = "grant expired"
+
+
+class GrantNotYetValid(GrantDenied):
+    """Raised when the grant's ``nbf`` (minus leeway) is still ahead."""
+
+    code = "grant_not_yet_valid"
+    default_message = "grant not yet valid"
+
+
+class GrantRevoked(GrantDenied):
+    """Raised when the grant, its parent, its grantee or its key was revoked."""
+
+    code = "grant_revoked"
+    default_message = "grant revoked"
+
+
+class GrantRetired(GrantDenied):
+    """Raised when the grant was retired by its grantee or retiring principal."""
+
+    code = "grant_retired"
+    default_message = "grant retired"
+
+
+class GrantExhausted(GrantDenied):
+    """Raised when a limited-use grant has no uses left."""
+
+    code = "grant_exhausted"
+    default_message = "grant exhausted"
+
+
+class GrantPending(GrantDenied):
+    """Raised when a break-glass grant has not been approved (or was rejected)."""
+
+    code = "grant_pending"
+    default_message = "grant pending approval"
+
+
+class WrongGrantee(GrantDenied):
+    """Raised when the presenting principal is not the grant's grantee."""
+
+    code = "wrong_grantee"
+    default_message = "grant belongs to another principal"
+
+
+class KeyNotGranted(GrantDenied):
+    """Raised when the operation's key is not the grant's key."""
+
+    code = "key_not_granted"
+    default_message = "grant is for another key"
+
+
+class OperationNotGranted(GrantDenied):
+    """Raised when the grant does not include the requested operation."""
+
+    code = "operation_not_granted"
+    default_message = "operation not granted"
+
+
+class ContextMismatch(GrantDenied):
+    """Raised when the encryption context does not satisfy the grant's constraints."""
+
+    code = "context_mismatch"
+    default_message = "encryption context does not satisfy the grant"
+
+
+class PopRequired(GrantDenied):
+    """Raised when a bound grant is presented without a DPoP proof or the bound certificate."""
+
+    code = "pop_required"
+    default_message = "proof of possession required"
+
+
+class PopInvalid(GrantDenied):
+    """Raised when a DPoP proof or certificate binding does not check out."""
+
+    code = "pop_invalid"
+    default_message = "invalid proof of possession"
+
+
+class PopReplayed(PopInvalid):
+    """Raised when a DPoP proof's ``jti`` was seen before."""
+
+    code = "pop_replayed"
+    default_message = "proof of possession replayed"
+
+
+class AttenuationViolated(Forbidden):
+    """Raised when a delegated or exchanged grant would exceed its parent grant."""
+
+    code = "attenuation_violated"
+    default_message = "a sub-grant must narrow its parent"
+
+
+class SelfApproval(Forbidden):
+    """Raised when a principal approves or rejects a grant it requested (two-person rule)."""
+
+    code = "self_approval"
+    default_message = "the requester cannot approve their own grant"
+
+
+class UseDpopNonce(PopInvalid):
+    """Raised when the server requires a DPoP nonce the proof lacks (RFC 9449 §8); the edge
+    answers 401 with a fresh ``DPoP-Nonce``."""
+
+    code = "use_dpop_nonce"
+    status = 401
+    default_message = "a DPoP nonce is required"
+
+    def __init__(self, message: str | None = None, *, nonce: str = "",
+                 request_id: str | None = None) -> None:
+        super().__init__(message, request_id=request_id)
+        self.nonce = nonce
+
+
 class NotFound(KeygrantsError):
     """Raised when a resource or route does not exist."""
 
@@ -298,6 +544,13 @@ class PolicyNotFound(NotFound):
     default_message = "policy not found"
 
 
+class GrantNotFound(NotFound):
+    """Raised when a grant id names no grant (or one the caller may not see)."""
+
+    code = "grant_not_found"
+    default_message = "grant not found"
+
+
 class MethodNotAllowed(KeygrantsError):
     """Raised when a route exists but not for the request's HTTP method."""
 
@@ -319,6 +572,13 @@ class AlreadyExists(Conflict):
 
     code = "already_exists"
     default_message = "name already in use"
+
+
+class GrantStateError(Conflict):
+    """Raised when a grant's state does not allow the change (approve an active grant, ...)."""
+
+    code = "grant_state"
+    default_message = "the grant's state does not allow this"
 
 
 class KeyStateError(KeygrantsError):

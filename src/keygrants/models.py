@@ -16,6 +16,8 @@ import msgspec
 from keygrants.audit.events import AuditEvent
 
 __all__ = [
+    "GRANT_TOKEN_TYPE_URI",
+    "TOKEN_EXCHANGE_GRANT_TYPE",
     "AliasInfo",
     "AuditCheckpoint",
     "AuditDigest",
@@ -31,6 +33,7 @@ __all__ = [
     "BatchResult",
     "ConsistencyProof",
     "CreateAliasRequest",
+    "CreateGrantRequest",
     "CreateKeyRequest",
     "DataKey",
     "DataKeyRequest",
@@ -40,7 +43,12 @@ __all__ = [
     "DerivedKey",
     "EncryptRequest",
     "EncryptResult",
+    "GrantCreated",
+    "GrantDecisionRequest",
+    "GrantInfo",
+    "GrantList",
     "InclusionProof",
+    "IssuerKeyInfo",
     "KeyInfo",
     "KeyList",
     "MacRequest",
@@ -51,9 +59,15 @@ __all__ = [
     "RandomResult",
     "ReEncryptRequest",
     "ReEncryptResult",
+    "RevocationEntryInfo",
+    "RevocationFeed",
+    "RevokeAllRequest",
+    "RevokeAllResult",
     "ScheduleDeletionRequest",
     "SignRequest",
     "SignResult",
+    "TokenExchangeRequest",
+    "TokenExchangeResult",
     "UpdateKeyRequest",
     "VerifyMacRequest",
     "VerifyRequest",
@@ -575,6 +589,7 @@ class GrantFactsRequest(_Request):
     pop: bool = False
     operations: list[str] = []
     audiences: list[str] = []
+    grantee: str = ""
 
 
 class TestPolicyRequest(_Request):
@@ -598,3 +613,156 @@ class PolicyTestResult(_Result):
     reasons: list[str]
     errors: list[str]
     explanation: str
+
+
+# -- grants ------------------------------------------------------------------------------------
+
+class CreateGrantRequest(_Request):
+    """Create a grant: ``key`` (id, name or alias; resolved now), ``grantee`` (a principal),
+    ``operations``; the rest optional. ``ttl`` in seconds (default 5 minutes), ``max_uses``
+    absent = unlimited, ``dpop_jkt``/``x5t_s256`` bind the grant to a proof-of-possession key
+    or client certificate."""
+
+    key: str
+    grantee: str
+    operations: list[str]
+    context_equals: dict[str, str] | None = None
+    context_subset: dict[str, str] | None = None
+    ttl: int | None = None
+    not_before: datetime | None = None
+    max_uses: int | None = None
+    audiences: list[str] = []
+    dpop_jkt: str | None = None
+    x5t_s256: str | None = None
+    name: str | None = None
+    retiring_principal: str | None = None
+    justification: str | None = None
+
+
+class GrantInfo(_Result):
+    """A grant as its creator, grantee or a key administrator sees it (never its token)."""
+
+    id: str
+    key_id: str
+    grantee: str
+    operations: list[str]
+    state: str
+    issuer: str
+    created_at: datetime
+    not_before: datetime
+    expires_at: datetime
+    uses: int
+    max_uses: int | None = None
+    context_equals: dict[str, str] | None = None
+    context_subset: dict[str, str] | None = None
+    audiences: list[str] = []
+    dpop_jkt: str | None = None
+    x5t_s256: str | None = None
+    name: str | None = None
+    retiring_principal: str | None = None
+    justification: str | None = None
+    parent_id: str | None = None
+    depth: int = 0
+    requires_approval: bool = False
+    decided_by: str | None = None
+    decided_at: datetime | None = None
+    ended_at: datetime | None = None
+    ended_by: str | None = None
+
+
+class GrantCreated(_Result):
+    """A new (or re-issued) grant with its token; ``token`` is absent while the grant waits
+    for approval."""
+
+    grant: GrantInfo
+    token: str | None = None
+
+
+class GrantList(_Result):
+    """One page of grants; ``next`` is the ``after`` of the next page."""
+
+    grants: list[GrantInfo]
+    next: str | None = None
+
+
+class RevokeAllRequest(_Request):
+    """Revoke every live grant of one principal or one key (exactly one is given)."""
+
+    principal: str | None = None
+    key: str | None = None
+
+
+class RevokeAllResult(_Result):
+    """How many grants were revoked, and the feed entry that covers them."""
+
+    revoked: int
+    seq: int
+
+
+class GrantDecisionRequest(_Request):
+    """Approve or reject a pending grant, with an optional note."""
+
+    note: str | None = None
+
+
+TOKEN_EXCHANGE_GRANT_TYPE: Final = "urn:ietf:params:oauth:grant-type:token-exchange"
+GRANT_TOKEN_TYPE_URI: Final = "urn:keygrants:params:oauth:token-type:grant"
+
+
+class TokenExchangeRequest(_Request):
+    """RFC 8693-shaped exchange: trade ``subject_token`` (a grant token of the caller) for a
+    narrower one. ``scope`` lists operations (space-separated, default: the same); the other
+    fields narrow the grant further."""
+
+    subject_token: str
+    grant_type: str = TOKEN_EXCHANGE_GRANT_TYPE
+    subject_token_type: str = GRANT_TOKEN_TYPE_URI
+    requested_token_type: str = GRANT_TOKEN_TYPE_URI
+    scope: str | None = None
+    audience: list[str] | None = None
+    context_equals: dict[str, str] | None = None
+    context_subset: dict[str, str] | None = None
+    ttl: int | None = None
+    max_uses: int | None = None
+    dpop_jkt: str | None = None
+
+
+class TokenExchangeResult(_Result):
+    """RFC 8693 §2.2.1 response members, plus the new grant's id."""
+
+    access_token: str
+    issued_token_type: str
+    token_type: str
+    expires_in: int
+    scope: str
+    grant_id: str
+
+
+class RevocationEntryInfo(_Result):
+    """One revocation feed entry."""
+
+    seq: int
+    kind: str
+    id: str
+    revoked_at: int
+    expires_at: int
+    reason: str
+
+
+class RevocationFeed(_Result):
+    """Entries after ``since``; ``latest`` is the feed's newest sequence number, ``more`` says
+    another page follows."""
+
+    entries: list[RevocationEntryInfo]
+    latest: int
+    more: bool = False
+
+
+class IssuerKeyInfo(_Result):
+    """An issuer key as a rotation reports it (times are Unix seconds)."""
+
+    kid: str
+    alg: str
+    created_at: int
+    activate_at: int
+    seq: int

@@ -35,6 +35,7 @@ from keygrants.auth.authenticator import AuthSettings
 from keygrants.auth.directory import Directory
 from keygrants.auth.ratelimit import RateLimiter
 from keygrants.errors import KeygrantsError
+from keygrants.grant_service import GrantAuthorizer, GrantService, GrantSettings
 from keygrants.providers import open_root_provider
 from keygrants.providers.local import PASSPHRASE_ENV
 from keygrants.seal import open_root_key, sealed_with
@@ -82,6 +83,7 @@ class ServerConfig:
     tls_key: Path | None = None
     client_ca: Path | None = None
     usage_flush_interval: float = 30.0
+    grants: GrantSettings = field(default_factory=GrantSettings)
 
 
 @dataclass(slots=True)
@@ -149,6 +151,9 @@ def build_server(config: ServerConfig) -> BuiltServer:
     access = open_access(store, root_key, audit=audit.recorder, settings=config.auth)
     limits = Limits(max_plaintext=config.max_plaintext, max_message=config.max_plaintext)
     kms = KMS(store, root_key, limits=limits, audit=audit.recorder, authorizer=access.authorizer)
+    grants = GrantService(kms, access.authorizer, root_key=root_key, settings=config.grants,
+                          audit=audit.recorder)
+    kms.use_authorizer(GrantAuthorizer(access.authorizer, grants))
     audit_service = AuditService(audit, kms.authorizer)
     rate_limiter = (RateLimiter(config.rate_limit, config.rate_burst)
                     if config.rate_limit > 0 else None)
@@ -165,7 +170,7 @@ def build_server(config: ServerConfig) -> BuiltServer:
         await asyncio.to_thread(audit.recorder.record, system, "server.start", "ok",
                                 operation="start", detail=started, wait=True)
         stop_scheduler = asyncio.Event()
-        task = asyncio.create_task(_scheduler(kms, interval, stop_scheduler))
+        task = asyncio.create_task(_scheduler(kms, grants, interval, stop_scheduler))
         usage = asyncio.create_task(_flush_usage(access.directory, config.usage_flush_interval,
                                                  stop_scheduler))
         shippers = [Shipper(audit.log, sink).start() for sink in sinks]
@@ -186,19 +191,24 @@ def build_server(config: ServerConfig) -> BuiltServer:
 
     app = create_app(kms, access.authenticator,
                      limits=HttpLimits.for_plaintext(config.max_plaintext), lifespan=lifespan,
-                     audit=audit_service, access=access.service, rate_limiter=rate_limiter)
+                     audit=audit_service, access=access.service, rate_limiter=rate_limiter,
+                     grants=grants)
     return BuiltServer(kms=kms, app=app, audit=audit, admin_token_path=token_path,
                        created_root_key=created, wrote_admin_token=token is not None)
 
 
-async def _scheduler(kms: KMS, interval: float, stop: asyncio.Event) -> None:
-    """Apply due rotations and deletions now and every ``interval`` seconds, until ``stop``
-    (a run in progress finishes first: it is never cut off mid-write)."""
+async def _scheduler(kms: KMS, grants: GrantService | None, interval: float,
+                     stop: asyncio.Event) -> None:
+    """Apply due rotations and deletions (keys, issuer keys, expired revocation entries) now
+    and every ``interval`` seconds, until ``stop`` (a run in progress finishes first: it is
+    never cut off mid-write)."""
     while not stop.is_set():
         try:
             rotated, destroyed = await asyncio.to_thread(kms.run_due)
             if rotated or destroyed:
                 log.info("scheduler: rotated %d key(s), destroyed %d key(s)", rotated, destroyed)
+            if grants is not None:
+                await asyncio.to_thread(grants.run_due)
         except KeygrantsError as exc:
             log.warning("scheduler: %s (%s); will retry", exc.message, exc.code)
         except Exception:

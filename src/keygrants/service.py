@@ -201,6 +201,10 @@ class KMS:
     def _now(self) -> int:
         return int(self._clock())
 
+    def use_authorizer(self, authorizer: Authorizer) -> None:
+        """Replace the policy decision point (the grant authorizer wraps the policy one)."""
+        self._authorizer = self.authorizer = authorizer
+
     def _intent(self, ctx: RequestContext, event_type: str, operation: str, key_id: str | None,
                 **detail: str) -> None:
         """Make a ``requested`` event durable before a state change is applied: if the audit

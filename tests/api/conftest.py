@@ -15,8 +15,10 @@ from keygrants.api.app import HttpLimits, KeygrantsApp, create_app
 from keygrants.audit.service import AuditService
 from keygrants.audit.setup import AuditSetup, open_audit
 from keygrants.auth import ADMIN_PRINCIPAL, RequestContext, ensure_admin_token
+from keygrants.grant_service import GrantAuthorizer, GrantService
 from keygrants.models import (
     CreateApiKeyRequest,
+    CreateGrantRequest,
     CreateKeyRequest,
     CreatePrincipalRequest,
     PutPolicyRequest,
@@ -47,6 +49,7 @@ class World:
     token: str
     audit: AuditSetup
     access: Access
+    grants: GrantService
     ids: dict[str, str] = field(default_factory=dict)
     ciphertext: bytes = b""
     signature: bytes = b""
@@ -54,6 +57,11 @@ class World:
     sealed: dict[str, bytes] = field(default_factory=dict)  # ciphertext under "off", "doomed"
     api_key: str = ""  # of principal "svc" (tags: payments), which policy "svc-encrypt" lets
     api_key_id: str = ""  # encrypt under "enc" only
+    grant_id: str = ""  # admin → svc: encrypt/decrypt under "enc", 100 uses, 1 hour
+    grant_token: str = ""
+    admin_grant_id: str = ""  # admin → admin: encrypt under "enc", 1 hour (to exchange, retire)
+    admin_grant_token: str = ""
+    pending_grant_id: str = ""  # svc's break-glass request for encrypt under "enc"
 
     @property
     def auth(self) -> dict[str, str]:
@@ -69,6 +77,9 @@ class World:
             self.store.list_principals(limit=100_000),
             self.store.list_credentials(),
             self.store.list_policies(),
+            self.store.list_grants(now=0, limit=100_000),
+            self.store.list_issuer_keys(),
+            self.store.revocations_since(0, limit=100_000),
         )
 
 
@@ -81,9 +92,13 @@ def build_world(*, limits: HttpLimits | None = None) -> World:
                        checkpoint_interval=0.05)
     access = open_access(store, root_key, audit=audit.recorder)
     kms = KMS(store, root_key, audit=audit.recorder, authorizer=access.authorizer)
+    grants = GrantService(kms, access.authorizer, root_key=root_key, audit=audit.recorder)
+    kms.use_authorizer(GrantAuthorizer(access.authorizer, grants))
     app = create_app(kms, access.authenticator, limits=limits,
-                     audit=AuditService(audit, kms.authorizer), access=access.service)
-    w = World(store=store, kms=kms, app=app, token=token, audit=audit, access=access)
+                     audit=AuditService(audit, kms.authorizer), access=access.service,
+                     grants=grants)
+    w = World(store=store, kms=kms, app=app, token=token, audit=audit, access=access,
+              grants=grants)
     for name, spec, derivable in [
         ("enc", "aes-256-gcm", False),
         ("enc2", "chacha20-poly1305", False),
@@ -107,9 +122,30 @@ def build_world(*, limits: HttpLimits | None = None) -> World:
     created = access.service.create_api_key(ADMIN, "svc", CreateApiKeyRequest(label="fixture"))
     w.api_key, w.api_key_id = created.api_key, created.credential.id
     access.service.put_policy(ADMIN, "svc-encrypt", PutPolicyRequest(text=SVC_POLICY))
+    created_grant = grants.create(ADMIN, CreateGrantRequest(
+        key="enc", grantee="svc", operations=["encrypt", "decrypt"], ttl=3600, max_uses=100))
+    assert created_grant.token is not None
+    w.grant_id, w.grant_token = created_grant.grant.id, created_grant.token
+    admin_grant = grants.create(ADMIN, CreateGrantRequest(
+        key="enc", grantee=ADMIN_PRINCIPAL, operations=["encrypt"], ttl=3600))
+    assert admin_grant.token is not None
+    w.admin_grant_id, w.admin_grant_token = admin_grant.grant.id, admin_grant.token
+    # a break-glass request by svc, left pending (the policy that made it so is removed)
+    access.service.put_policy(ADMIN, "svc-break-glass", PutPolicyRequest(text=BREAK_GLASS_POLICY))
+    pending = grants.create(RequestContext(principal="svc", request_id="fixture",
+                                           auth_method="api_key"),
+                            CreateGrantRequest(key="enc", grantee="svc", operations=["encrypt"],
+                                               justification="incident 42"))
+    assert pending.token is None and pending.grant.state == "pending"
+    w.pending_grant_id = pending.grant.id
+    access.service.delete_policy(ADMIN, "svc-break-glass")
     audit.log.checkpoint_now()
     return w
 
+
+BREAK_GLASS_POLICY = """@approval("required")
+permit(principal == Keygrants::Principal::"svc", action == Keygrants::Action::"create_grant",
+       resource) when { resource.name == "enc" };"""
 
 SVC_POLICY = """permit(principal == Keygrants::Principal::"svc", action == Keygrants::Action::"encrypt",
        resource) when { resource.name == "enc" };"""

@@ -801,7 +801,7 @@ def test_slicing_and_context_pruning_match_cedar_on_the_whole_set() -> None:
             "encryption_context": ["t=1"], "encryption_context_keys": ["t"]}
         if grant is not None:
             context["grant"] = {"ttl": grant.ttl, "uses": grant.uses, "pop": grant.pop,
-                                "operations": [], "audiences": []}
+                                "operations": [], "audiences": [], "grantee": ""}
         want = cedarpy.is_authorized(
             {"principal": {"type": "Keygrants::Principal", "id": principal.id},
              "action": {"type": "Keygrants::Action", "id": action},

@@ -15,6 +15,7 @@ memory); operations that write to the store run in a worker thread.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import math
@@ -41,6 +42,7 @@ from keygrants.auth.ratelimit import RateLimiter
 from keygrants.errors import (
     AuditUnavailable,
     Forbidden,
+    GrantDenied,
     HeaderTooLarge,
     InvalidRequest,
     KeygrantsError,
@@ -50,7 +52,9 @@ from keygrants.errors import (
     PayloadTooLarge,
     RateLimited,
     Unauthenticated,
+    UseDpopNonce,
 )
+from keygrants.grant_service import GrantService
 from keygrants.service import KMS
 
 __all__ = ["ENDPOINTS", "Endpoint", "HttpLimits", "KeygrantsApp", "Reply", "create_app"]
@@ -104,6 +108,7 @@ class Endpoint:
     auth: bool = True
     batch: bool = False
     tag: str = "keys"
+    grant: bool = False
 
 
 @dataclass(slots=True)
@@ -117,6 +122,8 @@ class _Call:
     body: Any
     audit_service: AuditService | None = None
     access_service: AccessService | None = None
+    grant_service: GrantService | None = None
+    request: _Request | None = None
 
     def param(self, name: str) -> str:
         return self.params[name]
@@ -126,6 +133,12 @@ class _Call:
         if self.access_service is None:
             raise NotFound("this server has no principal management")
         return self.access_service
+
+    @property
+    def grants(self) -> GrantService:
+        if self.grant_service is None:
+            raise NotFound("this server has no grants")
+        return self.grant_service
 
     @property
     def audit(self) -> AuditService:
@@ -148,6 +161,7 @@ class Reply:
 
     status: int
     body: Any
+    headers: tuple[tuple[bytes, bytes], ...] = ()
 
 
 class _HeaderView(Mapping[str, str]):
@@ -175,8 +189,8 @@ class _HeaderView(Mapping[str, str]):
 class _Request:
     """The parts of an ASGI HTTP scope the edge reads, parsed once."""
 
-    __slots__ = ("authorization", "content_length", "request_id", "scope", "signature",
-                 "signature_input")
+    __slots__ = ("authorization", "content_length", "dpop", "grant", "request_id", "scope",
+                 "signature", "signature_input")
 
     def __init__(self, scope: Scope, next_id: Callable[[], str]) -> None:
         self.scope = scope
@@ -184,6 +198,8 @@ class _Request:
         self.content_length: bytes | None = None
         self.signature: bytes | None = None
         self.signature_input: bytes | None = None
+        self.grant: bytes | None = None
+        self.dpop: list[bytes] = []
         given: bytes | None = None
         for name, value in scope["headers"]:
             if name == b"authorization":
@@ -196,6 +212,10 @@ class _Request:
                 self.signature_input = value
             elif name == b"signature":
                 self.signature = value
+            elif name == b"keygrants-grant":
+                self.grant = value
+            elif name == b"dpop":
+                self.dpop.append(value)
         rid = given.decode("latin-1") if given else ""
         self.request_id = rid if rid and _REQUEST_ID_RE.match(rid) else next_id()
 
@@ -295,6 +315,9 @@ async def _send_error(send: Send, exc: KeygrantsError, request_id: str,
         headers.append((b"www-authenticate", b'Bearer realm="keygrants", error="' + error + b'"'))
     elif isinstance(exc, RateLimited):
         headers.append((b"retry-after", str(max(1, math.ceil(exc.retry_after))).encode()))
+    elif isinstance(exc, UseDpopNonce):
+        headers.append((b"www-authenticate", b'DPoP error="use_dpop_nonce"'))
+        headers.append((b"dpop-nonce", exc.nonce.encode("ascii")))
     await _send(send, exc.status, _encoder.encode(exc.to_dict()), request_id, headers)
 
 
@@ -357,10 +380,12 @@ class KeygrantsApp:
     def __init__(self, kms: KMS, authenticator: Authenticator, limits: HttpLimits,
                  lifespan: Callable[[], AbstractAsyncContextManager[None]] | None,
                  audit: AuditService | None = None, access: AccessService | None = None,
-                 rate_limiter: RateLimiter | None = None) -> None:
+                 rate_limiter: RateLimiter | None = None,
+                 grants: GrantService | None = None) -> None:
         from keygrants.api.openapi import openapi_document
 
         self.kms = kms
+        self.grants = grants
         self.audit = audit
         self.access = access
         self.authenticator = authenticator
@@ -430,6 +455,31 @@ class KeygrantsApp:
         ctx.attributes["auth"] = ctx.auth_method or ""
         return ctx
 
+    def _present_grant(self, req: _Request, ctx: RequestContext, method: str,
+                       endpoint: Endpoint) -> RequestContext:
+        """Verify the ``Keygrants-Grant`` token the caller presents; refusals are audited
+        (``grant.deny``) with the token only as a keyed digest."""
+        assert req.grant is not None
+        token = req.grant.decode("latin-1").strip()
+        if not endpoint.grant:
+            raise InvalidRequest(f"{endpoint.operation_id} does not accept a grant token")
+        if self.grants is None:
+            raise NotFound("this server has no grants")
+        if len(req.dpop) > 1:
+            proof: str | None = ",".join(p.decode("latin-1") for p in req.dpop)
+        else:
+            proof = req.dpop[0].decode("latin-1") if req.dpop else None
+        try:
+            claims = self.grants.verify_presented(
+                ctx, token, dpop=proof, method=method, url=req.target_uri(),
+                client_cert=req.client_cert())
+        except GrantDenied as exc:
+            self.kms.audit.record(ctx, "grant.deny", "denied", operation=endpoint.operation_id,
+                                  reason=exc.code,
+                                  detail={"token": self.kms.audit.digest(token)})
+            raise
+        return dataclasses.replace(ctx, grant=claims)
+
     def _find(self, method: str, path: str) -> tuple[_Route, dict[str, str]]:
         parts = path[1:].split("/")
         allowed = False
@@ -467,6 +517,8 @@ class KeygrantsApp:
                 raw = await _read_body(req, receive, route.limit)
             if endpoint.auth:
                 ctx = self._authenticate(req, method, raw, source, pending, endpoint)
+                if req.grant is not None:
+                    ctx = self._present_grant(req, ctx, method, endpoint)
             else:
                 ctx = RequestContext(principal="", request_id=request_id, source=source)
             body = None
@@ -477,8 +529,14 @@ class KeygrantsApp:
                     raise MalformedBody(f"invalid request body: {exc}") from None
                 except msgspec.DecodeError:
                     raise MalformedBody("request body is not valid JSON") from None
-            result = await endpoint.handler(_Call(self.kms, ctx, params, req.query(), body,
-                                                  self.audit, self.access))
+            call = _Call(self.kms, ctx, params, req.query(), body, self.audit, self.access,
+                         self.grants, req)
+            sync = getattr(endpoint.handler, "sync", None)
+            if sync is not None and ctx.grant is not None and ctx.grant.max_uses is not None:
+                # counting a use of a limited grant is a durable store write: off the loop
+                result = await run_in_threadpool(sync, call)
+            else:
+                result = await endpoint.handler(call)
             status = endpoint.status
         except KeygrantsError as exc:
             result, status = exc, exc.status
@@ -513,7 +571,8 @@ class KeygrantsApp:
             await send({"type": "http.response.start", "status": 204, "headers": headers})
             await send({"type": "http.response.body", "body": b""})
         elif isinstance(result, Reply):
-            await _send(send, result.status, _encoder.encode(result.body), request_id, extra)
+            await _send(send, result.status, _encoder.encode(result.body), request_id,
+                        [*(extra or ()), *result.headers])
         elif isinstance(result, Stream):
             await _stream(send, result, request_id, extra)
         else:
@@ -531,6 +590,7 @@ def _in_thread(fn: Callable[..., Any]) -> Handler:
 def _inline(fn: Callable[..., Any]) -> Handler:
     async def handler(call: _Call) -> Any:
         return fn(call)
+    handler.sync = fn  # type: ignore[attr-defined]  # the edge may run it in a thread
     return handler
 
 
@@ -679,7 +739,100 @@ _PRINCIPAL_ENDPOINTS: Final = (
 )
 
 
-ENDPOINTS: Final[Sequence[Endpoint]] = (
+def _list_grants(c: _Call) -> Any:
+    limit = _query_int(c, "limit", 100)
+    assert limit is not None
+    q = c.query
+    return c.grants.list_grants(c.ctx, key=q.get("key"), grantee=q.get("grantee"),
+                         retiring_principal=q.get("retiring_principal"), state=q.get("state"),
+                         limit=limit, after=q.get("after"))
+
+
+def _create_grant(c: _Call) -> Any:
+    created = c.grants.create(c.ctx, c.body)
+    return created if created.token is not None else Reply(202, created)
+
+
+def _exchange(c: _Call) -> Any:
+    req = c.request
+    assert req is not None
+    proof = ",".join(p.decode("latin-1") for p in req.dpop) if req.dpop else None
+    return c.grants.exchange(c.ctx, c.body, dpop=proof, method="POST", url=req.target_uri(),
+                             client_cert=req.client_cert())
+
+
+def _revocations(c: _Call) -> Any:
+    since = _query_int(c, "since", 0) or 0
+    limit = _query_int(c, "limit", 1000)
+    assert limit is not None
+    return c.grants.revocation_feed(since, limit)
+
+
+async def _jwks(c: _Call) -> Any:
+    grants = c.grants
+    return Reply(200, grants.jwks(), ((b"cache-control",
+                                       f"public, max-age={grants.settings.jwks_max_age}".encode()),))
+
+
+_GRANT_ENDPOINTS: Final = (
+    Endpoint("POST", "/v1/grants", _in_thread(_create_grant), "createGrant",
+             "Create a grant (202 when it waits for approval); with a grant token: a sub-grant",
+             m.CreateGrantRequest, m.GrantCreated, status=201, tag="grants", grant=True),
+    Endpoint("GET", "/v1/grants", _in_thread(_list_grants), "listGrants",
+             "List grants (query: key, grantee, retiring_principal, state, limit, after)",
+             response=m.GrantList, tag="grants"),
+    Endpoint("POST", "/v1/token-exchange", _in_thread(_exchange), "exchangeGrant",
+             "RFC 8693-style token exchange: a narrower grant token for a grant token",
+             m.TokenExchangeRequest, m.TokenExchangeResult, tag="grants"),
+    Endpoint("POST", "/v1/revoke-all",
+             _in_thread(lambda c: c.grants.revoke_all(c.ctx, c.body)), "revokeAllGrants",
+             "Revoke every grant of a principal or a key (incident response)",
+             m.RevokeAllRequest, m.RevokeAllResult, tag="grants"),
+    Endpoint("GET", "/v1/grants/{grant}",
+             _in_thread(lambda c: c.grants.describe(c.ctx, c.param("grant"))), "describeGrant",
+             "Show a grant", response=m.GrantInfo, tag="grants"),
+    Endpoint("POST", "/v1/grants/{grant}/token",
+             _in_thread(lambda c: c.grants.token(c.ctx, c.param("grant"))), "grantToken",
+             "A fresh token for an active grant (its grantee or creator)",
+             response=m.GrantCreated, tag="grants"),
+    Endpoint("POST", "/v1/grants/{grant}/retire",
+             _in_thread(lambda c: c.grants.retire(c.ctx, c.param("grant"))), "retireGrant",
+             "Retire a grant (its grantee or retiring principal)", response=m.GrantInfo,
+             tag="grants"),
+    Endpoint("POST", "/v1/grants/{grant}/revoke",
+             _in_thread(lambda c: c.grants.revoke(c.ctx, c.param("grant"))), "revokeGrant",
+             "Revoke a grant and its sub-grants", response=m.GrantInfo, tag="grants"),
+    Endpoint("POST", "/v1/grants/{grant}/approve",
+             _in_thread(lambda c: c.grants.approve(c.ctx, c.param("grant"),
+                                                   c.body.note if c.body else None)),
+             "approveGrant", "Approve a pending (break-glass) grant: never the requester",
+             m.GrantDecisionRequest, m.GrantInfo, tag="grants"),
+    Endpoint("POST", "/v1/grants/{grant}/reject",
+             _in_thread(lambda c: c.grants.reject(c.ctx, c.param("grant"),
+                                                  c.body.note if c.body else None)),
+             "rejectGrant", "Reject a pending grant", m.GrantDecisionRequest, m.GrantInfo,
+             tag="grants"),
+    Endpoint("POST", "/v1/issuer/rotate",
+             _in_thread(lambda c: c.grants.rotate_issuer(c.ctx)), "rotateIssuerKey",
+             "Start a staged rotation of the grant-token issuer key",
+             response=m.IssuerKeyInfo, tag="grants"),
+    Endpoint("GET", "/v1/revocations", _in_thread(_revocations), "revocations",
+             "Revocation feed entries after a sequence number (query: since, limit); public",
+             response=m.RevocationFeed, auth=False, tag="grants"),
+    Endpoint("GET", "/.well-known/jwks.json", _jwks, "jwks",
+             "Issuer keys that may verify a live grant token (with seq); public",
+             auth=False, tag="grants"),
+)
+
+#: Endpoints that accept a ``Keygrants-Grant`` token in place of the caller's own policies.
+_GRANT_USERS: Final = frozenset({
+    "describeKey", "getPublicKey", "encrypt", "batchEncrypt", "decrypt", "batchDecrypt",
+    "reEncrypt", "generateDataKey", "sign", "verify", "mac", "verifyMac", "derive",
+})
+
+
+ENDPOINTS: Final[Sequence[Endpoint]] = tuple(
+    dataclasses.replace(e, grant=True) if e.operation_id in _GRANT_USERS else e for e in (
     Endpoint("GET", "/healthz", _health, "health", "Liveness", auth=False, tag="system"),
     Endpoint("GET", "/readyz", _ready, "ready", "Readiness (store reachable)", auth=False,
              tag="system"),
@@ -784,14 +937,16 @@ ENDPOINTS: Final[Sequence[Endpoint]] = (
              "The audit log's origin and checkpoint verifier key", response=m.AuditKey,
              tag="audit"),
     *_PRINCIPAL_ENDPOINTS,
-)
+    *_GRANT_ENDPOINTS,
+))
 
 
 def create_app(kms: KMS, authenticator: Authenticator, *,
                limits: HttpLimits | None = None,
                lifespan: Callable[[], AbstractAsyncContextManager[None]] | None = None,
                audit: AuditService | None = None, access: AccessService | None = None,
-               rate_limiter: RateLimiter | None = None) -> KeygrantsApp:
+               rate_limiter: RateLimiter | None = None,
+               grants: GrantService | None = None) -> KeygrantsApp:
     """Build the ASGI application.
 
     Args:
@@ -803,6 +958,8 @@ def create_app(kms: KMS, authenticator: Authenticator, *,
         access: principals, credentials and policies behind ``/v1/principals`` and
             ``/v1/policies`` (absent: those answer 404).
         rate_limiter: per-principal request limits (absent: none).
+        grants: grants, issuer keys and the revocation feed behind ``/v1/grants``,
+            ``/v1/revocations`` and ``/.well-known/jwks.json`` (absent: those answer 404).
     """
     limits = limits or HttpLimits.for_plaintext(kms.limits.max_plaintext)
-    return KeygrantsApp(kms, authenticator, limits, lifespan, audit, access, rate_limiter)
+    return KeygrantsApp(kms, authenticator, limits, lifespan, audit, access, rate_limiter, grants)

@@ -66,6 +66,8 @@ class LogRecorder:
                key_id: str | None = None, key_version: int | None = None,
                grant_id: str | None = None, detail: Mapping[str, str] | None = None,
                wait: bool = False) -> None:
+        if grant_id is None and ctx.grant is not None:
+            grant_id = ctx.grant.grant_id
         fields: dict[str, Any] = {
             "type": type, "result": result, "principal": ctx.principal or None,
             "credential": ctx.credential_id, "key_id": key_id, "key_version": key_version,

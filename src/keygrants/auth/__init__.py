@@ -42,7 +42,9 @@ class RequestContext:
     ``admin_token``); ``attributes`` collects facts for the request's audit events (the
     authentication method, the policy statements that decided). ``pending_audit`` is set by
     the HTTP edge: audit events recorded for this request put
-    their durability futures there and the edge awaits them before it answers.
+    their durability futures there and the edge awaits them before it answers. ``grant`` is
+    the verified :class:`~keygrants.grants.model.GrantClaims` of a grant token the caller
+    presented: then the grant, not the caller's policies, decides what the request may do.
     """
 
     principal: str
@@ -53,6 +55,7 @@ class RequestContext:
     auth_method: str | None = None
     attributes: dict[str, str] = field(default_factory=dict)
     pending_audit: list[Any] | None = None
+    grant: Any = None
 
 
 def generate_admin_token() -> str:

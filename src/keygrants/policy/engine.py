@@ -178,15 +178,18 @@ class KeyFacts:
 @dataclass(frozen=True, slots=True)
 class GrantFacts:
     """The limits of a grant being created: ``ttl`` seconds, ``uses`` (0 = unlimited), whether
-    proof of possession is required, and the operations and audiences it allows."""
+    proof of possession is required, the operations and audiences it allows, and its grantee."""
 
     ttl: int
     uses: int
     pop: bool = False
     operations: frozenset[str] = frozenset()
     audiences: frozenset[str] = frozenset()
+    grantee: str = ""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.grantee, str):
+            raise TypeError("GrantFacts.grantee must be a str")
         _check_long(self.ttl, "GrantFacts.ttl")
         _check_long(self.uses, "GrantFacts.uses")
         if not isinstance(self.pop, bool):
@@ -259,7 +262,7 @@ def _context(request: RequestFacts, reads: frozenset[str] | None) -> dict[str, A
     if grant is not None and "grant" in reads:
         context["grant"] = {"ttl": grant.ttl, "uses": grant.uses, "pop": grant.pop,
                             "operations": sorted(grant.operations),
-                            "audiences": sorted(grant.audiences)}
+                            "audiences": sorted(grant.audiences), "grantee": grant.grantee}
     return context
 
 
@@ -278,6 +281,8 @@ class Statement:
         line: 1-based line of the statement's first token (``None`` if unknown).
         column: 1-based column of that token (``None`` if unknown).
         label: the statement's own ``@id("...")`` annotation, if it has one.
+        approval: the statement carries ``@approval("required")``: a grant it permits is
+            created pending until another principal approves it (break-glass).
     """
 
     policy: str
@@ -286,6 +291,7 @@ class Statement:
     line: int | None = None
     column: int | None = None
     label: str | None = None
+    approval: bool = False
 
     @property
     def ref(self) -> str:
@@ -325,6 +331,12 @@ class Decision:
 
     def __bool__(self) -> bool:
         raise TypeError("a Decision has no truth value; use decision.allowed")
+
+    @property
+    def requires_approval(self) -> bool:
+        """Allowed only by statements marked ``@approval("required")`` (break-glass): the
+        grant is created pending. One unmarked permit is enough to skip approval."""
+        return self.allowed and bool(self.statements) and all(s.approval for s in self.statements)
 
     def explain(self) -> str:
         """A one-line human-readable account of the decision.
@@ -754,11 +766,17 @@ def _compile(name: str, text: str) -> tuple[_Compiled, ...]:
         line = column = None
         if positioned:
             line, column = source.position(source.span(index)[0])
-        label = body.get("annotations", {}).get("id")
+        annotations = body.get("annotations", {})
+        label = annotations.get("id")
+        approval = annotations.get("approval")
+        if approval is not None and approval != "required":
+            raise PolicyInvalid(f'policy {name}: statement {index + 1}: the only @approval '
+                                f'annotation is @approval("required")')
         statement = Statement(policy=name, index=index + 1,
                               effect="forbid" if body.get("effect") == "forbid" else "permit",
                               line=line, column=column,
-                              label=label if isinstance(label, str) else None)
+                              label=label if isinstance(label, str) else None,
+                              approval=approval == "required")
         reads: _Reads = {var: set() for var in _READ_VARS}
         _attribute_reads(body.get("conditions"), reads)
         literals: set[str] = set()

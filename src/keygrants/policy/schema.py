@@ -62,6 +62,7 @@ _PRINCIPAL_ACTIONS = (
 _SERVICE_ACTIONS = (
     "list_keys", "generate_random", "list_principals", "put_policy", "get_policy",
     "list_policies", "delete_policy", "test_policy", "read_audit", "checkpoint_audit",
+    "rotate_issuer_key",
 )
 
 #: Every action a policy can name, mapped to the kind of its resource: ``"key"`` (a ``Key``
@@ -84,7 +85,8 @@ ACTION_GROUPS: Final[Mapping[str, frozenset[str]]] = MappingProxyType({
         "schedule_key_deletion", "cancel_key_deletion", "create_alias", "delete_alias", "list_aliases",
         "get_public_key", "list_keys",
     }),
-    "grants": frozenset({"create_grant", "revoke_grant", "approve_grant", "list_grants"}),
+    "grants": frozenset({"create_grant", "revoke_grant", "approve_grant", "list_grants",
+                         "revoke_grants"}),
     "principal_admin": frozenset({
         "create_principal", "describe_principal", "list_principals", "update_principal",
         "delete_principal", "manage_credentials",
@@ -135,7 +137,8 @@ namespace {NAMESPACE} {{
     uses: Long,
     pop: Bool,
     operations: Set<String>,
-    audiences: Set<String>
+    audiences: Set<String>,
+    grantee: String
   }};
 
   // Always present except grant (test it with `context has grant`). Times are UTC;

@@ -1,5 +1,5 @@
 """The store port: durable persistence of keys, versions, aliases, principals, credentials,
-policies and server metadata.
+policies, grants, issuer keys, the revocation feed and server metadata.
 
 Every method that writes returns only after the write is durable. Implementations raise
 :class:`~keygrants.errors.AlreadyExists` for a taken name or alias,
@@ -10,10 +10,13 @@ exceptions to the caller.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
 from keygrants.auth.model import Credential, Policy, Principal
+from keygrants.grants.issuer import IssuerKey
+from keygrants.grants.model import Grant
+from keygrants.grants.revocation import RevocationEntry
 from keygrants.keys.model import Key, KeyVersion
 
 __all__ = ["Alias", "Store"]
@@ -180,6 +183,75 @@ class Store(Protocol):
         Raises:
             PolicyNotFound: if there is no such policy.
         """
+
+    # -- grants ----------------------------------------------------------------------------
+    def create_grant(self, grant: Grant) -> None:
+        """Insert a grant.
+
+        Raises:
+            AlreadyExists: if the id is taken.
+        """
+
+    def get_grant(self, grant_id: str) -> Grant | None:
+        """A grant by id."""
+
+    def list_grants(self, *, now: int, limit: int, after: str | None = None,
+                    key_id: str | None = None, grantee: str | None = None,
+                    retiring_principal: str | None = None, state: str | None = None
+                    ) -> list[Grant]:
+        """Grants ordered by id, those after ``after``, filtered; ``state`` is the effective
+        state at ``now`` (``expired`` and ``exhausted`` are computed, not stored)."""
+
+    def live_grant_ids(self, *, now: int, grantee: str | None = None, key_id: str | None = None,
+                       parent_id: str | None = None) -> list[str]:
+        """Ids of grants in state ``active`` or ``pending`` that have not expired at ``now``,
+        of one grantee, key or parent (exactly one filter is given)."""
+
+    def consume_grant_use(self, grant_id: str, now: int) -> Grant | None:
+        """Count one use of a limited grant, atomically: only when it is ``active``, not
+        expired at ``now`` and has uses left. Return the updated grant, or ``None`` when no
+        use was counted (the caller reads the grant to tell why)."""
+
+    def update_grant(self, grant: Grant, *, expected_state: str,
+                     feed: Sequence[RevocationEntry] = ()) -> list[RevocationEntry]:
+        """Save a grant's state, window and decision/end fields if its stored state is still
+        ``expected_state``, and append ``feed`` entries, in one transaction; return the
+        entries with their sequence numbers.
+
+        Raises:
+            GrantNotFound: if it does not exist.
+            Conflict: if its state changed meanwhile.
+        """
+
+    def end_grants(self, grant_ids: Sequence[str], *, state: str, now: int, by: str,
+                   feed: Sequence[RevocationEntry]) -> list[RevocationEntry]:
+        """Set ``state`` (``revoked``) on those of ``grant_ids`` still active or pending and
+        append ``feed``, in one transaction; return the numbered entries."""
+
+    # -- revocation feed ---------------------------------------------------------------------
+    def revocations_since(self, seq: int, *, limit: int) -> list[RevocationEntry]:
+        """Feed entries with a sequence number above ``seq``, oldest first."""
+
+    def latest_revocation_seq(self) -> int:
+        """The newest entry's sequence number (0 for none). Pruned entries leave gaps a
+        reader need not fill: every token they covered has expired."""
+
+    def prune_revocations(self, now: int) -> int:
+        """Drop entries whose tokens have all expired at ``now``; return how many."""
+
+    # -- issuer keys ---------------------------------------------------------------------------
+    def list_issuer_keys(self) -> list[IssuerKey]:
+        """Every stored issuer key, by ``seq``."""
+
+    def add_issuer_key(self, key: IssuerKey, retire: Sequence[tuple[str, int]]) -> None:
+        """Insert a new issuer key and set the others' ``retire_at``, atomically.
+
+        Raises:
+            Conflict: if ``key.seq`` is taken (another node rotated first).
+        """
+
+    def delete_issuer_keys(self, *, retired_before: int) -> int:
+        """Delete keys retired before the given time (their tokens have all expired)."""
 
     def close(self) -> None:
         """Release the backend."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import msgspec
 
@@ -13,10 +13,14 @@ from keygrants.errors import (
     AlreadyExists,
     Conflict,
     CredentialNotFound,
+    GrantNotFound,
     KeyNotFound,
     PolicyNotFound,
     PrincipalNotFound,
 )
+from keygrants.grants.issuer import IssuerKey
+from keygrants.grants.model import Grant
+from keygrants.grants.revocation import RevocationEntry
 from keygrants.keys.model import Key, KeyVersion
 from keygrants.store.base import Alias
 
@@ -35,6 +39,10 @@ class MemoryStore:
         self._principals: dict[str, Principal] = {}
         self._credentials: dict[str, Credential] = {}
         self._policies: dict[str, Policy] = {}
+        self._grants: dict[str, Grant] = {}
+        self._feed: list[RevocationEntry] = []
+        self._feed_seq = 0
+        self._issuer_keys: dict[int, IssuerKey] = {}
 
     def get_meta(self, name: str) -> bytes | None:
         return self._meta.get(name)
@@ -215,6 +223,127 @@ class MemoryStore:
         with self._lock:
             if self._policies.pop(name, None) is None:
                 raise PolicyNotFound()
+
+    # -- grants ------------------------------------------------------------------------------
+
+    def create_grant(self, grant: Grant) -> None:
+        with self._lock:
+            if grant.id in self._grants:
+                raise AlreadyExists("grant id taken")
+            self._grants[grant.id] = grant
+
+    def get_grant(self, grant_id: str) -> Grant | None:
+        return self._grants.get(grant_id)
+
+    def list_grants(self, *, now: int, limit: int, after: str | None = None,
+                    key_id: str | None = None, grantee: str | None = None,
+                    retiring_principal: str | None = None, state: str | None = None
+                    ) -> list[Grant]:
+        with self._lock:
+            out = []
+            for gid in sorted(self._grants):
+                g = self._grants[gid]
+                if ((after is not None and gid <= after) or (key_id is not None and g.key_id != key_id)
+                        or (grantee is not None and g.grantee != grantee)
+                        or (retiring_principal is not None
+                            and g.retiring_principal != retiring_principal)
+                        or (state is not None and g.effective_state(now) != state)):
+                    continue
+                out.append(g)
+                if len(out) >= limit:
+                    break
+            return out
+
+    def live_grant_ids(self, *, now: int, grantee: str | None = None, key_id: str | None = None,
+                       parent_id: str | None = None) -> list[str]:
+        with self._lock:
+            return sorted(
+                g.id for g in self._grants.values()
+                if g.state in ("active", "pending") and g.expires_at > now
+                and (grantee is None or g.grantee == grantee)
+                and (key_id is None or g.key_id == key_id)
+                and (parent_id is None or g.parent_id == parent_id))
+
+    def consume_grant_use(self, grant_id: str, now: int) -> Grant | None:
+        with self._lock:
+            g = self._grants.get(grant_id)
+            if (g is None or g.state != "active" or g.expires_at <= now or g.max_uses is None
+                    or g.uses >= g.max_uses):
+                return None
+            g = msgspec.structs.replace(g, uses=g.uses + 1)
+            self._grants[grant_id] = g
+            return g
+
+    def _append_feed(self, feed: Sequence[RevocationEntry]) -> list[RevocationEntry]:
+        out = []
+        for e in feed:
+            self._feed_seq += 1
+            numbered = msgspec.structs.replace(e, seq=self._feed_seq)
+            self._feed.append(numbered)
+            out.append(numbered)
+        return out
+
+    def update_grant(self, grant: Grant, *, expected_state: str,
+                     feed: Sequence[RevocationEntry] = ()) -> list[RevocationEntry]:
+        with self._lock:
+            current = self._grants.get(grant.id)
+            if current is None:
+                raise GrantNotFound()
+            if current.state != expected_state:
+                raise Conflict("the grant changed meanwhile")
+            self._grants[grant.id] = msgspec.structs.replace(
+                current, state=grant.state, not_before=grant.not_before,
+                expires_at=grant.expires_at, decided_by=grant.decided_by,
+                decided_at=grant.decided_at, ended_at=grant.ended_at, ended_by=grant.ended_by)
+            return self._append_feed(feed)
+
+    def end_grants(self, grant_ids: Sequence[str], *, state: str, now: int, by: str,
+                   feed: Sequence[RevocationEntry]) -> list[RevocationEntry]:
+        with self._lock:
+            for gid in grant_ids:
+                g = self._grants.get(gid)
+                if g is not None and g.state in ("active", "pending"):
+                    self._grants[gid] = msgspec.structs.replace(g, state=state, ended_at=now,
+                                                                ended_by=by)
+            return self._append_feed(feed)
+
+    def revocations_since(self, seq: int, *, limit: int) -> list[RevocationEntry]:
+        with self._lock:
+            return [e for e in self._feed if e.seq > seq][:limit]
+
+    def latest_revocation_seq(self) -> int:
+        return self._feed_seq
+
+    def prune_revocations(self, now: int) -> int:
+        with self._lock:
+            keep = [e for e in self._feed if e.expires_at > now]
+            gone = len(self._feed) - len(keep)
+            self._feed = keep
+            return gone
+
+    # -- issuer keys -------------------------------------------------------------------------
+
+    def list_issuer_keys(self) -> list[IssuerKey]:
+        with self._lock:
+            return [self._issuer_keys[s] for s in sorted(self._issuer_keys)]
+
+    def add_issuer_key(self, key: IssuerKey, retire: Sequence[tuple[str, int]]) -> None:
+        with self._lock:
+            if key.seq in self._issuer_keys:
+                raise Conflict("another issuer key rotation won")
+            when = dict(retire)
+            for seq, k in list(self._issuer_keys.items()):
+                if k.kid in when:
+                    self._issuer_keys[seq] = msgspec.structs.replace(k, retire_at=when[k.kid])
+            self._issuer_keys[key.seq] = key
+
+    def delete_issuer_keys(self, *, retired_before: int) -> int:
+        with self._lock:
+            gone = [s for s, k in self._issuer_keys.items()
+                    if k.retire_at is not None and k.retire_at < retired_before]
+            for s in gone:
+                del self._issuer_keys[s]
+            return len(gone)
 
     def close(self) -> None:
         pass
