@@ -449,21 +449,32 @@ def parse_wrk(out: str) -> WrkResult:
 
 def run_wrk(target: Target, body_file: Path, *, duration: int, connections: int, threads: int,
             cpu: int | None) -> WrkResult:
-    env = dict(os.environ, BENCH_BODY_FILE=str(body_file))
+    env = {"BENCH_BODY_FILE": str(body_file)}
     if target.header:
         env["BENCH_HEADER_NAME"], env["BENCH_HEADER_VALUE"] = target.header
+    return run_wrk_script(target.name, target.url, script=POST_LUA, env=env, duration=duration,
+                          connections=connections, threads=threads, cpu=cpu,
+                          server_pid=target.pid)
+
+
+def run_wrk_script(name: str, url: str, *, script: Path | None, env: dict[str, str],
+                   duration: int, connections: int, threads: int, cpu: int | None,
+                   server_pid: int) -> WrkResult:
+    """``wrk --latency`` against ``url`` with a Lua ``script`` (``None``: plain GETs) that
+    reads its settings from ``env`` (added to this process's environment); the result
+    includes the CPU other processes than the server (``server_pid``) and wrk took."""
     argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency",
-            "-s", str(POST_LUA), target.url]
-    before = _cpu_snapshot(target.pid)
-    proc = spawn("wrk", argv, log_path=None, cpu=cpu, env=env, capture=True)
+            *(("-s", str(script)) if script is not None else ()), url]
+    before = _cpu_snapshot(server_pid)
+    proc = spawn("wrk", argv, log_path=None, cpu=cpu, env=dict(os.environ, **env), capture=True)
     try:
         out, err = proc.popen.communicate(timeout=duration + 60)
     finally:
         stop(proc, timeout=2)
-    after = _cpu_snapshot(target.pid)
+    after = _cpu_snapshot(server_pid)
     text = out.decode(errors="replace")
     if proc.popen.returncode != 0 or "Requests/sec" not in text:
-        raise TargetError(f"wrk failed (exit {proc.popen.returncode}) against {target.name}:\n"
+        raise TargetError(f"wrk failed (exit {proc.popen.returncode}) against {name}:\n"
                           f"{text}\n{err.decode(errors='replace')}")
     result = parse_wrk(text)
     if before and after:

@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -18,6 +19,7 @@ from keygrants.access import open_access
 from keygrants.api.app import KeygrantsApp, create_app
 from keygrants.auth import ensure_admin_token
 from keygrants.client import AsyncClient, Client
+from keygrants.grant_service import GrantAuthorizer, GrantService, GrantSettings
 from keygrants.server import ServerConfig, build_server
 from keygrants.service import KMS
 from keygrants.store.memory import MemoryStore
@@ -32,21 +34,33 @@ def anyio_backend() -> str:
 class InProcess:
     app: KeygrantsApp
     token: str
+    grants: GrantService
 
-    def client(self, token: str | None = None) -> AsyncClient:
+    def client(self, token: str | None = None, **kwargs: Any) -> AsyncClient:
+        """An AsyncClient over the app (admin token unless given; ``grant=""`` keeps a
+        developer's KEYGRANTS_GRANT out unless the test passes its own)."""
+        kwargs.setdefault("grant", "")
         return AsyncClient("http://test", token=self.token if token is None else token,
-                           transport=httpx.ASGITransport(app=self.app))
+                           transport=httpx.ASGITransport(app=self.app), **kwargs)
 
 
-@pytest.fixture
-def in_process() -> InProcess:
+def build_in_process(settings: GrantSettings | None = None) -> InProcess:
+    """A memory-store app with principals, policies and grants (as tests/api builds it)."""
     store = MemoryStore()
     token = ensure_admin_token(store)
     assert token is not None
     root = os.urandom(32)
     access = open_access(store, root)
     kms = KMS(store, root, authorizer=access.authorizer)
-    return InProcess(create_app(kms, access.authenticator, access=access.service), token)
+    grants = GrantService(kms, access.authorizer, root_key=root, settings=settings)
+    kms.use_authorizer(GrantAuthorizer(access.authorizer, grants))
+    app = create_app(kms, access.authenticator, access=access.service, grants=grants)
+    return InProcess(app, token, grants)
+
+
+@pytest.fixture
+def in_process() -> InProcess:
+    return build_in_process()
 
 
 @pytest.fixture

@@ -1,13 +1,20 @@
 """The Python SDK: :class:`Client` and :class:`AsyncClient` for the keygrants HTTP API.
 
 Both read ``KEYGRANTS_ADDR`` (default ``http://127.0.0.1:8650``) and ``KEYGRANTS_TOKEN`` from
-the environment unless given ``addr=`` / ``token=``. Results are the typed structs of
+the environment unless given ``addr=`` / ``token=``, and ``KEYGRANTS_GRANT`` /
+``KEYGRANTS_DPOP_KEY_FILE`` unless given ``grant=`` or ``dpop_key=``. Results are the typed structs of
 :mod:`keygrants.models`; failures raise the typed error tree of :mod:`keygrants.errors`
 (rebuilt from the server's error ``code``), and an unreachable server raises
 :class:`~keygrants.errors.ServerUnreachable`.
 
-Each operation is described once, as an :class:`_Op` built by a function of :mod:`_ops`; the
+Each operation is described once, as an :class:`_Op` built by a method of :class:`_Ops`; the
 two clients differ only in how they send it.
+
+Grants: a cryptographic operation given ``grant=<token>`` (or the client's default grant)
+sends it as ``Keygrants-Grant`` next to the caller's own credentials. With a proof key
+(``dpop_key=``), every attempt of such a request also carries a fresh RFC 9449 ``DPoP`` proof
+bound to the request's method, absolute URL and the token; a ``401 use_dpop_nonce`` answer is
+retried once with the server's ``DPoP-Nonce``, which is then used for later proofs.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import os
 import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, BinaryIO, Final, Generic, TypeVar
 
 import httpx
@@ -24,14 +32,18 @@ import msgspec
 from keygrants import models as m
 from keygrants.crypto.signing import SigningKey
 from keygrants.errors import KeygrantsError, ServerUnreachable, error_from_code
+from keygrants.grants.dpop import make_proof
 
-__all__ = ["DEFAULT_ADDR", "AsyncClient", "Client"]
+__all__ = ["DEFAULT_ADDR", "AsyncClient", "Client", "load_dpop_key"]
 
 DEFAULT_ADDR: Final = "http://127.0.0.1:8650"
 ADDR_ENV: Final = "KEYGRANTS_ADDR"
 TOKEN_ENV: Final = "KEYGRANTS_TOKEN"
 PRINCIPAL_ENV: Final = "KEYGRANTS_PRINCIPAL"
 KEY_FILE_ENV: Final = "KEYGRANTS_KEY_FILE"
+GRANT_ENV: Final = "KEYGRANTS_GRANT"
+DPOP_KEY_FILE_ENV: Final = "KEYGRANTS_DPOP_KEY_FILE"
+GRANT_HEADER: Final = "Keygrants-Grant"
 T = TypeVar("T")
 _encoder: Final = msgspec.json.Encoder()
 
@@ -43,6 +55,15 @@ class _Op(Generic[T]):
     body: Any
     result: Any  # the msgspec decode type of T (None for no content)
     params: dict[str, str] | None = None
+    grant: str | None = None  # the grant token given for this call ("": none)
+    default_grant: bool = False  # the client's default grant applies when ``grant`` is None
+    pop_token: str | None = None  # a token to prove possession for without presenting it
+
+
+def _crypto(method: str, path: str, body: Any, result: Any, grant: str | None,
+            params: dict[str, str] | None = None) -> _Op[Any]:
+    """An operation that may present a grant (the client's default one unless given)."""
+    return _Op(method, path, body, result, params, grant=grant, default_grant=True)
 
 
 def _q(segment: str) -> str:
@@ -70,8 +91,8 @@ class _Ops:
         return _Op("GET", "/v1/keys", None, m.KeyList, params)
 
     @staticmethod
-    def describe_key(key: str) -> _Op[m.KeyInfo]:
-        return _Op("GET", f"/v1/keys/{_q(key)}", None, m.KeyInfo)
+    def describe_key(key: str, grant: str | None = None) -> _Op[m.KeyInfo]:
+        return _crypto("GET", f"/v1/keys/{_q(key)}", None, m.KeyInfo, grant)
 
     @staticmethod
     def update_key(key: str, *, description: str | None = None,
@@ -100,77 +121,84 @@ class _Ops:
         return _Op("DELETE", f"/v1/aliases/{_q(alias)}", None, None)
 
     @staticmethod
-    def encrypt(key: str, plaintext: bytes, context: Mapping[str, str] | None) -> _Op[m.EncryptResult]:
+    def encrypt(key: str, plaintext: bytes, context: Mapping[str, str] | None,
+                grant: str | None = None) -> _Op[m.EncryptResult]:
         body = m.EncryptRequest(plaintext=plaintext, context=dict(context) if context else None)
-        return _Op("POST", f"/v1/keys/{_q(key)}/encrypt", body, m.EncryptResult)
+        return _crypto("POST", f"/v1/keys/{_q(key)}/encrypt", body, m.EncryptResult, grant)
 
     @staticmethod
-    def decrypt(ciphertext: bytes, context: Mapping[str, str] | None) -> _Op[m.DecryptResult]:
+    def decrypt(ciphertext: bytes, context: Mapping[str, str] | None,
+                grant: str | None = None) -> _Op[m.DecryptResult]:
         body = m.DecryptRequest(ciphertext=ciphertext, context=dict(context) if context else None)
-        return _Op("POST", "/v1/decrypt", body, m.DecryptResult)
+        return _crypto("POST", "/v1/decrypt", body, m.DecryptResult, grant)
 
     @staticmethod
     def re_encrypt(ciphertext: bytes, *, context: Mapping[str, str] | None,
                    destination_key: str | None,
-                   destination_context: Mapping[str, str] | None) -> _Op[m.ReEncryptResult]:
+                   destination_context: Mapping[str, str] | None,
+                   grant: str | None = None) -> _Op[m.ReEncryptResult]:
         body = m.ReEncryptRequest(
             ciphertext=ciphertext, context=dict(context) if context else None,
             destination_key=destination_key,
             destination_context=None if destination_context is None else dict(destination_context))
-        return _Op("POST", "/v1/re-encrypt", body, m.ReEncryptResult)
+        return _crypto("POST", "/v1/re-encrypt", body, m.ReEncryptResult, grant)
 
     @staticmethod
     def generate_data_key(key: str, *, size: int, context: Mapping[str, str] | None,
-                          include_plaintext: bool) -> _Op[m.DataKey]:
+                          include_plaintext: bool, grant: str | None = None) -> _Op[m.DataKey]:
         body = m.DataKeyRequest(bytes=size, context=dict(context) if context else None,
                                 include_plaintext=include_plaintext)
-        return _Op("POST", f"/v1/keys/{_q(key)}/data-key", body, m.DataKey)
+        return _crypto("POST", f"/v1/keys/{_q(key)}/data-key", body, m.DataKey, grant)
 
     @staticmethod
-    def batch_encrypt(key: str, items: Sequence[tuple[bytes, Mapping[str, str] | None]]
-                      ) -> _Op[m.BatchResult]:
+    def batch_encrypt(key: str, items: Sequence[tuple[bytes, Mapping[str, str] | None]],
+                      grant: str | None = None) -> _Op[m.BatchResult]:
         body = m.BatchEncryptRequest(items=[
             m.BatchEncryptItem(plaintext=p, context=dict(c) if c else None) for p, c in items])
-        return _Op("POST", f"/v1/keys/{_q(key)}/encrypt-batch", body, m.BatchResult)
+        return _crypto("POST", f"/v1/keys/{_q(key)}/encrypt-batch", body, m.BatchResult, grant)
 
     @staticmethod
-    def batch_decrypt(items: Sequence[tuple[bytes, Mapping[str, str] | None]]) -> _Op[m.BatchResult]:
+    def batch_decrypt(items: Sequence[tuple[bytes, Mapping[str, str] | None]],
+                      grant: str | None = None) -> _Op[m.BatchResult]:
         body = m.BatchDecryptRequest(items=[
             m.BatchDecryptItem(ciphertext=ct, context=dict(c) if c else None) for ct, c in items])
-        return _Op("POST", "/v1/decrypt-batch", body, m.BatchResult)
+        return _crypto("POST", "/v1/decrypt-batch", body, m.BatchResult, grant)
 
     @staticmethod
-    def sign(key: str, message: bytes, message_type: m.MessageType) -> _Op[m.SignResult]:
+    def sign(key: str, message: bytes, message_type: m.MessageType,
+             grant: str | None = None) -> _Op[m.SignResult]:
         body = m.SignRequest(message=message, message_type=message_type)
-        return _Op("POST", f"/v1/keys/{_q(key)}/sign", body, m.SignResult)
+        return _crypto("POST", f"/v1/keys/{_q(key)}/sign", body, m.SignResult, grant)
 
     @staticmethod
     def verify(key: str, message: bytes, signature: bytes, message_type: m.MessageType,
-               key_version: int | None) -> _Op[m.VerifyResult]:
+               key_version: int | None, grant: str | None = None) -> _Op[m.VerifyResult]:
         body = m.VerifyRequest(message=message, signature=signature, message_type=message_type,
                                key_version=key_version)
-        return _Op("POST", f"/v1/keys/{_q(key)}/verify", body, m.VerifyResult)
+        return _crypto("POST", f"/v1/keys/{_q(key)}/verify", body, m.VerifyResult, grant)
 
     @staticmethod
-    def get_public_key(key: str, version: int | None) -> _Op[m.PublicKey]:
+    def get_public_key(key: str, version: int | None, grant: str | None = None) -> _Op[m.PublicKey]:
         params = {"version": str(version)} if version is not None else None
-        return _Op("GET", f"/v1/keys/{_q(key)}/public-key", None, m.PublicKey, params)
+        return _crypto("GET", f"/v1/keys/{_q(key)}/public-key", None, m.PublicKey, grant, params)
 
     @staticmethod
-    def mac(key: str, message: bytes) -> _Op[m.MacResult]:
-        return _Op("POST", f"/v1/keys/{_q(key)}/mac", m.MacRequest(message=message), m.MacResult)
+    def mac(key: str, message: bytes, grant: str | None = None) -> _Op[m.MacResult]:
+        return _crypto("POST", f"/v1/keys/{_q(key)}/mac", m.MacRequest(message=message),
+                       m.MacResult, grant)
 
     @staticmethod
-    def verify_mac(key: str, message: bytes, mac: bytes, key_version: int | None) -> _Op[m.VerifyResult]:
+    def verify_mac(key: str, message: bytes, mac: bytes, key_version: int | None,
+                   grant: str | None = None) -> _Op[m.VerifyResult]:
         body = m.VerifyMacRequest(message=message, mac=mac, key_version=key_version)
-        return _Op("POST", f"/v1/keys/{_q(key)}/verify-mac", body, m.VerifyResult)
+        return _crypto("POST", f"/v1/keys/{_q(key)}/verify-mac", body, m.VerifyResult, grant)
 
     @staticmethod
     def derive(key: str, context: Mapping[str, str], *, length: int, salt: bytes | None,
-               key_version: int | None) -> _Op[m.DerivedKey]:
+               key_version: int | None, grant: str | None = None) -> _Op[m.DerivedKey]:
         body = m.DeriveRequest(context=dict(context), length=length, salt=salt,
                                key_version=key_version)
-        return _Op("POST", f"/v1/keys/{_q(key)}/derive", body, m.DerivedKey)
+        return _crypto("POST", f"/v1/keys/{_q(key)}/derive", body, m.DerivedKey, grant)
 
     @staticmethod
     def random(n: int) -> _Op[m.RandomResult]:
@@ -206,6 +234,80 @@ class _Ops:
     @staticmethod
     def audit_key() -> _Op[m.AuditKey]:
         return _Op("GET", "/v1/audit/key", None, m.AuditKey)
+
+    # -- grants ------------------------------------------------------------------------------
+    @staticmethod
+    def create_grant(key: str, grantee: str, operations: Sequence[str], *,
+                     context_equals: Mapping[str, str] | None, context_subset: Mapping[str, str] | None,
+                     ttl: int | None, not_before: datetime | None, max_uses: int | None,
+                     audiences: Sequence[str], dpop_jkt: str | None, x5t_s256: str | None,
+                     name: str | None, retiring_principal: str | None, justification: str | None,
+                     grant: str | None) -> _Op[m.GrantCreated]:
+        body = m.CreateGrantRequest(
+            key=key, grantee=grantee, operations=list(operations),
+            context_equals=None if context_equals is None else dict(context_equals),
+            context_subset=None if context_subset is None else dict(context_subset),
+            ttl=ttl, not_before=not_before, max_uses=max_uses, audiences=list(audiences),
+            dpop_jkt=dpop_jkt, x5t_s256=x5t_s256, name=name,
+            retiring_principal=retiring_principal, justification=justification)
+        # a sub-grant only with a grant given for this call: delegation is never implicit
+        return _Op("POST", "/v1/grants", body, m.GrantCreated, grant=grant)
+
+    @staticmethod
+    def list_grants(*, key: str | None, grantee: str | None, retiring_principal: str | None,
+                    state: str | None, limit: int, after: str | None) -> _Op[m.GrantList]:
+        params = {k: v for k, v in (("key", key), ("grantee", grantee),
+                                    ("retiring_principal", retiring_principal), ("state", state),
+                                    ("limit", str(limit)), ("after", after)) if v is not None}
+        return _Op("GET", "/v1/grants", None, m.GrantList, params)
+
+    @staticmethod
+    def describe_grant(grant_id: str) -> _Op[m.GrantInfo]:
+        return _Op("GET", f"/v1/grants/{_q(grant_id)}", None, m.GrantInfo)
+
+    @staticmethod
+    def grant_token(grant_id: str) -> _Op[m.GrantCreated]:
+        return _Op("POST", f"/v1/grants/{_q(grant_id)}/token", None, m.GrantCreated)
+
+    @staticmethod
+    def grant_action(grant_id: str, action: str, note: str | None = None) -> _Op[m.GrantInfo]:
+        """retire, revoke, approve or reject (the last two with an optional note)."""
+        body = m.GrantDecisionRequest(note=note) if action in ("approve", "reject") else None
+        return _Op("POST", f"/v1/grants/{_q(grant_id)}/{action}", body, m.GrantInfo)
+
+    @staticmethod
+    def revoke_all_grants(*, principal: str | None, key: str | None) -> _Op[m.RevokeAllResult]:
+        return _Op("POST", "/v1/revoke-all", m.RevokeAllRequest(principal=principal, key=key),
+                   m.RevokeAllResult)
+
+    @staticmethod
+    def exchange_grant(subject_token: str, *, scope: str | Sequence[str] | None,
+                       audience: Sequence[str] | None, context_equals: Mapping[str, str] | None,
+                       context_subset: Mapping[str, str] | None, ttl: int | None,
+                       max_uses: int | None, dpop_jkt: str | None) -> _Op[m.TokenExchangeResult]:
+        body = m.TokenExchangeRequest(
+            subject_token=subject_token,
+            scope=scope if scope is None or isinstance(scope, str) else " ".join(scope),
+            audience=None if audience is None else list(audience),
+            context_equals=None if context_equals is None else dict(context_equals),
+            context_subset=None if context_subset is None else dict(context_subset),
+            ttl=ttl, max_uses=max_uses, dpop_jkt=dpop_jkt)
+        # the subject token is proven (DPoP) like a presented grant, but travels in the body
+        return _Op("POST", "/v1/token-exchange", body, m.TokenExchangeResult,
+                   pop_token=subject_token)
+
+    @staticmethod
+    def rotate_issuer_key() -> _Op[m.IssuerKeyInfo]:
+        return _Op("POST", "/v1/issuer/rotate", None, m.IssuerKeyInfo)
+
+    @staticmethod
+    def revocations(since: int, limit: int) -> _Op[m.RevocationFeed]:
+        return _Op("GET", "/v1/revocations", None, m.RevocationFeed,
+                   {"since": str(since), "limit": str(limit)})
+
+    @staticmethod
+    def jwks() -> _Op[dict[str, Any]]:
+        return _Op("GET", "/.well-known/jwks.json", None, dict[str, Any])
 
 
 def _signature_auth(principal: str | None, key_file: str | None,
@@ -294,6 +396,84 @@ def _content(op: _Op[Any]) -> bytes | None:
     return None if op.body is None else _encoder.encode(op.body)
 
 
+def _clean_token(token: str, what: str) -> str:
+    token = token.strip()
+    if not token.isascii() or not token.isprintable() or " " in token:
+        raise ValueError(f"the {what} contains spaces or control characters; check how it was "
+                         "copied")
+    return token
+
+
+def _error_code(response: httpx.Response) -> str | None:
+    try:
+        return str(msgspec.json.decode(response.content)["error"]["code"])
+    except (msgspec.DecodeError, KeyError, TypeError):
+        return None
+
+
+def load_dpop_key(path: str | os.PathLike[str]) -> SigningKey:
+    """Read a DPoP proof key: a PEM private key file (PKCS#8 Ed25519 or ECDSA P-256).
+
+    Raises:
+        OSError: the file cannot be read.
+        ValueError: the file is not an unencrypted Ed25519 or P-256 private key.
+    """
+    from keygrants.client._signing import load_signing_key
+
+    try:
+        return load_signing_key(path)
+    except ValueError as exc:
+        raise ValueError(f"{os.fspath(path)} is not a DPoP proof key: {exc}") from None
+
+
+class _GrantPresenter:
+    """A client's grant settings: the token a request presents and the DPoP proofs it carries.
+
+    ``grant`` and ``dpop_key`` come from the arguments, or, when neither is given, from
+    ``KEYGRANTS_GRANT`` and ``KEYGRANTS_DPOP_KEY_FILE`` (``grant=""``: no default grant and no
+    environment). The last ``DPoP-Nonce`` the server sent goes into every later proof.
+    """
+
+    def __init__(self, grant: str | None, dpop_key: SigningKey | None) -> None:
+        from keygrants.grants.dpop import proof_key_thumbprint
+
+        if grant is None and dpop_key is None:
+            grant = os.environ.get(GRANT_ENV) or None
+            key_file = os.environ.get(DPOP_KEY_FILE_ENV) or None
+            dpop_key = None if key_file is None else load_dpop_key(key_file)
+        if dpop_key is not None:
+            proof_key_thumbprint(dpop_key)  # ValueError now, not on the first request: RSA keys
+        self.grant = _clean_token(grant, "grant token") if grant else None
+        self.dpop_key = dpop_key
+        self.nonce: str | None = None
+
+    def prepare(self, op: _Op[Any]) -> tuple[dict[str, str], str | None]:
+        """The headers of ``op``'s request and the token its DPoP proofs bind (``None``: send
+        no proof)."""
+        token = op.grant if op.grant is not None else (self.grant if op.default_grant else None)
+        headers = {"Content-Type": "application/json"} if op.body is not None else {}
+        if token:
+            token = headers[GRANT_HEADER] = _clean_token(token, "grant token")
+        bound = token or op.pop_token
+        return headers, bound if bound and self.dpop_key is not None else None
+
+    def prove(self, request: httpx.Request, token: str) -> None:
+        """Add a fresh proof for exactly this request (method and absolute URL, as sent)."""
+        assert self.dpop_key is not None
+        request.headers["DPoP"] = make_proof(self.dpop_key, method=request.method,
+                                             url=str(request.url), access_token=token,
+                                             nonce=self.nonce)
+
+    def wants_nonce(self, response: httpx.Response) -> bool:
+        """Remember a ``DPoP-Nonce`` from ``response``; whether the request it answers must be
+        sent again with it (``401 use_dpop_nonce``)."""
+        nonce = response.headers.get("dpop-nonce")
+        if not nonce:
+            return False
+        self.nonce = nonce.strip()
+        return response.status_code == 401 and _error_code(response) == "use_dpop_nonce"
+
+
 class Client:
     """Synchronous client.
 
@@ -307,6 +487,14 @@ class Client:
         timeout: seconds for connect and read.
         transport: an ``httpx`` transport (e.g. ``httpx.ASGITransport`` or a mock in tests).
         verify: TLS verification (a CA bundle path, or ``False`` only for tests).
+        grant: the grant token the cryptographic operations present unless given their own
+            ``grant=`` (``KEYGRANTS_GRANT``); ``""``: none, and the environment is not read.
+        dpop_key: the proof-of-possession key of DPoP-bound grants (``KEYGRANTS_DPOP_KEY_FILE``,
+            a PEM Ed25519 or P-256 private key); see :func:`load_dpop_key`.
+
+    ``KEYGRANTS_GRANT`` and ``KEYGRANTS_DPOP_KEY_FILE`` are read only when neither ``grant`` nor
+    ``dpop_key`` is given. ``create_grant`` never uses the default grant: a sub-grant needs its
+    parent's token passed to it (``grant=``).
     """
 
     def __init__(self, addr: str | None = None, *, token: str | None = None,
@@ -314,9 +502,11 @@ class Client:
                  signing_key: SigningKey | None = None,
                  cert: tuple[str, str] | None = None,
                  timeout: float = 10.0, transport: httpx.BaseTransport | None = None,
-                 verify: bool | str = True) -> None:
+                 verify: bool | str = True, grant: str | None = None,
+                 dpop_key: SigningKey | None = None) -> None:
         auth = _signature_auth(principal, key_file, signing_key, token)
         self.addr, headers = _settings(addr, token, auth)
+        self._grants = _GrantPresenter(grant, dpop_key)
         self._http = httpx.Client(base_url=self.addr, headers=headers, timeout=timeout,
                                   auth=auth, transport=transport, verify=_tls(verify, cert))
 
@@ -331,13 +521,23 @@ class Client:
         self._http.close()
 
     def _call(self, op: _Op[T]) -> T:
-        headers = {"Content-Type": "application/json"} if op.body is not None else None
+        headers, proven = self._grants.prepare(op)
+        content = _content(op)
         try:
-            response = self._http.request(op.method, op.path, content=_content(op),
-                                          params=op.params, headers=headers)
+            response = self._send(op, content, headers, proven)
+            if proven is not None and self._grants.wants_nonce(response):
+                response = self._send(op, content, headers, proven)  # once, with the nonce
         except httpx.TransportError as exc:
             raise ServerUnreachable(f"cannot reach {self.addr}: {exc}") from exc
         return _result(op, response)
+
+    def _send(self, op: _Op[Any], content: bytes | None, headers: dict[str, str],
+              proven: str | None) -> httpx.Response:
+        request = self._http.build_request(op.method, op.path, content=content,
+                                           params=op.params, headers=headers)
+        if proven is not None:
+            self._grants.prove(request, proven)
+        return self._http.send(request)
 
     # -- keys ----------------------------------------------------------------------------
     def create_key(self, name: str, *, spec: str = "aes-256-gcm", description: str = "",
@@ -352,9 +552,9 @@ class Client:
         """One page of keys."""
         return self._call(_Ops.list_keys(limit=limit, after=after))
 
-    def describe_key(self, key: str) -> m.KeyInfo:
-        """A key's metadata, by id, name or alias."""
-        return self._call(_Ops.describe_key(key))
+    def describe_key(self, key: str, *, grant: str | None = None) -> m.KeyInfo:
+        """A key's metadata, by id, name or alias (``grant=``: see the crypto operations)."""
+        return self._call(_Ops.describe_key(key, grant))
 
     def update_key(self, key: str, *, description: str | None = None,
                    rotation_period: int | None = None,
@@ -401,71 +601,74 @@ class Client:
         self._call(_Ops.delete_alias(alias))
 
     # -- crypto --------------------------------------------------------------------------
-    def encrypt(self, key: str, plaintext: bytes, *,
-                context: Mapping[str, str] | None = None) -> m.EncryptResult:
+    # Each takes ``grant=``: a grant token to present (default: the client's; ``""``: none).
+    def encrypt(self, key: str, plaintext: bytes, *, context: Mapping[str, str] | None = None,
+                grant: str | None = None) -> m.EncryptResult:
         """Encrypt under the key's latest version."""
-        return self._call(_Ops.encrypt(key, plaintext, context))
+        return self._call(_Ops.encrypt(key, plaintext, context, grant))
 
-    def decrypt(self, ciphertext: bytes, *,
-                context: Mapping[str, str] | None = None) -> m.DecryptResult:
+    def decrypt(self, ciphertext: bytes, *, context: Mapping[str, str] | None = None,
+                grant: str | None = None) -> m.DecryptResult:
         """Decrypt a native ciphertext."""
-        return self._call(_Ops.decrypt(ciphertext, context))
+        return self._call(_Ops.decrypt(ciphertext, context, grant))
 
     def re_encrypt(self, ciphertext: bytes, *, context: Mapping[str, str] | None = None,
                    destination_key: str | None = None,
-                   destination_context: Mapping[str, str] | None = None) -> m.ReEncryptResult:
+                   destination_context: Mapping[str, str] | None = None,
+                   grant: str | None = None) -> m.ReEncryptResult:
         """Re-encrypt to the latest version or another key, inside the server."""
         return self._call(_Ops.re_encrypt(
             ciphertext, context=context, destination_key=destination_key,
-            destination_context=destination_context))
+            destination_context=destination_context, grant=grant))
 
     def generate_data_key(self, key: str, *, size: int = 32,
                           context: Mapping[str, str] | None = None,
-                          include_plaintext: bool = True) -> m.DataKey:
+                          include_plaintext: bool = True, grant: str | None = None) -> m.DataKey:
         """A fresh data key of 16, 32 or 64 bytes."""
         return self._call(_Ops.generate_data_key(
-            key, size=size, context=context, include_plaintext=include_plaintext))
+            key, size=size, context=context, include_plaintext=include_plaintext, grant=grant))
 
-    def batch_encrypt(self, key: str,
-                      items: Sequence[tuple[bytes, Mapping[str, str] | None]]) -> m.BatchResult:
+    def batch_encrypt(self, key: str, items: Sequence[tuple[bytes, Mapping[str, str] | None]], *,
+                      grant: str | None = None) -> m.BatchResult:
         """Encrypt up to 1,000 ``(plaintext, context)`` items."""
-        return self._call(_Ops.batch_encrypt(key, items))
+        return self._call(_Ops.batch_encrypt(key, items, grant))
 
-    def batch_decrypt(self, items: Sequence[tuple[bytes, Mapping[str, str] | None]]
-                      ) -> m.BatchResult:
+    def batch_decrypt(self, items: Sequence[tuple[bytes, Mapping[str, str] | None]], *,
+                      grant: str | None = None) -> m.BatchResult:
         """Decrypt up to 1,000 ``(ciphertext, context)`` items."""
-        return self._call(_Ops.batch_decrypt(items))
+        return self._call(_Ops.batch_decrypt(items, grant))
 
-    def sign(self, key: str, message: bytes, *,
-             message_type: m.MessageType = "raw") -> m.SignResult:
+    def sign(self, key: str, message: bytes, *, message_type: m.MessageType = "raw",
+             grant: str | None = None) -> m.SignResult:
         """Sign a message (or a SHA-256 digest with ``message_type="digest"``)."""
-        return self._call(_Ops.sign(key, message, message_type))
+        return self._call(_Ops.sign(key, message, message_type, grant))
 
     def verify(self, key: str, message: bytes, signature: bytes, *,
-               message_type: m.MessageType = "raw",
-               key_version: int | None = None) -> m.VerifyResult:
+               message_type: m.MessageType = "raw", key_version: int | None = None,
+               grant: str | None = None) -> m.VerifyResult:
         """Check a signature."""
-        return self._call(_Ops.verify(
-            key, message, signature, message_type, key_version))
+        return self._call(_Ops.verify(key, message, signature, message_type, key_version, grant))
 
-    def get_public_key(self, key: str, *, version: int | None = None) -> m.PublicKey:
+    def get_public_key(self, key: str, *, version: int | None = None,
+                       grant: str | None = None) -> m.PublicKey:
         """A signing key's public key (PEM and JWK)."""
-        return self._call(_Ops.get_public_key(key, version))
+        return self._call(_Ops.get_public_key(key, version, grant))
 
-    def mac(self, key: str, message: bytes) -> m.MacResult:
+    def mac(self, key: str, message: bytes, *, grant: str | None = None) -> m.MacResult:
         """HMAC-SHA256 tag."""
-        return self._call(_Ops.mac(key, message))
+        return self._call(_Ops.mac(key, message, grant))
 
-    def verify_mac(self, key: str, message: bytes, mac: bytes, *,
-                   key_version: int | None = None) -> m.VerifyResult:
+    def verify_mac(self, key: str, message: bytes, mac: bytes, *, key_version: int | None = None,
+                   grant: str | None = None) -> m.VerifyResult:
         """Check an HMAC tag."""
-        return self._call(_Ops.verify_mac(key, message, mac, key_version))
+        return self._call(_Ops.verify_mac(key, message, mac, key_version, grant))
 
     def derive(self, key: str, context: Mapping[str, str], *, length: int = 32,
-               salt: bytes | None = None, key_version: int | None = None) -> m.DerivedKey:
+               salt: bytes | None = None, key_version: int | None = None,
+               grant: str | None = None) -> m.DerivedKey:
         """HKDF-SHA256 from a derivable key."""
         return self._call(_Ops.derive(
-            key, context, length=length, salt=salt, key_version=key_version))
+            key, context, length=length, salt=salt, key_version=key_version, grant=grant))
 
     def random(self, n: int = 32) -> m.RandomResult:
         """Random bytes from the server."""
@@ -516,6 +719,90 @@ class Client:
         except httpx.TransportError as exc:
             raise ServerUnreachable(f"cannot reach {self.addr}: {exc}") from exc
         return written
+    # -- grants ----------------------------------------------------------------------------
+    def create_grant(self, key: str, grantee: str, operations: Sequence[str], *,
+                     context_equals: Mapping[str, str] | None = None,
+                     context_subset: Mapping[str, str] | None = None, ttl: int | None = None,
+                     not_before: datetime | None = None, max_uses: int | None = None,
+                     audiences: Sequence[str] = (), dpop_jkt: str | None = None,
+                     x5t_s256: str | None = None, name: str | None = None,
+                     retiring_principal: str | None = None, justification: str | None = None,
+                     grant: str | None = None) -> m.GrantCreated:
+        """Grant ``grantee`` the ``operations`` on ``key`` (``ttl`` in seconds; server default
+        5 minutes). ``result.token`` is the grant token, or ``None`` while the grant waits for
+        approval (HTTP 202). With ``grant=`` (a token carrying ``create_grant``): a sub-grant
+        of that grant, which must narrow it. ``dpop_jkt`` (see
+        :func:`keygrants.grants.dpop.proof_key_thumbprint`) or ``x5t_s256`` binds the grant to
+        a proof-of-possession key or a client certificate."""
+        return self._call(_Ops.create_grant(
+            key, grantee, operations, context_equals=context_equals, context_subset=context_subset,
+            ttl=ttl, not_before=not_before, max_uses=max_uses, audiences=audiences,
+            dpop_jkt=dpop_jkt, x5t_s256=x5t_s256, name=name,
+            retiring_principal=retiring_principal, justification=justification, grant=grant))
+
+    def list_grants(self, *, key: str | None = None, grantee: str | None = None,
+                    retiring_principal: str | None = None, state: str | None = None,
+                    limit: int = 100, after: str | None = None) -> m.GrantList:
+        """One page of grants matching every given filter (``state``: active, pending,
+        exhausted, expired, retired, revoked or rejected)."""
+        return self._call(_Ops.list_grants(key=key, grantee=grantee,
+                                           retiring_principal=retiring_principal, state=state,
+                                           limit=limit, after=after))
+
+    def describe_grant(self, grant_id: str) -> m.GrantInfo:
+        """A grant (never its token)."""
+        return self._call(_Ops.describe_grant(grant_id))
+
+    def grant_token(self, grant_id: str) -> m.GrantCreated:
+        """A fresh token for an active grant (its grantee or creator; e.g. after approval)."""
+        return self._call(_Ops.grant_token(grant_id))
+
+    def retire_grant(self, grant_id: str) -> m.GrantInfo:
+        """End a grant (its grantee or retiring principal); its sub-grants are revoked."""
+        return self._call(_Ops.grant_action(grant_id, "retire"))
+
+    def revoke_grant(self, grant_id: str) -> m.GrantInfo:
+        """Revoke a grant and its sub-grants."""
+        return self._call(_Ops.grant_action(grant_id, "revoke"))
+
+    def revoke_all_grants(self, *, principal: str | None = None,
+                          key: str | None = None) -> m.RevokeAllResult:
+        """Revoke every grant of one principal (as grantee) or of one key: give exactly one."""
+        return self._call(_Ops.revoke_all_grants(principal=principal, key=key))
+
+    def approve_grant(self, grant_id: str, note: str | None = None) -> m.GrantInfo:
+        """Approve a pending (break-glass) grant; never by its requester or grantee."""
+        return self._call(_Ops.grant_action(grant_id, "approve", note))
+
+    def reject_grant(self, grant_id: str, note: str | None = None) -> m.GrantInfo:
+        """Reject a pending grant."""
+        return self._call(_Ops.grant_action(grant_id, "reject", note))
+
+    def exchange_grant(self, subject_token: str, *, scope: str | Sequence[str] | None = None,
+                       audience: Sequence[str] | None = None,
+                       context_equals: Mapping[str, str] | None = None,
+                       context_subset: Mapping[str, str] | None = None, ttl: int | None = None,
+                       max_uses: int | None = None,
+                       dpop_jkt: str | None = None) -> m.TokenExchangeResult:
+        """Trade a grant token of the caller for a narrower one (RFC 8693 token exchange).
+        ``scope``: the operations (a list, or space-separated; default: the same but
+        ``create_grant``). A DPoP-bound subject token is proven with the client's ``dpop_key``."""
+        return self._call(_Ops.exchange_grant(
+            subject_token, scope=scope, audience=audience, context_equals=context_equals,
+            context_subset=context_subset, ttl=ttl, max_uses=max_uses, dpop_jkt=dpop_jkt))
+
+    def rotate_issuer_key(self) -> m.IssuerKeyInfo:
+        """Start a staged rotation of the grant-token issuer key."""
+        return self._call(_Ops.rotate_issuer_key())
+
+    def revocations(self, since: int = 0, limit: int = 1000) -> m.RevocationFeed:
+        """Revocation feed entries after sequence number ``since`` (public)."""
+        return self._call(_Ops.revocations(since, limit))
+
+    def jwks(self) -> dict[str, Any]:
+        """The issuer's JWKS: every key that may verify a live grant token (public)."""
+        return self._call(_Ops.jwks())
+
     # -- principals, credentials and policies ------------------------------------------
     def whoami(self) -> m.WhoAmI:
         """The authenticated caller."""
@@ -704,16 +991,18 @@ class Client:
 
 
 class AsyncClient:
-    """Asynchronous client with the same operations as :class:`Client`."""
+    """Asynchronous client with the same operations and arguments as :class:`Client`."""
 
     def __init__(self, addr: str | None = None, *, token: str | None = None,
                  principal: str | None = None, key_file: str | None = None,
                  signing_key: SigningKey | None = None,
                  cert: tuple[str, str] | None = None,
                  timeout: float = 10.0, transport: httpx.AsyncBaseTransport | None = None,
-                 verify: bool | str = True) -> None:
+                 verify: bool | str = True, grant: str | None = None,
+                 dpop_key: SigningKey | None = None) -> None:
         auth = _signature_auth(principal, key_file, signing_key, token)
         self.addr, headers = _settings(addr, token, auth)
+        self._grants = _GrantPresenter(grant, dpop_key)
         self._http = httpx.AsyncClient(base_url=self.addr, headers=headers, timeout=timeout,
                                        auth=auth, transport=transport, verify=_tls(verify, cert))
 
@@ -728,13 +1017,23 @@ class AsyncClient:
         await self._http.aclose()
 
     async def _call(self, op: _Op[T]) -> T:
-        headers = {"Content-Type": "application/json"} if op.body is not None else None
+        headers, proven = self._grants.prepare(op)
+        content = _content(op)
         try:
-            response = await self._http.request(op.method, op.path, content=_content(op),
-                                                params=op.params, headers=headers)
+            response = await self._send(op, content, headers, proven)
+            if proven is not None and self._grants.wants_nonce(response):
+                response = await self._send(op, content, headers, proven)  # once, with the nonce
         except httpx.TransportError as exc:
             raise ServerUnreachable(f"cannot reach {self.addr}: {exc}") from exc
         return _result(op, response)
+
+    async def _send(self, op: _Op[Any], content: bytes | None, headers: dict[str, str],
+                    proven: str | None) -> httpx.Response:
+        request = self._http.build_request(op.method, op.path, content=content,
+                                           params=op.params, headers=headers)
+        if proven is not None:
+            self._grants.prove(request, proven)
+        return await self._http.send(request)
 
     # -- keys ----------------------------------------------------------------------------
     async def create_key(self, name: str, *, spec: str = "aes-256-gcm", description: str = "",
@@ -749,9 +1048,9 @@ class AsyncClient:
         """One page of keys."""
         return await self._call(_Ops.list_keys(limit=limit, after=after))
 
-    async def describe_key(self, key: str) -> m.KeyInfo:
-        """A key's metadata, by id, name or alias."""
-        return await self._call(_Ops.describe_key(key))
+    async def describe_key(self, key: str, *, grant: str | None = None) -> m.KeyInfo:
+        """A key's metadata, by id, name or alias (``grant=``: see the crypto operations)."""
+        return await self._call(_Ops.describe_key(key, grant))
 
     async def update_key(self, key: str, *, description: str | None = None,
                          rotation_period: int | None = None,
@@ -797,74 +1096,74 @@ class AsyncClient:
         await self._call(_Ops.delete_alias(alias))
 
     # -- crypto --------------------------------------------------------------------------
-    async def encrypt(self, key: str, plaintext: bytes, *,
-                      context: Mapping[str, str] | None = None) -> m.EncryptResult:
+    # Each takes ``grant=``: a grant token to present (default: the client's; ``""``: none).
+    async def encrypt(self, key: str, plaintext: bytes, *, context: Mapping[str, str] | None = None,
+                grant: str | None = None) -> m.EncryptResult:
         """Encrypt under the key's latest version."""
-        return await self._call(_Ops.encrypt(key, plaintext, context))
+        return await self._call(_Ops.encrypt(key, plaintext, context, grant))
 
-    async def decrypt(self, ciphertext: bytes, *,
-                      context: Mapping[str, str] | None = None) -> m.DecryptResult:
+    async def decrypt(self, ciphertext: bytes, *, context: Mapping[str, str] | None = None,
+                grant: str | None = None) -> m.DecryptResult:
         """Decrypt a native ciphertext."""
-        return await self._call(_Ops.decrypt(ciphertext, context))
+        return await self._call(_Ops.decrypt(ciphertext, context, grant))
 
     async def re_encrypt(self, ciphertext: bytes, *, context: Mapping[str, str] | None = None,
-                         destination_key: str | None = None,
-                         destination_context: Mapping[str, str] | None = None
-                         ) -> m.ReEncryptResult:
+                   destination_key: str | None = None,
+                   destination_context: Mapping[str, str] | None = None,
+                   grant: str | None = None) -> m.ReEncryptResult:
         """Re-encrypt to the latest version or another key, inside the server."""
         return await self._call(_Ops.re_encrypt(
             ciphertext, context=context, destination_key=destination_key,
-            destination_context=destination_context))
+            destination_context=destination_context, grant=grant))
 
     async def generate_data_key(self, key: str, *, size: int = 32,
-                                context: Mapping[str, str] | None = None,
-                                include_plaintext: bool = True) -> m.DataKey:
+                          context: Mapping[str, str] | None = None,
+                          include_plaintext: bool = True, grant: str | None = None) -> m.DataKey:
         """A fresh data key of 16, 32 or 64 bytes."""
         return await self._call(_Ops.generate_data_key(
-            key, size=size, context=context, include_plaintext=include_plaintext))
+            key, size=size, context=context, include_plaintext=include_plaintext, grant=grant))
 
-    async def batch_encrypt(self, key: str,
-                            items: Sequence[tuple[bytes, Mapping[str, str] | None]]
-                            ) -> m.BatchResult:
+    async def batch_encrypt(self, key: str, items: Sequence[tuple[bytes, Mapping[str, str] | None]], *,
+                      grant: str | None = None) -> m.BatchResult:
         """Encrypt up to 1,000 ``(plaintext, context)`` items."""
-        return await self._call(_Ops.batch_encrypt(key, items))
+        return await self._call(_Ops.batch_encrypt(key, items, grant))
 
-    async def batch_decrypt(self, items: Sequence[tuple[bytes, Mapping[str, str] | None]]
-                            ) -> m.BatchResult:
+    async def batch_decrypt(self, items: Sequence[tuple[bytes, Mapping[str, str] | None]], *,
+                      grant: str | None = None) -> m.BatchResult:
         """Decrypt up to 1,000 ``(ciphertext, context)`` items."""
-        return await self._call(_Ops.batch_decrypt(items))
+        return await self._call(_Ops.batch_decrypt(items, grant))
 
-    async def sign(self, key: str, message: bytes, *,
-                   message_type: m.MessageType = "raw") -> m.SignResult:
+    async def sign(self, key: str, message: bytes, *, message_type: m.MessageType = "raw",
+             grant: str | None = None) -> m.SignResult:
         """Sign a message (or a SHA-256 digest with ``message_type="digest"``)."""
-        return await self._call(_Ops.sign(key, message, message_type))
+        return await self._call(_Ops.sign(key, message, message_type, grant))
 
     async def verify(self, key: str, message: bytes, signature: bytes, *,
-                     message_type: m.MessageType = "raw",
-                     key_version: int | None = None) -> m.VerifyResult:
+               message_type: m.MessageType = "raw", key_version: int | None = None,
+               grant: str | None = None) -> m.VerifyResult:
         """Check a signature."""
-        return await self._call(_Ops.verify(
-            key, message, signature, message_type, key_version))
+        return await self._call(_Ops.verify(key, message, signature, message_type, key_version, grant))
 
-    async def get_public_key(self, key: str, *, version: int | None = None) -> m.PublicKey:
+    async def get_public_key(self, key: str, *, version: int | None = None,
+                       grant: str | None = None) -> m.PublicKey:
         """A signing key's public key (PEM and JWK)."""
-        return await self._call(_Ops.get_public_key(key, version))
+        return await self._call(_Ops.get_public_key(key, version, grant))
 
-    async def mac(self, key: str, message: bytes) -> m.MacResult:
+    async def mac(self, key: str, message: bytes, *, grant: str | None = None) -> m.MacResult:
         """HMAC-SHA256 tag."""
-        return await self._call(_Ops.mac(key, message))
+        return await self._call(_Ops.mac(key, message, grant))
 
-    async def verify_mac(self, key: str, message: bytes, mac: bytes, *,
-                         key_version: int | None = None) -> m.VerifyResult:
+    async def verify_mac(self, key: str, message: bytes, mac: bytes, *, key_version: int | None = None,
+                   grant: str | None = None) -> m.VerifyResult:
         """Check an HMAC tag."""
-        return await self._call(_Ops.verify_mac(
-            key, message, mac, key_version))
+        return await self._call(_Ops.verify_mac(key, message, mac, key_version, grant))
 
     async def derive(self, key: str, context: Mapping[str, str], *, length: int = 32,
-                     salt: bytes | None = None, key_version: int | None = None) -> m.DerivedKey:
+               salt: bytes | None = None, key_version: int | None = None,
+               grant: str | None = None) -> m.DerivedKey:
         """HKDF-SHA256 from a derivable key."""
         return await self._call(_Ops.derive(
-            key, context, length=length, salt=salt, key_version=key_version))
+            key, context, length=length, salt=salt, key_version=key_version, grant=grant))
 
     async def random(self, n: int = 32) -> m.RandomResult:
         """Random bytes from the server."""
@@ -917,6 +1216,90 @@ class AsyncClient:
     async def audit_key(self) -> m.AuditKey:
         """The audit log's origin and verifier key."""
         return await self._call(_Ops.audit_key())
+    # -- grants ----------------------------------------------------------------------------
+    async def create_grant(self, key: str, grantee: str, operations: Sequence[str], *,
+                     context_equals: Mapping[str, str] | None = None,
+                     context_subset: Mapping[str, str] | None = None, ttl: int | None = None,
+                     not_before: datetime | None = None, max_uses: int | None = None,
+                     audiences: Sequence[str] = (), dpop_jkt: str | None = None,
+                     x5t_s256: str | None = None, name: str | None = None,
+                     retiring_principal: str | None = None, justification: str | None = None,
+                     grant: str | None = None) -> m.GrantCreated:
+        """Grant ``grantee`` the ``operations`` on ``key`` (``ttl`` in seconds; server default
+        5 minutes). ``result.token`` is the grant token, or ``None`` while the grant waits for
+        approval (HTTP 202). With ``grant=`` (a token carrying ``create_grant``): a sub-grant
+        of that grant, which must narrow it. ``dpop_jkt`` (see
+        :func:`keygrants.grants.dpop.proof_key_thumbprint`) or ``x5t_s256`` binds the grant to
+        a proof-of-possession key or a client certificate."""
+        return await self._call(_Ops.create_grant(
+            key, grantee, operations, context_equals=context_equals, context_subset=context_subset,
+            ttl=ttl, not_before=not_before, max_uses=max_uses, audiences=audiences,
+            dpop_jkt=dpop_jkt, x5t_s256=x5t_s256, name=name,
+            retiring_principal=retiring_principal, justification=justification, grant=grant))
+
+    async def list_grants(self, *, key: str | None = None, grantee: str | None = None,
+                    retiring_principal: str | None = None, state: str | None = None,
+                    limit: int = 100, after: str | None = None) -> m.GrantList:
+        """One page of grants matching every given filter (``state``: active, pending,
+        exhausted, expired, retired, revoked or rejected)."""
+        return await self._call(_Ops.list_grants(key=key, grantee=grantee,
+                                           retiring_principal=retiring_principal, state=state,
+                                           limit=limit, after=after))
+
+    async def describe_grant(self, grant_id: str) -> m.GrantInfo:
+        """A grant (never its token)."""
+        return await self._call(_Ops.describe_grant(grant_id))
+
+    async def grant_token(self, grant_id: str) -> m.GrantCreated:
+        """A fresh token for an active grant (its grantee or creator; e.g. after approval)."""
+        return await self._call(_Ops.grant_token(grant_id))
+
+    async def retire_grant(self, grant_id: str) -> m.GrantInfo:
+        """End a grant (its grantee or retiring principal); its sub-grants are revoked."""
+        return await self._call(_Ops.grant_action(grant_id, "retire"))
+
+    async def revoke_grant(self, grant_id: str) -> m.GrantInfo:
+        """Revoke a grant and its sub-grants."""
+        return await self._call(_Ops.grant_action(grant_id, "revoke"))
+
+    async def revoke_all_grants(self, *, principal: str | None = None,
+                          key: str | None = None) -> m.RevokeAllResult:
+        """Revoke every grant of one principal (as grantee) or of one key: give exactly one."""
+        return await self._call(_Ops.revoke_all_grants(principal=principal, key=key))
+
+    async def approve_grant(self, grant_id: str, note: str | None = None) -> m.GrantInfo:
+        """Approve a pending (break-glass) grant; never by its requester or grantee."""
+        return await self._call(_Ops.grant_action(grant_id, "approve", note))
+
+    async def reject_grant(self, grant_id: str, note: str | None = None) -> m.GrantInfo:
+        """Reject a pending grant."""
+        return await self._call(_Ops.grant_action(grant_id, "reject", note))
+
+    async def exchange_grant(self, subject_token: str, *, scope: str | Sequence[str] | None = None,
+                       audience: Sequence[str] | None = None,
+                       context_equals: Mapping[str, str] | None = None,
+                       context_subset: Mapping[str, str] | None = None, ttl: int | None = None,
+                       max_uses: int | None = None,
+                       dpop_jkt: str | None = None) -> m.TokenExchangeResult:
+        """Trade a grant token of the caller for a narrower one (RFC 8693 token exchange).
+        ``scope``: the operations (a list, or space-separated; default: the same but
+        ``create_grant``). A DPoP-bound subject token is proven with the client's ``dpop_key``."""
+        return await self._call(_Ops.exchange_grant(
+            subject_token, scope=scope, audience=audience, context_equals=context_equals,
+            context_subset=context_subset, ttl=ttl, max_uses=max_uses, dpop_jkt=dpop_jkt))
+
+    async def rotate_issuer_key(self) -> m.IssuerKeyInfo:
+        """Start a staged rotation of the grant-token issuer key."""
+        return await self._call(_Ops.rotate_issuer_key())
+
+    async def revocations(self, since: int = 0, limit: int = 1000) -> m.RevocationFeed:
+        """Revocation feed entries after sequence number ``since`` (public)."""
+        return await self._call(_Ops.revocations(since, limit))
+
+    async def jwks(self) -> dict[str, Any]:
+        """The issuer's JWKS: every key that may verify a live grant token (public)."""
+        return await self._call(_Ops.jwks())
+
     # -- principals, credentials and policies ------------------------------------------
     async def whoami(self) -> m.WhoAmI:
         """The authenticated caller."""

@@ -57,7 +57,7 @@ _KEY_ACTIONS = (
 )
 _PRINCIPAL_ACTIONS = (
     "create_principal", "describe_principal", "update_principal", "delete_principal",
-    "manage_credentials",
+    "manage_credentials", "revoke_grants",
 )
 _SERVICE_ACTIONS = (
     "list_keys", "generate_random", "list_principals", "put_policy", "get_policy",
@@ -95,6 +95,8 @@ ACTION_GROUPS: Final[Mapping[str, frozenset[str]]] = MappingProxyType({
         "put_policy", "get_policy", "list_policies", "delete_policy", "test_policy",
     }),
     "audit": frozenset({"read_audit", "checkpoint_audit"}),
+    # the grant-token issuer keys (a rotation changes what every verifier must fetch)
+    "issuer": frozenset({"rotate_issuer_key"}),
     # Describe/list/get only. read_audit is left out on purpose: the audit log says who did what
     # to which key, which a metadata dashboard should not see unless granted "audit" too.
     "read": frozenset({

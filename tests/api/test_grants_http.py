@@ -1,0 +1,441 @@
+"""Grants over HTTP: presenting a grant token, its checks and codes, delegation, exchange,
+break-glass, revocation and the feed, proof of possession, fail-closed."""
+
+from __future__ import annotations
+
+import base64
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+from keygrants.audit.events import decode_event
+from keygrants.audit.log import EventQuery
+from keygrants.auth import RequestContext
+from keygrants.crypto.signing import SigningKey
+from keygrants.grants.dpop import make_proof, proof_key_thumbprint
+from keygrants.models import CreateApiKeyRequest, CreatePrincipalRequest, PutPolicyRequest
+
+from .conftest import ADMIN, World
+
+pytestmark = pytest.mark.anyio
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def code_of(r: httpx.Response) -> str:
+    return str(r.json()["error"]["code"])
+
+
+def principal(world: World, name: str, *, tags: tuple[str, ...] = ()) -> dict[str, str]:
+    """A new principal with an API key; its Authorization header."""
+    world.access.service.create_principal(ADMIN, CreatePrincipalRequest(id=name, tags=list(tags)))
+    key = world.access.service.create_api_key(ADMIN, name, CreateApiKeyRequest()).api_key
+    return {"Authorization": f"Bearer {key}"}
+
+
+def svc(world: World, token: str | None = None) -> dict[str, str]:
+    headers = {"Authorization": f"Bearer {world.api_key}"}
+    if token is not None:
+        headers["Keygrants-Grant"] = token
+    return headers
+
+
+async def create(http: httpx.AsyncClient, world: World, headers: dict[str, str] | None = None,
+                 **body: Any) -> httpx.Response:
+    body = {"key": "enc", "grantee": "svc", "operations": ["decrypt"], **body}
+    return await http.post("/v1/grants", json=body, headers=headers or world.auth)
+
+
+async def decrypt(http: httpx.AsyncClient, world: World, headers: dict[str, str],
+                  context: dict[str, str] | None = None) -> httpx.Response:
+    return await http.post("/v1/decrypt", headers=headers, json={
+        "ciphertext": b64(world.ciphertext),
+        "context": world.CONTEXT if context is None else context})
+
+
+def event_at(world: World, r: httpx.Response) -> Any:
+    return decode_event(world.audit.log.event_data(int(r.headers["x-audit-index"])) or b"")
+
+
+# -- using a grant ------------------------------------------------------------------------------
+
+async def test_a_grant_lets_its_grantee_do_what_its_own_policy_does_not(world, http) -> None:
+    assert code_of(await decrypt(http, world, svc(world))) == "forbidden"  # svc may only encrypt
+    r = await decrypt(http, world, svc(world, world.grant_token))
+    assert r.status_code == 200, r.text
+    assert base64.b64decode(r.json()["plaintext"]) == world.PLAINTEXT
+    event = event_at(world, r)
+    assert (event.type, event.result, event.grant_id, event.detail["policy"]) == (
+        "crypto.decrypt", "ok", world.grant_id, f"grant:{world.grant_id}")
+    grant = world.store.get_grant(world.grant_id)
+    assert grant is not None and grant.uses == 1
+
+
+async def test_each_mismatch_is_refused_with_its_code(world, http) -> None:
+    other = principal(world, "other")
+    r = await decrypt(http, world, {**other, "Keygrants-Grant": world.grant_token})
+    assert (r.status_code, code_of(r)) == (403, "wrong_grantee")
+    denial = event_at(world, r)
+    assert (denial.type, denial.reason, denial.principal) == ("grant.deny", "wrong_grantee", "other")
+    assert world.grant_token not in str(denial.detail) and denial.detail["token"].startswith("hmac")
+    r = await http.post("/v1/keys/sig/sign", headers=svc(world, world.grant_token),
+                        json={"message": b64(b"m")})
+    assert code_of(r) == "operation_not_granted"
+    r = await http.post("/v1/keys/enc2/encrypt", headers=svc(world, world.grant_token),
+                        json={"plaintext": b64(b"m")})
+    assert code_of(r) == "key_not_granted"
+    r = await http.post("/v1/keys/nope/encrypt", headers=svc(world, world.grant_token),
+                        json={"plaintext": b64(b"m")})
+    assert code_of(r) == "key_not_granted"  # a missing key reveals nothing either
+    r = await http.get("/v1/keys", headers=svc(world, world.grant_token))
+    assert (r.status_code, code_of(r)) == (400, "invalid_request")  # no grant there
+    garbage = await decrypt(http, world, svc(world, "not.a.token"))
+    assert code_of(garbage) == "grant_malformed"
+    grant = world.store.get_grant(world.grant_id)
+    assert grant is not None and grant.uses == 0  # no refused request counted a use
+
+
+async def test_encryption_context_constraints_follow_aws_semantics(world, http) -> None:
+    subset = (await create(http, world, context_subset={"tenant": "t1"})).json()["token"]
+    equals = (await create(http, world, context_equals={"tenant": "t1"})).json()["token"]
+    exact = (await create(http, world, context_equals=world.CONTEXT)).json()["token"]
+    assert (await decrypt(http, world, svc(world, subset))).status_code == 200
+    assert code_of(await decrypt(http, world, svc(world, equals))) == "context_mismatch"
+    assert (await decrypt(http, world, svc(world, exact))).status_code == 200
+    r = await http.post("/v1/decrypt", headers=svc(world, subset),
+                        json={"ciphertext": b64(world.ciphertext), "context": {"tenant": "t2"}})
+    assert code_of(r) == "context_mismatch"
+    r = await create(http, world, operations=["sign"], key="sig", context_subset={"a": "b"})
+    assert (r.status_code, code_of(r)) == (400, "invalid_request")
+
+
+async def test_uses_are_exact_and_exhaustion_has_its_code(world, http) -> None:
+    token = (await create(http, world, max_uses=2)).json()["token"]
+    assert [(await decrypt(http, world, svc(world, token))).status_code for _ in range(2)] == [200, 200]
+    third = await decrypt(http, world, svc(world, token))
+    assert (third.status_code, code_of(third)) == (403, "grant_exhausted")
+    listed = (await http.get("/v1/grants?key=enc&state=exhausted", headers=world.auth)).json()
+    assert [g["uses"] for g in listed["grants"]] == [2]
+
+
+async def test_batches_count_one_use_per_request(world, http) -> None:
+    token = (await create(http, world, max_uses=1, operations=["encrypt"])).json()["token"]
+    r = await http.post("/v1/keys/enc/encrypt-batch", headers=svc(world, token), json={
+        "items": [{"plaintext": b64(b"a"), "context": {"x": "1"}},
+                  {"plaintext": b64(b"b"), "context": {"x": "2"}}]})
+    assert r.status_code == 200 and all("error" not in i for i in r.json()["results"])
+
+
+async def test_expired_and_not_yet_valid_grants(world, http) -> None:
+    token = (await create(http, world, ttl=60)).json()["token"]
+    world.grants._clock = lambda: time.time() + 60 + 31  # past exp + the 30 s leeway
+    assert code_of(await decrypt(http, world, svc(world, token))) == "grant_expired"
+    world.grants._clock = time.time
+    start = time.time() + 600
+    later = await create(http, world, not_before=time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                               time.gmtime(start)))
+    assert code_of(await decrypt(http, world, svc(world, later.json()["token"]))) == "grant_not_yet_valid"
+
+
+async def test_grant_token_header_attacks_over_http(world, http) -> None:
+    header, claims, signature = world.grant_token.split(".")
+
+    def enc(obj: bytes) -> str:
+        return base64.urlsafe_b64encode(obj).rstrip(b"=").decode()
+
+    none = enc(b'{"alg":"none","kid":"x","typ":"kg+jwt"}') + "." + claims + "."
+    assert code_of(await decrypt(http, world, svc(world, none))) == "grant_algorithm_rejected"
+    jku = (enc(base64.urlsafe_b64decode(header + "==")[:-1] + b',"jku":"https://evil"}')
+           + "." + claims + "." + signature)
+    assert code_of(await decrypt(http, world, svc(world, jku))) == "grant_header_rejected"
+    tampered = header + "." + claims[:-2] + ("A" if claims[-2] != "A" else "B") + claims[-1] + "." \
+        + signature
+    assert code_of(await decrypt(http, world, svc(world, tampered))) in (
+        "grant_signature_invalid", "grant_malformed")
+
+
+# -- revocation and the feed --------------------------------------------------------------------
+
+async def test_revoke_takes_effect_on_the_next_request_and_enters_the_feed(world, http) -> None:
+    assert (await decrypt(http, world, svc(world, world.grant_token))).status_code == 200
+    r = await http.post(f"/v1/grants/{world.grant_id}/revoke", headers=world.auth)
+    assert r.json()["state"] == "revoked"
+    assert code_of(await decrypt(http, world, svc(world, world.grant_token))) == "grant_revoked"
+    feed = (await http.get("/v1/revocations?since=0")).json()
+    assert [(e["kind"], e["id"], e["reason"]) for e in feed["entries"]] == [
+        ("grant", world.grant_id, "revoked")]
+    assert (await http.get(f"/v1/revocations?since={feed['latest']}")).json()["entries"] == []
+    again = await http.post(f"/v1/grants/{world.grant_id}/revoke", headers=world.auth)
+    assert (again.status_code, code_of(again)) == (409, "grant_state")
+
+
+async def test_only_the_grantee_or_retiring_principal_retires(world, http) -> None:
+    other = principal(world, "other")
+    token = (await create(http, world, retiring_principal="other")).json()
+    assert (await http.post(f"/v1/grants/{world.grant_id}/retire",
+                            headers=other)).status_code == 403
+    r = await http.post(f"/v1/grants/{token['grant']['id']}/retire", headers=other)
+    assert r.json()["state"] == "retired"
+    assert code_of(await decrypt(http, world, svc(world, token["token"]))) == "grant_retired"
+    r = await http.post(f"/v1/grants/{world.grant_id}/retire", headers=svc(world))
+    assert r.json()["state"] == "retired"
+
+
+async def test_revoke_all_for_a_principal_covers_every_earlier_grant_only(world, http) -> None:
+    second = (await create(http, world)).json()["token"]
+    r = await http.post("/v1/revoke-all", json={"principal": "svc"}, headers=world.auth)
+    assert r.json()["revoked"] == 3  # the fixture's grant, its pending request, this one
+    for token in (world.grant_token, second):
+        assert code_of(await decrypt(http, world, svc(world, token))) == "grant_revoked"
+    feed = (await http.get("/v1/revocations")).json()["entries"]
+    assert [(e["kind"], e["id"]) for e in feed] == [("principal", "svc")]
+    world.grants._clock = lambda: time.time() + 2  # a grant issued after the revocation
+    fresh = (await create(http, world)).json()["token"]
+    assert (await decrypt(http, world, svc(world, fresh))).status_code == 200
+
+
+async def test_revoke_all_for_a_key(world, http) -> None:
+    r = await http.post("/v1/revoke-all", json={"key": "enc-alias"}, headers=world.auth)
+    assert r.status_code == 200
+    assert code_of(await decrypt(http, world, svc(world, world.grant_token))) == "grant_revoked"
+    assert code_of(await http.post("/v1/revoke-all", json={}, headers=world.auth)) == "invalid_request"
+
+
+# -- who may create what ------------------------------------------------------------------------
+
+async def test_a_grant_never_exceeds_its_creators_rights(world, http) -> None:
+    world.access.service.put_policy(ADMIN, "svc-grants", PutPolicyRequest(text=(
+        'permit(principal == Keygrants::Principal::"svc", '
+        'action == Keygrants::Action::"create_grant", resource) when { resource.name == "enc" '
+        '&& context has grant && context.grant.ttl <= 120 && context.grant.uses > 0 };')))
+    principal(world, "worker")
+    decrypt_grant = await create(http, world, svc(world), grantee="worker", max_uses=5)
+    assert (decrypt_grant.status_code, code_of(decrypt_grant)) == (403, "forbidden")
+    ok = await create(http, world, svc(world), grantee="worker", operations=["encrypt"],
+                      ttl=120, max_uses=5)
+    assert ok.status_code == 201, ok.text
+    too_long = await create(http, world, svc(world), grantee="worker", operations=["encrypt"],
+                            ttl=121, max_uses=5)
+    assert code_of(too_long) == "forbidden"  # the policy's maximum TTL
+    unlimited = await create(http, world, svc(world), grantee="worker", operations=["encrypt"],
+                             ttl=60)
+    assert code_of(unlimited) == "forbidden"  # the policy demands limited uses
+    missing_key = await create(http, world, svc(world), key="no-such-key", operations=["encrypt"])
+    assert code_of(missing_key) == "forbidden"  # not key_not_found: nothing to probe
+
+
+async def test_bad_create_requests_are_400(world, http) -> None:
+    for body in ({"operations": []}, {"operations": ["fly"]}, {"operations": ["decrypt"] * 2},
+                 {"ttl": 0}, {"ttl": 10**9}, {"max_uses": 0}, {"grantee": "bad name"},
+                 {"dpop_jkt": "short"}, {"audiences": [f"a{i}" for i in range(17)]},
+                 {"operations": ["sign"], "key": "enc"}, {"context_subset": {"": "x"}}):
+        r = await create(http, world, **body)
+        assert r.status_code == 400, (body, r.text)
+    before = world.snapshot()
+    assert code_of(await create(http, world, grantee="ghost")) == "principal_not_found"
+    assert world.snapshot() == before
+
+
+# -- delegation and exchange --------------------------------------------------------------------
+
+async def test_delegation_attenuates_and_revoking_the_parent_revokes_children(world, http) -> None:
+    worker = principal(world, "worker")
+    parent = (await create(http, world, operations=["create_grant", "decrypt"], max_uses=10,
+                           context_subset={"tenant": "t1"})).json()
+    parent_token = parent["token"]
+    child = await create(http, world, svc(world, parent_token), grantee="worker", max_uses=2,
+                         context_subset={"tenant": "t1", "purpose": "test"}, ttl=60)
+    assert child.status_code == 201, child.text
+    child_body = child.json()
+    assert (child_body["grant"]["parent_id"], child_body["grant"]["depth"]) == (
+        parent["grant"]["id"], 1)
+    assert (await decrypt(http, world, {**worker,
+                                        "Keygrants-Grant": child_body["token"]})).status_code == 200
+    for widening in ({"operations": ["decrypt", "encrypt"]}, {"max_uses": 11},
+                     {"context_subset": {"purpose": "test"}}, {"ttl": 10**5}):
+        r = await create(http, world, svc(world, parent_token), grantee="worker",
+                         **{"max_uses": 2, "context_subset": {"tenant": "t1"}, **widening})
+        assert code_of(r) in ("attenuation_violated", "invalid_request"), (widening, r.text)
+    await http.post(f"/v1/grants/{parent['grant']['id']}/revoke", headers=world.auth)
+    denied = await decrypt(http, world, {**worker, "Keygrants-Grant": child_body["token"]})
+    assert code_of(denied) == "grant_revoked"
+    child_now = (await http.get(f"/v1/grants/{child_body['grant']['id']}",
+                                headers=world.auth)).json()
+    assert child_now["state"] == "revoked"
+
+
+async def test_delegation_depth_is_limited(world, http) -> None:
+    token = (await create(http, world, grantee="admin",
+                          operations=["create_grant", "decrypt"])).json()["token"]
+    depth = 0
+    while True:
+        r = await create(http, world, {**world.auth, "Keygrants-Grant": token}, grantee="admin",
+                         operations=["create_grant", "decrypt"], ttl=60)
+        if r.status_code != 201:
+            assert code_of(r) == "attenuation_violated"
+            break
+        depth += 1
+        token = r.json()["token"]
+    assert depth == world.grants.settings.max_depth
+
+
+async def test_a_grant_without_create_grant_cannot_delegate(world, http) -> None:
+    r = await create(http, world, svc(world, world.grant_token), grantee="svc")
+    assert code_of(r) == "operation_not_granted"
+
+
+async def test_token_exchange_narrows_a_grant(world, http) -> None:
+    r = await http.post("/v1/token-exchange", headers=svc(world), json={
+        "subject_token": world.grant_token, "scope": "decrypt", "ttl": 60,
+        "context_subset": {"tenant": "t1"}})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (body["issued_token_type"], body["scope"]) == (
+        "urn:keygrants:params:oauth:token-type:grant", "decrypt")
+    narrowed = body["access_token"]
+    assert (await decrypt(http, world, svc(world, narrowed))).status_code == 200
+    enc = await http.post("/v1/keys/enc/encrypt", headers=svc(world, narrowed),
+                          json={"plaintext": b64(b"x")})
+    assert code_of(enc) == "operation_not_granted"
+    wider = await http.post("/v1/token-exchange", headers=svc(world), json={
+        "subject_token": world.grant_token, "scope": "decrypt sign"})
+    assert code_of(wider) in ("attenuation_violated", "invalid_request")
+    other = principal(world, "other")
+    stolen = await http.post("/v1/token-exchange", headers=other,
+                             json={"subject_token": world.grant_token})
+    assert code_of(stolen) == "wrong_grantee"
+
+
+# -- break-glass --------------------------------------------------------------------------------
+
+async def test_break_glass_needs_another_principal_and_is_short_lived(world, http) -> None:
+    pending = world.pending_grant_id
+    info = (await http.get(f"/v1/grants/{pending}", headers=svc(world))).json()
+    assert (info["state"], info["requires_approval"], info["justification"]) == (
+        "pending", True, "incident 42")
+    self_approve = await http.post(f"/v1/grants/{pending}/approve", headers=svc(world), json={})
+    assert (self_approve.status_code, code_of(self_approve)) == (403, "self_approval")
+    no_token = await http.post(f"/v1/grants/{pending}/token", headers=svc(world))
+    assert code_of(no_token) == "grant_pending"
+    approved = await http.post(f"/v1/grants/{pending}/approve", headers=world.auth, json={})
+    body = approved.json()
+    assert body["state"] == "active" and body["decided_by"] == "admin"
+    approve_event = event_at(world, approved)
+    assert approve_event.detail["severity"] == "high"
+    token = (await http.post(f"/v1/grants/{pending}/token", headers=svc(world))).json()["token"]
+    r = await http.post("/v1/keys/enc/encrypt", headers=svc(world, token),
+                        json={"plaintext": b64(b"x")})
+    assert r.status_code == 200
+    twice = await http.post(f"/v1/grants/{pending}/approve", headers=world.auth, json={})
+    assert code_of(twice) == "grant_state"
+
+
+async def test_break_glass_policy_creates_pending_grants(world, http) -> None:
+    world.access.service.put_policy(ADMIN, "bg", PutPolicyRequest(text=(
+        '@approval("required")\npermit(principal == Keygrants::Principal::"svc", '
+        'action == Keygrants::Action::"create_grant", resource);')))
+    r = await create(http, world, svc(world), operations=["encrypt"], justification="outage")
+    assert r.status_code == 202 and r.json()["token"] is None
+    assert r.json()["grant"]["state"] == "pending"
+    rejected = await http.post(f"/v1/grants/{r.json()['grant']['id']}/reject", headers=world.auth,
+                               json={"note": "no"})
+    assert rejected.json()["state"] == "rejected"
+
+
+# -- proof of possession ------------------------------------------------------------------------
+
+async def test_dpop_bound_grants_need_a_fresh_proof_from_the_bound_key(world, http) -> None:
+    key, other_key = SigningKey.generate("ed25519"), SigningKey.generate("ecdsa-p256-sha256")
+    token = (await create(http, world, dpop_jkt=proof_key_thumbprint(key))).json()["token"]
+    url = "http://test/v1/decrypt"
+    assert code_of(await decrypt(http, world, svc(world, token))) == "pop_required"
+    proof = make_proof(key, method="POST", url=url, access_token=token)
+    ok = await decrypt(http, world, {**svc(world, token), "DPoP": proof})
+    assert ok.status_code == 200, ok.text
+    replay = await decrypt(http, world, {**svc(world, token), "DPoP": proof})
+    assert code_of(replay) == "pop_replayed"
+    cases = {
+        "wrong htm": make_proof(key, method="GET", url=url, access_token=token),
+        "wrong htu": make_proof(key, method="POST", url="http://test/v1/keys/enc/encrypt",
+                                access_token=token),
+        "wrong ath": make_proof(key, method="POST", url=url, access_token=world.grant_token),
+        "too old": make_proof(key, method="POST", url=url, access_token=token,
+                              iat=int(time.time()) - 3600),
+        "other key": make_proof(other_key, method="POST", url=url, access_token=token),
+    }
+    for name, bad in cases.items():
+        r = await decrypt(http, world, {**svc(world, token), "DPoP": bad})
+        assert code_of(r) == "pop_invalid", name
+
+
+async def test_certificate_bound_grants_need_the_certificate(world) -> None:
+    cert = b"\x30\x82fake-der-certificate"
+    import hashlib
+
+    thumb = base64.urlsafe_b64encode(hashlib.sha256(cert).digest()).rstrip(b"=").decode()
+    from keygrants.errors import PopInvalid, PopRequired
+    from keygrants.models import CreateGrantRequest
+
+    created = world.grants.create(ADMIN, CreateGrantRequest(key="enc", grantee="svc",
+                                                            operations=["decrypt"], x5t_s256=thumb))
+    assert created.token is not None
+    ctx = RequestContext(principal="svc", request_id="t")
+    with pytest.raises(PopRequired):
+        world.grants.verify_presented(ctx, created.token)
+    with pytest.raises(PopInvalid):
+        world.grants.verify_presented(ctx, created.token, client_cert=b"another")
+    claims = world.grants.verify_presented(ctx, created.token, client_cert=cert)
+    assert claims.cnf_x5t == thumb
+
+
+# -- issuer keys and JWKS -----------------------------------------------------------------------
+
+async def test_jwks_is_public_with_a_refresh_hint_and_rotation_is_staged(world, http) -> None:
+    r = await http.get("/.well-known/jwks.json")
+    assert r.headers["cache-control"] == "public, max-age=300"
+    first = r.json()
+    assert first["seq"] == 1 and [k["kid"] for k in first["keys"]] == [
+        world.grants.keyring.keys[0].kid]
+    rotated = (await http.post("/v1/issuer/rotate", headers=world.auth)).json()
+    published = (await http.get("/.well-known/jwks.json")).json()
+    assert published["seq"] == 2 and len(published["keys"]) == 2
+    # still signed by the old key until one refresh interval has passed
+    before = (await create(http, world)).json()["token"]
+    assert rotated["kid"] not in base64.urlsafe_b64decode(before.split(".")[0] + "==").decode()
+    world.grants._clock = lambda: time.time() + 301
+    after = (await create(http, world)).json()["token"]
+    assert rotated["kid"] in base64.urlsafe_b64decode(after.split(".")[0] + "==").decode()
+    assert (await decrypt(http, world, svc(world, before))).status_code == 200  # both keys verify
+    # the old key retires once its last token has expired: then its tokens are unknown
+    world.grants._clock = lambda: time.time() + 301 + 86400 + 31
+    world.grants.run_due()
+    assert [k["kid"] for k in world.grants.jwks()["keys"]] == [rotated["kid"]]
+    r = await decrypt(http, world, svc(world, world.grant_token))
+    assert code_of(r) == "grant_unknown_kid"
+
+
+# -- fail-closed --------------------------------------------------------------------------------
+
+async def test_no_grant_and_no_use_without_a_durable_audit_event(world, http) -> None:
+    token = (await create(http, world, max_uses=1)).json()["token"]
+    world.audit.log.failing = True
+    before = world.snapshot()
+    r = await create(http, world)
+    assert (r.status_code, code_of(r)) == (503, "audit_unavailable")
+    used = await decrypt(http, world, svc(world, token))
+    assert used.status_code == 503 and world.PLAINTEXT not in used.content
+    assert world.snapshot() == before  # no grant created, no use counted
+    world.audit.log.failing = False
+    assert (await decrypt(http, world, svc(world, token))).status_code == 200
+
+
+async def test_grant_events_carry_the_grant_id(world, http) -> None:
+    r = await create(http, world)
+    grant_id = r.json()["grant"]["id"]
+    events = [decode_event(e) for e in world.audit.log.search(EventQuery(grant_id=grant_id))]
+    assert [(e.type, e.result) for e in events] == [("grant.create", "requested"),
+                                                     ("grant.create", "ok")]
