@@ -107,6 +107,7 @@ MAX_NAME: Final = 256
 MAX_JUSTIFICATION: Final = 1024
 MAX_LIST_LIMIT: Final = 1000
 _USE_COUNTED: Final = "grant_use_counted"
+_VERIFIED_CACHE: Final = 10_000
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -219,6 +220,7 @@ class GrantService:
         self.dpop = DpopVerifier(max_age=s.dpop_max_age, leeway=min(s.leeway, 60),
                                  require_nonce=s.require_dpop_nonce, clock=clock)
         self.revocations = RevocationView()
+        self._verified: dict[str, GrantClaims] = {}  # token → claims, oldest first (bounded)
         self.sync_revocations()
         self.keyring = self._load_keyring()
         if self.keyring.signer(self._now()) is None:
@@ -345,8 +347,7 @@ class GrantService:
             GrantDenied: a subclass with the precise code.
         """
         now = self._now()
-        claims = decode_grant_token(token, self.keyring.verification_keys(now), issuer=self.issuer,
-                                    audience=self.audience, now=now, leeway=self.settings.leeway)
+        claims = self._decode(token, now)
         if not hmac.compare_digest(claims.grantee.encode(), ctx.principal.encode()):
             raise WrongGrantee()
         self.revocations.check(claims)
@@ -358,6 +359,24 @@ class GrantService:
                 raise PopRequired("this grant is bound to a client certificate")
             if not hmac.compare_digest(b64url(hashlib.sha256(client_cert).digest()), claims.cnf_x5t):
                 raise PopInvalid("the client certificate is not the one the grant is bound to")
+        return claims
+
+    def _decode(self, token: str, now: int) -> GrantClaims:
+        """Verify a token's signature and claims, or reuse an earlier verification of the very
+        same token string while its window and its issuer key are still good (the signature
+        check is most of a token's cost; the checks that can change are redone)."""
+        keys = self.keyring.verification_keys(now)
+        cached = self._verified.get(token)
+        if cached is not None:
+            leeway = self.settings.leeway
+            if cached.kid in keys and cached.not_before - leeway <= now < cached.expires_at + leeway:
+                return cached
+            del self._verified[token]
+        claims = decode_grant_token(token, keys, issuer=self.issuer, audience=self.audience,
+                                    now=now, leeway=self.settings.leeway)
+        if len(self._verified) >= _VERIFIED_CACHE:
+            self._verified.pop(next(iter(self._verified)), None)  # the oldest
+        self._verified[token] = claims
         return claims
 
     def authorize_use(self, ctx: RequestContext, claims: GrantClaims, action: str,
