@@ -556,9 +556,13 @@ class GrantService:
         parent = self.store.get_grant(claims.grant_id)
         if parent is None:
             raise GrantRevoked()
-        key, _ = self.kms.key_with_aliases(ref) if ref != parent.key_id else (None, None)
-        if key is not None and key.id != parent.key_id:
-            raise KeyNotGranted()
+        if ref != parent.key_id:
+            try:
+                key, _ = self.kms.key_with_aliases(ref)
+            except KeyNotFound:
+                raise KeyNotGranted() from None  # a grant holder learns nothing of other keys
+            if key.id != parent.key_id:
+                raise KeyNotGranted()
         self._check_parent_live(parent)
         return parent
 
