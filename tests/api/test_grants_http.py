@@ -439,3 +439,20 @@ async def test_grant_events_carry_the_grant_id(world, http) -> None:
     events = [decode_event(e) for e in world.audit.log.search(EventQuery(grant_id=grant_id))]
     assert [(e.type, e.result) for e in events] == [("grant.create", "requested"),
                                                      ("grant.create", "ok")]
+
+
+async def test_the_scheduler_rotates_the_issuer_key_and_prunes_the_feed(world, http) -> None:
+    await http.post(f"/v1/grants/{world.grant_id}/revoke", headers=world.auth)
+    world.grants.run_due()  # nothing due yet
+    assert world.grants.jwks()["seq"] == 1 and len(world.store.revocations_since(0, limit=9)) == 1
+    period = world.grants.settings.issuer_rotation_period
+    world.grants._clock = lambda: time.time() + period + 1
+    world.grants.run_due()
+    jwks = world.grants.jwks()
+    assert jwks["seq"] == 2 and len(jwks["keys"]) == 2  # staged: published, not yet signing
+    assert world.grants.keyring.pending(int(world.grants._clock())) is not None
+    # the revoked grant (1 hour) has long expired: its feed entry is gone, its number is not
+    assert world.store.revocations_since(0, limit=9) == []
+    assert len(world.grants.revocations) == 0
+    feed = (await http.get("/v1/revocations?since=0")).json()
+    assert (feed["entries"], feed["latest"]) == ([], 1)

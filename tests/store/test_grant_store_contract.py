@@ -1,0 +1,197 @@
+"""The Store contract for grants, the revocation feed and issuer keys (memory, SQLite)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from keygrants.errors import AlreadyExists, Conflict, GrantNotFound, StoreError
+from keygrants.grants.issuer import IssuerKey
+from keygrants.grants.model import Grant, new_grant_id
+from keygrants.grants.revocation import RevocationEntry
+from keygrants.store.base import Store
+from keygrants.store.sqlite import SQLiteStore
+
+
+def grant(**kw: object) -> Grant:
+    fields: dict[str, object] = dict(id=new_grant_id(), key_id="k1", grantee="svc",
+                                     operations=("decrypt",), issuer="admin", created_at=100,
+                                     not_before=100, expires_at=1000)
+    fields.update(kw)
+    return Grant(**fields)  # type: ignore[arg-type]
+
+
+def test_create_get_and_every_field_round_trips(store: Store) -> None:
+    g = grant(context_equals={"a": "1"}, context_subset={"b": "2"}, max_uses=3,
+              audiences=("x", "y"), cnf_jkt="j" * 43, name="n", retiring_principal="ops",
+              justification="why", parent_id="g_parent", depth=1, requires_approval=True,
+              state="pending", trace="00-abc-def-01")
+    store.create_grant(g)
+    assert store.get_grant(g.id) == g
+    assert store.get_grant(new_grant_id()) is None
+    with pytest.raises(AlreadyExists):
+        store.create_grant(g)
+
+
+def test_list_filters_pages_and_effective_states(store: Store) -> None:
+    active = grant(id="g_" + "a" * 26, max_uses=2)
+    exhausted = grant(id="g_" + "b" * 26, max_uses=1, uses=1)
+    expired = grant(id="g_" + "c" * 26, expires_at=50, key_id="k2")
+    revoked = grant(id="g_" + "d" * 26, state="revoked", grantee="other", retiring_principal="ops")
+    for g in (active, exhausted, expired, revoked):
+        store.create_grant(g)
+    ids = lambda gs: [g.id for g in gs]  # noqa: E731
+    assert ids(store.list_grants(now=60, limit=10)) == ids([active, exhausted, expired, revoked])
+    assert ids(store.list_grants(now=60, limit=2)) == ids([active, exhausted])
+    assert ids(store.list_grants(now=60, limit=10, after=exhausted.id)) == ids([expired, revoked])
+    assert ids(store.list_grants(now=60, limit=10, state="active")) == [active.id]
+    assert ids(store.list_grants(now=60, limit=10, state="exhausted")) == [exhausted.id]
+    assert ids(store.list_grants(now=60, limit=10, state="expired")) == [expired.id]
+    assert ids(store.list_grants(now=60, limit=10, state="revoked")) == [revoked.id]
+    assert ids(store.list_grants(now=60, limit=10, key_id="k2")) == [expired.id]
+    assert ids(store.list_grants(now=60, limit=10, grantee="other")) == [revoked.id]
+    assert ids(store.list_grants(now=60, limit=10, retiring_principal="ops")) == [revoked.id]
+    assert store.live_grant_ids(now=60, grantee="svc") == [active.id, exhausted.id]
+    assert store.live_grant_ids(now=60, key_id="k2") == []
+
+
+def test_consume_counts_only_live_limited_grants(store: Store) -> None:
+    limited = grant(max_uses=2)
+    unlimited = grant()
+    pending = grant(max_uses=2, state="pending")
+    for g in (limited, unlimited, pending):
+        store.create_grant(g)
+    first = store.consume_grant_use(limited.id, 500)
+    assert first is not None and first.uses == 1
+    assert store.consume_grant_use(limited.id, 1000) is None  # expired at 1000
+    assert store.consume_grant_use(limited.id, 500) is not None
+    assert store.consume_grant_use(limited.id, 500) is None  # exhausted
+    assert store.consume_grant_use(unlimited.id, 500) is None
+    assert store.consume_grant_use(pending.id, 500) is None
+    assert store.consume_grant_use(new_grant_id(), 500) is None
+    got = store.get_grant(limited.id)
+    assert got is not None and got.uses == 2
+
+
+def test_consume_is_atomic_under_racing_threads(store: Store) -> None:
+    g = grant(max_uses=5)
+    store.create_grant(g)
+    barrier = threading.Barrier(40)
+    won: list[int] = []
+
+    def race() -> None:
+        barrier.wait()
+        if store.consume_grant_use(g.id, 500) is not None:
+            won.append(1)
+
+    threads = [threading.Thread(target=race) for _ in range(40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(won) == 5
+    got = store.get_grant(g.id)
+    assert got is not None and got.uses == 5
+
+
+def test_update_is_compare_and_set_and_appends_the_feed_atomically(store: Store) -> None:
+    g = grant(state="pending", max_uses=4)
+    store.create_grant(g)
+    approved = msgspec.structs.replace(g, state="active", not_before=200, expires_at=300,
+                                       decided_by="boss", decided_at=200)
+    assert store.update_grant(approved, expected_state="pending") == []
+    got = store.get_grant(g.id)
+    assert got is not None and (got.state, got.not_before, got.expires_at, got.decided_by) == (
+        "active", 200, 300, "boss")
+    with pytest.raises(Conflict):
+        store.update_grant(approved, expected_state="pending")
+    with pytest.raises(GrantNotFound):
+        store.update_grant(grant(), expected_state="active")
+    store.consume_grant_use(g.id, 250)
+    ended = msgspec.structs.replace(approved, state="revoked", ended_at=260, ended_by="boss")
+    entries = store.update_grant(ended, expected_state="active", feed=[
+        RevocationEntry(kind="grant", id=g.id, revoked_at=260, expires_at=330)])
+    assert [(e.seq, e.kind, e.id) for e in entries] == [(1, "grant", g.id)]
+    got = store.get_grant(g.id)
+    assert got is not None and (got.state, got.uses) == ("revoked", 1)  # the use survives
+
+
+def test_end_grants_touches_only_live_ones_and_numbers_the_feed(store: Store) -> None:
+    live, retired = grant(), grant(state="retired")
+    store.create_grant(live)
+    store.create_grant(retired)
+    entries = store.end_grants([live.id, retired.id, new_grant_id()], state="revoked", now=400,
+                               by="admin", feed=[
+                                   RevocationEntry(kind="principal", id="svc", revoked_at=400,
+                                                   expires_at=2000),
+                                   RevocationEntry(kind="grant", id=live.id, revoked_at=400,
+                                                   expires_at=1030)])
+    assert [e.seq for e in entries] == [1, 2]
+    got_live, got_retired = store.get_grant(live.id), store.get_grant(retired.id)
+    assert got_live is not None and (got_live.state, got_live.ended_by) == ("revoked", "admin")
+    assert got_retired is not None and got_retired.state == "retired"
+
+
+def test_feed_pages_prunes_and_keeps_its_high_water_mark(store: Store) -> None:
+    assert store.latest_revocation_seq() == 0
+    store.end_grants([], state="revoked", now=0, by="a", feed=[
+        RevocationEntry(kind="grant", id=f"g{i}", revoked_at=i, expires_at=100 * (i + 1))
+        for i in range(5)])
+    assert [e.seq for e in store.revocations_since(0, limit=3)] == [1, 2, 3]
+    assert [e.id for e in store.revocations_since(3, limit=10)] == ["g3", "g4"]
+    assert store.prune_revocations(250) == 2
+    assert [e.seq for e in store.revocations_since(0, limit=10)] == [3, 4, 5]
+    assert store.prune_revocations(10_000) == 3
+    assert store.revocations_since(0, limit=10) == []
+    assert store.latest_revocation_seq() == 5
+    later = store.end_grants([], state="revoked", now=0, by="a", feed=[
+        RevocationEntry(kind="key", id="k", revoked_at=1, expires_at=99_999)])
+    assert later[0].seq == 6  # numbers are never reused
+
+
+def test_issuer_keys_insert_retire_and_conflict(store: Store) -> None:
+    def key(seq: int, kid: str) -> IssuerKey:
+        return IssuerKey(kid=kid, alg="EdDSA", public_raw=b"p" * 32, sealed=b"s", seq=seq,
+                         created_at=seq * 10, activate_at=seq * 10)
+
+    first = key(1, "a" * 43)
+    store.add_issuer_key(first, [])
+    second = key(2, "b" * 43)
+    store.add_issuer_key(second, [(first.kid, 500)])
+    assert store.list_issuer_keys() == [msgspec.structs.replace(first, retire_at=500), second]
+    with pytest.raises(Conflict):
+        store.add_issuer_key(key(2, "c" * 43), [(first.kid, 1)])
+    assert store.list_issuer_keys()[0].retire_at == 500  # the losing rotation changed nothing
+    assert store.delete_issuer_keys(retired_before=500) == 0
+    assert store.delete_issuer_keys(retired_before=501) == 1
+    assert store.list_issuer_keys() == [second]
+
+
+def test_sqlite_group_commit_isolates_a_failing_write(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "kg.db")
+    g = grant()
+    store.create_grant(g)
+    results: dict[str, object] = {}
+    barrier = threading.Barrier(20)
+
+    def create(i: int) -> None:
+        barrier.wait()
+        try:
+            store.create_grant(g if i == 0 else grant())
+            results[str(i)] = "ok"
+        except AlreadyExists:
+            results[str(i)] = "dup"
+
+    threads = [threading.Thread(target=create, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results.pop("0") == "dup" and set(results.values()) == {"ok"}
+    assert len(store.list_grants(now=0, limit=100)) == 20
+    store.close()
+    with pytest.raises(StoreError):
+        store.create_grant(grant())
