@@ -430,22 +430,25 @@ class GrantService:
         if unknown:
             raise InvalidRequest(f"unknown operations: {', '.join(sorted(unknown)[:5])}; known: "
                                  f"{', '.join(sorted(GRANT_OPERATIONS))}")
-        if not isinstance(req.grantee, str) or not _PRINCIPAL_RE.match(req.grantee):
+        if not isinstance(req.grantee, str) or not _PRINCIPAL_RE.fullmatch(req.grantee):
             raise InvalidRequest("grantee must be a principal id")
         ttl = s.default_ttl if req.ttl is None else req.ttl
         if not 1 <= ttl <= s.max_ttl:
             raise InvalidRequest(f"ttl must be 1..{s.max_ttl} seconds")
         not_before = now if req.not_before is None else int(req.not_before.timestamp())
-        if not now - s.leeway <= not_before <= now + s.max_ttl:
-            raise InvalidRequest("not_before must be between now and now + the maximum TTL")
+        # every token expires within max_ttl of its issue: issuer-key retirement and wholesale
+        # revocation entries are timed on that
+        if not now - s.leeway <= not_before or not_before + ttl > now + s.max_ttl:
+            raise InvalidRequest("not_before must be from now, and not_before + ttl at most the "
+                                 f"maximum TTL ({s.max_ttl} s) from now")
         if req.max_uses is not None and not 1 <= req.max_uses <= s.max_uses:
             raise InvalidRequest(f"max_uses must be 1..{s.max_uses}")
         audiences = tuple(dict.fromkeys(req.audiences))
-        if len(audiences) > MAX_AUDIENCES or not all(_AUDIENCE_RE.match(a) for a in audiences):
+        if len(audiences) > MAX_AUDIENCES or not all(_AUDIENCE_RE.fullmatch(a) for a in audiences):
             raise InvalidRequest(f"audiences: at most {MAX_AUDIENCES} printable strings of 1-256 "
                                  "characters")
         for name, value in (("dpop_jkt", req.dpop_jkt), ("x5t_s256", req.x5t_s256)):
-            if value is not None and not _THUMBPRINT_RE.match(value):
+            if value is not None and not _THUMBPRINT_RE.fullmatch(value):
                 raise InvalidRequest(f"{name} must be a base64url SHA-256 thumbprint (43 characters)")
         if req.dpop_jkt is not None and req.x5t_s256 is not None:
             raise InvalidRequest("bind a grant to a DPoP key or a certificate, not both")
@@ -460,7 +463,7 @@ class GrantService:
             raise InvalidRequest(f"name must be 1..{MAX_NAME} characters")
         if req.justification is not None and not 1 <= len(req.justification) <= MAX_JUSTIFICATION:
             raise InvalidRequest(f"justification must be 1..{MAX_JUSTIFICATION} characters")
-        if req.retiring_principal is not None and not _PRINCIPAL_RE.match(req.retiring_principal):
+        if req.retiring_principal is not None and not _PRINCIPAL_RE.fullmatch(req.retiring_principal):
             raise InvalidRequest("retiring_principal must be a principal id")
         return Grant(
             id=new_grant_id(), key_id="", grantee=req.grantee, operations=tuple(sorted(ops)),
@@ -802,7 +805,7 @@ class GrantService:
         if req.principal is not None:
             kind, subject = "principal", req.principal
             if self.policy is not None:
-                target = self.store.get_principal(subject) if _PRINCIPAL_RE.match(subject) else None
+                target = self.store.get_principal(subject) if _PRINCIPAL_RE.fullmatch(subject) else None
                 if target is None:
                     raise PrincipalNotFound()
                 self.policy.authorize(ctx, "revoke_grants", None, target=target)

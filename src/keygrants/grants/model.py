@@ -66,7 +66,7 @@ def new_grant_id() -> str:
 
 def is_grant_id(value: object) -> bool:
     """Whether ``value`` is shaped like a grant id (checked before any lookup)."""
-    return isinstance(value, str) and _GRANT_ID_RE.match(value) is not None
+    return isinstance(value, str) and _GRANT_ID_RE.fullmatch(value) is not None
 
 
 class Grant(msgspec.Struct, frozen=True, kw_only=True):
@@ -194,10 +194,10 @@ def check_attenuation(child: Grant, parent: Grant | GrantClaims) -> None:
         used = parent.uses if isinstance(parent, Grant) else 0
         if child.max_uses is None or child.max_uses > max(0, p_max - used):
             raise AttenuationViolated("a sub-grant cannot have more uses than its parent has left")
+    # no audiences means "the KMS only": a sub-grant may not add any then, and may not drop
+    # to "the KMS only" from a parent whose audiences do not include the KMS
     p_aud = parent.audiences
-    if p_aud and not set(child.audiences) <= set(p_aud):
-        raise AttenuationViolated("a sub-grant's audiences must be among the parent's")
-    if not child.audiences and p_aud:
+    if not set(child.audiences) <= set(p_aud) or (p_aud and not child.audiences):
         raise AttenuationViolated("a sub-grant's audiences must be among the parent's")
     if parent.cnf_jkt is not None and child.cnf_jkt is None and child.cnf_x5t is None:
         raise AttenuationViolated("a sub-grant of a bound grant must be bound too")

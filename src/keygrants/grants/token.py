@@ -158,12 +158,17 @@ _dict_decoder: Final = msgspec.json.Decoder(dict[str, object])
 
 
 def _b64decode(part: str) -> bytes:
-    if not _B64URL_RE.match(part):
+    """Strict base64url: the alphabet, no padding, and the canonical encoding only (the unused
+    low bits of the last character must be zero), so one token has one spelling."""
+    if not _B64URL_RE.fullmatch(part):
         raise GrantMalformed()
     try:
-        return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+        data = base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
     except (binascii.Error, ValueError):
         raise GrantMalformed() from None
+    if b64url(data) != part:
+        raise GrantMalformed()
+    return data
 
 
 def _check_header(raw: bytes) -> tuple[str, str]:
@@ -183,7 +188,7 @@ def _check_header(raw: bytes) -> tuple[str, str]:
     if header.get("typ") != GRANT_TOKEN_TYPE:
         raise GrantTypeInvalid()
     kid = header.get("kid")
-    if not isinstance(kid, str) or not _KID_RE.match(kid):
+    if not isinstance(kid, str) or not _KID_RE.fullmatch(kid):
         raise GrantUnknownKey()
     return alg, kid
 
@@ -204,6 +209,8 @@ def decode_grant_token(token: str, keys: Mapping[str, IssuerPublicKey], *, issue
     if len(parts) != 3:
         raise GrantMalformed()
     header_b64, claims_b64, signature_b64 = parts
+    if not _B64URL_RE.fullmatch(claims_b64):  # checked before it is part of the signing input
+        raise GrantMalformed()
     alg, kid = _check_header(_b64decode(header_b64))
     issuer_key = keys.get(kid)
     if issuer_key is None:
