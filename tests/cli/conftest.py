@@ -41,6 +41,8 @@ def invoke(tmp_path: Path, closed_addr: str) -> Invoke:
             "KEYGRANTS_DATA_DIR": str(tmp_path / "no-data-dir"),
             "KEYGRANTS_LISTEN": None,
             "KEYGRANTS_PASSPHRASE": None,
+            "KEYGRANTS_GRANT": None,
+            "KEYGRANTS_DPOP_KEY_FILE": None,
         }
         return CliRunner().invoke(main, args, input=input, env=base | (env or {}))
 

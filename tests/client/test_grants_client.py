@@ -400,7 +400,7 @@ async def test_a_pending_grant_decodes_then_is_approved_or_rejected(s: Setup) ->
         assert fresh.token is not None and fresh.grant.id == pending.grant.id
         await s.admin.delete_policy("svc-encrypt")
         assert (await svc.encrypt("enc", b"x", grant=fresh.token)).key_version == 1
-        with pytest.raises(errors.GrantPending):
+        with pytest.raises(errors.GrantStateError):  # rejected: never usable
             await svc.grant_token(other.grant.id)
 
 

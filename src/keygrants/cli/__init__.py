@@ -26,6 +26,7 @@ from keygrants.cli._common import (
     context_option,
     emit,
     fail,
+    grant_options,
     in_option,
     key_option,
     parse_context,
@@ -313,6 +314,7 @@ def key_aliases(state: State, key_ref: str | None) -> None:
 @context_option
 @in_option
 @common
+@grant_options
 def encrypt(state: State, key: str, context: tuple[str, ...], in_file: str | None) -> None:
     """Encrypt stdin (or --in FILE); print base64 ciphertext."""
     data = read_input(in_file)
@@ -325,6 +327,7 @@ def encrypt(state: State, key: str, context: tuple[str, ...], in_file: str | Non
 @context_option
 @in_option
 @common
+@grant_options
 def decrypt(state: State, context: tuple[str, ...], in_file: str | None) -> None:
     """Decrypt base64 ciphertext from stdin (or --in FILE); write the plaintext bytes."""
     ciphertext = unb64(read_input(in_file), "ciphertext")
@@ -346,6 +349,7 @@ def decrypt(state: State, context: tuple[str, ...], in_file: str | None) -> None
               help="Destination context [default: the source context].")
 @in_option
 @common
+@grant_options
 def re_encrypt(state: State, context: tuple[str, ...], to_key: str | None,
                to_context: tuple[str, ...], in_file: str | None) -> None:
     """Re-encrypt base64 ciphertext from stdin without revealing the plaintext."""
@@ -362,6 +366,7 @@ def re_encrypt(state: State, context: tuple[str, ...], to_key: str | None,
 @context_option
 @click.option("--no-plaintext", is_flag=True, help="Return only the encrypted data key.")
 @common
+@grant_options
 def data_key(state: State, key: str, size: str, context: tuple[str, ...],
              no_plaintext: bool) -> None:
     """Generate a data key; print 'plaintext <b64>' and 'ciphertext <b64>'."""
@@ -378,6 +383,7 @@ def data_key(state: State, key: str, size: str, context: tuple[str, ...],
 @click.option("--digest", is_flag=True, help="Input is a 32-byte SHA-256 digest, not a message.")
 @in_option
 @common
+@grant_options
 def sign(state: State, key: str, digest: bool, in_file: str | None) -> None:
     """Sign stdin (or --in FILE); print the base64 signature."""
     data = read_input(in_file)
@@ -400,6 +406,7 @@ def _verdict(state: State, result: m.VerifyResult) -> None:
               help="Version that signed [default: try every live version].")
 @in_option
 @common
+@grant_options
 def verify(state: State, key: str, signature: str, digest: bool, key_version: int | None,
            in_file: str | None) -> None:
     """Verify a signature over stdin (or --in FILE); exit 1 if invalid."""
@@ -415,6 +422,7 @@ def verify(state: State, key: str, signature: str, digest: bool, key_version: in
 @key_option
 @in_option
 @common
+@grant_options
 def mac(state: State, key: str, in_file: str | None) -> None:
     """HMAC-SHA256 of stdin (or --in FILE); print the base64 tag."""
     data = read_input(in_file)
@@ -429,6 +437,7 @@ def mac(state: State, key: str, in_file: str | None) -> None:
 @click.option("--key-version", default=None, type=click.IntRange(1))
 @in_option
 @common
+@grant_options
 def verify_mac(state: State, key: str, tag: str, key_version: int | None,
                in_file: str | None) -> None:
     """Verify an HMAC tag over stdin (or --in FILE); exit 1 if invalid."""
@@ -445,6 +454,7 @@ def verify_mac(state: State, key: str, tag: str, key_version: int | None,
 @click.option("--salt", default=None, help="Base64 salt.")
 @click.option("--key-version", default=None, type=click.IntRange(1))
 @common
+@grant_options
 def derive(state: State, key: str, context: tuple[str, ...], length: int, salt: str | None,
            key_version: int | None) -> None:
     """Derive bytes with HKDF-SHA256 from a derivable key; print base64."""
@@ -471,6 +481,7 @@ def random(state: State, n: int, as_hex: bool) -> None:
 @click.option("--version", "key_version", default=None, type=click.IntRange(1))
 @click.option("--format", "fmt", default="pem", show_default=True, type=click.Choice(["pem", "jwk"]))
 @common
+@grant_options
 def public_key(state: State, key: str, key_version: int | None, fmt: str) -> None:
     """Print a signing key's public key (PEM or JWK)."""
     with state.client() as c:
@@ -492,6 +503,11 @@ main.add_command(whoami)
 from keygrants.cli.operator import operator  # noqa: E402
 
 main.add_command(operator)
+from keygrants.cli.grant import grant, issuer, revocations  # noqa: E402
+
+main.add_command(grant)
+main.add_command(issuer)
+main.add_command(revocations)
 from keygrants.cli.seal import register as _register_seal  # noqa: E402
 
 _register_seal(main)  # seal, unseal, seal-keygen

@@ -18,6 +18,7 @@ import click
 import msgspec
 
 from keygrants.client import Client
+from keygrants.crypto.signing import SigningKey
 from keygrants.durations import parse_duration
 from keygrants.errors import InvalidRequest, KeygrantsError
 
@@ -30,10 +31,12 @@ __all__ = [
     "context_option",
     "emit",
     "fail",
+    "grant_options",
     "in_option",
     "key_option",
     "parse_context",
     "parse_duration_option",
+    "read_dpop_key",
     "read_input",
     "unb64",
 ]
@@ -44,7 +47,7 @@ DATA_DIR_ENV: Final = "KEYGRANTS_DATA_DIR"
 
 
 class State:
-    """Options shared by every command."""
+    """Options shared by every command (``grant``/``dpop_key``: set by :func:`grant_options`)."""
 
     def __init__(self, addr: str | None, token: str | None, data_dir: str | None,
                  as_json: bool) -> None:
@@ -52,11 +55,16 @@ class State:
         self.token = token
         self.data_dir = data_dir
         self.as_json = as_json
+        self.grant: str | None = None
+        self.dpop_key: SigningKey | None = None
 
     def client(self) -> Client:
+        # The grant options are read by click (--grant/KEYGRANTS_GRANT, ...) for the commands
+        # that take them; "" keeps the SDK from reading them again for every other command.
+        grants: dict[str, Any] = {"grant": self.grant or "", "dpop_key": self.dpop_key}
         token = self.token or os.environ.get("KEYGRANTS_TOKEN")
         if not token and os.environ.get("KEYGRANTS_PRINCIPAL"):
-            return Client(self.addr)  # signs every request with KEYGRANTS_KEY_FILE
+            return Client(self.addr, **grants)  # signs every request with KEYGRANTS_KEY_FILE
         if not token:
             data_dir = Path(self.data_dir or os.environ.get(DATA_DIR_ENV) or "./keygrants-data")
             token_file = data_dir / "admin.token"
@@ -64,7 +72,7 @@ class State:
                 token = token_file.read_text().strip()
             except OSError:
                 token = None
-        return Client(self.addr, token=token or "")
+        return Client(self.addr, token=token or "", **grants)
 
 
 def fail(state_json: bool, exc: KeygrantsError) -> None:
@@ -97,6 +105,38 @@ def common(fn: F) -> F:
         except ValueError as exc:
             fail(as_json, InvalidRequest(str(exc)))
         return None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def read_dpop_key(path: str) -> SigningKey:
+    """A DPoP proof key: a PEM private key file (Ed25519 or P-256)."""
+    from keygrants.client import load_dpop_key
+
+    try:
+        return load_dpop_key(path)
+    except OSError as exc:
+        raise InvalidRequest(f"cannot read {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
+
+
+def grant_options(fn: F) -> F:
+    """Add --grant and --dpop-key-file (a cryptographic command presenting a grant)."""
+
+    @click.option("--dpop-key-file", envvar="KEYGRANTS_DPOP_KEY_FILE", show_envvar=True,
+                  default=None, type=click.Path(dir_okay=False),
+                  help="PEM private key (Ed25519 or P-256) proving possession of a DPoP-bound "
+                  "grant.")
+    @click.option("--grant", "grant", envvar="KEYGRANTS_GRANT", show_envvar=True, default=None,
+                  metavar="TOKEN", help="Present this grant token (Keygrants-Grant) alongside "
+                  "your own credentials.")
+    @functools.wraps(fn)
+    def wrapper(state: State, grant: str | None, dpop_key_file: str | None, **kwargs: Any) -> Any:
+        state.grant = grant
+        if dpop_key_file:
+            state.dpop_key = read_dpop_key(dpop_key_file)
+        return fn(state, **kwargs)
 
     return wrapper  # type: ignore[return-value]
 

@@ -285,6 +285,7 @@ class _Ops:
                        audience: Sequence[str] | None, context_equals: Mapping[str, str] | None,
                        context_subset: Mapping[str, str] | None, ttl: int | None,
                        max_uses: int | None, dpop_jkt: str | None) -> _Op[m.TokenExchangeResult]:
+        subject_token = _clean_token(subject_token, "subject token")
         body = m.TokenExchangeRequest(
             subject_token=subject_token,
             scope=scope if scope is None or isinstance(scope, str) else " ".join(scope),
