@@ -25,6 +25,8 @@ Every state change is audited with a durable ``requested`` event before it is ap
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import functools
 import hashlib
 import hmac
@@ -37,6 +39,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final, TypeVar
 
+import anyio.to_thread
 import msgspec
 
 from keygrants import models as m
@@ -49,6 +52,7 @@ from keygrants.crypto.signing import SigningKey, b64url
 from keygrants.errors import (
     AlreadyExists,
     AttenuationViolated,
+    AuditUnavailable,
     Conflict,
     ContextMismatch,
     Forbidden,
@@ -522,14 +526,16 @@ class GrantService:
                                  f"{', '.join(bad)}")
 
     def _check_principal(self, principal_id: str, what: str) -> None:
-        p = self.store.get_principal(principal_id)
-        if p is None:
+        if self.policy is not None:  # the directory mirrors the store in memory
+            exists = self.policy.directory.principal(principal_id) is not None
+        else:
+            exists = self.store.get_principal(principal_id) is not None
+        if not exists:
             raise PrincipalNotFound(f"{what} {principal_id!r} not found")
 
-    @_audited("grant.create", "create_grant")
-    def create(self, ctx: RequestContext, req: m.CreateGrantRequest) -> m.GrantCreated:
-        """Create a grant (or, when the caller presents a grant token, a sub-grant of it)."""
-        now = self._now()
+    def _prepare(self, ctx: RequestContext, req: m.CreateGrantRequest, now: int) -> Grant:
+        """Everything a create decides before it writes: the request's limits, the key, the
+        policy (or the parent grant), the principals. Reads only memory for a top-level grant."""
         grant = self._check_request(req, now)
         parent: Grant | None = None
         if ctx.grant is not None:
@@ -550,7 +556,47 @@ class GrantService:
         if parent is not None:
             grant = msgspec.structs.replace(grant, parent_id=parent.id, depth=parent.depth + 1)
             self._check_child(grant, parent)
-        return self._insert(ctx, grant, now)
+        return grant
+
+    @_audited("grant.create", "create_grant")
+    def create(self, ctx: RequestContext, req: m.CreateGrantRequest) -> m.GrantCreated:
+        """Create a grant (or, when the caller presents a grant token, a sub-grant of it)."""
+        now = self._now()
+        return self._insert(ctx, self._prepare(ctx, req, now), now)
+
+    async def create_async(self, ctx: RequestContext, req: m.CreateGrantRequest) -> m.GrantCreated:
+        """:meth:`create` for the event loop: the checks run inline (memory only), the audit
+        intent joins the loop's group commit, the insert joins the store's, and the loop never
+        blocks on either. Sub-grants (which read their parent from the store) run
+        :meth:`create` in a worker thread."""
+        if ctx.grant is not None:
+            return await anyio.to_thread.run_sync(self.create, ctx, req)
+        now = self._now()
+        try:
+            grant = self._prepare(ctx, req, now)
+            intent: list[Any] = []
+            self.audit.record(dataclasses.replace(ctx, pending_audit=intent), "grant.create",
+                              "requested", operation="create_grant", key_id=grant.key_id,
+                              grant_id=grant.id,
+                              detail={"grantee": grant.grantee, "state": grant.state})
+            for future in intent:
+                await (future if isinstance(future, asyncio.Future) else asyncio.wrap_future(future))
+            try:
+                await asyncio.wrap_future(self.store.submit_create_grant(grant))
+            except AlreadyExists:
+                raise Conflict("grant id collision; retry") from None
+            token = self._sign(grant, now) if grant.state == "active" else None
+        except KeygrantsError as exc:
+            if not isinstance(exc, AuditUnavailable):
+                self.audit.record(ctx, "grant.create", "denied" if isinstance(exc, Forbidden)
+                                  else "error", operation="create_grant", reason=exc.code)
+            raise
+        info = grant_info(grant, now)
+        self.audit.record(ctx, "grant.create", "ok", operation="create_grant",
+                          key_id=grant.key_id, grant_id=grant.id,
+                          detail={"severity": "high", "state": info.state}
+                          if grant.requires_approval else None)
+        return m.GrantCreated(grant=info, token=token)
 
     def _delegating_parent(self, ctx: RequestContext, ref: str) -> Grant:
         claims: GrantClaims = ctx.grant
@@ -571,6 +617,8 @@ class GrantService:
 
     def _check_parent_live(self, parent: Grant) -> None:
         state = parent.effective_state(self._now())
+        if state == "rejected":
+            raise GrantStateError("the grant was rejected")
         if state != "active":
             raise {"revoked": GrantRevoked, "retired": GrantRetired, "expired": GrantExpired,
                    "exhausted": GrantExhausted}.get(state, GrantPending)()
@@ -603,9 +651,12 @@ class GrantService:
                 signer = self.keyring.signer(now)
                 assert signer is not None
         key, signing = signer
+        # A revoke-all covers tokens issued up to its second; a grant made later in that same
+        # second must not be caught by it, so its token is dated after the revocation.
+        issued_at = max(now, self.revocations.wholesale_at(grant.grantee, grant.key_id) + 1)
         return encode_grant_token(grant, issuer=self.issuer,
-                                  audiences=grant.audiences or (self.audience,), issued_at=now,
-                                  alg=key.alg, kid=key.kid, key=signing)
+                                  audiences=grant.audiences or (self.audience,),
+                                  issued_at=issued_at, alg=key.alg, kid=key.kid, key=signing)
 
     @_audited("grant.exchange", "exchange_grant")
     def exchange(self, ctx: RequestContext, req: m.TokenExchangeRequest, *,

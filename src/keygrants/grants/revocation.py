@@ -91,5 +91,10 @@ class RevocationView:
         if at is not None and claims.issued_at <= at:
             raise GrantRevoked()
 
+    def wholesale_at(self, grantee: str, key_id: str) -> int:
+        """The latest revocation time covering every grant of ``grantee`` or of ``key_id``
+        (0 for none): a token for them must be issued after it to be usable."""
+        return max(self._principals.get(grantee, 0), self._keys.get(key_id, 0))
+
     def __len__(self) -> int:
         return len(self._expiry)
