@@ -131,3 +131,39 @@ async def test_a_principal_signing_its_requests_uses_the_provider(
     await other.close()
     with pytest.raises(ValueError, match="go together"):
         open_provider(uri(keygrants_server, extra=f"&principal={name}"))
+
+
+async def test_a_grant_scopes_what_the_provider_may_do(keygrants_server: KeygrantsServer,
+                                                       tmp_path, monkeypatch) -> None:
+    from keygrants.crypto.signing import SigningKey
+    from keygrants.grants.dpop import proof_key_thumbprint
+
+    name = f"svc-granted-{tmp_path.name[-6:]}"
+    dpop = SigningKey.generate("ed25519")
+    dpop_file = tmp_path / "dpop.pem"
+    dpop_file.write_bytes(dpop.private_pem())
+    with Client(keygrants_server.addr, token=keygrants_server.token) as admin:
+        admin.create_principal(name)
+        api_key = admin.create_api_key(name).api_key  # no policy: only the grant lets it act
+        grant = admin.create_grant("enc", name, ["describe", "encrypt", "decrypt"], ttl=600,
+                                   context_subset={"tenant": "42"},
+                                   dpop_jkt=proof_key_thumbprint(dpop)).token
+    assert grant is not None
+    monkeypatch.setenv("PAYMENTS_GRANT", grant)
+    p = open_provider(uri(keygrants_server, extra=f"&grant_env=PAYMENTS_GRANT"
+                                               f"&dpop_key_file={dpop_file}"), token=api_key)
+    assert "grant_env=PAYMENTS_GRANT" in p.uri and grant not in p.uri
+    await p.initialize()
+    enc = await p.encrypt(b"secret", context={"tenant": "42", "order": "7"})
+    assert await p.decrypt(enc, context={"tenant": "42", "order": "7"}) == b"secret"
+    with pytest.raises(KMSError):
+        await p.encrypt(b"other tenant", context={"tenant": "43"})
+    await p.close()
+    ungranted = open_provider(uri(keygrants_server), token=api_key)
+    with pytest.raises(KMSError):
+        await ungranted.encrypt(b"no grant", context={"tenant": "42"})
+    await ungranted.close()
+    with pytest.raises(ValueError, match="not set"):
+        open_provider(uri(keygrants_server, extra="&grant_env=NO_SUCH_VARIABLE"), token=api_key)
+    with pytest.raises(ValueError, match="must not appear in the URI"):
+        open_provider(uri(keygrants_server, extra=f"&grant={grant}"), token=api_key)

@@ -16,6 +16,14 @@ grant token) is the keyword-only option ``token``, refused in the URI.
 
     keygrants://kms.internal:8650/payments?principal=svc-billing&key_file=/etc/kg/svc.pem
 
+A **grant** (docs/grants.md) scopes what the provider may do to what the grant allows: the
+keyword-only option ``grant`` (the token; refused in the URI), or ``grant_env`` (the name of
+an environment variable holding it), presented on every operation besides the
+authentication above; ``dpop_key_file`` is the proof-of-possession key of a DPoP-bound
+grant. Without these options no grant is sent, even if ``KEYGRANTS_GRANT`` is set.
+
+    keygrants://kms.internal:8650/payments?principal=svc-billing&key_file=/etc/kg/svc.pem&grant_env=PAYMENTS_GRANT
+
 Mapping: the server's native ``encrypt``/``decrypt``/``data-key``/``sign`` with the context
 passed as the server's encryption context (bound as AAD by the server). References name the
 key by the server's key id (the name or alias used is kept in ``key_alias``); decryption
@@ -32,7 +40,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Final, TypeVar
 from urllib.parse import urlencode, urlsplit
 
-from keygrants.client import AsyncClient
+from keygrants.client import AsyncClient, load_dpop_key
 from keygrants.errors import (
     DecryptionError,
     EncryptionError,
@@ -69,8 +77,9 @@ T = TypeVar("T")
 SCHEME: Final = "keygrants"
 TOKEN_ENV: Final = "KEYGRANTS_TOKEN"
 ALGORITHM: Final = "keygrants-native-v1"
-_OPTIONS: Final = ("tls", "ca", "timeout", "token_env", "principal", "key_file")
-_SECRETS: Final = ("token",)
+_OPTIONS: Final = ("tls", "ca", "timeout", "token_env", "principal", "key_file", "grant_env",
+                   "dpop_key_file")
+_SECRETS: Final = ("token", "grant")
 _DATA_KEY_SIZES: Final = {"AES_256": 32, "AES_128": 16}
 
 
@@ -86,9 +95,12 @@ class KeygrantsProvider(KeyProvider):
         key_file: the principal's PEM private key or shared secret file.
         ca: CA bundle path for TLS.
         timeout: seconds per request.
+        grant: a grant token to present on every operation.
+        grant_env: the environment variable to read the grant token from.
+        dpop_key_file: the PEM private key a DPoP-bound grant is bound to.
 
     Raises:
-        ValueError: for a bad option or no token at all.
+        ValueError: for a bad option, no token at all, or a grant variable that is unset.
     """
 
     name = SCHEME
@@ -96,7 +108,8 @@ class KeygrantsProvider(KeyProvider):
     def __init__(self, addr: str, key: str | None = None, *, token: str | None = None,
                  token_env: str = TOKEN_ENV, ca: str | None = None,
                  timeout: float = DEFAULT_TIMEOUT, principal: str | None = None,
-                 key_file: str | None = None) -> None:
+                 key_file: str | None = None, grant: str | None = None,
+                 grant_env: str | None = None, dpop_key_file: str | None = None) -> None:
         parts = urlsplit(addr)
         if parts.scheme not in ("https", "http") or not parts.hostname:
             raise ValueError(f"keygrants: address must be https://HOST:PORT, got {addr!r}")
@@ -109,6 +122,14 @@ class KeygrantsProvider(KeyProvider):
                                  "or principal=... and key_file=...")
         elif token:
             raise ValueError("keygrants: give a token or principal and key_file, not both")
+        if grant is None and grant_env is not None:
+            grant = os.environ.get(grant_env)
+            if not grant:
+                raise ValueError(f"keygrants: grant_env names {grant_env}, which is not set")
+        if grant is not None and grant_env is not None and grant != os.environ.get(grant_env):
+            raise ValueError("keygrants: give grant or grant_env, not both")
+        self._grant = grant or ""  # "": never fall back to KEYGRANTS_GRANT
+        self._dpop_key = load_dpop_key(dpop_key_file) if dpop_key_file else None
         self._addr = addr.rstrip("/")
         self._token = token
         self._principal = principal
@@ -127,6 +148,10 @@ class KeygrantsProvider(KeyProvider):
             query["token_env"] = token_env
         if principal is not None and key_file is not None:
             query["principal"], query["key_file"] = principal, key_file
+        if grant_env is not None:
+            query["grant_env"] = grant_env
+        if dpop_key_file is not None:
+            query["dpop_key_file"] = dpop_key_file
         self.uri = (f"{SCHEME}://{parts.netloc}/{key or ''}"
                     + (f"?{urlencode(query)}" if query else ""))
 
@@ -152,7 +177,8 @@ class KeygrantsProvider(KeyProvider):
         if self._client is None or self._loop is not loop:
             self._client = AsyncClient(self._addr, token=self._token, timeout=self._timeout,
                                        verify=self._verify, principal=self._principal,
-                                       key_file=self._key_file)
+                                       key_file=self._key_file, grant=self._grant,
+                                       dpop_key=self._dpop_key)
             self._loop = loop
         return self._client
 
