@@ -748,8 +748,8 @@ def _list_grants(c: _Call) -> Any:
                          limit=limit, after=q.get("after"))
 
 
-def _create_grant(c: _Call) -> Any:
-    created = c.grants.create(c.ctx, c.body)
+async def _create_grant(c: _Call) -> Any:
+    created = await c.grants.create_async(c.ctx, c.body)
     return created if created.token is not None else Reply(202, created)
 
 
@@ -775,7 +775,7 @@ async def _jwks(c: _Call) -> Any:
 
 
 _GRANT_ENDPOINTS: Final = (
-    Endpoint("POST", "/v1/grants", _in_thread(_create_grant), "createGrant",
+    Endpoint("POST", "/v1/grants", _create_grant, "createGrant",
              "Create a grant (202 when it waits for approval); with a grant token: a sub-grant",
              m.CreateGrantRequest, m.GrantCreated, status=201, tag="grants", grant=True),
     Endpoint("GET", "/v1/grants", _in_thread(_list_grants), "listGrants",

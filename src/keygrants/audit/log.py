@@ -169,6 +169,8 @@ class AuditLog:
         self._queue_limit = queue_limit
         self._pending: dict[asyncio.AbstractEventLoop, list[_Pending]] = {}
         self._lock = threading.RLock()  # one writer (or reader) of the connection at a time
+        self._thread_queue: list[_Pending] = []  # events from threads, committed together
+        self._thread_queue_lock = threading.Lock()
         self._closed = False
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
                                    timeout=10.0)
@@ -357,14 +359,22 @@ class AuditLog:
         item.fields.setdefault("time", format_time(self._clock()))
         if self._closed:
             raise AuditUnavailable("the audit log is closed")
+        # Group commit for threads: queue the event, then whoever holds the lock commits
+        # everything queued so far. While one thread's batch fsyncs, the others queue up and
+        # the next lock holder commits them together: one fsync for many writers.
+        with self._thread_queue_lock:
+            self._thread_queue.append(item)
         if not self._lock.acquire(timeout=timeout):
             raise AuditUnavailable("the audit log did not confirm the event in time")
         try:
-            self._commit([item], force_checkpoint=False)
+            with self._thread_queue_lock:
+                batch, self._thread_queue = self._thread_queue, []
+            if batch:
+                self._commit(batch, force_checkpoint=False)
         finally:
             self._lock.release()
         assert isinstance(item.future, concurrent.futures.Future)
-        return wait_durable(item.future, timeout=0)
+        return wait_durable(item.future, timeout=timeout)
 
     def checkpoint_now(self) -> CheckpointRecord:
         """Make a checkpoint of everything durable so far (unless one exists at this size)."""

@@ -11,6 +11,7 @@ exceptions to the caller.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
 from typing import Protocol, runtime_checkable
 
 from keygrants.auth.model import Credential, Policy, Principal
@@ -191,6 +192,10 @@ class Store(Protocol):
         Raises:
             AlreadyExists: if the id is taken.
         """
+
+    def submit_create_grant(self, grant: Grant) -> Future[None]:
+        """Start :meth:`create_grant` without waiting: the future completes once the grant is
+        durable (or fails with the same errors). For the event loop, which must not block."""
 
     def get_grant(self, grant_id: str) -> Grant | None:
         """A grant by id."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
 
 import msgspec
 
@@ -231,6 +232,15 @@ class MemoryStore:
             if grant.id in self._grants:
                 raise AlreadyExists("grant id taken")
             self._grants[grant.id] = grant
+
+    def submit_create_grant(self, grant: Grant) -> Future[None]:
+        done: Future[None] = Future()
+        try:
+            self.create_grant(grant)
+            done.set_result(None)
+        except AlreadyExists as exc:
+            done.set_exception(exc)
+        return done
 
     def get_grant(self, grant_id: str) -> Grant | None:
         return self._grants.get(grant_id)

@@ -247,6 +247,9 @@ class _GroupCommit:
         self._closed = False
 
     def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return self.submit(fn).result()
+
+    def submit(self, fn: Callable[[sqlite3.Connection], T]) -> Future[T]:
         future: Future[T] = Future()
         with self._cv:
             if self._closed:
@@ -257,7 +260,7 @@ class _GroupCommit:
                                                 daemon=True)
                 self._thread.start()
             self._cv.notify()
-        return future.result()
+        return future
 
     def close(self) -> None:
         with self._cv:
@@ -624,10 +627,15 @@ class SQLiteStore:
     # -- grants ------------------------------------------------------------------------------
 
     def create_grant(self, grant: Grant) -> None:
-        self._group.run(lambda db: db.execute(
-            "INSERT INTO grants (id, key_id, grantee, state, expires_at, max_uses, uses, "
-            "retiring_principal, parent_id, record) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            _grant_params(grant)))
+        self.submit_create_grant(grant).result()
+
+    def submit_create_grant(self, grant: Grant) -> Future[None]:
+        def go(db: sqlite3.Connection) -> None:
+            db.execute(
+                "INSERT INTO grants (id, key_id, grantee, state, expires_at, max_uses, uses, "
+                "retiring_principal, parent_id, record) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                _grant_params(grant))
+        return self._group.submit(go)
 
     def get_grant(self, grant_id: str) -> Grant | None:
         row = self._read(lambda db: db.execute(f"{_GRANT_SELECT} WHERE id = ?",
