@@ -30,6 +30,7 @@ import dataclasses
 import functools
 import hashlib
 import hmac
+import logging
 import re
 import secrets
 import threading
@@ -44,6 +45,8 @@ import msgspec
 
 from keygrants import models as m
 from keygrants.access import PolicyAuthorizer
+from keygrants.audit.events import decode_event
+from keygrants.audit.log import AuditLog, EventQuery
 from keygrants.audit.recorder import AuditRecorder, NoAudit
 from keygrants.auth import ADMIN_PRINCIPAL, RequestContext
 from keygrants.auth.model import PRINCIPAL_NAME_PATTERN
@@ -114,6 +117,7 @@ _USE_COUNTED: Final = "grant_use_counted"
 _VERIFIED_CACHE: Final = 10_000
 
 F = TypeVar("F", bound=Callable[..., Any])
+log = logging.getLogger("keygrants.grants")
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +220,8 @@ class GrantService:
         self.policy = policy
         self.settings = s = settings or GrantSettings()
         self.audit: AuditRecorder = audit or NoAudit()
+        audit_log = getattr(audit, "log", None)
+        self._audit_log: AuditLog | None = audit_log if isinstance(audit_log, AuditLog) else None
         self._clock = clock
         self._root = Aead("aes-256-gcm", root_key)
         self._lock = threading.RLock()
@@ -558,11 +564,37 @@ class GrantService:
             self._check_child(grant, parent)
         return grant
 
-    @_audited("grant.create", "create_grant")
     def create(self, ctx: RequestContext, req: m.CreateGrantRequest) -> m.GrantCreated:
         """Create a grant (or, when the caller presents a grant token, a sub-grant of it)."""
         now = self._now()
-        return self._insert(ctx, self._prepare(ctx, req, now), now)
+        try:
+            grant = self._prepare(ctx, req, now)
+        except KeygrantsError as exc:
+            self._creation_refused(ctx, exc)
+            raise
+        return self._insert(ctx, grant, now)
+
+    def _creation_refused(self, ctx: RequestContext, exc: KeygrantsError,
+                          grant: Grant | None = None) -> None:
+        if not isinstance(exc, AuditUnavailable):
+            self.audit.record(ctx, "grant.create", "denied" if isinstance(exc, Forbidden)
+                              else "error", operation="create_grant", reason=exc.code,
+                              grant_id=grant.id if grant else None,
+                              key_id=grant.key_id if grant else None)
+
+    def _creation_event(self, ctx: RequestContext, grant: Grant) -> None:
+        """The one event of a creation, recorded before the grant is stored (see
+        docs/grants.md: a failed insert adds an ``error`` event for the same grant id)."""
+        detail = {"grantee": grant.grantee, "state": grant.state,
+                  "operations": ",".join(grant.operations), "expires_at": str(grant.expires_at)}
+        if grant.max_uses is not None:
+            detail["max_uses"] = str(grant.max_uses)
+        if grant.parent_id is not None:
+            detail["parent"] = grant.parent_id
+        if grant.requires_approval:
+            detail["severity"] = "high"
+        self.audit.record(ctx, "grant.create", "ok", operation="create_grant",
+                          key_id=grant.key_id, grant_id=grant.id, detail=detail)
 
     async def create_async(self, ctx: RequestContext, req: m.CreateGrantRequest) -> m.GrantCreated:
         """:meth:`create` for the event loop: the checks run inline (memory only), the audit
@@ -572,31 +604,51 @@ class GrantService:
         if ctx.grant is not None:
             return await anyio.to_thread.run_sync(self.create, ctx, req)
         now = self._now()
+        grant: Grant | None = None
         try:
             grant = self._prepare(ctx, req, now)
-            intent: list[Any] = []
-            self.audit.record(dataclasses.replace(ctx, pending_audit=intent), "grant.create",
-                              "requested", operation="create_grant", key_id=grant.key_id,
-                              grant_id=grant.id,
-                              detail={"grantee": grant.grantee, "state": grant.state})
-            for future in intent:
-                await (future if isinstance(future, asyncio.Future) else asyncio.wrap_future(future))
+            # The audit event and the insert are made durable side by side (one fsync wait
+            # instead of two in a row). The token is signed only once both are; if the event
+            # fails, the row is deleted again, and a row whose creation event never became
+            # durable (a crash in between) never gets a token (see token()).
+            durable: list[Any] = []
+            self._creation_event(dataclasses.replace(ctx, pending_audit=durable), grant)
+            stored = asyncio.wrap_future(self.store.submit_create_grant(grant))
             try:
-                await asyncio.wrap_future(self.store.submit_create_grant(grant))
+                for future in durable:
+                    await (future if isinstance(future, asyncio.Future)
+                           else asyncio.wrap_future(future))
+            except BaseException:
+                await asyncio.gather(stored, return_exceptions=True)
+                await anyio.to_thread.run_sync(self._undo_insert, grant.id)
+                raise
+            if ctx.pending_audit is not None:
+                ctx.pending_audit.extend(durable)  # done already; the edge reports its index
+            try:
+                await stored
             except AlreadyExists:
                 raise Conflict("grant id collision; retry") from None
-            token = self._sign(grant, now) if grant.state == "active" else None
         except KeygrantsError as exc:
-            if not isinstance(exc, AuditUnavailable):
-                self.audit.record(ctx, "grant.create", "denied" if isinstance(exc, Forbidden)
-                                  else "error", operation="create_grant", reason=exc.code)
+            self._creation_refused(ctx, exc, grant)
             raise
-        info = grant_info(grant, now)
-        self.audit.record(ctx, "grant.create", "ok", operation="create_grant",
-                          key_id=grant.key_id, grant_id=grant.id,
-                          detail={"severity": "high", "state": info.state}
-                          if grant.requires_approval else None)
-        return m.GrantCreated(grant=info, token=token)
+        token = self._sign(grant, now) if grant.state == "active" else None
+        return m.GrantCreated(grant=grant_info(grant, now), token=token)
+
+    def _undo_insert(self, grant_id: str) -> None:
+        try:
+            self.store.delete_grant(grant_id)
+        except KeygrantsError:
+            log.error("could not delete grant %s whose creation was not audited; it never "
+                      "gets a token", grant_id)
+
+    def _creation_audited(self, grant: Grant) -> bool:
+        """Whether the grant's creation event is in the audit log (without an audit log:
+        yes). Only a crash between the insert and the event can leave one out."""
+        audit_log = self._audit_log
+        if audit_log is None:
+            return True
+        events = audit_log.search(EventQuery(grant_id=grant.id, type="grant.create", limit=10))
+        return any(decode_event(e).result == "ok" for e in events)
 
     def _delegating_parent(self, ctx: RequestContext, ref: str) -> Grant:
         claims: GrantClaims = ctx.grant
@@ -631,13 +683,15 @@ class GrantService:
         check_attenuation(child, parent)
 
     def _insert(self, ctx: RequestContext, grant: Grant, now: int) -> m.GrantCreated:
-        self.audit.record(ctx, "grant.create", "requested", operation="create_grant",
-                          key_id=grant.key_id, grant_id=grant.id,
-                          detail={"grantee": grant.grantee, "state": grant.state}, wait=True)
+        """Record the creation durably, then store the grant (fail-closed), then sign."""
+        self._creation_event(dataclasses.replace(ctx, pending_audit=None), grant)
         try:
             self.store.create_grant(grant)
-        except AlreadyExists:
-            raise Conflict("grant id collision; retry") from None
+        except KeygrantsError as exc:
+            self._creation_refused(ctx, exc, grant)
+            if isinstance(exc, AlreadyExists):
+                raise Conflict("grant id collision; retry") from None
+            raise
         token = self._sign(grant, now) if grant.state == "active" else None
         return m.GrantCreated(grant=grant_info(grant, now), token=token)
 
@@ -786,6 +840,8 @@ class GrantService:
         when the first token was lost). Same grant, same window, same uses."""
         g = self._get(grant_id)
         self._only(ctx, (g.grantee, g.issuer), "grantee-or-creator")
+        if not self._creation_audited(g):
+            raise GrantRevoked("this grant's creation was never audited; it is not usable")
         now = self._now()
         state = g.effective_state(now)
         if state != "active":

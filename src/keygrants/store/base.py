@@ -197,6 +197,10 @@ class Store(Protocol):
         """Start :meth:`create_grant` without waiting: the future completes once the grant is
         durable (or fails with the same errors). For the event loop, which must not block."""
 
+    def delete_grant(self, grant_id: str) -> None:
+        """Remove a grant (only to undo a creation whose audit event failed); no error if it
+        does not exist."""
+
     def get_grant(self, grant_id: str) -> Grant | None:
         """A grant by id."""
 

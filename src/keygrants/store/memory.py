@@ -242,6 +242,10 @@ class MemoryStore:
             done.set_exception(exc)
         return done
 
+    def delete_grant(self, grant_id: str) -> None:
+        with self._lock:
+            self._grants.pop(grant_id, None)
+
     def get_grant(self, grant_id: str) -> Grant | None:
         return self._grants.get(grant_id)
 

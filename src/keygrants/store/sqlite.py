@@ -637,6 +637,9 @@ class SQLiteStore:
                 _grant_params(grant))
         return self._group.submit(go)
 
+    def delete_grant(self, grant_id: str) -> None:
+        self._group.run(lambda db: db.execute("DELETE FROM grants WHERE id = ?", (grant_id,)))
+
     def get_grant(self, grant_id: str) -> Grant | None:
         row = self._read(lambda db: db.execute(f"{_GRANT_SELECT} WHERE id = ?",
                                                (grant_id,)).fetchone())
