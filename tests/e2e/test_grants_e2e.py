@@ -95,3 +95,22 @@ def test_grants_revocations_and_issuer_keys_survive_a_restart(start_server, tmp_
         refused = c.post("/v1/keys/payments/encrypt", json=body,
                          headers={**svc, "Keygrants-Grant": revoked["token"]})
         assert refused.json()["error"]["code"] == "grant_revoked"
+
+
+def test_server_grant_options(start_server, tmp_path: Path) -> None:
+    server = start_server(tmp_path / "data", args=("--issuer", "urn:example:kms",
+                                                   "--grant-max-ttl", "10m",
+                                                   "--grant-default-ttl", "2m"))
+    setup_grantee(server)
+    with httpx.Client(base_url=server.url, headers=admin_headers(server), timeout=10) as c:
+        body = {"key": "payments", "grantee": "svc", "operations": ["encrypt"]}
+        created = c.post("/v1/grants", json=body).json()
+        claims = created["token"].split(".")[1]
+        decoded = base64.urlsafe_b64decode(claims + "=" * (-len(claims) % 4))
+        assert b'"iss":"urn:example:kms"' in decoded
+        grant = created["grant"]
+        assert grant["expires_at"] > grant["not_before"]
+        too_long = c.post("/v1/grants", json={**body, "ttl": 11 * 60})
+        assert (too_long.status_code, too_long.json()["error"]["code"]) == (400, "invalid_request")
+    bad = start_server(tmp_path / "other", args=("--grant-leeway", "soon"), ready=False)
+    assert bad.wait_exit() == 2 and "--grant-leeway: invalid duration" in bad.output()

@@ -40,6 +40,18 @@ from keygrants.errors import KeygrantsError
 
 __all__ = ["main"]
 
+def _duration(text: str, option: str, *, allow_zero: bool = False) -> int:
+    from keygrants.durations import parse_duration
+
+    try:
+        seconds = parse_duration(text)
+    except ValueError as exc:
+        raise ValueError(f"{option}: {exc}") from None
+    if seconds < (0 if allow_zero else 1):
+        raise ValueError(f"{option} must be positive")
+    return seconds
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="keygrants")
 def main() -> None:
@@ -91,15 +103,39 @@ def main() -> None:
 @click.option("--client-ca", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Verify client certificates against these CA certificates (enables mTLS "
               "authentication).")
+@click.option("--issuer", default=None, metavar="URI", help="The grant tokens' iss (and the "
+              "audience the server accepts) [default: urn:keygrants:<id> made once per store].")
+@click.option("--grant-default-ttl", default="5m", show_default=True, metavar="DURATION",
+              help="TTL of a grant created without one.")
+@click.option("--grant-max-ttl", default="1d", show_default=True, metavar="DURATION",
+              help="Longest grant lifetime (policy may allow less); also how long a rotated "
+              "issuer key stays published.")
+@click.option("--grant-leeway", default="30s", show_default=True, metavar="DURATION",
+              help="Clock leeway for a grant token's nbf/exp.")
+@click.option("--jwks-max-age", default="5m", show_default=True, metavar="DURATION",
+              help="JWKS refresh hint (Cache-Control), and the wait between publishing a new "
+              "issuer key and signing with it.")
+@click.option("--issuer-rotation-period", default="30d", show_default=True, metavar="DURATION",
+              help="Scheduled issuer key rotation.")
+@click.option("--break-glass-ttl", default="15m", show_default=True, metavar="DURATION",
+              help="Longest lifetime of an approved break-glass grant, from its approval.")
+@click.option("--max-delegation-depth", default=3, show_default=True, type=click.IntRange(1, 10),
+              help="How deep sub-grants may nest.")
+@click.option("--require-dpop-nonce", is_flag=True, help="DPoP proofs must carry a server nonce "
+              "(RFC 9449 section 8).")
 def server(listen: str, data_dir: str, seal: str | None, store: str | None, max_plaintext: int,
            scheduler_interval: float, reset_admin_token: bool, access_log: bool,
            audit_sinks: tuple[str, ...], node_id: str | None, auth_methods: str | None,
            max_clock_skew: int, rate_limit: float, rate_burst: int, tls_cert: str | None,
-           tls_key: str | None, client_ca: str | None) -> None:
+           tls_key: str | None, client_ca: str | None, issuer: str | None,
+           grant_default_ttl: str, grant_max_ttl: str, grant_leeway: str, jwks_max_age: str,
+           issuer_rotation_period: str, break_glass_ttl: str, max_delegation_depth: int,
+           require_dpop_nonce: bool) -> None:
     """Run the keygrants server (SQLite in the data directory by default)."""
     import logging
 
     from keygrants.auth.authenticator import AuthSettings
+    from keygrants.grant_service import GrantSettings
     from keygrants.server import ServerConfig, parse_listen, serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -116,6 +152,17 @@ def server(listen: str, data_dir: str, seal: str | None, store: str | None, max_
         if "mtls" in methods and client_ca is None:
             raise ValueError("--auth mtls needs --client-ca")
         auth = AuthSettings(methods=frozenset(methods | {"admin_token"}), max_skew=max_clock_skew)
+        if issuer is not None and not (0 < len(issuer) <= 256 and issuer.isprintable()
+                                       and " " not in issuer):
+            raise ValueError("--issuer must be 1-256 printable characters without spaces")
+        grant_settings = GrantSettings(
+            issuer=issuer, default_ttl=_duration(grant_default_ttl, "--grant-default-ttl"),
+            max_ttl=_duration(grant_max_ttl, "--grant-max-ttl"),
+            leeway=_duration(grant_leeway, "--grant-leeway", allow_zero=True),
+            jwks_max_age=_duration(jwks_max_age, "--jwks-max-age"),
+            issuer_rotation_period=_duration(issuer_rotation_period, "--issuer-rotation-period"),
+            break_glass_ttl=_duration(break_glass_ttl, "--break-glass-ttl"),
+            max_depth=max_delegation_depth, require_dpop_nonce=require_dpop_nonce)
         config = ServerConfig(data_dir=Path(data_dir), listen=listen, seal=seal, store=store,
                               max_plaintext=max_plaintext, scheduler_interval=scheduler_interval,
                               reset_admin_token=reset_admin_token, access_log=access_log,
@@ -123,7 +170,8 @@ def server(listen: str, data_dir: str, seal: str | None, store: str | None, max_
                               rate_burst=rate_burst,
                               tls_cert=Path(tls_cert) if tls_cert else None,
                               tls_key=Path(tls_key) if tls_key else None,
-                              client_ca=Path(client_ca) if client_ca else None)
+                              client_ca=Path(client_ca) if client_ca else None,
+                              grants=grant_settings)
         if node_id:
             config.node_id = node_id
         serve(config)
