@@ -26,6 +26,7 @@ Every state change is audited with a durable ``requested`` event before it is ap
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -49,7 +50,7 @@ from keygrants.audit.events import decode_event
 from keygrants.audit.log import AuditLog, EventQuery
 from keygrants.audit.recorder import AuditRecorder, NoAudit
 from keygrants.auth import ADMIN_PRINCIPAL, RequestContext
-from keygrants.auth.model import PRINCIPAL_NAME_PATTERN
+from keygrants.auth.model import PRINCIPAL_NAME_PATTERN, Principal
 from keygrants.crypto import Aead
 from keygrants.crypto.signing import SigningKey, b64url
 from keygrants.errors import (
@@ -231,6 +232,8 @@ class GrantService:
                                  require_nonce=s.require_dpop_nonce, clock=clock)
         self.revocations = RevocationView()
         self._verified: dict[str, GrantClaims] = {}  # token → claims, oldest first (bounded)
+        self._synced = 0  # feed entries up to here have been pulled from the store
+        self._sync_lock = threading.Lock()
         self.sync_revocations()
         self.keyring = self._load_keyring()
         if self.keyring.signer(self._now()) is None:
@@ -321,12 +324,17 @@ class GrantService:
     # -- revocation feed ----------------------------------------------------------------------
 
     def sync_revocations(self) -> None:
-        """Apply feed entries this process has not seen (written by another node)."""
-        while True:
-            entries = self.store.revocations_since(self.revocations.seq, limit=1000)
-            if not entries:
-                return
-            self.revocations.apply(entries)
+        """Apply feed entries this process has not seen (written by another node). The
+        cursor is this method's own: entries this process wrote itself advance the view's
+        ``seq`` but not the cursor, so a lower-numbered entry from another node is not
+        skipped."""
+        with self._sync_lock:
+            while True:
+                entries = self.store.revocations_since(self._synced, limit=1000)
+                if not entries:
+                    return
+                self.revocations.apply(entries)
+                self._synced = entries[-1].seq
 
     def revocation_feed(self, since: int, limit: int = 1000) -> m.RevocationFeed:
         """Entries after ``since`` (public, like a CRL: grant ids carry no secret)."""
@@ -381,18 +389,20 @@ class GrantService:
             leeway = self.settings.leeway
             if cached.kid in keys and cached.not_before - leeway <= now < cached.expires_at + leeway:
                 return cached
-            del self._verified[token]
+            self._verified.pop(token, None)  # the loop and worker threads share the cache
         claims = decode_grant_token(token, keys, issuer=self.issuer, audience=self.audience,
                                     now=now, leeway=self.settings.leeway)
         if len(self._verified) >= _VERIFIED_CACHE:
-            self._verified.pop(next(iter(self._verified)), None)  # the oldest
+            with contextlib.suppress(StopIteration, RuntimeError):  # changed meanwhile
+                self._verified.pop(next(iter(self._verified)), None)  # the oldest
         self._verified[token] = claims
         return claims
 
     def authorize_use(self, ctx: RequestContext, claims: GrantClaims, action: str,
                       key: Key | None, context: Mapping[str, str] | None) -> None:
-        """Decide a request by its grant: the operation, the key, the encryption context,
-        then (for a limited grant, once per request) count one use, durably and atomically.
+        """Decide a request by its grant: the operation, the key, the encryption context.
+        A limited grant's use is counted by :meth:`finish_use` once the operation has
+        succeeded, so a refused or failed request counts nothing.
 
         Raises:
             GrantDenied: with the precise code.
@@ -406,9 +416,20 @@ class GrantService:
         elif context and (claims.context_equals is not None or claims.context_subset is not None):
             raise ContextMismatch()
         ctx.attributes["policy"] = f"grant:{claims.grant_id}"
-        if claims.max_uses is not None and _USE_COUNTED not in ctx.attributes:
-            self._consume(ctx, claims)
-            ctx.attributes[_USE_COUNTED] = "1"
+
+    def finish_use(self, ctx: RequestContext) -> None:
+        """After a successful operation with a limited grant, count its one use (durably,
+        atomically, after a durable ``grant.use requested`` event); before the result leaves.
+
+        Raises:
+            GrantDenied: when no use was left (the result is then discarded).
+            AuditUnavailable: when the event could not be made durable.
+        """
+        claims = ctx.grant
+        if claims is None or claims.max_uses is None or _USE_COUNTED in ctx.attributes:
+            return
+        self._consume(ctx, claims)
+        ctx.attributes[_USE_COUNTED] = "1"
 
     def _consume(self, ctx: RequestContext, claims: GrantClaims) -> None:
         self.audit.record(ctx, "grant.use", "requested", operation="use_grant",
@@ -634,6 +655,20 @@ class GrantService:
         token = self._sign(grant, now) if grant.state == "active" else None
         return m.GrantCreated(grant=grant_info(grant, now), token=token)
 
+    def _reserve_uses(self, child: Grant, now: int) -> None:
+        """A sub-grant of a limited grant takes its uses out of the parent's, atomically, so
+        exchanges and delegations can never multiply them. (Uses reserved for a child whose
+        insert then fails are lost: the safe direction.)"""
+        if child.parent_id is None:
+            return
+        parent = self.store.get_grant(child.parent_id)
+        if parent is None or parent.max_uses is None:
+            return
+        if child.max_uses is None:
+            raise AttenuationViolated("a sub-grant of a limited grant must be limited too")
+        if self.store.consume_grant_use(parent.id, now, child.max_uses) is None:
+            raise AttenuationViolated("the parent grant has fewer uses left")
+
     def _undo_insert(self, grant_id: str) -> None:
         try:
             self.store.delete_grant(grant_id)
@@ -683,9 +718,11 @@ class GrantService:
         check_attenuation(child, parent)
 
     def _insert(self, ctx: RequestContext, grant: Grant, now: int) -> m.GrantCreated:
-        """Record the creation durably, then store the grant (fail-closed), then sign."""
+        """Record the creation durably, reserve a sub-grant's uses from its parent, store the
+        grant (fail-closed), then sign."""
         self._creation_event(dataclasses.replace(ctx, pending_audit=None), grant)
         try:
+            self._reserve_uses(grant, now)
             self.store.create_grant(grant)
         except KeygrantsError as exc:
             self._creation_refused(ctx, exc, grant)
@@ -913,9 +950,13 @@ class GrantService:
             kind, subject = "principal", req.principal
             if self.policy is not None:
                 target = self.store.get_principal(subject) if _PRINCIPAL_RE.fullmatch(subject) else None
+                # authorize before revealing: a missing principal is decided as a provisional
+                # one with that id and no tags
+                self.policy.authorize(ctx, "revoke_grants", None, target=target or Principal(
+                    id=subject, display_name="", tags=(), enabled=True, builtin=False,
+                    created_at=0, updated_at=0))
                 if target is None:
                     raise PrincipalNotFound()
-                self.policy.authorize(ctx, "revoke_grants", None, target=target)
             elif ctx.principal != ADMIN_PRINCIPAL:
                 raise Forbidden()
             ids = self.store.live_grant_ids(now=now, grantee=subject)
@@ -934,10 +975,13 @@ class GrantService:
                           detail={kind: subject, "grants": str(len(ids))}, wait=True)
         expiry = now + self.settings.max_ttl + self.settings.leeway
         children = [c for c in self._descendants(ids, now) if c not in set(ids)]
+        # The wholesale entry covers every token issued up to now, wherever it is verified;
+        # one entry per grant as well, since a token can carry a later issue time (one signed
+        # within this second after an earlier revoke-all: see _sign).
         feed = [RevocationEntry(kind=kind, id=subject, revoked_at=now,  # type: ignore[arg-type]
                                 expires_at=expiry)]
         feed += [RevocationEntry(kind="grant", id=c, revoked_at=now, expires_at=expiry)
-                 for c in children]
+                 for c in (*ids, *children)]
         entries = self.store.end_grants([*ids, *children], state="revoked", now=now,
                                         by=ctx.principal, feed=feed)
         self._publish(entries)
@@ -945,27 +989,33 @@ class GrantService:
 
     # -- break-glass -------------------------------------------------------------------------
 
-    def _decide_pending(self, ctx: RequestContext, grant_id: str) -> Grant:
+    def _decide_pending(self, ctx: RequestContext, grant_id: str, note: str | None) -> Grant:
+        if note is not None and not 1 <= len(note) <= MAX_JUSTIFICATION:
+            raise InvalidRequest(f"note must be 1..{MAX_JUSTIFICATION} characters")
         g = self._get(grant_id)
         if ctx.principal in (g.issuer, g.grantee):
             ctx.attributes["policy"] = "deny:two-person-rule"
             raise SelfApproval()
         self._authorize_on_key(ctx, "approve_grant", g.key_id)
-        if g.state != "pending":
-            raise GrantStateError(f"the grant is {g.effective_state(self._now())}, not pending")
+        state = g.effective_state(self._now())
+        if state != "pending":
+            raise GrantStateError(f"the grant is {state}, not pending"
+                                  + (" (a request expires at the end of its requested window)"
+                                     if state == "expired" else ""))
         return g
 
     @_audited("grant.approve", "approve_grant")
     def approve(self, ctx: RequestContext, grant_id: str, note: str | None = None) -> m.GrantInfo:
         """Approve a pending (break-glass) grant: it becomes active from now, for at most the
         break-glass TTL. The grantee then fetches its token."""
-        g = self._decide_pending(ctx, grant_id)
+        g = self._decide_pending(ctx, grant_id, note)
         now = self._now()
         ttl = min(g.expires_at - g.not_before, self.settings.break_glass_ttl)
         approved = msgspec.structs.replace(g, state="active", not_before=now, expires_at=now + ttl,
                                            decided_by=ctx.principal, decided_at=now)
         self.audit.record(ctx, "grant.approve", "requested", operation="approve_grant",
-                          key_id=g.key_id, grant_id=g.id, detail={"severity": "high"}, wait=True)
+                          key_id=g.key_id, grant_id=g.id, wait=True,
+                          detail={"severity": "high", **({"note": note} if note else {})})
         try:
             self.store.update_grant(approved, expected_state="pending")
         except Conflict:
@@ -975,12 +1025,13 @@ class GrantService:
     @_audited("grant.reject", "reject_grant")
     def reject(self, ctx: RequestContext, grant_id: str, note: str | None = None) -> m.GrantInfo:
         """Reject a pending grant (it never becomes usable)."""
-        g = self._decide_pending(ctx, grant_id)
+        g = self._decide_pending(ctx, grant_id, note)
         now = self._now()
         rejected = msgspec.structs.replace(g, state="rejected", decided_by=ctx.principal,
                                            decided_at=now)
         self.audit.record(ctx, "grant.reject", "requested", operation="reject_grant",
-                          key_id=g.key_id, grant_id=g.id, wait=True)
+                          key_id=g.key_id, grant_id=g.id, wait=True,
+                          detail={"note": note} if note else None)
         try:
             self.store.update_grant(rejected, expected_state="pending")
         except Conflict:
@@ -1004,6 +1055,10 @@ class GrantAuthorizer:
             self.inner.authorize(ctx, action, key, aliases=aliases, context=context)
             return
         self.grants.authorize_use(ctx, claims, action, key, context)
+
+    def finish_use(self, ctx: RequestContext) -> None:
+        """Called by the KMS after an operation succeeded: count a limited grant's use."""
+        self.grants.finish_use(ctx)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)

@@ -149,6 +149,11 @@ def _audited(event_type: str, operation: str) -> Callable[[F], F]:
         def wrapper(self: KMS, ctx: RequestContext, *args: Any, **kwargs: Any) -> Any:
             try:
                 result = fn(self, ctx, *args, **kwargs)
+                if ctx.grant is not None:
+                    # a limited grant's use is counted only now that the operation succeeded
+                    finish = getattr(self._authorizer, "finish_use", None)
+                    if finish is not None:
+                        finish(ctx)
             except KeygrantsError as exc:
                 if not isinstance(exc, AuditUnavailable):
                     self.audit.record(ctx, event_type, "denied" if isinstance(exc, Forbidden)

@@ -4,6 +4,7 @@ break-glass, revocation and the feed, proof of possession, fail-closed."""
 from __future__ import annotations
 
 import base64
+import json
 import time
 from typing import Any
 
@@ -55,6 +56,11 @@ async def decrypt(http: httpx.AsyncClient, world: World, headers: dict[str, str]
     return await http.post("/v1/decrypt", headers=headers, json={
         "ciphertext": b64(world.ciphertext),
         "context": world.CONTEXT if context is None else context})
+
+
+def grant_id_of(token: str) -> str:
+    claims = token.split(".")[1]
+    return str(json.loads(base64.urlsafe_b64decode(claims + "=" * (-len(claims) % 4)))["jti"])
 
 
 def event_at(world: World, r: httpx.Response) -> Any:
@@ -192,7 +198,9 @@ async def test_revoke_all_for_a_principal_covers_every_earlier_grant_only(world,
     for token in (world.grant_token, second):
         assert code_of(await decrypt(http, world, svc(world, token))) == "grant_revoked"
     feed = (await http.get("/v1/revocations")).json()["entries"]
-    assert [(e["kind"], e["id"]) for e in feed] == [("principal", "svc")]
+    assert (feed[0]["kind"], feed[0]["id"]) == ("principal", "svc")
+    assert {e["id"] for e in feed[1:]} == {world.grant_id, world.pending_grant_id,
+                                           grant_id_of(second)}
     # a grant issued after the revocation works, even within the same second
     fixed = time.time()
     world.grants._clock = lambda: fixed
@@ -293,7 +301,7 @@ async def test_a_grant_without_create_grant_cannot_delegate(world, http) -> None
 
 async def test_token_exchange_narrows_a_grant(world, http) -> None:
     r = await http.post("/v1/token-exchange", headers=svc(world), json={
-        "subject_token": world.grant_token, "scope": "decrypt", "ttl": 60,
+        "subject_token": world.grant_token, "scope": "decrypt", "ttl": 60, "max_uses": 5,
         "context_subset": {"tenant": "t1"}})
     assert r.status_code == 200, r.text
     body = r.json()
@@ -475,3 +483,111 @@ async def test_a_grant_whose_creation_was_never_audited_gets_no_token(world, htt
     assert (r.status_code, code_of(r)) == (403, "grant_revoked")
     created = (await create(http, world)).json()["grant"]["id"]
     assert (await http.post(f"/v1/grants/{created}/token", headers=svc(world))).status_code == 200
+
+
+# -- regressions from review --------------------------------------------------------------------
+
+async def test_exchanges_and_delegations_cannot_multiply_a_limited_grants_uses(world, http) -> None:
+    parent = (await create(http, world, operations=["decrypt", "create_grant"],
+                           max_uses=1)).json()
+    outcomes = []
+    for _ in range(3):
+        r = await http.post("/v1/token-exchange", headers=svc(world),
+                            json={"subject_token": parent["token"], "scope": "decrypt"})
+        outcomes.append(r.status_code if r.status_code == 200 else code_of(r))
+        if r.status_code == 200:
+            assert (await decrypt(http, world, svc(world, r.json()["access_token"]))).status_code == 200
+    assert outcomes[0] == 200 and set(outcomes[1:]) <= {"attenuation_violated", "grant_exhausted"}
+    assert code_of(await decrypt(http, world, svc(world, parent["token"]))) == "grant_exhausted"
+    principal(world, "worker")
+    delegating = (await create(http, world, operations=["decrypt", "create_grant"],
+                               max_uses=2)).json()["token"]
+    made = [await create(http, world, svc(world, delegating), grantee="worker", max_uses=1,
+                         ttl=60) for _ in range(3)]
+    assert [r.status_code for r in made][:2] == [201, 201] and made[2].status_code == 403
+    unlimited_child = await create(http, world, svc(world, delegating), grantee="worker", ttl=60)
+    assert code_of(unlimited_child) in ("attenuation_violated", "grant_exhausted")
+
+
+async def test_a_second_revoke_all_in_the_same_second_stops_a_grant_made_between(world,
+                                                                                  http) -> None:
+    fixed = time.time()
+    world.grants._clock = lambda: fixed
+    await http.post("/v1/revoke-all", json={"principal": "svc"}, headers=world.auth)
+    between = (await create(http, world)).json()["token"]  # dated after the first revoke-all
+    assert (await decrypt(http, world, svc(world, between))).status_code == 200
+    again = await http.post("/v1/revoke-all", json={"principal": "svc"}, headers=world.auth)
+    assert again.json()["revoked"] == 1
+    assert code_of(await decrypt(http, world, svc(world, between))) == "grant_revoked"
+
+
+async def test_refused_or_failed_requests_count_no_use(world, http) -> None:
+    token = (await create(http, world, operations=["re_encrypt", "decrypt"], max_uses=2)).json()
+    grant_id, token = token["grant"]["id"], token["token"]
+    other_key = await http.post("/v1/re-encrypt", headers=svc(world, token), json={
+        "ciphertext": b64(world.ciphertext), "context": world.CONTEXT, "destination_key": "enc2"})
+    assert code_of(other_key) == "key_not_granted"
+    bad = await http.post("/v1/decrypt", headers=svc(world, token),
+                          json={"ciphertext": b64(world.ciphertext[:-1] + b"x"),
+                                "context": world.CONTEXT})
+    assert code_of(bad) == "invalid_ciphertext"
+    await http.post("/v1/keys/enc/disable", headers=world.auth)
+    disabled = await decrypt(http, world, svc(world, token))
+    assert code_of(disabled) == "key_disabled"
+    await http.post("/v1/keys/enc/enable", headers=world.auth)
+    grant = world.store.get_grant(grant_id)
+    assert grant is not None and grant.uses == 0
+    assert [(await decrypt(http, world, svc(world, token))).status_code for _ in range(3)] == [
+        200, 200, 403]
+
+
+async def test_a_pending_request_expires_and_cannot_be_approved_later(world, http) -> None:
+    world.grants._clock = lambda: time.time() + 301  # the request's 5-minute window is over
+    r = await http.post(f"/v1/grants/{world.pending_grant_id}/approve", headers=world.auth, json={})
+    assert (r.status_code, code_of(r)) == (409, "grant_state")
+    assert "expired" in r.json()["error"]["message"]
+
+
+async def test_revoke_all_for_a_principal_reveals_nothing_to_the_unauthorized(world, http) -> None:
+    nobody = principal(world, "nobody")
+    for target in ("svc", "no-such-principal"):
+        r = await http.post("/v1/revoke-all", json={"principal": target}, headers=nobody)
+        assert (r.status_code, code_of(r)) == (403, "forbidden")
+
+
+async def test_approval_notes_are_audited(world, http) -> None:
+    r = await http.post(f"/v1/grants/{world.pending_grant_id}/approve", headers=world.auth,
+                        json={"note": "incident 42, paged by ops"})
+    events = [decode_event(e) for e in world.audit.log.search(
+        EventQuery(grant_id=world.pending_grant_id, type="grant.approve"))]
+    assert r.status_code == 200 and events[0].detail["note"] == "incident 42, paged by ops"
+
+
+def test_revocations_written_by_another_node_are_applied(tmp_path) -> None:
+    import os
+
+    from keygrants.errors import GrantRevoked
+    from keygrants.grant_service import GrantService
+    from keygrants.models import CreateGrantRequest, CreateKeyRequest
+    from keygrants.service import KMS
+    from keygrants.store.sqlite import SQLiteStore
+
+    root = os.urandom(32)
+    stores = [SQLiteStore(tmp_path / "shared.db") for _ in range(2)]
+    kms_a, kms_b = (KMS(s, root) for s in stores)
+    kms_a.create_key(ADMIN, CreateKeyRequest(name="k"))
+    from keygrants.auth.model import Principal
+
+    stores[0].create_principal(Principal(id="admin", builtin=True, created_at=0, updated_at=0))
+    node_a = GrantService(kms_a, None, root_key=root)
+    node_b = GrantService(kms_b, None, root_key=root)
+    x, y = (node_a.create(ADMIN, CreateGrantRequest(key="k", grantee="admin",
+                                                    operations=["encrypt"])) for _ in range(2))
+    node_b.revoke(ADMIN, x.grant.id)  # feed entry 1, written by B
+    node_a.revoke(ADMIN, y.grant.id)  # feed entry 2, written by A
+    node_a.run_due()
+    with pytest.raises(GrantRevoked):
+        assert x.token is not None
+        node_a.verify_presented(ADMIN, x.token)
+    for s in stores:
+        s.close()

@@ -84,11 +84,17 @@ def test_is_grant_id_refuses_a_trailing_newline() -> None:
 # -- states --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("state", ["pending", "retired", "revoked", "rejected"])
+@pytest.mark.parametrize("state", ["retired", "revoked", "rejected"])
 def test_a_state_set_by_an_action_is_reported_as_is(state: str) -> None:
     grant = _grant(state=state, max_uses=1, uses=5, expires_at=NOW - 1)
     assert grant.effective_state(NOW) == state
     assert grant.effective_state(NOW - 10**6) == state
+
+
+def test_a_pending_request_expires_with_its_requested_window() -> None:
+    grant = _grant(state="pending", max_uses=1, uses=5, expires_at=NOW)
+    assert grant.effective_state(NOW - 1) == "pending"
+    assert grant.effective_state(NOW) == "expired"
 
 
 def test_an_active_grant_is_active_until_it_expires() -> None:

@@ -195,3 +195,20 @@ def test_sqlite_group_commit_isolates_a_failing_write(tmp_path: Path) -> None:
     store.close()
     with pytest.raises(StoreError):
         store.create_grant(grant())
+
+
+def test_sqlite_group_commit_survives_a_caller_that_gave_up(tmp_path: Path) -> None:
+    """A write whose future was cancelled before its batch started is skipped, and the commit
+    thread goes on serving the others (it used to die on set_result of a cancelled future)."""
+    store = SQLiteStore(tmp_path / "kg.db")
+    store.create_grant(grant())  # the commit thread is running
+    abandoned = grant()
+    with store._lock:  # the commit thread cannot start the next batch meanwhile
+        future = store.submit_create_grant(abandoned)
+        assert future.cancel()
+        kept = grant()
+        later = store.submit_create_grant(kept)
+    later.result(timeout=10)
+    assert store.get_grant(abandoned.id) is None and store.get_grant(kept.id) is not None
+    store.create_grant(grant())  # still serving
+    store.close()

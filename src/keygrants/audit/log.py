@@ -365,7 +365,13 @@ class AuditLog:
         with self._thread_queue_lock:
             self._thread_queue.append(item)
         if not self._lock.acquire(timeout=timeout):
-            raise AuditUnavailable("the audit log did not confirm the event in time")
+            with self._thread_queue_lock:
+                if item in self._thread_queue:  # not taken by another thread's batch: withdraw
+                    self._thread_queue.remove(item)
+                    raise AuditUnavailable("the audit log did not confirm the event in time")
+            # another thread's batch holds it: its outcome is this call's
+            assert isinstance(item.future, concurrent.futures.Future)
+            return wait_durable(item.future, timeout=timeout)
         try:
             with self._thread_queue_lock:
                 batch, self._thread_queue = self._thread_queue, []

@@ -108,6 +108,8 @@ class Grant(msgspec.Struct, frozen=True, kw_only=True):
 
     def effective_state(self, now: int) -> GrantState:
         """The state a caller sees at time ``now``."""
+        if self.state == "pending" and now >= self.expires_at:
+            return "expired"  # a request not decided within its requested window
         if self.state != "active":
             return self.state  # type: ignore[return-value]
         if self.max_uses is not None and self.uses >= self.max_uses:

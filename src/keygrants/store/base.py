@@ -216,10 +216,11 @@ class Store(Protocol):
         """Ids of grants in state ``active`` or ``pending`` that have not expired at ``now``,
         of one grantee, key or parent (exactly one filter is given)."""
 
-    def consume_grant_use(self, grant_id: str, now: int) -> Grant | None:
-        """Count one use of a limited grant, atomically: only when it is ``active``, not
-        expired at ``now`` and has uses left. Return the updated grant, or ``None`` when no
-        use was counted (the caller reads the grant to tell why)."""
+    def consume_grant_use(self, grant_id: str, now: int, n: int = 1) -> Grant | None:
+        """Count ``n`` uses of a limited grant, atomically: only when it is ``active``, not
+        expired at ``now`` and has ``n`` uses left (``n`` > 1 reserves a sub-grant's uses).
+        Return the updated grant, or ``None`` when nothing was counted (the caller reads the
+        grant to tell why)."""
 
     def update_grant(self, grant: Grant, *, expected_state: str,
                      feed: Sequence[RevocationEntry] = ()) -> list[RevocationEntry]:

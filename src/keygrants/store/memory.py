@@ -278,13 +278,13 @@ class MemoryStore:
                 and (key_id is None or g.key_id == key_id)
                 and (parent_id is None or g.parent_id == parent_id))
 
-    def consume_grant_use(self, grant_id: str, now: int) -> Grant | None:
+    def consume_grant_use(self, grant_id: str, now: int, n: int = 1) -> Grant | None:
         with self._lock:
             g = self._grants.get(grant_id)
             if (g is None or g.state != "active" or g.expires_at <= now or g.max_uses is None
-                    or g.uses >= g.max_uses):
+                    or g.uses + n > g.max_uses):
                 return None
-            g = msgspec.structs.replace(g, uses=g.uses + 1)
+            g = msgspec.structs.replace(g, uses=g.uses + n)
             self._grants[grant_id] = g
             return g
 

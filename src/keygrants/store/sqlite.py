@@ -42,6 +42,7 @@ from keygrants.store.base import Alias
 __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
 
 SCHEMA_VERSION: Final = 3
+_GROUP_COMMIT_TIMEOUT: Final = 30.0
 T = TypeVar("T")
 
 _MIGRATIONS: Final[tuple[str, ...]] = (
@@ -247,7 +248,10 @@ class _GroupCommit:
         self._closed = False
 
     def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        return self.submit(fn).result()
+        try:
+            return self.submit(fn).result(timeout=_GROUP_COMMIT_TIMEOUT)
+        except TimeoutError:
+            raise StoreError("the store did not confirm the write in time") from None
 
     def submit(self, fn: Callable[[sqlite3.Connection], T]) -> Future[T]:
         future: Future[T] = Future()
@@ -289,9 +293,12 @@ class _GroupCommit:
                 db.execute("BEGIN IMMEDIATE")
             except sqlite3.Error:
                 for _, future in batch:
-                    future.set_exception(StoreError("cannot begin a transaction"))
+                    if future.set_running_or_notify_cancel():
+                        future.set_exception(StoreError("cannot begin a transaction"))
                 return
             for fn, future in batch:
+                if not future.set_running_or_notify_cancel():
+                    continue  # the caller gave up before the write started: skip it
                 try:
                     db.execute("SAVEPOINT item")
                     result = fn(db)
@@ -307,7 +314,7 @@ class _GroupCommit:
             except sqlite3.Error:
                 with suppress(sqlite3.Error):
                     db.execute("ROLLBACK")
-                for _, future in batch:
+                for future, _, _ in outcomes:
                     future.set_exception(StoreError("commit failed"))
                 return
         for future, result, error in outcomes:
@@ -662,7 +669,11 @@ class SQLiteStore:
         elif state == "exhausted":
             where.append("state = 'active' AND max_uses IS NOT NULL AND uses >= max_uses")
         elif state == "expired":
-            where.append("state = 'active' AND expires_at <= ? AND (max_uses IS NULL OR uses < max_uses)")
+            where.append("((state = 'active' AND (max_uses IS NULL OR uses < max_uses)) "
+                         "OR state = 'pending') AND expires_at <= ?")
+            params.append(now)
+        elif state == "pending":
+            where.append("state = 'pending' AND expires_at > ?")
             params.append(now)
         elif state is not None:
             where.append("state = ?")
@@ -680,12 +691,12 @@ class SQLiteStore:
             "AND expires_at > ? ORDER BY id", (value, now)).fetchall())
         return [r[0] for r in rows]
 
-    def consume_grant_use(self, grant_id: str, now: int) -> Grant | None:
+    def consume_grant_use(self, grant_id: str, now: int, n: int = 1) -> Grant | None:
         def go(db: sqlite3.Connection) -> Grant | None:
             row = db.execute(
-                "UPDATE grants SET uses = uses + 1 WHERE id = ? AND state = 'active' "
-                "AND expires_at > ? AND max_uses IS NOT NULL AND uses < max_uses "
-                "RETURNING state, record, uses", (grant_id, now)).fetchone()
+                "UPDATE grants SET uses = uses + ? WHERE id = ? AND state = 'active' "
+                "AND expires_at > ? AND max_uses IS NOT NULL AND uses + ? <= max_uses "
+                "RETURNING state, record, uses", (n, grant_id, now, n)).fetchone()
             return None if row is None else _grant_from_row(row)
         return self._group.run(go)
 
