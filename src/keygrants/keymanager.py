@@ -323,6 +323,9 @@ class _DataKey:
         self.slot = slot
 
 
+if (_LOCAL_HEADER, _LOCAL_BODY, _LOCAL_MAX) != (17, 29, 67108909):  # pragma: no cover
+    raise RuntimeError("KeyManager.local_decrypt spells these sizes as literals: update it")
+
 _CONTEXT_CACHE_SIZE: Final = 4096
 _context_cache: dict[tuple[tuple[str, str], ...], bytes] = {}
 
@@ -783,20 +786,27 @@ class KeyManager:
         Raises:
             DecryptionError: for every failure (opaque).
         """
-        if not LOCAL_OVERHEAD <= len(ciphertext) <= _LOCAL_MAX:
-            raise DecryptionError()
         dk = self._current
-        if dk is None or not ciphertext.startswith(dk.local_header):  # else: the common case
-            if ciphertext[0] != LOCAL_V1:
-                raise DecryptionError()
-            dk = self._cache.get(bytes(ciphertext[1:_LOCAL_HEADER]))
-            if dk is None:
-                raise DecryptionError()
-        aad = _canonical(context) if context else None
         try:
-            return dk.open_raw(ciphertext[_LOCAL_HEADER:_LOCAL_BODY], ciphertext[_LOCAL_BODY:], aad)
-        except Exception:  # InvalidTag, or a malformed input: all one opaque failure
+            # The common case (the current data key) costs one prefix check; too short an
+            # input fails in the AEAD (no tag), too long one is refused on the slow path.
+            # literals (_LOCAL_HEADER = 17, _LOCAL_BODY = 29, _LOCAL_MAX = 67108909, pinned
+            # below the class): five global lookups are a tenth of this call
+            if dk is None or ciphertext[:17] != dk.local_header or len(ciphertext) > 67108909:
+                dk = self._local_key(ciphertext)
+            return dk.open_raw(ciphertext[17:29], ciphertext[29:],
+                               None if not context else _canonical(context))
+        except Exception:  # InvalidTag, a malformed input, an unknown key: one opaque failure
             raise DecryptionError() from None
+
+    def _local_key(self, ciphertext: bytes) -> _DataKey:
+        """The cached data key a local ciphertext names (the slow path of local_decrypt)."""
+        if not LOCAL_OVERHEAD <= len(ciphertext) <= _LOCAL_MAX or ciphertext[0] != LOCAL_V1:
+            raise DecryptionError()
+        dk = self._cache.get(bytes(ciphertext[1:_LOCAL_HEADER]))
+        if dk is None:
+            raise DecryptionError()
+        return dk
 
     @staticmethod
     def _seal(dk: _DataKey, fmt: int, plaintext: bytes, context: Mapping[str, str] | None,
