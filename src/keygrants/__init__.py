@@ -1,13 +1,14 @@
 """keygrants: a self-hosted key management service built around key grants.
 
-The public facade: the SDK clients, the application KeyManager, the result models and the
-error tree.
+The public facade: the SDK clients, the local grant verifiers, the application KeyManager,
+the result models and the error tree.
 """
 
 from __future__ import annotations
 
 from keygrants._version import __version__
 from keygrants.client import AsyncClient, Client
+from keygrants.client.verifier import AsyncVerifier, Verifier
 from keygrants.errors import (
     DecryptionError,
     InvalidCiphertext,
@@ -27,6 +28,7 @@ from keygrants.keymanager import KeyManager, SyncKeyManager
 
 __all__ = [
     "AsyncClient",
+    "AsyncVerifier",
     "Client",
     "DecryptionError",
     "InvalidCiphertext",
@@ -43,5 +45,6 @@ __all__ = [
     "ServerUnreachable",
     "SyncKeyManager",
     "Unauthenticated",
+    "Verifier",
     "__version__",
 ]

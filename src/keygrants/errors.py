@@ -80,7 +80,8 @@ same classes by the SDK (:func:`error_from_code`).
     │   ├── KeyRotationError            key_rotation_failed  502
     │   ├── ProviderConnectionError     provider_unavailable 503
     │   └── UnsupportedOperation        unsupported_operation 400
-    └── ServerUnreachable               server_unreachable   503  (client side only)
+    ├── ServerUnreachable               server_unreachable   503  (client side only)
+    └── VerifierUnavailable             verifier_unavailable 503  (local Verifier, fail-closed)
 
 Cryptographic failures are opaque on purpose: a wrong key, version, context, a flipped bit or
 a truncated ciphertext all raise the same :class:`InvalidCiphertext` with the same message.
@@ -164,6 +165,7 @@ __all__ = [
     "UnsealFailed",
     "UnsupportedOperation",
     "UseDpopNonce",
+    "VerifierUnavailable",
     "WrongGrantee",
     "error_from_code",
 ]
@@ -715,6 +717,16 @@ class UnsupportedOperation(KMSError):
     code = "unsupported_operation"
     status = 400
     default_message = "operation not supported by this provider"
+
+
+class VerifierUnavailable(KeygrantsError):
+    """Raised by a local :class:`~keygrants.client.verifier.Verifier` that cannot vouch for
+    any token: it has no issuer keys yet, or its view of the revocation feed is older than its
+    bound (it fails closed rather than accept a token that may have been revoked)."""
+
+    code = "verifier_unavailable"
+    status = 503
+    default_message = "the grant verifier is not up to date"
 
 
 class ServerUnreachable(KeygrantsError):

@@ -302,8 +302,10 @@ class GrantService:
                                activate_at=key.activate_at, seq=key.seq)
 
     def jwks(self) -> dict[str, object]:
-        """The JWKS document (every key that may verify a live token, and ``seq``)."""
-        return self.keyring.jwks(self._now())
+        """The JWKS document: every key that may verify a live token, ``seq``, and the
+        ``issuer`` its tokens carry (an extra JWK Set member, RFC 7517 §5, that verifiers pin
+        as the exact ``iss``)."""
+        return {**self.keyring.jwks(self._now()), "issuer": self.issuer}
 
     def run_due(self) -> None:
         """Scheduled work: rotate the issuer key when its period is up, drop retired keys and

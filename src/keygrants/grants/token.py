@@ -26,7 +26,6 @@ cross-check every token with joserfc given the published JWKS.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import re
 from collections.abc import Mapping
@@ -65,6 +64,7 @@ __all__ = [
     "IssuerPublicKey",
     "decode_grant_token",
     "encode_grant_token",
+    "issuer_key_from_jwk",
     "token_header",
 ]
 
@@ -88,6 +88,22 @@ class IssuerPublicKey:
     kid: str
     alg: str
     key: VerifyingKey
+
+
+def issuer_key_from_jwk(jwk: Mapping[str, object]) -> IssuerPublicKey | None:
+    """An issuer key from a published JWK: ``OKP``/``Ed25519`` with ``alg`` ``EdDSA``, ``use``
+    ``sig`` and a ``kid``; ``None`` for any other (a verifier ignores keys it cannot use, as
+    RFC 7517 asks). The algorithm is the JWK's, so a token can never choose it."""
+    kid, x = jwk.get("kid"), jwk.get("x")
+    if (jwk.get("kty") != "OKP" or jwk.get("crv") != "Ed25519" or jwk.get("alg") != "EdDSA"
+            or jwk.get("use", "sig") != "sig" or not isinstance(kid, str)
+            or not _KID_RE.fullmatch(kid) or not isinstance(x, str) or "d" in jwk):
+        return None
+    try:
+        key = VerifyingKey.from_raw("ed25519", _b64decode(x))
+    except (GrantMalformed, ValueError):
+        return None
+    return IssuerPublicKey(kid, "EdDSA", key)
 
 
 def token_header(alg: str, kid: str) -> bytes:
@@ -162,13 +178,38 @@ def _b64decode(part: str) -> bytes:
     low bits of the last character must be zero), so one token has one spelling."""
     if not _B64URL_RE.fullmatch(part):
         raise GrantMalformed()
-    try:
-        data = base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
-    except (binascii.Error, ValueError):
-        raise GrantMalformed() from None
+    data = _signed_part(part)
     if b64url(data) != part:
         raise GrantMalformed()
     return data
+
+
+def _signed_part(part: str) -> bytes:
+    """Decode the claims: their spelling is already fixed by the signature over it (another
+    encoding of the same JSON is another signing input), so no canonical re-encoding."""
+    try:
+        return binascii.a2b_base64(part.encode("ascii").translate(_FROM_URLSAFE)
+                                   + b"=" * (-len(part) % 4), strict_mode=True)
+    except (binascii.Error, ValueError):
+        raise GrantMalformed() from None
+
+
+_FROM_URLSAFE: Final = bytes.maketrans(b"-_", b"+/")
+# Accepted headers by their encoded form: one issuer key signs every token with the same
+# header, so a verifier parses it once (bounded; only headers that passed every check).
+_accepted_headers: dict[str, tuple[str, str]] = {}
+_MAX_ACCEPTED_HEADERS: Final = 256
+
+
+def _header(header_b64: str) -> tuple[str, str]:
+    cached = _accepted_headers.get(header_b64)
+    if cached is not None:
+        return cached
+    checked = _check_header(_b64decode(header_b64))
+    if len(_accepted_headers) >= _MAX_ACCEPTED_HEADERS:
+        _accepted_headers.clear()
+    _accepted_headers[header_b64] = checked
+    return checked
 
 
 def _check_header(raw: bytes) -> tuple[str, str]:
@@ -211,7 +252,7 @@ def decode_grant_token(token: str, keys: Mapping[str, IssuerPublicKey], *, issue
     header_b64, claims_b64, signature_b64 = parts
     if not _B64URL_RE.fullmatch(claims_b64):  # checked before it is part of the signing input
         raise GrantMalformed()
-    alg, kid = _check_header(_b64decode(header_b64))
+    alg, kid = _header(header_b64)
     issuer_key = keys.get(kid)
     if issuer_key is None:
         raise GrantUnknownKey()
@@ -226,7 +267,7 @@ def decode_grant_token(token: str, keys: Mapping[str, IssuerPublicKey], *, issue
     if not issuer_key.key.verify(signing_input, signature):
         raise GrantSignatureInvalid()
     try:
-        c = _claims_decoder.decode(_b64decode(claims_b64))
+        c = _claims_decoder.decode(_signed_part(claims_b64))
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise GrantClaimsInvalid(f"grant token claims invalid: {exc}"[:200]) from None
     if c.iss != issuer:

@@ -1,0 +1,150 @@
+"""ASGI middleware that demands a grant per route: :class:`GrantMiddleware` (Starlette,
+FastAPI or any ASGI app), over a local :class:`~keygrants.client.verifier.AsyncVerifier`.
+
+Each :class:`GrantRule` names a method and path (exact, or a prefix ending in ``*``), the
+operation the grant must allow, optionally an audience it must name and a function that
+reads the encryption context from the request. A request matching a rule must present a grant
+token (``Keygrants-Grant: <token>``, or ``Authorization: Bearer|DPoP <token>``) that verifies
+locally; its :class:`~keygrants.grants.model.GrantClaims` then sit in ``scope["state"]["grant"]``
+(Starlette's ``request.state.grant``) for the handler. Refusals are answered here in the
+KMS's one error shape: 401 ``unauthenticated`` (no token), 403 with the grant's code, 503
+``verifier_unavailable`` (fail-closed). Requests that match no rule pass through untouched.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import ssl
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from keygrants.client.verifier import AsyncVerifier
+from keygrants.errors import AudienceMismatch, KeygrantsError, Unauthenticated
+from keygrants.grants.model import GrantClaims
+
+__all__ = ["GrantMiddleware", "GrantRule", "token_from_headers"]
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+_MAX_TOKEN_HEADER = 8192 + 16
+
+
+@dataclass(frozen=True, slots=True)
+class GrantRule:
+    """A route that needs a grant.
+
+    Attributes:
+        path: an exact path, or a prefix ending in ``*`` (``/v1/invoices/*``).
+        operation: the operation the grant must include (``decrypt``, ...), or ``None``.
+        method: the HTTP method, or ``None`` for any.
+        audience: an audience the token's ``aud`` must include (besides the verifier's).
+        context: reads the encryption context the grant's constraints are checked against
+            from the request's headers (lower-case names) and path; ``None``: no context.
+    """
+
+    path: str
+    operation: str | None = None
+    method: str | None = None
+    audience: str | None = None
+    context: Callable[[Mapping[str, str], str], Mapping[str, str] | None] | None = None
+
+    def matches(self, method: str, path: str) -> bool:
+        if self.method is not None and self.method.upper() != method:
+            return False
+        if self.path.endswith("*"):
+            return fnmatch.fnmatchcase(path, self.path)
+        return path == self.path
+
+
+def token_from_headers(headers: Mapping[str, str]) -> str | None:
+    """The grant token of a request: ``Keygrants-Grant``, else ``Authorization: Bearer`` or
+    ``DPoP`` (RFC 9449); ``None`` when there is none."""
+    token = headers.get("keygrants-grant")
+    if token is None:
+        scheme, _, value = headers.get("authorization", "").partition(" ")
+        if scheme.lower() in ("bearer", "dpop") and value:
+            token = value
+    if token is None or len(token) > _MAX_TOKEN_HEADER:
+        return None
+    return token.strip()
+
+
+def error_body(exc: KeygrantsError) -> bytes:
+    return json.dumps(exc.to_dict(), separators=(",", ":")).encode()
+
+
+def check_audience(claims: GrantClaims, audience: str | None) -> None:
+    if audience is not None and audience not in claims.audiences:
+        raise AudienceMismatch()
+
+
+class GrantMiddleware:
+    """Enforce :class:`GrantRule` s on an ASGI app.
+
+    Args:
+        app: the application.
+        verifier: the local verifier (one per process; it caches keys, revocations, tokens).
+        rules: the protected routes, first match wins.
+        public_url: the URL base clients use (``https://api.example.com``), for DPoP ``htu``;
+            default: rebuilt from the request's scheme and ``Host``.
+    """
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]],
+                 verifier: AsyncVerifier, rules: Sequence[GrantRule], *,
+                 public_url: str | None = None) -> None:
+        self.app = app
+        self.verifier = verifier
+        self.rules = tuple(rules)
+        self.public_url = public_url.rstrip("/") if public_url else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        method, path = scope["method"], scope["path"]
+        rule = next((r for r in self.rules if r.matches(method, path)), None)
+        if rule is None:
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1")
+                   for k, v in scope.get("headers", ())}
+        try:
+            token = token_from_headers(headers)
+            if token is None:
+                raise Unauthenticated("a grant token is required")
+            claims = await self.verifier.verify(
+                token, operation=rule.operation,
+                context=rule.context(headers, path) if rule.context else None,
+                dpop_proof=headers.get("dpop"), method=method, url=self._url(scope, headers),
+                client_cert=_client_cert(scope))
+            check_audience(claims, rule.audience)
+        except KeygrantsError as exc:
+            await _reply(send, exc)
+            return
+        scope.setdefault("state", {})["grant"] = claims
+        await self.app(scope, receive, send)
+
+    def _url(self, scope: Scope, headers: Mapping[str, str]) -> str:
+        base = self.public_url or f"{scope.get('scheme', 'http')}://" \
+            f"{headers.get('host', 'localhost')}"
+        return base + str(scope.get("root_path", "")) + str(scope["path"])
+
+
+def _client_cert(scope: Scope) -> bytes | None:
+    chain = ((scope.get("extensions") or {}).get("tls") or {}).get("client_cert_chain") or ()
+    for pem in chain:
+        return ssl.PEM_cert_to_DER_cert(str(pem))
+    return None
+
+
+async def _reply(send: Send, exc: KeygrantsError) -> None:
+    body = error_body(exc)
+    headers = [(b"content-type", b"application/json"),
+               (b"content-length", str(len(body)).encode())]
+    if exc.status == 401:
+        headers.append((b"www-authenticate", b'Bearer realm="keygrants-grant"'))
+    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

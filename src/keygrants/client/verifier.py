@@ -1,0 +1,392 @@
+"""Local verification of grant tokens: :class:`Verifier` (sync) and :class:`AsyncVerifier`.
+
+A service that receives grant tokens checks them here, without a call to the KMS per request:
+
+- the issuer keys come from ``/.well-known/jwks.json``, cached, refreshed when the response's
+  ``Cache-Control: max-age`` runs out, refetched on an unknown ``kid`` at most once per
+  ``refetch_interval``; a failed fetch keeps the last good set (the issuer blinking is never
+  an outage); the algorithm is pinned by each JWK, and the JWK Set's ``issuer`` is the exact
+  ``iss`` tokens must carry;
+- revocations come from ``/v1/revocations?since=SEQ``, pulled every ``poll_interval``; when
+  the last successful pull is older than ``max_staleness`` the verifier fails closed
+  (:class:`~keygrants.errors.VerifierUnavailable`) instead of accepting a token that may have
+  been revoked;
+- a token is checked as the KMS checks it (:func:`keygrants.grants.decode_grant_token`: header,
+  signature, ``typ``, ``iss``, ``aud``, ``nbf``/``exp`` with leeway), then against the
+  revocation view, the requested operation and encryption context, and its proof of
+  possession (a DPoP proof with its own bounded ``jti`` replay cache, or the mTLS certificate);
+- a verified token is cached (bounded, keyed by the token string) until it expires, so seeing
+  it again costs a dictionary lookup plus the checks that can change (revocation, window,
+  issuer key, binding).
+
+Push delivery of revocations over NATS or Redis (``bus_url``) is not in this release: passing
+one is refused rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Final
+
+import httpx
+
+from keygrants.crypto.signing import b64url
+from keygrants.errors import (
+    GrantUnknownKey,
+    KeygrantsError,
+    OperationNotGranted,
+    PopInvalid,
+    PopRequired,
+    ServerUnreachable,
+    VerifierUnavailable,
+)
+from keygrants.grants.dpop import DpopVerifier
+from keygrants.grants.model import GrantClaims, check_context
+from keygrants.grants.revocation import RevocationEntry, RevocationView
+from keygrants.grants.token import IssuerPublicKey, decode_grant_token, issuer_key_from_jwk
+
+__all__ = ["AsyncVerifier", "Verifier"]
+
+JWKS_PATH: Final = "/.well-known/jwks.json"
+REVOCATIONS_PATH: Final = "/v1/revocations"
+_DEFAULT_MAX_AGE: Final = 300
+_MAX_JWKS_BYTES: Final = 256 * 1024
+_CACHE_SIZE: Final = 10_000
+
+
+def _max_age(headers: httpx.Headers) -> int:
+    for part in headers.get("cache-control", "").split(","):
+        name, _, value = part.strip().partition("=")
+        if name.lower() == "max-age" and value.isdigit():
+            return min(int(value), 86400)
+    return _DEFAULT_MAX_AGE
+
+
+class _State:
+    """What both verifiers share: keys, the revocation view, the caches and the checks."""
+
+    def __init__(self, *, audience: str | None, max_staleness: float, leeway: int,
+                 refetch_interval: float, poll_interval: float,
+                 clock: Callable[[], float]) -> None:
+        if max_staleness <= 0 or poll_interval <= 0 or poll_interval > max_staleness:
+            raise ValueError("need 0 < poll_interval <= max_staleness")
+        if not 0 <= leeway <= 300:
+            raise ValueError("leeway must be 0..300 seconds")
+        self.audience = audience
+        self.max_staleness = max_staleness
+        self.leeway = leeway
+        self.refetch_interval = refetch_interval
+        self.poll_interval = poll_interval
+        self.clock = clock
+        self.issuer: str | None = None
+        self.keys: dict[str, IssuerPublicKey] = {}
+        self.jwks_seq = -1
+        self.keys_expire_at = 0.0
+        self.last_refetch = -1e18
+        self.revocations = RevocationView()
+        self.feed_seq = 0
+        self.feed_fresh_at: float | None = None  # when the feed was last pulled completely
+        self.next_poll = 0.0
+        self.dpop = DpopVerifier(leeway=5, clock=clock)
+        self.verified: dict[str, GrantClaims] = {}
+        self.lock = threading.Lock()
+
+    # -- applying fetched documents ------------------------------------------------------------
+
+    def apply_jwks(self, doc: object, max_age: int) -> None:
+        if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
+            raise ValueError("not a JWK Set")
+        issuer = doc.get("issuer")
+        if not isinstance(issuer, str) or not issuer:
+            raise ValueError("the JWK Set names no issuer")
+        if self.issuer is not None and issuer != self.issuer:
+            raise ValueError("the JWK Set names another issuer than before")
+        keys = {}
+        for jwk in doc["keys"]:
+            key = issuer_key_from_jwk(jwk) if isinstance(jwk, dict) else None
+            if key is not None:
+                keys[key.kid] = key
+        seq = doc.get("seq")
+        with self.lock:
+            self.issuer = issuer
+            self.keys = keys
+            self.jwks_seq = seq if isinstance(seq, int) else self.jwks_seq
+            self.keys_expire_at = self.clock() + max_age
+
+    def apply_feed(self, doc: object, started: float) -> bool:
+        """Apply one page; return whether more follow."""
+        if not isinstance(doc, dict) or not isinstance(doc.get("entries"), list):
+            raise ValueError("not a revocation feed")
+        entries = []
+        for e in doc["entries"]:
+            entries.append(RevocationEntry(seq=int(e["seq"]), kind=e["kind"], id=str(e["id"]),
+                                           revoked_at=int(e["revoked_at"]),
+                                           expires_at=int(e["expires_at"]),
+                                           reason=str(e.get("reason", "revoked"))))
+        self.revocations.apply(entries)
+        if entries:
+            self.feed_seq = max(self.feed_seq, entries[-1].seq)
+        more = bool(doc.get("more"))
+        if not more:
+            self.feed_fresh_at = started
+            self.revocations.prune(int(self.clock()))
+        return more
+
+    # -- the checks ----------------------------------------------------------------------------
+
+    def check_fresh(self) -> None:
+        now = self.clock()
+        if self.issuer is None or not self.keys:
+            raise VerifierUnavailable("no issuer keys yet (the JWKS could not be fetched)")
+        if self.feed_fresh_at is None or now - self.feed_fresh_at > self.max_staleness:
+            raise VerifierUnavailable("the revocation feed is older than the staleness bound")
+
+    def decode(self, token: str) -> GrantClaims:
+        now = int(self.clock())
+        cached = self.verified.get(token)
+        if cached is not None:
+            if (cached.kid in self.keys
+                    and cached.not_before - self.leeway <= now < cached.expires_at + self.leeway):
+                return cached
+            self.verified.pop(token, None)
+        assert self.issuer is not None
+        claims = decode_grant_token(token, self.keys, issuer=self.issuer, audience=self.audience,
+                                    now=now, leeway=self.leeway)
+        if len(self.verified) >= _CACHE_SIZE:
+            with contextlib.suppress(StopIteration, RuntimeError):  # changed meanwhile
+                self.verified.pop(next(iter(self.verified)), None)
+        self.verified[token] = claims
+        return claims
+
+    def finish(self, token: str, claims: GrantClaims, *, operation: str | None,
+               context: Mapping[str, str] | None, dpop_proof: str | None, method: str | None,
+               url: str | None, client_cert: bytes | None) -> GrantClaims:
+        self.revocations.check(claims)
+        if operation is not None and operation not in claims.operations:
+            raise OperationNotGranted(f"the grant does not allow {operation}")
+        if context is not None or claims.context_equals is not None \
+                or claims.context_subset is not None:
+            # a constrained grant with no context given fails closed (the empty context)
+            check_context(context, equals=claims.context_equals, subset=claims.context_subset)
+        if claims.cnf_jkt is not None:
+            if method is None or url is None:
+                raise PopRequired("a DPoP-bound grant needs method= and url= to check its proof")
+            self.dpop.verify(dpop_proof, method=method, url=url, access_token=token,
+                             expected_jkt=claims.cnf_jkt)
+        elif claims.cnf_x5t is not None:
+            if client_cert is None:
+                raise PopRequired("this grant is bound to a client certificate")
+            digest = hashlib.sha256(client_cert).digest()
+            if not hmac.compare_digest(b64url(digest), claims.cnf_x5t):
+                raise PopInvalid("the client certificate is not the one the grant is bound to")
+        return claims
+
+
+def _check_bus(bus_url: str | None) -> None:
+    if bus_url is not None:
+        raise ValueError("bus_url: pushed revocations (NATS, Redis) are not in this release; "
+                         "the verifier pulls the feed every poll_interval")
+
+
+class Verifier:
+    """Verify grant tokens locally (blocking I/O; safe to share between threads).
+
+    Args:
+        base_url: the KMS, e.g. ``https://kms.internal:8650``.
+        audience: the audience this service must find in ``aud`` (``None``: not checked; pass
+            your service's name so tokens meant for others are refused).
+        bus_url: reserved for pushed revocations (not in this release: must be ``None``).
+        max_staleness: seconds after the last complete pull of the revocation feed beyond
+            which every verification fails closed.
+        leeway: clock leeway for ``nbf``/``exp``.
+        poll_interval: seconds between revocation feed pulls (default: a fifth of
+            ``max_staleness``).
+        refetch_interval: an unknown ``kid`` refetches the JWKS at most this often.
+        verify_tls: TLS verification (``True``, or a CA bundle path).
+        timeout: seconds per HTTP request to the KMS.
+    """
+
+    def __init__(self, base_url: str, *, audience: str | None = None, bus_url: str | None = None,
+                 max_staleness: float = 60, leeway: int = 30, poll_interval: float | None = None,
+                 refetch_interval: float = 10, verify_tls: bool | str = True,
+                 timeout: float = 5.0, clock: Callable[[], float] = time.time,
+                 transport: httpx.BaseTransport | None = None) -> None:
+        _check_bus(bus_url)
+        self._state = _State(audience=audience, max_staleness=max_staleness, leeway=leeway,
+                             refetch_interval=refetch_interval,
+                             poll_interval=poll_interval or max_staleness / 5, clock=clock)
+        self._http = httpx.Client(base_url=base_url.rstrip("/"), verify=verify_tls,
+                                  timeout=timeout, transport=transport)
+        self._io = threading.Lock()
+
+    def __enter__(self) -> Verifier:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _get(self, path: str, params: dict[str, Any] | None = None) -> httpx.Response:
+        try:
+            r = self._http.get(path, params=params)
+        except httpx.HTTPError as exc:
+            raise ServerUnreachable(f"cannot reach the KMS: {type(exc).__name__}") from exc
+        if r.status_code != 200 or len(r.content) > _MAX_JWKS_BYTES * 16:
+            raise ServerUnreachable(f"the KMS answered {r.status_code} for {path}")
+        return r
+
+    def refresh_keys(self) -> None:
+        """Fetch the JWKS now (a failure keeps the keys already held)."""
+        s = self._state
+        r = self._get(JWKS_PATH)
+        if len(r.content) > _MAX_JWKS_BYTES:
+            raise ServerUnreachable("the JWKS is too large")
+        s.apply_jwks(r.json(), _max_age(r.headers))
+
+    def pull_revocations(self) -> None:
+        """Pull every feed entry after the last one seen."""
+        s = self._state
+        started = s.clock()
+        while s.apply_feed(self._get(REVOCATIONS_PATH, {"since": s.feed_seq}).json(), started):
+            pass
+
+    def _maintain(self, unknown_kid: bool = False) -> None:
+        """Refresh what is due, keeping the last good state when the KMS does not answer."""
+        s = self._state
+        now = s.clock()
+        due_keys = s.issuer is None or now >= s.keys_expire_at or (
+            unknown_kid and now - s.last_refetch >= s.refetch_interval)
+        if not due_keys and now < s.next_poll:
+            return  # the hot path: nothing to fetch
+        with self._io:
+            try:
+                if due_keys:
+                    if unknown_kid:
+                        s.last_refetch = now
+                    self.refresh_keys()
+            except (KeygrantsError, ValueError):
+                pass  # keep the last known-good keys
+            try:
+                if now >= s.next_poll:
+                    s.next_poll = now + s.poll_interval
+                    self.pull_revocations()
+            except (KeygrantsError, ValueError, KeyError, TypeError):
+                pass  # the staleness bound decides when this becomes fatal
+
+    def verify(self, token: str, *, operation: str | None = None,
+               context: Mapping[str, str] | None = None, dpop_proof: str | None = None,
+               method: str | None = None, url: str | None = None,
+               client_cert: bytes | None = None) -> GrantClaims:
+        """Return the verified grant, or raise the typed refusal.
+
+        Raises:
+            GrantDenied: a subclass with the precise code (as the KMS would refuse it).
+            VerifierUnavailable: when the verifier cannot vouch for any token (fail-closed).
+        """
+        s = self._state
+        self._maintain()
+        s.check_fresh()
+        try:
+            claims = s.decode(token)
+        except GrantUnknownKey:
+            self._maintain(unknown_kid=True)  # maybe a key published since the last fetch
+            claims = s.decode(token)
+        return s.finish(token, claims, operation=operation, context=context,
+                        dpop_proof=dpop_proof, method=method, url=url, client_cert=client_cert)
+
+
+class AsyncVerifier:
+    """:class:`Verifier` for asyncio applications (the same arguments)."""
+
+    def __init__(self, base_url: str, *, audience: str | None = None, bus_url: str | None = None,
+                 max_staleness: float = 60, leeway: int = 30, poll_interval: float | None = None,
+                 refetch_interval: float = 10, verify_tls: bool | str = True,
+                 timeout: float = 5.0, clock: Callable[[], float] = time.time,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        import asyncio
+
+        _check_bus(bus_url)
+        self._state = _State(audience=audience, max_staleness=max_staleness, leeway=leeway,
+                             refetch_interval=refetch_interval,
+                             poll_interval=poll_interval or max_staleness / 5, clock=clock)
+        self._http = httpx.AsyncClient(base_url=base_url.rstrip("/"), verify=verify_tls,
+                                       timeout=timeout, transport=transport)
+        self._io = asyncio.Lock()
+
+    async def __aenter__(self) -> AsyncVerifier:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _get(self, path: str, params: dict[str, Any] | None = None) -> httpx.Response:
+        try:
+            r = await self._http.get(path, params=params)
+        except httpx.HTTPError as exc:
+            raise ServerUnreachable(f"cannot reach the KMS: {type(exc).__name__}") from exc
+        if r.status_code != 200:
+            raise ServerUnreachable(f"the KMS answered {r.status_code} for {path}")
+        return r
+
+    async def refresh_keys(self) -> None:
+        """Fetch the JWKS now (a failure keeps the keys already held)."""
+        r = await self._get(JWKS_PATH)
+        if len(r.content) > _MAX_JWKS_BYTES:
+            raise ServerUnreachable("the JWKS is too large")
+        self._state.apply_jwks(r.json(), _max_age(r.headers))
+
+    async def pull_revocations(self) -> None:
+        """Pull every feed entry after the last one seen."""
+        s = self._state
+        started = s.clock()
+        while s.apply_feed((await self._get(REVOCATIONS_PATH, {"since": s.feed_seq})).json(),
+                           started):
+            pass
+
+    async def _maintain(self, unknown_kid: bool = False) -> None:
+        s = self._state
+        now = s.clock()
+        due_keys = s.issuer is None or now >= s.keys_expire_at or (
+            unknown_kid and now - s.last_refetch >= s.refetch_interval)
+        if not due_keys and now < s.next_poll:
+            return  # the hot path: nothing to fetch
+        async with self._io:
+            try:
+                if due_keys:
+                    if unknown_kid:
+                        s.last_refetch = now
+                    await self.refresh_keys()
+            except (KeygrantsError, ValueError):
+                pass
+            try:
+                if now >= s.next_poll:
+                    s.next_poll = now + s.poll_interval
+                    await self.pull_revocations()
+            except (KeygrantsError, ValueError, KeyError, TypeError):
+                pass
+
+    async def verify(self, token: str, *, operation: str | None = None,
+                     context: Mapping[str, str] | None = None, dpop_proof: str | None = None,
+                     method: str | None = None, url: str | None = None,
+                     client_cert: bytes | None = None) -> GrantClaims:
+        """Return the verified grant, or raise the typed refusal (see :meth:`Verifier.verify`)."""
+        s = self._state
+        await self._maintain()
+        s.check_fresh()
+        try:
+            claims = s.decode(token)
+        except GrantUnknownKey:
+            await self._maintain(unknown_kid=True)
+            claims = s.decode(token)
+        return s.finish(token, claims, operation=operation, context=context,
+                        dpop_proof=dpop_proof, method=method, url=url, client_cert=client_cert)
