@@ -33,10 +33,49 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh, empty database ``kg_test_<random>`` on the PostgreSQL server at
+    127.0.0.1:5432 (user ``postgres``, trust auth), dropped afterwards. Skips when the server
+    cannot be reached, but fails when ``CI=true``: in CI the PostgreSQL tests must run."""
+    import secrets
+
+    admin_url = "postgresql://postgres@127.0.0.1:5432/postgres"
+    try:
+        import psycopg
+
+        admin = psycopg.connect(admin_url, autocommit=True, connect_timeout=5)
+    except Exception as exc:  # no driver or no server: the same verdict
+        message = f"PostgreSQL at 127.0.0.1:5432 is not reachable ({type(exc).__name__})"
+        if os.environ.get("CI", "").strip().lower() in ("true", "1", "yes"):
+            pytest.fail(f"{message} (CI=true: the PostgreSQL tests must run, not skip)", pytrace=False)
+        pytest.skip(message)
+    name = f"kg_test_{secrets.token_hex(8)}"
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}" TEMPLATE template0')  # template0: nobody uses it
+    try:
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as admin:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                          (name,))
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgresql"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    """Every implementation of the Store port (the contract suite runs against each)."""
-    s: Store = MemoryStore() if request.param == "memory" else SQLiteStore(tmp_path / "kg.db")
+    """Every implementation of the Store port (the contract suite runs against each);
+    PostgreSQL gets a fresh database per test (see ``postgres_url``)."""
+    s: Store
+    if request.param == "memory":
+        s = MemoryStore()
+    elif request.param == "sqlite":
+        s = SQLiteStore(tmp_path / "kg.db")
+    else:
+        url = request.getfixturevalue("postgres_url")  # skips before the driver is imported
+        from keygrants.store.postgres import PostgresStore
+
+        s = PostgresStore(url)
     yield s
     s.close()
 

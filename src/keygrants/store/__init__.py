@@ -1,4 +1,4 @@
-"""Store backends, registered by URL scheme (``memory:``, ``sqlite:``).
+"""Store backends, registered by URL scheme (``memory:``, ``sqlite:``, ``postgresql:``).
 
 Built-in backends register through :func:`register_store`, the same path a plugin uses.
 """
@@ -20,10 +20,12 @@ def register_store(scheme: str, factory: Callable[[str], Store]) -> None:
 
 
 def open_store(url: str) -> Store:
-    """Open a store by URL: ``sqlite:///abs/path.db``, ``sqlite:relative.db``, ``memory:``.
+    """Open a store by URL: ``sqlite:///abs/path.db``, ``sqlite:relative.db``, ``memory:``,
+    ``postgresql://user:password@host:5432/database`` (or ``postgres://``).
 
     Raises:
-        ValueError: for an unknown scheme.
+        ValueError: for an unknown scheme or a malformed URL.
+        StoreError: when the backend cannot be opened.
     """
     scheme = url.split(":", 1)[0]
     factory = _FACTORIES.get(scheme)
@@ -43,6 +45,19 @@ def _open_sqlite(url: str) -> Store:
     return SQLiteStore(path)
 
 
+def _open_postgres(url: str) -> Store:
+    try:
+        from keygrants.store.postgres import PostgresStore
+    except ImportError as exc:
+        if (exc.name or "").split(".")[0] not in ("psycopg", "psycopg_pool"):
+            raise
+        from keygrants.errors import StoreError
+
+        raise StoreError(f"the postgresql: store needs {exc.name}: "
+                         "pip install 'keygrants[postgres]'") from exc
+    return PostgresStore(url)
+
+
 def _open_memory(url: str) -> Store:
     from keygrants.store.memory import MemoryStore
 
@@ -50,4 +65,6 @@ def _open_memory(url: str) -> Store:
 
 
 register_store("sqlite", _open_sqlite)
+register_store("postgresql", _open_postgres)
+register_store("postgres", _open_postgres)
 register_store("memory", _open_memory)

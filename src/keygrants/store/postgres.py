@@ -1,0 +1,817 @@
+"""The scale-out store: PostgreSQL through psycopg 3 and a connection pool.
+
+Any number of server processes share one database. Every write runs in its own transaction
+on a pooled connection and returns after ``COMMIT``, which with ``synchronous_commit`` on
+(turned on for our sessions if the server default is ``off``) has flushed the WAL: an
+acknowledged write is durable.
+
+The SQLite store gets its concurrency guarantees from one writer at a time; here they come
+from PostgreSQL locks, under the default ``READ COMMITTED`` isolation:
+
+- a method that checks a row before writing locks it first (``SELECT ... FOR UPDATE``), so
+  the loser of a compare-and-set waits for the winner, sees its row and raises ``Conflict``;
+- key names and aliases share one namespace across two tables, so creating either takes a
+  transaction-level advisory lock: a key and an alias of the same name cannot both win;
+- the revocation feed is numbered from a one-row counter that each append locks until it
+  commits, so entries become visible in sequence order (a reader that has seen ``n`` never
+  later finds a smaller number appear) and the counter keeps the high-water mark after
+  pruning;
+- the schema is migrated at open inside one transaction under an advisory lock, so servers
+  starting together apply each migration exactly once.
+
+Destroying a key overwrites its sealed versions with empty values, but PostgreSQL keeps old
+row versions until vacuum and in its WAL and backups; the material there is still sealed by
+the root key.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any, Final, TypeVar
+
+import msgspec
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.rows import TupleRow
+from psycopg.types.json import Jsonb
+from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
+
+from keygrants.auth.model import Credential, Policy, Principal
+from keygrants.errors import (
+    AliasNotFound,
+    AlreadyExists,
+    Conflict,
+    CredentialNotFound,
+    GrantNotFound,
+    KeygrantsError,
+    KeyNotFound,
+    PolicyNotFound,
+    PrincipalNotFound,
+    StoreError,
+)
+from keygrants.grants.issuer import IssuerKey
+from keygrants.grants.model import Grant
+from keygrants.grants.revocation import RevocationEntry
+from keygrants.keys.model import Key, KeyVersion
+from keygrants.store.base import Alias
+
+__all__ = ["SCHEMA_VERSION", "PostgresStore"]
+
+T = TypeVar("T")
+_Conn = psycopg.Connection[TupleRow]
+
+CONNECT_TIMEOUT: Final = 10
+"""Seconds to wait for a new connection to the server (libpq ``connect_timeout``)."""
+ACQUIRE_TIMEOUT: Final = 30.0
+"""Seconds a call waits for a free pooled connection before failing with ``StoreError``."""
+_WRITE_ATTEMPTS: Final = 3  # a deadlock victim's transaction rolled back whole: run it again
+
+# Advisory lock keys, scoped to the database; "kg" in the high bytes to stay clear of others.
+_MIGRATION_LOCK: Final = 0x6B67_0001
+_NAMES_LOCK: Final = 0x6B67_0002
+
+_MIGRATIONS: Final[tuple[str, ...]] = (
+    """
+    CREATE TABLE meta (name TEXT COLLATE "C" PRIMARY KEY, value BYTEA NOT NULL);
+    CREATE TABLE keys (
+        id TEXT COLLATE "C" PRIMARY KEY,
+        name TEXT COLLATE "C" NOT NULL UNIQUE,
+        spec TEXT NOT NULL,
+        purpose TEXT NOT NULL,
+        description TEXT NOT NULL,
+        state TEXT NOT NULL,
+        derivable BOOLEAN NOT NULL,
+        created_at BIGINT NOT NULL,
+        updated_at BIGINT NOT NULL,
+        rotation_period BIGINT,
+        next_rotation_at BIGINT,
+        deletion_date BIGINT,
+        previous_state TEXT,
+        min_decryption_version BIGINT NOT NULL,
+        latest_version BIGINT NOT NULL,
+        tags JSONB NOT NULL DEFAULT '[]'
+    );
+    CREATE INDEX keys_next_rotation ON keys (next_rotation_at) WHERE state = 'enabled';
+    CREATE INDEX keys_deletion ON keys (deletion_date) WHERE state = 'pending_deletion';
+    CREATE TABLE key_versions (
+        key_id TEXT COLLATE "C" NOT NULL REFERENCES keys (id),
+        version BIGINT NOT NULL,
+        created_at BIGINT NOT NULL,
+        sealed BYTEA NOT NULL,
+        public_key_der BYTEA,
+        PRIMARY KEY (key_id, version)
+    );
+    CREATE TABLE aliases (
+        alias TEXT COLLATE "C" PRIMARY KEY,
+        key_id TEXT COLLATE "C" NOT NULL REFERENCES keys (id)
+    );
+    CREATE INDEX aliases_key ON aliases (key_id, alias);
+    CREATE TABLE principals (
+        id TEXT COLLATE "C" PRIMARY KEY,
+        display_name TEXT NOT NULL,
+        tags JSONB NOT NULL,
+        enabled BOOLEAN NOT NULL,
+        builtin BOOLEAN NOT NULL,
+        created_at BIGINT NOT NULL,
+        updated_at BIGINT NOT NULL,
+        last_seen_at BIGINT
+    );
+    CREATE TABLE credentials (
+        id TEXT COLLATE "C" PRIMARY KEY,
+        principal_id TEXT COLLATE "C" NOT NULL REFERENCES principals (id),
+        kind TEXT NOT NULL,
+        label TEXT NOT NULL,
+        algorithm TEXT,
+        public_key_der BYTEA,
+        secret_digest BYTEA,
+        sealed_secret BYTEA,
+        match TEXT,
+        not_before BIGINT NOT NULL,
+        expires_at BIGINT,
+        created_at BIGINT NOT NULL,
+        last_used_at BIGINT,
+        revoked_at BIGINT
+    );
+    CREATE INDEX credentials_principal ON credentials (principal_id, created_at, id);
+    CREATE TABLE policies (
+        name TEXT COLLATE "C" PRIMARY KEY,
+        text TEXT NOT NULL,
+        description TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        updated_at BIGINT NOT NULL
+    );
+    CREATE TABLE grants (
+        id TEXT COLLATE "C" PRIMARY KEY,
+        key_id TEXT COLLATE "C" NOT NULL,
+        grantee TEXT COLLATE "C" NOT NULL,
+        state TEXT NOT NULL,
+        expires_at BIGINT NOT NULL,
+        max_uses BIGINT,
+        uses BIGINT NOT NULL,
+        retiring_principal TEXT COLLATE "C",
+        parent_id TEXT COLLATE "C",
+        record BYTEA NOT NULL
+    );
+    CREATE INDEX grants_key ON grants (key_id, id);
+    CREATE INDEX grants_grantee ON grants (grantee, id);
+    CREATE INDEX grants_parent ON grants (parent_id) WHERE parent_id IS NOT NULL;
+    CREATE TABLE revocations (
+        seq BIGINT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        revoked_at BIGINT NOT NULL,
+        expires_at BIGINT NOT NULL,
+        reason TEXT NOT NULL
+    );
+    CREATE INDEX revocations_expiry ON revocations (expires_at);
+    CREATE TABLE revocation_counter (
+        id BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (id),
+        last_seq BIGINT NOT NULL
+    );
+    INSERT INTO revocation_counter (last_seq) VALUES (0);
+    CREATE TABLE issuer_keys (
+        seq BIGINT PRIMARY KEY,
+        kid TEXT COLLATE "C" NOT NULL UNIQUE,
+        alg TEXT NOT NULL,
+        public_raw BYTEA NOT NULL,
+        sealed BYTEA NOT NULL,
+        created_at BIGINT NOT NULL,
+        activate_at BIGINT NOT NULL,
+        retire_at BIGINT
+    );
+    """,
+)
+SCHEMA_VERSION: Final = len(_MIGRATIONS)
+
+_KEY_COLUMNS: Final = (
+    "id", "name", "spec", "purpose", "description", "state", "derivable", "created_at",
+    "updated_at", "rotation_period", "next_rotation_at", "deletion_date", "previous_state",
+    "min_decryption_version", "latest_version", "tags",
+)
+_KEY_SELECT: Final = f"SELECT {', '.join(_KEY_COLUMNS)} FROM keys"
+_PRINCIPAL_COLUMNS: Final = ("id", "display_name", "tags", "enabled", "builtin", "created_at",
+                             "updated_at", "last_seen_at")
+_CREDENTIAL_COLUMNS: Final = tuple(Credential.__struct_fields__)
+_POLICY_COLUMNS: Final = tuple(Policy.__struct_fields__)
+_GRANT_SELECT: Final = "SELECT state, record, uses FROM grants"
+
+
+def _marks(columns: Sequence[str]) -> str:
+    return ", ".join("%s" for _ in columns)
+
+
+def _key_from_row(row: tuple[Any, ...]) -> Key:
+    values = dict(zip(_KEY_COLUMNS, row, strict=True))
+    values["tags"] = tuple(values["tags"])
+    return Key(**values)
+
+
+def _key_params(key: Key) -> tuple[Any, ...]:
+    return tuple(Jsonb(list(key.tags)) if c == "tags" else getattr(key, c) for c in _KEY_COLUMNS)
+
+
+def _principal_from_row(row: tuple[Any, ...]) -> Principal:
+    values = dict(zip(_PRINCIPAL_COLUMNS, row, strict=True))
+    values["tags"] = tuple(values["tags"])
+    return Principal(**values)
+
+
+def _principal_params(p: Principal) -> tuple[Any, ...]:
+    return (p.id, p.display_name, Jsonb(list(p.tags)), p.enabled, p.builtin, p.created_at,
+            p.updated_at, p.last_seen_at)
+
+
+def _credential_from_row(row: tuple[Any, ...]) -> Credential:
+    return Credential(**dict(zip(_CREDENTIAL_COLUMNS, row, strict=True)))
+
+
+def _policy_from_row(row: tuple[Any, ...]) -> Policy:
+    return Policy(**dict(zip(_POLICY_COLUMNS, row, strict=True)))
+
+
+_grant_encoder: Final = msgspec.msgpack.Encoder()
+_grant_decoder: Final = msgspec.msgpack.Decoder(Grant)
+
+
+def _grant_params(g: Grant) -> tuple[Any, ...]:
+    return (g.id, g.key_id, g.grantee, g.state, g.expires_at, g.max_uses, g.uses,
+            g.retiring_principal, g.parent_id, _grant_encoder.encode(g))
+
+
+def _grant_from_row(row: tuple[Any, ...]) -> Grant:
+    """The record, with the columns a statement may have changed (state, uses) applied."""
+    record = _grant_decoder.decode(row[1])
+    return msgspec.structs.replace(record, state=row[0], uses=row[2])
+
+
+def _parse_url(url: str) -> dict[str, str]:
+    try:
+        return {k: str(v) for k, v in conninfo_to_dict(url).items() if v is not None}
+    except psycopg.Error:
+        # the driver's message may quote the URL, password included
+        raise ValueError("malformed PostgreSQL URL; expected "
+                         "postgresql://user[:password]@host[:port]/database[?option=value]") from None
+
+
+def _describe(params: Mapping[str, str]) -> str:
+    """Where the store points, for messages: never the password."""
+    user = params.get("user")
+    host = params.get("host") or params.get("hostaddr") or "localhost"
+    port = params.get("port")
+    where = f"{user}@{host}" if user else host
+    if port:
+        where += f":{port}"
+    return f"{where}/{params.get('dbname') or user or ''}"
+
+
+def _reason(exc: BaseException, password: str | None) -> str:
+    """The driver's message on one line, with the password blanked should it ever appear."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text.replace(password, "***") if password else text
+
+
+def _ensure_synchronous_commit(conn: _Conn) -> None:
+    # A server configured with synchronous_commit=off would acknowledge writes that a crash
+    # can lose; our sessions turn it back on (stronger settings such as remote_apply stay).
+    row = conn.execute("SHOW synchronous_commit").fetchone()
+    if row is not None and row[0] == "off":
+        conn.execute("SET synchronous_commit = on")
+
+
+class PostgresStore:
+    """Implements :class:`~keygrants.store.base.Store` on a PostgreSQL database.
+
+    Opening connects once, migrates the schema and opens a connection pool; calls from many
+    threads each use their own pooled connection.
+
+    Args:
+        url: a libpq connection URL or string, e.g.
+            ``postgresql://keygrants:secret@db.internal:5432/keygrants?sslmode=verify-full``.
+        min_connections: connections the pool keeps open.
+        max_connections: the most connections the pool opens.
+        connect_timeout: seconds to wait for a connection (libpq counts whole seconds,
+            at least 2), unless the URL sets ``connect_timeout`` itself.
+
+    Raises:
+        ValueError: if the URL is malformed or the pool bounds are wrong.
+        StoreError: if the server cannot be reached, refuses the login, or holds a schema
+            newer than this version of keygrants knows.
+    """
+
+    def __init__(self, url: str, *, min_connections: int = 1, max_connections: int = 10,
+                 connect_timeout: int = CONNECT_TIMEOUT) -> None:
+        if not 1 <= min_connections <= max_connections:
+            raise ValueError("need 1 <= min_connections <= max_connections")
+        params = _parse_url(url)
+        params.setdefault("connect_timeout", str(connect_timeout))
+        self.location = _describe(params)
+        """``user@host:port/database``, for messages (no password)."""
+        password = params.get("password")
+        conninfo = make_conninfo("", **params)
+        try:
+            with psycopg.connect(conninfo, autocommit=True) as conn:
+                self._migrate(conn)
+        except KeygrantsError:
+            raise
+        except psycopg.Error as exc:
+            # from None: the driver's exception may carry the connection and its password
+            raise StoreError(f"cannot open PostgreSQL at {self.location}: "
+                             f"{_reason(exc, password)}") from None
+        self._pool: ConnectionPool[_Conn] = ConnectionPool(
+            conninfo, min_size=min_connections, max_size=max_connections,
+            kwargs={"autocommit": True}, configure=_ensure_synchronous_commit,
+            timeout=ACQUIRE_TIMEOUT, name="keygrants-store", open=False)
+        try:
+            self._pool.open(wait=True, timeout=float(connect_timeout))
+        except psycopg.Error:
+            self._pool.close()
+            raise StoreError(f"cannot open a connection pool to PostgreSQL at {self.location}") from None
+        self._writer = ThreadPoolExecutor(max_workers=max_connections,
+                                          thread_name_prefix="keygrants-postgres")
+        self._closing = threading.Lock()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"PostgresStore({self.location!r})"
+
+    def _migrate(self, conn: _Conn) -> None:
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+            conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, "
+                         "applied_at TIMESTAMPTZ NOT NULL DEFAULT now())")
+            row = conn.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()
+            current = 0 if row is None else int(row[0])
+            if current > SCHEMA_VERSION:
+                raise StoreError(f"the PostgreSQL schema at {self.location} is version {current}, "
+                                 f"newer than this keygrants knows ({SCHEMA_VERSION}); upgrade it")
+            for number, script in enumerate(_MIGRATIONS[current:], start=current + 1):
+                conn.execute(script)  # several statements, so no parameters
+                conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (number,))
+
+    @contextmanager
+    def _connection(self) -> Iterator[_Conn]:
+        try:
+            with self._pool.connection() as conn:
+                yield conn
+        except PoolClosed:
+            raise StoreError("store is closed") from None
+        except PoolTimeout as exc:
+            raise StoreError(f"no connection to PostgreSQL at {self.location} came free "
+                             "in time") from exc
+
+    def _read(self, fn: Callable[[_Conn], T]) -> T:
+        try:
+            with self._connection() as conn:
+                return fn(conn)
+        except KeygrantsError:
+            raise
+        except psycopg.Error as exc:
+            raise StoreError("read failed") from exc
+
+    def _write(self, fn: Callable[[_Conn], T], *, one_statement: bool = False) -> T:
+        """Run ``fn`` in one transaction and commit; ``fn`` may raise a KeygrantsError to roll
+        back. With ``one_statement`` (``fn`` runs a single statement) the connection's
+        autocommit makes that statement its own transaction, without the round trips of
+        ``BEGIN`` and ``COMMIT``. A deadlock victim is rolled back whole by the server, so it
+        is run again."""
+        for attempt in range(1, _WRITE_ATTEMPTS + 1):
+            try:
+                with self._connection() as conn:
+                    if one_statement:
+                        return fn(conn)
+                    with conn.transaction():
+                        return fn(conn)
+            except KeygrantsError:
+                raise
+            except (pg_errors.DeadlockDetected, pg_errors.SerializationFailure) as exc:
+                if attempt == _WRITE_ATTEMPTS:
+                    raise StoreError("write failed: lock contention") from exc
+            except pg_errors.UniqueViolation as exc:
+                raise AlreadyExists("name is already in use") from exc
+            except psycopg.Error as exc:
+                raise StoreError("write failed") from exc
+        raise AssertionError("unreachable")
+
+    # -- metadata --------------------------------------------------------------------------
+
+    def get_meta(self, name: str) -> bytes | None:
+        row = self._read(lambda db: db.execute(
+            "SELECT value FROM meta WHERE name = %s", (name,)).fetchone())
+        return None if row is None else bytes(row[0])
+
+    def set_meta_if_absent(self, name: str, value: bytes) -> bool:
+        return self._write(lambda db: db.execute(
+            "INSERT INTO meta (name, value) VALUES (%s, %s) ON CONFLICT (name) DO NOTHING",
+            (name, value)).rowcount == 1, one_statement=True)
+
+    def set_meta(self, name: str, value: bytes) -> None:
+        self._write(lambda db: db.execute(
+            "INSERT INTO meta (name, value) VALUES (%s, %s) "
+            "ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value", (name, value)), one_statement=True)
+
+    # -- keys ------------------------------------------------------------------------------
+
+    def create_key(self, key: Key, first_version: KeyVersion) -> None:
+        def go(db: _Conn) -> None:
+            db.execute("SELECT pg_advisory_xact_lock(%s)", (_NAMES_LOCK,))
+            if db.execute("SELECT 1 FROM aliases WHERE alias = %s", (key.name,)).fetchone():
+                raise AlreadyExists(f"name {key.name!r} is already in use")
+            db.execute(f"INSERT INTO keys ({', '.join(_KEY_COLUMNS)}) VALUES ({_marks(_KEY_COLUMNS)})",
+                       _key_params(key))
+            self._insert_version(db, first_version)
+        self._write(go)
+
+    @staticmethod
+    def _insert_version(db: _Conn, v: KeyVersion) -> None:
+        db.execute(
+            "INSERT INTO key_versions (key_id, version, created_at, sealed, public_key_der) "
+            "VALUES (%s, %s, %s, %s, %s)",
+            (v.key_id, v.version, v.created_at, v.sealed, v.public_key_der))
+
+    def get_key(self, key_id: str) -> Key | None:
+        row = self._read(lambda db: db.execute(f"{_KEY_SELECT} WHERE id = %s", (key_id,)).fetchone())
+        return None if row is None else _key_from_row(row)
+
+    def find_key(self, name: str) -> Key | None:
+        # an alias first, as in SQLite (the shared namespace lets at most one of them match)
+        row = self._read(lambda db: db.execute(
+            f"SELECT {', '.join(_KEY_COLUMNS)} FROM ("
+            "SELECT 0 AS pick, * FROM keys WHERE id = (SELECT key_id FROM aliases WHERE alias = %s) "
+            "UNION ALL SELECT 1, * FROM keys WHERE name = %s) AS found ORDER BY pick LIMIT 1",
+            (name, name)).fetchone())
+        return None if row is None else _key_from_row(row)
+
+    def list_keys(self, *, limit: int, after: str | None = None) -> list[Key]:
+        rows = self._read(lambda db: db.execute(
+            f"{_KEY_SELECT} WHERE name > %s ORDER BY name LIMIT %s", (after or "", limit)).fetchall())
+        return [_key_from_row(r) for r in rows]
+
+    def update_key(self, key: Key, *, expected_updated_at: int | None = None) -> None:
+        def go(db: _Conn) -> None:
+            row = db.execute("SELECT updated_at FROM keys WHERE id = %s FOR UPDATE",
+                             (key.id,)).fetchone()
+            if row is None:
+                raise KeyNotFound()
+            if expected_updated_at is not None and row[0] != expected_updated_at:
+                raise Conflict("the key changed concurrently; retry")
+            self._update_key_row(db, key)
+        self._write(go)
+
+    @staticmethod
+    def _update_key_row(db: _Conn, key: Key) -> None:
+        sets = ", ".join(f"{c} = %s" for c in _KEY_COLUMNS[1:])
+        db.execute(f"UPDATE keys SET {sets} WHERE id = %s", (*_key_params(key)[1:], key.id))
+
+    def add_version(self, key: Key, version: KeyVersion) -> None:
+        def go(db: _Conn) -> None:
+            row = db.execute("SELECT latest_version FROM keys WHERE id = %s FOR UPDATE",
+                             (key.id,)).fetchone()
+            if row is None:
+                raise KeyNotFound()
+            if row[0] != version.version - 1 or key.latest_version != version.version:
+                raise Conflict("the key was rotated concurrently; retry")
+            self._insert_version(db, version)
+            self._update_key_row(db, key)
+        self._write(go)
+
+    def get_versions(self, key_id: str) -> list[KeyVersion]:
+        rows = self._read(lambda db: db.execute(
+            "SELECT key_id, version, created_at, sealed, public_key_der FROM key_versions "
+            "WHERE key_id = %s ORDER BY version", (key_id,)).fetchall())
+        return [KeyVersion(key_id=r[0], version=r[1], created_at=r[2], sealed=bytes(r[3]),
+                           public_key_der=None if r[4] is None else bytes(r[4])) for r in rows]
+
+    def destroy_key(self, key: Key) -> None:
+        def go(db: _Conn) -> None:
+            db.execute("UPDATE key_versions SET sealed = '' WHERE key_id = %s", (key.id,))
+            self._update_key_row(db, key)
+        self._write(go)
+
+    def keys_due(self, now: int) -> list[Key]:
+        rows = self._read(lambda db: db.execute(
+            f"{_KEY_SELECT} WHERE (state = 'enabled' AND next_rotation_at <= %s) "
+            "OR (state = 'pending_deletion' AND deletion_date <= %s)", (now, now)).fetchall())
+        return [_key_from_row(r) for r in rows]
+
+    # -- aliases ---------------------------------------------------------------------------
+
+    def create_alias(self, alias: str, key_id: str) -> None:
+        def go(db: _Conn) -> None:
+            db.execute("SELECT pg_advisory_xact_lock(%s)", (_NAMES_LOCK,))
+            if db.execute("SELECT 1 FROM keys WHERE name = %s", (alias,)).fetchone():
+                raise AlreadyExists(f"name {alias!r} is already in use")
+            if not db.execute("SELECT 1 FROM keys WHERE id = %s FOR SHARE", (key_id,)).fetchone():
+                raise KeyNotFound()
+            db.execute("INSERT INTO aliases (alias, key_id) VALUES (%s, %s)", (alias, key_id))
+        self._write(go)
+
+    def delete_alias(self, alias: str) -> None:
+        def go(db: _Conn) -> None:
+            if db.execute("DELETE FROM aliases WHERE alias = %s", (alias,)).rowcount == 0:
+                raise AliasNotFound()
+        self._write(go, one_statement=True)
+
+    def list_aliases(self, key_id: str | None = None) -> list[Alias]:
+        def go(db: _Conn) -> list[tuple[Any, ...]]:
+            if key_id is None:
+                return db.execute("SELECT alias, key_id FROM aliases ORDER BY alias").fetchall()
+            return db.execute("SELECT alias, key_id FROM aliases WHERE key_id = %s ORDER BY alias",
+                              (key_id,)).fetchall()
+        return [Alias((a, k)) for a, k in self._read(go)]
+
+    # -- principals and credentials ------------------------------------------------------
+
+    def create_principal(self, principal: Principal) -> None:
+        self._write(lambda db: db.execute(
+            f"INSERT INTO principals ({', '.join(_PRINCIPAL_COLUMNS)}) "
+            f"VALUES ({_marks(_PRINCIPAL_COLUMNS)})", _principal_params(principal)), one_statement=True)
+
+    def get_principal(self, principal_id: str) -> Principal | None:
+        row = self._read(lambda db: db.execute(
+            f"SELECT {', '.join(_PRINCIPAL_COLUMNS)} FROM principals WHERE id = %s",
+            (principal_id,)).fetchone())
+        return None if row is None else _principal_from_row(row)
+
+    def list_principals(self, *, limit: int, after: str | None = None) -> list[Principal]:
+        rows = self._read(lambda db: db.execute(
+            f"SELECT {', '.join(_PRINCIPAL_COLUMNS)} FROM principals WHERE id > %s "
+            "ORDER BY id LIMIT %s", (after or "", limit)).fetchall())
+        return [_principal_from_row(r) for r in rows]
+
+    def update_principal(self, principal: Principal) -> None:
+        def go(db: _Conn) -> None:
+            sets = ", ".join(f"{c} = %s" for c in _PRINCIPAL_COLUMNS[1:])
+            cur = db.execute(f"UPDATE principals SET {sets} WHERE id = %s",
+                             (*_principal_params(principal)[1:], principal.id))
+            if cur.rowcount == 0:
+                raise PrincipalNotFound()
+        self._write(go, one_statement=True)
+
+    def delete_principal(self, principal_id: str) -> None:
+        def go(db: _Conn) -> None:
+            # the principal row first, then its credentials: the order record_usage locks in
+            if not db.execute("SELECT 1 FROM principals WHERE id = %s FOR UPDATE",
+                              (principal_id,)).fetchone():
+                raise PrincipalNotFound()
+            db.execute("DELETE FROM credentials WHERE principal_id = %s", (principal_id,))
+            db.execute("DELETE FROM principals WHERE id = %s", (principal_id,))
+        self._write(go)
+
+    def add_credential(self, credential: Credential) -> None:
+        def go(db: _Conn) -> None:
+            # FOR SHARE: a concurrent delete_principal waits for this insert, then removes it too
+            if not db.execute("SELECT 1 FROM principals WHERE id = %s FOR SHARE",
+                              (credential.principal_id,)).fetchone():
+                raise PrincipalNotFound()
+            inserted = db.execute(
+                f"INSERT INTO credentials ({', '.join(_CREDENTIAL_COLUMNS)}) "
+                f"VALUES ({_marks(_CREDENTIAL_COLUMNS)}) ON CONFLICT (id) DO NOTHING",
+                tuple(getattr(credential, c) for c in _CREDENTIAL_COLUMNS)).rowcount
+            if inserted == 0:
+                raise AlreadyExists(f"credential {credential.id!r} already exists")
+        self._write(go)
+
+    def get_credential(self, credential_id: str) -> Credential | None:
+        row = self._read(lambda db: db.execute(
+            f"SELECT {', '.join(_CREDENTIAL_COLUMNS)} FROM credentials WHERE id = %s",
+            (credential_id,)).fetchone())
+        return None if row is None else _credential_from_row(row)
+
+    def list_credentials(self, principal_id: str | None = None) -> list[Credential]:
+        select = f"SELECT {', '.join(_CREDENTIAL_COLUMNS)} FROM credentials"
+        order = " ORDER BY principal_id, created_at, id"
+
+        def go(db: _Conn) -> list[tuple[Any, ...]]:
+            if principal_id is None:
+                return db.execute(select + order).fetchall()
+            return db.execute(select + " WHERE principal_id = %s" + order, (principal_id,)).fetchall()
+        return [_credential_from_row(r) for r in self._read(go)]
+
+    def update_credential(self, credential: Credential) -> None:
+        def go(db: _Conn) -> None:
+            sets = ", ".join(f"{c} = %s" for c in _CREDENTIAL_COLUMNS[1:])
+            cur = db.execute(f"UPDATE credentials SET {sets} WHERE id = %s",
+                             (*(getattr(credential, c) for c in _CREDENTIAL_COLUMNS[1:]),
+                              credential.id))
+            if cur.rowcount == 0:
+                raise CredentialNotFound()
+        self._write(go, one_statement=True)
+
+    def record_usage(self, principals: Mapping[str, int], credentials: Mapping[str, int]) -> None:
+        def go(db: _Conn) -> None:
+            # sorted, principals before credentials: concurrent callers lock rows in one order
+            with db.cursor() as cur:
+                cur.executemany("UPDATE principals SET last_seen_at = %s WHERE id = %s AND "
+                                "(last_seen_at IS NULL OR last_seen_at < %s)",
+                                [(ts, pid, ts) for pid, ts in sorted(principals.items())])
+                cur.executemany("UPDATE credentials SET last_used_at = %s WHERE id = %s AND "
+                                "(last_used_at IS NULL OR last_used_at < %s)",
+                                [(ts, cid, ts) for cid, ts in sorted(credentials.items())])
+        if principals or credentials:
+            self._write(go)
+
+    # -- policies --------------------------------------------------------------------------
+
+    def put_policy(self, policy: Policy) -> None:
+        self._write(lambda db: db.execute(
+            f"INSERT INTO policies ({', '.join(_POLICY_COLUMNS)}) VALUES ({_marks(_POLICY_COLUMNS)}) "
+            "ON CONFLICT (name) DO UPDATE SET text = EXCLUDED.text, "
+            "description = EXCLUDED.description, updated_at = EXCLUDED.updated_at",
+            tuple(getattr(policy, c) for c in _POLICY_COLUMNS)), one_statement=True)
+
+    def get_policy(self, name: str) -> Policy | None:
+        row = self._read(lambda db: db.execute(
+            f"SELECT {', '.join(_POLICY_COLUMNS)} FROM policies WHERE name = %s", (name,)).fetchone())
+        return None if row is None else _policy_from_row(row)
+
+    def list_policies(self) -> list[Policy]:
+        rows = self._read(lambda db: db.execute(
+            f"SELECT {', '.join(_POLICY_COLUMNS)} FROM policies ORDER BY name").fetchall())
+        return [_policy_from_row(r) for r in rows]
+
+    def delete_policy(self, name: str) -> None:
+        def go(db: _Conn) -> None:
+            if db.execute("DELETE FROM policies WHERE name = %s", (name,)).rowcount == 0:
+                raise PolicyNotFound()
+        self._write(go, one_statement=True)
+
+    # -- grants ------------------------------------------------------------------------------
+
+    def create_grant(self, grant: Grant) -> None:
+        self._write(lambda db: db.execute(
+            "INSERT INTO grants (id, key_id, grantee, state, expires_at, max_uses, uses, "
+            "retiring_principal, parent_id, record) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            _grant_params(grant)), one_statement=True)
+
+    def submit_create_grant(self, grant: Grant) -> Future[None]:
+        with self._closing:
+            if self._closed:
+                raise StoreError("store is closed")
+            return self._writer.submit(self.create_grant, grant)
+
+    def delete_grant(self, grant_id: str) -> None:
+        self._write(lambda db: db.execute("DELETE FROM grants WHERE id = %s", (grant_id,)),
+                    one_statement=True)
+
+    def get_grant(self, grant_id: str) -> Grant | None:
+        row = self._read(lambda db: db.execute(f"{_GRANT_SELECT} WHERE id = %s",
+                                               (grant_id,)).fetchone())
+        return None if row is None else _grant_from_row(row)
+
+    def list_grants(self, *, now: int, limit: int, after: str | None = None,
+                    key_id: str | None = None, grantee: str | None = None,
+                    retiring_principal: str | None = None, state: str | None = None
+                    ) -> list[Grant]:
+        where: list[str] = ["id > %s"]
+        params: list[object] = [after or ""]
+        for column, value in (("key_id", key_id), ("grantee", grantee),
+                              ("retiring_principal", retiring_principal)):
+            if value is not None:
+                where.append(f"{column} = %s")
+                params.append(value)
+        if state == "active":
+            where.append("state = 'active' AND expires_at > %s AND (max_uses IS NULL OR uses < max_uses)")
+            params.append(now)
+        elif state == "exhausted":
+            where.append("state = 'active' AND max_uses IS NOT NULL AND uses >= max_uses")
+        elif state == "expired":
+            where.append("((state = 'active' AND (max_uses IS NULL OR uses < max_uses)) "
+                         "OR state = 'pending') AND expires_at <= %s")
+            params.append(now)
+        elif state == "pending":
+            where.append("state = 'pending' AND expires_at > %s")
+            params.append(now)
+        elif state is not None:
+            where.append("state = %s")
+            params.append(state)
+        sql = f"{_GRANT_SELECT} WHERE {' AND '.join(where)} ORDER BY id LIMIT %s"
+        rows = self._read(lambda db: db.execute(sql, (*params, limit)).fetchall())
+        return [_grant_from_row(r) for r in rows]
+
+    def live_grant_ids(self, *, now: int, grantee: str | None = None, key_id: str | None = None,
+                       parent_id: str | None = None) -> list[str]:
+        column, value = next((c, v) for c, v in (("grantee", grantee), ("key_id", key_id),
+                                                 ("parent_id", parent_id)) if v is not None)
+        rows = self._read(lambda db: db.execute(
+            f"SELECT id FROM grants WHERE {column} = %s AND state IN ('active', 'pending') "
+            "AND expires_at > %s ORDER BY id", (value, now)).fetchall())
+        return [r[0] for r in rows]
+
+    def consume_grant_use(self, grant_id: str, now: int, n: int = 1) -> Grant | None:
+        # One statement: a racing UPDATE waits for the row lock, then re-checks the WHERE
+        # clause against the committed row, so uses never pass max_uses.
+        row = self._write(lambda db: db.execute(
+            "UPDATE grants SET uses = uses + %s WHERE id = %s AND state = 'active' "
+            "AND expires_at > %s AND max_uses IS NOT NULL AND uses + %s <= max_uses "
+            "RETURNING state, record, uses", (n, grant_id, now, n)).fetchone(), one_statement=True)
+        return None if row is None else _grant_from_row(row)
+
+    @staticmethod
+    def _append_feed(db: _Conn, feed: Sequence[RevocationEntry]) -> list[RevocationEntry]:
+        if not feed:
+            return []
+        # The counter row stays locked until commit: appends commit in sequence order.
+        row = db.execute("UPDATE revocation_counter SET last_seq = last_seq + %s "
+                         "RETURNING last_seq", (len(feed),)).fetchone()
+        assert row is not None
+        first = int(row[0]) - len(feed) + 1
+        out = [msgspec.structs.replace(e, seq=first + i) for i, e in enumerate(feed)]
+        with db.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO revocations (seq, kind, subject, revoked_at, expires_at, reason) "
+                "VALUES (%s, %s, %s, %s, %s, %s)",
+                [(e.seq, e.kind, e.id, e.revoked_at, e.expires_at, e.reason) for e in out])
+        return out
+
+    def update_grant(self, grant: Grant, *, expected_state: str,
+                     feed: Sequence[RevocationEntry] = ()) -> list[RevocationEntry]:
+        def go(db: _Conn) -> list[RevocationEntry]:
+            row = db.execute(f"{_GRANT_SELECT} WHERE id = %s FOR UPDATE", (grant.id,)).fetchone()
+            if row is None:
+                raise GrantNotFound()
+            current = _grant_from_row(row)
+            if current.state != expected_state:
+                raise Conflict("the grant changed meanwhile")
+            updated = msgspec.structs.replace(
+                current, state=grant.state, not_before=grant.not_before,
+                expires_at=grant.expires_at, decided_by=grant.decided_by,
+                decided_at=grant.decided_at, ended_at=grant.ended_at, ended_by=grant.ended_by)
+            db.execute("UPDATE grants SET state = %s, expires_at = %s, record = %s WHERE id = %s",
+                       (updated.state, updated.expires_at, _grant_encoder.encode(updated), grant.id))
+            return self._append_feed(db, feed)
+        return self._write(go)
+
+    def end_grants(self, grant_ids: Sequence[str], *, state: str, now: int, by: str,
+                   feed: Sequence[RevocationEntry]) -> list[RevocationEntry]:
+        def go(db: _Conn) -> list[RevocationEntry]:
+            # ORDER BY id: concurrent callers lock the rows in the same order
+            rows = db.execute(f"{_GRANT_SELECT} WHERE id = ANY(%s) AND state IN ('active', 'pending') "
+                              "ORDER BY id FOR UPDATE", (list(grant_ids),)).fetchall()
+            ended = [msgspec.structs.replace(_grant_from_row(r), state=state, ended_at=now, ended_by=by)
+                     for r in rows]
+            with db.cursor() as cur:
+                cur.executemany("UPDATE grants SET state = %s, record = %s WHERE id = %s",
+                                [(state, _grant_encoder.encode(g), g.id) for g in ended])
+            return self._append_feed(db, feed)
+        return self._write(go)
+
+    # -- revocation feed -------------------------------------------------------------------
+
+    def revocations_since(self, seq: int, *, limit: int) -> list[RevocationEntry]:
+        rows = self._read(lambda db: db.execute(
+            "SELECT seq, kind, subject, revoked_at, expires_at, reason FROM revocations "
+            "WHERE seq > %s ORDER BY seq LIMIT %s", (seq, limit)).fetchall())
+        return [RevocationEntry(seq=r[0], kind=r[1], id=r[2], revoked_at=r[3], expires_at=r[4],
+                                reason=r[5]) for r in rows]
+
+    def latest_revocation_seq(self) -> int:
+        # the counter keeps the high-water mark even when the newest rows were pruned
+        row = self._read(lambda db: db.execute("SELECT last_seq FROM revocation_counter").fetchone())
+        return 0 if row is None else int(row[0])
+
+    def prune_revocations(self, now: int) -> int:
+        return self._write(lambda db: db.execute(
+            "DELETE FROM revocations WHERE expires_at <= %s", (now,)).rowcount, one_statement=True)
+
+    # -- issuer keys -------------------------------------------------------------------------
+
+    def list_issuer_keys(self) -> list[IssuerKey]:
+        rows = self._read(lambda db: db.execute(
+            "SELECT kid, alg, public_raw, sealed, seq, created_at, activate_at, retire_at "
+            "FROM issuer_keys ORDER BY seq").fetchall())
+        return [IssuerKey(kid=r[0], alg=r[1], public_raw=bytes(r[2]), sealed=bytes(r[3]), seq=r[4],
+                          created_at=r[5], activate_at=r[6], retire_at=r[7]) for r in rows]
+
+    def add_issuer_key(self, key: IssuerKey, retire: Sequence[tuple[str, int]]) -> None:
+        def go(db: _Conn) -> None:
+            # Insert first: a concurrent insert of the same seq makes this one wait for it,
+            # then do nothing, so exactly one rotation wins.
+            inserted = db.execute(
+                "INSERT INTO issuer_keys (seq, kid, alg, public_raw, sealed, created_at, "
+                "activate_at, retire_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
+                "ON CONFLICT (seq) DO NOTHING",
+                (key.seq, key.kid, key.alg, key.public_raw, key.sealed, key.created_at,
+                 key.activate_at, key.retire_at)).rowcount
+            if inserted == 0:
+                raise Conflict("another issuer key rotation won")
+            with db.cursor() as cur:
+                cur.executemany("UPDATE issuer_keys SET retire_at = %s WHERE kid = %s AND seq <> %s",
+                                [(at, kid, key.seq) for kid, at in retire])
+        self._write(go)
+
+    def delete_issuer_keys(self, *, retired_before: int) -> int:
+        return self._write(lambda db: db.execute(
+            "DELETE FROM issuer_keys WHERE retire_at IS NOT NULL AND retire_at < %s",
+            (retired_before,)).rowcount, one_statement=True)
+
+    def close(self) -> None:
+        with self._closing:
+            if self._closed:
+                return
+            self._closed = True
+        self._writer.shutdown(wait=True)
+        self._pool.close()
