@@ -8,7 +8,7 @@ import pytest
 
 MODULES = ["keygrants", "keygrants.errors", "keygrants.models", "keygrants.crypto",
            "keygrants.keys", "keygrants.store", "keygrants.providers", "keygrants.api",
-           "keygrants.client", "keygrants.service"]
+           "keygrants.client", "keygrants.service", "keygrants.bus", "keygrants.grants"]
 
 
 def isort_style(name: str) -> tuple[int, str]:

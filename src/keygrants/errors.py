@@ -81,7 +81,8 @@ same classes by the SDK (:func:`error_from_code`).
     │   ├── ProviderConnectionError     provider_unavailable 503
     │   └── UnsupportedOperation        unsupported_operation 400
     ├── ServerUnreachable               server_unreachable   503  (client side only)
-    └── VerifierUnavailable             verifier_unavailable 503  (local Verifier, fail-closed)
+    ├── VerifierUnavailable             verifier_unavailable 503  (local Verifier, fail-closed)
+    └── BusError                        bus_unavailable      503  (keygrants.bus)
 
 Cryptographic failures are opaque on purpose: a wrong key, version, context, a flipped bit or
 a truncated ciphertext all raise the same :class:`InvalidCiphertext` with the same message.

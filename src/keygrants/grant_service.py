@@ -233,6 +233,8 @@ class GrantService:
         self.revocations = RevocationView()
         self._verified: dict[str, GrantClaims] = {}  # token → claims, oldest first (bounded)
         self._synced = 0  # feed entries up to here have been pulled from the store
+        # set by the server when it pushes revocations on a bus (called from any thread)
+        self.on_revocations: Callable[[Sequence[RevocationEntry]], None] | None = None
         self._sync_lock = threading.Lock()
         self.sync_revocations()
         self.keyring = self._load_keyring()
@@ -353,7 +355,10 @@ class GrantService:
             latest=latest, more=more)
 
     def _publish(self, entries: Sequence[RevocationEntry]) -> None:
+        """Apply new feed entries here and push them to subscribers (``on_revocations``)."""
         self.revocations.apply(entries)
+        if self.on_revocations is not None:
+            self.on_revocations(entries)
 
     # -- presenting a grant ------------------------------------------------------------------
 

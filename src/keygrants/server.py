@@ -34,8 +34,10 @@ from keygrants.auth import RequestContext, ensure_admin_token, reset_admin_token
 from keygrants.auth.authenticator import AuthSettings
 from keygrants.auth.directory import Directory
 from keygrants.auth.ratelimit import RateLimiter
+from keygrants.bus import open_bus
 from keygrants.errors import KeygrantsError
 from keygrants.grant_service import GrantAuthorizer, GrantService, GrantSettings
+from keygrants.grants.push import RevocationPublisher
 from keygrants.providers import open_root_provider
 from keygrants.providers.local import PASSPHRASE_ENV
 from keygrants.seal import open_root_key, sealed_with
@@ -84,6 +86,8 @@ class ServerConfig:
     client_ca: Path | None = None
     usage_flush_interval: float = 30.0
     grants: GrantSettings = field(default_factory=GrantSettings)
+    bus: str | None = None
+    bus_heartbeat: float = 1.0
 
 
 @dataclass(slots=True)
@@ -136,6 +140,7 @@ def build_server(config: ServerConfig) -> BuiltServer:
         ValueError: for a malformed audit sink URI.
     """
     sinks = [open_sink(uri) for uri in config.audit_sinks]  # a bad URI fails before any I/O
+    bus = open_bus(config.bus) if config.bus else None
     data_dir = config.data_dir
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     data_dir.chmod(0o700)
@@ -174,6 +179,12 @@ def build_server(config: ServerConfig) -> BuiltServer:
         usage = asyncio.create_task(_flush_usage(access.directory, config.usage_flush_interval,
                                                  stop_scheduler))
         shippers = [Shipper(audit.log, sink).start() for sink in sinks]
+        publisher: RevocationPublisher | None = None
+        if bus is not None:
+            publisher = RevocationPublisher(bus, store.latest_revocation_seq,
+                                            interval=config.bus_heartbeat)
+            await publisher.start()  # a configured bus that cannot be reached stops the start
+            grants.on_revocations = publisher.publish_entries
         try:
             yield
         finally:
@@ -186,6 +197,9 @@ def build_server(config: ServerConfig) -> BuiltServer:
             except KeygrantsError as exc:
                 log.error("could not record server.stop: %s", exc.message)
             await asyncio.gather(*(shipper.stop() for shipper in shippers))
+            if publisher is not None:
+                grants.on_revocations = None
+                await publisher.stop()
             await asyncio.to_thread(audit.log.close)
             store.close()
 

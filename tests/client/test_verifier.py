@@ -176,11 +176,6 @@ async def test_dpop_bound_grants_need_the_proof() -> None:
     await v.aclose()
 
 
-def test_pushed_revocations_are_not_claimed() -> None:
-    with pytest.raises(ValueError, match="bus_url"):
-        Verifier("http://kms", bus_url="nats://127.0.0.1:4222")
-
-
 def test_the_sync_verifier_against_a_real_server(live_server: LiveServer) -> None:
     with Client(live_server.url, token=live_server.token, grant="") as admin:
         admin.create_key("verified")

@@ -121,6 +121,10 @@ def main() -> None:
               help="Longest lifetime of an approved break-glass grant, from its approval.")
 @click.option("--max-delegation-depth", default=3, show_default=True, type=click.IntRange(1, 10),
               help="How deep sub-grants may nest.")
+@click.option("--bus", default=None, metavar="URL", help="Push revocations to verifiers on a "
+              "message bus: nats://host:port, redis://host:port[/db] (see docs/bus.md).")
+@click.option("--bus-heartbeat", default=1.0, show_default=True, type=click.FloatRange(0.05, 60),
+              help="Seconds between revocation heartbeats on the bus.")
 @click.option("--require-dpop-nonce", is_flag=True, help="DPoP proofs must carry a server nonce "
               "(RFC 9449 section 8).")
 def server(listen: str, data_dir: str, seal: str | None, store: str | None, max_plaintext: int,
@@ -130,7 +134,7 @@ def server(listen: str, data_dir: str, seal: str | None, store: str | None, max_
            tls_key: str | None, client_ca: str | None, issuer: str | None,
            grant_default_ttl: str, grant_max_ttl: str, grant_leeway: str, jwks_max_age: str,
            issuer_rotation_period: str, break_glass_ttl: str, max_delegation_depth: int,
-           require_dpop_nonce: bool) -> None:
+           bus: str | None, bus_heartbeat: float, require_dpop_nonce: bool) -> None:
     """Run the keygrants server (SQLite in the data directory by default)."""
     import logging
 
@@ -171,7 +175,7 @@ def server(listen: str, data_dir: str, seal: str | None, store: str | None, max_
                               tls_cert=Path(tls_cert) if tls_cert else None,
                               tls_key=Path(tls_key) if tls_key else None,
                               client_ca=Path(client_ca) if client_ca else None,
-                              grants=grant_settings)
+                              grants=grant_settings, bus=bus, bus_heartbeat=bus_heartbeat)
         if node_id:
             config.node_id = node_id
         serve(config)

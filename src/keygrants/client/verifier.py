@@ -19,8 +19,10 @@ A service that receives grant tokens checks them here, without a call to the KMS
   it again costs a dictionary lookup plus the checks that can change (revocation, window,
   issuer key, binding).
 
-Push delivery of revocations over NATS or Redis (``bus_url``) is not in this release: passing
-one is refused rather than silently ignored.
+With ``bus_url`` (``nats://…``, ``redis://…``; see docs/bus.md) the verifier also subscribes
+to the revocations the KMS pushes (:mod:`keygrants.grants.push`): each entry is applied the
+moment it arrives, a jump in sequence numbers or a heartbeat ahead of what it has seen makes
+it pull the missing range at once, and heartbeats keep its view fresh between pulls.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from keygrants.errors import (
 )
 from keygrants.grants.dpop import DpopVerifier
 from keygrants.grants.model import GrantClaims, check_context
+from keygrants.grants.push import SUBJECT, decode_message
 from keygrants.grants.revocation import RevocationEntry, RevocationView
 from keygrants.grants.token import IssuerPublicKey, decode_grant_token, issuer_key_from_jwk
 
@@ -189,8 +192,30 @@ class _State:
 
 def _check_bus(bus_url: str | None) -> None:
     if bus_url is not None:
-        raise ValueError("bus_url: pushed revocations (NATS, Redis) are not in this release; "
-                         "the verifier pulls the feed every poll_interval")
+        from keygrants.bus import open_bus
+
+        open_bus(bus_url)  # a malformed URL fails here, before any connection
+
+
+class _Pushed:
+    """What a pushed message means for the state: apply it, and whether to pull now."""
+
+    @staticmethod
+    def handle(s: _State, data: bytes) -> bool:
+        try:
+            msg = decode_message(data)
+        except (ValueError, KeyError, TypeError):
+            return False  # not ours, or malformed: ignored
+        if isinstance(msg, int):  # a heartbeat: the feed's newest sequence number
+            if msg <= s.feed_seq and s.feed_fresh_at is not None:
+                s.feed_fresh_at = s.clock()
+                return False
+            return True
+        s.revocations.apply([msg])
+        if msg.seq == s.feed_seq + 1 and s.feed_fresh_at is not None:
+            s.feed_seq = msg.seq
+            return False
+        return msg.seq > s.feed_seq  # a gap: pull what is missing
 
 
 class Verifier:
@@ -223,6 +248,9 @@ class Verifier:
         self._http = httpx.Client(base_url=base_url.rstrip("/"), verify=verify_tls,
                                   timeout=timeout, transport=transport)
         self._io = threading.Lock()
+        self._bus_url = bus_url
+        self._bus_thread: threading.Thread | None = None
+        self._bus_stop: Any = None
 
     def __enter__(self) -> Verifier:
         return self
@@ -231,7 +259,61 @@ class Verifier:
         self.close()
 
     def close(self) -> None:
+        stop, thread = self._bus_stop, self._bus_thread
+        if stop is not None and thread is not None:
+            stop()
+            thread.join(timeout=5)
         self._http.close()
+
+    def _start_bus(self) -> None:
+        """Subscribe in a background thread with its own event loop (once)."""
+        if self._bus_url is None or self._bus_thread is not None:
+            return
+        import asyncio
+
+        from keygrants.bus import open_bus
+
+        ready = threading.Event()
+        url = self._bus_url
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            stopped = asyncio.Event()
+
+            async def main() -> None:
+                bus = open_bus(url)
+                try:
+                    await bus.connect()
+
+                    async def on_message(data: bytes) -> None:
+                        if _Pushed.handle(self._state, data):
+                            await asyncio.to_thread(self._pull_quietly)
+
+                    await bus.subscribe(SUBJECT, on_message)
+                finally:
+                    ready.set()
+                await stopped.wait()
+                await bus.close()
+
+            self._bus_stop = lambda: loop.call_soon_threadsafe(stopped.set)
+            try:
+                loop.run_until_complete(main())
+            except Exception as exc:  # pulling every poll_interval still keeps it correct
+                import logging
+
+                logging.getLogger("keygrants.verifier").warning(
+                    "revocation bus unavailable (%s); pulling the feed only", type(exc).__name__)
+            finally:
+                loop.close()
+
+        self._bus_thread = threading.Thread(target=run, name="keygrants-verifier-bus",
+                                            daemon=True)
+        self._bus_thread.start()
+        ready.wait(timeout=10)
+
+    def _pull_quietly(self) -> None:
+        with self._io, contextlib.suppress(KeygrantsError, ValueError, KeyError, TypeError):
+            self.pull_revocations()
 
     def _get(self, path: str, params: dict[str, Any] | None = None) -> httpx.Response:
         try:
@@ -291,6 +373,8 @@ class Verifier:
             VerifierUnavailable: when the verifier cannot vouch for any token (fail-closed).
         """
         s = self._state
+        if self._bus_thread is None and self._bus_url is not None:
+            self._start_bus()
         self._maintain()
         s.check_fresh()
         try:
@@ -319,6 +403,9 @@ class AsyncVerifier:
         self._http = httpx.AsyncClient(base_url=base_url.rstrip("/"), verify=verify_tls,
                                        timeout=timeout, transport=transport)
         self._io = asyncio.Lock()
+        self._bus_url = bus_url
+        self._bus: Any = None
+        self._bus_retry_at = 0.0
 
     async def __aenter__(self) -> AsyncVerifier:
         return self
@@ -327,7 +414,33 @@ class AsyncVerifier:
         await self.aclose()
 
     async def aclose(self) -> None:
+        if self._bus is not None:
+            await self._bus.close()
+            self._bus = None
         await self._http.aclose()
+
+    async def _subscribe(self) -> None:
+        """Subscribe to pushed revocations (once; retried every 5 s while it fails)."""
+        from keygrants.bus import open_bus
+
+        s = self._state
+        self._bus_retry_at = s.clock() + 5
+        bus = open_bus(self._bus_url or "")
+        try:
+            await bus.connect()
+
+            async def on_message(data: bytes) -> None:
+                if _Pushed.handle(s, data):
+                    async with self._io:
+                        with contextlib.suppress(KeygrantsError, ValueError, KeyError, TypeError):
+                            await self.pull_revocations()
+
+            await bus.subscribe(SUBJECT, on_message)
+        except Exception:  # pulling every poll_interval still keeps it correct
+            with contextlib.suppress(Exception):
+                await bus.close()
+            return
+        self._bus = bus
 
     async def _get(self, path: str, params: dict[str, Any] | None = None) -> httpx.Response:
         try:
@@ -381,6 +494,8 @@ class AsyncVerifier:
                      client_cert: bytes | None = None) -> GrantClaims:
         """Return the verified grant, or raise the typed refusal (see :meth:`Verifier.verify`)."""
         s = self._state
+        if self._bus_url is not None and self._bus is None and s.clock() >= self._bus_retry_at:
+            await self._subscribe()
         await self._maintain()
         s.check_fresh()
         try:

@@ -1,0 +1,118 @@
+"""Revocations pushed on a message bus: the messages, and the publisher a server runs.
+
+Subject ``keygrants.revocations``, JSON messages:
+
+- ``{"type": "revocation", "seq", "kind", "id", "revoked_at", "expires_at", "reason"}``: one
+  feed entry, as ``/v1/revocations`` serves it, published as soon as the entry is durable;
+- ``{"type": "heartbeat", "latest": SEQ, "time": UNIX}``: every second, the feed's newest
+  sequence number, so a subscriber knows it has missed nothing (and pulls the feed when
+  ``latest`` is ahead of what it has seen) and knows its view is fresh without polling.
+
+Pub/sub delivery is at most once: a subscriber that sees a sequence number jump, or a
+heartbeat ahead of it, pulls the missing range from ``/v1/revocations?since=SEQ``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Final
+
+from keygrants.grants.revocation import RevocationEntry
+
+__all__ = ["SUBJECT", "RevocationPublisher", "decode_message", "entry_message",
+           "heartbeat_message"]
+
+SUBJECT: Final = "keygrants.revocations"
+log = logging.getLogger("keygrants.grants.push")
+
+
+def entry_message(e: RevocationEntry) -> bytes:
+    return json.dumps({"type": "revocation", "seq": e.seq, "kind": e.kind, "id": e.id,
+                       "revoked_at": e.revoked_at, "expires_at": e.expires_at,
+                       "reason": e.reason}, separators=(",", ":")).encode()
+
+
+def heartbeat_message(latest: int, now: float) -> bytes:
+    return json.dumps({"type": "heartbeat", "latest": latest, "time": int(now)},
+                      separators=(",", ":")).encode()
+
+
+def decode_message(data: bytes) -> RevocationEntry | int:
+    """A pushed entry, or a heartbeat's ``latest``.
+
+    Raises:
+        ValueError: for anything else (a subscriber ignores it).
+    """
+    if len(data) > 4096:
+        raise ValueError("message too large")
+    msg: Any = json.loads(data)
+    if not isinstance(msg, dict):
+        raise ValueError("not an object")
+    if msg.get("type") == "heartbeat" and isinstance(msg.get("latest"), int):
+        return int(msg["latest"])
+    if msg.get("type") == "revocation" and msg.get("kind") in ("grant", "principal", "key"):
+        return RevocationEntry(seq=int(msg["seq"]), kind=msg["kind"], id=str(msg["id"]),
+                               revoked_at=int(msg["revoked_at"]),
+                               expires_at=int(msg["expires_at"]),
+                               reason=str(msg.get("reason", "revoked")))
+    raise ValueError("unknown message")
+
+
+class RevocationPublisher:
+    """Publishes feed entries and heartbeats on a bus from a server's event loop.
+
+    :meth:`publish_entries` may be called from any thread (the revoke use cases run in worker
+    threads): it hands the entries to the loop. A bus that is down loses pushes (logged, never
+    the message body); subscribers recover from the feed on the next heartbeat.
+    """
+
+    def __init__(self, bus: Any, latest: Callable[[], int], *, interval: float = 1.0,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.bus = bus
+        self._latest = latest
+        self._interval = interval
+        self._clock = clock
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.published = 0
+
+    async def start(self) -> None:
+        await self.bus.connect()
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.create_task(self._heartbeats())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.wait([self._task])  # never swallows a cancellation of the caller
+        await self.bus.close()
+
+    def publish_entries(self, entries: Sequence[RevocationEntry]) -> None:
+        loop = self._loop
+        if loop is None or not entries:
+            return
+        messages = [entry_message(e) for e in entries]
+        loop.call_soon_threadsafe(lambda: loop.create_task(self._send(messages)))
+
+    async def _send(self, messages: list[bytes]) -> None:
+        for message in messages:
+            try:
+                await self.bus.publish(SUBJECT, message)
+                self.published += 1
+            except Exception as exc:  # the feed is the record; a lost push is recovered
+                log.warning("could not push a revocation: %s", type(exc).__name__)
+
+    async def _heartbeats(self) -> None:
+        while True:
+            try:
+                latest = await asyncio.to_thread(self._latest)
+                await self.bus.publish(SUBJECT, heartbeat_message(latest, self._clock()))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("could not push a revocation heartbeat: %s", type(exc).__name__)
+            await asyncio.sleep(self._interval)

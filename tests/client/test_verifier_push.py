@@ -1,0 +1,166 @@
+"""Revocations pushed on a bus reach a local verifier without waiting for its next pull:
+in process over the memory bus, and from a real server process over NATS and Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from keygrants import errors
+from keygrants.bus import open_bus
+from keygrants.client import Client
+from keygrants.client.verifier import AsyncVerifier, Verifier
+from keygrants.grants.push import SUBJECT, RevocationPublisher, entry_message, heartbeat_message
+from keygrants.grants.revocation import RevocationEntry
+
+from .conftest import build_in_process
+
+pytestmark = pytest.mark.anyio
+PUSH_WAIT = 10.0  # seconds a pushed revocation may take before the test fails (not a timing test)
+
+
+async def until_refused(verify: Any, token: str) -> errors.KeygrantsError:
+    deadline = time.monotonic() + PUSH_WAIT
+    while time.monotonic() < deadline:
+        try:
+            await verify(token)
+        except errors.GrantDenied as exc:
+            return exc
+        await asyncio.sleep(0.005)
+    pytest.fail("the revocation did not reach the verifier")
+
+
+async def test_pushed_revocations_apply_before_the_next_pull() -> None:
+    kms = build_in_process()
+    bus_url = f"memory://push-{uuid.uuid4().hex[:8]}"
+    store = kms.grants.store
+    publisher = RevocationPublisher(open_bus(bus_url), store.latest_revocation_seq, interval=0.05)
+    await publisher.start()
+    kms.grants.on_revocations = publisher.publish_entries
+    async with kms.client() as admin:
+        await admin.create_key("enc")
+        await admin.create_principal("svc")
+        created = await admin.create_grant("enc", "svc", ["decrypt"])
+        assert created.token is not None
+        # a poll interval far longer than the test: only the push can deliver the revocation
+        verifier = AsyncVerifier("http://kms", bus_url=bus_url, poll_interval=600,
+                                 max_staleness=900, transport=httpx.ASGITransport(app=kms.app))
+        await verifier.verify(created.token)
+        await admin.revoke_grant(created.grant.id)
+        refused = await until_refused(verifier.verify, created.token)
+        assert isinstance(refused, errors.GrantRevoked)
+    await verifier.aclose()
+    await publisher.stop()
+
+
+async def test_a_gap_or_a_heartbeat_ahead_makes_the_verifier_pull() -> None:
+    kms = build_in_process()
+    bus_url = f"memory://gap-{uuid.uuid4().hex[:8]}"
+    async with kms.client() as admin:
+        await admin.create_key("enc")
+        await admin.create_principal("svc")
+        first = await admin.create_grant("enc", "svc", ["decrypt"])
+        second = await admin.create_grant("enc", "svc", ["decrypt"])
+    assert first.token is not None and second.token is not None
+    verifier = AsyncVerifier("http://kms", bus_url=bus_url, poll_interval=600,
+                             max_staleness=900, transport=httpx.ASGITransport(app=kms.app))
+    await verifier.verify(first.token)
+    bus = open_bus(bus_url)
+    await bus.connect()
+    # revoked without any push (as if the messages were lost)...
+    async with kms.client() as admin:
+        await admin.revoke_grant(first.grant.id)
+        await admin.revoke_grant(second.grant.id)
+    assert (await verifier.verify(second.token)).grant_id == second.grant.id
+    # ...then a heartbeat says the feed is at 2: the verifier pulls and sees both
+    await bus.publish(SUBJECT, heartbeat_message(2, time.time()))
+    assert isinstance(await until_refused(verifier.verify, first.token), errors.GrantRevoked)
+    assert isinstance(await until_refused(verifier.verify, second.token), errors.GrantRevoked)
+    # an entry far ahead of the feed is applied at once (and triggers a pull)
+    ghost = RevocationEntry(seq=99, kind="principal", id="svc", revoked_at=int(time.time()) + 5,
+                            expires_at=int(time.time()) + 3600)
+    async with kms.client() as admin:
+        third = await admin.create_grant("enc", "svc", ["decrypt"])
+    assert third.token is not None
+    await bus.publish(SUBJECT, entry_message(ghost))
+    assert isinstance(await until_refused(verifier.verify, third.token), errors.GrantRevoked)
+    await bus.close()
+    await verifier.aclose()
+
+
+def test_a_malformed_bus_url_is_refused_at_construction() -> None:
+    with pytest.raises(ValueError):
+        Verifier("http://kms", bus_url="carrier-pigeon://coop")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def reachable(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize(("bus_url", "port"), [("nats://127.0.0.1:4222", 4222),
+                                               ("redis://127.0.0.1:6379", 6379)],
+                         ids=["nats", "redis"])
+def test_a_real_server_pushes_revocations_over_the_bus(tmp_path: Path, bus_url: str,
+                                                       port: int) -> None:
+    if not reachable(port):
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{bus_url} is not reachable (CI must run this test)")
+        pytest.skip(f"{bus_url} is not reachable")
+    listen = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KEYGRANTS_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "keygrants", "server", "--listen", f"127.0.0.1:{listen}",
+         "--data-dir", str(tmp_path / "data"), "--bus", bus_url, "--bus-heartbeat", "0.2"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    try:
+        url = f"http://127.0.0.1:{listen}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.05)
+        token = (tmp_path / "data" / "admin.token").read_text().strip()
+        with Client(url, token=token, grant="") as admin:
+            admin.create_key("pushed")
+            admin.create_principal("svc")
+            created = admin.create_grant("pushed", "svc", ["encrypt"])
+            assert created.token is not None
+            with Verifier(url, bus_url=bus_url, poll_interval=600, max_staleness=900) as v:
+                assert v.verify(created.token).grantee == "svc"
+                admin.revoke_grant(created.grant.id)
+                deadline = time.monotonic() + PUSH_WAIT
+                while True:
+                    try:
+                        v.verify(created.token)
+                    except errors.GrantRevoked:
+                        break
+                    assert time.monotonic() < deadline, "the pushed revocation never arrived"
+                    time.sleep(0.005)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
