@@ -340,6 +340,11 @@ class GrantService:
                 self.revocations.apply(entries)
                 self._synced = entries[-1].seq
 
+    @property
+    def synced_seq(self) -> int:
+        """How far this process has pulled the feed from the store."""
+        return self._synced
+
     def revocation_feed(self, since: int, limit: int = 1000) -> m.RevocationFeed:
         """Entries after ``since`` (public, like a CRL: grant ids carry no secret)."""
         if not 1 <= limit <= 1000:

@@ -17,7 +17,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -37,7 +37,7 @@ from keygrants.auth.ratelimit import RateLimiter
 from keygrants.bus import open_bus
 from keygrants.errors import KeygrantsError
 from keygrants.grant_service import GrantAuthorizer, GrantService, GrantSettings
-from keygrants.grants.push import RevocationPublisher
+from keygrants.grants.push import SUBJECT, RevocationPublisher, decode_message
 from keygrants.providers import open_root_provider
 from keygrants.providers.local import PASSPHRASE_ENV
 from keygrants.seal import open_root_key, sealed_with
@@ -185,6 +185,7 @@ def build_server(config: ServerConfig) -> BuiltServer:
                                             interval=config.bus_heartbeat)
             await publisher.start()  # a configured bus that cannot be reached stops the start
             grants.on_revocations = publisher.publish_entries
+            await bus.subscribe(SUBJECT, _peer_revocations(grants))
         try:
             yield
         finally:
@@ -209,6 +210,23 @@ def build_server(config: ServerConfig) -> BuiltServer:
                      grants=grants)
     return BuiltServer(kms=kms, app=app, audit=audit, admin_token_path=token_path,
                        created_root_key=created, wrote_admin_token=token is not None)
+
+
+def _peer_revocations(grants: GrantService) -> Callable[[bytes], Awaitable[None]]:
+    """Apply revocations other nodes push (and this node's own, harmlessly again), so a grant
+    revoked on one node is refused on every node at once; a sequence gap or a heartbeat ahead
+    pulls the feed from the shared store."""
+    async def on_message(data: bytes) -> None:
+        try:
+            msg = decode_message(data)
+        except (ValueError, KeyError, TypeError):
+            return
+        if isinstance(msg, int):
+            if msg > grants.synced_seq:
+                await asyncio.to_thread(grants.sync_revocations)
+            return
+        grants.revocations.apply([msg])
+    return on_message
 
 
 async def _scheduler(kms: KMS, grants: GrantService | None, interval: float,
