@@ -63,7 +63,7 @@ from keygrants.policy import (
 )
 from keygrants.store.base import Store
 
-__all__ = ["Access", "AccessService", "PolicyAuthorizer", "open_access"]
+__all__ = ["Access", "AccessService", "PolicyAuthorizer", "open_access", "reload_access"]
 
 API_KEY_HMAC_META: Final = "api_key_hmac_key"
 _PRINCIPAL_RE: Final = re.compile(PRINCIPAL_NAME_PATTERN)
@@ -797,6 +797,13 @@ def ensure_admin_principal(store: Store, now: int) -> None:
             store.create_principal(Principal(
                 id=ADMIN_PRINCIPAL, display_name="Built-in administrator", builtin=True,
                 created_at=now, updated_at=now))
+
+
+def reload_access(access: Access, store: Store) -> None:
+    """Read principals, credentials and policies again (another node changed them in the
+    shared store)."""
+    access.directory.reload()
+    access.authorizer.engine = PolicyEngine({p.name: p.text for p in store.list_policies()})
 
 
 def open_access(store: Store, root_key: bytes, *, audit: AuditRecorder | None = None,

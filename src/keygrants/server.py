@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import time
@@ -24,7 +27,7 @@ from typing import Any, Final
 
 from keygrants._files import write_private_file
 from keygrants._version import __version__
-from keygrants.access import open_access
+from keygrants.access import open_access, reload_access
 from keygrants.api.app import HttpLimits, KeygrantsApp, create_app
 from keygrants.api.tls import protocol_class, server_ssl_options
 from keygrants.audit.service import AuditService
@@ -37,7 +40,7 @@ from keygrants.auth.ratelimit import RateLimiter
 from keygrants.bus import open_bus
 from keygrants.errors import KeygrantsError
 from keygrants.grant_service import GrantAuthorizer, GrantService, GrantSettings
-from keygrants.grants.push import SUBJECT, RevocationPublisher, decode_message
+from keygrants.grants.push import CHANGES_SUBJECT, SUBJECT, RevocationPublisher, decode_message
 from keygrants.providers import open_root_provider
 from keygrants.providers.local import PASSPHRASE_ENV
 from keygrants.seal import open_root_key, sealed_with
@@ -175,17 +178,28 @@ def build_server(config: ServerConfig) -> BuiltServer:
         await asyncio.to_thread(audit.recorder.record, system, "server.start", "ok",
                                 operation="start", detail=started, wait=True)
         stop_scheduler = asyncio.Event()
-        task = asyncio.create_task(_scheduler(kms, grants, interval, stop_scheduler))
-        usage = asyncio.create_task(_flush_usage(access.directory, config.usage_flush_interval,
-                                                 stop_scheduler))
-        shippers = [Shipper(audit.log, sink).start() for sink in sinks]
         publisher: RevocationPublisher | None = None
+        keys_changed: Callable[[], None] | None = None
         if bus is not None:
             publisher = RevocationPublisher(bus, store.latest_revocation_seq,
                                             interval=config.bus_heartbeat)
             await publisher.start()  # a configured bus that cannot be reached stops the start
             grants.on_revocations = publisher.publish_entries
             await bus.subscribe(SUBJECT, _peer_revocations(grants))
+            origin = secrets.token_hex(8)  # this process (node ids can repeat on one host)
+            await bus.subscribe(CHANGES_SUBJECT, _peer_changes(kms, access, store, origin))
+            changes = publisher
+
+            def changed(what: str) -> None:
+                changes.publish_change(what, origin)
+
+            app.on_change = changed
+            keys_changed = functools.partial(changed, "keys")
+        task = asyncio.create_task(_scheduler(kms, grants, interval, stop_scheduler,
+                                              keys_changed))
+        usage = asyncio.create_task(_flush_usage(access.directory, config.usage_flush_interval,
+                                                 stop_scheduler))
+        shippers = [Shipper(audit.log, sink).start() for sink in sinks]
         try:
             yield
         finally:
@@ -212,6 +226,25 @@ def build_server(config: ServerConfig) -> BuiltServer:
                        created_root_key=created, wrote_admin_token=token is not None)
 
 
+def _peer_changes(kms: KMS, access: Any, store: Any,
+                  node: str) -> Callable[[bytes], Awaitable[None]]:
+    """Reload what another node changed in the shared store: keys (dropped from the cache,
+    reloaded on next use) or principals, credentials and policies (read again)."""
+    async def on_message(data: bytes) -> None:
+        try:
+            msg = json.loads(data) if len(data) <= 4096 else None
+        except ValueError:
+            return
+        if not isinstance(msg, dict) or msg.get("type") != "change" or msg.get("node") == node:
+            return
+        what = msg.get("what")
+        if what in ("keys", "aliases"):
+            await asyncio.to_thread(kms.forget_cached)
+        elif what in ("principals", "policies"):
+            await asyncio.to_thread(reload_access, access, store)
+    return on_message
+
+
 def _peer_revocations(grants: GrantService) -> Callable[[bytes], Awaitable[None]]:
     """Apply revocations other nodes push (and this node's own, harmlessly again), so a grant
     revoked on one node is refused on every node at once; a sequence gap or a heartbeat ahead
@@ -230,7 +263,8 @@ def _peer_revocations(grants: GrantService) -> Callable[[bytes], Awaitable[None]
 
 
 async def _scheduler(kms: KMS, grants: GrantService | None, interval: float,
-                     stop: asyncio.Event) -> None:
+                     stop: asyncio.Event,
+                     on_keys_changed: Callable[[], None] | None = None) -> None:
     """Apply due rotations and deletions (keys, issuer keys, expired revocation entries) now
     and every ``interval`` seconds, until ``stop`` (a run in progress finishes first: it is
     never cut off mid-write)."""
@@ -239,6 +273,8 @@ async def _scheduler(kms: KMS, grants: GrantService | None, interval: float,
             rotated, destroyed = await asyncio.to_thread(kms.run_due)
             if rotated or destroyed:
                 log.info("scheduler: rotated %d key(s), destroyed %d key(s)", rotated, destroyed)
+                if on_keys_changed is not None:
+                    on_keys_changed()
             if grants is not None:
                 await asyncio.to_thread(grants.run_due)
         except KeygrantsError as exc:

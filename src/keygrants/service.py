@@ -206,6 +206,16 @@ class KMS:
     def _now(self) -> int:
         return int(self._clock())
 
+    def forget_cached(self) -> None:
+        """Drop every cached key (another node changed keys in the shared store): each is
+        read and unsealed again on its next use."""
+        with self._write_lock:
+            self._generation += 1
+            self._cache.clear()
+            self._by_kid.clear()
+            self._refs.clear()
+            self._unknown_kids.clear()
+
     def use_authorizer(self, authorizer: Authorizer) -> None:
         """Replace the policy decision point (the grant authorizer wraps the policy one)."""
         self._authorizer = self.authorizer = authorizer

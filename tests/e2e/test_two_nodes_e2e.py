@@ -87,3 +87,46 @@ def test_two_nodes_share_grants_and_revocations(start_server, tmp_path: Path,
 
     statuses = asyncio.run(race())
     assert sorted(statuses) == [200] + [403] * 49
+
+
+def eventually(check, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + PUSH_WAIT
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def test_key_and_principal_changes_reach_the_other_node(start_server, tmp_path: Path,
+                                                        postgres_url: str) -> None:
+    bus = nats_or_skip()
+    seal = f"local://{tmp_path / 'shared-seal.key'}"
+    common = ("--store", postgres_url, "--seal", seal, "--bus", bus, "--rate-limit", "0")
+    node_a = start_server(tmp_path / "a", args=common)
+    node_b = start_server(tmp_path / "b", args=common)
+    token = (tmp_path / "a" / "admin.token").read_text().strip()
+    admin = {"Authorization": f"Bearer {token}"}
+    with httpx.Client(base_url=node_a.url, headers=admin, timeout=10) as a, \
+            httpx.Client(base_url=node_b.url, headers=admin, timeout=10) as b:
+        # a principal, its API key and its policy made on A after B started work on B
+        assert a.post("/v1/keys", json={"name": "k"}).status_code == 201
+        assert a.post("/v1/principals", json={"id": "late"}).status_code == 201
+        created = a.post("/v1/principals/late/api-keys", json={}).json()
+        late = {"Authorization": f"Bearer {created['api_key']}"}
+        policy = ('permit(principal == Keygrants::Principal::"late", action in '
+                  '[Keygrants::Action::"encrypt", Keygrants::Action::"decrypt"], resource);')
+        assert a.put("/v1/policies/late", json={"text": policy}).status_code == 200
+        body = {"plaintext": "eA=="}
+        eventually(lambda: b.post("/v1/keys/k/encrypt", json=body, headers=late).status_code == 200,
+                   "node B never accepted the principal made on node A")
+        # a key B has cached is rotated on A: B decrypts A's new ciphertexts
+        assert b.post("/v1/keys/k/encrypt", json=body).status_code == 200  # cached on B
+        assert a.post("/v1/keys/k/rotate").json()["latest_version"] == 2
+        fresh = a.post("/v1/keys/k/encrypt", json=body).json()
+        assert fresh["key_version"] == 2
+        eventually(lambda: b.post("/v1/decrypt", json={"ciphertext": fresh["ciphertext"]})
+                   .status_code == 200, "node B never learnt of the rotation on node A")
+        # a credential revoked on A stops working on B
+        revoked = a.post(f"/v1/principals/late/credentials/{created['credential']['id']}/revoke")
+        assert revoked.status_code == 200
+        eventually(lambda: b.post("/v1/keys/k/encrypt", json=body, headers=late).status_code == 401,
+                   "node B still accepts a credential revoked on node A")

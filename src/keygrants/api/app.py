@@ -73,6 +73,8 @@ async def run_in_threadpool(fn: Callable[..., Any], *args: Any) -> Any:
     """Run blocking work (store writes) off the event loop."""
     return await anyio.to_thread.run_sync(fn, *args)
 _JSON: Final = "application/json"
+#: Endpoint tags whose successful changes other nodes must reload (their caches).
+_SHARED_STATE: Final = frozenset({"keys", "aliases", "principals", "policies"})
 _encoder: Final = msgspec.json.Encoder()
 
 
@@ -386,6 +388,9 @@ class KeygrantsApp:
 
         self.kms = kms
         self.grants = grants
+        # called after a successful change to keys, aliases, principals or policies (the
+        # server pushes it to the other nodes that share the store)
+        self.on_change: Callable[[str], None] | None = None
         self.audit = audit
         self.access = access
         self.authenticator = authenticator
@@ -538,6 +543,8 @@ class KeygrantsApp:
             else:
                 result = await endpoint.handler(call)
             status = endpoint.status
+            if method != "GET" and endpoint.tag in _SHARED_STATE and self.on_change is not None:
+                self.on_change(endpoint.tag)  # other nodes drop what they cached of it
         except KeygrantsError as exc:
             result, status = exc, exc.status
             if ctx is not None and ctx.principal and not pending:

@@ -23,10 +23,14 @@ from typing import Any, Final
 
 from keygrants.grants.revocation import RevocationEntry
 
-__all__ = ["SUBJECT", "RevocationPublisher", "decode_message", "entry_message",
-           "heartbeat_message"]
+__all__ = ["CHANGES_SUBJECT", "SUBJECT", "RevocationPublisher", "change_message",
+           "decode_message", "entry_message", "heartbeat_message"]
 
 SUBJECT: Final = "keygrants.revocations"
+#: Changes to keys, aliases, principals or policies, for the other nodes on one store:
+#: ``{"type": "change", "what": <endpoint tag>, "node": <random id of the sending process>}``;
+#: a receiver drops its cached keys, or reads principals, credentials and policies again.
+CHANGES_SUBJECT: Final = "keygrants.changes"
 log = logging.getLogger("keygrants.grants.push")
 
 
@@ -34,6 +38,11 @@ def entry_message(e: RevocationEntry) -> bytes:
     return json.dumps({"type": "revocation", "seq": e.seq, "kind": e.kind, "id": e.id,
                        "revoked_at": e.revoked_at, "expires_at": e.expires_at,
                        "reason": e.reason}, separators=(",", ":")).encode()
+
+
+def change_message(what: str, node: str) -> bytes:
+    return json.dumps({"type": "change", "what": what, "node": node},
+                      separators=(",", ":")).encode()
 
 
 def heartbeat_message(latest: int, now: float) -> bytes:
@@ -91,6 +100,12 @@ class RevocationPublisher:
             await asyncio.wait([self._task])  # never swallows a cancellation of the caller
         await self.bus.close()
 
+    def publish_change(self, what: str, node: str) -> None:
+        """Tell the other nodes that ``what`` (an endpoint tag) changed; from the loop."""
+        loop = self._loop
+        if loop is not None:
+            loop.create_task(self._send_to(CHANGES_SUBJECT, [change_message(what, node)]))
+
     def publish_entries(self, entries: Sequence[RevocationEntry]) -> None:
         loop = self._loop
         if loop is None or not entries:
@@ -99,9 +114,12 @@ class RevocationPublisher:
         loop.call_soon_threadsafe(lambda: loop.create_task(self._send(messages)))
 
     async def _send(self, messages: list[bytes]) -> None:
+        await self._send_to(SUBJECT, messages)
+
+    async def _send_to(self, subject: str, messages: list[bytes]) -> None:
         for message in messages:
             try:
-                await self.bus.publish(SUBJECT, message)
+                await self.bus.publish(subject, message)
                 self.published += 1
             except Exception as exc:  # the feed is the record; a lost push is recovered
                 log.warning("could not push a revocation: %s", type(exc).__name__)
