@@ -281,7 +281,8 @@ class AccessService:
             Forbidden: when the policies do not allow the action on that principal.
             PrincipalNotFound: when it does not exist (and the caller may act on it).
         """
-        p = self.store.get_principal(principal_id) if isinstance(principal_id, str) else None
+        p = (self.store.get_principal(principal_id)
+             if isinstance(principal_id, str) and "\x00" not in principal_id else None)
         if p is None:
             if isinstance(principal_id, str) and principal_id:
                 self.authorizer.authorize(ctx, action, None,
@@ -332,7 +333,8 @@ class AccessService:
             last_seen_at=_dt(current.last_seen_at), credentials=creds)
 
     def _get(self, principal_id: str) -> Principal:
-        p = self.store.get_principal(principal_id) if isinstance(principal_id, str) else None
+        p = (self.store.get_principal(principal_id)
+             if isinstance(principal_id, str) and "\x00" not in principal_id else None)
         if p is None:
             raise PrincipalNotFound(f"principal {principal_id!r} not found")
         return p

@@ -52,8 +52,13 @@ class GrantRule:
     context: Callable[[Mapping[str, str], str], Mapping[str, str] | None] | None = None
 
     def matches(self, method: str, path: str) -> bool:
-        if self.method is not None and self.method.upper() != method:
-            return False
+        """``path`` is the request path below the application's root (mount prefixes
+        included: write rules as the client's paths). A ``GET`` rule covers ``HEAD``, which
+        frameworks answer with the GET handler."""
+        if self.method is not None:
+            wanted = self.method.upper()
+            if wanted != method and not (wanted == "GET" and method == "HEAD"):
+                return False
         if self.path.endswith("*"):
             return fnmatch.fnmatchcase(path, self.path)
         return path == self.path
@@ -88,8 +93,9 @@ class GrantMiddleware:
         app: the application.
         verifier: the local verifier (one per process; it caches keys, revocations, tokens).
         rules: the protected routes, first match wins.
-        public_url: the URL base clients use (``https://api.example.com``), for DPoP ``htu``;
-            default: rebuilt from the request's scheme and ``Host``.
+        public_url: the scheme and host clients use (``https://api.example.com``), for DPoP
+            ``htu`` (with the request path as received); default: the request's scheme and
+            ``Host`` header (client-controlled: set this in production).
     """
 
     def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]],
@@ -104,7 +110,7 @@ class GrantMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        method, path = scope["method"], scope["path"]
+        method, path = scope["method"], _route_path(scope)
         rule = next((r for r in self.rules if r.matches(method, path)), None)
         if rule is None:
             await self.app(scope, receive, send)
@@ -128,9 +134,20 @@ class GrantMiddleware:
         await self.app(scope, receive, send)
 
     def _url(self, scope: Scope, headers: Mapping[str, str]) -> str:
+        """The URL the client called, for DPoP ``htu``: its path as sent (``raw_path``, still
+        percent-encoded), behind ``public_url`` or the request's scheme and ``Host``."""
         base = self.public_url or f"{scope.get('scheme', 'http')}://" \
             f"{headers.get('host', 'localhost')}"
-        return base + str(scope.get("root_path", "")) + str(scope["path"])
+        raw = scope.get("raw_path")
+        return base + (raw.decode("latin-1") if isinstance(raw, bytes) else str(scope["path"]))
+
+
+def _route_path(scope: Scope) -> str:
+    """The request path without the server's ``root_path`` (ASGI puts it in ``path``)."""
+    path, root = str(scope["path"]), str(scope.get("root_path", ""))
+    if root and path.startswith(root):
+        return path[len(root):] or "/"
+    return path
 
 
 def _client_cert(scope: Scope) -> bytes | None:

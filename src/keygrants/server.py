@@ -226,39 +226,71 @@ def build_server(config: ServerConfig) -> BuiltServer:
                        created_root_key=created, wrote_admin_token=token is not None)
 
 
+class _Coalesced:
+    """Runs a blocking refresh in a worker thread when bus messages ask for it: at most one at
+    a time, and messages that arrive meanwhile cause one more run, not one each (a flood of
+    messages, forged or not, costs at most back-to-back refreshes)."""
+
+    def __init__(self, refresh: Callable[[], None]) -> None:
+        self._refresh = refresh
+        self._running = False
+        self._again = False
+
+    async def trigger(self) -> None:
+        if self._running:
+            self._again = True
+            return
+        self._running = True
+        try:
+            while True:
+                self._again = False
+                try:
+                    await asyncio.to_thread(self._refresh)
+                except Exception:  # the scheduler's periodic sync still runs
+                    log.warning("refresh after a bus message failed", exc_info=True)
+                if not self._again:
+                    return
+        finally:
+            self._running = False
+
+
 def _peer_changes(kms: KMS, access: Any, store: Any,
-                  node: str) -> Callable[[bytes], Awaitable[None]]:
+                  origin: str) -> Callable[[bytes], Awaitable[None]]:
     """Reload what another node changed in the shared store: keys (dropped from the cache,
-    reloaded on next use) or principals, credentials and policies (read again)."""
+    reloaded on next use) or principals, credentials and policies (read again from the store).
+    A message only says *that* something changed; what is loaded comes from the store."""
+    keys = _Coalesced(kms.forget_cached)
+    principals = _Coalesced(lambda: reload_access(access, store))
+
     async def on_message(data: bytes) -> None:
         try:
             msg = json.loads(data) if len(data) <= 4096 else None
         except ValueError:
             return
-        if not isinstance(msg, dict) or msg.get("type") != "change" or msg.get("node") == node:
+        if not isinstance(msg, dict) or msg.get("type") != "change" or msg.get("node") == origin:
             return
         what = msg.get("what")
         if what in ("keys", "aliases"):
-            await asyncio.to_thread(kms.forget_cached)
+            await keys.trigger()
         elif what in ("principals", "policies"):
-            await asyncio.to_thread(reload_access, access, store)
+            await principals.trigger()
     return on_message
 
 
 def _peer_revocations(grants: GrantService) -> Callable[[bytes], Awaitable[None]]:
-    """Apply revocations other nodes push (and this node's own, harmlessly again), so a grant
-    revoked on one node is refused on every node at once; a sequence gap or a heartbeat ahead
-    pulls the feed from the shared store."""
+    """On any revocation message (another node's entry, or a heartbeat), pull the feed from
+    the shared store: the store, never a message body, is what this node applies, so a forged
+    message can at most cause a refresh."""
+    sync = _Coalesced(grants.sync_revocations)
+
     async def on_message(data: bytes) -> None:
         try:
             msg = decode_message(data)
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, OverflowError):
             return
-        if isinstance(msg, int):
-            if msg > grants.synced_seq:
-                await asyncio.to_thread(grants.sync_revocations)
-            return
-        grants.revocations.apply([msg])
+        if isinstance(msg, int) and msg <= grants.synced_seq:
+            return  # a heartbeat: nothing new
+        await sync.trigger()
     return on_message
 
 

@@ -268,7 +268,7 @@ class KMS:
             loaded = self._cache.get(key_id)
             if loaded is not None:
                 return loaded
-        if not isinstance(ref, str) or not ref or len(ref) > 160:
+        if not isinstance(ref, str) or not ref or len(ref) > 160 or "\x00" in ref:
             raise KeyNotFound()
         key: Key | None = None
         try:
@@ -432,8 +432,9 @@ class KMS:
             id="", name=req.name, spec=spec.name, purpose=spec.purpose, tags=tags, created_at=0,
             updated_at=0))
         self._check_rotation_period(req.rotation_period)
-        if len(req.description) > MAX_DESCRIPTION_LENGTH:
-            raise InvalidRequest(f"description is longer than {MAX_DESCRIPTION_LENGTH} characters")
+        if len(req.description) > MAX_DESCRIPTION_LENGTH or "\x00" in req.description:
+            raise InvalidRequest(f"description must be at most {MAX_DESCRIPTION_LENGTH} characters "
+                                 "without NUL")
         if req.derivable and not spec.symmetric:
             raise InvalidRequest("only symmetric keys (aes-256-gcm, chacha20-poly1305, "
                                  "hmac-sha256) can be derivable")
@@ -497,8 +498,10 @@ class KMS:
     @_audited("key.update", "update_key")
     def update_key(self, ctx: RequestContext, ref: str, req: m.UpdateKeyRequest) -> m.KeyInfo:
         """Change description, rotation period (0 = off) or minimum decryption version."""
-        if req.description is not None and len(req.description) > MAX_DESCRIPTION_LENGTH:
-            raise InvalidRequest(f"description is longer than {MAX_DESCRIPTION_LENGTH} characters")
+        if req.description is not None and (len(req.description) > MAX_DESCRIPTION_LENGTH
+                                            or "\x00" in req.description):
+            raise InvalidRequest(f"description must be at most {MAX_DESCRIPTION_LENGTH} characters "
+                                 "without NUL")
         period = req.rotation_period
         if period is not None and period != 0:
             self._check_rotation_period(period)

@@ -45,11 +45,12 @@ class GrantWSGIMiddleware:
                 raise Unauthenticated("a grant token is required")
             base = self.public_url or (f"{environ.get('wsgi.url_scheme', 'http')}://"
                                        f"{headers.get('host', environ.get('SERVER_NAME', ''))}")
+            raw = environ.get("REQUEST_URI") or environ.get("RAW_URI")  # as sent, encoded
+            sent = str(raw).split("?", 1)[0] if raw else environ.get("SCRIPT_NAME", "") + path
             claims = self.verifier.verify(
                 token, operation=rule.operation,
                 context=rule.context(headers, path) if rule.context else None,
-                dpop_proof=headers.get("dpop"), method=method,
-                url=base + environ.get("SCRIPT_NAME", "") + path)
+                dpop_proof=headers.get("dpop"), method=method, url=base + sent)
             check_audience(claims, rule.audience)
         except KeygrantsError as exc:
             body = error_body(exc)

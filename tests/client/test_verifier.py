@@ -253,3 +253,61 @@ def test_wsgi_middleware_enforces_grants(live_server: LiveServer) -> None:
         assert json.loads(refused[0])["error"]["code"] == "unauthenticated"
         assert wrapped({**env, "PATH_INFO": "/other"}, start_response) == [b"-"]
     assert calls == ["200 OK", "401 Unauthorized", "200 OK"]
+
+
+# -- regressions from review ---------------------------------------------------------------------
+
+async def test_rules_match_below_the_root_path_and_get_covers_head() -> None:
+    kms, clock = build_in_process(), Clock()
+    _, token = await setup(kms)
+    v, _ = verifier(kms, clock)
+    app = GrantMiddleware(echo, v, [GrantRule("/reports/*", operation="decrypt", method="GET")])
+    responses: list[int] = []
+
+    async def call(scope: dict[str, Any]) -> None:
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b""}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                responses.append(message["status"])
+
+        await app(scope, receive, send)
+
+    base = {"type": "http", "scheme": "http", "headers": [(b"host", b"svc")]}
+    await call({**base, "method": "GET", "path": "/api/reports/42", "root_path": "/api"})
+    await call({**base, "method": "HEAD", "path": "/reports/42"})
+    await call({**base, "method": "HEAD", "path": "/reports/42",
+                "headers": [(b"host", b"svc"), (b"keygrants-grant", token.encode())]})
+    assert responses == [401, 401, 200]
+    await v.aclose()
+
+
+async def test_limited_grants_and_other_keys_are_refused_locally() -> None:
+    kms, clock = build_in_process(), Clock()
+    _, limited = await setup(kms, max_uses=1)
+    _, other_key = await setup(kms)
+    v, _ = verifier(kms, clock)
+    with pytest.raises(errors.GrantDenied, match="only be used at the KMS"):
+        await v.verify(limited)
+    claims = await v.verify(other_key)
+    with pytest.raises(errors.KeyNotGranted):
+        await v.verify(other_key, key="some-other-key-id")
+    assert (await v.verify(other_key, key=claims.key_id)).key_id == claims.key_id
+    await v.aclose()
+
+
+async def test_servers_apply_the_store_never_a_bus_message() -> None:
+    from keygrants.grants.push import entry_message
+    from keygrants.grants.revocation import RevocationEntry
+    from keygrants.server import _peer_revocations
+
+    kms = build_in_process()
+    _, token = await setup(kms)
+    forged = RevocationEntry(seq=1, kind="principal", id="svc", revoked_at=2**40,
+                             expires_at=2**40)
+    await _peer_revocations(kms.grants)(entry_message(forged))
+    from keygrants.auth import RequestContext
+
+    claims = kms.grants.verify_presented(RequestContext(principal="svc"), token)
+    assert claims.grantee == "svc"  # the forged wholesale revocation was not applied

@@ -289,3 +289,24 @@ def test_names_sort_by_code_point_whatever_the_database_collation(postgres_url: 
         assert [k.name for k in store.list_keys(limit=100)] == sorted(names)
         assert [k.name for k in store.list_keys(limit=100, after="Z9")] == [
             n for n in sorted(names) if n > "Z9"]
+
+
+def test_nul_characters_are_refused_before_the_store(postgres_url: str) -> None:
+    """PostgreSQL text cannot hold NUL: the service answers as SQLite would (not found, or a
+    request error), never store_unavailable."""
+    import os
+
+    from keygrants.auth import RequestContext
+    from keygrants.errors import InvalidRequest, KeyNotFound
+    from keygrants.models import CreateKeyRequest
+    from keygrants.service import KMS
+    from keygrants.store import open_store
+
+    store = open_store(postgres_url)
+    kms = KMS(store, os.urandom(32))
+    admin = RequestContext(principal="admin")
+    with pytest.raises(KeyNotFound):
+        kms.describe_key(admin, "ab\x00cd")
+    with pytest.raises(InvalidRequest):
+        kms.create_key(admin, CreateKeyRequest(name="k", description="a\x00b"))
+    store.close()

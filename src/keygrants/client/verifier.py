@@ -27,6 +27,7 @@ it pull the missing range at once, and heartbeats keep its view fresh between pu
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import hmac
@@ -39,8 +40,10 @@ import httpx
 
 from keygrants.crypto.signing import b64url
 from keygrants.errors import (
+    GrantDenied,
     GrantUnknownKey,
     KeygrantsError,
+    KeyNotGranted,
     OperationNotGranted,
     PopInvalid,
     PopRequired,
@@ -60,6 +63,7 @@ REVOCATIONS_PATH: Final = "/v1/revocations"
 _DEFAULT_MAX_AGE: Final = 300
 _MAX_JWKS_BYTES: Final = 256 * 1024
 _CACHE_SIZE: Final = 10_000
+_BUS_PULL_SPACING: Final = 0.005
 
 
 def _max_age(headers: httpx.Headers) -> int:
@@ -91,6 +95,8 @@ class _State:
         self.jwks_seq = -1
         self.keys_expire_at = 0.0
         self.last_refetch = -1e18
+        self.key_retry_at = 0.0  # no JWKS fetch before this (after a failure)
+        self.last_bus_pull = -1e18
         self.revocations = RevocationView()
         self.feed_seq = 0
         self.feed_fresh_at: float | None = None  # when the feed was last pulled completely
@@ -98,6 +104,17 @@ class _State:
         self.dpop = DpopVerifier(leeway=5, clock=clock)
         self.verified: dict[str, GrantClaims] = {}
         self.lock = threading.Lock()
+
+    def keys_due(self, now: float, unknown_kid: bool) -> bool:
+        """Whether to fetch the JWKS: none yet (but not more than once per refetch interval
+        after a failure), the cache hint ran out, or an unknown kid (once per interval)."""
+        if now < self.key_retry_at:
+            return False
+        return (self.issuer is None or now >= self.keys_expire_at
+                or (unknown_kid and now - self.last_refetch >= self.refetch_interval))
+
+    def key_fetch_failed(self) -> None:
+        self.key_retry_at = self.clock() + min(self.refetch_interval, 10.0)
 
     # -- applying fetched documents ------------------------------------------------------------
 
@@ -168,8 +185,13 @@ class _State:
 
     def finish(self, token: str, claims: GrantClaims, *, operation: str | None,
                context: Mapping[str, str] | None, dpop_proof: str | None, method: str | None,
-               url: str | None, client_cert: bytes | None) -> GrantClaims:
+               url: str | None, client_cert: bytes | None, key: str | None) -> GrantClaims:
         self.revocations.check(claims)
+        if claims.max_uses is not None:
+            # uses are counted by the KMS only: a verifier cannot honour the limit
+            raise GrantDenied("a limited-use grant can only be used at the KMS")
+        if key is not None and not hmac.compare_digest(claims.key_id.encode(), key.encode()):
+            raise KeyNotGranted()
         if operation is not None and operation not in claims.operations:
             raise OperationNotGranted(f"the grant does not allow {operation}")
         if context is not None or claims.context_equals is not None \
@@ -198,24 +220,23 @@ def _check_bus(bus_url: str | None) -> None:
 
 
 class _Pushed:
-    """What a pushed message means for the state: apply it, and whether to pull now."""
+    """What a pushed message means: only whether to pull the feed now. A message body is
+    never applied and never makes the view fresh (anyone who can publish on the bus could
+    forge one): the feed, pulled from the KMS over HTTP(S), is the only source of truth."""
 
     @staticmethod
     def handle(s: _State, data: bytes) -> bool:
+        now = s.clock()
+        if now - s.last_bus_pull < _BUS_PULL_SPACING:
+            return False  # a flood of messages costs at most one pull per spacing
         try:
             msg = decode_message(data)
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, OverflowError):
             return False  # not ours, or malformed: ignored
-        if isinstance(msg, int):  # a heartbeat: the feed's newest sequence number
-            if msg <= s.feed_seq and s.feed_fresh_at is not None:
-                s.feed_fresh_at = s.clock()
-                return False
-            return True
-        s.revocations.apply([msg])
-        if msg.seq == s.feed_seq + 1 and s.feed_fresh_at is not None:
-            s.feed_seq = msg.seq
-            return False
-        return msg.seq > s.feed_seq  # a gap: pull what is missing
+        pull = msg > s.feed_seq if isinstance(msg, int) else msg.seq > s.feed_seq
+        if pull:
+            s.last_bus_pull = now
+        return pull
 
 
 class Verifier:
@@ -225,7 +246,8 @@ class Verifier:
         base_url: the KMS, e.g. ``https://kms.internal:8650``.
         audience: the audience this service must find in ``aud`` (``None``: not checked; pass
             your service's name so tokens meant for others are refused).
-        bus_url: reserved for pushed revocations (not in this release: must be ``None``).
+        bus_url: subscribe to pushed revocations (``nats://…``, ``redis://…``): a message makes
+            the verifier pull the feed at once (it never trusts a message's content).
         max_staleness: seconds after the last complete pull of the revocation feed beyond
             which every verification fails closed.
         leeway: clock leeway for ``nbf``/``exp``.
@@ -261,7 +283,8 @@ class Verifier:
     def close(self) -> None:
         stop, thread = self._bus_stop, self._bus_thread
         if stop is not None and thread is not None:
-            stop()
+            with contextlib.suppress(RuntimeError):  # its loop already ended (bus unreachable)
+                stop()
             thread.join(timeout=5)
         self._http.close()
 
@@ -269,8 +292,6 @@ class Verifier:
         """Subscribe in a background thread with its own event loop (once)."""
         if self._bus_url is None or self._bus_thread is not None:
             return
-        import asyncio
-
         from keygrants.bus import open_bus
 
         ready = threading.Event()
@@ -308,8 +329,7 @@ class Verifier:
 
         self._bus_thread = threading.Thread(target=run, name="keygrants-verifier-bus",
                                             daemon=True)
-        self._bus_thread.start()
-        ready.wait(timeout=10)
+        self._bus_thread.start()  # connecting happens in the thread, off the request path
 
     def _pull_quietly(self) -> None:
         with self._io, contextlib.suppress(KeygrantsError, ValueError, KeyError, TypeError):
@@ -343,29 +363,29 @@ class Verifier:
         """Refresh what is due, keeping the last good state when the KMS does not answer."""
         s = self._state
         now = s.clock()
-        due_keys = s.issuer is None or now >= s.keys_expire_at or (
-            unknown_kid and now - s.last_refetch >= s.refetch_interval)
+        due_keys = s.keys_due(now, unknown_kid)
         if not due_keys and now < s.next_poll:
             return  # the hot path: nothing to fetch
         with self._io:
             try:
-                if due_keys:
+                if s.keys_due(s.clock(), unknown_kid):
                     if unknown_kid:
-                        s.last_refetch = now
+                        s.last_refetch = s.clock()
                     self.refresh_keys()
             except (KeygrantsError, ValueError):
-                pass  # keep the last known-good keys
+                s.key_fetch_failed()  # keep the last known-good keys; back off
             try:
-                if now >= s.next_poll:
-                    s.next_poll = now + s.poll_interval
+                if s.clock() >= s.next_poll:  # re-checked: a request that waited on the
+                    # lock finds the pull another one just made
                     self.pull_revocations()
+                    s.next_poll = s.clock() + s.poll_interval
             except (KeygrantsError, ValueError, KeyError, TypeError):
-                pass  # the staleness bound decides when this becomes fatal
+                s.next_poll = s.clock() + min(s.poll_interval, 1.0)  # staleness decides
 
     def verify(self, token: str, *, operation: str | None = None,
                context: Mapping[str, str] | None = None, dpop_proof: str | None = None,
                method: str | None = None, url: str | None = None,
-               client_cert: bytes | None = None) -> GrantClaims:
+               client_cert: bytes | None = None, key: str | None = None) -> GrantClaims:
         """Return the verified grant, or raise the typed refusal.
 
         Raises:
@@ -383,7 +403,8 @@ class Verifier:
             self._maintain(unknown_kid=True)  # maybe a key published since the last fetch
             claims = s.decode(token)
         return s.finish(token, claims, operation=operation, context=context,
-                        dpop_proof=dpop_proof, method=method, url=url, client_cert=client_cert)
+                        dpop_proof=dpop_proof, method=method, url=url, client_cert=client_cert,
+                        key=key)
 
 
 class AsyncVerifier:
@@ -394,8 +415,6 @@ class AsyncVerifier:
                  refetch_interval: float = 10, verify_tls: bool | str = True,
                  timeout: float = 5.0, clock: Callable[[], float] = time.time,
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
-        import asyncio
-
         _check_bus(bus_url)
         self._state = _State(audience=audience, max_staleness=max_staleness, leeway=leeway,
                              refetch_interval=refetch_interval,
@@ -406,6 +425,7 @@ class AsyncVerifier:
         self._bus_url = bus_url
         self._bus: Any = None
         self._bus_retry_at = 0.0
+        self._subscribing: asyncio.Future[None] | None = None
 
     async def __aenter__(self) -> AsyncVerifier:
         return self
@@ -414,6 +434,8 @@ class AsyncVerifier:
         await self.aclose()
 
     async def aclose(self) -> None:
+        if self._subscribing is not None:
+            self._subscribing.cancel()
         if self._bus is not None:
             await self._bus.close()
             self._bus = None
@@ -440,6 +462,8 @@ class AsyncVerifier:
             with contextlib.suppress(Exception):
                 await bus.close()
             return
+        finally:
+            self._subscribing = None
         self._bus = bus
 
     async def _get(self, path: str, params: dict[str, Any] | None = None) -> httpx.Response:
@@ -469,33 +493,34 @@ class AsyncVerifier:
     async def _maintain(self, unknown_kid: bool = False) -> None:
         s = self._state
         now = s.clock()
-        due_keys = s.issuer is None or now >= s.keys_expire_at or (
-            unknown_kid and now - s.last_refetch >= s.refetch_interval)
+        due_keys = s.keys_due(now, unknown_kid)
         if not due_keys and now < s.next_poll:
             return  # the hot path: nothing to fetch
         async with self._io:
             try:
-                if due_keys:
+                if s.keys_due(s.clock(), unknown_kid):
                     if unknown_kid:
-                        s.last_refetch = now
+                        s.last_refetch = s.clock()
                     await self.refresh_keys()
             except (KeygrantsError, ValueError):
-                pass
+                s.key_fetch_failed()
             try:
-                if now >= s.next_poll:
-                    s.next_poll = now + s.poll_interval
+                if s.clock() >= s.next_poll:  # re-checked: a request that waited on the
+                    # lock finds the pull another one just made
                     await self.pull_revocations()
+                    s.next_poll = s.clock() + s.poll_interval
             except (KeygrantsError, ValueError, KeyError, TypeError):
-                pass
+                s.next_poll = s.clock() + min(s.poll_interval, 1.0)
 
     async def verify(self, token: str, *, operation: str | None = None,
                      context: Mapping[str, str] | None = None, dpop_proof: str | None = None,
                      method: str | None = None, url: str | None = None,
-                     client_cert: bytes | None = None) -> GrantClaims:
+                     client_cert: bytes | None = None, key: str | None = None) -> GrantClaims:
         """Return the verified grant, or raise the typed refusal (see :meth:`Verifier.verify`)."""
         s = self._state
-        if self._bus_url is not None and self._bus is None and s.clock() >= self._bus_retry_at:
-            await self._subscribe()
+        if (self._bus_url is not None and self._bus is None and self._subscribing is None
+                and s.clock() >= self._bus_retry_at):
+            self._subscribing = asyncio.ensure_future(self._subscribe())  # off the request path
         await self._maintain()
         s.check_fresh()
         try:
@@ -504,4 +529,5 @@ class AsyncVerifier:
             await self._maintain(unknown_kid=True)
             claims = s.decode(token)
         return s.finish(token, claims, operation=operation, context=context,
-                        dpop_proof=dpop_proof, method=method, url=url, client_cert=client_cert)
+                        dpop_proof=dpop_proof, method=method, url=url, client_cert=client_cert,
+                        key=key)

@@ -5,11 +5,13 @@ Subject ``keygrants.revocations``, JSON messages:
 - ``{"type": "revocation", "seq", "kind", "id", "revoked_at", "expires_at", "reason"}``: one
   feed entry, as ``/v1/revocations`` serves it, published as soon as the entry is durable;
 - ``{"type": "heartbeat", "latest": SEQ, "time": UNIX}``: every second, the feed's newest
-  sequence number, so a subscriber knows it has missed nothing (and pulls the feed when
-  ``latest`` is ahead of what it has seen) and knows its view is fresh without polling.
+  sequence number, so a subscriber that missed a push pulls the feed when ``latest`` is ahead
+  of what it has seen.
 
-Pub/sub delivery is at most once: a subscriber that sees a sequence number jump, or a
-heartbeat ahead of it, pulls the missing range from ``/v1/revocations?since=SEQ``.
+A message is only a trigger: subscribers (verifiers, other nodes) pull the feed from the KMS
+or the shared store when one arrives and never apply a message's content, because anyone who
+can publish on the bus could forge one. Pub/sub delivery is at most once; the feed is the
+record.
 """
 
 from __future__ import annotations
