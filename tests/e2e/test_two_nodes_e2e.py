@@ -130,3 +130,39 @@ def test_key_and_principal_changes_reach_the_other_node(start_server, tmp_path: 
         assert revoked.status_code == 200
         eventually(lambda: b.post("/v1/keys/k/encrypt", json=body, headers=late).status_code == 401,
                    "node B still accepts a credential revoked on node A")
+
+
+def test_a_killed_node_loses_nothing_it_acknowledged(start_server, tmp_path: Path,
+                                                     postgres_url: str) -> None:
+    import signal
+
+    bus = nats_or_skip()
+    seal = f"local://{tmp_path / 'shared-seal.key'}"
+    common = ("--store", postgres_url, "--seal", seal, "--bus", bus, "--rate-limit", "0")
+    node_a = start_server(tmp_path / "a", args=common)
+    node_b = start_server(tmp_path / "b", args=common)
+    token = (tmp_path / "a" / "admin.token").read_text().strip()
+    admin = {"Authorization": f"Bearer {token}"}
+    with httpx.Client(base_url=node_a.url, headers=admin, timeout=10) as a:
+        assert a.post("/v1/keys", json={"name": "k"}).status_code == 201
+        sealed = a.post("/v1/keys/k/encrypt", json={"plaintext": "c2VjcmV0"}).json()
+        granted = a.post("/v1/grants", json={"key": "k", "grantee": "admin",
+                                             "operations": ["decrypt"], "max_uses": 3}).json()
+        used = a.post("/v1/decrypt", json={"ciphertext": sealed["ciphertext"]},
+                      headers={**admin, "Keygrants-Grant": granted["token"]})
+        assert used.status_code == 200
+        revoked = a.post("/v1/grants", json={"key": "k", "grantee": "admin",
+                                             "operations": ["decrypt"]}).json()
+        assert a.post(f"/v1/grants/{revoked['grant']['id']}/revoke").status_code == 200
+    node_a.proc.send_signal(signal.SIGKILL)  # no clean shutdown
+    node_a.wait_exit()
+    again = start_server(tmp_path / "a", args=common)
+    for node in (again, node_b):
+        with httpx.Client(base_url=node.url, headers=admin, timeout=10) as c:
+            grant = c.get(f"/v1/grants/{granted['grant']['id']}").json()
+            assert (grant["state"], grant["uses"]) == ("active", 1)
+            r = c.post("/v1/decrypt", json={"ciphertext": sealed["ciphertext"]},
+                       headers={**admin, "Keygrants-Grant": revoked["token"]})
+            assert r.json()["error"]["code"] == "grant_revoked"
+            ok = c.post("/v1/decrypt", json={"ciphertext": sealed["ciphertext"]})
+            assert ok.status_code == 200 and ok.json()["plaintext"] == "c2VjcmV0"
