@@ -60,7 +60,6 @@ from keygrants.errors import (
     Conflict,
     ContextMismatch,
     Forbidden,
-    GrantDenied,
     GrantExhausted,
     GrantExpired,
     GrantNotFound,
@@ -105,7 +104,6 @@ __all__ = ["CONTEXT_OPERATIONS", "GrantAuthorizer", "GrantService", "GrantSettin
 
 #: Operations that take an encryption context: the only ones a context constraint can bind.
 CONTEXT_OPERATIONS: Final = frozenset({"encrypt", "decrypt", "re_encrypt", "generate_data_key"})
-_CONTEXT_ACTIONS: Final = CONTEXT_OPERATIONS
 ISSUER_META: Final = "grant_issuer"
 _PRINCIPAL_RE: Final = re.compile(PRINCIPAL_NAME_PATTERN)
 _THUMBPRINT_RE: Final = re.compile(r"^[A-Za-z0-9_-]{43}$")
@@ -114,7 +112,7 @@ MAX_AUDIENCES: Final = 16
 MAX_NAME: Final = 256
 MAX_JUSTIFICATION: Final = 1024
 MAX_LIST_LIMIT: Final = 1000
-_USE_COUNTED: Final = "grant_use_counted"
+_USE_COUNTED: Final = "grant_use"  # in the request's audit detail: "counted"
 _VERIFIED_CACHE: Final = 10_000
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -423,7 +421,7 @@ class GrantService:
             raise OperationNotGranted(f"the grant does not allow {action}")
         if key is None or key.id != claims.key_id:
             raise KeyNotGranted()
-        if action in _CONTEXT_ACTIONS:
+        if action in CONTEXT_OPERATIONS:
             check_context(context, equals=claims.context_equals, subset=claims.context_subset)
         elif context and (claims.context_equals is not None or claims.context_subset is not None):
             raise ContextMismatch()
@@ -441,7 +439,7 @@ class GrantService:
         if claims is None or claims.max_uses is None or _USE_COUNTED in ctx.attributes:
             return
         self._consume(ctx, claims)
-        ctx.attributes[_USE_COUNTED] = "1"
+        ctx.attributes[_USE_COUNTED] = "counted"
 
     def _consume(self, ctx: RequestContext, claims: GrantClaims) -> None:
         self.audit.record(ctx, "grant.use", "requested", operation="use_grant",
@@ -1074,8 +1072,3 @@ class GrantAuthorizer:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
-
-
-def is_grant_denial(exc: BaseException) -> bool:
-    """Whether ``exc`` is a refusal of a presented grant (audited as ``grant.deny``)."""
-    return isinstance(exc, GrantDenied)

@@ -226,6 +226,10 @@ class _Request:
         §2.1). A view, not a copy: a signed request reads two or three fields at most."""
         return _HeaderView(self.scope["headers"])
 
+    def dpop_proof(self) -> str | None:
+        """The ``DPoP`` header; several are joined with ", " so the verifier refuses them."""
+        return ",".join(p.decode("latin-1") for p in self.dpop) if self.dpop else None
+
     def target_uri(self) -> str:
         """The absolute request URI as the client addressed it (RFC 9421 ``@target-uri``)."""
         scope = self.scope
@@ -470,10 +474,7 @@ class KeygrantsApp:
             raise InvalidRequest(f"{endpoint.operation_id} does not accept a grant token")
         if self.grants is None:
             raise NotFound("this server has no grants")
-        if len(req.dpop) > 1:
-            proof: str | None = ",".join(p.decode("latin-1") for p in req.dpop)
-        else:
-            proof = req.dpop[0].decode("latin-1") if req.dpop else None
+        proof = req.dpop_proof()
         try:
             claims = self.grants.verify_presented(
                 ctx, token, dpop=proof, method=method, url=req.target_uri(),
@@ -763,7 +764,7 @@ async def _create_grant(c: _Call) -> Any:
 def _exchange(c: _Call) -> Any:
     req = c.request
     assert req is not None
-    proof = ",".join(p.decode("latin-1") for p in req.dpop) if req.dpop else None
+    proof = req.dpop_proof()
     return c.grants.exchange(c.ctx, c.body, dpop=proof, method="POST", url=req.target_uri(),
                              client_cert=req.client_cert())
 

@@ -294,7 +294,6 @@ class Verifier:
             return
         from keygrants.bus import open_bus
 
-        ready = threading.Event()
         url = self._bus_url
 
         def run() -> None:
@@ -311,8 +310,9 @@ class Verifier:
                             await asyncio.to_thread(self._pull_quietly)
 
                     await bus.subscribe(SUBJECT, on_message)
-                finally:
-                    ready.set()
+                except BaseException:
+                    await bus.close()
+                    raise
                 await stopped.wait()
                 await bus.close()
 

@@ -89,7 +89,6 @@ class RevocationPublisher:
         self._clock = clock
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
-        self.published = 0
 
     async def start(self) -> None:
         await self.bus.connect()
@@ -122,7 +121,6 @@ class RevocationPublisher:
         for message in messages:
             try:
                 await self.bus.publish(subject, message)
-                self.published += 1
             except Exception as exc:  # the feed is the record; a lost push is recovered
                 log.warning("could not push a revocation: %s", type(exc).__name__)
 
