@@ -153,8 +153,17 @@ def _route_path(scope: Scope) -> str:
 def _client_cert(scope: Scope) -> bytes | None:
     chain = ((scope.get("extensions") or {}).get("tls") or {}).get("client_cert_chain") or ()
     for pem in chain:
-        return ssl.PEM_cert_to_DER_cert(str(pem))
+        return pem_to_der(pem)
     return None
+
+
+def pem_to_der(pem: object) -> bytes | None:
+    """The DER bytes of a PEM certificate the server handed over; ``None`` when it is not one
+    (a grant bound to a certificate is then refused as lacking one, never a server error)."""
+    try:
+        return ssl.PEM_cert_to_DER_cert(str(pem))
+    except (ValueError, TypeError):
+        return None
 
 
 async def _reply(send: Send, exc: KeygrantsError) -> None:

@@ -67,6 +67,7 @@ from keygrants.errors import (
     GrantRetired,
     GrantRevoked,
     GrantStateError,
+    GrantUnknownKey,
     InvalidRequest,
     KeygrantsError,
     KeyNotFound,
@@ -235,6 +236,7 @@ class GrantService:
         self.on_revocations: Callable[[Sequence[RevocationEntry]], None] | None = None
         self._sync_lock = threading.Lock()
         self.sync_revocations()
+        self._keyring_read_at = float("-inf")  # last reload for an unknown kid (clock time)
         self.keyring = self._load_keyring()
         if self.keyring.signer(self._now()) is None:
             self._add_issuer_key(self._now(), activate_now=True)
@@ -260,6 +262,22 @@ class GrantService:
                 raw = unseal_named_secret(self._root, issuer_secret_name(k.kid), k.sealed)
                 signers[k.kid] = SigningKey.from_private_bytes("ed25519", raw)
         return IssuerKeyring(keys, signers)
+
+    def reload_issuer_keys(self) -> None:
+        """Read the issuer keys again from the store (another node rotated them)."""
+        with self._lock:
+            self.keyring = self._load_keyring()
+
+    def _reload_for_unknown_kid(self) -> bool:
+        """Reload the issuer keys when a token names a kid this node does not know: another
+        node sharing the store may have published it since this node last read them. At most
+        once a second, so tokens with made-up kids cannot turn into a store read each."""
+        now = self._clock()
+        if now - self._keyring_read_at < 1.0:
+            return False
+        self._keyring_read_at = now
+        self.reload_issuer_keys()
+        return True
 
     def _add_issuer_key(self, now: int, *, activate_now: bool = False) -> IssuerKey | None:
         """Publish a new issuer key (staged unless ``activate_now``); ``None`` if another node
@@ -400,8 +418,15 @@ class GrantService:
             if cached.kid in keys and cached.not_before - leeway <= now < cached.expires_at + leeway:
                 return cached
             self._verified.pop(token, None)  # the loop and worker threads share the cache
-        claims = decode_grant_token(token, keys, issuer=self.issuer, audience=self.audience,
-                                    now=now, leeway=self.settings.leeway)
+        try:
+            claims = decode_grant_token(token, keys, issuer=self.issuer, audience=self.audience,
+                                        now=now, leeway=self.settings.leeway)
+        except GrantUnknownKey:
+            if not self._reload_for_unknown_kid():
+                raise
+            claims = decode_grant_token(token, self.keyring.verification_keys(now),
+                                        issuer=self.issuer, audience=self.audience, now=now,
+                                        leeway=self.settings.leeway)
         if len(self._verified) >= _VERIFIED_CACHE:
             with contextlib.suppress(StopIteration, RuntimeError):  # changed meanwhile
                 self._verified.pop(next(iter(self._verified)), None)  # the oldest

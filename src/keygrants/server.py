@@ -183,11 +183,19 @@ def build_server(config: ServerConfig) -> BuiltServer:
         if bus is not None:
             publisher = RevocationPublisher(bus, store.latest_revocation_seq,
                                             interval=config.bus_heartbeat)
-            await publisher.start()  # a configured bus that cannot be reached stops the start
-            grants.on_revocations = publisher.publish_entries
-            await bus.subscribe(SUBJECT, _peer_revocations(grants))
-            origin = secrets.token_hex(8)  # this process (node ids can repeat on one host)
-            await bus.subscribe(CHANGES_SUBJECT, _peer_changes(kms, access, store, origin))
+            try:  # a configured bus that cannot be reached stops the start, leaving nothing open
+                await publisher.start()
+                grants.on_revocations = publisher.publish_entries
+                await bus.subscribe(SUBJECT, _peer_revocations(grants))
+                origin = secrets.token_hex(8)  # this process (node ids can repeat on one host)
+                await bus.subscribe(CHANGES_SUBJECT,
+                                    _peer_changes(kms, access, store, grants, origin))
+            except BaseException:
+                grants.on_revocations = None
+                await publisher.stop()
+                await asyncio.to_thread(audit.log.close)
+                store.close()
+                raise
             changes = publisher
 
             def changed(what: str) -> None:
@@ -254,13 +262,15 @@ class _Coalesced:
             self._running = False
 
 
-def _peer_changes(kms: KMS, access: Any, store: Any,
+def _peer_changes(kms: KMS, access: Any, store: Any, grants: GrantService,
                   origin: str) -> Callable[[bytes], Awaitable[None]]:
     """Reload what another node changed in the shared store: keys (dropped from the cache,
-    reloaded on next use) or principals, credentials and policies (read again from the store).
-    A message only says *that* something changed; what is loaded comes from the store."""
+    reloaded on next use), principals, credentials and policies, or issuer keys (read again
+    from the store). A message only says *that* something changed; what is loaded comes from
+    the store."""
     keys = _Coalesced(kms.forget_cached)
     principals = _Coalesced(lambda: reload_access(access, store))
+    issuer = _Coalesced(grants.reload_issuer_keys)
 
     async def on_message(data: bytes) -> None:
         try:
@@ -274,6 +284,8 @@ def _peer_changes(kms: KMS, access: Any, store: Any,
             await keys.trigger()
         elif what in ("principals", "policies"):
             await principals.trigger()
+        elif what == "issuer":
+            await issuer.trigger()
     return on_message
 
 

@@ -591,3 +591,56 @@ def test_revocations_written_by_another_node_are_applied(tmp_path) -> None:
         node_a.verify_presented(ADMIN, x.token)
     for s in stores:
         s.close()
+
+
+def test_a_node_learns_an_issuer_key_another_node_published_when_a_token_names_it(
+        tmp_path) -> None:
+    import os
+
+    from keygrants.auth.model import Principal
+    from keygrants.errors import GrantUnknownKey
+    from keygrants.grant_service import GrantService, GrantSettings
+    from keygrants.crypto.signing import b64url
+    from keygrants.models import CreateGrantRequest, CreateKeyRequest
+    from keygrants.service import KMS
+    from keygrants.store.sqlite import SQLiteStore
+
+    clock = [1_800_000_000.0]
+    root = os.urandom(32)
+    stores = [SQLiteStore(tmp_path / "shared.db") for _ in range(2)]
+    kms_a, kms_b = (KMS(s, root) for s in stores)
+    kms_a.create_key(ADMIN, CreateKeyRequest(name="k"))
+    stores[0].create_principal(Principal(id="admin", builtin=True, created_at=0, updated_at=0))
+    settings = GrantSettings(jwks_max_age=10)
+    node_a, node_b = (GrantService(k, None, root_key=root, settings=settings,
+                                   clock=lambda: clock[0]) for k in (kms_a, kms_b))
+    request = CreateGrantRequest(key="k", grantee="admin", operations=["encrypt"])
+    first = node_a.create(ADMIN, request).token
+    assert first is not None
+    node_b.verify_presented(ADMIN, first)  # both nodes read the same first key
+
+    staged = node_a.rotate_issuer(ADMIN)
+    clock[0] = staged.activate_at + 5  # B has not read the issuer keys since the rotation
+    made = node_a.create(ADMIN, request).token
+    assert made is not None
+    assert node_b.verify_presented(ADMIN, made).kid == staged.kid
+
+    # a token naming a kid nobody published reloads at most once a second
+    forged = node_a.create(ADMIN, request).token
+    assert forged is not None
+    reads = []
+    real = node_b.reload_issuer_keys
+    node_b.reload_issuer_keys = lambda: (reads.append(1), real())  # type: ignore[method-assign]
+    clock[0] += 2  # past the reload the token above caused
+    header = b'{"alg":"EdDSA","kid":"no-such-key","typ":"kg+jwt"}'
+    unknown = b64url(header) + forged[forged.index("."):]
+    for _ in range(3):
+        with pytest.raises(GrantUnknownKey):
+            node_b.verify_presented(ADMIN, unknown)
+    assert reads == [1]
+    clock[0] += 1.5
+    with pytest.raises(GrantUnknownKey):
+        node_b.verify_presented(ADMIN, unknown)
+    assert reads == [1, 1]
+    for s in stores:
+        s.close()

@@ -255,6 +255,97 @@ def test_wsgi_middleware_enforces_grants(live_server: LiveServer) -> None:
     assert calls == ["200 OK", "401 Unauthorized", "200 OK"]
 
 
+def _self_signed_pem(name: str) -> str:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .sign(key, hashes.SHA256()))
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def _x5t(pem: str) -> str:
+    import hashlib
+    import ssl
+
+    from keygrants.crypto.signing import b64url
+    return b64url(hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem)).digest())
+
+
+async def test_asgi_middleware_checks_a_certificate_bound_grant() -> None:
+    kms, clock = build_in_process(), Clock()
+    pem, other = _self_signed_pem("svc"), _self_signed_pem("thief")
+    _, token = await setup(kms, x5t_s256=_x5t(pem))
+    v, _ = verifier(kms, clock)
+    app = GrantMiddleware(echo, v, [GrantRule("/r", operation="decrypt")])
+    statuses: list[tuple[int, bytes]] = []
+
+    async def call(chain: list[str] | None) -> None:
+        scope: dict[str, Any] = {"type": "http", "method": "GET", "path": "/r",
+                                 "headers": [(b"keygrants-grant", token.encode())]}
+        if chain is not None:
+            scope["extensions"] = {"tls": {"client_cert_chain": chain}}
+        started: list[int] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b""}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                started.append(message["status"])
+            elif message["type"] == "http.response.body":
+                statuses.append((started[0], message["body"]))
+
+        await app(scope, receive, send)
+
+    for chain in ([pem], [other], None, ["not a certificate"]):
+        await call(chain)
+    codes = [(status, json.loads(body).get("error", {}).get("code")) for status, body in statuses]
+    assert codes == [(200, None), (403, "pop_invalid"), (403, "pop_required"),
+                     (403, "pop_required")]
+    await v.aclose()
+
+
+def test_wsgi_middleware_checks_a_certificate_bound_grant(live_server: LiveServer) -> None:
+    pem, other = _self_signed_pem("svc"), _self_signed_pem("thief")
+    with Client(live_server.url, token=live_server.token, grant="") as admin:
+        admin.create_key("wsgi-mtls", spec="ed25519")
+        admin.create_principal("svc-mtls")
+        token = admin.create_grant("wsgi-mtls", "svc-mtls", ["sign"], ttl=120,
+                                   x5t_s256=_x5t(pem)).token
+    assert token is not None
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [environ["keygrants.grant"].grantee.encode()]
+
+    def start_response(status: str, headers: list[tuple[str, str]]) -> None:
+        pass
+
+    env = {"REQUEST_METHOD": "POST", "PATH_INFO": "/sign", "HTTP_HOST": "svc",
+           "wsgi.url_scheme": "https", "HTTP_KEYGRANTS_GRANT": token}
+    with Verifier(live_server.url) as v:
+        wrapped = GrantWSGIMiddleware(app, v, [GrantRule("/sign", operation="sign")])
+        assert wrapped({**env, "SSL_CLIENT_CERT": pem}, start_response) == [b"svc-mtls"]
+        codes = [json.loads(wrapped(e, start_response)[0])["error"]["code"]
+                 for e in ({**env, "SSL_CLIENT_CERT": other}, env)]
+        assert codes == ["pop_invalid", "pop_required"]
+        # a server that hands the certificate over some other way
+        custom = GrantWSGIMiddleware(app, v, [GrantRule("/sign", operation="sign")],
+                                     client_cert=lambda environ: environ["my.cert"])
+        from keygrants.asgi import pem_to_der
+        assert custom({**env, "my.cert": pem_to_der(pem)}, start_response) == [b"svc-mtls"]
+
+
 # -- regressions from review ---------------------------------------------------------------------
 
 async def test_rules_match_below_the_root_path_and_get_covers_head() -> None:

@@ -132,6 +132,47 @@ def test_key_and_principal_changes_reach_the_other_node(start_server, tmp_path: 
                    "node B still accepts a credential revoked on node A")
 
 
+def _kid(token: str) -> str:
+    import base64
+    import json
+
+    header = token.split(".", 1)[0]
+    return str(json.loads(base64.urlsafe_b64decode(header + "=" * (-len(header) % 4)))["kid"])
+
+
+def test_an_issuer_key_rotation_on_one_node_reaches_the_other(start_server, tmp_path: Path,
+                                                              postgres_url: str) -> None:
+    """One shared signer: the staged key published on A appears in B's JWKS before it signs
+    (pushed), and once active both nodes sign with it and accept each other's tokens."""
+    bus = nats_or_skip()
+    seal = f"local://{tmp_path / 'shared-seal.key'}"
+    common = ("--store", postgres_url, "--seal", seal, "--bus", bus, "--rate-limit", "0",
+              "--jwks-max-age", "2s")
+    node_a = start_server(tmp_path / "a", args=common)
+    node_b = start_server(tmp_path / "b", args=common)
+    token = (tmp_path / "a" / "admin.token").read_text().strip()
+    admin = {"Authorization": f"Bearer {token}"}
+    grant = {"key": "k", "grantee": "admin", "operations": ["encrypt"]}
+    body = {"plaintext": "eA=="}
+    with httpx.Client(base_url=node_a.url, headers=admin, timeout=10) as a, \
+            httpx.Client(base_url=node_b.url, headers=admin, timeout=10) as b:
+        assert a.post("/v1/keys", json={"name": "k"}).status_code == 201
+        old_kid = _kid(b.post("/v1/grants", json=grant).json()["token"])
+        staged = a.post("/v1/issuer/rotate").json()
+        assert staged["kid"] != old_kid
+        eventually(lambda: staged["kid"] in {k["kid"] for k in
+                                             b.get("/.well-known/jwks.json").json()["keys"]},
+                   "node B never published the issuer key staged on node A")
+        assert _kid(b.post("/v1/grants", json=grant).json()["token"]) == old_kid  # not yet
+        time.sleep(max(0.0, staged["activate_at"] + 1 - time.time()))
+        for signer, user in ((a, b), (b, a)):
+            made = signer.post("/v1/grants", json=grant).json()["token"]
+            assert _kid(made) == staged["kid"]
+            used = user.post("/v1/keys/k/encrypt", json=body,
+                             headers={**admin, "Keygrants-Grant": made})
+            assert used.status_code == 200, used.text
+
+
 def test_a_killed_node_loses_nothing_it_acknowledged(start_server, tmp_path: Path,
                                                      postgres_url: str) -> None:
     import signal
@@ -166,3 +207,12 @@ def test_a_killed_node_loses_nothing_it_acknowledged(start_server, tmp_path: Pat
             assert r.json()["error"]["code"] == "grant_revoked"
             ok = c.post("/v1/decrypt", json={"ciphertext": sealed["ciphertext"]})
             assert ok.status_code == 200 and ok.json()["plaintext"] == "c2VjcmV0"
+
+
+def test_a_bus_that_cannot_be_reached_stops_the_start(start_server, tmp_path: Path) -> None:
+    from tests.e2e.conftest import free_port
+
+    node = start_server(tmp_path / "a", ready=False,
+                        args=("--bus", f"nats://127.0.0.1:{free_port()}"))
+    assert node.wait_exit() != 0
+    assert "cannot connect to nats://127.0.0.1:" in node.output()

@@ -74,7 +74,7 @@ async def run_in_threadpool(fn: Callable[..., Any], *args: Any) -> Any:
     return await anyio.to_thread.run_sync(fn, *args)
 _JSON: Final = "application/json"
 #: Endpoint tags whose successful changes other nodes must reload (their caches).
-_SHARED_STATE: Final = frozenset({"keys", "aliases", "principals", "policies"})
+_SHARED_STATE: Final = frozenset({"keys", "aliases", "principals", "policies", "issuer"})
 _encoder: Final = msgspec.json.Encoder()
 
 
@@ -111,6 +111,7 @@ class Endpoint:
     batch: bool = False
     tag: str = "keys"
     grant: bool = False
+    shares: str | None = None  # the shared state a success changes, when not named by the tag
 
 
 @dataclass(slots=True)
@@ -544,8 +545,9 @@ class KeygrantsApp:
             else:
                 result = await endpoint.handler(call)
             status = endpoint.status
-            if method != "GET" and endpoint.tag in _SHARED_STATE and self.on_change is not None:
-                self.on_change(endpoint.tag)  # other nodes drop what they cached of it
+            changed = endpoint.shares or endpoint.tag
+            if method != "GET" and changed in _SHARED_STATE and self.on_change is not None:
+                self.on_change(changed)  # other nodes drop what they cached of it
         except KeygrantsError as exc:
             result, status = exc, exc.status
             if ctx is not None and ctx.principal and not pending:
@@ -823,7 +825,7 @@ _GRANT_ENDPOINTS: Final = (
     Endpoint("POST", "/v1/issuer/rotate",
              _in_thread(lambda c: c.grants.rotate_issuer(c.ctx)), "rotateIssuerKey",
              "Start a staged rotation of the grant-token issuer key",
-             response=m.IssuerKeyInfo, tag="grants"),
+             response=m.IssuerKeyInfo, tag="grants", shares="issuer"),
     Endpoint("GET", "/v1/revocations", _in_thread(_revocations), "revocations",
              "Revocation feed entries after a sequence number (query: since, limit); public",
              response=m.RevocationFeed, auth=False, tag="grants"),

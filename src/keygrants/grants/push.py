@@ -29,9 +29,10 @@ __all__ = ["CHANGES_SUBJECT", "SUBJECT", "RevocationPublisher", "change_message"
            "decode_message", "entry_message", "heartbeat_message"]
 
 SUBJECT: Final = "keygrants.revocations"
-#: Changes to keys, aliases, principals or policies, for the other nodes on one store:
-#: ``{"type": "change", "what": <endpoint tag>, "node": <random id of the sending process>}``;
-#: a receiver drops its cached keys, or reads principals, credentials and policies again.
+#: Changes to keys, aliases, principals, policies or issuer keys, for the other nodes on one
+#: store: ``{"type": "change", "what": <what changed>, "node": <random id of the sender>}``;
+#: a receiver drops its cached keys, or reads principals, credentials and policies, or the
+#: issuer keys again.
 CHANGES_SUBJECT: Final = "keygrants.changes"
 log = logging.getLogger("keygrants.grants.push")
 
