@@ -598,9 +598,9 @@ def test_a_node_learns_an_issuer_key_another_node_published_when_a_token_names_i
     import os
 
     from keygrants.auth.model import Principal
+    from keygrants.crypto.signing import b64url
     from keygrants.errors import GrantUnknownKey
     from keygrants.grant_service import GrantService, GrantSettings
-    from keygrants.crypto.signing import b64url
     from keygrants.models import CreateGrantRequest, CreateKeyRequest
     from keygrants.service import KMS
     from keygrants.store.sqlite import SQLiteStore

@@ -179,3 +179,59 @@ def test_a_real_server_pushes_revocations_over_the_bus(tmp_path: Path, bus_url: 
     finally:
         proc.terminate()
         proc.wait(timeout=15)
+
+
+def test_the_sync_verifier_subscribes_once_the_bus_comes_up(tmp_path: Path, monkeypatch: Any,
+                                                            live_server: Any,
+                                                            caplog: Any) -> None:
+    """A bus that is down when the verifier starts is tried again; once it is up, a pushed
+    heartbeat ahead of the verifier's view makes it pull (and so refuse) at once."""
+    import shutil
+
+    from tests.bus.test_bus_contract import BINARIES, Broker, need
+
+    from keygrants.client import verifier as verifier_module
+
+    binary = shutil.which("nats-server") or next(
+        (p for p in BINARIES["nats"] if os.access(p, os.X_OK)), None)
+    need(binary, "nats-server is not installed")
+    assert binary is not None
+    monkeypatch.setattr(verifier_module, "_BUS_RETRY", 0.2)
+    broker = Broker("nats", binary, tmp_path)  # not started yet
+    with Client(live_server.url, token=live_server.token, grant="") as admin:
+        admin.create_key("late-bus")
+        admin.create_principal("svc-late-bus")
+        created = admin.create_grant("late-bus", "svc-late-bus", ["encrypt"])
+        assert created.token is not None
+        try:
+            with Verifier(live_server.url, bus_url=broker.url, poll_interval=600,
+                          max_staleness=900) as v:
+                assert v.verify(created.token).grantee == "svc-late-bus"  # bus down: pulls
+                revoked = admin.revoke_grant(created.grant.id)
+                assert v.verify(created.token).grantee == "svc-late-bus"  # not pulled yet
+                deadline = time.monotonic() + PUSH_WAIT
+                while "revocation bus unavailable" not in caplog.text:  # a first attempt failed
+                    assert time.monotonic() < deadline, "the verifier never tried the bus"
+                    time.sleep(0.05)
+                broker.start()
+
+                async def push_until_refused() -> None:
+                    bus = open_bus(broker.url)
+                    await bus.connect()
+                    try:
+                        deadline = time.monotonic() + PUSH_WAIT
+                        while True:
+                            await bus.publish(SUBJECT, heartbeat_message(2**40, time.time()))
+                            try:
+                                await asyncio.to_thread(v.verify, created.token)
+                            except errors.GrantRevoked:
+                                return
+                            assert time.monotonic() < deadline, "never subscribed after the bus came up"
+                            await asyncio.sleep(0.05)
+                    finally:
+                        await bus.close()
+
+                asyncio.run(push_until_refused())
+                assert revoked.state == "revoked"
+        finally:
+            broker.kill()

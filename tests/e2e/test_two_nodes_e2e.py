@@ -1,7 +1,8 @@
-"""Two `keygrants server` processes on one PostgreSQL database and one NATS server behave as
-one service for grants: a grant made on one node works on the other, a revocation on one is
-refused on the other at once (pushed), and a single-use grant raced across both nodes is used
-exactly once."""
+"""Two `keygrants server` processes on one PostgreSQL database and one bus (NATS, or Redis)
+behave as one service: a grant made on one node works on the other, a revocation on one is
+refused on the other at once (pushed), a single-use grant raced across both nodes is used
+exactly once, changes and issuer-key rotations reach the other node, and a node killed and
+restarted loses nothing it acknowledged."""
 
 from __future__ import annotations
 
@@ -17,22 +18,25 @@ import pytest
 pytestmark = pytest.mark.e2e
 
 NATS = ("127.0.0.1", 4222)
+BUSES = {"nats": NATS, "redis": ("127.0.0.1", 6379)}
 PUSH_WAIT = 10.0  # an upper bound for the test to fail on, not a timing assertion
 
 
-def nats_or_skip() -> str:
+def bus_or_skip(kind: str = "nats") -> str:
+    host, port = BUSES[kind]
     try:
-        socket.create_connection(NATS, timeout=1).close()
+        socket.create_connection((host, port), timeout=1).close()
     except OSError:
         if os.environ.get("CI") == "true":
-            pytest.fail("NATS is not reachable on 127.0.0.1:4222 (CI must run this test)")
-        pytest.skip("NATS is not reachable on 127.0.0.1:4222")
-    return f"nats://{NATS[0]}:{NATS[1]}"
+            pytest.fail(f"{kind} is not reachable on {host}:{port} (CI must run this test)")
+        pytest.skip(f"{kind} is not reachable on {host}:{port}")
+    return f"{kind}://{host}:{port}"
 
 
+@pytest.mark.parametrize("kind", ["nats", "redis"])
 def test_two_nodes_share_grants_and_revocations(start_server, tmp_path: Path,
-                                                postgres_url: str) -> None:
-    bus = nats_or_skip()
+                                                postgres_url: str, kind: str) -> None:
+    bus = bus_or_skip(kind)
     seal = f"local://{tmp_path / 'shared-seal.key'}"
     common = ("--store", postgres_url, "--seal", seal, "--bus", bus, "--bus-heartbeat", "0.2",
               "--rate-limit", "0")
@@ -98,7 +102,7 @@ def eventually(check, what: str) -> None:  # type: ignore[no-untyped-def]
 
 def test_key_and_principal_changes_reach_the_other_node(start_server, tmp_path: Path,
                                                         postgres_url: str) -> None:
-    bus = nats_or_skip()
+    bus = bus_or_skip()
     seal = f"local://{tmp_path / 'shared-seal.key'}"
     common = ("--store", postgres_url, "--seal", seal, "--bus", bus, "--rate-limit", "0")
     node_a = start_server(tmp_path / "a", args=common)
@@ -144,7 +148,7 @@ def test_an_issuer_key_rotation_on_one_node_reaches_the_other(start_server, tmp_
                                                               postgres_url: str) -> None:
     """One shared signer: the staged key published on A appears in B's JWKS before it signs
     (pushed), and once active both nodes sign with it and accept each other's tokens."""
-    bus = nats_or_skip()
+    bus = bus_or_skip()
     seal = f"local://{tmp_path / 'shared-seal.key'}"
     common = ("--store", postgres_url, "--seal", seal, "--bus", bus, "--rate-limit", "0",
               "--jwks-max-age", "2s")
@@ -177,7 +181,7 @@ def test_a_killed_node_loses_nothing_it_acknowledged(start_server, tmp_path: Pat
                                                      postgres_url: str) -> None:
     import signal
 
-    bus = nats_or_skip()
+    bus = bus_or_skip()
     seal = f"local://{tmp_path / 'shared-seal.key'}"
     common = ("--store", postgres_url, "--seal", seal, "--bus", bus, "--rate-limit", "0")
     node_a = start_server(tmp_path / "a", args=common)

@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -64,6 +65,8 @@ _DEFAULT_MAX_AGE: Final = 300
 _MAX_JWKS_BYTES: Final = 256 * 1024
 _CACHE_SIZE: Final = 10_000
 _BUS_PULL_SPACING: Final = 0.005
+_BUS_RETRY: Final = 5.0  # seconds between attempts to subscribe while the bus is unreachable
+log = logging.getLogger("keygrants.verifier")
 
 
 def _max_age(headers: httpx.Headers) -> int:
@@ -289,7 +292,8 @@ class Verifier:
         self._http.close()
 
     def _start_bus(self) -> None:
-        """Subscribe in a background thread with its own event loop (once)."""
+        """Subscribe in a background thread with its own event loop (once; while the bus
+        cannot be reached, tried again every 5 s: pulling the feed keeps the view correct)."""
         if self._bus_url is None or self._bus_thread is not None:
             return
         from keygrants.bus import open_bus
@@ -300,30 +304,36 @@ class Verifier:
             loop = asyncio.new_event_loop()
             stopped = asyncio.Event()
 
+            async def on_message(data: bytes) -> None:
+                if _Pushed.handle(self._state, data):
+                    await asyncio.to_thread(self._pull_quietly)
+
             async def main() -> None:
-                bus = open_bus(url)
-                try:
-                    await bus.connect()
-
-                    async def on_message(data: bytes) -> None:
-                        if _Pushed.handle(self._state, data):
-                            await asyncio.to_thread(self._pull_quietly)
-
-                    await bus.subscribe(SUBJECT, on_message)
-                except BaseException:
-                    await bus.close()
-                    raise
-                await stopped.wait()
-                await bus.close()
+                warned = False
+                while not stopped.is_set():
+                    bus = open_bus(url)
+                    try:
+                        await bus.connect()
+                        await bus.subscribe(SUBJECT, on_message)
+                    except Exception as exc:
+                        with contextlib.suppress(Exception):
+                            await bus.close()
+                        if not warned:
+                            warned = True
+                            log.warning("revocation bus unavailable (%s); pulling the feed and "
+                                        "trying again every %g s", type(exc).__name__,
+                                        _BUS_RETRY)
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(stopped.wait(), _BUS_RETRY)
+                        continue
+                    try:
+                        await stopped.wait()
+                    finally:
+                        await bus.close()
 
             self._bus_stop = lambda: loop.call_soon_threadsafe(stopped.set)
             try:
                 loop.run_until_complete(main())
-            except Exception as exc:  # pulling every poll_interval still keeps it correct
-                import logging
-
-                logging.getLogger("keygrants.verifier").warning(
-                    "revocation bus unavailable (%s); pulling the feed only", type(exc).__name__)
             finally:
                 loop.close()
 
@@ -446,7 +456,7 @@ class AsyncVerifier:
         from keygrants.bus import open_bus
 
         s = self._state
-        self._bus_retry_at = s.clock() + 5
+        self._bus_retry_at = s.clock() + _BUS_RETRY
         bus = open_bus(self._bus_url or "")
         try:
             await bus.connect()
