@@ -8,8 +8,11 @@
    to durable).
 2. ``audit verify`` speed: export a log of ``--verify-events`` events and verify the export;
    reports events/s.
-3. Encrypt 1 KiB over HTTP (wrk, 16 connections) against the real server (auditing on) and
-   the same server built with a no-op audit recorder; reports req/s, p99 and the cost ratio.
+3. Encrypt 1 KiB over HTTP (wrk) against the real server (auditing on) and the same server
+   built with a no-op audit recorder, turn about at 16, 64 and 128 connections; reports req/s,
+   p50/p99 and the ratio at each, and the throughput cost: each build's best rate of the sweep
+   (a server's throughput is what it sustains when saturated; with few connections an
+   audited server is bounded by its clients waiting for commits, not by its CPU).
 
 Targets (issue 5): >= 20,000 events/s; verify >= 200,000 events/s; audit cost <= 25% of
 throughput. The machine is 2 shared cores: read the ratios, not the absolute figures.
@@ -110,7 +113,9 @@ uvicorn.run(built.app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warni
 """
 
 
-def bench_http(work: Path, duration: int, connections: int = 16) -> dict[str, object]:
+def bench_http(work: Path, duration: int, sweep: list[int]) -> dict[int, dict[str, object]]:
+    """Both builds up at once, measured turn about at every connection count of ``sweep``
+    (so drifts in the shared machine's speed hit both alike)."""
     import base64
     import json
 
@@ -119,28 +124,36 @@ def bench_http(work: Path, duration: int, connections: int = 16) -> dict[str, ob
     body_file.write_bytes(body)
     runner = work / "noaudit_runner.py"
     runner.write_text(NOAUDIT_RUNNER)
-    results: dict[str, object] = {}
-    for label in ("audit on", "no-op audit"):
-        data_dir = work / label.replace(" ", "-")
-        port = free_port()
-        argv = ([sys.executable, "-m", "keygrants", "server", "--data-dir", str(data_dir),
-                 "--listen", f"127.0.0.1:{port}"] if label == "audit on"
-                else [sys.executable, str(runner), str(data_dir), str(port)])
-        proc = spawn(label, argv, log_path=work / f"{label}.log", cpu=0)
-        try:
+    targets: dict[str, Target] = {}
+    procs = []
+    try:
+        for label in ("audit on", "no-op audit"):
+            data_dir = work / label.replace(" ", "-")
+            port = free_port()
+            argv = ([sys.executable, "-m", "keygrants", "server", "--data-dir", str(data_dir),
+                     "--listen", f"127.0.0.1:{port}"] if label == "audit on"
+                    else [sys.executable, str(runner), str(data_dir), str(port)])
+            proc = spawn(label, argv, log_path=work / f"{label}.log", cpu=0)
+            procs.append(proc)
             wait_ready(proc, port, "/readyz")
             token = (data_dir / "admin.token").read_text().strip()
             auth = {"Authorization": f"Bearer {token}"}
             status, resp = http_call(port, "POST", "/v1/keys", {"name": "bench"}, auth)
             assert status == 201, resp
-            target = Target(label, port, "/v1/keys/bench/encrypt",
-                            ("Authorization", f"Bearer {token}"), proc.pid)
-            run_wrk(target, body_file, duration=2, connections=16, threads=1, cpu=1)  # warm-up
-            results[label] = run_wrk(target, body_file, duration=duration,
-                                     connections=connections, threads=1, cpu=1)
-        finally:
+            targets[label] = Target(label, port, "/v1/keys/bench/encrypt",
+                                    ("Authorization", f"Bearer {token}"), proc.pid)
+            run_wrk(targets[label], body_file, duration=2, connections=16, threads=1,
+                    cpu=1)  # warm-up
+        results: dict[int, dict[str, object]] = {}
+        for connections in sweep:
+            results[connections] = {
+                label: run_wrk(target, body_file, duration=duration, connections=connections,
+                               threads=1, cpu=1)
+                for label, target in targets.items()}
+        return results
+    finally:
+        for proc in procs:
             stop(proc)
-    return results
 
 
 def main() -> None:
@@ -150,32 +163,42 @@ def main() -> None:
                         help="concurrent requests awaiting durability (append benchmark)")
     parser.add_argument("--verify-events", type=int, default=200_000)
     parser.add_argument("--duration", type=int, default=10)
-    parser.add_argument("--connections", type=int, default=16, help="wrk connections (HTTP)")
+    parser.add_argument("--connections", default="16,64,128",
+                        help="wrk connection counts to sweep, comma-separated (HTTP)")
     parser.add_argument("--skip-http", action="store_true")
+    parser.add_argument("--http-only", action="store_true", help="run only the HTTP comparison")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="kg-audit-bench-"))
     try:
         print(f"machine: {os.cpu_count()} cores, Python {sys.version.split()[0]}")
-        print("1. durable append (group commit on one event loop), by concurrent requests:")
-        for concurrency in sorted({16, args.concurrency, 256}):
-            rate, p50, p99 = bench_append(work, args.events, concurrency)
-            print(f"   {concurrency:4d} concurrent: {rate:8,.0f} events/s "
-                  f"(target >= 20,000: {'OK' if rate >= 20_000 else 'BELOW'}); "
-                  f"added latency p50 {p50:.2f} ms, p99 {p99:.2f} ms")
-        vrate = bench_verify(work, args.verify_events)
-        print(f"2. verify an export of {args.verify_events:,} events: {vrate:,.0f} events/s "
-              f"(target >= 200,000: {'OK' if vrate >= 200_000 else 'BELOW'})")
+        if not args.http_only:
+            print("1. durable append (group commit on one event loop), by concurrent requests:")
+            for concurrency in sorted({16, args.concurrency, 256}):
+                rate, p50, p99 = bench_append(work, args.events, concurrency)
+                print(f"   {concurrency:4d} concurrent: {rate:8,.0f} events/s "
+                      f"(target >= 20,000: {'OK' if rate >= 20_000 else 'BELOW'}); "
+                      f"added latency p50 {p50:.2f} ms, p99 {p99:.2f} ms")
+            vrate = bench_verify(work, args.verify_events)
+            print(f"2. verify an export of {args.verify_events:,} events: {vrate:,.0f} events/s "
+                  f"(target >= 200,000: {'OK' if vrate >= 200_000 else 'BELOW'})")
         if not args.skip_http:
-            res = bench_http(work, args.duration, args.connections)
-            on, off = res["audit on"], res["no-op audit"]
-            cost = 1 - on.rps / off.rps  # type: ignore[attr-defined]
-            print(f"3. encrypt 1 KiB over HTTP, {args.connections} connections (server on CPU 0, "
-                  "wrk on CPU 1):")
-            for label, r in res.items():
-                print(f"   {label:12s} {r.rps:9,.0f} req/s   p50 {r.p50_ms:.2f} ms   "  # type: ignore[attr-defined]
-                      f"p99 {r.p99_ms:.2f} ms   errors {r.error_count}")  # type: ignore[attr-defined]
-            print(f"   audit on / no-op = {on.rps / off.rps:.2f}x throughput "  # type: ignore[attr-defined]
-                  f"(cost {cost:.0%}; target <= 25%: {'OK' if cost <= 0.25 else 'ABOVE'})")
+            sweep = [int(c) for c in args.connections.split(",")]
+            res = bench_http(work, args.duration, sweep)
+            print("3. encrypt 1 KiB over HTTP (servers on CPU 0, wrk on CPU 1, turn about):")
+            best: dict[str, float] = {}
+            for connections, runs in res.items():
+                on, off = runs["audit on"], runs["no-op audit"]
+                for label, r in runs.items():
+                    print(f"   {connections:4d} conn  {label:12s} {r.rps:9,.0f} req/s   "  # type: ignore[attr-defined]
+                          f"p50 {r.p50_ms:.2f} ms   p99 {r.p99_ms:.2f} ms   "  # type: ignore[attr-defined]
+                          f"errors {r.error_count}")  # type: ignore[attr-defined]
+                    best[label] = max(best.get(label, 0.0), r.rps)  # type: ignore[attr-defined]
+                print(f"   {connections:4d} conn  audit on / no-op = "
+                      f"{on.rps / off.rps:.2f}x")  # type: ignore[attr-defined]
+            ratio = best["audit on"] / best["no-op audit"]
+            print(f"   throughput (best of the sweep): audit on {best['audit on']:,.0f} vs no-op "
+                  f"{best['no-op audit']:,.0f} req/s = {ratio:.2f}x (cost {1 - ratio:.0%}; "
+                  f"target <= 25%: {'OK' if 1 - ratio <= 0.25 else 'ABOVE'})")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

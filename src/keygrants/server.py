@@ -2,8 +2,9 @@
 
 Data directory layout (mode 0700)::
 
-    keygrants.db        SQLite database (WAL), mode 0600
-    audit.db            the audit Merkle log (WAL), mode 0600
+    keygrants.db        SQLite database (WAL), mode 0600 (absent with --store postgresql://)
+    audit.db            the audit Merkle log (WAL), mode 0600 (with --store postgresql:// the
+                        log is in that database, schema keygrants_audit, shared by every node)
     seal.key            local key-file seal (absent when sealed by passphrase), mode 0600
     admin.token         the admin token, written on first start, mode 0600
 """
@@ -31,7 +32,7 @@ from keygrants.access import open_access, reload_access
 from keygrants.api.app import HttpLimits, KeygrantsApp, create_app
 from keygrants.api.tls import protocol_class, server_ssl_options
 from keygrants.audit.service import AuditService
-from keygrants.audit.setup import AUDIT_DB_FILE, AuditSetup, open_audit
+from keygrants.audit.setup import AUDIT_DB_FILE, AuditSetup, is_postgres_url, open_audit
 from keygrants.audit.sinks import Shipper, open_sink
 from keygrants.auth import RequestContext, ensure_admin_token, reset_admin_token
 from keygrants.auth.authenticator import AuthSettings
@@ -151,7 +152,7 @@ def build_server(config: ServerConfig) -> BuiltServer:
     provider = open_root_provider(_choose_seal(config.seal, sealed_with(store), data_dir))
     root_key, created = open_root_key(store, provider)
     audit = open_audit(store, root_key, path=data_dir / AUDIT_DB_FILE, node=config.node_id,
-                       checkpoint_interval=config.checkpoint_interval)
+                       checkpoint_interval=config.checkpoint_interval, store_url=config.store)
     token_path = data_dir / ADMIN_TOKEN_FILE
     token = reset_admin_token(store) if config.reset_admin_token else ensure_admin_token(store)
     if token is not None:
@@ -370,8 +371,9 @@ def serve(config: ServerConfig, *, announce: Any = print) -> None:
                  "--reset-admin-token to issue a new one")
     else:
         announce(f"Admin token: {built.admin_token_path.resolve()}")
-    announce(f"Audit log: {(config.data_dir / AUDIT_DB_FILE).resolve()} (verifier key: "
-             f"{built.audit.vkey})")
+    where = ("the store's database (schema keygrants_audit)" if is_postgres_url(config.store)
+             else str((config.data_dir / AUDIT_DB_FILE).resolve()))
+    announce(f"Audit log: {where} (verifier key: {built.audit.vkey})")
     tls: dict[str, Any] = {}
     http: Any = "auto"
     if config.tls_cert is not None:

@@ -1,10 +1,14 @@
-"""The durable audit log: group commit, checkpoints, proofs, search, digests, canonical form."""
+"""The durable audit log: group commit, checkpoints, proofs, search, digests, canonical form.
+
+Every log test runs on both backends: SQLite (``audit.db``) and PostgreSQL (a fresh database
+per test on 127.0.0.1:5432; skipped without one, except in CI). Two PostgreSQL logs on one
+database are two nodes of one service: one tree."""
 
 from __future__ import annotations
 
 import random
-import sqlite3
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import msgspec
@@ -26,11 +30,45 @@ def signer() -> NoteSigner:
     return NoteSigner(ORIGIN, SigningKey.generate("ed25519"))
 
 
+MakeLog = Callable[..., AuditLog]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def make_log(request: pytest.FixtureRequest, tmp_path: Path,
+             signer: NoteSigner) -> Iterator[MakeLog]:
+    """``make_log(name="audit", **options)``: a log on the backend of this run (on SQLite
+    one file per name; on PostgreSQL the test's one database, whatever the name: two logs
+    opened on it are two nodes sharing one tree)."""
+    backend: str = request.param
+    opened: list[AuditLog] = []
+
+    def make(name: str = "audit", **options: object) -> AuditLog:
+        options.setdefault("signer", signer)
+        options.setdefault("origin", ORIGIN)
+        log: AuditLog
+        if backend == "sqlite":
+            log = AuditLog(tmp_path / f"{name}.db", **options)  # type: ignore[arg-type]
+        else:
+            from keygrants.audit.pglog import PostgresAuditLog
+
+            url = request.getfixturevalue("postgres_url")
+            log = PostgresAuditLog(url, **options)  # type: ignore[arg-type]
+        opened.append(log)
+        return log
+
+    yield make
+    for log in opened:
+        log.close()
+
+
 @pytest.fixture
-def log(tmp_path: Path, signer: NoteSigner):
-    log = AuditLog(tmp_path / "audit.db", signer=signer, origin=ORIGIN, checkpoint_interval=0.05)
-    yield log
-    log.close()
+def log(make_log: MakeLog) -> AuditLog:
+    return make_log(checkpoint_interval=0.05)
+
+
+def stored_rows(log: AuditLog) -> list[tuple[int, bytes, bytes]]:
+    return [(int(r[0]), bytes(r[1]), bytes(r[2])) for r in
+            log._query("SELECT seq, data, leaf FROM events ORDER BY seq")]
 
 
 def fields(i: int = 0, **kw: object) -> dict[str, object]:
@@ -38,12 +76,10 @@ def fields(i: int = 0, **kw: object) -> dict[str, object]:
             "key_id": f"k{i % 2}", "operation": "encrypt", "request_id": f"r{i}", **kw}
 
 
-def test_appends_are_gapless_durable_and_canonical(log: AuditLog, tmp_path: Path) -> None:
+def test_appends_are_gapless_durable_and_canonical(log: AuditLog) -> None:
     seqs = [log.append(fields(i)) for i in range(5)]
     assert seqs == [0, 1, 2, 3, 4]
-    db = sqlite3.connect(tmp_path / "audit.db")
-    rows = db.execute("SELECT seq, data, leaf FROM events ORDER BY seq").fetchall()
-    db.close()
+    rows = stored_rows(log)
     assert [r[0] for r in rows] == seqs
     for seq, data, leaf in rows:
         event = decode_event(data)
@@ -92,17 +128,14 @@ def test_a_checkpoint_is_made_on_its_own_after_events_stop(log: AuditLog) -> Non
     assert latest is not None and latest.size == 1
 
 
-def test_reopening_continues_the_same_tree(tmp_path: Path, signer: NoteSigner) -> None:
-    first = AuditLog(tmp_path / "a.db", signer=signer, origin=ORIGIN)
+def test_reopening_continues_the_same_tree(make_log: MakeLog) -> None:
+    first = make_log("a")
     for i in range(7):
         first.append(fields(i))
     first.close()
-    second = AuditLog(tmp_path / "a.db", signer=signer, origin=ORIGIN)
-    try:
-        assert second.size == 7 and second.append(fields(7)) == 7
-        assert second.latest_checkpoint() is not None
-    finally:
-        second.close()
+    second = make_log("a")
+    assert second.size == 7 and second.append(fields(7)) == 7
+    assert second.latest_checkpoint() is not None
 
 
 def test_proofs_verify_against_checkpoints(log: AuditLog) -> None:
@@ -158,8 +191,8 @@ def test_a_failing_store_fails_closed_and_recovers(log: AuditLog) -> None:
     assert log.append(fields(2)) == 1  # the failed batch left no gap
 
 
-def test_a_stopped_writer_fails_closed(tmp_path: Path, signer: NoteSigner) -> None:
-    log = AuditLog(tmp_path / "a.db", signer=signer, origin=ORIGIN)
+def test_a_stopped_writer_fails_closed(make_log: MakeLog) -> None:
+    log = make_log("a")
     log.close()
     with pytest.raises(AuditUnavailable):
         log.append(fields())
@@ -208,18 +241,15 @@ def test_several_event_loops_each_get_every_event_committed(log: AuditLog) -> No
     assert log.size == 240
 
 
-def test_a_loop_batch_is_split_at_max_batch(tmp_path: Path, signer: NoteSigner) -> None:
+def test_a_loop_batch_is_split_at_max_batch(make_log: MakeLog) -> None:
     import asyncio
 
-    log = AuditLog(tmp_path / "b.db", signer=signer, origin=ORIGIN, max_batch=10)
+    log = make_log("b", max_batch=10)
 
     async def run() -> list[int]:
         return list(await asyncio.gather(*(log.submit(fields(i)) for i in range(35))))  # type: ignore[arg-type]
 
-    try:
-        assert sorted(asyncio.run(run())) == list(range(35))
-    finally:
-        log.close()
+    assert sorted(asyncio.run(run())) == list(range(35))
 
 
 def test_blocking_calls_are_refused_on_a_loop_committing(log: AuditLog) -> None:

@@ -7,6 +7,7 @@ restarted loses nothing it acknowledged."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import time
@@ -211,6 +212,13 @@ def test_a_killed_node_loses_nothing_it_acknowledged(start_server, tmp_path: Pat
             assert r.json()["error"]["code"] == "grant_revoked"
             ok = c.post("/v1/decrypt", json={"ciphertext": sealed["ciphertext"]})
             assert ok.status_code == 200 and ok.json()["plaintext"] == "c2VjcmV0"
+    # one audit log for both nodes, intact after the kill: every node's events in one tree
+    again.stop()
+    node_b.stop()
+    verified = again.cli("audit", "verify", "--store", postgres_url, "--json")
+    assert verified.returncode == 0, (verified.stdout + verified.stderr).decode()
+    report = json.loads(verified.stdout)
+    assert report["ok"] and report["events"] > 10
 
 
 def test_a_bus_that_cannot_be_reached_stops_the_start(start_server, tmp_path: Path) -> None:

@@ -158,20 +158,10 @@ class AuditLog:
     def __init__(self, path: str | os.PathLike[str], *, signer: NoteSigner, origin: str,
                  clock: Callable[[], float] = time.time, checkpoint_interval: float = 1.0,
                  max_batch: int = 2048, queue_limit: int = 100_000) -> None:
-        if checkpoint_interval <= 0 or max_batch < 1 or queue_limit < 1:
-            raise ValueError("checkpoint_interval, max_batch and queue_limit must be positive")
         self.path = str(path)
-        self.origin = origin
-        self._signer = signer
-        self._clock = clock
-        self._interval = checkpoint_interval
-        self._max_batch = max_batch
-        self._queue_limit = queue_limit
-        self._pending: dict[asyncio.AbstractEventLoop, list[_Pending]] = {}
-        self._lock = threading.RLock()  # one writer (or reader) of the connection at a time
-        self._thread_queue: list[_Pending] = []  # events from threads, committed together
-        self._thread_queue_lock = threading.Lock()
-        self._closed = False
+        self._init_state(signer=signer, origin=origin, clock=clock,
+                         checkpoint_interval=checkpoint_interval, max_batch=max_batch,
+                         queue_limit=queue_limit)
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
                                    timeout=10.0)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -196,18 +186,42 @@ class AuditLog:
         self._committer = (None if self.path == ":memory:" else
                            concurrent.futures.ThreadPoolExecutor(
                                max_workers=1, thread_name_prefix="keygrants-audit-commit"))
-        self._inflight_loop: asyncio.AbstractEventLoop | None = None
-        self._stuck = False
-        self.commit_timeout = 10.0  # seconds a request may wait for its batch to be durable
-        self._proof_cache: SubtreeCache = {}  # perfect subtrees never change in an append-only log
-        self._tree = CompactTree()
+        self._sqlite_wal = self.path != ":memory:"
         for (leaf,) in self._db.execute("SELECT leaf FROM events ORDER BY seq"):
             self._tree.append(bytes(leaf))
         row = self._db.execute("SELECT size, time FROM checkpoints ORDER BY size DESC LIMIT 1").fetchone()
         self._checkpointed_size = row[0] if row else 0
         self._last_checkpoint_at = float(row[1]) if row else 0.0
+        self._start_checkpointer()
+
+    def _init_state(self, *, signer: NoteSigner, origin: str, clock: Callable[[], float],
+                    checkpoint_interval: float, max_batch: int, queue_limit: int) -> None:
+        """What every backend shares: settings, queues, locks (no database yet)."""
+        if checkpoint_interval <= 0 or max_batch < 1 or queue_limit < 1:
+            raise ValueError("checkpoint_interval, max_batch and queue_limit must be positive")
+        self.origin = origin
+        self._signer = signer
+        self._clock = clock
+        self._interval = checkpoint_interval
+        self._max_batch = max_batch
+        self._queue_limit = queue_limit
+        self._pending: dict[asyncio.AbstractEventLoop, list[_Pending]] = {}
+        self._lock = threading.RLock()  # one writer (or reader) of the connection at a time
+        self._thread_queue: list[_Pending] = []  # events from threads, committed together
+        self._thread_queue_lock = threading.Lock()
+        self._closed = False
+        self._inflight_loop: asyncio.AbstractEventLoop | None = None
+        self._stuck = False
+        self.commit_timeout = 10.0  # seconds a request may wait for its batch to be durable
+        self._proof_cache: SubtreeCache = {}  # perfect subtrees never change in an append-only log
+        self._tree = CompactTree()
+        self._checkpointed_size = 0
+        self._last_checkpoint_at = 0.0
         self.failing = False  # a test seam: when True, commits fail (simulates a broken disk)
         self._stop = threading.Event()
+        self._sqlite_wal = False  # the checkpointer also copies a SQLite WAL back
+
+    def _start_checkpointer(self) -> None:
         self._thread = threading.Thread(target=self._checkpointer, name="keygrants-audit-checkpoint",
                                         daemon=True)
         self._thread.start()
@@ -253,24 +267,7 @@ class AuditLog:
         """Commit the loop's batch once it stopped growing: while requests are still arriving
         (the batch grew during the last loop iteration) wait one more iteration, a few times
         at most, so one fsync covers every request in flight rather than a handful."""
-        batch = self._pending.get(loop, [])
-        if len(batch) > seen and deferrals < _MAX_DEFERRALS and len(batch) < self._max_batch:
-            loop.call_soon(self._flush, loop, len(batch), deferrals + 1)
-            return
-        if self._inflight_loop is loop:
-            return  # this loop's commit in flight flushes again when it completes
-        if self._stuck:
-            # the last commit overran its deadline: fail closed at once rather than queue
-            self._pending.pop(loop, None)
-            _resolve([(item, AuditUnavailable("the audit log is not confirming commits"))
-                      for item in batch])
-            return
-        rest = batch[self._max_batch:]
-        batch = batch[:self._max_batch]
-        if rest:
-            self._pending[loop] = rest  # flushed when this batch's commit completes
-        else:
-            self._pending.pop(loop, None)
+        batch = self._take_batch(loop, seen, deferrals)
         if not batch:
             return
         if self._committer is None:
@@ -304,6 +301,30 @@ class AuditLog:
             self._committed(loop, staged, f)
 
         done.add_done_callback(finished)
+
+    def _take_batch(self, loop: asyncio.AbstractEventLoop, seen: int,
+                    deferrals: int) -> list[_Pending] | None:
+        """The loop's batch to commit now, or ``None`` (still growing: flushed again on the
+        next iteration; a commit of this loop in flight: flushed when it completes)."""
+        batch = self._pending.get(loop, [])
+        if len(batch) > seen and deferrals < _MAX_DEFERRALS and len(batch) < self._max_batch:
+            loop.call_soon(self._flush, loop, len(batch), deferrals + 1)
+            return None
+        if self._inflight_loop is loop:
+            return None  # this loop's commit in flight flushes again when it completes
+        if self._stuck:
+            # the last commit overran its deadline: fail closed at once rather than queue
+            self._pending.pop(loop, None)
+            _resolve([(item, AuditUnavailable("the audit log is not confirming commits"))
+                      for item in batch])
+            return None
+        rest = batch[self._max_batch:]
+        batch = batch[:self._max_batch]
+        if rest:
+            self._pending[loop] = rest  # flushed when this batch's commit completes
+        else:
+            self._pending.pop(loop, None)
+        return batch
 
     def _not_during_own_commit(self, what: str) -> None:
         """The blocking entry points must not run on a loop whose commit is in flight: that
@@ -414,7 +435,7 @@ class AuditLog:
         """Cover events that stopped flowing (a signed checkpoint within one interval of the
         last event) and copy the WAL into the database now and then, off the request path."""
         wal = None
-        if self.path != ":memory:":
+        if self._sqlite_wal:
             wal = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         last_wal = time.monotonic()
         try:

@@ -23,7 +23,7 @@ from keygrants.crypto import Aead, SigningKey, random_bytes
 from keygrants.keys.sealing import seal_named_secret, unseal_named_secret
 from keygrants.store.base import Store
 
-__all__ = ["AUDIT_DB_FILE", "AuditSetup", "open_audit"]
+__all__ = ["AUDIT_DB_FILE", "AuditSetup", "is_postgres_url", "open_audit"]
 
 AUDIT_DB_FILE: Final = "audit.db"
 _SIGNING_META: Final = "audit_signing_key"
@@ -52,9 +52,14 @@ def _secret(store: Store, root: Aead, name: str, make: bytes) -> bytes:
     return unseal_named_secret(root, name, stored)
 
 
+def is_postgres_url(url: str | None) -> bool:
+    return url is not None and url.split(":", 1)[0] in ("postgresql", "postgres")
+
+
 def open_audit(store: Store, root_key: bytes, *, path: str | Path, node: str,
-               checkpoint_interval: float = 1.0) -> AuditSetup:
-    """Open (creating on first start) the audit keys and log.
+               checkpoint_interval: float = 1.0, store_url: str | None = None) -> AuditSetup:
+    """Open (creating on first start) the audit keys and log: in ``path`` (SQLite), or in
+    the store's database when ``store_url`` is PostgreSQL (one log for every node on it).
 
     Raises:
         InvalidCiphertext: if the stored audit keys do not open with this root key.
@@ -73,6 +78,13 @@ def open_audit(store: Store, root_key: bytes, *, path: str | Path, node: str,
     vkey = format_vkey(origin, signing.public_key())
     store.set_meta_if_absent(VKEY_META, vkey.encode())
     digester = Digester(hmac_key)
-    log = AuditLog(path, signer=signer, origin=origin, checkpoint_interval=checkpoint_interval)
+    log: AuditLog
+    if store_url is not None and is_postgres_url(store_url):
+        from keygrants.audit.pglog import PostgresAuditLog
+
+        log = PostgresAuditLog(store_url, signer=signer, origin=origin,
+                               checkpoint_interval=checkpoint_interval)
+    else:
+        log = AuditLog(path, signer=signer, origin=origin, checkpoint_interval=checkpoint_interval)
     return AuditSetup(log=log, recorder=LogRecorder(log, digester, node=node), digester=digester,
                       vkey=vkey, origin=origin)

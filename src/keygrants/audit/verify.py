@@ -41,7 +41,8 @@ from keygrants.audit.log import AuditLog
 from keygrants.audit.merkle import CompactTree, leaf_hash
 from keygrants.audit.note import Checkpoint, InvalidNote, NoteVerifier, open_note, parse_vkey
 
-__all__ = ["EXPORT_FORMAT", "VerifyReport", "export_lines", "verify_database", "verify_export"]
+__all__ = ["EXPORT_FORMAT", "VerifyReport", "export_lines", "verify_database", "verify_export",
+           "verify_postgres"]
 
 EXPORT_FORMAT: Final = "keygrants-audit-export/1"
 MAX_LINE: Final = 64 * 1024
@@ -296,25 +297,67 @@ def verify_database(path: str | Path, *, vkey: str, origin: str | None = None,
                     progress: Callable[[int], None] | None = None) -> VerifyReport:
     """Verify an ``audit.db`` in place (read-only), events against their stored leaf hashes
     and the tree against every stored checkpoint."""
-    report = VerifyReport()
-    verifier = _verifier(None, vkey, report)
     uri = f"file:{Path(path).resolve()}?mode=ro"
     db = sqlite3.connect(uri, uri=True)
     try:
-        checkpoints: dict[int, list[bytes]] = {}
-        for size, note in db.execute("SELECT size, note FROM checkpoints ORDER BY size"):
-            checkpoints.setdefault(int(size), []).append(_as_bytes(note))
-        engine = _Engine(verifier, origin or verifier.name, report, progress)
-        max_seq = -1
-        cursor: Any = db.execute("SELECT seq, data, leaf FROM events ORDER BY seq")
-        for seq, data, leaf in cursor:
-            engine.event(int(seq), _as_bytes(data), _as_bytes(leaf))
-            max_seq = int(seq)
-            for note in checkpoints.pop(max_seq + 1, []):
-                engine.checkpoint(max_seq + 1, note, f"at size {max_seq + 1}")
-        for size in sorted(checkpoints):
-            for note in checkpoints[size]:
-                engine.checkpoint(size, note, f"at size {size}")
+        return _verify_rows(db.execute("SELECT size, note FROM checkpoints ORDER BY size"),
+                            db.execute("SELECT seq, data, leaf FROM events ORDER BY seq"),
+                            vkey=vkey, origin=origin, progress=progress)
     finally:
         db.close()
+
+
+def verify_postgres(url: str, *, vkey: str, origin: str | None = None,
+                    progress: Callable[[int], None] | None = None) -> VerifyReport:
+    """Verify the audit log kept in a PostgreSQL store (schema ``keygrants_audit``), read-only
+    in one snapshot, streaming the events.
+
+    Raises:
+        ValueError: if the database cannot be read or holds no audit log.
+    """
+    import psycopg
+
+    from keygrants.audit.pglog import SCHEMA, connect
+
+    try:
+        conn = connect(url, read_only=True)
+    except psycopg.Error as exc:
+        raise ValueError(f"cannot connect to the store: {type(exc).__name__}") from None
+    try:
+        with conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            found = conn.execute("SELECT to_regclass(%s)", (f"{SCHEMA}.events",)).fetchone()
+            if found is None or found[0] is None:
+                raise ValueError("this database holds no keygrants audit log")
+            checkpoints = conn.execute("SELECT size, note FROM checkpoints ORDER BY size").fetchall()
+            with conn.cursor(name="keygrants_audit_verify") as events:
+                events.itersize = 10_000
+                events.execute("SELECT seq, data, leaf FROM events ORDER BY seq")
+                return _verify_rows(checkpoints, events, vkey=vkey, origin=origin,
+                                    progress=progress)
+    except psycopg.Error as exc:
+        raise ValueError(f"cannot read the audit log: {type(exc).__name__}: {exc}") from None
+    finally:
+        conn.close()
+
+
+def _verify_rows(checkpoint_rows: Iterable[Any], event_rows: Iterable[Any], *, vkey: str,
+                 origin: str | None, progress: Callable[[int], None] | None) -> VerifyReport:
+    """Check stored rows: ``(size, note)`` checkpoints and ``(seq, data, leaf)`` events, each
+    in order."""
+    report = VerifyReport()
+    verifier = _verifier(None, vkey, report)
+    checkpoints: dict[int, list[bytes]] = {}
+    for size, note in checkpoint_rows:
+        checkpoints.setdefault(int(size), []).append(_as_bytes(note))
+    engine = _Engine(verifier, origin or verifier.name, report, progress)
+    max_seq = -1
+    for seq, data, leaf in event_rows:
+        engine.event(int(seq), _as_bytes(data), _as_bytes(leaf))
+        max_seq = int(seq)
+        for note in checkpoints.pop(max_seq + 1, []):
+            engine.checkpoint(max_seq + 1, note, f"at size {max_seq + 1}")
+    for size in sorted(checkpoints):
+        for note in checkpoints[size]:
+            engine.checkpoint(size, note, f"at size {size}")
     return engine.finish()

@@ -3,23 +3,25 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import sqlite3
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 import click
 import msgspec
 
-from keygrants.audit.setup import AUDIT_DB_FILE, VKEY_META
-from keygrants.audit.verify import VerifyReport, verify_database, verify_export
+from keygrants.audit.setup import AUDIT_DB_FILE, VKEY_META, is_postgres_url
+from keygrants.audit.verify import VerifyReport, verify_database, verify_export, verify_postgres
 from keygrants.cli._common import DATA_DIR_ENV, State, common, emit, fail
-from keygrants.errors import InvalidRequest
+from keygrants.errors import InvalidRequest, KeygrantsError
 
 __all__ = ["audit"]
 
 _SHOWN = 50
+_PROGRESS_MIN_EVENTS = 100_000  # a database verification shows a progress bar above this
 
 
 @click.group()
@@ -162,35 +164,105 @@ def _stored_vkey(data_dir: Path) -> str:
     return bytes(row[0]).decode()
 
 
+def _postgres_vkey(url: str) -> str:
+    import psycopg
+
+    try:
+        with psycopg.connect(url, connect_timeout=10, autocommit=True) as conn:
+            row = conn.execute("SELECT value FROM meta WHERE name = %s", (VKEY_META,)).fetchone()
+    except psycopg.Error as exc:
+        raise InvalidRequest(f"cannot read the store's audit key: {type(exc).__name__}") from None
+    if row is None:
+        raise InvalidRequest("the store records no audit key")
+    return bytes(row[0]).decode()
+
+
+def _event_count(count: Callable[[], int]) -> int | None:
+    try:
+        return count()
+    except Exception:  # only the progress bar needs it
+        return None
+
+
+@contextlib.contextmanager
+def _db_progress(total: int | None, quiet: bool) -> Iterator[Callable[[int], None] | None]:
+    """A progress bar over events for a database verification (large logs only)."""
+    if quiet or total is None or total < _PROGRESS_MIN_EVENTS or not sys.stderr.isatty():
+        yield None
+        return
+    from rich.progress import Progress
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task("verifying", total=total)
+        yield lambda done: bar.update(task, completed=done)
+
+
 @audit.command("verify")
 @click.argument("file", required=False, type=click.Path(exists=True, dir_okay=False))
 @click.option("--data-dir", "data_dir", envvar=DATA_DIR_ENV, default=None,
               type=click.Path(file_okay=False), help="Verify <data-dir>/audit.db in place.")
+@click.option("--store", "store_url", default=None, metavar="URL",
+              help="Verify the audit log in a PostgreSQL store (postgresql://…), read-only.")
 @click.option("--vkey", default=None, help="Pinned audit verifier key (from `audit key`).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
-def audit_verify(file: str | None, data_dir: str | None, vkey: str | None, as_json: bool) -> None:
-    """Verify an export FILE, or a data directory's audit.db, offline.
+def audit_verify(file: str | None, data_dir: str | None, store_url: str | None, vkey: str | None,
+                 as_json: bool) -> None:
+    """Verify an export FILE, a data directory's audit.db, or the audit log of a PostgreSQL
+    store (--store URL), offline.
 
     Exit status 0 when the log is intact, 1 when an alteration was found (each is listed).
     """
     try:
+        if file is not None and store_url is not None:
+            raise InvalidRequest("give one of FILE and --store, not both")
+        if file is None and store_url is None and data_dir is None:
+            raise InvalidRequest("give an export FILE, --data-dir DIR or --store URL")
         if file is not None:
             path = Path(file)
             with path.open("rb") as f:
                 report = verify_export(_progress_lines(f, path.stat().st_size, as_json), vkey=vkey)
-        elif data_dir is not None:
-            directory = Path(data_dir)
-            if not (directory / AUDIT_DB_FILE).exists():
-                raise InvalidRequest(f"no {AUDIT_DB_FILE} in {directory}")
-            report = verify_database(directory / AUDIT_DB_FILE, vkey=vkey or _stored_vkey(directory))
+        elif store_url is not None:
+            if not is_postgres_url(store_url):
+                raise InvalidRequest("--store takes a postgresql:// URL; a SQLite data directory's "
+                                     "log is verified with --data-dir")
+            key = vkey or _postgres_vkey(store_url)
+            with _db_progress(_event_count(lambda: _postgres_count(store_url)), as_json) as progress:
+                report = verify_postgres(store_url, vkey=key, progress=progress)
         else:
-            raise InvalidRequest("give an export FILE or --data-dir")
+            assert data_dir is not None
+            directory = Path(data_dir)
+            db_path = directory / AUDIT_DB_FILE
+            if not db_path.exists():
+                raise InvalidRequest(f"no {AUDIT_DB_FILE} in {directory} (a server on a PostgreSQL "
+                                     "store keeps its log there: use --store URL)")
+            key = vkey or _stored_vkey(directory)
+            with _db_progress(_event_count(lambda: _sqlite_count(db_path)), as_json) as progress:
+                report = verify_database(db_path, vkey=key, progress=progress)
+    except KeygrantsError as exc:
+        fail(as_json, exc)
+        return
     except ValueError as exc:
         fail(as_json, InvalidRequest(str(exc)))
         return
     _print_report(report, as_json)
     if not report.ok:
         sys.exit(1)
+
+
+def _sqlite_count(path: Path) -> int:
+    db = sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True)
+    try:
+        return int(db.execute("SELECT coalesce(max(seq) + 1, 0) FROM events").fetchone()[0])
+    finally:
+        db.close()
+
+
+def _postgres_count(url: str) -> int:
+    from keygrants.audit.pglog import connect
+
+    with connect(url, read_only=True) as conn:
+        row = conn.execute("SELECT coalesce(max(seq) + 1, 0) FROM events").fetchone()
+        return int(row[0]) if row else 0
 
 
 def _print_report(report: VerifyReport, as_json: bool) -> None:

@@ -1,0 +1,254 @@
+"""The audit log on PostgreSQL: one Merkle tree for every node that shares the database.
+
+With ``--store postgresql://…`` the audit log lives in the same database, in the schema
+``keygrants_audit`` (tables ``events``, ``checkpoints``, ``cursors``, as in ``audit.db``).
+Several server processes append to the one tree: each batch takes a transaction-level
+advisory lock, first reads the leaves and the newest checkpoint other nodes committed since
+its own last batch (so its tree is the database's), then numbers, hashes and inserts its
+events and, when one is due, a checkpoint, and commits (``synchronous_commit`` on: the WAL is
+flushed before the commit returns). Sequence numbers are therefore gapless across nodes and
+the checkpoints of all nodes sign one history: a verifier never sees two trees under one
+origin.
+
+Group commit as in :class:`~keygrants.audit.log.AuditLog`: the event loop gathers a batch,
+and a commit thread runs the whole transaction (the round trips to the database, not Python
+work, are its cost); the loop resumes the requests once it is durable. Threads commit
+through :meth:`AuditLog.append` the same way. Every failure is
+:class:`~keygrants.errors.AuditUnavailable` and nothing is acknowledged that is not committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Final
+
+import psycopg
+from psycopg.conninfo import make_conninfo
+
+from keygrants.audit.log import _MAX_DEFERRALS, AuditLog, _Pending, _resolve
+from keygrants.audit.note import NoteSigner
+from keygrants.errors import AuditUnavailable, InvalidRequest
+
+__all__ = ["SCHEMA", "PostgresAuditLog"]
+
+log = logging.getLogger("keygrants.audit")
+
+SCHEMA: Final = "keygrants_audit"
+_CONNECT_TIMEOUT: Final = 10
+_SCHEMA_LOCK: Final = 0x6B67_00A0  # advisory lock keys ("kg" high bytes, as the store's)
+_APPEND_LOCK: Final = 0x6B67_00A1
+
+_DDL: Final = f"""
+CREATE SCHEMA IF NOT EXISTS {SCHEMA};
+CREATE TABLE IF NOT EXISTS {SCHEMA}.events (
+    seq BIGINT PRIMARY KEY,
+    time TEXT COLLATE "C" NOT NULL,
+    type TEXT COLLATE "C" NOT NULL,
+    principal TEXT COLLATE "C",
+    key_id TEXT COLLATE "C",
+    grant_id TEXT COLLATE "C",
+    data BYTEA NOT NULL,
+    leaf BYTEA NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_principal ON {SCHEMA}.events (principal, seq);
+CREATE INDEX IF NOT EXISTS events_key ON {SCHEMA}.events (key_id, seq) WHERE key_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS events_grant ON {SCHEMA}.events (grant_id, seq)
+    WHERE grant_id IS NOT NULL;
+CREATE TABLE IF NOT EXISTS {SCHEMA}.checkpoints (
+    size BIGINT PRIMARY KEY,
+    time BIGINT NOT NULL,
+    note BYTEA NOT NULL
+);
+CREATE TABLE IF NOT EXISTS {SCHEMA}.cursors (sink TEXT COLLATE "C" PRIMARY KEY,
+                                             seq BIGINT NOT NULL);
+"""
+
+
+def connect(url: str, *, read_only: bool = False) -> psycopg.Connection[Any]:
+    """A connection whose unqualified table names are the audit tables."""
+    options = f"-c search_path={SCHEMA} -c synchronous_commit=on"
+    if read_only:
+        options += " -c default_transaction_read_only=on"
+    return psycopg.connect(make_conninfo(url, options=options, connect_timeout=_CONNECT_TIMEOUT),
+                           autocommit=True)
+
+
+class PostgresAuditLog(AuditLog):
+    """:class:`~keygrants.audit.log.AuditLog` on PostgreSQL (``url``); the same interface.
+
+    Raises:
+        AuditUnavailable: if the database cannot be reached or prepared.
+    """
+
+    def __init__(self, url: str, *, signer: NoteSigner, origin: str,
+                 clock: Callable[[], float] = time.time, checkpoint_interval: float = 1.0,
+                 max_batch: int = 2048, queue_limit: int = 100_000) -> None:
+        self.path = url
+        self._init_state(signer=signer, origin=origin, clock=clock,
+                         checkpoint_interval=checkpoint_interval, max_batch=max_batch,
+                         queue_limit=queue_limit)
+        try:
+            self._db: Any = connect(url)
+            with self._db.transaction():
+                self._db.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+                self._db.execute(_DDL)
+            self._read_db: Any = connect(url)
+        except psycopg.Error as exc:
+            raise AuditUnavailable(f"the audit log database cannot be opened: "
+                                   f"{type(exc).__name__}") from exc
+        self._read_lock = threading.Lock()
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="keygrants-audit-commit")
+        self._committer = self._pool
+        with self._lock:
+            self._catch_up()
+        self._start_checkpointer()
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def _catch_up(self) -> None:
+        """Adopt what other nodes committed since this node's last batch (under the lock)."""
+        rows = self._db.execute("SELECT seq, leaf FROM events WHERE seq >= %s ORDER BY seq",
+                                (self._tree.size,)).fetchall()
+        for seq, leaf in rows:
+            if seq != self._tree.size:
+                raise AuditUnavailable(f"the audit log has a gap at sequence {self._tree.size}")
+            self._tree.append(bytes(leaf))
+        row = self._db.execute(
+            "SELECT size, time FROM checkpoints ORDER BY size DESC LIMIT 1").fetchone()
+        if row is not None and row[0] > self._checkpointed_size:
+            self._checkpointed_size, self._last_checkpoint_at = int(row[0]), float(row[1])
+
+    def _commit_locked(self, batch: list[_Pending], *, force_checkpoint: bool) -> bool:
+        staged = None
+        try:
+            if self.failing:
+                raise psycopg.OperationalError("simulated audit store failure")
+            with self._db.transaction():
+                self._db.execute("SELECT pg_advisory_xact_lock(%s)", (_APPEND_LOCK,))
+                self._catch_up()
+                staged = self._stage(batch, force_checkpoint=force_checkpoint)
+                if staged is None:
+                    return True
+                with self._db.cursor() as cur:
+                    if staged.rows:
+                        cur.executemany(
+                            "INSERT INTO events (seq, time, type, principal, key_id, grant_id,"
+                            " data, leaf) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)", staged.rows)
+                    if staged.checkpoint is not None:
+                        cp = staged.checkpoint
+                        cur.execute("INSERT INTO checkpoints (size, time, note) VALUES (%s, %s, %s)",
+                                    (cp.size, cp.time, cp.note))
+        except (psycopg.Error, AuditUnavailable) as exc:
+            log.error("audit: a batch of %d event(s) could not be made durable: %s",
+                      len(batch), exc)
+            _resolve([(item, AuditUnavailable()) for item in batch])
+            return False
+        self._apply(staged)
+        return True
+
+    def _flush(self, loop: asyncio.AbstractEventLoop, seen: int, deferrals: int) -> None:
+        """Hand the loop's batch to the commit thread; resolve its futures on the loop."""
+        batch = self._take_batch(loop, seen, deferrals)
+        if not batch:
+            return
+        if self._closed:
+            _resolve([(item, AuditUnavailable("the audit log is closed")) for item in batch])
+            return
+        # the commit thread resolves these; their outcomes are copied to the loop's futures
+        proxies = [_Pending(item.fields) for item in batch]
+        try:
+            done = loop.run_in_executor(self._pool, functools.partial(
+                self._commit, proxies, force_checkpoint=False))
+        except RuntimeError:  # the commit thread was shut down: closing
+            _resolve([(item, AuditUnavailable("the audit log is closed")) for item in batch])
+            return
+        self._inflight_loop = loop
+        watchdog = loop.call_later(self.commit_timeout, self._batch_overdue, loop, batch)
+
+        def finished(f: asyncio.Future[Any]) -> None:
+            watchdog.cancel()
+            self._inflight_loop = None
+            self._stuck = False
+            outcomes: list[tuple[_Pending, int | BaseException]] = []
+            failed = f.cancelled() or f.exception() is not None
+            for item, proxy in zip(batch, proxies, strict=True):
+                result = proxy.future
+                if not failed and result.done():
+                    exc = result.exception()
+                    outcomes.append((item, exc if exc is not None else result.result()))
+                else:
+                    outcomes.append((item, AuditUnavailable()))
+            _resolve(outcomes)
+            if self._pending.get(loop):
+                loop.call_soon(self._flush, loop, 0, _MAX_DEFERRALS)
+
+        done.add_done_callback(finished)
+
+    def _batch_overdue(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending]) -> None:
+        log.error("audit: a commit of %d event(s) is overdue by %.0f s; failing requests until "
+                  "it completes", len(batch), self.commit_timeout)
+        self._stuck = True
+        queued = self._pending.pop(loop, [])
+        _resolve([(item, AuditUnavailable("the audit log did not confirm the event in time"))
+                  for item in [*batch, *queued]])
+
+    def close(self, *, timeout: float = 10.0) -> None:
+        """Checkpoint what is durable and close the connections (from a thread, not a loop)."""
+        if self._closed:
+            return
+        self._stop.set()
+        self._thread.join(timeout)
+        self._pool.shutdown(wait=True)
+        with self._lock:
+            if not self._closed:
+                try:
+                    self._commit([], force_checkpoint=True)
+                finally:
+                    self._closed = True
+                    self._db.close()
+                    with self._read_lock:
+                        self._read_db.close()
+
+    def set_cursor(self, sink: str, seq: int) -> None:
+        """Record a sink's delivery position durably (from a thread, not a loop); never moves
+        it back (nodes sharing the log may ship the same sink: at-least-once, as documented)."""
+        with self._lock:
+            if self._closed:
+                raise AuditUnavailable("the audit log is closed")
+            try:
+                self._db.execute("INSERT INTO cursors (sink, seq) VALUES (%s, %s) "
+                                 "ON CONFLICT (sink) DO UPDATE SET seq = greatest(cursors.seq, excluded.seq)",
+                                 (sink, seq))
+            except psycopg.Error as exc:
+                raise AuditUnavailable("the sink cursor could not be saved") from exc
+
+    # -- reading ---------------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        """Number of durable events, whichever node wrote them."""
+        rows = self._query("SELECT coalesce(max(seq) + 1, 0) FROM events")
+        return max(int(rows[0][0]), self._tree.size)
+
+    def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        if self._closed:
+            raise AuditUnavailable("the audit log is closed")
+        with self._read_lock:
+            try:
+                return list(self._read_db.execute(sql.replace("?", "%s"), params).fetchall())
+            except psycopg.Error as exc:
+                raise AuditUnavailable("the audit log cannot be read") from exc
+
+    def _leaves(self, upto: int) -> list[bytes]:
+        leaves = [bytes(r[0]) for r in self._query(
+            "SELECT leaf FROM events WHERE seq < ? ORDER BY seq", (upto,))]
+        if len(leaves) < upto:
+            raise InvalidRequest(f"the log has only {len(leaves)} events")
+        return leaves
