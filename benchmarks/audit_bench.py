@@ -1,6 +1,8 @@
 """Audit log benchmarks, side by side in one run.
 
     python benchmarks/audit_bench.py [--events 50000] [--verify-events 200000] [--duration 10]
+                                     [--connections 16,64,128] [--http-only]
+                                     [--postgres postgresql://postgres@127.0.0.1:5432/kg_bench]
 
 1. Durable append throughput with group commit on SQLite (WAL, synchronous=FULL): N
    concurrent request coroutines on one event loop (as in the server) each append an event and
@@ -52,13 +54,22 @@ FIELDS = {"type": "crypto.encrypt", "result": "ok", "principal": "svc-billing",
           "source": "127.0.0.1", "node": "bench"}
 
 
-def bench_append(work: Path, events: int, concurrency: int) -> tuple[float, float, float]:
+def bench_append(work: Path, events: int, concurrency: int,
+                 postgres: str | None = None) -> tuple[float, float, float]:
     """``concurrency`` request-like coroutines on one event loop (as in the server), each
-    awaiting its event's durability before sending the next."""
+    awaiting its event's durability before sending the next; on SQLite, or on the
+    PostgreSQL database ``postgres`` (its audit schema is dropped first and after)."""
     import asyncio
 
     signer = NoteSigner("bench.audit", SigningKey.generate("ed25519"))
-    log = AuditLog(work / f"append-{concurrency}.db", signer=signer, origin="bench.audit")
+    log: AuditLog
+    if postgres is not None:
+        from keygrants.audit.pglog import PostgresAuditLog
+
+        _drop_pg_audit(postgres)
+        log = PostgresAuditLog(postgres, signer=signer, origin="bench.audit")
+    else:
+        log = AuditLog(work / f"append-{concurrency}.db", signer=signer, origin="bench.audit")
     latencies: list[float] = []
 
     async def client(n: int) -> None:
@@ -74,9 +85,20 @@ def bench_append(work: Path, events: int, concurrency: int) -> tuple[float, floa
 
     elapsed = asyncio.run(run())
     log.close()
+    if postgres is not None:
+        _drop_pg_audit(postgres)
     latencies.sort()
     return (len(latencies) / elapsed, statistics.median(latencies) * 1000,
             latencies[int(len(latencies) * 0.99)] * 1000)
+
+
+def _drop_pg_audit(url: str) -> None:
+    import psycopg
+
+    from keygrants.audit.pglog import SCHEMA
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")
 
 
 def bench_verify(work: Path, events: int) -> float:
@@ -167,6 +189,9 @@ def main() -> None:
                         help="wrk connection counts to sweep, comma-separated (HTTP)")
     parser.add_argument("--skip-http", action="store_true")
     parser.add_argument("--http-only", action="store_true", help="run only the HTTP comparison")
+    parser.add_argument("--postgres", metavar="URL", default=None,
+                        help="also measure the append on this PostgreSQL database (a scratch "
+                             "database: its keygrants_audit schema is dropped)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="kg-audit-bench-"))
     try:
@@ -178,6 +203,12 @@ def main() -> None:
                 print(f"   {concurrency:4d} concurrent: {rate:8,.0f} events/s "
                       f"(target >= 20,000: {'OK' if rate >= 20_000 else 'BELOW'}); "
                       f"added latency p50 {p50:.2f} ms, p99 {p99:.2f} ms")
+            if args.postgres:
+                print("   the same on PostgreSQL (one transaction per batch, synchronous_commit on):")
+                for concurrency in sorted({16, args.concurrency, 256}):
+                    rate, p50, p99 = bench_append(work, args.events, concurrency, args.postgres)
+                    print(f"   {concurrency:4d} concurrent: {rate:8,.0f} events/s; added latency "
+                          f"p50 {p50:.2f} ms, p99 {p99:.2f} ms")
             vrate = bench_verify(work, args.verify_events)
             print(f"2. verify an export of {args.verify_events:,} events: {vrate:,.0f} events/s "
                   f"(target >= 200,000: {'OK' if vrate >= 200_000 else 'BELOW'})")
