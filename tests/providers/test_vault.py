@@ -174,3 +174,48 @@ async def test_rotation_policy(openbao: OpenBao) -> None:
     assert policy.last_rotation is not None and policy.next_rotation is not None
     assert not (await p.get_rotation_policy("enc")).enabled
     await p.close()
+
+
+async def test_an_expired_approle_token_is_renewed_by_logging_in_again(openbao: OpenBao) -> None:
+    p = open_provider(uri(openbao), role_id=openbao.role_id, secret_id=openbao.secret_id)
+    first = await p.encrypt(b"secret")
+    assert isinstance(p, VaultTransitProvider)
+    openbao.root.auth.token.revoke(p._client.token)  # as if it had expired
+    again = await p.encrypt(b"secret")  # 403, then one login, then the call again
+    assert await p.decrypt(first) == await p.decrypt(again) == b"secret"
+    await p.close()
+
+
+async def test_the_per_request_calls_verify_tls_too(openbao: OpenBao) -> None:
+    """Key metadata goes through hvac, the Transit calls through the async client: both
+    verify the server's certificate (here against the public bundle, so both refuse)."""
+    p = open_provider(f"vault://127.0.0.1:{openbao.port}/enc", token=TOKEN)
+    assert isinstance(p, VaultTransitProvider)
+    with pytest.raises(ProviderConnectionError, match="TLS verification"):
+        await p._post("encrypt", "/v1/transit/encrypt/enc", {"plaintext": "eA=="})
+    await p.close()
+
+
+async def test_each_event_loop_gets_its_own_connections(openbao: OpenBao) -> None:
+    import asyncio
+    import threading
+
+    p = open_provider(uri(openbao), token=TOKEN)
+    enc = await p.encrypt(b"secret")
+    results: list[bytes] = []
+
+    async def on_another_loop() -> bytes:
+        try:
+            return await p.decrypt(enc)
+        finally:
+            await p.release_loop()  # this loop ends: its connections with it
+
+    def other_loop() -> None:
+        results.append(asyncio.run(on_another_loop()))
+
+    t = threading.Thread(target=other_loop)
+    t.start()
+    t.join(30)
+    assert results == [b"secret"]
+    assert await p.decrypt(enc) == b"secret"
+    await p.close()

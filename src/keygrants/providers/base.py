@@ -17,7 +17,7 @@ from __future__ import annotations
 import abc
 import asyncio
 from collections.abc import Mapping
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from keygrants.errors import DecryptionError, UnsealFailed, UnsupportedOperation
 from keygrants.providers.models import DataKeyPair, EncryptedData, KeyReference, RotationPolicy
@@ -102,6 +102,10 @@ class KeyProvider(abc.ABC):
         """The provider key's rotation policy, where the backend reports one."""
         return RotationPolicy(enabled=False)
 
+    async def release_loop(self) -> None:  # noqa: B027 (optional hook)
+        """Release what is bound to the running event loop (its connections), before that
+        loop ends; the provider stays usable from other loops."""
+
     async def close(self) -> None:  # noqa: B027 (optional hook)
         """Release clients and connections."""
 
@@ -121,8 +125,15 @@ class ProviderSeal:
     def uri(self) -> str:
         return self._provider.uri
 
-    def _run(self, coro: object) -> object:
-        return asyncio.run(coro)  # type: ignore[arg-type]
+    def _run(self, coro: Any) -> object:
+        provider = self._provider
+
+        async def on_a_private_loop() -> object:
+            try:
+                return await coro
+            finally:
+                await provider.release_loop()  # the loop ends here; so do its connections
+        return asyncio.run(on_a_private_loop())
 
     def wrap(self, plaintext: bytes, *, aad: bytes) -> bytes:
         import msgspec

@@ -323,6 +323,10 @@ class KeygrantsProvider(KeyProvider):
                               else None,
                               next_rotation=next_at)
 
+    async def release_loop(self) -> None:
+        """Close the client of the running event loop (before that loop ends)."""
+        await self.close()
+
     async def close(self) -> None:
         """Close the HTTP connections of the current event loop's client."""
         client, self._client = self._client, None
