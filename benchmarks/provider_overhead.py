@@ -14,8 +14,9 @@ context ``{"tenant": "42", "purpose": "bench"}``) two ways:
                        (base64 of the plaintext and the canonical context made per call)
             keygrants  the SDK's ``AsyncClient.encrypt(key, pt, context=...)`` -> keygrants server
   provider  ``await provider.encrypt(pt, context=...)`` of ``keygrants.providers`` for the same
-            backend (boto3 and hvac run in a worker thread; the keygrants provider awaits the
-            same AsyncClient), including the EncryptedData it builds
+            backend (aws-kms and vault send the call with aiohttp on the event loop, aws-kms
+            signed by botocore's SigV4 signer; the keygrants provider awaits the same
+            AsyncClient), including the EncryptedData it builds
 
 Every backend runs in its own process on a free 127.0.0.1 port with a temp dir (moto_server,
 ``bao server -dev`` over plain HTTP, ``keygrants server``), started and stopped here. Rounds

@@ -105,3 +105,104 @@ async def test_credentials_are_never_in_errors(moto_kms: MotoKms, closed_port: i
         await p.encrypt(b"x")
     assert CREDS["aws_secret_access_key"] not in str(info.value)
     await p.close()
+
+
+class _FlakyFront:
+    """A loopback HTTP front of moto that answers the first ``throttle`` requests with KMS's
+    throttling error (HTTP 400, ``ThrottlingException``) and forwards the rest, recording
+    each request's ``X-Amz-Target`` and whether it carried a SigV4 Authorization header."""
+
+    def __init__(self, upstream: str, throttle: int) -> None:
+        import http.server
+        import threading
+
+        import httpx
+
+        front = self
+        self.seen: list[tuple[str, bool]] = []
+        self.throttle = throttle
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (the stdlib's name)
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                auth = self.headers.get("Authorization", "")
+                front.seen.append((self.headers.get("X-Amz-Target", ""),
+                                   auth.startswith("AWS4-HMAC-SHA256 ")))
+                if len(front.seen) <= front.throttle:
+                    status, out = 400, b'{"__type":"ThrottlingException","message":"slow down"}'
+                else:
+                    headers = {k: v for k, v in self.headers.items()
+                               if k.lower() not in ("host", "content-length")}
+                    r = httpx.post(upstream + "/", content=body, headers=headers, timeout=10,
+                                   trust_env=False)
+                    status, out = r.status_code, r.content
+                self.send_response(status)
+                self.send_header("Content-Type", "application/x-amz-json-1.1")
+                self.send_header("Content-Length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+async def test_per_request_calls_are_signed_and_a_throttled_one_is_retried_by_boto3(
+        moto_kms: MotoKms) -> None:
+    front = _FlakyFront(moto_kms.endpoint, throttle=1)
+    try:
+        p = open_provider(f"aws-kms://{moto_kms.keys['enc']}?region=us-east-1"
+                          f"&endpoint={front.url}", **CREDS)
+        enc = await p.encrypt(b"secret", context={"t": "1"})  # throttled once, then boto3
+        assert front.seen[:2] == [("TrentService.Encrypt", True)] * 2
+        assert len(front.seen) == 2
+        assert await p.decrypt(enc) == b"secret"  # the direct path, first time lucky
+        assert front.seen[2] == ("TrentService.Decrypt", True) and len(front.seen) == 3
+        pair = await p.generate_data_key(context={"t": "1"})
+        assert await p.decrypt(pair.encrypted_key) == pair.plaintext_key
+        assert [t for t, _ in front.seen[3:]] == ["TrentService.GenerateDataKey",
+                                                  "TrentService.Decrypt"]
+        await p.close()
+    finally:
+        front.close()
+
+
+async def test_a_refused_direct_call_is_not_retried(moto_kms: MotoKms) -> None:
+    import uuid
+
+    from keygrants.errors import KeyNotFoundError
+
+    front = _FlakyFront(moto_kms.endpoint, throttle=0)
+    try:
+        p = open_provider(f"aws-kms://{uuid.uuid4()}?region=us-east-1&endpoint={front.url}",
+                          **CREDS)
+        with pytest.raises(KeyNotFoundError):
+            await p.encrypt(b"secret")
+        assert len(front.seen) == 1  # a NotFoundException is an answer, not a retry
+        await p.close()
+    finally:
+        front.close()
+
+
+async def test_the_direct_path_uses_the_proxy_of_the_environment(
+        moto_kms: MotoKms, monkeypatch: pytest.MonkeyPatch) -> None:
+    front = _FlakyFront(moto_kms.endpoint, throttle=0)  # plain HTTP: it forwards any request
+    for name in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", front.url)
+    try:
+        p = open_provider(f"aws-kms://{moto_kms.keys['enc']}?region=us-east-1"
+                          f"&endpoint={moto_kms.endpoint}", **CREDS)
+        assert await p.decrypt(await p.encrypt(b"secret")) == b"secret"
+        assert [t for t, _ in front.seen] == ["TrentService.Encrypt", "TrentService.Decrypt"]
+        await p.close()
+    finally:
+        front.close()

@@ -1,4 +1,9 @@
-"""``aws-kms:`` — AWS KMS (or anything speaking its API) through boto3.
+"""``aws-kms:`` — AWS KMS (or anything speaking its API): boto3 for the credential chain, key
+metadata and retries, and a direct path for the per-request calls (``Encrypt``, ``Decrypt``,
+``GenerateDataKey``, ``Sign``): the request is signed by botocore's SigV4 signer with the
+same credentials and sent by aiohttp on the event loop, so it never waits for a worker thread.
+A first attempt that fails in a way worth retrying (no connection, a timeout, a 5xx,
+throttling) is retried through boto3 with its standard retry mode, within the call's bound.
 
 URI forms (the key part is optional; without it every call names its key)::
 
@@ -28,14 +33,22 @@ orphan data encrypted before.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
+import json
+import ssl
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Any, Final, TypeVar
 from urllib.parse import quote, unquote, urlencode
 
+import aiohttp
 import boto3  # type: ignore[import-untyped]  # no stubs ship with boto3
 import botocore.exceptions as bexc  # type: ignore[import-untyped]
+from botocore.auth import SigV4Auth  # type: ignore[import-untyped]
+from botocore.awsrequest import AWSRequest  # type: ignore[import-untyped]
 from botocore.config import Config  # type: ignore[import-untyped]
 
 from keygrants.errors import (
@@ -47,6 +60,7 @@ from keygrants.errors import (
     UnsupportedOperation,
 )
 from keygrants.keys.context import canonical_context
+from keygrants.providers._aio import LoopSessions
 from keygrants.providers._options import (
     DEFAULT_TIMEOUT,
     as_timeout,
@@ -83,6 +97,16 @@ _DECRYPT_FAILURES: Final = frozenset({
 })
 _KEY_STATE: Final = frozenset({"DisabledException", "KMSInvalidStateException",
                                "KeyUnavailableException"})
+_BLOB_FIELDS: Final = ("CiphertextBlob", "Plaintext", "Signature", "Message")
+# answers of the direct path that boto3's standard retry mode would retry: hand them over
+_RETRYABLE_CODES: Final = frozenset({
+    "ThrottlingException", "Throttling", "ThrottledException", "RequestThrottledException",
+    "TooManyRequestsException", "RequestLimitExceeded", "LimitExceededException",
+    "KMSInternalException", "DependencyTimeoutException", "ServiceUnavailableException",
+    "InternalError", "RequestTimeout", "RequestTimeoutException", "PriorRequestNotComplete",
+    "TransactionInProgressException", "IDPCommunicationError", "EC2ThrottledException",
+    "ProvisionedThroughputExceededException", "SlowDown", "BandwidthLimitExceeded",
+})
 _UNREACHABLE: Final = (bexc.EndpointConnectionError, bexc.ConnectTimeoutError,
                        bexc.ReadTimeoutError, bexc.ConnectionClosedError,
                        bexc.ProxyConnectionError, bexc.SSLError)
@@ -158,6 +182,11 @@ class AwsKmsProvider(KeyProvider):
         except ValueError as exc:  # a malformed endpoint URL
             raise ValueError(f"aws-kms: {exc}") from None
         self._region = self._kms.meta.region_name
+        self._session = session
+        self._url = str(self._kms.meta.endpoint_url).rstrip("/") + "/"
+        self._attempt_timeout = attempt_timeout
+        tls: ssl.SSLContext | bool = (ssl.create_default_context(cafile=ca) if ca else True)
+        self._http = LoopSessions(self._url, timeout=attempt_timeout, tls=tls)
         query = {k: v for k, v in (("region", self._region), ("endpoint", endpoint),
                                    ("profile", profile)) if v}
         self.uri = (f"{SCHEME}://{quote(key_id or '', safe=':/')}"
@@ -231,6 +260,74 @@ class AwsKmsProvider(KeyProvider):
         except (bexc.BotoCoreError, bexc.ClientError) as exc:
             raise self._translate(exc, op) from exc
 
+    async def _fast(self, op: str, action: str, fn: Callable[..., dict[str, Any]],
+                    **kwargs: Any) -> dict[str, Any]:
+        """Call ``action`` (``Encrypt``, …) directly on the loop and answer as boto3 would
+        (blobs as bytes); a first attempt worth retrying is retried through ``fn`` (boto3,
+        standard retries) within what is left of the call's bound."""
+        started = time.monotonic()
+        try:
+            return await self._direct(action, kwargs)
+        except _Retry:
+            left = self._timeout - (time.monotonic() - started)
+            if left <= 0.1:
+                raise ProviderConnectionError(
+                    f"aws-kms {op}: no answer within {self._timeout:g} s") from None
+            try:
+                return await run_blocking(fn, timeout=left, what=f"aws-kms {op}", **kwargs)
+            except (bexc.BotoCoreError, bexc.ClientError) as exc:
+                raise self._translate(exc, op) from exc
+        except (bexc.BotoCoreError, bexc.ClientError) as exc:
+            raise self._translate(exc, op) from exc
+
+    async def _direct(self, action: str, params: Mapping[str, Any]) -> dict[str, Any]:
+        """One attempt of a KMS JSON call, SigV4-signed by botocore, sent by aiohttp.
+
+        Raises:
+            _Retry: when the attempt failed in a way boto3 would retry.
+            botocore.exceptions.ClientError: for KMS's other error answers.
+            botocore.exceptions.NoCredentialsError: without credentials.
+        """
+        creds = self._session.get_credentials()
+        if creds is None:
+            raise bexc.NoCredentialsError()
+        refresh_needed = getattr(creds, "refresh_needed", None)
+        if refresh_needed is not None and refresh_needed():
+            raise _Retry()  # a refresh is a blocking network call: boto3 does it in a thread
+        body = json.dumps({k: base64.b64encode(v).decode("ascii") if isinstance(v, bytes) else v
+                           for k, v in params.items()}, separators=(",", ":")).encode()
+        request = AWSRequest(method="POST", url=self._url, data=body, headers={
+            "Content-Type": "application/x-amz-json-1.1",
+            "X-Amz-Target": f"TrentService.{action}"})
+        SigV4Auth(creds.get_frozen_credentials(), "kms", self._region).add_auth(request)
+        try:
+            async with self._http.get().post(self._url, data=body,
+                                             headers=dict(request.headers.items()),
+                                             allow_redirects=False) as resp:
+                status = resp.status
+                raw = await resp.read()
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            raise _Retry() from None
+        try:
+            answer = json.loads(raw) if raw else {}
+        except ValueError:
+            answer = None
+        if not isinstance(answer, dict):
+            raise _Retry()  # not a KMS answer (a proxy's error page): let boto3 decide
+        if status != 200:
+            code = str(answer.get("__type") or answer.get("code") or "").rsplit("#", 1)[-1]
+            if status >= 500 or status == 429 or code in _RETRYABLE_CODES:
+                raise _Retry()
+            raise bexc.ClientError({"Error": {"Code": code or "unknown", "Message": ""},
+                                    "ResponseMetadata": {"HTTPStatusCode": status}}, action)
+        try:
+            for name in _BLOB_FIELDS:
+                if name in answer:
+                    answer[name] = base64.b64decode(answer[name], validate=True)
+        except (binascii.Error, TypeError, ValueError):
+            raise _Retry() from None
+        return answer
+
     def _ref(self, requested: str, arn: str) -> KeyReference:
         return KeyReference(provider=self.name, key_id=arn,
                             key_alias=requested if requested != arn else None)
@@ -277,7 +374,7 @@ class AwsKmsProvider(KeyProvider):
         kwargs: dict[str, Any] = {"KeyId": key, "Plaintext": bytes(plaintext)}
         if ctx:
             kwargs["EncryptionContext"] = ctx
-        resp = await self._call("encrypt", self._kms.encrypt, **kwargs)
+        resp = await self._fast("encrypt", "Encrypt", self._kms.encrypt, **kwargs)
         algorithm = str(resp.get("EncryptionAlgorithm") or "SYMMETRIC_DEFAULT")
         return EncryptedData(ciphertext=resp["CiphertextBlob"],
                              key_reference=self._ref(key, str(resp["KeyId"])),
@@ -299,7 +396,7 @@ class AwsKmsProvider(KeyProvider):
         kwargs: dict[str, Any] = {"CiphertextBlob": encrypted.ciphertext, "KeyId": ref.key_id}
         if ctx:
             kwargs["EncryptionContext"] = ctx
-        resp = await self._call("decrypt", self._kms.decrypt, **kwargs)
+        resp = await self._fast("decrypt", "Decrypt", self._kms.decrypt, **kwargs)
         if ref.key_id.startswith("arn:") and resp.get("KeyId") != ref.key_id:
             raise DecryptionError()  # the service must have used the key we pinned
         return bytes(resp["Plaintext"])
@@ -322,7 +419,7 @@ class AwsKmsProvider(KeyProvider):
         kwargs: dict[str, Any] = {"KeyId": key, "KeySpec": key_spec}
         if ctx:
             kwargs["EncryptionContext"] = ctx
-        resp = await self._call("generate_data_key", self._kms.generate_data_key, **kwargs)
+        resp = await self._fast("generate_data_key", "GenerateDataKey", self._kms.generate_data_key, **kwargs)
         ref = self._ref(key, str(resp["KeyId"]))
         encrypted = EncryptedData(ciphertext=resp["CiphertextBlob"], key_reference=ref,
                                   algorithm="SYMMETRIC_DEFAULT", context=ctx)
@@ -357,7 +454,7 @@ class AwsKmsProvider(KeyProvider):
                                  f"{_MAX_RAW_MESSAGE} bytes")
             kwargs["Message"] = hashlib.new(hash_name, message).digest()
             kwargs["MessageType"] = "DIGEST"
-        resp = await self._call("sign", self._kms.sign, **kwargs)
+        resp = await self._fast("sign", "Sign", self._kms.sign, **kwargs)
         return bytes(resp["Signature"])
 
     async def get_rotation_policy(self, key_id: str | None = None) -> RotationPolicy:
@@ -376,6 +473,15 @@ class AwsKmsProvider(KeyProvider):
                               rotation_period_days=int(period) if enabled and period else None,
                               next_rotation=resp.get("NextRotationDate") if enabled else None)
 
+    async def release_loop(self) -> None:
+        """Close the running event loop's HTTP session (before that loop ends)."""
+        await self._http.release()
+
     async def close(self) -> None:
-        """Close the boto3 client's connections."""
+        """Close the HTTP connections (the running loop's session and boto3's)."""
+        await self._http.release()
         self._kms.close()
+
+
+class _Retry(Exception):
+    """The direct attempt failed in a way boto3's retries handle: hand the call to boto3."""

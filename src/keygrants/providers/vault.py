@@ -43,14 +43,12 @@ policy that does not grant that read, it relies on the policy not granting ``cre
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import os
 import re
 import ssl
 import threading
-import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -71,6 +69,7 @@ from keygrants.errors import (
     UnsupportedOperation,
 )
 from keygrants.keys.context import canonical_context
+from keygrants.providers._aio import LoopSessions, caused_by_tls
 from keygrants.providers._options import (
     DEFAULT_TIMEOUT,
     as_timeout,
@@ -119,18 +118,6 @@ def _key_name(name: str) -> str:
     if not _NAME.fullmatch(name):
         raise ValueError(f"vault: invalid Transit key name {name!r}")
     return name
-
-
-def _caused_by_tls(exc: BaseException) -> bool:
-    """Whether an HTTP error comes from a TLS failure (certificate verification, handshake)."""
-    seen: BaseException | None = exc
-    for _ in range(8):  # the chain is short; bounded in case it loops
-        if seen is None:
-            return False
-        if isinstance(seen, ssl.SSLError):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
 
 
 def _parse_time(value: object) -> datetime | None:
@@ -212,9 +199,11 @@ class VaultTransitProvider(KeyProvider):
         self._keys: dict[str, _TransitKey | None] = {}
         self._tls: ssl.SSLContext | bool = (ssl.create_default_context(cafile=ca) if ca
                                             else parts.scheme == "https")
-        # one HTTP session per event loop that used this provider (connections belong to a loop)
-        self._sessions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop,
-                                                  aiohttp.ClientSession] = weakref.WeakKeyDictionary()
+        headers = {"X-Vault-Request": "true"}
+        if self._namespace:
+            headers["X-Vault-Namespace"] = self._namespace
+        self._sessions = LoopSessions(self._addr, timeout=self._timeout, tls=self._tls,
+                                      headers=headers, base_url=True)
         query = {"mount": self._mount}
         if self._namespace:
             query["namespace"] = self._namespace
@@ -296,23 +285,6 @@ class VaultTransitProvider(KeyProvider):
         except (hexc.VaultError, requests.exceptions.RequestException) as exc:
             raise self._translate(exc, op) from exc
 
-    def _async_http(self) -> aiohttp.ClientSession:
-        """The HTTP session of the running event loop (its connections belong to that loop).
-        A caller that runs the provider on a short-lived loop calls :meth:`release_loop`
-        before the loop ends, as :class:`~keygrants.providers.ProviderSeal` does."""
-        loop = asyncio.get_running_loop()
-        session = self._sessions.get(loop)
-        if session is None or session.closed:
-            headers = {"X-Vault-Request": "true"}
-            if self._namespace:
-                headers["X-Vault-Namespace"] = self._namespace
-            session = aiohttp.ClientSession(
-                base_url=self._addr, headers=headers,
-                timeout=aiohttp.ClientTimeout(total=self._timeout),
-                connector=aiohttp.TCPConnector(ssl=self._tls), raise_for_status=False)
-            self._sessions[loop] = session
-        return session
-
     def _status_error(self, status: int, op: str) -> KMSError:
         """Map a Transit error status as hvac does (its exception per status), then as
         :meth:`_translate` maps those."""
@@ -335,7 +307,7 @@ class VaultTransitProvider(KeyProvider):
         when Vault answers 403 (an expired token), as :meth:`_with_auth` does for hvac."""
         if self._auth == "approle" and not self._logged_in:
             await self._call("login", lambda: None)
-        http = self._async_http()
+        http = self._sessions.get()
         for attempt in (1, 2):
             token = self._client.token
             try:
@@ -350,7 +322,7 @@ class VaultTransitProvider(KeyProvider):
                 raise ProviderConnectionError(
                     f"vault {op}: no answer within {self._timeout:g} s") from exc
             except aiohttp.ClientError as exc:
-                if _caused_by_tls(exc) or isinstance(exc, aiohttp.ClientSSLError):
+                if caused_by_tls(exc):
                     raise ProviderConnectionError(
                         f"vault: TLS verification of {self._addr} failed (pass ca=... for a "
                         "private CA)") from exc
@@ -546,9 +518,7 @@ class VaultTransitProvider(KeyProvider):
 
     async def release_loop(self) -> None:
         """Close the HTTP session of the running event loop (before that loop ends)."""
-        session = self._sessions.pop(asyncio.get_running_loop(), None)
-        if session is not None:
-            await session.close()
+        await self._sessions.release()
 
     async def close(self) -> None:
         """Close the HTTP sessions (the running loop's; others with :meth:`release_loop` on
