@@ -16,6 +16,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from keygrants import errors
+from keygrants.client.verifier import Verifier
+
 pytestmark = pytest.mark.e2e
 
 NATS = ("127.0.0.1", 4222)
@@ -45,8 +48,8 @@ def test_two_nodes_share_grants_and_revocations(start_server, tmp_path: Path,
     token = (tmp_path / "a" / "admin.token").read_text().strip()
     admin = {"Authorization": f"Bearer {token}"}
     with httpx.Client(base_url=node_a.url, headers=admin, timeout=10) as a:
-        # principals and credentials reach another node when it starts (docs/verifier.md:
-        # their changes are not pushed between nodes yet); keys and grants at any time
+        # made before node B starts: B reads them at start (changes made later are pushed,
+        # see test_key_and_principal_changes_reach_the_other_node)
         assert a.post("/v1/principals", json={"id": "svc"}).status_code == 201
         api_key = a.post("/v1/principals/svc/api-keys", json={}).json()["api_key"]
     node_b = start_server(tmp_path / "b", args=common)
@@ -62,15 +65,25 @@ def test_two_nodes_share_grants_and_revocations(start_server, tmp_path: Path,
         used_on_b = b.post("/v1/keys/shared/encrypt", json=body, headers=svc)
         assert used_on_b.status_code == 200, used_on_b.text
 
-        assert b.post(f"/v1/grants/{made_on_a['grant']['id']}/revoke").status_code == 200
-        deadline = time.monotonic() + PUSH_WAIT
-        while True:
-            r = a.post("/v1/keys/shared/encrypt", json=body, headers=svc)
-            if r.status_code == 403:
-                assert r.json()["error"]["code"] == "grant_revoked"
-                break
-            assert time.monotonic() < deadline, "node A never learnt of node B's revocation"
-            time.sleep(0.01)
+        # a remote verifier that fetches keys and the feed from node A, subscribed to the bus
+        with Verifier(node_a.url, bus_url=bus, poll_interval=600, max_staleness=900) as remote:
+            assert remote.verify(made_on_a["token"], operation="encrypt").grantee == "svc"
+            assert b.post(f"/v1/grants/{made_on_a['grant']['id']}/revoke").status_code == 200
+            deadline = time.monotonic() + PUSH_WAIT
+            while True:
+                r = a.post("/v1/keys/shared/encrypt", json=body, headers=svc)
+                if r.status_code == 403:
+                    assert r.json()["error"]["code"] == "grant_revoked"
+                    break
+                assert time.monotonic() < deadline, "node A never learnt of node B's revocation"
+                time.sleep(0.01)
+            while True:  # poll_interval 600 s: only the push can tell it in time
+                try:
+                    remote.verify(made_on_a["token"], operation="encrypt")
+                except errors.GrantRevoked:
+                    break
+                assert time.monotonic() < deadline, "the remote verifier never learnt of it"
+                time.sleep(0.01)
 
         single = a.post("/v1/grants", json={"key": "shared", "grantee": "svc",
                                             "operations": ["encrypt"], "max_uses": 1}).json()
