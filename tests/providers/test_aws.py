@@ -123,7 +123,7 @@ class _FlakyFront:
         self.throttle = throttle
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (the stdlib's name)
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
                 auth = self.headers.get("Authorization", "")
                 front.seen.append((self.headers.get("X-Amz-Target", ""),
