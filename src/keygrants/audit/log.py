@@ -505,8 +505,10 @@ class AuditLog:
         checkpoint: CheckpointRecord | None = None
         if tree.size > self._checkpointed_size and (
                 force_checkpoint or now - self._last_checkpoint_at >= self._interval):
-            cp = Checkpoint(origin=self.origin, size=tree.size, root=tree.root(), time=int(now))
-            checkpoint = CheckpointRecord(tree.size, int(now), sign_note(cp.body(), self._signer))
+            # never before the previous checkpoint (nodes sharing a log have their own clocks)
+            at = max(int(now), int(self._last_checkpoint_at))
+            cp = Checkpoint(origin=self.origin, size=tree.size, root=tree.root(), time=at)
+            checkpoint = CheckpointRecord(tree.size, at, sign_note(cp.body(), self._signer))
         if not rows and checkpoint is None:
             return None
         return _Staged(tree, rows, accepted, checkpoint, now)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import logging
 import threading
@@ -31,7 +32,8 @@ from typing import Any, Final
 import psycopg
 from psycopg.conninfo import make_conninfo
 
-from keygrants.audit.log import _MAX_DEFERRALS, AuditLog, _Pending, _resolve
+from keygrants.audit.log import _MAX_DEFERRALS, AuditLog, _Pending, _resolve, _Staged
+from keygrants.audit.merkle import leaf_hash
 from keygrants.audit.note import NoteSigner
 from keygrants.errors import AuditUnavailable, InvalidRequest
 
@@ -70,12 +72,21 @@ CREATE TABLE IF NOT EXISTS {SCHEMA}.cursors (sink TEXT COLLATE "C" PRIMARY KEY,
 """
 
 
-def connect(url: str, *, read_only: bool = False) -> psycopg.Connection[Any]:
-    """A connection whose unqualified table names are the audit tables."""
+def connect(url: str, *, read_only: bool = False,
+            statement_timeout: float | None = None) -> psycopg.Connection[Any]:
+    """A connection whose unqualified table names are the audit tables, with TCP keepalives
+    and, for the log's own connections, bounds on waiting for the append lock and on any
+    statement (a node cut off while holding the lock must not stall the others forever)."""
     options = f"-c search_path={SCHEMA} -c synchronous_commit=on"
     if read_only:
         options += " -c default_transaction_read_only=on"
-    return psycopg.connect(make_conninfo(url, options=options, connect_timeout=_CONNECT_TIMEOUT),
+    if statement_timeout is not None:
+        ms = int(statement_timeout * 1000)
+        options += (f" -c lock_timeout={ms} -c statement_timeout={ms}"
+                    f" -c idle_in_transaction_session_timeout={ms * 3}")
+    return psycopg.connect(make_conninfo(url, options=options, connect_timeout=_CONNECT_TIMEOUT,
+                                         keepalives=1, keepalives_idle=10,
+                                         keepalives_interval=5, keepalives_count=3),
                            autocommit=True)
 
 
@@ -93,37 +104,79 @@ class PostgresAuditLog(AuditLog):
         self._init_state(signer=signer, origin=origin, clock=clock,
                          checkpoint_interval=checkpoint_interval, max_batch=max_batch,
                          queue_limit=queue_limit)
+        self._url = url
+        self._db: Any = None
+        self._read_db: Any = None
+        self._last_leaf: bytes | None = None  # the newest leaf this node knows
         try:
-            self._db: Any = connect(url)
+            self._db = self._connect()
             with self._db.transaction():
                 self._db.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
                 self._db.execute(_DDL)
-            self._read_db: Any = connect(url)
-        except psycopg.Error as exc:
+            self._read_db = self._connect()
+            with self._lock:
+                self._catch_up(check_data=False)  # the whole log: `audit verify` checks it
+        except (psycopg.Error, AuditUnavailable, ValueError) as exc:
+            for conn in (self._db, self._read_db):
+                if conn is not None:
+                    conn.close()
             raise AuditUnavailable(f"the audit log database cannot be opened: "
                                    f"{type(exc).__name__}") from exc
         self._read_lock = threading.Lock()
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="keygrants-audit-commit")
         self._committer = self._pool
-        with self._lock:
-            self._catch_up()
         self._start_checkpointer()
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        return connect(self._url, statement_timeout=self.commit_timeout * 3)
+
+    def _reconnect_if_broken(self) -> None:
+        """After a failure: replace a connection PostgreSQL dropped (a restart, a failover),
+        so the next batch can succeed; this batch has failed already (fail-closed)."""
+        if self._db.broken or self._db.closed:
+            with contextlib.suppress(psycopg.Error):
+                self._db.close()
+            try:
+                self._db = self._connect()
+            except psycopg.Error as exc:
+                log.warning("audit: reconnecting to PostgreSQL failed: %s", type(exc).__name__)
 
     # -- writing ---------------------------------------------------------------------------
 
-    def _catch_up(self) -> None:
-        """Adopt what other nodes committed since this node's last batch (under the lock)."""
-        rows = self._db.execute("SELECT seq, leaf FROM events WHERE seq >= %s ORDER BY seq",
-                                (self._tree.size,)).fetchall()
-        for seq, leaf in rows:
+    def _catch_up(self, *, check_data: bool = True) -> None:
+        """Adopt what other nodes committed since this node's last batch (under the lock).
+
+        Each adopted row's leaf must be the hash of its data (``check_data``), and the row
+        before them must still hold this node's newest leaf: a database that lost committed
+        events (a failover to a lagging replica) stops the log rather than grow a second
+        history."""
+        size = self._tree.size
+        data_column = "data" if check_data else "NULL"
+        rows = self._db.execute(f"SELECT seq, {data_column}, leaf FROM events WHERE seq >= %s "
+                                "ORDER BY seq", (max(size - 1, 0),)).fetchall()
+        if size > 0:
+            if not rows or rows[0][0] != size - 1 or bytes(rows[0][2]) != self._last_leaf:
+                raise AuditUnavailable("the audit database no longer holds events this node "
+                                       f"committed (it ends before {size}): refusing to go on")
+            rows = rows[1:]
+        for seq, data, leaf in rows:
+            leaf = bytes(leaf)
             if seq != self._tree.size:
                 raise AuditUnavailable(f"the audit log has a gap at sequence {self._tree.size}")
-            self._tree.append(bytes(leaf))
+            if check_data and leaf_hash(bytes(data)) != leaf:
+                raise AuditUnavailable(f"audit event {seq} does not match its leaf hash")
+            self._tree.append(leaf)
+            self._last_leaf = leaf
         row = self._db.execute(
             "SELECT size, time FROM checkpoints ORDER BY size DESC LIMIT 1").fetchone()
         if row is not None and row[0] > self._checkpointed_size:
             self._checkpointed_size, self._last_checkpoint_at = int(row[0]), float(row[1])
+
+    def _apply(self, staged: _Staged) -> None:
+        if staged.rows:
+            self._last_leaf = staged.rows[-1][7]
+        super()._apply(staged)
 
     def _commit_locked(self, batch: list[_Pending], *, force_checkpoint: bool) -> bool:
         staged = None
@@ -149,6 +202,7 @@ class PostgresAuditLog(AuditLog):
             log.error("audit: a batch of %d event(s) could not be made durable: %s",
                       len(batch), exc)
             _resolve([(item, AuditUnavailable()) for item in batch])
+            self._reconnect_if_broken()
             return False
         self._apply(staged)
         return True
@@ -231,20 +285,23 @@ class PostgresAuditLog(AuditLog):
 
     # -- reading ---------------------------------------------------------------------------
 
-    @property
-    def size(self) -> int:
-        """Number of durable events, whichever node wrote them."""
-        rows = self._query("SELECT coalesce(max(seq) + 1, 0) FROM events")
-        return max(int(rows[0][0]), self._tree.size)
-
     def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         if self._closed:
             raise AuditUnavailable("the audit log is closed")
         with self._read_lock:
-            try:
-                return list(self._read_db.execute(sql.replace("?", "%s"), params).fetchall())
-            except psycopg.Error as exc:
-                raise AuditUnavailable("the audit log cannot be read") from exc
+            for attempt in (1, 2):
+                try:
+                    return list(self._read_db.execute(sql.replace("?", "%s"), params).fetchall())
+                except psycopg.Error as exc:
+                    if attempt == 2 or not (self._read_db.broken or self._read_db.closed):
+                        raise AuditUnavailable("the audit log cannot be read") from exc
+                    with contextlib.suppress(psycopg.Error):
+                        self._read_db.close()
+                    try:  # PostgreSQL dropped the connection: once more on a new one
+                        self._read_db = self._connect()
+                    except psycopg.Error:
+                        raise AuditUnavailable("the audit log cannot be read") from exc
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _leaves(self, upto: int) -> list[bytes]:
         leaves = [bytes(r[0]) for r in self._query(
