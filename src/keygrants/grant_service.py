@@ -271,7 +271,9 @@ class GrantService:
     def _reload_for_unknown_kid(self) -> bool:
         """Reload the issuer keys when a token names a kid this node does not know: another
         node sharing the store may have published it since this node last read them. At most
-        once a second, so tokens with made-up kids cannot turn into a store read each."""
+        once a second, so tokens with made-up kids cannot turn into a store read each. It
+        may run on the event loop (a bounded stall: one store read and unseal at most once a
+        second); a rotation pushed over the bus reloads in a worker thread before it is needed."""
         now = self._clock()
         if now - self._keyring_read_at < 1.0:
             return False

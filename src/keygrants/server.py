@@ -193,9 +193,13 @@ def build_server(config: ServerConfig) -> BuiltServer:
                                     _peer_changes(kms, access, store, grants, origin))
             except BaseException:
                 grants.on_revocations = None
-                await publisher.stop()
-                await asyncio.to_thread(audit.log.close)
-                store.close()
+                try:
+                    await publisher.stop()
+                finally:
+                    try:
+                        await asyncio.to_thread(audit.log.close)
+                    finally:
+                        store.close()
                 raise
             changes = publisher
 

@@ -235,3 +235,17 @@ def test_the_sync_verifier_subscribes_once_the_bus_comes_up(tmp_path: Path, monk
                 assert revoked.state == "revoked"
         finally:
             broker.kill()
+
+
+def test_close_stops_the_bus_thread_even_right_after_it_started(live_server: Any) -> None:
+    with Client(live_server.url, token=live_server.token, grant="") as admin:
+        admin.create_key("closing-bus")
+        admin.create_principal("svc-closing")
+        token = admin.create_grant("closing-bus", "svc-closing", ["encrypt"]).token
+    assert token is not None
+    for _ in range(20):  # close() at various points of the thread's start
+        v = Verifier(live_server.url, bus_url=f"nats://127.0.0.1:{free_port()}",
+                     poll_interval=600, max_staleness=900)
+        v.verify(token)  # starts the bus thread (nothing listens on that port)
+        v.close()
+        assert v._bus_thread is not None and not v._bus_thread.is_alive()

@@ -276,6 +276,7 @@ class Verifier:
         self._bus_url = bus_url
         self._bus_thread: threading.Thread | None = None
         self._bus_stop: Any = None
+        self._bus_closing = threading.Event()
 
     def __enter__(self) -> Verifier:
         return self
@@ -284,10 +285,12 @@ class Verifier:
         self.close()
 
     def close(self) -> None:
+        self._bus_closing.set()  # seen by a bus thread that has not set _bus_stop yet
         stop, thread = self._bus_stop, self._bus_thread
-        if stop is not None and thread is not None:
-            with contextlib.suppress(RuntimeError):  # its loop already ended (bus unreachable)
+        if stop is not None:
+            with contextlib.suppress(RuntimeError):  # its loop already ended
                 stop()
+        if thread is not None:
             thread.join(timeout=5)
         self._http.close()
 
@@ -302,38 +305,42 @@ class Verifier:
 
         def run() -> None:
             loop = asyncio.new_event_loop()
-            stopped = asyncio.Event()
 
             async def on_message(data: bytes) -> None:
                 if _Pushed.handle(self._state, data):
                     await asyncio.to_thread(self._pull_quietly)
 
-            async def main() -> None:
+            async def main() -> None:  # runs until cancelled by close()
                 warned = False
-                while not stopped.is_set():
-                    bus = open_bus(url)
+                while True:
+                    bus = None
                     try:
+                        bus = open_bus(url)
                         await bus.connect()
                         await bus.subscribe(SUBJECT, on_message)
                     except Exception as exc:
-                        with contextlib.suppress(Exception):
-                            await bus.close()
+                        if bus is not None:
+                            with contextlib.suppress(Exception):
+                                await bus.close()
                         if not warned:
                             warned = True
                             log.warning("revocation bus unavailable (%s); pulling the feed and "
                                         "trying again every %g s", type(exc).__name__,
                                         _BUS_RETRY)
-                        with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(stopped.wait(), _BUS_RETRY)
+                        await asyncio.sleep(_BUS_RETRY)
                         continue
                     try:
-                        await stopped.wait()
+                        await asyncio.Event().wait()
                     finally:
                         await bus.close()
 
-            self._bus_stop = lambda: loop.call_soon_threadsafe(stopped.set)
             try:
-                loop.run_until_complete(main())
+                task = loop.create_task(main())
+                self._bus_stop = lambda: loop.call_soon_threadsafe(task.cancel)
+                if self._bus_closing.is_set():  # close() ran before _bus_stop was set
+                    task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    loop.run_until_complete(task)
             finally:
                 loop.close()
 

@@ -6,6 +6,7 @@ before the loop ends (:meth:`KeyProvider.release_loop`; ``ProviderSeal`` does)."
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 import weakref
 from collections.abc import Mapping
@@ -14,7 +15,7 @@ from urllib.request import getproxies, proxy_bypass
 
 import aiohttp
 
-__all__ = ["LoopSessions", "caused_by_tls", "env_proxy"]
+__all__ = ["LoopSessions", "caused_by_tls", "env_proxy", "tls_context"]
 
 
 class LoopSessions:
@@ -47,6 +48,20 @@ class LoopSessions:
         session = self._sessions.pop(asyncio.get_running_loop(), None)
         if session is not None:
             await session.close()
+
+
+def tls_context(ca: str | None) -> ssl.SSLContext:
+    """Certificate verification as boto3 and hvac do it: against ``ca`` (a bundle file or a
+    directory of hashed certificates), else certifi's bundle (what requests and botocore
+    ship with), else the system's."""
+    if ca:
+        return (ssl.create_default_context(capath=ca) if os.path.isdir(ca)
+                else ssl.create_default_context(cafile=ca))
+    try:
+        import certifi
+    except ImportError:
+        return ssl.create_default_context()
+    return ssl.create_default_context(cafile=certifi.where())
 
 
 def env_proxy(url: str) -> str | None:

@@ -60,7 +60,7 @@ from keygrants.errors import (
     UnsupportedOperation,
 )
 from keygrants.keys.context import canonical_context
-from keygrants.providers._aio import LoopSessions
+from keygrants.providers._aio import LoopSessions, tls_context
 from keygrants.providers._options import (
     DEFAULT_TIMEOUT,
     as_timeout,
@@ -185,8 +185,10 @@ class AwsKmsProvider(KeyProvider):
         self._session = session
         self._url = str(self._kms.meta.endpoint_url).rstrip("/") + "/"
         self._attempt_timeout = attempt_timeout
-        tls: ssl.SSLContext | bool = (ssl.create_default_context(cafile=ca) if ca else True)
+        tls: ssl.SSLContext | bool = (tls_context(ca) if self._url.startswith("https:")
+                                      else False)
         self._http = LoopSessions(self._url, timeout=attempt_timeout, tls=tls)
+        self._credentials: Any = None  # resolved once, in a worker thread
         query = {k: v for k, v in (("region", self._region), ("endpoint", endpoint),
                                    ("profile", profile)) if v}
         self.uri = (f"{SCHEME}://{quote(key_id or '', safe=':/')}"
@@ -288,9 +290,14 @@ class AwsKmsProvider(KeyProvider):
             botocore.exceptions.ClientError: for KMS's other error answers.
             botocore.exceptions.NoCredentialsError: without credentials.
         """
-        creds = self._session.get_credentials()
+        creds = self._credentials
         if creds is None:
-            raise bexc.NoCredentialsError()
+            # the credential chain may probe the network (instance metadata): off the loop
+            creds = await run_blocking(self._session.get_credentials, timeout=self._timeout,
+                                       what="aws-kms credentials")
+            if creds is None:
+                raise bexc.NoCredentialsError()
+            self._credentials = creds
         refresh_needed = getattr(creds, "refresh_needed", None)
         if refresh_needed is not None and refresh_needed():
             raise _Retry()  # a refresh is a blocking network call: boto3 does it in a thread

@@ -43,6 +43,7 @@ policy that does not grant that read, it relies on the policy not granting ``cre
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import os
@@ -69,7 +70,7 @@ from keygrants.errors import (
     UnsupportedOperation,
 )
 from keygrants.keys.context import canonical_context
-from keygrants.providers._aio import LoopSessions, caused_by_tls
+from keygrants.providers._aio import LoopSessions, caused_by_tls, tls_context
 from keygrants.providers._options import (
     DEFAULT_TIMEOUT,
     as_timeout,
@@ -197,8 +198,8 @@ class VaultTransitProvider(KeyProvider):
         self._login_lock = threading.Lock()
         self._logged_in = auth == "token"
         self._keys: dict[str, _TransitKey | None] = {}
-        self._tls: ssl.SSLContext | bool = (ssl.create_default_context(cafile=ca) if ca
-                                            else parts.scheme == "https")
+        self._tls: ssl.SSLContext | bool = (tls_context(ca) if parts.scheme == "https"
+                                            else False)
         headers = {"X-Vault-Request": "true"}
         if self._namespace:
             headers["X-Vault-Namespace"] = self._namespace
@@ -302,15 +303,35 @@ class VaultTransitProvider(KeyProvider):
             return EncryptionError(f"vault: {op} failed (HTTP {status})")
         return KMSError(f"vault: {op} failed (HTTP {status})")
 
+    def _relogin(self, failed_token: str | None) -> None:
+        """In a worker thread: log in again unless another call already replaced the token
+        that Vault refused (concurrent 403s cost one login, not one each)."""
+        with self._login_lock:
+            if self._client.token == failed_token:
+                self._logged_in = False
+        self._login()
+
     async def _post(self, op: str, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
-        """POST a Transit call on the event loop; with AppRole, log in first and once more
-        when Vault answers 403 (an expired token), as :meth:`_with_auth` does for hvac."""
+        """POST a Transit call on the event loop, within ``timeout`` in all; with AppRole, log
+        in first and once more when Vault answers 403 (an expired token), as
+        :meth:`_with_auth` does for hvac."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await self._post_once_or_twice(op, path, body)
+        except TimeoutError as exc:
+            raise ProviderConnectionError(
+                f"vault {op}: no answer within {self._timeout:g} s") from exc
+
+    async def _post_once_or_twice(self, op: str, path: str,
+                                  body: Mapping[str, Any]) -> dict[str, Any]:
         if self._auth == "approle" and not self._logged_in:
             await self._call("login", lambda: None)
         http = self._sessions.get()
         for attempt in (1, 2):
             token = self._client.token
             try:
+                # Redirects are not followed: the token header would go wherever a redirect
+                # points (HA standbys forward requests to the active node by default).
                 async with http.post(path, json=body, allow_redirects=False,
                                      headers={"X-Vault-Token": token} if token else None) as r:
                     status = r.status
@@ -318,9 +339,6 @@ class VaultTransitProvider(KeyProvider):
                         data = await r.json(content_type=None) if status == 200 else None
                     except ValueError:
                         data = None
-            except TimeoutError as exc:
-                raise ProviderConnectionError(
-                    f"vault {op}: no answer within {self._timeout:g} s") from exc
             except aiohttp.ClientError as exc:
                 if caused_by_tls(exc):
                     raise ProviderConnectionError(
@@ -329,9 +347,7 @@ class VaultTransitProvider(KeyProvider):
                 raise ProviderConnectionError(
                     f"vault: cannot reach {self._addr} ({type(exc).__name__})") from exc
             if status == 403 and self._auth == "approle" and attempt == 1:
-                with self._login_lock:  # maybe the token expired: log in again, once
-                    self._logged_in = False
-                await self._call("login", lambda: None)
+                await self._call("login", self._relogin, token)
                 continue
             if status != 200:
                 raise self._status_error(status, op)
