@@ -34,7 +34,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import threading
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Literal, Protocol, TypeVar, runtime_checkable
 
 from keygrants.crypto import KEY_SIZE, NONCE_SIZE, TAG_SIZE, Aead
+from keygrants.crypto.random import nonce_bytes
 from keygrants.errors import (
     DecryptionError,
     EncryptionError,
@@ -476,7 +476,7 @@ class KeyManager:
         self._max_cached = max_cached_data_keys
         self._max_uses = data_key_max_uses
         self._clock = clock or (lambda: datetime.now(UTC))
-        self._rng = rng or os.urandom
+        self._rng = rng or nonce_bytes
         # The hot path reads self._current once; rotation swaps it in one assignment.
         self._current: _DataKey | None = None
         self._slots: dict[tuple[str, str | None], _DataKey] = {}

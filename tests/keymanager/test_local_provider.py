@@ -58,12 +58,12 @@ def _write_key(path: Path, key: bytes = FILE_KEY) -> Path:
 
 
 def _fixed_nonce(monkeypatch: pytest.MonkeyPatch, nonce: bytes = NONCE) -> None:
-    real = local_mod.random_bytes
+    real = local_mod.nonce_bytes
 
     def fake(n: int) -> bytes:
         return nonce if n == len(nonce) else real(n)
 
-    monkeypatch.setattr(local_mod, "random_bytes", fake)
+    monkeypatch.setattr(local_mod, "nonce_bytes", fake)
 
 
 # -- URI forms and key files ------------------------------------------------------------------

@@ -22,7 +22,7 @@ from typing import Final
 import httpx
 
 from keygrants.auth.httpsig import ALGORITHMS, Message, build_target_uri, content_digest, sign_message
-from keygrants.crypto import random_bytes
+from keygrants.crypto.random import nonce_bytes
 from keygrants.crypto.signing import SigningKey, b64url
 
 __all__ = ["NONCE_BYTES", "SignatureAuth", "load_signing_key", "target_uri"]
@@ -116,7 +116,7 @@ class SignatureAuth(httpx.Auth):
         message = Message(method=request.method, target_uri=target_uri(request), headers=headers)
         signature_input, signature = sign_message(
             message, key=self._key, alg=self.alg, keyid=self.keyid, created=created,
-            expires=created + self.lifetime, nonce=b64url(random_bytes(NONCE_BYTES)),
+            expires=created + self.lifetime, nonce=b64url(nonce_bytes(NONCE_BYTES)),
             components=components)
         request.headers["Signature-Input"] = signature_input
         request.headers["Signature"] = signature

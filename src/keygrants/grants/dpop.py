@@ -56,6 +56,7 @@ from urllib.parse import urlsplit
 from keygrants.auth.credentials import jwk_thumbprint
 from keygrants.auth.httpsig import NonceCache
 from keygrants.crypto import hmac_sha256, random_bytes, verify_hmac_sha256
+from keygrants.crypto.random import nonce_bytes
 from keygrants.crypto.signing import (
     P256_RAW_SIGNATURE_SIZE,
     SigningAlgorithm,
@@ -226,7 +227,7 @@ def make_proof(key: SigningKey, *, method: str, url: str, access_token: str | No
     public = key.public_key()
     alg = _jose_alg(public.algorithm)
     claims: dict[str, object] = {
-        "jti": b64url(random_bytes(_JTI_BYTES)) if jti is None else jti,
+        "jti": b64url(nonce_bytes(_JTI_BYTES)) if jti is None else jti,
         "htm": method.upper(),
         "htu": htu_of(url),
         "iat": int(time.time()) if iat is None else iat,

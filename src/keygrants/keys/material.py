@@ -6,7 +6,6 @@ built once (an ``AESGCM`` instance, a private key), so the hot path does no pars
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Mapping
 from typing import Final, TypeVar, cast
@@ -23,6 +22,7 @@ from keygrants.crypto import (
     random_bytes,
     verify_hmac_sha256,
 )
+from keygrants.crypto.random import nonce_bytes
 from keygrants.errors import InvalidCiphertext
 from keygrants.keys.ciphertext import HEADER_SIZE, Ciphertext, header_bytes
 from keygrants.keys.context import canonical_context
@@ -86,7 +86,7 @@ class KeyMaterial:
         """Encrypt to the native ciphertext format (``nonce`` is for deterministic tests)."""
         aead = self._require(self._aead, "an encryption")
         if nonce is None:
-            nonce = os.urandom(NONCE_SIZE)
+            nonce = nonce_bytes(NONCE_SIZE)
         header = header_bytes(self.key_id, self.version, nonce)
         aad = header + canonical_context(context) if context else header
         return header + aead.seal(nonce, plaintext, aad)

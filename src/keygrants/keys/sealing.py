@@ -13,12 +13,12 @@ key or version does not open.
 
 from __future__ import annotations
 
-import os
 import struct
 import uuid
 from typing import Final
 
 from keygrants.crypto import NONCE_SIZE, Aead
+from keygrants.crypto.random import nonce_bytes
 from keygrants.errors import InvalidCiphertext
 
 __all__ = ["SEALED_V1", "seal_key_version", "seal_named_secret", "unseal_key_version", "unseal_named_secret"]
@@ -35,7 +35,7 @@ def seal_key_version(root: Aead, key_id: uuid.UUID, version: int, secret: bytes,
                      nonce: bytes | None = None) -> bytes:
     """Seal one version's secret under the root key (``nonce`` only for deterministic tests)."""
     if nonce is None:
-        nonce = os.urandom(NONCE_SIZE)
+        nonce = nonce_bytes(NONCE_SIZE)
     return bytes([SEALED_V1]) + nonce + root.seal(nonce, secret, _aad(key_id, version))
 
 
@@ -55,7 +55,7 @@ _NAMED_AAD_PREFIX: Final = b"\x02keygrants named secret\x00"
 
 def seal_named_secret(root: Aead, name: str, secret: bytes) -> bytes:
     """Seal a server secret (the audit keys, ...) under the root key, bound to its name."""
-    nonce = os.urandom(NONCE_SIZE)
+    nonce = nonce_bytes(NONCE_SIZE)
     return bytes([SEALED_V1]) + nonce + root.seal(nonce, secret, _NAMED_AAD_PREFIX + name.encode())
 
 

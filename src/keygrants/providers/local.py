@@ -32,6 +32,7 @@ from typing import Any, Final
 
 from keygrants.crypto import KEY_SIZE, NONCE_SIZE, TAG_SIZE, Aead, hkdf_sha256, random_bytes, scrypt_derive
 from keygrants.crypto.kdf import SCRYPT_N, SCRYPT_P, SCRYPT_R
+from keygrants.crypto.random import nonce_bytes
 from keygrants.errors import (
     DecryptionError,
     InvalidCiphertext,
@@ -107,7 +108,7 @@ class KeyFileProvider:
         return _load_or_create_key_file(self.path, "seal key file", SealError)
 
     def wrap(self, plaintext: bytes, *, aad: bytes) -> bytes:
-        nonce = random_bytes(NONCE_SIZE)
+        nonce = nonce_bytes(NONCE_SIZE)
         prefix = bytes([_KEYFILE_V1])
         return prefix + nonce + self._aead.seal(nonce, plaintext, prefix + aad)
 
@@ -152,7 +153,7 @@ class PassphraseProvider:
     def wrap(self, plaintext: bytes, *, aad: bytes) -> bytes:
         header = (bytes([_PASSPHRASE_V1]) + random_bytes(_SALT_SIZE)
                   + bytes([SCRYPT_N.bit_length() - 1, SCRYPT_R, SCRYPT_P]))
-        nonce = random_bytes(NONCE_SIZE)
+        nonce = nonce_bytes(NONCE_SIZE)
         return header + nonce + self._aead(header).seal(nonce, plaintext, header + aad)
 
     def unwrap(self, blob: bytes, *, aad: bytes) -> bytes:
@@ -345,7 +346,7 @@ class LocalKeyProvider(KeyProvider):
         ctx = canonical_context(context)
         header = self._current_header
         aead = await self._aead_for(header)
-        nonce = random_bytes(NONCE_SIZE)
+        nonce = nonce_bytes(NONCE_SIZE)
         return EncryptedData(
             ciphertext=header + nonce + aead.seal(nonce, plaintext, header + ctx),
             key_reference=KeyReference(provider=self.name, key_id=self.default_key_id or ""),

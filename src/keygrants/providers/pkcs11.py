@@ -55,7 +55,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from pkcs11 import Attribute, GCMParams, KeyType, Mechanism, ObjectClass, TokenFlag
 from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
 
-from keygrants.crypto import random_bytes
+from keygrants.crypto.random import nonce_bytes
 from keygrants.errors import (
     DecryptionError,
     EncryptionError,
@@ -325,7 +325,7 @@ class Pkcs11Provider(KeyProvider):
         check_plaintext(plaintext)
         aad = canonical_context(context)
         label = self.reference(key_id).key_id
-        nonce = random_bytes(_NONCE)
+        nonce = nonce_bytes(_NONCE)
 
         def op(session: Any) -> bytes:
             key = self._find(session, label, ObjectClass.SECRET_KEY)
