@@ -30,31 +30,18 @@ def random_bytes(n: int) -> bytes:
     return secrets.token_bytes(n)
 
 
-class _Pool:
-    __slots__ = ("buf", "lock", "pos")
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.buf = b""
-        self.pos = 0
-
-    def take(self, n: int) -> bytes:
-        with self.lock:
-            pos = self.pos
-            if pos + n > len(self.buf):
-                self.buf, pos = os.urandom(_POOL_BYTES), 0
-            self.pos = pos + n
-            return self.buf[pos:pos + n]
-
-    def forget(self) -> None:
-        """In a forked child: a new lock (the parent's may have been held) and no bytes."""
-        self.lock = threading.Lock()
-        self.buf = b""
-        self.pos = 0
+_lock = threading.Lock()
+_pool: list[bytes | int] = [b"", _POOL_BYTES]  # [buffer, position]: empty, so the first call fills it
 
 
-_pool: Final = _Pool()
-os.register_at_fork(after_in_child=_pool.forget)
+def _forget_in_child() -> None:
+    """In a forked child: a new lock (the parent's may have been held) and no bytes."""
+    global _lock
+    _lock = threading.Lock()
+    _pool[0], _pool[1] = b"", _POOL_BYTES
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
 
 
 def nonce_bytes(n: int) -> bytes:
@@ -62,4 +49,11 @@ def nonce_bytes(n: int) -> bytes:
     handed out twice; for keys use :func:`random_bytes`."""
     if not 0 <= n <= MAX_NONCE_BYTES:
         raise ValueError(f"n must be 0..{MAX_NONCE_BYTES}")
-    return _pool.take(n)
+    with _lock:
+        buf, pos = _pool
+        end = pos + n  # type: ignore[operator]
+        if end > _POOL_BYTES:
+            buf = _pool[0] = os.urandom(_POOL_BYTES)
+            pos, end = 0, n
+        _pool[1] = end
+        return buf[pos:end]  # type: ignore[index]
