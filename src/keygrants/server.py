@@ -150,14 +150,27 @@ def build_server(config: ServerConfig) -> BuiltServer:
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     data_dir.chmod(0o700)
     store = open_store(config.store or f"sqlite://{(data_dir / DB_FILE).resolve()}")
+    audit: AuditSetup | None = None
     try:
         provider = open_root_provider(_choose_seal(config.seal, sealed_with(store), data_dir))
         root_key, created = open_root_key(store, provider)
-    except BaseException:
-        store.close()  # a refused start leaves the data directory as it found it
+        audit = open_audit(store, root_key, path=data_dir / AUDIT_DB_FILE, node=config.node_id,
+                           checkpoint_interval=config.checkpoint_interval, store_url=config.store)
+        return _assemble(config, store, audit, root_key, created, sinks, bus,
+                         seal=provider.uri.split(":", 1)[0])
+    except BaseException:  # a refused start leaves nothing open (and the data dir as it was)
+        try:
+            if audit is not None:
+                audit.log.close()
+        finally:
+            store.close()
         raise
-    audit = open_audit(store, root_key, path=data_dir / AUDIT_DB_FILE, node=config.node_id,
-                       checkpoint_interval=config.checkpoint_interval, store_url=config.store)
+
+
+def _assemble(config: ServerConfig, store: Any, audit: AuditSetup, root_key: bytes,
+              created: bool, sinks: list[Any], bus: Any, *, seal: str) -> BuiltServer:
+    """The services and the app over an opened store and audit log."""
+    data_dir = config.data_dir
     token_path = data_dir / ADMIN_TOKEN_FILE
     token = reset_admin_token(store) if config.reset_admin_token else ensure_admin_token(store)
     if token is not None:
@@ -176,7 +189,7 @@ def build_server(config: ServerConfig) -> BuiltServer:
 
     started = {"version": __version__, "listen": config.listen,
                "store": (config.store or "sqlite:").split(":", 1)[0],
-               "seal": provider.uri.split(":", 1)[0], "node": config.node_id}
+               "seal": seal, "node": config.node_id}
 
     @contextlib.asynccontextmanager
     async def lifespan() -> AsyncIterator[None]:
@@ -226,6 +239,7 @@ def build_server(config: ServerConfig) -> BuiltServer:
         try:
             yield
         finally:
+            gc.unfreeze()  # what this server made may be collected once it is gone
             stop_scheduler.set()
             await task
             await usage

@@ -191,3 +191,25 @@ def test_rows_whose_leaf_is_not_their_hash_are_not_adopted(
                           "(2, 't', 'x', '\\x7b7d'::bytea, '\\x00'::bytea)")
     with pytest.raises(AuditUnavailable):
         nodes[0].append(fields(2, "a"))
+
+
+def test_checkpoint_times_never_go_back_between_nodes_with_skewed_clocks(
+        postgres_url: str, signer: NoteSigner) -> None:
+    import time
+
+    ahead = PostgresAuditLog(postgres_url, signer=signer, origin=ORIGIN,
+                             clock=lambda: time.time() + 100)  # this node's clock runs fast
+    behind = PostgresAuditLog(postgres_url, signer=signer, origin=ORIGIN)
+    try:
+        for i in range(4):
+            (ahead if i % 2 else behind).append(fields(i, "x"))
+            (ahead if i % 2 else behind).checkpoint_now()
+            behind.append(fields(i, "y"))
+            behind.checkpoint_now()  # after the fast node's checkpoint: never dated before it
+        times = [cp.time for cp in behind.checkpoints()]
+        assert times == sorted(times) and len(times) >= 4
+        report = verify_postgres(postgres_url, vkey=vkey(signer))
+        assert report.ok, report.problems
+    finally:
+        ahead.close()
+        behind.close()

@@ -192,6 +192,7 @@ class AuditLog:
         row = self._db.execute("SELECT size, time FROM checkpoints ORDER BY size DESC LIMIT 1").fetchone()
         self._checkpointed_size = row[0] if row else 0
         self._last_checkpoint_at = float(row[1]) if row else 0.0
+        self._checkpoint_floor = int(row[1]) if row else 0
         self._start_checkpointer()
 
     def _init_state(self, *, signer: NoteSigner, origin: str, clock: Callable[[], float],
@@ -217,6 +218,7 @@ class AuditLog:
         self._tree = CompactTree()
         self._checkpointed_size = 0
         self._last_checkpoint_at = 0.0
+        self._checkpoint_floor = 0  # no checkpoint is dated before the newest one
         self.failing = False  # a test seam: when True, commits fail (simulates a broken disk)
         self._stop = threading.Event()
         self._sqlite_wal = False  # the checkpointer also copies a SQLite WAL back
@@ -506,7 +508,7 @@ class AuditLog:
         if tree.size > self._checkpointed_size and (
                 force_checkpoint or now - self._last_checkpoint_at >= self._interval):
             # never before the previous checkpoint (nodes sharing a log have their own clocks)
-            at = max(int(now), int(self._last_checkpoint_at))
+            at = max(int(now), self._checkpoint_floor)
             cp = Checkpoint(origin=self.origin, size=tree.size, root=tree.root(), time=at)
             checkpoint = CheckpointRecord(tree.size, at, sign_note(cp.body(), self._signer))
         if not rows and checkpoint is None:
@@ -544,6 +546,7 @@ class AuditLog:
         if staged.checkpoint is not None:
             self._checkpointed_size = staged.checkpoint.size
             self._last_checkpoint_at = staged.now
+            self._checkpoint_floor = max(self._checkpoint_floor, staged.checkpoint.time)
         _resolve(list(staged.accepted))
 
     # -- reading ---------------------------------------------------------------------------

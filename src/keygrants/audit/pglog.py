@@ -30,7 +30,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 import psycopg
-from psycopg.conninfo import make_conninfo
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from keygrants.audit.log import _MAX_DEFERRALS, AuditLog, _Pending, _resolve, _Staged
 from keygrants.audit.merkle import leaf_hash
@@ -73,21 +73,25 @@ CREATE TABLE IF NOT EXISTS {SCHEMA}.cursors (sink TEXT COLLATE "C" PRIMARY KEY,
 
 
 def connect(url: str, *, read_only: bool = False,
-            statement_timeout: float | None = None) -> psycopg.Connection[Any]:
+            lock_timeout: float | None = None) -> psycopg.Connection[Any]:
     """A connection whose unqualified table names are the audit tables, with TCP keepalives
-    and, for the log's own connections, bounds on waiting for the append lock and on any
-    statement (a node cut off while holding the lock must not stall the others forever)."""
+    (settings the URL gives win, its ``options`` are kept); ``lock_timeout`` bounds waiting
+    for the append lock and any write (a node cut off while holding the lock must not stall
+    the others forever)."""
+    params = conninfo_to_dict(url)
     options = f"-c search_path={SCHEMA} -c synchronous_commit=on"
     if read_only:
         options += " -c default_transaction_read_only=on"
-    if statement_timeout is not None:
-        ms = int(statement_timeout * 1000)
+    if lock_timeout is not None:
+        ms = int(lock_timeout * 1000)
         options += (f" -c lock_timeout={ms} -c statement_timeout={ms}"
                     f" -c idle_in_transaction_session_timeout={ms * 3}")
-    return psycopg.connect(make_conninfo(url, options=options, connect_timeout=_CONNECT_TIMEOUT,
-                                         keepalives=1, keepalives_idle=10,
-                                         keepalives_interval=5, keepalives_count=3),
-                           autocommit=True)
+    params["options"] = f"{params['options']} {options}" if params.get("options") else options
+    for name, value in (("connect_timeout", _CONNECT_TIMEOUT), ("keepalives", 1),
+                        ("keepalives_idle", 10), ("keepalives_interval", 5),
+                        ("keepalives_count", 3)):
+        params.setdefault(name, value)
+    return psycopg.connect(make_conninfo("", **params), autocommit=True)
 
 
 class PostgresAuditLog(AuditLog):
@@ -113,9 +117,11 @@ class PostgresAuditLog(AuditLog):
             with self._db.transaction():
                 self._db.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
                 self._db.execute(_DDL)
-            self._read_db = self._connect()
+            self._read_db = connect(url)  # reads (proofs over a large log) are not bounded
             with self._lock:
+                self._db.execute("SET statement_timeout = 0")  # reading a large log takes time
                 self._catch_up(check_data=False)  # the whole log: `audit verify` checks it
+                self._db.execute("RESET statement_timeout")
         except (psycopg.Error, AuditUnavailable, ValueError) as exc:
             for conn in (self._db, self._read_db):
                 if conn is not None:
@@ -129,7 +135,7 @@ class PostgresAuditLog(AuditLog):
         self._start_checkpointer()
 
     def _connect(self) -> psycopg.Connection[Any]:
-        return connect(self._url, statement_timeout=self.commit_timeout * 3)
+        return connect(self._url, lock_timeout=self.commit_timeout * 3)
 
     def _reconnect_if_broken(self) -> None:
         """After a failure: replace a connection PostgreSQL dropped (a restart, a failover),
@@ -170,8 +176,10 @@ class PostgresAuditLog(AuditLog):
             self._last_leaf = leaf
         row = self._db.execute(
             "SELECT size, time FROM checkpoints ORDER BY size DESC LIMIT 1").fetchone()
-        if row is not None and row[0] > self._checkpointed_size:
-            self._checkpointed_size, self._last_checkpoint_at = int(row[0]), float(row[1])
+        if row is not None:
+            self._checkpoint_floor = max(self._checkpoint_floor, int(row[1]))
+            if row[0] > self._checkpointed_size:
+                self._checkpointed_size, self._last_checkpoint_at = int(row[0]), float(row[1])
 
     def _apply(self, staged: _Staged) -> None:
         if staged.rows:
@@ -298,7 +306,7 @@ class PostgresAuditLog(AuditLog):
                     with contextlib.suppress(psycopg.Error):
                         self._read_db.close()
                     try:  # PostgreSQL dropped the connection: once more on a new one
-                        self._read_db = self._connect()
+                        self._read_db = connect(self._url)
                     except psycopg.Error:
                         raise AuditUnavailable("the audit log cannot be read") from exc
         raise AssertionError("unreachable")  # pragma: no cover

@@ -13,6 +13,7 @@ import logging
 import os
 import sqlite3
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager, suppress
@@ -47,6 +48,24 @@ _GROUP_COMMIT_TIMEOUT: Final = 30.0
 _WAL_BACKSTOP_PAGES: Final = 10_000
 _WAL_CHECKPOINT_EVERY: Final = 1.0  # seconds
 log = logging.getLogger("keygrants.store")
+
+
+def _copy_wal_back(path: str, stop: threading.Event) -> None:
+    """Every second, copy committed WAL frames into the database (PASSIVE: never waits for,
+    nor blocks, writers and readers), on a connection of its own, until ``stop``."""
+    try:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
+        conn.execute("PRAGMA synchronous=FULL")  # the copy is fsynced before the WAL restarts
+    except sqlite3.Error:
+        return  # the automatic checkpoint still bounds the WAL
+    try:
+        while not stop.wait(_WAL_CHECKPOINT_EVERY):
+            try:
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            except sqlite3.Error as exc:
+                log.warning("store: WAL checkpoint failed: %s", exc)
+    finally:
+        conn.close()
 T = TypeVar("T")
 
 _MIGRATIONS: Final[tuple[str, ...]] = (
@@ -361,26 +380,13 @@ class SQLiteStore:
                 p = Path(self.path + suffix)
                 if p.exists():
                     p.chmod(0o600)
-            self._wal_thread = threading.Thread(target=self._copy_wal_back, daemon=True,
+            # the thread holds no reference to the store: one never closed still goes away,
+            # and its thread with it
+            self._wal_thread = threading.Thread(target=_copy_wal_back,
+                                                args=(self.path, self._wal_stop), daemon=True,
                                                 name="sqlite-wal-checkpoint")
+            weakref.finalize(self, self._wal_stop.set)
             self._wal_thread.start()
-
-    def _copy_wal_back(self) -> None:
-        """Every few seconds, copy committed WAL frames into the database (PASSIVE: never
-        waits for, nor blocks, writers and readers), on a connection of its own."""
-        try:
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                                   timeout=10.0)
-        except sqlite3.Error:
-            return  # the automatic checkpoint still bounds the WAL
-        try:
-            while not self._wal_stop.wait(_WAL_CHECKPOINT_EVERY):
-                try:
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-                except sqlite3.Error as exc:
-                    log.warning("store: WAL checkpoint failed: %s", exc)
-        finally:
-            conn.close()
 
     def _migrate(self) -> None:
         (current,) = self._db.execute("PRAGMA user_version").fetchone()
