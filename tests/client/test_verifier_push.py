@@ -249,3 +249,32 @@ def test_close_stops_the_bus_thread_even_right_after_it_started(live_server: Any
         v.verify(token)  # starts the bus thread (nothing listens on that port)
         v.close()
         assert v._bus_thread is not None and not v._bus_thread.is_alive()
+
+
+async def test_a_revocation_pushed_right_after_another_is_not_left_for_a_heartbeat() -> None:
+    """Pulls are spaced (5 ms); a push inside that spacing is pulled for once it is up, not
+    dropped. The verifier's clock stands still, so the second push always falls inside the
+    spacing of the first pull; no heartbeats (they would hide a dropped push)."""
+    kms = build_in_process()
+    bus_url = f"memory://push-{uuid.uuid4().hex[:8]}"
+    publisher = RevocationPublisher(open_bus(bus_url), kms.grants.store.latest_revocation_seq,
+                                    interval=3600)
+    await publisher.start()
+    kms.grants.on_revocations = publisher.publish_entries
+    frozen = time.time()
+    async with kms.client() as admin:
+        await admin.create_key("enc")
+        await admin.create_principal("svc")
+        made = [await admin.create_grant("enc", "svc", ["decrypt"]) for _ in range(2)]
+        verifier = AsyncVerifier("http://kms", bus_url=bus_url, poll_interval=600,
+                                 max_staleness=900, transport=httpx.ASGITransport(app=kms.app),
+                                 clock=lambda: frozen)
+        for m in made:
+            assert m.token is not None
+            await verifier.verify(m.token)
+        for m in made:  # the second push comes "at the same moment" as the first pull
+            await admin.revoke_grant(m.grant.id)
+            assert isinstance(await until_refused(verifier.verify, m.token or ""),
+                              errors.GrantRevoked)
+    await verifier.aclose()
+    await publisher.stop()

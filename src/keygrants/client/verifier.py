@@ -34,7 +34,7 @@ import hmac
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final
 
 import httpx
@@ -228,18 +228,29 @@ class _Pushed:
     forge one): the feed, pulled from the KMS over HTTP(S), is the only source of truth."""
 
     @staticmethod
-    def handle(s: _State, data: bytes) -> bool:
-        now = s.clock()
-        if now - s.last_bus_pull < _BUS_PULL_SPACING:
-            return False  # a flood of messages costs at most one pull per spacing
+    def handle(s: _State, data: bytes) -> float | None:
+        """``None``: nothing to pull; else how long to wait before pulling (0: now). Pulls
+        are at least ``_BUS_PULL_SPACING`` apart, so a flood of messages, forged or not, costs
+        at most one pull per spacing; a message that is news but comes too soon is pulled
+        for once the spacing is up, never dropped (it used to be, and the revocation then
+        waited for the next heartbeat: ~1 s)."""
         try:
             msg = decode_message(data)
         except (ValueError, KeyError, TypeError, OverflowError):
-            return False  # not ours, or malformed: ignored
-        pull = msg > s.feed_seq if isinstance(msg, int) else msg.seq > s.feed_seq
-        if pull:
-            s.last_bus_pull = now
-        return pull
+            return None  # not ours, or malformed: ignored
+        if not (msg > s.feed_seq if isinstance(msg, int) else msg.seq > s.feed_seq):
+            return None
+        wait = s.last_bus_pull + _BUS_PULL_SPACING - s.clock()
+        return max(wait, 0.0)
+
+    @staticmethod
+    async def pull_after(s: _State, wait: float, pull: Callable[[], Awaitable[None]]) -> None:
+        """Wait out the spacing (handlers run one at a time, so this also holds back the next
+        message, which the pull then covers), then pull."""
+        if wait > 0:
+            await asyncio.sleep(wait)
+        s.last_bus_pull = s.clock()
+        await pull()
 
 
 class Verifier:
@@ -307,8 +318,10 @@ class Verifier:
             loop = asyncio.new_event_loop()
 
             async def on_message(data: bytes) -> None:
-                if _Pushed.handle(self._state, data):
-                    await asyncio.to_thread(self._pull_quietly)
+                wait = _Pushed.handle(self._state, data)
+                if wait is not None:
+                    await _Pushed.pull_after(self._state, wait,
+                                             lambda: asyncio.to_thread(self._pull_quietly))
 
             async def main() -> None:  # runs until cancelled by close()
                 warned = False
@@ -468,11 +481,15 @@ class AsyncVerifier:
         try:
             await bus.connect()
 
+            async def pull() -> None:
+                async with self._io:
+                    with contextlib.suppress(KeygrantsError, ValueError, KeyError, TypeError):
+                        await self.pull_revocations()
+
             async def on_message(data: bytes) -> None:
-                if _Pushed.handle(s, data):
-                    async with self._io:
-                        with contextlib.suppress(KeygrantsError, ValueError, KeyError, TypeError):
-                            await self.pull_revocations()
+                wait = _Pushed.handle(s, data)
+                if wait is not None:
+                    await _Pushed.pull_after(s, wait, pull)
 
             await bus.subscribe(SUBJECT, on_message)
         except Exception:  # pulling every poll_interval still keeps it correct
