@@ -37,16 +37,24 @@ def bus_or_skip(kind: str = "nats") -> str:
     return f"{kind}://{host}:{port}"
 
 
+def node_args(tmp_path: Path, postgres_url: str, bus: str, *extra: str) -> tuple[str, ...]:
+    """The options every node of one service shares: store, seal, bus."""
+    seal = f"local://{tmp_path / 'shared-seal.key'}"
+    return ("--store", postgres_url, "--seal", seal, "--bus", bus, "--rate-limit", "0", *extra)
+
+
+def admin_of(tmp_path: Path) -> dict[str, str]:
+    """The admin token written by the first node (in ``tmp_path/a``), as a header."""
+    return {"Authorization": f"Bearer {(tmp_path / 'a' / 'admin.token').read_text().strip()}"}
+
+
 @pytest.mark.parametrize("kind", ["nats", "redis"])
 def test_two_nodes_share_grants_and_revocations(start_server, tmp_path: Path,
                                                 postgres_url: str, kind: str) -> None:
     bus = bus_or_skip(kind)
-    seal = f"local://{tmp_path / 'shared-seal.key'}"
-    common = ("--store", postgres_url, "--seal", seal, "--bus", bus, "--bus-heartbeat", "0.2",
-              "--rate-limit", "0")
+    common = node_args(tmp_path, postgres_url, bus, "--bus-heartbeat", "0.2")
     node_a = start_server(tmp_path / "a", args=common)
-    token = (tmp_path / "a" / "admin.token").read_text().strip()
-    admin = {"Authorization": f"Bearer {token}"}
+    admin = admin_of(tmp_path)
     with httpx.Client(base_url=node_a.url, headers=admin, timeout=10) as a:
         # made before node B starts: B reads them at start (changes made later are pushed,
         # see test_key_and_principal_changes_reach_the_other_node)
@@ -116,13 +124,10 @@ def eventually(check, what: str) -> None:  # type: ignore[no-untyped-def]
 
 def test_key_and_principal_changes_reach_the_other_node(start_server, tmp_path: Path,
                                                         postgres_url: str) -> None:
-    bus = bus_or_skip()
-    seal = f"local://{tmp_path / 'shared-seal.key'}"
-    common = ("--store", postgres_url, "--seal", seal, "--bus", bus, "--rate-limit", "0")
+    common = node_args(tmp_path, postgres_url, bus_or_skip())
     node_a = start_server(tmp_path / "a", args=common)
     node_b = start_server(tmp_path / "b", args=common)
-    token = (tmp_path / "a" / "admin.token").read_text().strip()
-    admin = {"Authorization": f"Bearer {token}"}
+    admin = admin_of(tmp_path)
     with httpx.Client(base_url=node_a.url, headers=admin, timeout=10) as a, \
             httpx.Client(base_url=node_b.url, headers=admin, timeout=10) as b:
         # a principal, its API key and its policy made on A after B started work on B
@@ -162,14 +167,10 @@ def test_an_issuer_key_rotation_on_one_node_reaches_the_other(start_server, tmp_
                                                               postgres_url: str) -> None:
     """One shared signer: the staged key published on A appears in B's JWKS before it signs
     (pushed), and once active both nodes sign with it and accept each other's tokens."""
-    bus = bus_or_skip()
-    seal = f"local://{tmp_path / 'shared-seal.key'}"
-    common = ("--store", postgres_url, "--seal", seal, "--bus", bus, "--rate-limit", "0",
-              "--jwks-max-age", "2s")
+    common = node_args(tmp_path, postgres_url, bus_or_skip(), "--jwks-max-age", "2s")
     node_a = start_server(tmp_path / "a", args=common)
     node_b = start_server(tmp_path / "b", args=common)
-    token = (tmp_path / "a" / "admin.token").read_text().strip()
-    admin = {"Authorization": f"Bearer {token}"}
+    admin = admin_of(tmp_path)
     grant = {"key": "k", "grantee": "admin", "operations": ["encrypt"]}
     body = {"plaintext": "eA=="}
     with httpx.Client(base_url=node_a.url, headers=admin, timeout=10) as a, \
@@ -195,13 +196,10 @@ def test_a_killed_node_loses_nothing_it_acknowledged(start_server, tmp_path: Pat
                                                      postgres_url: str) -> None:
     import signal
 
-    bus = bus_or_skip()
-    seal = f"local://{tmp_path / 'shared-seal.key'}"
-    common = ("--store", postgres_url, "--seal", seal, "--bus", bus, "--rate-limit", "0")
+    common = node_args(tmp_path, postgres_url, bus_or_skip())
     node_a = start_server(tmp_path / "a", args=common)
     node_b = start_server(tmp_path / "b", args=common)
-    token = (tmp_path / "a" / "admin.token").read_text().strip()
-    admin = {"Authorization": f"Bearer {token}"}
+    admin = admin_of(tmp_path)
     with httpx.Client(base_url=node_a.url, headers=admin, timeout=10) as a:
         assert a.post("/v1/keys", json={"name": "k"}).status_code == 201
         sealed = a.post("/v1/keys/k/encrypt", json={"plaintext": "c2VjcmV0"}).json()
