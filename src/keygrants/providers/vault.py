@@ -244,7 +244,7 @@ class VaultTransitProvider(KeyProvider):
         if isinstance(exc, requests.exceptions.RequestException):
             return ProviderConnectionError(f"vault: cannot reach {self._addr} "
                                            f"({type(exc).__name__})")
-        if isinstance(exc, hexc.VaultDown):
+        if isinstance(exc, hexc.VaultDown | hexc.VaultNotInitialized):
             return ProviderConnectionError(f"vault: {self._addr} is sealed or unavailable")
         if isinstance(exc, hexc.InvalidPath):
             return KeyNotFoundError(f"vault: key not found under {self._mount}/ ({op})")
@@ -287,21 +287,9 @@ class VaultTransitProvider(KeyProvider):
             raise self._translate(exc, op) from exc
 
     def _status_error(self, status: int, op: str) -> KMSError:
-        """Map a Transit error status as hvac does (its exception per status), then as
-        :meth:`_translate` maps those."""
-        if status == 404:
-            return KeyNotFoundError(f"vault: key not found under {self._mount}/ ({op})")
-        if status in (501, 503):
-            return ProviderConnectionError(f"vault: {self._addr} is sealed or unavailable")
-        if op == "decrypt" and status == 400:
-            return DecryptionError()
-        if status in (401, 403):
-            return KMSError(f"vault: {op} denied (check the token's policy)")
-        if status == 429:
-            return KMSError(f"vault: {op} rate-limited")
-        if op in ("encrypt", "generate_data_key"):
-            return EncryptionError(f"vault: {op} failed (HTTP {status})")
-        return KMSError(f"vault: {op} failed (HTTP {status})")
+        """An error answer of the async path, mapped as the hvac path maps it: hvac's
+        exception for the status, then :meth:`_translate`."""
+        return self._translate(hexc.VaultError.from_status(status), op)
 
     def _relogin(self, failed_token: str | None) -> None:
         """In a worker thread: log in again unless another call already replaced the token
