@@ -5,6 +5,7 @@ attenuation (a sub-grant may only narrow its parent)."""
 from __future__ import annotations
 
 import base64
+import time
 from types import MappingProxyType
 from typing import Any
 
@@ -46,7 +47,42 @@ def test_new_grant_id_shape() -> None:
     assert gid.startswith("g_") and len(gid) == 28
     assert is_grant_id(gid)
     raw = base64.b32decode(gid[2:].upper() + "======")
-    assert len(raw) == 16  # 128 random bits
+    assert len(raw) == 16  # 48 bits of milliseconds, 80 random bits (and 2 zero bits)
+
+
+def _id_bits(gid: str) -> int:
+    return int.from_bytes(base64.b32decode(gid[2:].upper() + "======"), "big")
+
+
+def test_a_grant_id_starts_with_its_creation_time_in_milliseconds() -> None:
+    before = time.time_ns() // 1_000_000
+    gid = new_grant_id()
+    after = time.time_ns() // 1_000_000
+    assert before <= _id_bits(gid) >> 80 <= after
+
+
+def test_grant_id_layout_is_pinned(monkeypatch: pytest.MonkeyPatch) -> None:
+    import keygrants.grants.model as model
+
+    monkeypatch.setattr(model, "nonce_bytes", lambda n: bytes(range(1, n + 1)))
+    gid = new_grant_id(0x0123456789AB)
+    expected = base64.b32encode(bytes.fromhex("0123456789ab" + "0102030405060708090a") + b"\0")
+    assert gid == "g_" + expected.decode().lower()[:26]
+    assert gid == "g_aerukz4jvmaqeayeaudaocajbi"
+
+
+def test_grant_ids_sort_by_creation_time() -> None:
+    # the random part never outweighs one millisecond: indexes keyed by id grow at their end
+    earlier = [new_grant_id(1_700_000_000_000) for _ in range(200)]
+    later = [new_grant_id(1_700_000_000_001) for _ in range(200)]
+    assert max(earlier) < min(later)
+    assert len(set(earlier)) == 200  # the same millisecond still gives distinct ids
+
+
+@pytest.mark.parametrize("ms", [-1, 1 << 48])
+def test_a_grant_id_time_outside_48_bits_is_refused(ms: int) -> None:
+    with pytest.raises(ValueError):
+        new_grant_id(ms)
 
 
 def test_new_grant_ids_are_unique() -> None:
