@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
 import threading
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -211,4 +214,79 @@ def test_sqlite_group_commit_survives_a_caller_that_gave_up(tmp_path: Path) -> N
     later.result(timeout=10)
     assert store.get_grant(abandoned.id) is None and store.get_grant(kept.id) is not None
     store.create_grant(grant())  # still serving
+    store.close()
+
+
+def test_sqlite_writes_from_an_event_loop_are_answered_with_one_wakeup_per_batch(
+        tmp_path: Path) -> None:
+    """On a running loop the store hands out the loop's own futures and answers a whole batch
+    with one call_soon_threadsafe, not one per write; errors reach the writer that caused
+    them."""
+    store = SQLiteStore(tmp_path / "kg.db")
+    store.create_grant(grant())  # the commit thread is running
+    grants = [grant() for _ in range(40)]
+
+    async def main() -> tuple[list[object], int]:
+        loop = asyncio.get_running_loop()
+        wakeups = 0
+        real = loop.call_soon_threadsafe
+
+        def counting(*args: Any, **kwargs: Any) -> asyncio.Handle:
+            nonlocal wakeups
+            wakeups += 1
+            return real(*args, **kwargs)
+
+        loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+        with store._lock:  # every write below lands in the next batch or the one after
+            futures = [store.submit_create_grant(g) for g in grants]
+            futures.append(store.submit_create_grant(grants[0]))  # a duplicate id
+        assert all(isinstance(f, asyncio.Future) for f in futures)
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        return results, wakeups
+
+    results, wakeups = asyncio.run(main())
+    assert results[:40] == [None] * 40
+    assert isinstance(results[40], AlreadyExists)
+    assert 1 <= wakeups <= 2  # the batch taken before the lock, if any, and the rest
+    assert all(store.get_grant(g.id) == g for g in grants)
+    store.close()
+
+
+def test_sqlite_loop_write_cancelled_before_its_batch_is_skipped(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "kg.db")
+    store.create_grant(grant())
+
+    async def main() -> tuple[Grant, Grant]:
+        abandoned, kept = grant(), grant()
+        with store._lock:
+            future = store.submit_create_grant(abandoned)
+            assert future.cancel()
+            later = store.submit_create_grant(kept)
+        await later
+        return abandoned, kept
+
+    abandoned, kept = asyncio.run(main())
+    assert store.get_grant(abandoned.id) is None and store.get_grant(kept.id) is not None
+    store.close()
+
+
+def test_sqlite_loop_writes_fail_cleanly_when_the_commit_fails(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "kg.db")
+    store.create_grant(grant())
+    reader = sqlite3.connect(tmp_path / "kg.db", isolation_level=None)
+
+    async def main() -> list[object]:
+        with store._lock:
+            futures = [store.submit_create_grant(grant()) for _ in range(3)]
+            # another connection holds the write lock: BEGIN IMMEDIATE fails after the timeout
+            reader.execute("BEGIN IMMEDIATE")
+            store._db.execute("PRAGMA busy_timeout=50")
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        reader.execute("ROLLBACK")
+        return results
+
+    results = asyncio.run(main())
+    assert all(isinstance(r, StoreError) for r in results), results
+    store.create_grant(grant())  # serving again once the lock is free
+    reader.close()
     store.close()

@@ -10,6 +10,7 @@ exceptions to the caller.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from typing import Protocol, runtime_checkable
@@ -193,9 +194,10 @@ class Store(Protocol):
             AlreadyExists: if the id is taken.
         """
 
-    def submit_create_grant(self, grant: Grant) -> Future[None]:
+    def submit_create_grant(self, grant: Grant) -> Future[None] | asyncio.Future[None]:
         """Start :meth:`create_grant` without waiting: the future completes once the grant is
-        durable (or fails with the same errors). For the event loop, which must not block."""
+        durable (or fails with the same errors). For the event loop, which must not block;
+        called on a running loop a store may answer with an ``asyncio.Future`` of that loop."""
 
     def delete_grant(self, grant_id: str) -> None:
         """Remove a grant (only to undo a creation whose audit event failed); no error if it

@@ -8,6 +8,8 @@ hot path come from the service's in-memory cache, not from here.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import logging
 import os
@@ -261,12 +263,16 @@ class _GroupCommit:
     write is durable" still holds; while one batch fsyncs, the next one gathers. Used for the
     per-request writes of grant issuance and limited-use counting, where one fsync per
     request would cap a 2-core machine at a few thousand requests per second.
+
+    A writer on an event loop (:meth:`submit_async`) gets an ``asyncio.Future`` instead, and
+    a batch answers each loop with one call: a ``concurrent.futures.Future`` wrapped for the
+    loop cost a wake-up of the loop per write (5% of grant issuance's CPU on the loop).
     """
 
     def __init__(self, store: SQLiteStore) -> None:
         self._store = store
         self._cv = threading.Condition()
-        self._queue: list[tuple[Callable[[sqlite3.Connection], Any], Future[Any]]] = []
+        self._queue: list[tuple[Callable[[sqlite3.Connection], Any], _AnyFuture]] = []
         self._thread: threading.Thread | None = None
         self._closed = False
 
@@ -278,6 +284,16 @@ class _GroupCommit:
 
     def submit(self, fn: Callable[[sqlite3.Connection], T]) -> Future[T]:
         future: Future[T] = Future()
+        self._enqueue(fn, future)
+        return future
+
+    def submit_async(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        """:meth:`submit` for the running event loop (must be called on it)."""
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._enqueue(fn, future)
+        return future
+
+    def _enqueue(self, fn: Callable[[sqlite3.Connection], Any], future: _AnyFuture) -> None:
         with self._cv:
             if self._closed:
                 raise StoreError("store is closed")
@@ -287,7 +303,6 @@ class _GroupCommit:
                                                 daemon=True)
                 self._thread.start()
             self._cv.notify()
-        return future
 
     def close(self) -> None:
         with self._cv:
@@ -307,20 +322,19 @@ class _GroupCommit:
                 batch, self._queue = self._queue, []
             self._commit(batch)
 
-    def _commit(self, batch: list[tuple[Callable[[sqlite3.Connection], Any], Future[Any]]]) -> None:
+    def _commit(self, batch: list[tuple[Callable[[sqlite3.Connection], Any], _AnyFuture]]) -> None:
         store = self._store
-        outcomes: list[tuple[Future[Any], Any, BaseException | None]] = []
+        outcomes: list[tuple[_AnyFuture, Any, BaseException | None]] = []
         with store._lock:
             db = store._db
             try:
                 db.execute("BEGIN IMMEDIATE")
             except sqlite3.Error:
-                for _, future in batch:
-                    if future.set_running_or_notify_cancel():
-                        future.set_exception(StoreError("cannot begin a transaction"))
+                _settle([(future, None, StoreError("cannot begin a transaction"))
+                         for _, future in batch if _start(future)])
                 return
             for fn, future in batch:
-                if not future.set_running_or_notify_cancel():
+                if not _start(future):
                     continue  # the caller gave up before the write started: skip it
                 try:
                     db.execute("SAVEPOINT item")
@@ -337,14 +351,54 @@ class _GroupCommit:
             except sqlite3.Error:
                 with suppress(sqlite3.Error):
                     db.execute("ROLLBACK")
-                for future, _, _ in outcomes:
-                    future.set_exception(StoreError("commit failed"))
-                return
-        for future, result, error in outcomes:
-            if error is None:
-                future.set_result(result)
-            else:
-                future.set_exception(error)
+                outcomes = [(future, None, StoreError("commit failed")) for future, _, _ in outcomes]
+        _settle(outcomes)
+
+
+_AnyFuture = Future[Any] | asyncio.Future[Any]
+_Outcome = tuple[_AnyFuture, Any, BaseException | None]
+
+
+def _start(future: _AnyFuture) -> bool:
+    """Whether the write should run: not if its caller cancelled it already."""
+    if isinstance(future, Future):
+        return future.set_running_or_notify_cancel()
+    return not future.cancelled()  # checked again on the loop before it is answered
+
+
+def _settle(outcomes: list[_Outcome]) -> None:
+    """Answer every writer: thread futures at once, loop futures with one call per loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[_Outcome]] = {}
+    for outcome in outcomes:
+        future = outcome[0]
+        if isinstance(future, Future):
+            _answer(outcome)
+        else:
+            by_loop.setdefault(future.get_loop(), []).append(outcome)
+    for loop, answers in by_loop.items():
+        with suppress(RuntimeError):  # a closed loop: nobody is waiting any more
+            loop.call_soon_threadsafe(_answer_all, answers)
+
+
+def _answer_all(outcomes: list[_Outcome]) -> None:
+    for outcome in outcomes:
+        _answer(outcome)
+
+
+def _answer(outcome: _Outcome) -> None:
+    future, result, error = outcome
+    if future.done():  # an asyncio future cancelled meanwhile
+        return
+    if error is None:
+        future.set_result(result)
+    else:
+        future.set_exception(error)
+
+
+def _insert_grant(grant: Grant, db: sqlite3.Connection) -> None:
+    db.execute("INSERT INTO grants (id, key_id, grantee, state, expires_at, max_uses, uses, "
+               "retiring_principal, parent_id, record) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+               _grant_params(grant))
 
 
 class SQLiteStore:
@@ -671,15 +725,15 @@ class SQLiteStore:
     # -- grants ------------------------------------------------------------------------------
 
     def create_grant(self, grant: Grant) -> None:
-        self.submit_create_grant(grant).result()
+        self._group.run(functools.partial(_insert_grant, grant))
 
-    def submit_create_grant(self, grant: Grant) -> Future[None]:
-        def go(db: sqlite3.Connection) -> None:
-            db.execute(
-                "INSERT INTO grants (id, key_id, grantee, state, expires_at, max_uses, uses, "
-                "retiring_principal, parent_id, record) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                _grant_params(grant))
-        return self._group.submit(go)
+    def submit_create_grant(self, grant: Grant) -> Future[None] | asyncio.Future[None]:
+        write = functools.partial(_insert_grant, grant)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return self._group.submit(write)
+        return self._group.submit_async(write)
 
     def delete_grant(self, grant_id: str) -> None:
         self._group.run(lambda db: db.execute("DELETE FROM grants WHERE id = ?", (grant_id,)))
