@@ -403,7 +403,7 @@ def serve(config: ServerConfig, *, announce: Any = print) -> None:
              else str((config.data_dir / AUDIT_DB_FILE).resolve()))
     announce(f"Audit log: {where} (verifier key: {built.audit.vkey})")
     tls: dict[str, Any] = {}
-    http: Any = "auto"
+    http: Any = protocol_class(tls=False)
     if config.tls_cert is not None:
         assert config.tls_key is not None
         tls = server_ssl_options(str(config.tls_cert), str(config.tls_key),
