@@ -17,6 +17,7 @@ from keygrants.grants.model import Grant, new_grant_id
 from keygrants.grants.revocation import RevocationEntry
 from keygrants.store.base import Store
 from keygrants.store.sqlite import SQLiteStore
+from keygrants.store.sqlite import _insert_grant as _insert
 
 
 def grant(**kw: object) -> Grant:
@@ -289,4 +290,53 @@ def test_sqlite_loop_writes_fail_cleanly_when_the_commit_fails(tmp_path: Path) -
     assert all(isinstance(r, StoreError) for r in results), results
     store.create_grant(grant())  # serving again once the lock is free
     reader.close()
+    store.close()
+
+
+def test_sqlite_batched_inserts_fail_alone_and_keep_their_order_with_other_writes(
+        tmp_path: Path) -> None:
+    """Consecutive grant inserts go in one executemany; a taken id in the middle of the run
+    fails that writer only, and writes of another kind between runs still apply in order."""
+    store = SQLiteStore(tmp_path / "kg.db")
+    taken = grant()
+    store.create_grant(taken)
+    first = [grant() for _ in range(5)]
+    second = [grant() for _ in range(5)]
+    with store._group._cv:  # (reentrant) the commit thread takes everything below as one batch
+        futures = [store._group.submit(_insert(g)) for g in first[:2]]
+        futures.append(store._group.submit(_insert(taken)))
+        futures += [store._group.submit(_insert(g)) for g in first[2:]]
+        futures.append(store._group.submit(
+            lambda db: db.execute("DELETE FROM grants WHERE id = ?", (first[0].id,))))
+        futures += [store._group.submit(_insert(g)) for g in second]
+    outcomes = []
+    for f in futures:
+        try:
+            f.result(timeout=10)
+            outcomes.append("ok")
+        except AlreadyExists:
+            outcomes.append("dup")
+    assert outcomes == ["ok", "ok", "dup", "ok", "ok", "ok", "ok"] + ["ok"] * 5
+    assert store.get_grant(first[0].id) is None  # inserted, then deleted, in submission order
+    assert all(store.get_grant(g.id) == g for g in [*first[1:], *second, taken])
+    store.close()
+
+
+def test_sqlite_a_write_that_ends_the_transaction_fails_its_whole_batch(tmp_path: Path) -> None:
+    """An error that rolls the transaction back (disk full, I/O error; simulated by a write
+    that ends it) fails every write of the batch, and no later write runs outside a
+    transaction and gets committed behind the writers' backs."""
+    store = SQLiteStore(tmp_path / "kg.db")
+    store.create_grant(grant())
+    before, after = grant(), grant()
+    with store._group._cv:  # one batch
+        futures = [store._group.submit(_insert(before)),
+                   store._group.submit(lambda db: db.execute("ROLLBACK")),
+                   store._group.submit(_insert(after))]
+    for f in futures:
+        with pytest.raises(StoreError):
+            f.result(timeout=10)
+    assert store.get_grant(before.id) is None and store.get_grant(after.id) is None
+    store.create_grant(after)  # the next batch works
+    assert store.get_grant(after.id) == after
     store.close()

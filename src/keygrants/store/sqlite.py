@@ -9,7 +9,6 @@ hot path come from the service's in-memory cache, not from here.
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
 import os
@@ -324,7 +323,7 @@ class _GroupCommit:
 
     def _commit(self, batch: list[tuple[Callable[[sqlite3.Connection], Any], _AnyFuture]]) -> None:
         store = self._store
-        outcomes: list[tuple[_AnyFuture, Any, BaseException | None]] = []
+        outcomes: list[_Outcome] = []
         with store._lock:
             db = store._db
             try:
@@ -333,26 +332,84 @@ class _GroupCommit:
                 _settle([(future, None, StoreError("cannot begin a transaction"))
                          for _, future in batch if _start(future)])
                 return
-            for fn, future in batch:
-                if not _start(future):
-                    continue  # the caller gave up before the write started: skip it
+            live = [(fn, future) for fn, future in batch if _start(future)]  # skip given-up ones
+            i = 0
+            while i < len(live) and db.in_transaction:
+                fn = live[i][0]
+                if isinstance(fn, _Insert):  # a run of one insert statement: one executemany
+                    j = i + 1
+                    while j < len(live) and isinstance(f := live[j][0], _Insert) and f.sql == fn.sql:
+                        j += 1
+                    outcomes += self._insert_run(db, live[i:j])
+                    i = j
+                else:
+                    outcomes.append(self._one(db, *live[i]))
+                    i += 1
+            if not db.in_transaction:
+                # an error that rolled the whole transaction back (disk full, I/O): nothing
+                # of this batch is durable, and nothing after it may run outside a transaction
+                outcomes = [(future, None, StoreError("write failed")) for _, future in live]
+            else:
                 try:
-                    db.execute("SAVEPOINT item")
-                    result = fn(db)
-                    db.execute("RELEASE item")
-                    outcomes.append((future, result, None))
-                except BaseException as exc:  # handed to the writer that caused it
+                    db.execute("COMMIT")
+                except sqlite3.Error:
                     with suppress(sqlite3.Error):
-                        db.execute("ROLLBACK TO item")
-                        db.execute("RELEASE item")
-                    outcomes.append((future, None, _translate(exc)))
-            try:
-                db.execute("COMMIT")
-            except sqlite3.Error:
-                with suppress(sqlite3.Error):
-                    db.execute("ROLLBACK")
-                outcomes = [(future, None, StoreError("commit failed")) for future, _, _ in outcomes]
+                        db.execute("ROLLBACK")
+                    outcomes = [(future, None, StoreError("commit failed"))
+                                for future, _, _ in outcomes]
         _settle(outcomes)
+
+    @staticmethod
+    def _one(db: sqlite3.Connection, fn: Callable[[sqlite3.Connection], Any],
+             future: _AnyFuture) -> _Outcome:
+        """One write in a savepoint of its own, so that it fails alone."""
+        try:
+            db.execute("SAVEPOINT item")
+            result = fn(db)
+            db.execute("RELEASE item")
+            return (future, result, None)
+        except BaseException as exc:  # handed to the writer that caused it
+            if db.in_transaction:
+                with suppress(sqlite3.Error):
+                    db.execute("ROLLBACK TO item")
+                    db.execute("RELEASE item")
+            return (future, None, _translate(exc))
+
+    @classmethod
+    def _insert_run(cls, db: sqlite3.Connection,
+                    run: list[tuple[Callable[[sqlite3.Connection], Any], _AnyFuture]]
+                    ) -> list[_Outcome]:
+        """Consecutive inserts of one statement in one ``executemany``: grant issuance writes
+        one row per request, and three statements per row (savepoint, insert, release) each
+        handed the GIL back and forth with the event loop. If any row fails (an id taken),
+        the run is undone and its rows are written one by one, so only that one fails."""
+        if len(run) > 1:
+            inserts: list[_Insert] = [fn for fn, _ in run]  # type: ignore[misc]
+            try:
+                db.execute("SAVEPOINT run")
+                db.executemany(inserts[0].sql, [f.params for f in inserts])
+                db.execute("RELEASE run")
+                return [(future, None, None) for _, future in run]
+            except Exception:
+                if not db.in_transaction:
+                    return [(future, None, StoreError("write failed")) for _, future in run]
+                with suppress(sqlite3.Error):
+                    db.execute("ROLLBACK TO run")
+                    db.execute("RELEASE run")
+        return [cls._one(db, fn, future) for fn, future in run]
+
+
+class _Insert:
+    """A write that is one INSERT statement (batched by the group commit)."""
+
+    __slots__ = ("params", "sql")
+
+    def __init__(self, sql: str, params: Sequence[Any]) -> None:
+        self.sql = sql
+        self.params = params
+
+    def __call__(self, db: sqlite3.Connection) -> None:
+        db.execute(self.sql, self.params)
 
 
 _AnyFuture = Future[Any] | asyncio.Future[Any]
@@ -395,10 +452,13 @@ def _answer(outcome: _Outcome) -> None:
         future.set_exception(error)
 
 
-def _insert_grant(grant: Grant, db: sqlite3.Connection) -> None:
-    db.execute("INSERT INTO grants (id, key_id, grantee, state, expires_at, max_uses, uses, "
-               "retiring_principal, parent_id, record) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-               _grant_params(grant))
+_INSERT_GRANT: Final = (
+    "INSERT INTO grants (id, key_id, grantee, state, expires_at, max_uses, uses, "
+    "retiring_principal, parent_id, record) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+
+
+def _insert_grant(grant: Grant) -> _Insert:
+    return _Insert(_INSERT_GRANT, _grant_params(grant))
 
 
 class SQLiteStore:
@@ -725,10 +785,10 @@ class SQLiteStore:
     # -- grants ------------------------------------------------------------------------------
 
     def create_grant(self, grant: Grant) -> None:
-        self._group.run(functools.partial(_insert_grant, grant))
+        self._group.run(_insert_grant(grant))
 
     def submit_create_grant(self, grant: Grant) -> Future[None] | asyncio.Future[None]:
-        write = functools.partial(_insert_grant, grant)
+        write = _insert_grant(grant)
         try:
             asyncio.get_running_loop()
         except RuntimeError:
