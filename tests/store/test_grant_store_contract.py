@@ -340,3 +340,44 @@ def test_sqlite_a_write_that_ends_the_transaction_fails_its_whole_batch(tmp_path
     store.create_grant(after)  # the next batch works
     assert store.get_grant(after.id) == after
     store.close()
+
+
+def test_sqlite_a_batch_of_only_inserts_with_a_taken_id_fails_that_one_alone(
+        tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "kg.db")
+    taken = grant()
+    store.create_grant(taken)
+    rows = [grant() for _ in range(6)]
+    with store._group._cv:  # one batch, nothing but inserts: no savepoint around the run
+        futures = [store._group.submit(_insert(g)) for g in rows[:3]]
+        futures.append(store._group.submit(_insert(taken)))
+        futures += [store._group.submit(_insert(g)) for g in rows[3:]]
+    errors = [f.exception(timeout=10) for f in futures]
+    assert [type(e).__name__ if e else None for e in errors] == [None] * 3 + ["AlreadyExists"] + [None] * 3
+    assert all(store.get_grant(g.id) == g for g in rows)
+    store.close()
+
+
+def test_sqlite_loop_writes_of_one_iteration_are_one_batch(tmp_path: Path) -> None:
+    """Writes made on a loop during one iteration reach the commit thread together (handed
+    over one by one, each woke the thread, which took it alone)."""
+    store = SQLiteStore(tmp_path / "kg.db")
+    store.create_grant(grant())
+    batches: list[int] = []
+    real_commit = store._group._commit
+
+    def counting(batch: list[Any]) -> None:
+        batches.append(len(batch))
+        real_commit(batch)
+
+    store._group._commit = counting  # type: ignore[method-assign]
+    rows = [grant() for _ in range(25)]
+
+    async def main() -> None:
+        futures = [store.submit_create_grant(g) for g in rows]  # no await in between
+        await asyncio.gather(*futures)
+
+    asyncio.run(main())
+    assert batches == [25]
+    assert all(store.get_grant(g.id) == g for g in rows)
+    store.close()

@@ -274,6 +274,9 @@ class _GroupCommit:
         self._queue: list[tuple[Callable[[sqlite3.Connection], Any], _AnyFuture]] = []
         self._thread: threading.Thread | None = None
         self._closed = False
+        # writes made on each event loop during its current iteration (see submit_async)
+        self._staged: dict[asyncio.AbstractEventLoop, list[tuple[Callable[[sqlite3.Connection], Any],
+                                                              _AnyFuture]]] = {}
 
     def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         try:
@@ -283,20 +286,40 @@ class _GroupCommit:
 
     def submit(self, fn: Callable[[sqlite3.Connection], T]) -> Future[T]:
         future: Future[T] = Future()
-        self._enqueue(fn, future)
+        self._enqueue((fn, future))
         return future
 
     def submit_async(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
-        """:meth:`submit` for the running event loop (must be called on it)."""
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._enqueue(fn, future)
+        """:meth:`submit` for the running event loop (must be called on it).
+
+        The loop's writes of one iteration are handed to the commit thread together at the
+        end of the iteration: handed over one by one, each woke the thread, which took it
+        alone, so nearly every grant had a transaction (and an fsync) of its own, and the
+        thread preempted the loop for each.
+        """
+        if self._closed:
+            raise StoreError("store is closed")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        staged = self._staged.get(loop)
+        if staged is None:
+            staged = self._staged[loop] = []
+            loop.call_soon(self._hand_over, loop)
+        staged.append((fn, future))
         return future
 
-    def _enqueue(self, fn: Callable[[sqlite3.Connection], Any], future: _AnyFuture) -> None:
+    def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
+        items = self._staged.pop(loop, [])
+        try:
+            self._enqueue(*items)
+        except StoreError as exc:  # closed meanwhile
+            _settle([(future, None, exc) for _, future in items if not future.done()])
+
+    def _enqueue(self, *items: tuple[Callable[[sqlite3.Connection], Any], _AnyFuture]) -> None:
         with self._cv:
             if self._closed:
                 raise StoreError("store is closed")
-            self._queue.append((fn, future))
+            self._queue.extend(items)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="sqlite-group-commit",
                                                 daemon=True)
@@ -340,7 +363,7 @@ class _GroupCommit:
                     j = i + 1
                     while j < len(live) and isinstance(f := live[j][0], _Insert) and f.sql == fn.sql:
                         j += 1
-                    outcomes += self._insert_run(db, live[i:j])
+                    outcomes += self._insert_run(db, live[i:j], whole=j - i == len(live))
                     i = j
                 else:
                     outcomes.append(self._one(db, *live[i]))
@@ -377,25 +400,35 @@ class _GroupCommit:
 
     @classmethod
     def _insert_run(cls, db: sqlite3.Connection,
-                    run: list[tuple[Callable[[sqlite3.Connection], Any], _AnyFuture]]
-                    ) -> list[_Outcome]:
+                    run: list[tuple[Callable[[sqlite3.Connection], Any], _AnyFuture]], *,
+                    whole: bool) -> list[_Outcome]:
         """Consecutive inserts of one statement in one ``executemany``: grant issuance writes
         one row per request, and three statements per row (savepoint, insert, release) each
-        handed the GIL back and forth with the event loop. If any row fails (an id taken),
-        the run is undone and its rows are written one by one, so only that one fails."""
+        gave the GIL back and waited to get it from the busy event loop again. If any row
+        fails (an id taken), the run is undone and its rows are written one by one, so only
+        that one fails. A run that is the ``whole`` transaction needs no savepoint of its
+        own: undoing it is rolling the transaction back and beginning it again."""
         if len(run) > 1:
             inserts: list[_Insert] = [fn for fn, _ in run]  # type: ignore[misc]
             try:
-                db.execute("SAVEPOINT run")
+                if not whole:
+                    db.execute("SAVEPOINT run")
                 db.executemany(inserts[0].sql, [f.params for f in inserts])
-                db.execute("RELEASE run")
+                if not whole:
+                    db.execute("RELEASE run")
                 return [(future, None, None) for _, future in run]
             except Exception:
                 if not db.in_transaction:
                     return [(future, None, StoreError("write failed")) for _, future in run]
-                with suppress(sqlite3.Error):
-                    db.execute("ROLLBACK TO run")
-                    db.execute("RELEASE run")
+                try:
+                    if whole:
+                        db.execute("ROLLBACK")
+                        db.execute("BEGIN IMMEDIATE")
+                    else:
+                        db.execute("ROLLBACK TO run")
+                        db.execute("RELEASE run")
+                except sqlite3.Error:
+                    return [(future, None, StoreError("write failed")) for _, future in run]
         return [cls._one(db, fn, future) for fn, future in run]
 
 
