@@ -101,7 +101,7 @@ def test_close_sends_what_is_pending_first_and_abort_drops_it() -> None:
 @pytest.mark.parametrize("size", [0, 10, 300_000])
 def test_a_real_server_answers_each_response_whole(size: int) -> None:
     """uvicorn with the protocol class, over a loopback socket: keep-alive responses arrive
-    complete and in order, one send each for the small ones, a large body intact."""
+    complete and in order, each in one send made as soon as it is complete."""
     import uvicorn
 
     body = b"x" * size
@@ -114,6 +114,7 @@ def test_a_real_server_answers_each_response_whole(size: int) -> None:
         await send({"type": "http.response.body", "body": body})
 
     sends: list[int] = []
+    sent_at_completion: list[int] = []
     cls = protocol_class(tls=False)
 
     class Counting(cls):  # type: ignore[valid-type,misc]
@@ -126,6 +127,11 @@ def test_a_real_server_answers_each_response_whole(size: int) -> None:
 
             transport.write = write  # type: ignore[method-assign]
             super().connection_made(transport)
+
+        def on_response_complete(self) -> None:
+            before = len(sends)
+            super().on_response_complete()
+            sent_at_completion.append(len(sends) - before)
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -153,3 +159,4 @@ def test_a_real_server_answers_each_response_whole(size: int) -> None:
     for answer in answers:
         assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"\r\n\r\n" + body)
     assert len(sends) == 3  # head and body of each response in one write
+    assert sent_at_completion == [1, 1, 1]  # sent when complete, not at the iteration's end

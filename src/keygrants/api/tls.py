@@ -24,8 +24,9 @@ class _CoalescingTransport:
     transport sends each at once: two system calls and two TCP segments per response (the
     head's send alone was 7% of the event loop's time under grant issuance). Here the first
     write of an iteration schedules a flush at the end of the iteration and later ones join
-    it. Everything else goes to the real transport; ``close`` and ``abort`` flush or drop
-    what is pending first.
+    it; the protocol flushes as soon as a response is complete, so a whole response leaves
+    at once without waiting for the iteration to end. Everything else goes to the real
+    transport; ``close`` and ``abort`` flush or drop what is pending first.
     """
 
     __slots__ = ("_loop", "_pending", "_transport")
@@ -46,6 +47,10 @@ class _CoalescingTransport:
     def writelines(self, chunks: Iterable[bytes | bytearray | memoryview]) -> None:
         for chunk in chunks:
             self.write(chunk)
+
+    def flush(self) -> None:
+        """Send what is pending now."""
+        self._flush()
 
     def _flush(self) -> None:
         pending, self._pending = self._pending, None
@@ -86,6 +91,10 @@ def protocol_class(*, tls: bool = True) -> type:
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(
                 _CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
+
+        def on_response_complete(self) -> None:
+            self.transport.flush()  # type: ignore[attr-defined]
+            super().on_response_complete()
 
     if not tls:
         return CoalescingProtocol
