@@ -223,3 +223,72 @@ async def test_each_event_loop_gets_its_own_connections(openbao: OpenBao) -> Non
     assert results == [b"secret"]
     assert await p.decrypt(enc) == b"secret"
     await p.close()
+
+
+class _Redirector:
+    """Two loopback HTTP servers: one answers every request with a 307 to the other, which
+    records whatever reaches it (a standby in client-redirect mode and its active node)."""
+
+    def __init__(self, status: int) -> None:
+        import http.server
+        import threading
+
+        self.reached: list[dict[str, str]] = []
+        reached = self.reached
+
+        class Target(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                reached.append(dict(self.headers))
+                self.send_response(200)
+                self.end_headers()
+
+            do_POST = do_PUT = do_GET
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.target = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Target)
+        location = f"http://127.0.0.1:{self.target.server_address[1]}"
+
+        class Standby(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(status)
+                self.send_header("Location", location + self.path)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_POST = do_PUT = do_GET
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.standby = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Standby)
+        self.port = self.standby.server_address[1]
+        for server in (self.target, self.standby):
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        for server in (self.target, self.standby):
+            server.shutdown()
+            server.server_close()
+
+
+@pytest.mark.parametrize("status", [307, 302])
+async def test_a_redirect_is_refused_on_both_paths_and_the_token_never_follows(
+        status: int) -> None:
+    redirector = _Redirector(status)
+    try:
+        p = open_provider(f"vault://127.0.0.1:{redirector.port}/enc?tls=false", token=TOKEN)
+        assert isinstance(p, VaultTransitProvider)
+        # the hvac path (key metadata, key management, login)
+        with pytest.raises(ProviderConnectionError, match=rf"redirect \(HTTP {status} to "
+                           rf"127\.0\.0\.1:\d+\).*not followed") as caught:
+            await p.encrypt(b"secret")
+        assert TOKEN not in str(caught.value)
+        # the per-request path (Transit calls through aiohttp)
+        with pytest.raises(ProviderConnectionError, match=f"redirect \\(HTTP {status}"):
+            await p._post("encrypt", "/v1/transit/encrypt/enc", {"plaintext": "eA=="})
+        await p.close()
+        assert redirector.reached == []  # nothing, let alone the token, went to the target
+    finally:
+        redirector.close()

@@ -132,6 +132,27 @@ def _parse_time(value: object) -> datetime | None:
     return None
 
 
+_REDIRECTS: Final = frozenset({301, 302, 303, 307, 308})
+
+
+class _Redirected(Exception):
+    def __init__(self, status: int, location: str | None) -> None:
+        super().__init__(status)
+        self.status = status
+        self.location = location
+
+
+class _NoRedirectAdapter(hvac.adapters.JSONAdapter):  # type: ignore[misc]
+    """hvac's adapter, refusing a redirect answer (hvac would hand the response back as if
+    it were a result, since ``requests`` counts a 3xx as ok)."""
+
+    def request(self, *args: Any, **kwargs: Any) -> Any:
+        response = super().request(*args, **kwargs)
+        if isinstance(response, requests.Response) and response.status_code in _REDIRECTS:
+            raise _Redirected(response.status_code, response.headers.get("Location"))
+        return response
+
+
 class VaultTransitProvider(KeyProvider):
     """Key provider backed by Vault/OpenBao Transit.
 
@@ -193,8 +214,11 @@ class VaultTransitProvider(KeyProvider):
         self._secret_id = secret_id
         ca = ca or os.environ.get(CA_ENV) or None
         self._verify: bool | str = ca if ca else True
+        # Redirects are refused on both paths: the token header would go wherever one points
+        # (a standby in client-redirect mode sends clients to the active node).
         self._client = hvac.Client(url=self._addr, token=token, verify=self._verify,
-                                   timeout=self._timeout, namespace=self._namespace)
+                                   timeout=self._timeout, namespace=self._namespace,
+                                   allow_redirects=False, adapter=_NoRedirectAdapter)
         self._login_lock = threading.Lock()
         self._logged_in = auth == "token"
         self._keys: dict[str, _TransitKey | None] = {}
@@ -238,6 +262,8 @@ class VaultTransitProvider(KeyProvider):
     # -- plumbing ------------------------------------------------------------------------
     def _translate(self, exc: Exception, op: str) -> KMSError:
         """Map hvac/requests errors to the KMSError tree (never echoing request bodies)."""
+        if isinstance(exc, _Redirected):
+            return self._redirect_error(exc.status, exc.location)
         if isinstance(exc, requests.exceptions.SSLError):
             return ProviderConnectionError(
                 f"vault: TLS verification of {self._addr} failed (pass ca=... for a private CA)")
@@ -283,8 +309,16 @@ class VaultTransitProvider(KeyProvider):
         try:
             return await run_blocking(self._with_auth, fn, *args, timeout=self._timeout,
                                       what=f"vault {op}", **kwargs)
-        except (hexc.VaultError, requests.exceptions.RequestException) as exc:
+        except (hexc.VaultError, requests.exceptions.RequestException, _Redirected) as exc:
             raise self._translate(exc, op) from exc
+
+    def _redirect_error(self, status: int, location: str | None) -> ProviderConnectionError:
+        where = urlsplit(location).netloc if location else ""
+        return ProviderConnectionError(
+            f"vault: {self._addr} answered with a redirect (HTTP {status}"
+            f"{f' to {where}' if where else ''}); redirects are not followed, since the token "
+            "would go with them: point the provider at the active node or at a load balancer "
+            "that forwards")
 
     def _status_error(self, status: int, op: str) -> KMSError:
         """An error answer of the async path, mapped as the hvac path maps it: hvac's
@@ -334,6 +368,8 @@ class VaultTransitProvider(KeyProvider):
                         "private CA)") from exc
                 raise ProviderConnectionError(
                     f"vault: cannot reach {self._addr} ({type(exc).__name__})") from exc
+            if status in _REDIRECTS:
+                raise self._redirect_error(status, r.headers.get("Location"))
             if status == 403 and self._auth == "approle" and attempt == 1:
                 await self._call("login", self._relogin, token)
                 continue
