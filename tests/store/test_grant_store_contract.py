@@ -381,3 +381,22 @@ def test_sqlite_loop_writes_of_one_iteration_are_one_batch(tmp_path: Path) -> No
     assert batches == [25]
     assert all(store.get_grant(g.id) == g for g in rows)
     store.close()
+
+
+def test_sqlite_a_batch_larger_than_one_statement_takes_is_written_whole(tmp_path: Path) -> None:
+    """Inserts go in multi-row statements of at most 200 rows (and within SQLite's limit on
+    variables): a batch of 450 rows spans three statements and every row arrives intact."""
+    store = SQLiteStore(tmp_path / "kg.db")
+    store.create_grant(grant())
+    rows = [grant(name=f"n{i}", max_uses=i + 1) for i in range(450)]
+    with store._group._cv:
+        futures = [store._group.submit(_insert(g)) for g in rows]
+    assert [f.result(timeout=10) for f in futures] == [None] * 450
+    assert all(store.get_grant(g.id) == g for g in rows)
+    store._db.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 25)  # two rows of ten a statement
+    more = [grant() for _ in range(5)]
+    with store._group._cv:
+        futures = [store._group.submit(_insert(g)) for g in more]
+    assert [f.result(timeout=10) for f in futures] == [None] * 5
+    assert all(store.get_grant(g.id) == g for g in more)
+    store.close()

@@ -359,9 +359,10 @@ class _GroupCommit:
             i = 0
             while i < len(live) and db.in_transaction:
                 fn = live[i][0]
-                if isinstance(fn, _Insert):  # a run of one insert statement: one executemany
+                if isinstance(fn, _Insert):  # a run of inserts of one shape: one statement
                     j = i + 1
-                    while j < len(live) and isinstance(f := live[j][0], _Insert) and f.sql == fn.sql:
+                    while (j < len(live) and isinstance(f := live[j][0], _Insert)
+                           and f.head == fn.head and f.row == fn.row):
                         j += 1
                     outcomes += self._insert_run(db, live[i:j], whole=j - i == len(live))
                     i = j
@@ -402,9 +403,10 @@ class _GroupCommit:
     def _insert_run(cls, db: sqlite3.Connection,
                     run: list[tuple[Callable[[sqlite3.Connection], Any], _AnyFuture]], *,
                     whole: bool) -> list[_Outcome]:
-        """Consecutive inserts of one statement in one ``executemany``: grant issuance writes
-        one row per request, and three statements per row (savepoint, insert, release) each
-        gave the GIL back and waited to get it from the busy event loop again. If any row
+        """Consecutive inserts of one shape in one statement (:func:`_insert_rows`): grant
+        issuance writes one row per request, and three statements per row (savepoint,
+        insert, release) each gave the GIL back and waited to get it from the busy event
+        loop again. If any row
         fails (an id taken), the run is undone and its rows are written one by one, so only
         that one fails. A run that is the ``whole`` transaction needs no savepoint of its
         own: undoing it is rolling the transaction back and beginning it again."""
@@ -413,7 +415,7 @@ class _GroupCommit:
             try:
                 if not whole:
                     db.execute("SAVEPOINT run")
-                db.executemany(inserts[0].sql, [f.params for f in inserts])
+                _insert_rows(db, inserts)
                 if not whole:
                     db.execute("RELEASE run")
                 return [(future, None, None) for _, future in run]
@@ -432,17 +434,34 @@ class _GroupCommit:
         return [cls._one(db, fn, future) for fn, future in run]
 
 
+def _insert_rows(db: sqlite3.Connection, inserts: list[_Insert]) -> None:
+    """Insert rows of one :class:`_Insert` shape with multi-row ``VALUES`` statements.
+
+    Not ``executemany``: it steps each row with the GIL given up and taken back, and in the
+    commit thread every taking back waited for the busy event loop; one statement per up to
+    200 rows waits once (A/B on grant issuance: +5.6%).
+    """
+    first = inserts[0]
+    per = max(1, min(200, db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // len(first.params)))
+    for start in range(0, len(inserts), per):
+        chunk = inserts[start:start + per]
+        db.execute(first.head + ", ".join([first.row] * len(chunk)),
+                   [value for insert in chunk for value in insert.params])
+
+
 class _Insert:
-    """A write that is one INSERT statement (batched by the group commit)."""
+    """A write that is one ``INSERT INTO ... VALUES (?, ...)`` statement, batched by the
+    group commit: ``head`` is everything up to ``VALUES``, ``row`` the placeholders."""
 
-    __slots__ = ("params", "sql")
+    __slots__ = ("head", "params", "row")
 
-    def __init__(self, sql: str, params: Sequence[Any]) -> None:
-        self.sql = sql
+    def __init__(self, head: str, row: str, params: Sequence[Any]) -> None:
+        self.head = head
+        self.row = row
         self.params = params
 
     def __call__(self, db: sqlite3.Connection) -> None:
-        db.execute(self.sql, self.params)
+        db.execute(self.head + self.row, self.params)
 
 
 _AnyFuture = Future[Any] | asyncio.Future[Any]
@@ -485,13 +504,13 @@ def _answer(outcome: _Outcome) -> None:
         future.set_exception(error)
 
 
-_INSERT_GRANT: Final = (
-    "INSERT INTO grants (id, key_id, grantee, state, expires_at, max_uses, uses, "
-    "retiring_principal, parent_id, record) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_INSERT_GRANT: Final = ("INSERT INTO grants (id, key_id, grantee, state, expires_at, max_uses, "
+                         "uses, retiring_principal, parent_id, record) VALUES ")
+_GRANT_ROW: Final = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 
 
 def _insert_grant(grant: Grant) -> _Insert:
-    return _Insert(_INSERT_GRANT, _grant_params(grant))
+    return _Insert(_INSERT_GRANT, _GRANT_ROW, _grant_params(grant))
 
 
 class SQLiteStore:
