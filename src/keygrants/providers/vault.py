@@ -46,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import os
 import re
 import ssl
@@ -313,7 +314,12 @@ class VaultTransitProvider(KeyProvider):
             raise self._translate(exc, op) from exc
 
     def _redirect_error(self, status: int, location: str | None) -> ProviderConnectionError:
-        where = urlsplit(location).netloc if location else ""
+        where = ""
+        if location:  # host and port only: no userinfo, path or query from the answer
+            with contextlib.suppress(ValueError):
+                target = urlsplit(location[:2048])
+                if target.hostname:
+                    where = target.hostname + (f":{target.port}" if target.port else "")
         return ProviderConnectionError(
             f"vault: {self._addr} answered with a redirect (HTTP {status}"
             f"{f' to {where}' if where else ''}); redirects are not followed, since the token "
