@@ -142,20 +142,25 @@ def test_a_real_server_answers_each_response_whole(size: int) -> None:
 
     async def main() -> list[bytes]:
         serving = asyncio.create_task(server.serve(sockets=[sock]))
-        while not server.started:
-            await asyncio.sleep(0.01)
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        answers = []
-        for _ in range(3):
-            writer.write(b"GET / HTTP/1.1\r\nhost: t\r\n\r\n")
-            head = await reader.readuntil(b"\r\n\r\n")
-            answers.append(head + await reader.readexactly(size))
-        writer.close()
-        server.should_exit = True
-        await serving
-        return answers
+        try:
+            for _ in range(1000):
+                if server.started:
+                    break
+                await asyncio.sleep(0.01)
+            assert server.started, "uvicorn did not start within 10 s"
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            answers = []
+            for _ in range(3):
+                writer.write(b"GET / HTTP/1.1\r\nhost: t\r\n\r\n")
+                head = await reader.readuntil(b"\r\n\r\n")
+                answers.append(head + await reader.readexactly(size))
+            writer.close()
+            return answers
+        finally:
+            server.should_exit = True
+            await serving
 
-    answers = asyncio.run(main())
+    answers = asyncio.run(asyncio.wait_for(main(), 30))
     for answer in answers:
         assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"\r\n\r\n" + body)
     assert len(sends) == 3  # head and body of each response in one write

@@ -242,7 +242,7 @@ def test_sqlite_writes_from_an_event_loop_are_answered_with_one_wakeup_per_batch
             futures = [store.submit_create_grant(g) for g in grants]
             futures.append(store.submit_create_grant(grants[0]))  # a duplicate id
         assert all(isinstance(f, asyncio.Future) for f in futures)
-        results = await asyncio.gather(*futures, return_exceptions=True)
+        results = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), 30)
         return results, wakeups
 
     results, wakeups = asyncio.run(main())
@@ -263,7 +263,7 @@ def test_sqlite_loop_write_cancelled_before_its_batch_is_skipped(tmp_path: Path)
             future = store.submit_create_grant(abandoned)
             assert future.cancel()
             later = store.submit_create_grant(kept)
-        await later
+        await asyncio.wait_for(later, 30)
         return abandoned, kept
 
     abandoned, kept = asyncio.run(main())
@@ -282,7 +282,7 @@ def test_sqlite_loop_writes_fail_cleanly_when_the_commit_fails(tmp_path: Path) -
             # another connection holds the write lock: BEGIN IMMEDIATE fails after the timeout
             reader.execute("BEGIN IMMEDIATE")
             store._db.execute("PRAGMA busy_timeout=50")
-        results = await asyncio.gather(*futures, return_exceptions=True)
+        results = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), 30)
         reader.execute("ROLLBACK")
         return results
 
@@ -375,7 +375,7 @@ def test_sqlite_loop_writes_of_one_iteration_are_one_batch(tmp_path: Path) -> No
 
     async def main() -> None:
         futures = [store.submit_create_grant(g) for g in rows]  # no await in between
-        await asyncio.gather(*futures)
+        await asyncio.wait_for(asyncio.gather(*futures), 30)
 
     asyncio.run(main())
     assert batches == [25]
