@@ -281,8 +281,7 @@ class AccessService:
             Forbidden: when the policies do not allow the action on that principal.
             PrincipalNotFound: when it does not exist (and the caller may act on it).
         """
-        p = (self.store.get_principal(principal_id)
-             if isinstance(principal_id, str) and "\x00" not in principal_id else None)
+        p = self._stored(principal_id)
         if p is None:
             if isinstance(principal_id, str) and principal_id:
                 self.authorizer.authorize(ctx, action, None,
@@ -332,9 +331,15 @@ class AccessService:
             updated_at=_dt(p.updated_at),  # type: ignore[arg-type]
             last_seen_at=_dt(current.last_seen_at), credentials=creds)
 
+    def _stored(self, principal_id: object) -> Principal | None:
+        """The stored principal, ``None`` for an id no principal can have (not a string, or
+        with a NUL, which PostgreSQL text cannot hold)."""
+        if not isinstance(principal_id, str) or "\x00" in principal_id:
+            return None
+        return self.store.get_principal(principal_id)
+
     def _get(self, principal_id: str) -> Principal:
-        p = (self.store.get_principal(principal_id)
-             if isinstance(principal_id, str) and "\x00" not in principal_id else None)
+        p = self._stored(principal_id)
         if p is None:
             raise PrincipalNotFound(f"principal {principal_id!r} not found")
         return p

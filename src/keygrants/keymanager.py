@@ -40,8 +40,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Literal, Protocol, TypeVar, runtime_checkable
 
-from keygrants.crypto import KEY_SIZE, NONCE_SIZE, TAG_SIZE, Aead
-from keygrants.crypto.random import nonce_bytes
+from keygrants.crypto import KEY_SIZE, NONCE_SIZE, TAG_SIZE, Aead, nonce_bytes
 from keygrants.errors import (
     DecryptionError,
     EncryptionError,

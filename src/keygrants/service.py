@@ -172,6 +172,12 @@ def _audited(event_type: str, operation: str) -> Callable[[F], F]:
     return decorate
 
 
+def _check_description(description: str) -> None:
+    if len(description) > MAX_DESCRIPTION_LENGTH or "\x00" in description:
+        raise InvalidRequest(f"description must be at most {MAX_DESCRIPTION_LENGTH} characters "
+                             "without NUL")
+
+
 class KMS:
     """The key management service.
 
@@ -432,9 +438,7 @@ class KMS:
             id="", name=req.name, spec=spec.name, purpose=spec.purpose, tags=tags, created_at=0,
             updated_at=0))
         self._check_rotation_period(req.rotation_period)
-        if len(req.description) > MAX_DESCRIPTION_LENGTH or "\x00" in req.description:
-            raise InvalidRequest(f"description must be at most {MAX_DESCRIPTION_LENGTH} characters "
-                                 "without NUL")
+        _check_description(req.description)
         if req.derivable and not spec.symmetric:
             raise InvalidRequest("only symmetric keys (aes-256-gcm, chacha20-poly1305, "
                                  "hmac-sha256) can be derivable")
@@ -498,10 +502,8 @@ class KMS:
     @_audited("key.update", "update_key")
     def update_key(self, ctx: RequestContext, ref: str, req: m.UpdateKeyRequest) -> m.KeyInfo:
         """Change description, rotation period (0 = off) or minimum decryption version."""
-        if req.description is not None and (len(req.description) > MAX_DESCRIPTION_LENGTH
-                                            or "\x00" in req.description):
-            raise InvalidRequest(f"description must be at most {MAX_DESCRIPTION_LENGTH} characters "
-                                 "without NUL")
+        if req.description is not None:
+            _check_description(req.description)
         period = req.rotation_period
         if period is not None and period != 0:
             self._check_rotation_period(period)

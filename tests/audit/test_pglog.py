@@ -213,3 +213,12 @@ def test_checkpoint_times_never_go_back_between_nodes_with_skewed_clocks(
     finally:
         ahead.close()
         behind.close()
+
+
+def test_the_log_does_not_keep_the_url_where_it_could_be_shown(nodes: list[PostgresAuditLog],
+                                                                postgres_url: str) -> None:
+    """``path`` (what an AuditLog reports of where it lives) names the schema, not the URL,
+    which may carry a password."""
+    log = nodes[0]
+    assert log.path == "postgresql (keygrants_audit)"
+    assert postgres_url not in log.path

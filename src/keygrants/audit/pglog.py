@@ -104,7 +104,7 @@ class PostgresAuditLog(AuditLog):
     def __init__(self, url: str, *, signer: NoteSigner, origin: str,
                  clock: Callable[[], float] = time.time, checkpoint_interval: float = 1.0,
                  max_batch: int = 2048, queue_limit: int = 100_000) -> None:
-        self.path = url
+        self.path = f"postgresql ({SCHEMA})"  # not the URL: it may hold a password
         self._init_state(signer=signer, origin=origin, clock=clock,
                          checkpoint_interval=checkpoint_interval, max_batch=max_batch,
                          queue_limit=queue_limit)

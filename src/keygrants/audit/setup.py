@@ -13,7 +13,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, TypeGuard
 
 from keygrants.audit.events import Digester
 from keygrants.audit.log import AuditLog
@@ -52,7 +52,7 @@ def _secret(store: Store, root: Aead, name: str, make: bytes) -> bytes:
     return unseal_named_secret(root, name, stored)
 
 
-def is_postgres_url(url: str | None) -> bool:
+def is_postgres_url(url: str | None) -> TypeGuard[str]:
     return url is not None and url.split(":", 1)[0] in ("postgresql", "postgres")
 
 
@@ -79,7 +79,7 @@ def open_audit(store: Store, root_key: bytes, *, path: str | Path, node: str,
     store.set_meta_if_absent(VKEY_META, vkey.encode())
     digester = Digester(hmac_key)
     log: AuditLog
-    if store_url is not None and is_postgres_url(store_url):
+    if is_postgres_url(store_url):
         from keygrants.audit.pglog import PostgresAuditLog
 
         log = PostgresAuditLog(store_url, signer=signer, origin=origin,

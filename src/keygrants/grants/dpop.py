@@ -55,8 +55,7 @@ from urllib.parse import urlsplit
 
 from keygrants.auth.credentials import jwk_thumbprint
 from keygrants.auth.httpsig import NonceCache
-from keygrants.crypto import hmac_sha256, random_bytes, verify_hmac_sha256
-from keygrants.crypto.random import nonce_bytes
+from keygrants.crypto import hmac_sha256, nonce_bytes, random_bytes, verify_hmac_sha256
 from keygrants.crypto.signing import (
     P256_RAW_SIGNATURE_SIZE,
     SigningAlgorithm,

@@ -19,10 +19,10 @@ from keygrants.crypto import (
     VerifyingKey,
     hkdf_sha256,
     hmac_sha256,
+    nonce_bytes,
     random_bytes,
     verify_hmac_sha256,
 )
-from keygrants.crypto.random import nonce_bytes
 from keygrants.errors import InvalidCiphertext
 from keygrants.keys.ciphertext import HEADER_SIZE, Ciphertext, header_bytes
 from keygrants.keys.context import canonical_context

@@ -17,8 +17,7 @@ import struct
 import uuid
 from typing import Final
 
-from keygrants.crypto import NONCE_SIZE, Aead
-from keygrants.crypto.random import nonce_bytes
+from keygrants.crypto import NONCE_SIZE, Aead, nonce_bytes
 from keygrants.errors import InvalidCiphertext
 
 __all__ = ["SEALED_V1", "seal_key_version", "seal_named_secret", "unseal_key_version", "unseal_named_secret"]

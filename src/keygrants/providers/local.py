@@ -30,9 +30,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
 
-from keygrants.crypto import KEY_SIZE, NONCE_SIZE, TAG_SIZE, Aead, hkdf_sha256, random_bytes, scrypt_derive
+from keygrants.crypto import (
+    KEY_SIZE,
+    NONCE_SIZE,
+    TAG_SIZE,
+    Aead,
+    hkdf_sha256,
+    nonce_bytes,
+    random_bytes,
+    scrypt_derive,
+)
 from keygrants.crypto.kdf import SCRYPT_N, SCRYPT_P, SCRYPT_R
-from keygrants.crypto.random import nonce_bytes
 from keygrants.errors import (
     DecryptionError,
     InvalidCiphertext,
