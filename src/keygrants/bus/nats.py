@@ -13,7 +13,8 @@ import asyncio
 import contextlib
 import logging
 import math
-from typing import Final
+from collections.abc import Coroutine
+from typing import Any, Final
 from urllib.parse import unquote
 
 import nats.errors
@@ -39,8 +40,38 @@ _RECONNECT_WAIT: Final = 1  # seconds between reconnection attempts (nats-py tak
 _PING_INTERVAL: Final = 15  # seconds; two unanswered PINGs mark the connection dead
 _ROUND_TRIP_TIMEOUT: Final = 10  # seconds for the PING/PONG that confirms a SUB, or a last flush
 _CLIENT_NAME: Final = "keygrants-bus"
+_CANCEL_RETRY: Final = 0.05  # seconds between cancellations of a connect that did not end
 
 log = logging.getLogger(__name__)
+
+
+async def _bounded(coro: Coroutine[Any, Any, None], timeout: float) -> None:
+    """Run ``coro`` for up to ``timeout`` seconds (TimeoutError after that); when it times out
+    or the caller is cancelled, it is cancelled and waited for.
+
+    Unlike ``asyncio.wait_for`` this keeps cancelling until the coroutine has ended: nats-py's
+    first connection retries in a loop, and on Python 3.11 a cancellation that arrives as its
+    inner ``asyncio.wait_for(open_connection)`` fails is swallowed there, so a single cancel
+    could leave the connect (and whoever waits for it) running for good.
+    """
+    task = asyncio.ensure_future(coro)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+    except asyncio.CancelledError:
+        await _cancel_and_wait(task)
+        raise
+    if not done:
+        await _cancel_and_wait(task)
+        raise TimeoutError
+    task.result()
+
+
+async def _cancel_and_wait(task: asyncio.Future[None]) -> None:
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=_CANCEL_RETRY)
+    if not task.cancelled():
+        task.exception()  # retrieved: its failure is replaced by the caller's TimeoutError
 
 
 class _NatsSubscription:
@@ -113,7 +144,7 @@ class NatsBus:
             try:
                 # nats-py retries the first connection too (every _RECONNECT_WAIT seconds)
                 # when reconnecting is on; wait_for bounds it.
-                await asyncio.wait_for(nc.connect(
+                await _bounded(nc.connect(
                     servers=[self._server], name=_CLIENT_NAME, allow_reconnect=True,
                     max_reconnect_attempts=-1, reconnect_time_wait=_RECONNECT_WAIT,
                     ping_interval=_PING_INTERVAL, max_outstanding_pings=2,

@@ -323,9 +323,13 @@ class Verifier:
                     await _Pushed.pull_after(self._state, wait,
                                              lambda: asyncio.to_thread(self._pull_quietly))
 
-            async def main() -> None:  # runs until cancelled by close()
+            stopped = asyncio.Event()  # set by close(), along with cancelling the task
+
+            async def main() -> None:  # runs until close()
                 warned = False
-                while True:
+                # The flag and the event as well as the cancellation: a bus client that
+                # swallows a cancellation must not keep this thread retrying.
+                while not self._bus_closing.is_set():
                     bus = None
                     try:
                         bus = open_bus(url)
@@ -340,18 +344,24 @@ class Verifier:
                             log.warning("revocation bus unavailable (%s); pulling the feed and "
                                         "trying again every %g s", type(exc).__name__,
                                         _BUS_RETRY)
-                        await asyncio.sleep(_BUS_RETRY)
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(stopped.wait(), _BUS_RETRY)
                         continue
                     try:
-                        await asyncio.Event().wait()
+                        await stopped.wait()
                     finally:
                         await bus.close()
 
             try:
                 task = loop.create_task(main())
-                self._bus_stop = lambda: loop.call_soon_threadsafe(task.cancel)
-                if self._bus_closing.is_set():  # close() ran before _bus_stop was set
+
+                def stop() -> None:
+                    stopped.set()
                     task.cancel()
+
+                self._bus_stop = lambda: loop.call_soon_threadsafe(stop)
+                if self._bus_closing.is_set():  # close() ran before _bus_stop was set
+                    stop()
                 with contextlib.suppress(asyncio.CancelledError):
                     loop.run_until_complete(task)
             finally:
