@@ -381,6 +381,31 @@ class CancellingSink(MemorySink):
         await super().deliver(origin, events)
 
 
+class SwallowingSink(MemorySink):
+    """Hangs; when cancelled, swallows the cancellation and fails instead (as nats-py's
+    connect can on Python 3.11)."""
+
+    async def deliver(self, origin: str, events: Any) -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            raise ConnectionError("cannot connect") from None
+
+
+@pytest.mark.anyio
+async def test_stop_ends_when_the_sink_swallows_the_cancellation(
+        make_log: Callable[[], AuditLog]) -> None:
+    log = make_log()
+    append(log, 3)
+    sink = SwallowingSink()
+    s = shipper(log, sink, min_backoff=0.05, max_backoff=0.05).start()
+    await asyncio.sleep(0.1)
+    stopping = asyncio.ensure_future(s.stop(timeout=0.2))
+    done, _ = await asyncio.wait({stopping}, timeout=WAIT)  # wait_for would wait for good
+    assert done, "stop() did not end: the shipper went on retrying"
+    assert log.get_cursor(sink.name) == 0
+
+
 @pytest.mark.anyio
 async def test_a_cancelled_error_from_a_sink_is_a_failure_not_the_end(
         make_log: Callable[[], AuditLog]) -> None:

@@ -197,8 +197,11 @@ class Shipper:
                 await self._ship_one_batch()
             except (Exception, asyncio.CancelledError) as exc:
                 task = asyncio.current_task()
-                if isinstance(exc, asyncio.CancelledError) and (task is None or task.cancelling()):
-                    raise  # cancelled by stop(); a CancelledError a sink raises itself is a failure
+                if task is None or task.cancelling():
+                    # Cancelled by stop(), also when the sink swallowed the cancellation and
+                    # failed instead (nats-py can); a CancelledError a sink raises of its own
+                    # accord is a failure.
+                    raise asyncio.CancelledError from exc
                 self._failures += 1
                 delay = self.backoff(self._failures)
                 # Once at the first failure and then about every max_backoff: an outage
