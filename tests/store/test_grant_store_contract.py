@@ -400,3 +400,81 @@ def test_sqlite_a_batch_larger_than_one_statement_takes_is_written_whole(tmp_pat
     assert [f.result(timeout=10) for f in futures] == [None] * 5
     assert all(store.get_grant(g.id) == g for g in more)
     store.close()
+
+
+class _FailingUndo:
+    """The store's connection, except that one statement (an undo) fails once."""
+
+    def __init__(self, db: sqlite3.Connection, fail: str) -> None:
+        self._db, self._fail = db, fail
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        if sql == self._fail:
+            self._fail = ""
+            raise sqlite3.OperationalError(f"simulated failure of {sql}")
+        return self._db.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._db, name)
+
+
+@pytest.mark.parametrize("undo, whole", [("ROLLBACK TO run", False), ("ROLLBACK TO item", False),
+                                         ("ROLLBACK", True)])
+def test_sqlite_a_failed_write_that_cannot_be_undone_fails_its_batch_uncommitted(
+        tmp_path: Path, undo: str, whole: bool) -> None:
+    """250 inserts go in two statements; the second holds a taken id, so the run is undone.
+    When the undo itself fails, the first statement's 200 rows must not be committed behind
+    writers told that their write failed: the whole batch fails. (``ROLLBACK TO item`` is the
+    undo of a single write: the run of one insert between two other writes.)"""
+    store = SQLiteStore(tmp_path / "kg.db")
+    taken = grant()
+    store.create_grant(taken)
+    real = store._db
+    store._db = _FailingUndo(real, undo)  # type: ignore[assignment]
+    rows = [grant() for _ in range(250)] if undo != "ROLLBACK TO item" else [grant()]
+    delete = lambda db: db.execute("DELETE FROM grants WHERE id = 'none'")  # noqa: E731
+    with store._group._cv:  # one batch
+        futures = [] if whole else [store._group.submit(delete)]
+        futures += [store._group.submit(_insert(g)) for g in rows]
+        futures.append(store._group.submit(_insert(taken)))
+        if undo == "ROLLBACK TO item":
+            futures.append(store._group.submit(delete))
+    errors = [f.exception(timeout=10) for f in futures]
+    store._db = real
+    assert all(isinstance(e, StoreError) for e in errors), errors
+    assert all(store.get_grant(g.id) is None for g in rows)
+    store.create_grant(rows[0])  # the next batch works
+    assert store.get_grant(rows[0].id) == rows[0]
+    store.close()
+
+
+def test_sqlite_a_commit_thread_that_cannot_start_refuses_the_write_and_is_tried_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Starting the commit thread can fail (the process's thread limit): the writers get a
+    StoreError, on a loop too (their futures were left unanswered), and the next write starts
+    the thread (it used to keep a thread that never started: every later write waited for
+    good and close() raised)."""
+    store = SQLiteStore(tmp_path / "kg.db")
+    real_start = threading.Thread.start
+
+    def start(thread: threading.Thread) -> None:
+        if thread.name == "sqlite-group-commit":
+            raise RuntimeError("can't start new thread")
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    with pytest.raises(StoreError, match="commit thread"):
+        store.create_grant(grant())
+
+    async def on_a_loop() -> BaseException | None:
+        future = store.submit_create_grant(grant())
+        done, _ = await asyncio.wait({future}, timeout=10)
+        assert done, "the write was never answered"
+        return future.exception()
+
+    assert isinstance(asyncio.run(on_a_loop()), StoreError)
+    monkeypatch.setattr(threading.Thread, "start", real_start)
+    g = grant()
+    store.create_grant(g)
+    assert store.get_grant(g.id) == g
+    store.close()

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, Final, NoReturn, TypeVar
 
 import msgspec
 
@@ -319,11 +319,15 @@ class _GroupCommit:
         with self._cv:
             if self._closed:
                 raise StoreError("store is closed")
-            self._queue.extend(items)
             if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="sqlite-group-commit",
-                                                daemon=True)
-                self._thread.start()
+                thread = threading.Thread(target=self._loop, name="sqlite-group-commit",
+                                          daemon=True)
+                try:
+                    thread.start()
+                except RuntimeError as exc:  # can't start new thread: refused, tried next time
+                    raise StoreError("cannot start the store's commit thread") from exc
+                self._thread = thread
+            self._queue.extend(items)
             self._cv.notify()
 
     def close(self) -> None:
@@ -357,21 +361,26 @@ class _GroupCommit:
                 return
             live = [(fn, future) for fn, future in batch if _start(future)]  # skip given-up ones
             i = 0
-            while i < len(live) and db.in_transaction:
-                fn = live[i][0]
-                if isinstance(fn, _Insert):  # a run of inserts of one shape: one statement
-                    j = i + 1
-                    while (j < len(live) and isinstance(f := live[j][0], _Insert)
-                           and f.head == fn.head and f.row == fn.row):
-                        j += 1
-                    outcomes += self._insert_run(db, live[i:j], whole=j - i == len(live))
-                    i = j
-                else:
-                    outcomes.append(self._one(db, *live[i]))
-                    i += 1
-            if not db.in_transaction:
-                # an error that rolled the whole transaction back (disk full, I/O): nothing
-                # of this batch is durable, and nothing after it may run outside a transaction
+            abandoned = False
+            try:
+                while i < len(live) and db.in_transaction:
+                    fn = live[i][0]
+                    if isinstance(fn, _Insert):  # a run of inserts of one shape: one statement
+                        j = i + 1
+                        while (j < len(live) and isinstance(f := live[j][0], _Insert)
+                               and f.head == fn.head and f.row == fn.row):
+                            j += 1
+                        outcomes += self._insert_run(db, live[i:j], whole=j - i == len(live))
+                        i = j
+                    else:
+                        outcomes.append(self._one(db, *live[i]))
+                        i += 1
+            except _Abandoned:
+                abandoned = True
+            if abandoned or not db.in_transaction:
+                # an error that rolled the whole transaction back (disk full, I/O), or a failed
+                # write that could not be undone alone: nothing of this batch is durable, and
+                # nothing after it may run outside a transaction
                 outcomes = [(future, None, StoreError("write failed")) for _, future in live]
             else:
                 try:
@@ -394,9 +403,11 @@ class _GroupCommit:
             return (future, result, None)
         except BaseException as exc:  # handed to the writer that caused it
             if db.in_transaction:
-                with suppress(sqlite3.Error):
+                try:
                     db.execute("ROLLBACK TO item")
                     db.execute("RELEASE item")
+                except sqlite3.Error:
+                    _abandon(db)
             return (future, None, _translate(exc))
 
     @classmethod
@@ -430,8 +441,20 @@ class _GroupCommit:
                         db.execute("ROLLBACK TO run")
                         db.execute("RELEASE run")
                 except sqlite3.Error:
-                    return [(future, None, StoreError("write failed")) for _, future in run]
+                    _abandon(db)
         return [cls._one(db, fn, future) for fn, future in run]
+
+
+class _Abandoned(Exception):
+    """A failed write could not be undone alone: the whole batch fails, uncommitted."""
+
+
+def _abandon(db: sqlite3.Connection) -> NoReturn:
+    """Roll the whole transaction back and end the batch: committing would make durable what
+    was left of the failed write, or rows already reported failed."""
+    with suppress(sqlite3.Error):
+        db.execute("ROLLBACK")
+    raise _Abandoned
 
 
 def _insert_rows(db: sqlite3.Connection, inserts: list[_Insert]) -> None:
