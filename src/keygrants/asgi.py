@@ -20,8 +20,9 @@ from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequen
 from dataclasses import dataclass
 from typing import Any
 
+from keygrants.auth.httpsig import check_authority
 from keygrants.client.verifier import AsyncVerifier
-from keygrants.errors import AudienceMismatch, KeygrantsError, Unauthenticated
+from keygrants.errors import AudienceMismatch, InvalidRequest, KeygrantsError, Unauthenticated
 from keygrants.grants.model import GrantClaims
 
 __all__ = ["GrantMiddleware", "GrantRule", "token_from_headers"]
@@ -136,10 +137,23 @@ class GrantMiddleware:
     def _url(self, scope: Scope, headers: Mapping[str, str]) -> str:
         """The URL the client called, for DPoP ``htu``: its path as sent (``raw_path``, still
         percent-encoded), behind ``public_url`` or the request's scheme and ``Host``."""
-        base = self.public_url or f"{scope.get('scheme', 'http')}://" \
-            f"{headers.get('host', 'localhost')}"
+        base = self.public_url or base_url(scope.get("scheme", "http"),
+                                           headers.get("host", "localhost"))
         raw = scope.get("raw_path")
         return base + (raw.decode("latin-1") if isinstance(raw, bytes) else str(scope["path"]))
+
+
+def base_url(scheme: str, host: str) -> str:
+    """``scheme://host`` for a DPoP ``htu``, from the request's ``Host`` header.
+
+    Raises:
+        InvalidRequest: the Host is not ``host[:port]``: one that carries a path (``h/x#``)
+            would move the real path out of the URL the proof is checked against.
+    """
+    try:
+        return f"{scheme}://{check_authority(host)}"
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
 
 
 def _route_path(scope: Scope) -> str:

@@ -16,7 +16,14 @@ import ssl
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from keygrants.asgi import GrantRule, check_audience, error_body, pem_to_der, token_from_headers
+from keygrants.asgi import (
+    GrantRule,
+    base_url,
+    check_audience,
+    error_body,
+    pem_to_der,
+    token_from_headers,
+)
 from keygrants.client.verifier import Verifier
 from keygrants.errors import KeygrantsError, Unauthenticated
 
@@ -67,8 +74,8 @@ class GrantWSGIMiddleware:
             token = token_from_headers(headers)
             if token is None:
                 raise Unauthenticated("a grant token is required")
-            base = self.public_url or (f"{environ.get('wsgi.url_scheme', 'http')}://"
-                                       f"{headers.get('host', environ.get('SERVER_NAME', ''))}")
+            base = self.public_url or base_url(environ.get("wsgi.url_scheme", "http"),
+                                               headers.get("host", environ.get("SERVER_NAME", "")))
             raw = environ.get("REQUEST_URI") or environ.get("RAW_URI")  # as sent, encoded
             sent = str(raw).split("?", 1)[0] if raw else environ.get("SCRIPT_NAME", "") + path
             claims = self.verifier.verify(

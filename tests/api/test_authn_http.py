@@ -14,6 +14,7 @@ from keygrants.api.app import create_app
 from keygrants.audit.events import decode_event
 from keygrants.auth import ADMIN_PRINCIPAL, RequestContext
 from keygrants.auth.credentials import jwk_thumbprint
+from keygrants.auth.httpsig import Message, check_authority, sign_message
 from keygrants.auth.ratelimit import RateLimiter
 from keygrants.client._signing import SignatureAuth
 from keygrants.crypto.signing import SigningKey
@@ -599,3 +600,50 @@ async def test_policy_test_takes_a_target_principal(world, http) -> None:
     r = await http.post("/v1/policy-test", headers=world.auth, json={
         "principal": "helpdesk-1", "action": "manage_credentials"})
     assert (r.status_code, r.json()["error"]["code"]) == (400, "invalid_request")
+
+
+async def test_a_host_header_cannot_move_the_real_path_out_of_the_signed_one(world) -> None:
+    """A signature over @authority, @path and @query (a form RFC 9421 signers use) for
+    ``rotate enc``, sent to ``disable enc2`` with the signed path smuggled into the Host
+    header: the rebuilt URI used to read ``/v1/keys/enc/rotate`` as @path and the rest as a
+    fragment, so the signature verified and enc2 was disabled. Such a Host is refused."""
+    key, keyid = register_key(world, "ops-host")
+    world.access.service.put_policy(ADMIN, "ops-host", PutPolicyRequest(text='''
+        permit(principal == Keygrants::Principal::"ops-host",
+               action in Keygrants::Action::"key_admin", resource);'''))
+    now = int(time.time())
+    message = Message(method="POST", target_uri="http://kms.example/v1/keys/enc/rotate",
+                      headers={})
+    for i, host in enumerate(["kms.example/v1/keys/enc/rotate#", "kms.example/v1/keys/enc/rotate?",
+                              "user@kms.example", "kms.example /x", ""]):
+        sig_input, sig = sign_message(message, key=key, alg="ed25519", keyid=keyid, created=now,
+                                      expires=now + 60, nonce=f"host-{i}",
+                                      components=["@method", "@authority", "@path", "@query"])
+        r = await send_raw(world, httpx.Request(
+            "POST", "http://kms.example/v1/keys/enc2/disable",
+            headers={"Host": host, "Signature-Input": sig_input, "Signature": sig}))
+        assert r.status_code == 400, (host, r.text)
+        assert r.json()["error"]["code"] == "invalid_request"
+    assert world.store.get_key(world.ids["enc2"]).state == "enabled"
+    # the same signature form with an honest Host works
+    sig_input, sig = sign_message(message, key=key, alg="ed25519", keyid=keyid, created=now,
+                                  expires=now + 60, nonce="host-ok",
+                                  components=["@method", "@authority", "@path", "@query"])
+    r = await send_raw(world, httpx.Request(
+        "POST", "http://kms.example/v1/keys/enc/rotate",
+        headers={"Host": "kms.example", "Signature-Input": sig_input, "Signature": sig}))
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("authority", ["kms.example", "KMS.example:8650", "127.0.0.1:8650",
+                                       "[::1]:8650", "[fe80::1]", "a-b_c~d.example"])
+def test_check_authority_accepts_host_and_port(authority: str) -> None:
+    assert check_authority(authority) == authority
+
+
+@pytest.mark.parametrize("authority", ["", "kms.example/", "kms.example?", "kms.example#",
+                                       "u@kms.example", "kms example", "kms.example:80/x",
+                                       "kms.example\r\nX: y", "[::1", "kms.example:123456"])
+def test_check_authority_refuses_anything_else(authority: str) -> None:
+    with pytest.raises(ValueError):
+        check_authority(authority)

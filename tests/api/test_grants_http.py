@@ -381,6 +381,13 @@ async def test_dpop_bound_grants_need_a_fresh_proof_from_the_bound_key(world, ht
     for name, bad in cases.items():
         r = await decrypt(http, world, {**svc(world, token), "DPoP": bad})
         assert code_of(r) == "pop_invalid", name
+    # a proof for encrypt, with the encrypt path smuggled into Host in front of /v1/decrypt:
+    # the URL rebuilt for htu used to end in a fragment, and the proof was accepted
+    smuggled = make_proof(key, method="POST", url="http://test/v1/keys/enc/encrypt",
+                          access_token=token)
+    r = await decrypt(http, world, {**svc(world, token), "DPoP": smuggled,
+                                    "Host": "test/v1/keys/enc/encrypt#"})
+    assert r.status_code == 400 and code_of(r) == "invalid_request", r.text
 
 
 async def test_certificate_bound_grants_need_the_certificate(world) -> None:

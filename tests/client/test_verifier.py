@@ -224,6 +224,11 @@ async def test_asgi_middleware_enforces_grants_per_route() -> None:
         assert op.json()["error"]["code"] == "operation_not_granted"
         open_route = await http.get("/health")
         assert (open_route.status_code, open_route.json()) == (200, {"grant": None})
+        # a Host carrying a path would move the real path out of the URL a DPoP proof is
+        # checked against: refused
+        smuggled = await http.get("/reports/7", headers={"Keygrants-Grant": token, "X-Tenant": "42",
+                                                         "Host": "svc/admin#"})
+        assert (smuggled.status_code, smuggled.json()["error"]["code"]) == (400, "invalid_request")
     await v.aclose()
 
 

@@ -243,8 +243,11 @@ class _Request:
             server = scope.get("server") or ("localhost", None)
             host = server[0] if server[1] is None else f"{server[0]}:{server[1]}"
         path = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
-        return build_target_uri(scope.get("scheme", "http"), host, path,
-                                scope.get("query_string", b"").decode("latin-1"))
+        try:
+            return build_target_uri(scope.get("scheme", "http"), host, path,
+                                    scope.get("query_string", b"").decode("latin-1"))
+        except ValueError as exc:  # a Host that would move the path out of @path or htu
+            raise InvalidRequest(str(exc)) from None
 
     def client_cert(self) -> bytes | None:
         """The verified client certificate (DER), from the ASGI TLS extension."""

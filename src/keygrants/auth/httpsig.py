@@ -117,6 +117,7 @@ __all__ = [
     "RequestVerifier",
     "SignatureParams",
     "build_target_uri",
+    "check_authority",
     "check_content_digest",
     "content_digest",
     "parse_signatures",
@@ -453,9 +454,39 @@ def build_target_uri(scheme: str, authority: str, path: str, query: str = "") ->
 
     The scheme and host are lower-cased and a default port (``:80``, ``:443``) dropped, as
     httpx does when it builds the URL it sends.
+
+    Raises:
+        ValueError: ``authority`` is not ``host[:port]`` (see :func:`check_authority`), or
+            ``path`` does not start with ``/`` or holds ``?``/``#``, or ``query`` holds ``#``:
+            such parts would move the path, query or host of the rebuilt URI.
     """
+    check_authority(authority)
+    if path and (path[0] != "/" or "?" in path or "#" in path):
+        raise ValueError("malformed request path")
+    if "#" in query:
+        raise ValueError("malformed query string")
     scheme = scheme.lower()
     return f"{scheme}://{_authority(scheme, authority)}{path or '/'}" + (f"?{query}" if query else "")
+
+
+# host[:port]: an IP literal, or a reg-name of unreserved, sub-delims and %-escapes (RFC 3986
+# §3.2.2); no userinfo, and none of / ? # that would end the authority early.
+_AUTHORITY: Final = re.compile(
+    r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]+)(?::[0-9]{0,5})?")
+
+
+def check_authority(authority: str) -> str:
+    """Return a ``Host`` header (or ``:authority``) that is ``host[:port]``, else raise.
+
+    A value such as ``example.com/v1/keys/k/rotate#`` would otherwise become part of a URI
+    rebuilt from it and move the real path out of ``@path`` (or of a DPoP ``htu``).
+
+    Raises:
+        ValueError: anything else (empty, userinfo, a path, query or fragment, spaces).
+    """
+    if not _AUTHORITY.fullmatch(authority):
+        raise ValueError("malformed Host header")
+    return authority
 
 
 # -- Content-Digest (RFC 9530) -------------------------------------------------------------------
