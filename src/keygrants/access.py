@@ -263,6 +263,9 @@ class AccessService:
         self._hmac_key = api_key_hmac_key
         self._clock = clock
         self._lock = threading.RLock()
+        # called with (ctx, principal id) once a deletion is authorized, before the principal
+        # goes: the grant service revokes its grants there (wired by create_app)
+        self.on_delete: list[Callable[[RequestContext, str], None]] = []
 
     def _now(self) -> int:
         return int(self._clock())
@@ -459,7 +462,8 @@ class AccessService:
 
     @_audited("principal.delete", "delete_principal")
     def delete_principal(self, ctx: RequestContext, principal_id: str) -> None:
-        """Delete a principal and every credential it has.
+        """Delete a principal and every credential it has; its grants are revoked first (see
+        :attr:`on_delete`), so that a principal created later with the same id holds none.
 
         Raises:
             Forbidden: for the built-in admin.
@@ -470,6 +474,8 @@ class AccessService:
             if p.builtin:
                 raise Forbidden("the built-in admin principal cannot be deleted")
             self._intent(ctx, "principal.delete", "delete_principal", target=principal_id)
+            for hook in self.on_delete:  # a failure leaves the principal in place
+                hook(ctx, principal_id)
             self.store.delete_principal(principal_id)
             self.directory.remove_principal(principal_id)
 

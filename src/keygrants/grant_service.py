@@ -937,7 +937,10 @@ class GrantService:
         out: list[str] = []
         frontier = list(grant_ids)
         for _ in range(self.settings.max_depth + 1):
-            children = [c for gid in frontier for c in self.store.live_grant_ids(now=now, parent_id=gid)]
+            # grants past their expiry but within the leeway are still accepted: revoked too
+            children = [c for gid in frontier
+                        for c in self.store.live_grant_ids(now=now - self.settings.leeway,
+                                                           parent_id=gid)]
             if not children:
                 break
             out.extend(children)
@@ -1005,7 +1008,7 @@ class GrantService:
                     raise PrincipalNotFound()
             elif ctx.principal != ADMIN_PRINCIPAL:
                 raise Forbidden()
-            ids = self.store.live_grant_ids(now=now, grantee=subject)
+            ids = self.store.live_grant_ids(now=now - self.settings.leeway, grantee=subject)
         else:
             assert req.key is not None
             try:
@@ -1015,7 +1018,19 @@ class GrantService:
                 raise
             kind, subject = "key", key.id
             self._authorize_on_key(ctx, "revoke_grant", key.id)
-            ids = self.store.live_grant_ids(now=now, key_id=subject)
+            ids = self.store.live_grant_ids(now=now - self.settings.leeway, key_id=subject)
+        return self._revoke_all(ctx, kind, subject, ids, now)
+
+    def principal_deleted(self, ctx: RequestContext, principal_id: str) -> None:
+        """A principal is being deleted (its deletion was authorized): revoke every grant it
+        holds, with their sub-grants, and every token issued to it up to now. Otherwise a
+        principal created later with the same id would hold them."""
+        now = self._now()
+        ids = self.store.live_grant_ids(now=now - self.settings.leeway, grantee=principal_id)
+        self._revoke_all(ctx, "principal", principal_id, ids, now)
+
+    def _revoke_all(self, ctx: RequestContext, kind: str, subject: str, ids: Sequence[str],
+                    now: int) -> m.RevokeAllResult:
         self.audit.record(ctx, "grant.revoke_all", "requested", operation="revoke_all_grants",
                           key_id=subject if kind == "key" else None,
                           detail={kind: subject, "grants": str(len(ids))}, wait=True)

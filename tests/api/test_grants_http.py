@@ -279,6 +279,54 @@ async def test_delegation_attenuates_and_revoking_the_parent_revokes_children(wo
     assert child_now["state"] == "revoked"
 
 
+async def test_revoking_a_grant_within_the_leeway_revokes_its_whole_tree(world, http) -> None:
+    """Root, child and grandchild all past their expiry but within the 30 s leeway (so still
+    accepted): revoking the root revokes the grandchild too. It was looked up among unexpired
+    grants only and stayed usable until the leeway ran out."""
+    worker = principal(world, "worker-l")
+    root = (await create(http, world, grantee="svc", operations=["create_grant", "decrypt"],
+                         ttl=60)).json()
+    child = (await create(http, world, svc(world, root["token"]), grantee="svc",
+                          operations=["create_grant", "decrypt"], ttl=60)).json()
+    grand = (await create(http, world, svc(world, child["token"]), grantee="worker-l",
+                          ttl=60)).json()
+    world.grants._clock = lambda: time.time() + 65  # past exp, within the leeway
+    try:
+        ok = await decrypt(http, world, {**worker, "Keygrants-Grant": grand["token"]})
+        assert ok.status_code == 200, ok.text
+        r = await http.post(f"/v1/grants/{root['grant']['id']}/revoke", headers=world.auth)
+        assert r.status_code == 200, r.text
+        assert [world.store.get_grant(g["grant"]["id"]).state  # type: ignore[union-attr]
+                for g in (root, child, grand)] == ["revoked"] * 3
+        denied = await decrypt(http, world, {**worker, "Keygrants-Grant": grand["token"]})
+        assert code_of(denied) == "grant_revoked"
+    finally:
+        world.grants._clock = time.time
+
+
+async def test_deleting_a_principal_revokes_its_grants_for_whoever_takes_its_id_later(
+        world, http) -> None:
+    """A principal created later with a deleted one's id used to inherit its live grants: it
+    could list them, fetch fresh tokens and use the old ones."""
+    alice = principal(world, "alice-d")
+    created = (await create(http, world, grantee="alice-d")).json()
+    token, grant_id = created["token"], created["grant"]["id"]
+    assert (await decrypt(http, world, {**alice, "Keygrants-Grant": token})).status_code == 200
+    before = (await http.get("/v1/revocations", params={"since": 0},
+                             headers=world.auth)).json()["entries"]
+    r = await http.delete("/v1/principals/alice-d", headers=world.auth)
+    assert r.status_code == 204, r.text
+    assert world.store.get_grant(grant_id).state == "revoked"  # type: ignore[union-attr]
+    feed = (await http.get("/v1/revocations", params={"since": 0},
+                           headers=world.auth)).json()["entries"]
+    added = {(e["kind"], e["id"]) for e in feed} - {(e["kind"], e["id"]) for e in before}
+    assert {("principal", "alice-d"), ("grant", grant_id)} <= added
+    again = principal(world, "alice-d")  # the id is taken again
+    assert code_of(await decrypt(http, world, {**again, "Keygrants-Grant": token})) == "grant_revoked"
+    fresh = await http.post(f"/v1/grants/{grant_id}/token", headers=again)
+    assert fresh.status_code >= 400, fresh.text
+
+
 async def test_delegation_depth_is_limited(world, http) -> None:
     token = (await create(http, world, grantee="admin",
                           operations=["create_grant", "decrypt"])).json()["token"]

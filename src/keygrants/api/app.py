@@ -972,7 +972,10 @@ def create_app(kms: KMS, authenticator: Authenticator, *,
             ``/v1/policies`` (absent: those answer 404).
         rate_limiter: per-principal request limits (absent: none).
         grants: grants, issuer keys and the revocation feed behind ``/v1/grants``,
-            ``/v1/revocations`` and ``/.well-known/jwks.json`` (absent: those answer 404).
+            ``/v1/revocations`` and ``/.well-known/jwks.json`` (absent: those answer 404);
+            deleting a principal through ``access`` then revokes its grants.
     """
     limits = limits or HttpLimits.for_plaintext(kms.limits.max_plaintext)
+    if access is not None and grants is not None and grants.principal_deleted not in access.on_delete:
+        access.on_delete.append(grants.principal_deleted)  # a deleted principal's grants end
     return KeygrantsApp(kms, authenticator, limits, lifespan, audit, access, rate_limiter, grants)
