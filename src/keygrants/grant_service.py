@@ -154,6 +154,17 @@ class GrantSettings:
             raise ValueError("default_ttl must not exceed max_ttl")
 
 
+def _epoch(when: datetime, name: str) -> int:
+    """Seconds since the epoch of a time that names its offset (a naive one would be read in
+    the server's own time zone)."""
+    if when.tzinfo is None or when.utcoffset() is None:
+        raise InvalidRequest(f"{name} must name its offset, e.g. 2026-11-22T10:00:00Z")
+    try:
+        return int(when.timestamp())
+    except (ValueError, OverflowError, OSError):
+        raise InvalidRequest(f"{name} is out of range") from None
+
+
 def _dt(ts: int | None) -> datetime | None:
     return None if ts is None else _utc(ts)
 
@@ -510,7 +521,7 @@ class GrantService:
         ttl = s.default_ttl if req.ttl is None else req.ttl
         if not 1 <= ttl <= s.max_ttl:
             raise InvalidRequest(f"ttl must be 1..{s.max_ttl} seconds")
-        not_before = now if req.not_before is None else int(req.not_before.timestamp())
+        not_before = now if req.not_before is None else _epoch(req.not_before, "not_before")
         # every token expires within max_ttl of its issue: issuer-key retirement and wholesale
         # revocation entries are timed on that
         if not now - s.leeway <= not_before or not_before + ttl > now + s.max_ttl:

@@ -145,6 +145,10 @@ async def test_expired_and_not_yet_valid_grants(world, http) -> None:
     later = await create(http, world, not_before=time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                time.gmtime(start)))
     assert code_of(await decrypt(http, world, svc(world, later.json()["token"]))) == "grant_not_yet_valid"
+    # a time without its offset (read in the server's zone before), or out of range (a 500)
+    for bad in ("0001-01-01T00:00:00", "2026-11-22T10:00:00", "0001-01-01T00:00:00+14:00"):
+        r = await create(http, world, not_before=bad)
+        assert (r.status_code, code_of(r)) == (400, "invalid_request"), (bad, r.text)
 
 
 async def test_grant_token_header_attacks_over_http(world, http) -> None:
