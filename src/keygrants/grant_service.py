@@ -419,7 +419,7 @@ class GrantService:
         self.revocations.check(claims)
         if claims.cnf_jkt is not None:
             self.dpop.verify(dpop, method=method, url=url, access_token=token,
-                             expected_jkt=claims.cnf_jkt)
+                             expected_jkt=claims.cnf_jkt, holder=claims.grantee)
         elif claims.cnf_x5t is not None:
             if client_cert is None:
                 raise PopRequired("this grant is bound to a client certificate")

@@ -402,6 +402,59 @@ async def test_rate_limited_signatures_spend_no_nonce(world) -> None:
     assert len(authn.nonces) == before + 1
 
 
+async def test_replaying_a_captured_request_spends_none_of_the_signers_rate_limit(world) -> None:
+    """A replay used to pass the signature check and take one of the signer's rate-limit
+    tokens before its nonce was refused: anyone who saw one request could starve its signer."""
+    from keygrants.auth.authenticator import AuthRequest
+    from keygrants.errors import NonceReplayed
+
+    key, keyid = register_key(world, "svc-replayed")
+    limiter = RateLimiter(0.001, 2)
+    authn = world.access.authenticator
+
+    def auth_request(request: httpx.Request) -> AuthRequest:
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        return AuthRequest(method="GET", target_uri=str(request.url),
+                           signature_input=headers["signature-input"],
+                           signature=headers["signature"], headers=lambda: headers)
+
+    captured = sign_request(key, keyid, "GET", "/v1/whoami")
+    assert authn.authenticate(auth_request(captured), rate_limiter=limiter).principal == "svc-replayed"
+    for _ in range(3):
+        with pytest.raises(NonceReplayed):
+            authn.authenticate(auth_request(captured), rate_limiter=limiter)
+    fresh = sign_request(key, keyid, "GET", "/v1/whoami")  # the second token is still there
+    assert authn.authenticate(auth_request(fresh), rate_limiter=limiter).principal == "svc-replayed"
+
+
+def test_a_principals_keys_share_one_quota_of_the_replay_cache(world) -> None:
+    """Each key used to get a quarter of the cache: four keys of one principal filled it and
+    every other signer was refused."""
+    from keygrants.auth.authenticator import Authenticator, AuthRequest, AuthSettings
+    from keygrants.errors import NonceReplayed
+
+    old = world.access.authenticator
+    authn = Authenticator(old.directory, old._admin_digest, old._api_key_hmac_key,
+                          settings=AuthSettings(nonce_cache_size=8))  # 2 per principal
+    keys = [register_key(world, "svc-many") for _ in range(4)]
+    victim = register_key(world, "svc-victim")
+
+    def attempt(key: SigningKey, keyid: str) -> None:
+        request = sign_request(key, keyid, "GET", "/v1/whoami")
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        authn.authenticate(AuthRequest(method="GET", target_uri=str(request.url),
+                                       signature_input=headers["signature-input"],
+                                       signature=headers["signature"], headers=lambda: headers))
+
+    attempt(*keys[0])
+    attempt(*keys[1])
+    for key in keys[2:]:
+        with pytest.raises(NonceReplayed, match="this signer"):
+            attempt(*key)
+    attempt(*victim)
+    attempt(*victim)
+
+
 async def test_odd_inputs_are_4xx_not_500(world, http) -> None:
     key, keyid = register_key(world, "svc-o")
     signed_request = sign_request(key, keyid, "POST", "/v1/keys/enc/encrypt", json=ENCRYPT_BODY)

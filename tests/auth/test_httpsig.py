@@ -765,13 +765,31 @@ def test_one_key_cannot_fill_the_nonce_cache_for_everyone() -> None:
     cache = NonceCache(max_entries=16)  # a quarter (4) per key by default
     for n in "abcd":
         cache.check_and_remember("mallory", n, until=100, now=0)
-    with pytest.raises(NonceReplayed, match="this key"):
+    with pytest.raises(NonceReplayed, match="this signer"):
         cache.check_and_remember("mallory", "e", until=100, now=1)
     for n in "abcd":
         cache.check_and_remember("victim", n, until=100, now=1)  # still room for others
     cache.check_and_remember("mallory", "e", until=300, now=100.5)  # its old ones expired
     with pytest.raises(ValueError):
         NonceCache(max_entries=16, max_per_key=0)
+
+
+def test_an_owners_keys_share_one_quota_of_the_nonce_cache() -> None:
+    """Four keys of one principal used to get a quarter each, so together they filled the
+    cache and every other signer was refused."""
+    cache = NonceCache(max_entries=16)  # 4 per owner
+    for i, key in enumerate(("m/k1", "m/k2", "m/k3", "m/k4")):
+        cache.check_and_remember(key, "a", until=100, now=0, owner="m")
+        if i < 3:
+            continue
+        with pytest.raises(NonceReplayed, match="this signer"):
+            cache.check_and_remember(key, "b", until=100, now=0, owner="m")
+    for n in "abcd":
+        cache.check_and_remember("victim/k", n, until=100, now=1, owner="victim")
+    assert cache.seen("m/k1", "a", now=1) and not cache.seen("m/k1", "b", now=1)
+    assert not cache.seen("m/k1", "a", now=101)  # expired
+    cache.check_and_remember("m/k1", "c", until=300, now=100.5, owner="m")  # old ones purged
+    assert len(cache) == 1
 
 
 def test_nonce_cache_purges_lazily_in_expiry_order() -> None:

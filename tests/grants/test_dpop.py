@@ -124,9 +124,10 @@ def _forge(key: SigningKey, header: dict[str, Any], claims: dict[str, Any]) -> s
 
 
 def _verify(verifier: DpopVerifier, proof: str | None, key: SigningKey | VerifyingKey, *,
-            method: str = METHOD, url: str = URL, access_token: str = TOKEN) -> DpopProof:
+            method: str = METHOD, url: str = URL, access_token: str = TOKEN,
+            holder: str | None = None) -> DpopProof:
     return verifier.verify(proof, method=method, url=url, access_token=access_token,
-                           expected_jkt=proof_key_thumbprint(key))
+                           expected_jkt=proof_key_thumbprint(key), holder=holder)
 
 
 def _refused(verifier: DpopVerifier, proof: str | None, key: SigningKey | VerifyingKey,
@@ -678,6 +679,22 @@ def test_full_replay_cache_fails_closed(clock: Clock) -> None:
     clock.advance(71)  # every entry's window has passed
     assert _verify(verifier, _proof(signers[4], clock), signers[4])
     assert len(verifier._replay) == 1
+
+
+def test_one_holders_proof_keys_share_one_quota_of_the_replay_cache(clock: Clock) -> None:
+    """Proof keys cost nothing (token exchange binds a new one at will): with a share per key,
+    one grant holder filled the cache and every other client's proofs were refused."""
+    verifier = DpopVerifier(max_replay_entries=8, clock=clock)  # 2 per holder
+    minted = [SigningKey.generate("ed25519") for _ in range(4)]
+    for n, signer in enumerate(minted):
+        proof = _proof(signer, clock, jti=f"m-{n}")
+        if n < 2:
+            _verify(verifier, proof, signer, holder="mallory")
+        else:
+            with pytest.raises(PopReplayed, match="cache full"):
+                _verify(verifier, proof, signer, holder="mallory")
+    victim = SigningKey.generate("ed25519")
+    assert _verify(verifier, _proof(victim, clock), victim, holder="victim")
 
 
 # -- server nonces -------------------------------------------------------------------------------

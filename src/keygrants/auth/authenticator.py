@@ -117,7 +117,10 @@ class Authenticator:
         self._verifier = RequestVerifier(
             resolve_key=self._signing_key, nonce_cache=self.nonces,
             max_skew=self.settings.max_skew, max_lifetime=self.settings.max_signature_lifetime,
-            require_nonce=self.settings.require_nonce)
+            require_nonce=self.settings.require_nonce,
+            # a principal's keys share one quota of the replay cache: several keys must not
+            # let one principal fill it and lock every other signer out
+            nonce_owner=lambda keyid: keyid.rpartition(KEYID_SEPARATOR)[0] or keyid)
 
     def set_admin_digest(self, digest: bytes) -> None:
         """Swap the admin token (``--reset-admin-token``)."""

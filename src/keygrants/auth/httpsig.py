@@ -865,13 +865,15 @@ class NonceCache:
     caller passes (the end of the signature's acceptance window), and expired pairs are purged
     lazily, oldest first, on every call (amortized O(log n)). When the cache is full of
     unexpired pairs it fails closed: it refuses the new nonce rather than forget one that could
-    then be replayed. One key may hold at most ``max_per_key`` pairs (a quarter of the cache by
-    default), so a single signer cannot fill the cache and lock every other signer out.
+    then be replayed. One owner may hold at most ``max_per_key`` pairs (a quarter of the cache
+    by default), so a single signer cannot fill the cache and lock every other signer out. The
+    owner is the keyid unless the caller names another: the principal behind the key, since
+    one principal may hold several keys (or mint proof keys at will).
     Thread-safe.
 
     Args:
         max_entries: the most pairs remembered at once.
-        max_per_key: the most pairs of one keyid remembered at once.
+        max_per_key: the most pairs of one owner remembered at once.
     """
 
     def __init__(self, max_entries: int = DEFAULT_NONCE_CACHE_SIZE,
@@ -885,25 +887,34 @@ class NonceCache:
         self._lock = threading.Lock()
         self._until: dict[tuple[str, str], float] = {}
         self._expiry: list[tuple[float, tuple[str, str]]] = []
-        self._per_key: dict[str, int] = {}
+        self._per_key: dict[str, int] = {}  # pairs held, by owner
+        self._owner: dict[tuple[str, str], str] = {}
 
     def __len__(self) -> int:
         with self._lock:
             return len(self._until)
 
     def _purge(self, now: float) -> None:
-        expiry, until = self._expiry, self._until
+        expiry, until, owners = self._expiry, self._until, self._owner
         while expiry and expiry[0][0] < now:
             when, pair = heapq.heappop(expiry)
             if until.get(pair) == when:
                 del until[pair]
-                left = self._per_key[pair[0]] - 1
+                owner = owners.pop(pair)
+                left = self._per_key[owner] - 1
                 if left:
-                    self._per_key[pair[0]] = left
+                    self._per_key[owner] = left
                 else:
-                    del self._per_key[pair[0]]
+                    del self._per_key[owner]
 
-    def check_and_remember(self, keyid: str, nonce: str, *, until: float, now: float) -> None:
+    def seen(self, keyid: str, nonce: str, *, now: float) -> bool:
+        """Whether the pair is remembered and unexpired (a replay), recording nothing."""
+        with self._lock:
+            until = self._until.get((keyid, nonce))
+            return until is not None and until >= now
+
+    def check_and_remember(self, keyid: str, nonce: str, *, until: float, now: float,
+                           owner: str | None = None) -> None:
         """Record a nonce, or refuse it if it was seen and has not expired.
 
         Args:
@@ -911,23 +922,26 @@ class NonceCache:
             nonce: the signature's nonce.
             until: when the signature stops being acceptable; the pair is kept until then.
             now: the current time (same clock as ``until``).
+            owner: whose share of the cache the pair counts against (default: ``keyid``).
 
         Raises:
             NonceReplayed: the pair was seen before and has not expired, or the cache (or this
-                key's share of it) is full of unexpired pairs.
+                owner's share of it) is full of unexpired pairs.
         """
         pair = (keyid, nonce)
+        owner = keyid if owner is None else owner
         with self._lock:
             self._purge(now)
             if pair in self._until:
                 raise NonceReplayed()
             if len(self._until) >= self._max:
                 raise NonceReplayed("replay cache full; request refused, retry later")
-            held = self._per_key.get(keyid, 0)
+            held = self._per_key.get(owner, 0)
             if held >= self._max_per_key:
-                raise NonceReplayed("too many signatures in flight for this key; retry later")
-            self._per_key[keyid] = held + 1
+                raise NonceReplayed("too many signatures in flight for this signer; retry later")
+            self._per_key[owner] = held + 1
             self._until[pair] = until
+            self._owner[pair] = owner
             heapq.heappush(self._expiry, (until, pair))
 
 
@@ -945,6 +959,8 @@ class RequestVerifier:
         max_lifetime: the longest acceptable ``expires - created``, and how old ``created``
             may be (plus ``max_skew``).
         require_nonce: refuse signatures without a ``nonce`` parameter.
+        nonce_owner: ``keyid -> owner`` whose share of the replay cache a nonce counts
+            against (default: the keyid itself; the server names the principal).
 
     Raises:
         ValueError: for a negative skew or a non-positive lifetime.
@@ -952,7 +968,8 @@ class RequestVerifier:
 
     def __init__(self, *, resolve_key: Callable[[str], tuple[str, VerifyingKey | bytes]],
                  nonce_cache: NonceCache, max_skew: int = 60, max_lifetime: int = 300,
-                 require_nonce: bool = True) -> None:
+                 require_nonce: bool = True,
+                 nonce_owner: Callable[[str], str] | None = None) -> None:
         if max_skew < 0:
             raise ValueError("max_skew must not be negative")
         if max_lifetime <= 0:
@@ -962,6 +979,7 @@ class RequestVerifier:
         self._max_skew = max_skew
         self._max_lifetime = max_lifetime
         self._require_nonce = require_nonce
+        self._nonce_owner = nonce_owner
 
     def verify(self, message: Message, body: bytes, *, signature_input: str | None,
                signature: str | None, now: float,
@@ -1017,11 +1035,17 @@ class RequestVerifier:
             check_content_digest(message.headers.get("content-digest"), body, required=bool(body))
         alg, key = self._resolve_key(keyid)
         verify_signature(message, parsed, key=key, alg=alg)
+        nonce = params.nonce
+        # A replay is refused before the caller's checks: replaying a captured request must not
+        # spend the signer's rate limit.
+        if nonce is not None and self._nonces.seen(keyid, nonce, now=now):
+            raise NonceReplayed()
         if before_nonce is not None:
             before_nonce(keyid)
         # Only a verified signature may spend its nonce: a forgery must not burn a real one.
-        if params.nonce is not None:
-            self._nonces.check_and_remember(keyid, params.nonce, until=until, now=now)
+        if nonce is not None:
+            owner = self._nonce_owner(keyid) if self._nonce_owner is not None else None
+            self._nonces.check_and_remember(keyid, nonce, until=until, now=now, owner=owner)
         return parsed
 
     @staticmethod

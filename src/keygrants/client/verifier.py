@@ -205,7 +205,7 @@ class _State:
             if method is None or url is None:
                 raise PopRequired("a DPoP-bound grant needs method= and url= to check its proof")
             self.dpop.verify(dpop_proof, method=method, url=url, access_token=token,
-                             expected_jkt=claims.cnf_jkt)
+                             expected_jkt=claims.cnf_jkt, holder=claims.grantee)
         elif claims.cnf_x5t is not None:
             if client_cert is None:
                 raise PopRequired("this grant is bound to a client certificate")

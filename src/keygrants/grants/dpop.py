@@ -402,7 +402,7 @@ class DpopVerifier:
         return now - self._nonce_lifetime <= issued <= now + self._leeway
 
     def verify(self, proof: str | None, *, method: str, url: str, access_token: str,
-               expected_jkt: str) -> DpopProof:
+               expected_jkt: str, holder: str | None = None) -> DpopProof:
         """Check the proof of one request and remember its ``jti``.
 
         Args:
@@ -412,6 +412,9 @@ class DpopVerifier:
             url: the request's absolute URL (any query is ignored).
             access_token: the grant token the request presents (``ath`` must hash it).
             expected_jkt: the grant's ``cnf.jkt``.
+            holder: whose share of the replay cache the proof counts against (the grantee:
+                proof keys cost nothing to mint, so a share per key would let one holder fill
+                the cache); default: the proof key.
 
         Returns:
             The verified proof.
@@ -492,7 +495,8 @@ class DpopVerifier:
         # Hashed: the cache holds 22 characters per jti whatever the client sent.
         jti_digest = b64url(hashlib.sha256(jti.encode("utf-8")).digest()[:16])
         try:
-            self._replay.check_and_remember(jkt, jti_digest, until=now + self._replay_window, now=now)
+            self._replay.check_and_remember(jkt, jti_digest, until=now + self._replay_window,
+                                            now=now, owner=holder)
         except NonceReplayed as exc:
             seen = exc.message == NonceReplayed.default_message  # otherwise: the cache is full
             message = "DPoP proof replayed" if seen else "DPoP replay cache full; retry later"
