@@ -81,3 +81,50 @@ def test_the_token_bucket_refills_and_exempts_the_admin() -> None:
         RateLimiter(0, 1)
     with pytest.raises(ValueError):
         RateLimiter(1, 0)
+
+
+def _certificate() -> bytes:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "billing")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(1).not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def test_a_certificate_moved_to_another_principal_stays_theirs_after_a_reload() -> None:
+    """The revoked mapping of the certificate's old principal, read after the live one on a
+    reload (store order), used to replace it: the certificate was refused as revoked, and a
+    third principal could map it while the second still held it."""
+    from keygrants.access import reload_access
+    from keygrants.auth.credentials import certificate_fingerprint
+    from keygrants.errors import AlreadyExists
+    from keygrants.models import AddCertificateRequest
+
+    store = MemoryStore()
+    ensure_admin_token(store)
+    access = open_access(store, os.urandom(32),
+                         settings=AuthSettings(methods=frozenset({"mtls", "admin_token"})))
+    der = _certificate()
+    match = certificate_fingerprint(der)
+    for principal in ("zed-old", "bob", "carol"):  # the old owner sorts after the new one
+        access.service.create_principal(ADMIN, CreatePrincipalRequest(id=principal))
+    old = access.service.add_certificate(ADMIN, "zed-old", AddCertificateRequest(match=match))
+    access.service.revoke_credential(ADMIN, "zed-old", old.id)
+    access.service.add_certificate(ADMIN, "bob", AddCertificateRequest(match=match))
+    request = AuthRequest(method="GET", target_uri="", client_cert=der)
+    assert access.authenticator.authenticate(request).principal == "bob"
+    reload_access(access, store)  # a restart, or a peer node's change message
+    assert access.authenticator.authenticate(request).principal == "bob"
+    with pytest.raises(AlreadyExists):
+        access.service.add_certificate(ADMIN, "carol", AddCertificateRequest(match=match))
+    access.service.revoke_credential(ADMIN, "zed-old", old.id)  # re-indexing the old one
+    assert access.authenticator.authenticate(request).principal == "bob"

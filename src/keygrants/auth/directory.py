@@ -66,12 +66,19 @@ class Directory:
     def _index(self, c: Credential) -> None:
         old = self._credentials.get(c.id)
         if old is not None and old.match is not None:
-            self._by_match.pop(old.match, None)
+            held = self._by_match.get(old.match)
+            if held is not None and held.id == c.id:  # not another credential's mapping
+                del self._by_match[old.match]
         self._credentials[c.id] = c
         self._keys.pop(c.id, None)
         self._secrets.pop(c.id, None)
         if c.kind == "mtls" and c.match is not None:
-            self._by_match[c.match] = c
+            # A certificate may be mapped again once its earlier credential is revoked: the
+            # live mapping wins, whatever order the credentials are indexed in (a revoked one
+            # read after it would refuse the certificate, and let a third principal map it).
+            held = self._by_match.get(c.match)
+            if held is None or held.revoked_at is not None or c.revoked_at is None:
+                self._by_match[c.match] = c
 
     # -- reads (event loop) ------------------------------------------------------------------
 
