@@ -813,10 +813,13 @@ def ensure_admin_principal(store: Store, now: int) -> None:
 
 
 def reload_access(access: Access, store: Store) -> None:
-    """Read principals, credentials and policies again (another node changed them in the
-    shared store)."""
+    """Read principals, credentials, policies and the admin token's digest again (another
+    node changed them in the shared store, or restarted with ``--reset-admin-token``)."""
     access.directory.reload()
     access.authorizer.engine = PolicyEngine({p.name: p.text for p in store.list_policies()})
+    digest = store.get_meta(ADMIN_TOKEN_META)
+    if digest is not None:
+        access.authenticator.set_admin_digest(digest)
 
 
 def open_access(store: Store, root_key: bytes, *, audit: AuditRecorder | None = None,

@@ -226,6 +226,9 @@ def _assemble(config: ServerConfig, store: Any, audit: AuditSetup, root_key: byt
 
             app.on_change = changed
             keys_changed = functools.partial(changed, "keys")
+            if config.reset_admin_token:  # the other nodes read the new digest, the old one
+                changed("principals")     # stops working there too
+
         task = asyncio.create_task(_scheduler(kms, grants, interval, stop_scheduler,
                                               keys_changed))
         usage = asyncio.create_task(_flush_usage(access.directory, config.usage_flush_interval,

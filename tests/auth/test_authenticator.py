@@ -128,3 +128,26 @@ def test_a_certificate_moved_to_another_principal_stays_theirs_after_a_reload() 
         access.service.add_certificate(ADMIN, "carol", AddCertificateRequest(match=match))
     access.service.revoke_credential(ADMIN, "zed-old", old.id)  # re-indexing the old one
     assert access.authenticator.authenticate(request).principal == "bob"
+
+
+def test_a_reload_picks_up_an_admin_token_reset_by_another_node() -> None:
+    """A node restarted with --reset-admin-token changes the digest in the shared store; the
+    others read it again on their reload, so the old token stops working there too."""
+    from keygrants.access import reload_access
+    from keygrants.auth import reset_admin_token
+    from keygrants.errors import UnknownCredential
+
+    store = MemoryStore()
+    old_token = ensure_admin_token(store)
+    assert old_token is not None
+    access = open_access(store, os.urandom(32))
+
+    def as_admin(token: str) -> AuthRequest:
+        return AuthRequest(method="GET", target_uri="", authorization=f"Bearer {token}")
+
+    assert access.authenticator.authenticate(as_admin(old_token)).principal == "admin"
+    new_token = reset_admin_token(store)  # on another node
+    reload_access(access, store)  # that node's change message
+    with pytest.raises(UnknownCredential):
+        access.authenticator.authenticate(as_admin(old_token))
+    assert access.authenticator.authenticate(as_admin(new_token)).principal == "admin"
