@@ -113,6 +113,14 @@ _MAX_WRAPPED_KNOWN_FACTOR: Final = 16
 DATA_KEY_CONTEXT: Final[Mapping[str, str]] = {"purpose": "keygrants-data-key"}
 """Encryption context every cached data key is wrapped under (visible in provider audit logs)."""
 _DATA_KEY_ID_LABEL: Final = b"keygrants data key id v1\x00"
+_SEAL_CONTEXT_KEY: Final = "keygrants-seal"  # a server root key wrapped by ProviderSeal
+
+
+def _reserved(context: Mapping[str, str]) -> bool:
+    """Whether ``context`` is one the provider's secrets of this project are wrapped under: a
+    cached data key, or a server root key. :meth:`KeyManager.decrypt` must never open those
+    (a wrapped data key is not secret: copied into a record, it would come back in clear)."""
+    return context.get("purpose") == DATA_KEY_CONTEXT["purpose"] or _SEAL_CONTEXT_KEY in context
 
 _FIELD_TAGS: Final[dict[str, int]] = {"text": 0x01, "bytes": 0x02, "json": 0x03}
 _FIELD_NAMES: Final[dict[int, str]] = {v: k for k, v in _FIELD_TAGS.items()}
@@ -987,6 +995,8 @@ class KeyManager:
         name, prov = self._provider(provider)
         ctx = canonical_context(context)
         ctx_map = dict(context or {})
+        if _reserved(ctx_map):
+            raise InvalidRequest("that encryption context is reserved for keygrants' own keys")
         pair = await self._call(prov.generate_data_key(key_id=self._key_for(name, key_id),
                                                        key_spec="AES_256", context=ctx_map))
         if len(pair.plaintext_key) != KEY_SIZE:
@@ -1011,6 +1021,8 @@ class KeyManager:
             ProviderConnectionError: if the provider cannot be reached.
         """
         prov = self._provider_for(encrypted.key_reference)
+        if _reserved(encrypted.context if context is None else context):
+            raise DecryptionError()  # a data key or root key copied into a record stays wrapped
         if encrypted.algorithm != ENVELOPE_ALGORITHM:
             return await self._call(prov.decrypt(encrypted, context=context))
         env = EnvelopeCiphertext.from_bytes(encrypted.ciphertext)

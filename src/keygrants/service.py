@@ -874,7 +874,8 @@ class KMS:
             raise InvalidRequest(f"length must be 1..{self.limits.max_derive_bytes}")
         if req.salt is not None and len(req.salt) > 1024:
             raise InvalidRequest("salt is longer than 1024 bytes")
-        key, versions = self._authorized(ctx, "derive", ref)
+        # the context is the policy's to see, as for encrypt: it names what is derived for
+        key, versions = self._authorized(ctx, "derive", ref, req.context)
         material = (versions.latest if req.key_version is None
                     else self._candidates(versions, req.key_version)[0])
         derived = material.derive(req.context, salt=req.salt, length=req.length)

@@ -472,6 +472,12 @@ async def test_odd_inputs_are_4xx_not_500(world, http) -> None:
                   "grant": {"ttl": -5}}):
         r = await http.post("/v1/policy-test", headers=world.auth, json=body)
         assert (r.status_code, r.json()["error"]["code"]) == (400, "invalid_request"), body
+    # digits that are not ASCII ("²", "①") passed isdigit() and failed int(): a 500, also on
+    # the public revocation feed
+    for path in ("/v1/keys?limit=%C2%B2", "/v1/revocations?since=%C2%B3",
+                 "/v1/grants?limit=%E2%91%A0", "/v1/keys/sig/public-key?version=%C2%B2"):
+        r = await http.get(path, headers=world.auth)
+        assert (r.status_code, r.json()["error"]["code"]) == (400, "invalid_request"), path
 
 
 async def test_retagging_a_key_needs_the_right_to_update_it_as_it_will_be(world, http) -> None:
@@ -700,3 +706,24 @@ def test_check_authority_accepts_host_and_port(authority: str) -> None:
 def test_check_authority_refuses_anything_else(authority: str) -> None:
     with pytest.raises(ValueError):
         check_authority(authority)
+
+
+async def test_a_derive_is_decided_with_its_context(world, http) -> None:
+    """The derive context names what is derived for (a tenant's key): the policy sees it, as
+    for encrypt. It was left out, so a forbid on a tenant did not stop deriving that tenant's
+    key, and a permit for one tenant refused every derive."""
+    from keygrants.models import CreateKeyRequest
+
+    world.kms.create_key(ADMIN, CreateKeyRequest(name="der-t", spec="hmac-sha256", derivable=True))
+    headers = principal_with_api_key(world, "svc-der", [])
+    world.access.service.put_policy(ADMIN, "svc-der", PutPolicyRequest(text='''
+        permit(principal == Keygrants::Principal::"svc-der", action == Keygrants::Action::"derive",
+               resource) when { context.encryption_context.contains("tenant=42") };'''))
+
+    async def derive(tenant: str) -> httpx.Response:
+        return await http.post("/v1/keys/der-t/derive", headers=headers,
+                               json={"context": {"tenant": tenant}})
+
+    assert (await derive("42")).status_code == 200
+    r = await derive("43")
+    assert (r.status_code, r.json()["error"]["code"]) == (403, "forbidden")

@@ -348,6 +348,29 @@ async def test_only_keys_wrapped_as_data_keys_load(local: LocalKeyProvider) -> N
     assert km.has_data_key(dk_id) and not km.has_data_key("zz")
 
 
+async def test_decrypt_never_opens_a_wrapped_data_key_or_root_key(local: LocalKeyProvider) -> None:
+    """A wrapped data key is not secret (exported, kept in a shared store): copied into a
+    record that the application decrypts, it used to come back in clear, and with it every
+    local and field ciphertext. So did a server root key wrapped by the seal."""
+    km = KeyManager({"local": local})
+    await km.initialize()
+    ciphertext = km.local_encrypt(b"session secret", context={"tenant": "42"})
+    wrapped = EncryptedData.from_dict(km.export_data_keys()[0]["wrapped_key"])
+    with pytest.raises(DecryptionError):
+        await km.decrypt(wrapped)
+    with pytest.raises(DecryptionError):
+        await km.decrypt(wrapped, context=dict(DATA_KEY_CONTEXT))
+    root = await local.encrypt(b"r" * 32, context={"keygrants-seal": "00"})
+    with pytest.raises(DecryptionError):
+        await km.decrypt(root)
+    for reserved in (dict(DATA_KEY_CONTEXT), {"keygrants-seal": "00", "a": "b"}):
+        with pytest.raises(InvalidRequest, match="reserved"):
+            await km.encrypt(b"x", context=reserved)
+    assert km.local_decrypt(ciphertext, context={"tenant": "42"}) == b"session secret"
+    other = await local.encrypt(b"other", context={"purpose": "api-token"})
+    assert await km.decrypt(other) == b"other"  # a provider's own records still open
+
+
 # -- per-request path ------------------------------------------------------------------------------
 
 async def test_encrypt_decrypt_one_provider_call_each(counting: Any) -> None:

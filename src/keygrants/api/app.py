@@ -270,7 +270,7 @@ def _query_int(call: _Call, name: str, default: int | None) -> int | None:
     raw = call.query.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or len(raw) > 10:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 10:  # not "²" or "①" (a 500)
         raise InvalidRequest(f"query parameter {name!r} must be a positive integer")
     return int(raw)
 

@@ -72,7 +72,7 @@ log = logging.getLogger("keygrants.verifier")
 def _max_age(headers: httpx.Headers) -> int:
     for part in headers.get("cache-control", "").split(","):
         name, _, value = part.strip().partition("=")
-        if name.lower() == "max-age" and value.isdigit():
+        if name.lower() == "max-age" and value.isascii() and value.isdigit():
             return min(int(value), 86400)
     return _DEFAULT_MAX_AGE
 
