@@ -214,3 +214,58 @@ def test_cli_verify_reports_and_exits_non_zero(built, tmp_path: Path) -> None:
     assert report["ok"] is False and report["problem_count"] >= 1
     assert any(p.startswith("event 2 altered") for p in report["problems"])
     assert format_vkey(ORIGIN, signer.verifier().public_key) == vkey_of(signer)
+
+
+def checkpoint_note(lines: Lines, size: int) -> bytes:
+    return str(json.loads(lines[index_of(lines, "checkpoint", size)])["note"]).encode()
+
+
+def test_a_checkpoint_kept_elsewhere_catches_a_rollback_and_a_rewrite(built, tmp_path: Path) -> None:
+    """Whoever can write the log can remove events together with the checkpoints that signed
+    them, or rewrite history that a restarted server then signs again: the log alone still
+    verifies. A checkpoint saved outside it earlier (`audit checkpoint`) does not match."""
+    _, signer, lines = built
+    kept = checkpoint_note(lines, 30)
+    assert verify_export(lines, vkey=vkey_of(signer), anchor=kept).anchored
+    rolled_back = lines[:index_of(lines, "checkpoint", 20) + 1]  # events 20..29 and their checkpoint gone
+    assert verify_export(rolled_back, vkey=vkey_of(signer)).ok  # unnoticed without the anchor
+    report = verify_export(rolled_back, vkey=vkey_of(signer), anchor=kept)
+    assert any("events 20..29 were removed (rolled back)" in p for p in report.problems)
+    # the same signer over another history (what a server restarted on an edited log signs)
+    other = AuditLog(tmp_path / "other.db", signer=signer, origin=ORIGIN, checkpoint_interval=3600)
+    for i in range(30):
+        other.append({"type": "crypto.encrypt", "result": "ok", "principal": "mallory" if i == 12
+                      else "svc", "request_id": f"r{i}"})
+        if (i + 1) % 10 == 0:
+            other.checkpoint_now()
+    rewritten = list(export_lines(other, vkey=vkey_of(signer)))
+    other.close()
+    assert verify_export(rewritten, vkey=vkey_of(signer)).ok
+    report = verify_export(rewritten, vkey=vkey_of(signer), anchor=checkpoint_note(lines, 20))
+    assert any("history rewritten" in p for p in report.problems)
+    forged = kept.replace(b"\n30\n", b"\n31\n")
+    assert any("--checkpoint: signature invalid" in p for p in
+               verify_export(lines, vkey=vkey_of(signer), anchor=forged).problems)
+
+
+def test_cli_verify_refuses_events_no_signature_covers(built, tmp_path: Path) -> None:
+    """An export with no checkpoint (made up entirely, or its checkpoints dropped) used to
+    verify as OK with exit status 0: only a note said that nothing was signed."""
+    _, signer, lines = built
+    unsigned = tmp_path / "unsigned.jsonl"
+    unsigned.write_bytes(b"".join(raw for raw in lines if b'"kind":"checkpoint"' not in raw))
+    runner = CliRunner()
+    refused = runner.invoke(main, ["audit", "verify", str(unsigned), "--vkey", vkey_of(signer)])
+    assert refused.exit_code == 4, refused.output
+    assert "UNSIGNED: 30 event(s)" in refused.output and refused.output.splitlines()[-1].startswith(
+        "UNSIGNED:")
+    live = runner.invoke(main, ["audit", "verify", str(unsigned), "--vkey", vkey_of(signer),
+                                "--allow-unsigned", "30"])
+    assert live.exit_code == 0, live.output
+    kept = tmp_path / "kept.note"
+    kept.write_bytes(checkpoint_note(lines, 30))
+    good = tmp_path / "good.jsonl"
+    good.write_bytes(b"".join(lines[:index_of(lines, "checkpoint", 20) + 1]))
+    rolled = runner.invoke(main, ["audit", "verify", str(good), "--vkey", vkey_of(signer),
+                                  "--checkpoint", str(kept)])
+    assert rolled.exit_code == 1 and "rolled back" in rolled.output

@@ -93,6 +93,8 @@ class VerifyReport:
     last_checkpoint_size: int | None = None
 
     problem_count: int = 0
+    unsigned: int = 0  # events after the last verified checkpoint: no signature covers them
+    anchored: bool = False  # a checkpoint kept elsewhere (--checkpoint) matched the log
 
     @property
     def ok(self) -> bool:
@@ -155,6 +157,35 @@ class _Engine:
         self.expected = 0
         self.good_size = 0  # the last checkpoint that verified against the recomputed tree
         self.last_time: int | None = None
+        self.anchor: Checkpoint | None = None
+
+    def set_anchor(self, note: bytes) -> None:
+        """A checkpoint kept outside the log (``keygrants audit checkpoint`` saved earlier):
+        the log must still hold its events, with the same root at its size. It catches a
+        rollback that removed checkpoints as well as events, which the log alone cannot."""
+        try:
+            anchor = Checkpoint.parse(open_note(note, [self.verifier]))
+        except InvalidNote:
+            self.problem("--checkpoint: signature invalid (forged, altered, or signed by another "
+                         "key)")
+            return
+        if anchor.origin != self.origin:
+            self.problem(f"--checkpoint: origin {anchor.origin!r} is not this log's")
+            return
+        self.anchor = anchor
+        self._check_anchor()
+
+    def _check_anchor(self) -> None:
+        anchor = self.anchor
+        if anchor is None or self.tree.size != anchor.size:
+            return
+        if anchor.root != self.tree.root():
+            self.problem(f"--checkpoint at size {anchor.size}: root hash mismatch: the log's first "
+                         f"{anchor.size} events are not the ones that checkpoint signed (history "
+                         "rewritten)")
+        else:
+            self.report.anchored = True
+        self.anchor = None
 
     def problem(self, text: str) -> None:
         self.report.add(text)
@@ -163,6 +194,7 @@ class _Engine:
         self.tree = CompactTree.from_frontier(size, frontier)
         self.expected = self.good_size = size
         self.report.start = size
+        self._check_anchor()
 
     def event(self, seq: int, data: bytes, recorded_leaf: bytes | None) -> None:
         if seq != self.expected:
@@ -184,6 +216,8 @@ class _Engine:
         if recorded_leaf is not None and recorded_leaf != computed:
             self.problem(f"event {seq} altered: its content no longer matches its recorded leaf hash")
         self.tree.append(computed)
+        if self.anchor is not None:
+            self._check_anchor()
         self.expected = max(self.expected, seq) + 1
         self.report.events += 1
         if self.progress is not None and self.report.events % _PROGRESS_EVERY == 0:
@@ -224,10 +258,16 @@ class _Engine:
         self.good_size = cp.size
 
     def finish(self) -> VerifyReport:
-        uncovered = self.tree.size - (self.report.last_checkpoint_size or 0)
-        if uncovered > 0 and self.report.ok:
-            self.report.notes.append(f"{uncovered} event(s) after the last checkpoint are not yet "
-                                     "covered by a signed checkpoint")
+        anchor = self.anchor
+        if anchor is not None:
+            if anchor.size > self.tree.size:
+                self.problem(f"--checkpoint covers {anchor.size} events but the log holds "
+                             f"{self.tree.size}: events {self.tree.size}..{anchor.size - 1} were "
+                             "removed (rolled back)")
+            else:
+                self.report.notes.append(f"--checkpoint at size {anchor.size} precedes the "
+                                         f"export's start ({self.report.start}): not checked")
+        self.report.unsigned = max(0, self.tree.size - max(self.good_size, self.report.start))
         return self.report
 
 
@@ -243,8 +283,10 @@ def _verifier(header_vkey: str | None, pinned: str | None, report: VerifyReport)
 
 
 def verify_export(lines: Iterable[bytes], *, vkey: str | None = None,
-                  progress: Callable[[int], None] | None = None) -> VerifyReport:
-    """Verify an export (an iterable of its lines).
+                  progress: Callable[[int], None] | None = None,
+                  anchor: bytes | None = None) -> VerifyReport:
+    """Verify an export (an iterable of its lines); ``anchor`` is a signed checkpoint kept
+    outside the log, which the log must still match.
 
     Raises:
         ValueError: if the input is not an export at all (no valid header).
@@ -258,6 +300,8 @@ def verify_export(lines: Iterable[bytes], *, vkey: str | None = None,
     if header.kind != "header" or header.format != EXPORT_FORMAT or header.origin is None:
         raise ValueError(f"not a {EXPORT_FORMAT} file")
     engine = _Engine(_verifier(header.vkey, vkey, report), header.origin, report, progress)
+    if anchor is not None:
+        engine.set_anchor(anchor)
     try:
         frontier = [base64.b64decode(h, validate=True) for h in header.frontier or []]
         engine.start_at(header.start or 0, frontier)
@@ -294,7 +338,8 @@ def _as_bytes(value: object) -> bytes:
 
 
 def verify_database(path: str | Path, *, vkey: str, origin: str | None = None,
-                    progress: Callable[[int], None] | None = None) -> VerifyReport:
+                    progress: Callable[[int], None] | None = None,
+                    anchor: bytes | None = None) -> VerifyReport:
     """Verify an ``audit.db`` in place (read-only), events against their stored leaf hashes
     and the tree against every stored checkpoint."""
     uri = f"file:{Path(path).resolve()}?mode=ro"
@@ -302,13 +347,14 @@ def verify_database(path: str | Path, *, vkey: str, origin: str | None = None,
     try:
         return _verify_rows(db.execute("SELECT size, note FROM checkpoints ORDER BY size"),
                             db.execute("SELECT seq, data, leaf FROM events ORDER BY seq"),
-                            vkey=vkey, origin=origin, progress=progress)
+                            vkey=vkey, origin=origin, progress=progress, anchor=anchor)
     finally:
         db.close()
 
 
 def verify_postgres(url: str, *, vkey: str, origin: str | None = None,
-                    progress: Callable[[int], None] | None = None) -> VerifyReport:
+                    progress: Callable[[int], None] | None = None,
+                    anchor: bytes | None = None) -> VerifyReport:
     """Verify the audit log kept in a PostgreSQL store (schema ``keygrants_audit``), read-only
     in one snapshot, streaming the events.
 
@@ -334,7 +380,7 @@ def verify_postgres(url: str, *, vkey: str, origin: str | None = None,
                 events.itersize = 10_000
                 events.execute("SELECT seq, data, leaf FROM events ORDER BY seq")
                 return _verify_rows(checkpoints, events, vkey=vkey, origin=origin,
-                                    progress=progress)
+                                    progress=progress, anchor=anchor)
     except psycopg.Error as exc:
         raise ValueError(f"cannot read the audit log: {type(exc).__name__}: {exc}") from None
     finally:
@@ -342,7 +388,8 @@ def verify_postgres(url: str, *, vkey: str, origin: str | None = None,
 
 
 def _verify_rows(checkpoint_rows: Iterable[Any], event_rows: Iterable[Any], *, vkey: str,
-                 origin: str | None, progress: Callable[[int], None] | None) -> VerifyReport:
+                 origin: str | None, progress: Callable[[int], None] | None,
+                 anchor: bytes | None = None) -> VerifyReport:
     """Check stored rows: ``(size, note)`` checkpoints and ``(seq, data, leaf)`` events, each
     in order."""
     report = VerifyReport()
@@ -351,6 +398,8 @@ def _verify_rows(checkpoint_rows: Iterable[Any], event_rows: Iterable[Any], *, v
     for size, note in checkpoint_rows:
         checkpoints.setdefault(int(size), []).append(_as_bytes(note))
     engine = _Engine(verifier, origin or verifier.name, report, progress)
+    if anchor is not None:
+        engine.set_anchor(anchor)
     max_seq = -1
     for seq, data, leaf in event_rows:
         engine.event(int(seq), _as_bytes(data), _as_bytes(leaf))

@@ -204,14 +204,26 @@ def _db_progress(total: int | None, quiet: bool) -> Iterator[Callable[[int], Non
 @click.option("--store", "store_url", default=None, metavar="URL",
               help="Verify the audit log in a PostgreSQL store (postgresql://…), read-only.")
 @click.option("--vkey", default=None, help="Pinned audit verifier key (from `audit key`).")
+@click.option("--checkpoint", "anchor_file", default=None, metavar="FILE",
+              type=click.Path(exists=True, dir_okay=False),
+              help="A signed checkpoint kept outside the log (`audit checkpoint` saved earlier): "
+                   "the log must still hold its events, unchanged.")
+@click.option("--allow-unsigned", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Accept up to this many events after the last checkpoint (a live log).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
 def audit_verify(file: str | None, data_dir: str | None, store_url: str | None, vkey: str | None,
-                 as_json: bool) -> None:
+                 anchor_file: str | None, allow_unsigned: int, as_json: bool) -> None:
     """Verify an export FILE, a data directory's audit.db, or the audit log of a PostgreSQL
     store (--store URL), offline.
 
-    Exit status 0 when the log is intact, 1 when an alteration was found (each is listed).
+    Exit status 0 when the log is intact and every event is covered by a verified checkpoint,
+    1 when an alteration was found (each is listed), 4 when nothing was altered but more than
+    --allow-unsigned events are covered by no signature (make one with `audit checkpoint
+    --now` first).
     """
+    anchor = None
+    if anchor_file is not None:
+        anchor = Path(anchor_file).read_bytes()[:65536]
     try:
         if file is not None and store_url is not None:
             raise InvalidRequest("give one of FILE and --store, not both")
@@ -220,14 +232,15 @@ def audit_verify(file: str | None, data_dir: str | None, store_url: str | None, 
         if file is not None:
             path = Path(file)
             with path.open("rb") as f:
-                report = verify_export(_progress_lines(f, path.stat().st_size, as_json), vkey=vkey)
+                report = verify_export(_progress_lines(f, path.stat().st_size, as_json), vkey=vkey,
+                                       anchor=anchor)
         elif store_url is not None:
             if not is_postgres_url(store_url):
                 raise InvalidRequest("--store takes a postgresql:// URL; a SQLite data directory's "
                                      "log is verified with --data-dir")
             key = vkey or _postgres_vkey(store_url)
             with _db_progress(_event_count(lambda: _postgres_count(store_url)), as_json) as progress:
-                report = verify_postgres(store_url, vkey=key, progress=progress)
+                report = verify_postgres(store_url, vkey=key, progress=progress, anchor=anchor)
         else:
             assert data_dir is not None
             directory = Path(data_dir)
@@ -237,16 +250,19 @@ def audit_verify(file: str | None, data_dir: str | None, store_url: str | None, 
                                      "store keeps its log there: use --store URL)")
             key = vkey or _stored_vkey(directory)
             with _db_progress(_event_count(lambda: _sqlite_count(db_path)), as_json) as progress:
-                report = verify_database(db_path, vkey=key, progress=progress)
+                report = verify_database(db_path, vkey=key, progress=progress, anchor=anchor)
     except KeygrantsError as exc:
         fail(as_json, exc)
         return
     except ValueError as exc:
         fail(as_json, InvalidRequest(str(exc)))
         return
-    _print_report(report, as_json)
+    unsigned = report.unsigned > allow_unsigned
+    _print_report(report, as_json, unsigned=unsigned)
     if not report.ok:
         sys.exit(1)
+    if unsigned:
+        sys.exit(4)
 
 
 def _sqlite_count(path: Path) -> int:
@@ -265,13 +281,14 @@ def _postgres_count(url: str) -> int:
         return int(row[0]) if row else 0
 
 
-def _print_report(report: VerifyReport, as_json: bool) -> None:
+def _print_report(report: VerifyReport, as_json: bool, *, unsigned: bool = False) -> None:
     if as_json:
         click.echo(msgspec.json.encode({
-            "ok": report.ok, "events": report.events, "checkpoints": report.checkpoints,
-            "start": report.start, "last_checkpoint_size": report.last_checkpoint_size,
-            "problem_count": report.problem_count, "problems": report.problems,
-            "notes": report.notes}).decode())
+            "ok": report.ok and not unsigned, "events": report.events,
+            "checkpoints": report.checkpoints, "start": report.start,
+            "last_checkpoint_size": report.last_checkpoint_size, "unsigned": report.unsigned,
+            "anchored": report.anchored, "problem_count": report.problem_count,
+            "problems": report.problems, "notes": report.notes}).decode())
         return
     for note in report.notes:
         click.echo(f"note: {note}")
@@ -279,6 +296,12 @@ def _print_report(report: VerifyReport, as_json: bool) -> None:
         click.echo(f"ALTERED: {problem}")
     if report.problem_count > _SHOWN:
         click.echo(f"... and {report.problem_count - _SHOWN} more (--json lists up to 1000)")
-    verdict = "OK" if report.ok else f"FAILED ({report.problem_count} problem(s))"
+    if report.unsigned:
+        click.echo(f"{'UNSIGNED' if unsigned else 'note'}: {report.unsigned} event(s) after the "
+                   "last verified checkpoint are covered by no signature")
+    if report.anchored:
+        click.echo("note: the checkpoint kept outside the log (--checkpoint) matches it")
+    verdict = ("OK" if report.ok and not unsigned else
+               "UNSIGNED" if report.ok else f"FAILED ({report.problem_count} problem(s))")
     click.echo(f"{verdict}: {report.events} event(s), {report.checkpoints} checkpoint(s) "
                f"verified from event {report.start}")
