@@ -138,6 +138,45 @@ def test_reopening_continues_the_same_tree(make_log: MakeLog) -> None:
     assert second.latest_checkpoint() is not None
 
 
+def _execute(log: AuditLog, tmp_path: Path, sql: str, params: tuple[object, ...]) -> None:
+    """Write the closed log's tables directly, as someone with access to its database can."""
+    from keygrants.audit.pglog import PostgresAuditLog, connect
+
+    if isinstance(log, PostgresAuditLog):
+        with connect(log._url) as conn:
+            conn.execute(sql.replace("?", "%s"), params)
+    else:
+        import sqlite3
+
+        with sqlite3.connect(log.path) as db:
+            db.execute(sql, params)
+
+
+@pytest.mark.parametrize("tamper", ["rewrite", "truncate"])
+def test_a_log_altered_before_its_newest_checkpoint_is_refused_at_start(
+        make_log: MakeLog, tmp_path: Path, tamper: str) -> None:
+    """The tree is rebuilt from the stored leaves at start: an event rewritten together with
+    its leaf, or events removed before the newest checkpoint, used to be taken as they were
+    and signed again by the next checkpoint."""
+    first = make_log("t")
+    for i in range(10):
+        first.append(fields(i))
+    first.checkpoint_now()
+    for i in range(10, 13):
+        first.append(fields(i))
+    original = first.event_data(4)
+    first.close()
+    if tamper == "rewrite":
+        assert original is not None and b'"p1"' in original
+        forged = original.replace(b'"p1"', b'"eve"')
+        _execute(first, tmp_path, "UPDATE events SET data = ?, leaf = ? WHERE seq = ?",
+                 (forged, leaf_hash(forged), 4))
+    else:
+        _execute(first, tmp_path, "DELETE FROM events WHERE seq >= ?", (8,))
+    with pytest.raises(AuditUnavailable, match="newest signed checkpoint"):
+        make_log("t")
+
+
 def test_proofs_verify_against_checkpoints(log: AuditLog) -> None:
     for i in range(13):
         log.append(fields(i))

@@ -51,7 +51,7 @@ from keygrants.audit.merkle import (
     inclusion_proof,
     leaf_hash,
 )
-from keygrants.audit.note import Checkpoint, NoteSigner, sign_note
+from keygrants.audit.note import Checkpoint, InvalidNote, NoteSigner, open_note, sign_note
 from keygrants.errors import AuditUnavailable, InvalidRequest
 
 __all__ = ["AuditLog", "CheckpointRecord", "EventQuery"]
@@ -187,13 +187,47 @@ class AuditLog:
                            concurrent.futures.ThreadPoolExecutor(
                                max_workers=1, thread_name_prefix="keygrants-audit-commit"))
         self._sqlite_wal = self.path != ":memory:"
+        newest = self._signed_root(self._db.execute(
+            "SELECT size, note FROM checkpoints ORDER BY size DESC LIMIT 1").fetchone())
         for (leaf,) in self._db.execute("SELECT leaf FROM events ORDER BY seq"):
             self._tree.append(bytes(leaf))
+            if newest is not None and self._tree.size == newest[0]:
+                self._check_signed_root(newest)
+        if newest is not None and self._tree.size < newest[0]:
+            self._check_signed_root(newest)
         row = self._db.execute("SELECT size, time FROM checkpoints ORDER BY size DESC LIMIT 1").fetchone()
         self._checkpointed_size = row[0] if row else 0
         self._last_checkpoint_at = float(row[1]) if row else 0.0
         self._checkpoint_floor = int(row[1]) if row else 0
         self._start_checkpointer()
+
+    def _signed_root(self, row: Any) -> tuple[int, bytes] | None:
+        """``(size, root)`` of a stored ``(size, note)`` checkpoint row, its signature checked.
+
+        Raises:
+            AuditUnavailable: the note is not signed by this log's key for its origin.
+        """
+        if row is None:
+            return None
+        note = row[1].encode() if isinstance(row[1], str) else bytes(row[1])
+        try:
+            cp = Checkpoint.parse(open_note(note, [self._signer.verifier()]))
+        except (InvalidNote, ValueError):
+            raise AuditUnavailable(f"the audit log's newest checkpoint (size {row[0]}) is not "
+                                   "validly signed: run `keygrants audit verify`") from None
+        if cp.origin != self.origin or cp.size != int(row[0]):
+            raise AuditUnavailable(f"the audit log's newest checkpoint (size {row[0]}) is not "
+                                   "this log's: run `keygrants audit verify`")
+        return cp.size, cp.root
+
+    def _check_signed_root(self, newest: tuple[int, bytes]) -> None:
+        """At start, the tree rebuilt from the stored leaves must be the one the newest
+        checkpoint signed: an edited (or shortened) log is refused, not signed again."""
+        size, root = newest
+        if self._tree.size != size or self._tree.root() != root:
+            raise AuditUnavailable(f"the audit log does not match its newest signed checkpoint "
+                                   f"(size {size}): it was altered; run `keygrants audit "
+                                   "verify` before starting again")
 
     def _init_state(self, *, signer: NoteSigner, origin: str, clock: Callable[[], float],
                     checkpoint_interval: float, max_batch: int, queue_limit: int) -> None:

@@ -120,14 +120,18 @@ class PostgresAuditLog(AuditLog):
             self._read_db = connect(url)  # reads (proofs over a large log) are not bounded
             with self._lock:
                 self._db.execute("SET statement_timeout = 0")  # reading a large log takes time
-                self._catch_up(check_data=False)  # the whole log: `audit verify` checks it
+                newest = self._signed_root(self._db.execute(
+                    "SELECT size, note FROM checkpoints ORDER BY size DESC LIMIT 1").fetchone())
+                # the whole log (`audit verify` checks the data); the tree must be the one the
+                # newest checkpoint signed
+                self._catch_up(check_data=False, expect=newest)
                 self._db.execute("RESET statement_timeout")
         except (psycopg.Error, AuditUnavailable, ValueError) as exc:
             for conn in (self._db, self._read_db):
                 if conn is not None:
                     conn.close()
-            raise AuditUnavailable(f"the audit log database cannot be opened: "
-                                   f"{type(exc).__name__}") from exc
+            detail = exc.message if isinstance(exc, AuditUnavailable) else type(exc).__name__
+            raise AuditUnavailable(f"the audit log database cannot be opened: {detail}") from exc
         self._read_lock = threading.Lock()
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="keygrants-audit-commit")
@@ -150,7 +154,8 @@ class PostgresAuditLog(AuditLog):
 
     # -- writing ---------------------------------------------------------------------------
 
-    def _catch_up(self, *, check_data: bool = True) -> None:
+    def _catch_up(self, *, check_data: bool = True,
+                  expect: tuple[int, bytes] | None = None) -> None:
         """Adopt what other nodes committed since this node's last batch (under the lock).
 
         Each adopted row's leaf must be the hash of its data (``check_data``), and the row
@@ -174,6 +179,10 @@ class PostgresAuditLog(AuditLog):
                 raise AuditUnavailable(f"audit event {seq} does not match its leaf hash")
             self._tree.append(leaf)
             self._last_leaf = leaf
+            if expect is not None and self._tree.size == expect[0]:
+                self._check_signed_root(expect)
+        if expect is not None and self._tree.size < expect[0]:
+            self._check_signed_root(expect)
         row = self._db.execute(
             "SELECT size, time FROM checkpoints ORDER BY size DESC LIMIT 1").fetchone()
         if row is not None:
