@@ -311,3 +311,48 @@ def test_blocking_calls_are_refused_on_a_loop_committing(log: AuditLog) -> None:
         assert await fut == 0  # type: ignore[misc]
 
     asyncio.run(run())
+
+
+class _SlowCommit:
+    """The log's connection, with COMMITs on the commit thread held until ``gate`` opens."""
+
+    def __init__(self, real: object, gate: threading.Event) -> None:
+        self._real, self._gate = real, gate
+
+    def execute(self, sql: str, *args: object) -> object:
+        if sql == "COMMIT" and threading.current_thread().name.startswith("keygrants-audit-commit"):
+            self._gate.wait(30)
+        return self._real.execute(sql, *args)  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._real, name)
+
+
+def test_a_commit_past_its_deadline_fails_new_requests_at_once(tmp_path: Path,
+                                                                signer: NoteSigner) -> None:
+    """Fail-closed, and promptly: once the watchdog has failed the requests of an overdue
+    commit, the requests that arrive meanwhile fail at once. They used to queue behind the
+    commit with no deadline, waiting for as long as the disk hung."""
+    import asyncio
+
+    log = AuditLog(tmp_path / "slow.db", signer=signer, origin=ORIGIN, checkpoint_interval=3600)
+    gate = threading.Event()
+    log._db = _SlowCommit(log._db, gate)  # type: ignore[assignment]
+    log.commit_timeout = 0.2
+
+    async def scenario() -> tuple[BaseException | None, BaseException | None]:
+        first = log.submit(fields(0))
+        done, _ = await asyncio.wait({first}, timeout=10)
+        assert done, "the watchdog did not fail the overdue commit's request"
+        second = log.submit(fields(1))  # the commit is still hanging
+        done, _ = await asyncio.wait({second}, timeout=3)
+        gate.set()
+        assert done, "a request behind the hanging commit got no answer"
+        return first.exception(), second.exception()
+
+    try:
+        first, second = asyncio.run(scenario())
+    finally:
+        gate.set()
+        log.close()
+    assert isinstance(first, AuditUnavailable) and isinstance(second, AuditUnavailable)

@@ -346,14 +346,15 @@ class AuditLog:
         if len(batch) > seen and deferrals < _MAX_DEFERRALS and len(batch) < self._max_batch:
             loop.call_soon(self._flush, loop, len(batch), deferrals + 1)
             return None
-        if self._inflight_loop is loop:
-            return None  # this loop's commit in flight flushes again when it completes
         if self._stuck:
             # the last commit overran its deadline: fail closed at once rather than queue
+            # (checked first: behind that commit, a request would wait for as long as it hangs)
             self._pending.pop(loop, None)
             _resolve([(item, AuditUnavailable("the audit log is not confirming commits"))
                       for item in batch])
             return None
+        if self._inflight_loop is loop:
+            return None  # this loop's commit in flight flushes again when it completes
         rest = batch[self._max_batch:]
         batch = batch[:self._max_batch]
         if rest:
