@@ -210,6 +210,29 @@ def test_search_filters_and_pages(log: AuditLog) -> None:
         log.search(EventQuery(limit=0))
 
 
+def test_search_time_bounds_compare_times_not_text(log: AuditLog) -> None:
+    """Bounds were compared with the stored ``…SS.ffffffZ`` strings as text: ``since=…00Z``
+    missed an event at ``…00.5Z``, an exclusive ``until=…10Z`` kept one at ``…10.25Z``, and
+    an offset was ignored."""
+    for i, when in enumerate(("2026-11-22T00:00:00.500000Z", "2026-11-22T00:00:10.250000Z",
+                              "2026-11-22T00:00:20.000000Z")):
+        log.append(fields(i, time=when))
+
+    def seqs(**bounds: str) -> list[int]:
+        return [decode_event(e).seq for e in log.search(EventQuery(**bounds))]  # type: ignore[arg-type]
+
+    assert seqs(since="2026-11-22T00:00:00Z") == [0, 1, 2]
+    assert seqs(since="2026-11-22T00:00:00.6Z") == [1, 2]
+    assert seqs(until="2026-11-22T00:00:10Z") == [0]
+    assert seqs(since="2026-11-22T05:00:10+05:00") == [1, 2]  # 00:00:10Z
+    assert seqs(since="2026-11-22T00:00:10", until="2026-11-22T00:00:20Z") == [1]  # no offset: UTC
+    assert seqs(since="0001-01-01T00:00:00Z", until="9999-12-31T23:59:59Z") == [0, 1, 2]
+    for bad in ({"since": "yesterday"}, {"until": "2026-13-01T00:00:00Z"},
+                {"principal": "a\x00b"}, {"type": "t" * 1025}):
+        with pytest.raises(InvalidRequest):
+            log.search(EventQuery(**bad))  # type: ignore[arg-type]
+
+
 def test_invalid_events_are_refused_without_consuming_a_sequence_number(log: AuditLog) -> None:
     with pytest.raises(InvalidRequest):
         log.append({"type": "x", "result": "maybe"})

@@ -39,7 +39,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
@@ -127,6 +127,23 @@ Waiter = concurrent.futures.Future[int] | asyncio.Future[int]
 class _Pending:
     fields: dict[str, Any]
     future: Waiter = field(default_factory=concurrent.futures.Future)
+
+
+_MAX_FILTER: Final = 1024
+_LAST_SECOND: Final = 253402300799.0  # 9999-12-31T23:59:59Z
+
+
+def _query_time(text: str, name: str) -> float:
+    """A search bound as Unix time. Stored times are compared as text in one fixed form
+    (``format_time``), so a bound is brought to that form first: compared as given, a
+    ``…00Z`` bound missed ``…00.5Z`` and an offset was ignored. No offset means UTC."""
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        return min(max(when.timestamp(), 0.0), _LAST_SECOND)  # no event lies outside
+    except (ValueError, OverflowError, OSError):
+        raise InvalidRequest(f"{name} must be an RFC 3339 time, e.g. 2026-11-22T00:00:00Z") from None
 
 
 def _resolve(items: list[tuple[_Pending, int | BaseException]]) -> None:
@@ -631,30 +648,27 @@ class AuditLog:
         for column, value in (("principal", q.principal), ("key_id", q.key_id),
                               ("grant_id", q.grant_id), ("type", q.type)):
             if value is not None:
+                if "\x00" in value or len(value) > _MAX_FILTER:
+                    raise InvalidRequest(f"{column} filter: at most {_MAX_FILTER} characters, "
+                                         "no NUL")
                 where.append(f"{column} = ?")
                 params.append(value)
         if q.since is not None:
+            since = _query_time(q.since, "since")
             # Events before a checkpoint were submitted before it was signed: start at the
             # last checkpoint signed a safe margin before `since` instead of scanning it all.
-            floor = self._seq_floor(q.since)
+            rows = self._query("SELECT max(size) FROM checkpoints WHERE time < ?",
+                               (int(since) - _TIME_MARGIN,))
+            floor = int(rows[0][0] or 0)
             if floor > params[0]:
                 params[0] = floor - 1
             where.append("time >= ?")
-            params.append(q.since)
+            params.append(format_time(since))
         if q.until is not None:
             where.append("time < ?")
-            params.append(q.until)
+            params.append(format_time(_query_time(q.until, "until")))
         sql = f"SELECT data FROM events WHERE {' AND '.join(where)} ORDER BY seq LIMIT ?"
         return [bytes(r[0]) for r in self._query(sql, (*params, q.limit))]
-
-    def _seq_floor(self, since: str) -> int:
-        try:
-            ts = datetime.fromisoformat(since.replace("Z", "+00:00")).timestamp()
-        except ValueError:
-            raise InvalidRequest("since must be an RFC 3339 time, e.g. 2026-11-22T00:00:00Z") from None
-        rows = self._query("SELECT max(size) FROM checkpoints WHERE time < ?",
-                           (int(ts) - _TIME_MARGIN,))
-        return int(rows[0][0] or 0)
 
     def _leaves(self, upto: int) -> list[bytes]:
         if upto > self._tree.size:
