@@ -165,11 +165,24 @@ def _audited(event_type: str, operation: str) -> Callable[[F], F]:
             if isinstance(result, m.BatchResult):
                 failed = sum(1 for r in result.results if r.error is not None)
                 detail = {"items": str(len(result.results)), "failed": str(failed)}
+                # the keys the batch used: one is the event's key (and version, if one);
+                # several are listed in the detail (a search by key finds single-key ones)
+                used = {(r.key_id, r.key_version) for r in result.results if r.key_id}
+                ids = sorted({kid for kid, _ in used})
+                if len(ids) == 1:
+                    key_id = ids[0]
+                    version = next(iter(used))[1] if len(used) == 1 else None
+                elif ids:
+                    detail["keys"] = ",".join(ids[:_BATCH_KEYS_SHOWN]) + (
+                        ",…" if len(ids) > _BATCH_KEYS_SHOWN else "")
             self.audit.record(ctx, event_type, "ok", operation=operation, key_id=key_id,
                               key_version=version, detail=detail)
             return result
         return wrapper  # type: ignore[return-value]
     return decorate
+
+
+_BATCH_KEYS_SHOWN: Final = 20
 
 
 def _check_description(description: str) -> None:

@@ -9,6 +9,8 @@ import pytest
 from keygrants.audit.events import decode_event
 from keygrants.audit.log import EventQuery
 
+from .conftest import ADMIN
+
 pytestmark = pytest.mark.anyio
 
 
@@ -78,3 +80,26 @@ async def test_secrets_never_reach_the_audit_log(world, http) -> None:
     for forbidden in (secret, b64(secret).encode(), b64(ct).encode(), world.token.encode(),
                       b"kg_admin_leakedtoken"):
         assert forbidden not in everything
+
+
+async def test_batch_events_name_the_keys_they_used(world, http) -> None:
+    """A batch's event named no key (the result has none of its own): a search by key did
+    not find batch decrypts of that key."""
+    r = await http.post("/v1/decrypt-batch", headers=world.auth, json={"items": [
+        {"ciphertext": b64(world.ciphertext), "context": world.CONTEXT}] * 2})
+    event = decode_event(world.audit.log.event_data(int(r.headers["x-audit-index"])) or b"")
+    assert (event.type, event.key_id, event.key_version) == ("crypto.decrypt_batch",
+                                                             world.ids["enc"], 1)
+    other = world.kms.encrypt(ADMIN, "enc2", b"second").ciphertext
+    r = await http.post("/v1/decrypt-batch", headers=world.auth, json={"items": [
+        {"ciphertext": b64(world.ciphertext), "context": world.CONTEXT},
+        {"ciphertext": b64(other)}]})
+    event = decode_event(world.audit.log.event_data(int(r.headers["x-audit-index"])) or b"")
+    assert event.key_id is None
+    assert event.detail["keys"] == ",".join(sorted([world.ids["enc"], world.ids["enc2"]]))
+    r = await http.post("/v1/keys/enc/encrypt-batch", headers=world.auth,
+                        json={"items": [{"plaintext": b64(b"x")}]})
+    event = decode_event(world.audit.log.event_data(int(r.headers["x-audit-index"])) or b"")
+    assert (event.type, event.key_id) == ("crypto.encrypt_batch", world.ids["enc"])
+    found = world.audit.log.search(EventQuery(key_id=world.ids["enc"], type="crypto.decrypt_batch"))
+    assert found
