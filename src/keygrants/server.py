@@ -34,7 +34,7 @@ from keygrants.api.app import HttpLimits, KeygrantsApp, create_app
 from keygrants.api.tls import protocol_class, server_ssl_options
 from keygrants.audit.service import AuditService
 from keygrants.audit.setup import AUDIT_DB_FILE, AuditSetup, is_postgres_url, open_audit
-from keygrants.audit.sinks import Shipper, open_sink
+from keygrants.audit.sinks import JsonlFileSink, Shipper, open_sink
 from keygrants.auth import RequestContext, ensure_admin_token, reset_admin_token
 from keygrants.auth.authenticator import AuthSettings
 from keygrants.auth.directory import Directory
@@ -137,6 +137,16 @@ def _choose_seal(given: str | None, stored: str | None, data_dir: Path) -> str:
     return stored
 
 
+def per_node_file_sinks(sinks: list[Any], node_id: str) -> None:
+    """Name each file sink (without a ``name=`` of its own) after this node as well: on a
+    PostgreSQL store the nodes share one log and its sink cursors, and a file is this node's
+    own, so a shared cursor would let a node that was down resume from where another node's
+    file got to, leaving a gap in its own file."""
+    for sink in sinks:
+        if isinstance(sink, JsonlFileSink) and sink.name == f"file://{sink.path}":
+            sink.name = f"file://{node_id}{sink.path}"
+
+
 def build_server(config: ServerConfig) -> BuiltServer:
     """Prepare the data directory, unseal the root key and build the ASGI app.
 
@@ -145,6 +155,8 @@ def build_server(config: ServerConfig) -> BuiltServer:
         ValueError: for a malformed audit sink URI.
     """
     sinks = [open_sink(uri) for uri in config.audit_sinks]  # a bad URI fails before any I/O
+    if is_postgres_url(config.store):
+        per_node_file_sinks(sinks, config.node_id)
     bus = open_bus(config.bus) if config.bus else None
     data_dir = config.data_dir
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -683,3 +683,16 @@ def test_server_cli_takes_audit_sinks_and_rejects_bad_ones(tmp_path: Path) -> No
     assert result.exit_code == 2
     assert "backups" in result.output
     assert not (tmp_path / "d").exists()  # refused before touching anything
+
+
+def test_file_sinks_on_a_shared_log_are_named_per_node(tmp_path: Path) -> None:
+    """On a PostgreSQL store the nodes share the log and its sink cursors; a file is one
+    node's own, so its cursor is too (a node that was down resumed from another node's
+    position and its own file had a gap)."""
+    from keygrants.server import per_node_file_sinks
+
+    default, named = JsonlFileSink(tmp_path / "a.jsonl"), JsonlFileSink(tmp_path / "b.jsonl", name="mine")
+    other = MemorySink()
+    per_node_file_sinks([default, named, other], "node-7")
+    assert default.name == f"file://node-7{tmp_path / 'a.jsonl'}"
+    assert (named.name, other.name) == ("mine", "memory")
