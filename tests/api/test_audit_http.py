@@ -103,3 +103,19 @@ async def test_batch_events_name_the_keys_they_used(world, http) -> None:
     assert (event.type, event.key_id) == ("crypto.encrypt_batch", world.ids["enc"])
     found = world.audit.log.search(EventQuery(key_id=world.ids["enc"], type="crypto.decrypt_batch"))
     assert found
+
+
+async def test_an_internal_error_after_authentication_is_audited(world, http, monkeypatch) -> None:
+    """A 500 left no event: whoever could trigger one probed without a trace."""
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(world.kms, "encrypt", broken)
+    before = world.audit.log.size
+    r = await http.post("/v1/keys/enc/encrypt", json={"plaintext": b64(b"x")}, headers=world.auth)
+    assert r.status_code == 500
+    events = [decode_event(world.audit.log.event_data(i) or b"")
+              for i in range(before, world.audit.log.size)]
+    assert [(e.type, e.result, e.principal, e.reason) for e in events] == [
+        ("request.rejected", "error", "admin", r.json()["error"]["code"])]
+    assert "a bug" not in str(events[0].detail)

@@ -15,6 +15,7 @@ memory); operations that write to the store run in a worker thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -564,6 +565,11 @@ class KeygrantsApp:
             log.exception("unhandled error in %s %s (request %s)", method, path, request_id)
             result = KeygrantsError()
             status = 500
+            if ctx is not None and ctx.principal:  # an authenticated request leaves a trace
+                with contextlib.suppress(Exception):  # (durable before the answer, as any)
+                    self.kms.audit.record(ctx, "request.rejected", "error",
+                                          operation=endpoint.operation_id if endpoint else None,
+                                          reason=result.code)
         # Fail closed: nothing is answered before the request's audit events are durable.
         audit_index: int | None = None
         try:
