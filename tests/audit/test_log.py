@@ -370,6 +370,12 @@ def test_a_commit_past_its_deadline_fails_new_requests_at_once(tmp_path: Path,
         second = log.submit(fields(1))  # the commit is still hanging
         done, _ = await asyncio.wait({second}, timeout=3)
         gate.set()
+        # the commit completes on this loop (its callback releases the log): wait for it, so
+        # that close() does not run while the commit thread still uses the connection
+        for _ in range(1000):
+            if log._inflight_loop is None:
+                break
+            await asyncio.sleep(0.01)
         assert done, "a request behind the hanging commit got no answer"
         return first.exception(), second.exception()
 
@@ -377,5 +383,5 @@ def test_a_commit_past_its_deadline_fails_new_requests_at_once(tmp_path: Path,
         first, second = asyncio.run(scenario())
     finally:
         gate.set()
-        log.close()
+    log.close()
     assert isinstance(first, AuditUnavailable) and isinstance(second, AuditUnavailable)
