@@ -385,3 +385,30 @@ def test_a_commit_past_its_deadline_fails_new_requests_at_once(tmp_path: Path,
         gate.set()
     log.close()
     assert isinstance(first, AuditUnavailable) and isinstance(second, AuditUnavailable)
+
+
+def test_close_from_a_stopped_loops_thread_waits_for_its_commit(tmp_path: Path,
+                                                                signer: NoteSigner) -> None:
+    """A loop that stopped with a commit in flight leaves the log's (reentrant) lock to its
+    thread: close() from that thread must let the commit thread finish with the connection
+    before using and closing it (used concurrently, the sqlite3 module can crash)."""
+    import asyncio
+
+    log = AuditLog(tmp_path / "stopped.db", signer=signer, origin=ORIGIN, checkpoint_interval=3600)
+    gate = threading.Event()
+    log._db = _SlowCommit(log._db, gate)  # type: ignore[assignment]
+    log.commit_timeout = 0.2
+
+    async def scenario() -> BaseException | None:
+        future = log.submit(fields(0))
+        await asyncio.wait({future}, timeout=5)
+        return future.exception() if future.done() else None
+
+    assert isinstance(asyncio.run(scenario()), AuditUnavailable)  # failed by the watchdog
+    # ... and the commit is still held
+    assert log._inflight_loop is not None
+    opener = threading.Timer(0.3, gate.set)
+    opener.start()
+    log.close()
+    opener.join()
+    assert log._closed

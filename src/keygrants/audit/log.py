@@ -476,6 +476,11 @@ class AuditLog:
         self._thread.join(timeout)
         with self._lock:  # waits for a commit in flight on the loop
             if not self._closed:
+                if self._committer is not None and self._inflight_loop is not None:
+                    # Still in flight although we hold the lock: it is this thread's own
+                    # loop's, which stopped before the commit completed. Let the commit thread
+                    # finish with the connection before it is used (or closed) here.
+                    self._committer.shutdown(wait=True)
                 self._commit([], force_checkpoint=True)
                 self._closed = True
                 self._db.close()
