@@ -291,6 +291,14 @@ def test_delegation_with_parent_grant(server: Server, parties: Parties, tmp_path
                         str(key_file), token=parties.svc_token)
     info = server.json("grant", "show", child["grant_id"])
     assert (info["parent_id"], info["depth"], info["issuer"]) == (parent["grant_id"], 1, parties.svc)
+    # the parent token kept out of the process list: from stdin, or from the environment
+    for how in ({"input": parent["token"] + "\n", "args": ("--parent-grant", "-")},
+                {"env": {"KEYGRANTS_PARENT_GRANT": parent["token"]}, "args": ()}):
+        sub = server.json("grant", "create", "-k", parties.key, "--grantee", other, "--ops",
+                          "encrypt", "--ttl", "1m", "--dpop-key-file", str(key_file),
+                          *how["args"], "--parent-dpop-key-file", str(key_file),
+                          token=parties.svc_token, **{k: v for k, v in how.items() if k != "args"})
+        assert server.json("grant", "show", sub["grant_id"])["parent_id"] == parent["grant_id"]
 
 
 # -- issuer keys and the feed --------------------------------------------------------------------
@@ -381,3 +389,12 @@ def test_the_grant_header_reaches_the_server(invoke, stub) -> None:
     assert invoke(["key", "list"], env=env | {"KEYGRANTS_GRANT": "e.n.v"}).exit_code == 0
     assert "keygrants-grant" not in stub.requests[-1]["headers"]  # only crypto commands send it
 
+
+
+def test_audit_hash_reads_a_secret_from_stdin(server: Server) -> None:
+    """VALUE is a secret (a token, a key): `-` keeps it out of the process list."""
+    given = server.ok("audit", "hash", "kg_ak_not-a-real-key").stdout.strip()
+    assert given.startswith("hmac-sha256:")
+    assert server.ok("audit", "hash", "-", input="kg_ak_not-a-real-key\n").stdout.strip() == given
+    line = one_line_error(server.run("audit", "hash", "-", input=""))
+    assert line == "Error: no value on stdin (invalid_request)"

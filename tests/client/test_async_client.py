@@ -277,3 +277,19 @@ async def test_a_success_response_of_the_wrong_shape_is_a_keygrants_error() -> N
                            transport=_mock(200, b'{"unexpected": true}')) as c:
         with pytest.raises(KeygrantsError, match="unexpected response"):
             await c.random()
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+async def test_a_redirect_is_an_error_not_a_success(status: int) -> None:
+    """Operations without a result body took a redirect (an http->https proxy) for success:
+    `principal delete` said "Deleted" and exited 0 while nothing was deleted."""
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(status, headers={"location": "https://kms.example/v1/principals/p"})
+
+    transport = httpx.MockTransport(handler)
+    async with AsyncClient("http://test", token="t", transport=transport) as c:
+        with pytest.raises(KeygrantsError, match=f"HTTP {status} redirect .* nothing was done"):
+            await c.delete_principal("p")
+    with Client("http://test", token="t", transport=transport) as sync, \
+            pytest.raises(KeygrantsError, match="redirect"):
+        sync.delete_alias("a")

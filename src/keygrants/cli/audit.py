@@ -48,11 +48,22 @@ def audit_key(state: State) -> None:
     emit(state, key, key.vkey)
 
 
+_MAX_HASH_INPUT = 64 * 1024
+
+
 @audit.command("hash")
 @click.argument("value")
 @common
 def audit_hash(state: State, value: str) -> None:
-    """Print the digest under which the log records VALUE (a token, a key), to search for it."""
+    """Print the digest under which the log records VALUE (a token, a key), to search for it;
+    - reads VALUE from the first line of stdin (keeps a secret out of the process list)."""
+    if value == "-":
+        line = sys.stdin.readline(_MAX_HASH_INPUT + 1)
+        if len(line) > _MAX_HASH_INPUT:
+            raise InvalidRequest(f"the value on stdin is longer than {_MAX_HASH_INPUT} characters")
+        value = line.rstrip("\r\n")
+        if not value:
+            raise InvalidRequest("no value on stdin")
     with state.client() as c:
         digest = c.audit_hash(value)
     emit(state, digest, digest.digest)
@@ -223,7 +234,8 @@ def audit_verify(file: str | None, data_dir: str | None, store_url: str | None, 
     """
     anchor = None
     if anchor_file is not None:
-        anchor = Path(anchor_file).read_bytes()[:65536]
+        with open(anchor_file, "rb") as f:
+            anchor = f.read(65536)
     try:
         if file is not None and store_url is not None:
             raise InvalidRequest("give one of FILE and --store, not both")

@@ -94,11 +94,17 @@ def _jkt(dpop_jkt: str | None, dpop_key_file: str | None) -> str | None:
         raise InvalidRequest(f"{dpop_key_file}: {exc}") from None
 
 
+_MAX_TOKEN_LINE = 64 * 1024
+
+
 def _token_arg(token: str) -> str:  # never named "token": that is --token, the credential
     """A token argument, or ``-``: the first line of stdin."""
     if token != "-":
         return token
-    line = sys.stdin.readline().strip()
+    line = sys.stdin.readline(_MAX_TOKEN_LINE + 1)
+    if len(line) > _MAX_TOKEN_LINE:
+        raise InvalidRequest(f"the token on stdin is longer than {_MAX_TOKEN_LINE} characters")
+    line = line.strip()
     if not line:
         raise InvalidRequest("no token on stdin")
     return line
@@ -189,8 +195,9 @@ def grant() -> None:
 @click.option("--retiring-principal", default=None,
               help="A principal that may retire the grant besides the grantee.")
 @click.option("--justification", default=None, help="Why (recorded; shown to approvers).")
-@click.option("--parent-grant", default=None, metavar="TOKEN",
-              help="Delegate: create a sub-grant of this grant (it must carry create_grant).")
+@click.option("--parent-grant", default=None, metavar="TOKEN", envvar="KEYGRANTS_PARENT_GRANT",
+              help="Delegate: create a sub-grant of this grant (it must carry create_grant); "
+                   "- reads it from stdin (keeps it out of the process list).")
 @click.option("--parent-dpop-key-file", default=None, type=click.Path(dir_okay=False),
               help="The PEM private key proving possession of a DPoP-bound --parent-grant.")
 @common
@@ -206,6 +213,8 @@ def grant_create(state: State, key: str, grantee: str, ops: tuple[str, ...],
     subset = _pairs(context_subset, "--context-subset")
     seconds = _seconds(ttl, "--ttl")
     jkt = _jkt(dpop_jkt, dpop_key_file)
+    if parent_grant is not None:
+        parent_grant = _token_arg(parent_grant)
     if parent_dpop_key_file is not None:
         if parent_grant is None:
             raise InvalidRequest("--parent-dpop-key-file goes with --parent-grant")

@@ -55,6 +55,9 @@ def _show_credentials(creds: list[m.CredentialInfo]) -> None:
     Console().print(table)
 
 
+
+_MAX_CERT_FILE = 1024 * 1024  # a PEM certificate (chain) is far smaller
+
 @click.command()
 @common
 def whoami(state: State) -> None:
@@ -269,7 +272,13 @@ def principal_shared_secret(state: State, name: str, out: str | None, label: str
 def principal_add_cert(state: State, name: str, cert_file: str | None, match: str | None,
                        label: str, expires_in: str | None) -> None:
     """Map mTLS client certificates to NAME (by fingerprint or subject/SAN rule)."""
-    certificate = Path(cert_file).read_text() if cert_file else None
+    certificate = None
+    if cert_file:
+        with open(cert_file, "rb") as f:
+            raw = f.read(_MAX_CERT_FILE + 1)
+        if len(raw) > _MAX_CERT_FILE:
+            raise InvalidRequest(f"{cert_file} is larger than {_MAX_CERT_FILE} bytes")
+        certificate = raw.decode("utf-8", "replace")
     with state.client() as c:
         cred = c.add_certificate(name, match=match, certificate=certificate, label=label,
                                  expires_in=parse_duration_option(expires_in) or None)

@@ -321,7 +321,7 @@ def _signature_auth(principal: str | None, key_file: str | None,
     ``<principal>/ss_…``).
     """
     from keygrants.auth.credentials import SHARED_SECRET_PREFIX, jwk_thumbprint, parse_shared_secret
-    from keygrants.client._signing import SignatureAuth, load_signing_key
+    from keygrants.client._signing import MAX_KEY_FILE, SignatureAuth, load_signing_key
 
     if token is None and principal is None and key_file is None and signing_key is None:
         principal = os.environ.get(PRINCIPAL_ENV) or None
@@ -337,7 +337,7 @@ def _signature_auth(principal: str | None, key_file: str | None,
             head = f.read(len(SHARED_SECRET_PREFIX))
         if head == SHARED_SECRET_PREFIX.encode():
             with open(key_file) as f:
-                parsed = parse_shared_secret(f.read())
+                parsed = parse_shared_secret(f.read(MAX_KEY_FILE))
             if parsed is None:
                 raise ValueError(f"{key_file} does not hold a well-formed shared secret")
             return SignatureAuth(f"{principal}/{parsed[0]}", parsed[1])
@@ -378,6 +378,11 @@ def _settings(addr: str | None, token: str | None, auth: httpx.Auth | None = Non
 
 
 def _result(op: _Op[T], response: httpx.Response) -> T:
+    if 300 <= response.status_code < 400:  # not followed (credentials stay with the server)
+        where = response.headers.get("location", "")[:200]
+        raise KeygrantsError(f"HTTP {response.status_code} redirect from the server"
+                             + (f" to {where}" if where else "") + ": nothing was done; point "
+                             "the client at the server itself (https?)")
     if response.status_code >= 400:
         try:
             err = msgspec.json.decode(response.content)["error"]

@@ -31,6 +31,9 @@ NONCE_BYTES: Final = 16
 _SIGNATURE_HEADERS: Final = ("Signature-Input", "Signature", "Content-Digest")
 
 
+
+MAX_KEY_FILE = 64 * 1024  # bytes: a PEM private key or shared secret file is far smaller
+
 def load_signing_key(path: str | os.PathLike[str]) -> SigningKey:
     """Read a PEM private key file (PKCS#8 Ed25519 or ECDSA P-256).
 
@@ -39,7 +42,10 @@ def load_signing_key(path: str | os.PathLike[str]) -> SigningKey:
         ValueError: the file is not an unencrypted Ed25519 or P-256 private key.
     """
     with open(path, "rb") as f:
-        key = SigningKey.from_pem(f.read())
+        pem = f.read(MAX_KEY_FILE + 1)
+    if len(pem) > MAX_KEY_FILE:
+        raise ValueError(f"{path} is larger than {MAX_KEY_FILE} bytes: not a private key file")
+    key = SigningKey.from_pem(pem)
     if key.algorithm not in ALGORITHMS:
         raise ValueError(f"{key.algorithm} keys cannot sign requests; use Ed25519 or ECDSA P-256")
     return key
