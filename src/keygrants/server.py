@@ -40,7 +40,7 @@ from keygrants.auth.authenticator import AuthSettings
 from keygrants.auth.directory import Directory
 from keygrants.auth.ratelimit import RateLimiter
 from keygrants.bus import open_bus
-from keygrants.errors import KeygrantsError
+from keygrants.errors import KeygrantsError, SealError
 from keygrants.grant_service import GrantAuthorizer, GrantService, GrantSettings
 from keygrants.grants.push import CHANGES_SUBJECT, SUBJECT, RevocationPublisher, decode_message
 from keygrants.providers import open_root_provider
@@ -124,17 +124,30 @@ def _write_secret_file(path: Path, text: str) -> None:
 
 
 def _choose_seal(given: str | None, stored: str | None, data_dir: Path) -> str:
-    """``--seal`` if given; else the seal the data directory was made with (its key file is
-    always looked for in the data directory, so a moved directory still opens); on first
-    start the passphrase when ``KEYGRANTS_PASSPHRASE`` is set, else a key file."""
+    """``--seal`` if given; else the seal the data directory was made with when it is a local
+    one (its key file is always looked for in the data directory, so a moved directory still
+    opens); on first start the passphrase when ``KEYGRANTS_PASSPHRASE`` is set, else a key
+    file.
+
+    Raises:
+        SealError: the store was sealed by another provider and no ``--seal`` was given. The
+            URI recorded in the store is not followed: whoever can write the store would
+            choose the host the server sends its credentials to (``token_env``, ``tls=false``,
+            a PKCS#11 module path...).
+    """
     if given:
         return given
     keyfile = f"local://{(data_dir / SEAL_KEY_FILE).resolve()}"
     if stored is None:
         return "local:passphrase" if os.environ.get(PASSPHRASE_ENV) else keyfile
-    if stored.startswith("local:") and stored != "local:passphrase":
+    if stored == "local:passphrase":
+        return stored
+    if stored.startswith("local:"):
         return keyfile
-    return stored
+    scheme = stored.split(":", 1)[0][:32]
+    raise SealError(f"this store's root key is sealed by a {scheme!r} provider: give its URI "
+                    "with --seal (or KEYGRANTS_SEAL); the URI recorded in the store is not used "
+                    "to choose where credentials go")
 
 
 def per_node_file_sinks(sinks: list[Any], node_id: str) -> None:

@@ -233,8 +233,14 @@ def test_reseal_chain_while_serving_then_restart(harness: Harness, tmp_path: Pat
         written.append((c.encrypt("payments", b"before any reseal").ciphertext,
                         b"before any reseal"))
 
+    previous = None
     for target in (aws, vault, local):
-        out = _ok(harness.cli("operator", "reseal", "--to", target, "--data-dir", str(data)))
+        if previous is not None:  # a provider other than local is never taken from the store
+            refused = harness.cli("operator", "reseal", "--to", target, "--data-dir", str(data))
+            assert refused.returncode == 1 and "--seal" in refused.stderr + refused.stdout
+        from_seal = ("--from", previous) if previous is not None else ()
+        out = _ok(harness.cli("operator", "reseal", "--to", target, "--data-dir", str(data),
+                              *from_seal))
         assert "Root key resealed" in out
         recorded = _recorded_seal(data)
         assert recorded is not None and recorded.split(":")[0] == target.split(":")[0]
@@ -245,11 +251,18 @@ def test_reseal_chain_while_serving_then_restart(harness: Harness, tmp_path: Pat
             message = f"after resealing to {target.split(':')[0]}".encode()
             written.append((c.encrypt("payments", message).ciphertext, message))
         server.stop()
-        # The next start takes the recorded seal; the first restart names it explicitly.
-        server = harness.start(data, "--seal", target) if target == aws else harness.start(data)
+        # A local seal is found again in the data directory; another provider must be named
+        # at every start (the URI recorded in the store would let whoever writes the store
+        # choose where the server sends its credentials).
+        if target != local:
+            refused = harness.cli("server", "--listen", f"127.0.0.1:{_free_port()}",
+                                  "--data-dir", str(data))
+            assert refused.returncode != 0 and "--seal" in refused.stderr, refused.stderr
+        server = harness.start(data) if target == local else harness.start(data, "--seal", target)
         with Client(server.addr, token=_token(data)) as c:
             for ciphertext, plaintext in written:
                 assert c.decrypt(ciphertext).plaintext == plaintext
+        previous = None if target == local else target
     server.stop()
 
 
@@ -293,7 +306,10 @@ def test_server_with_an_external_seal(harness: Harness, tmp_path: Path, openbao:
     recorded = _recorded_seal(data)
     assert recorded is not None and recorded.split(":")[0] == seal
     assert "kg-user-pin" not in recorded and "kg-root-token" not in recorded
-    server = harness.start(data)  # the recorded seal
+    refused = harness.cli("server", "--listen", f"127.0.0.1:{_free_port()}", "--data-dir",
+                          str(data))  # the recorded URI is not followed
+    assert refused.returncode != 0 and "--seal" in refused.stderr, refused.stderr
+    server = harness.start(data, "--seal", uri)
     with Client(server.addr, token=_token(data)) as c:
         assert c.decrypt(ciphertext).plaintext == b"sealed by " + seal.encode()
     server.stop()
@@ -303,3 +319,20 @@ def test_server_with_an_external_seal(harness: Harness, tmp_path: Path, openbao:
                          str(data), "--seal", f"local://{tmp_path / 'wrong.key'}")
     log.write_text(result.stdout + result.stderr)
     assert result.returncode == 1 and recorded in result.stderr
+
+
+def test_a_seal_uri_recorded_in_the_store_is_not_followed(tmp_path: Path) -> None:
+    """Whoever can write the store could record ``keygrants://attacker?...&token_env=
+    KEYGRANTS_PASSPHRASE`` (or ``vault://attacker?tls=false``): a restart without --seal sent
+    the passphrase (or VAULT_TOKEN) there. Only local seals are taken from the data dir."""
+    from keygrants.errors import SealError
+    from keygrants.server import _choose_seal
+
+    keyfile = f"local://{(tmp_path / 'seal.key').resolve()}"
+    assert _choose_seal(None, "local:///elsewhere/seal.key", tmp_path) == keyfile
+    assert _choose_seal(None, "local:passphrase", tmp_path) == "local:passphrase"
+    assert _choose_seal("vault://kms/k", "vault://attacker/k?tls=false", tmp_path) == "vault://kms/k"
+    for recorded in ("keygrants://attacker:1/k?tls=false&token_env=KEYGRANTS_PASSPHRASE",
+                     "vault://attacker/k?tls=false", "pkcs11:module-path=/tmp/evil.so"):
+        with pytest.raises(SealError, match="--seal"):
+            _choose_seal(None, recorded, tmp_path)

@@ -66,11 +66,13 @@ def main() -> None:
 @click.option("--data-dir", default="./keygrants-data", show_default=True, envvar=DATA_DIR_ENV,
               type=click.Path(file_okay=False), help="Where the database, seal key and admin "
               "token live.")
-@click.option("--seal", default=None, help="Root key provider URI: local:passphrase (uses "
+@click.option("--seal", default=None, envvar="KEYGRANTS_SEAL",
+              help="Root key provider URI: local:passphrase (uses "
               "KEYGRANTS_PASSPHRASE), local:///path/seal.key, or any key provider (aws-kms:, "
-              "vault:, pkcs11:, gcp-kms:, keygrants:; see docs/providers.md) [default: the seal "
-              "the data directory was made with; on first start <data-dir>/seal.key, or the "
-              "passphrase when KEYGRANTS_PASSPHRASE is set].")
+              "vault:, pkcs11:, gcp-kms:, keygrants:; see docs/providers.md) [default: the local "
+              "seal the data directory was made with (another provider must be given here "
+              "every start: the URI recorded in the store is not trusted); on first start "
+              "<data-dir>/seal.key, or the passphrase when KEYGRANTS_PASSPHRASE is set].")
 @click.option("--store", default=None, help="Store URL [default: sqlite in the data dir].")
 @click.option("--max-plaintext", default=64 * 1024, show_default=True, type=click.IntRange(1),
               help="Largest plaintext, or message to sign or MAC, accepted, in bytes.")

@@ -37,7 +37,8 @@ def operator() -> None:
               help="The new seal: local:///path/seal.key, local:passphrase, aws-kms://..., "
               "vault://..., pkcs11:..., gcp-kms://..., keygrants://...")
 @click.option("--from", "from_uri", default=None, metavar="URI",
-              help="The current seal [default: the one recorded in the data directory].")
+              help="The current seal [default: the local one recorded in the data directory; "
+                   "another provider must be named here].")
 @click.option("--data-dir", default="./keygrants-data", show_default=True, envvar=DATA_DIR_ENV,
               type=click.Path(file_okay=False), help="The server's data directory.")
 @click.option("--store", default=None, help="Store URL [default: sqlite in the data dir].")
