@@ -41,3 +41,37 @@ def test_provider_modules_are_imported_only_when_opened() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_seal_gives_up_on_a_hanging_provider_call_without_waiting_for_it() -> None:
+    """A provider call abandoned at its timeout (a server answering a byte at a time) kept the
+    seal's asyncio.run waiting for its worker thread when the loop ended: on Python 3.11
+    without a bound, so the server's start (or a reseal) hung for good."""
+    import threading
+
+    from keygrants.errors import ProviderConnectionError
+    from keygrants.providers._options import run_blocking
+    from keygrants.providers.base import KeyProvider, ProviderSeal
+    from keygrants.providers.models import EncryptedData
+
+    release = threading.Event()
+
+    class Hanging(KeyProvider):
+        name, uri = "hanging", "hanging:"
+
+        async def encrypt(self, plaintext: bytes, *, key_id: str | None = None,
+                          context: object = None) -> EncryptedData:
+            await run_blocking(release.wait, 30, timeout=0.2, what="hanging: encrypt")
+            raise AssertionError("not reached")
+
+        async def decrypt(self, encrypted: EncryptedData, *, context: object = None) -> bytes:
+            raise AssertionError("not called")
+
+    try:
+        with pytest.raises(ProviderConnectionError, match="no answer within"):
+            ProviderSeal(Hanging()).wrap(b"k" * 32, aad=b"aad")
+        # answered while the abandoned call still hangs: nothing waited for it
+        assert any(t.name == "keygrants-seal-call" and t.is_alive() and t.daemon
+                   for t in threading.enumerate()), "the seal waited for the abandoned call"
+    finally:
+        release.set()

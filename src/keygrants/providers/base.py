@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import concurrent.futures
+import threading
 from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
@@ -110,6 +112,32 @@ class KeyProvider(abc.ABC):
         """Release clients and connections."""
 
 
+class _DaemonCalls(concurrent.futures.ThreadPoolExecutor):
+    """The seal's executor: each blocking client call in a daemon thread of its own, and
+    nothing waited for at shutdown. ``asyncio.run`` waits for the default executor's threads
+    when it ends (without a bound on Python 3.11), so a call abandoned at its timeout (a
+    server answering a byte at a time) would hang the start, or the exit, for good."""
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+        def call() -> None:
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                result = fn(*args, **kwargs)
+            except BaseException as exc:  # handed to the waiting coroutine
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+
+        threading.Thread(target=call, name="keygrants-seal-call", daemon=True).start()
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        return None  # an abandoned call is not waited for
+
+
 class ProviderSeal:
     """Use any :class:`KeyProvider` as the server's seal (auto-unseal, like Vault's).
 
@@ -129,6 +157,7 @@ class ProviderSeal:
         provider = self._provider
 
         async def on_a_private_loop() -> object:
+            asyncio.get_running_loop().set_default_executor(_DaemonCalls())
             try:
                 return await coro
             finally:
