@@ -119,3 +119,21 @@ async def test_an_internal_error_after_authentication_is_audited(world, http, mo
     assert [(e.type, e.result, e.principal, e.reason) for e in events] == [
         ("request.rejected", "error", "admin", r.json()["error"]["code"])]
     assert "a bug" not in str(events[0].detail)
+
+
+async def test_an_export_is_signed_to_its_end(world, http) -> None:
+    """The export's own read event came after the newest checkpoint, so `audit verify` of a
+    fresh export reported it UNSIGNED. The server checkpoints before it streams and exports
+    up to that checkpoint."""
+    from keygrants.audit.verify import verify_export
+
+    for i in range(3):
+        await http.post("/v1/keys/enc/encrypt", json={"plaintext": b64(bytes([i]))},
+                        headers=world.auth)
+    r = await http.get("/v1/audit/export", headers=world.auth)
+    assert r.status_code == 200
+    lines = r.content.splitlines(keepends=True)
+    report = verify_export(lines, vkey=world.audit.vkey)
+    assert report.ok and report.unsigned == 0, (report.problems, report.unsigned)
+    exported = [line for line in lines if line.startswith(b'{"kind":"event"')]
+    assert b"audit.export" in exported[-1] or b"read_audit" in exported[-1]

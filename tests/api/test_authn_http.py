@@ -695,14 +695,17 @@ async def test_a_host_header_cannot_move_the_real_path_out_of_the_signed_one(wor
 
 
 @pytest.mark.parametrize("authority", ["kms.example", "KMS.example:8650", "127.0.0.1:8650",
-                                       "[::1]:8650", "[fe80::1]", "a-b_c~d.example"])
+                                       "[::1]:8650", "[fe80::1]", "a-b_c~d.example",
+                                       "kms.example.", "[fe80::1%25eth0]:8080",
+                                       "[::ffff:1.2.3.4]"])
 def test_check_authority_accepts_host_and_port(authority: str) -> None:
     assert check_authority(authority) == authority
 
 
 @pytest.mark.parametrize("authority", ["", "kms.example/", "kms.example?", "kms.example#",
                                        "u@kms.example", "kms example", "kms.example:80/x",
-                                       "kms.example\r\nX: y", "[::1", "kms.example:123456"])
+                                       "kms.example\r\nX: y", "[::1", "kms.example:123456",
+                                       "[fe80::1%eth0]", "[fe80::1%25]"])
 def test_check_authority_refuses_anything_else(authority: str) -> None:
     with pytest.raises(ValueError):
         check_authority(authority)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import io
 
 import httpx
 import pytest
@@ -290,6 +291,14 @@ async def test_a_redirect_is_an_error_not_a_success(status: int) -> None:
     async with AsyncClient("http://test", token="t", transport=transport) as c:
         with pytest.raises(KeygrantsError, match=f"HTTP {status} redirect .* nothing was done"):
             await c.delete_principal("p")
-    with Client("http://test", token="t", transport=transport) as sync, \
-            pytest.raises(KeygrantsError, match="redirect"):
-        sync.delete_alias("a")
+    with Client("http://test", token="t", transport=transport) as sync:
+        with pytest.raises(KeygrantsError, match="redirect"):
+            sync.delete_alias("a")
+        out = io.BytesIO()
+        with pytest.raises(KeygrantsError, match="redirect"):
+            sync.audit_export(out)  # the redirect's body was written as the export
+        assert out.getvalue() == b""
+    async with AsyncClient("http://test", token="t", transport=transport) as c:
+        out = io.BytesIO()
+        with pytest.raises(KeygrantsError, match="redirect"):
+            await c.audit_export(out)

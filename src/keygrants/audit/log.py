@@ -204,14 +204,22 @@ class AuditLog:
                            concurrent.futures.ThreadPoolExecutor(
                                max_workers=1, thread_name_prefix="keygrants-audit-commit"))
         self._sqlite_wal = self.path != ":memory:"
-        newest = self._signed_root(self._db.execute(
-            "SELECT size, note FROM checkpoints ORDER BY size DESC LIMIT 1").fetchone())
-        for (leaf,) in self._db.execute("SELECT leaf FROM events ORDER BY seq"):
-            self._tree.append(bytes(leaf))
-            if newest is not None and self._tree.size == newest[0]:
+        try:
+            newest = self._signed_root(self._db.execute(
+                "SELECT size, note FROM checkpoints ORDER BY size DESC LIMIT 1").fetchone())
+            for (leaf,) in self._db.execute("SELECT leaf FROM events ORDER BY seq"):
+                self._tree.append(bytes(leaf))
+                if newest is not None and self._tree.size == newest[0]:
+                    self._check_signed_root(newest)
+            if newest is not None and self._tree.size < newest[0]:
                 self._check_signed_root(newest)
-        if newest is not None and self._tree.size < newest[0]:
-            self._check_signed_root(newest)
+        except BaseException:  # a refused start leaves nothing open
+            if self._committer is not None:
+                self._committer.shutdown(wait=False)
+            if self._read_db is not self._db:
+                self._read_db.close()
+            self._db.close()
+            raise
         row = self._db.execute("SELECT size, time FROM checkpoints ORDER BY size DESC LIMIT 1").fetchone()
         self._checkpointed_size = row[0] if row else 0
         self._last_checkpoint_at = float(row[1]) if row else 0.0

@@ -54,8 +54,10 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def export_lines(log: AuditLog, *, vkey: str, since: int = 0) -> Iterator[bytes]:
-    """The export of ``log`` from ``since`` on (see the module docstring), line by line."""
+def export_lines(log: AuditLog, *, vkey: str, since: int = 0,
+                 upto: int | None = None) -> Iterator[bytes]:
+    """The export of ``log`` from ``since`` on (see the module docstring), line by line; with
+    ``upto``, only the events before it (a checkpoint's size: everything exported is signed)."""
     start, start_note = 0, None
     if since > 0:
         for cp in log.checkpoints():
@@ -74,6 +76,8 @@ def export_lines(log: AuditLog, *, vkey: str, since: int = 0) -> Iterator[bytes]
         yield enc({"kind": "checkpoint", "size": start, "note": start_note.decode()}) + b"\n"
     checkpoints = {cp.size: cp.note for cp in log.checkpoints(since_size=start + 1)}
     for seq, data, leaf in log.iter_events(since=start):
+        if upto is not None and seq >= upto:
+            break
         yield (b'{"kind":"event","seq":' + str(seq).encode() + b',"leaf":"' + _b64(leaf).encode()
                + b'","event":' + data + b"}\n")
         note = checkpoints.get(seq + 1)

@@ -472,7 +472,8 @@ def build_target_uri(scheme: str, authority: str, path: str, query: str = "") ->
 # host[:port]: an IP literal, or a reg-name of unreserved, sub-delims and %-escapes (RFC 3986
 # §3.2.2); no userinfo, and none of / ? # that would end the authority early.
 _AUTHORITY: Final = re.compile(
-    r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]+)(?::[0-9]{0,5})?")
+    r"(?:\[[0-9A-Fa-f:.]+(?:%25[A-Za-z0-9._~-]+)?\]|[A-Za-z0-9\-._~!$&'()*+,;=%]+)"
+    r"(?::[0-9]{0,5})?")  # an IPv6 literal may name its zone (RFC 6874: [fe80::1%25eth0])
 
 
 def check_authority(authority: str) -> str:

@@ -79,9 +79,15 @@ def reseal(to_uri: str, from_uri: str | None, data_dir: str, store: str | None,
         click.echo(msgspec.json.encode({"previous_seal": previous, "seal": new.uri}).decode())
     else:
         click.echo(f"Root key resealed: {previous} -> {new.uri}")
-        click.echo("Running servers keep working. The data directory records the new seal, "
-                   "so the next start uses it (a --seal option, if you pass one, must name it).")
         own_key_file = f"local://{(path / SEAL_KEY_FILE).resolve()}"
+        if new.uri.startswith("local:"):
+            click.echo("Running servers keep working. The data directory records the new seal, "
+                       "so the next start uses it (a --seal option, if you pass one, must name "
+                       "it).")
+        else:
+            click.echo(f"Running servers keep working. Start servers with --seal {new.uri} (or "
+                       "KEYGRANTS_SEAL) from now on: a seal other than a local one is never "
+                       "taken from the store.")
         if new.uri.startswith("local://") and new.uri != own_key_file:
             click.echo(f"Note: without --seal a server looks for its key file at "
                        f"{own_key_file}; start it with --seal {new.uri}")

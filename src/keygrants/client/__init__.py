@@ -716,7 +716,7 @@ class Client:
         try:
             with self._http.stream("GET", "/v1/audit/export",
                                    params={"since": str(since)}) as response:
-                if response.status_code >= 400:
+                if response.status_code >= 300:  # an error, or a redirect (not followed)
                     response.read()
                     _result(_Op("GET", "", None, None), response)
                 for chunk in response.iter_bytes():
@@ -1205,7 +1205,7 @@ class AsyncClient:
         try:
             async with self._http.stream("GET", "/v1/audit/export",
                                          params={"since": str(since)}) as response:
-                if response.status_code >= 400:
+                if response.status_code >= 300:  # an error, or a redirect (not followed)
                     await response.aread()
                     _result(_Op("GET", "", None, None), response)
                 async for chunk in response.aiter_bytes():
