@@ -1056,6 +1056,8 @@ class KeyManager:
             raise ValueError("only AES_256 data keys are supported")
         name, prov = self._provider(provider)
         canonical_context(context)
+        if context is not None and _reserved(context):  # a key the manager would load as its own
+            raise InvalidRequest("that encryption context is reserved for keygrants' own keys")
         return await self._call(prov.generate_data_key(key_id=self._key_for(name, key_id),
                                                        key_spec=key_spec,
                                                        context=dict(context or {})))

@@ -366,6 +366,8 @@ async def test_decrypt_never_opens_a_wrapped_data_key_or_root_key(local: LocalKe
     for reserved in (dict(DATA_KEY_CONTEXT), {"keygrants-seal": "00", "a": "b"}):
         with pytest.raises(InvalidRequest, match="reserved"):
             await km.encrypt(b"x", context=reserved)
+        with pytest.raises(InvalidRequest, match="reserved"):
+            await km.generate_data_key(context=reserved)
     assert km.local_decrypt(ciphertext, context={"tenant": "42"}) == b"session secret"
     other = await local.encrypt(b"other", context={"purpose": "api-token"})
     assert await km.decrypt(other) == b"other"  # a provider's own records still open
