@@ -269,3 +269,10 @@ def test_cli_verify_refuses_events_no_signature_covers(built, tmp_path: Path) ->
     rolled = runner.invoke(main, ["audit", "verify", str(good), "--vkey", vkey_of(signer),
                                   "--checkpoint", str(kept)])
     assert rolled.exit_code == 1 and "rolled back" in rolled.output
+    # saved without its final newline, or as `audit checkpoint --json` prints it: the same
+    note = checkpoint_note(lines, 30).decode()
+    for saved in (note.rstrip("\n"), json.dumps({"size": 30, "note": note})):
+        kept.write_text(saved)
+        again = runner.invoke(main, ["audit", "verify", str(good), "--vkey", vkey_of(signer),
+                                     "--checkpoint", str(kept)])
+        assert again.exit_code == 1 and "rolled back" in again.output, again.output

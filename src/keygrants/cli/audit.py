@@ -235,7 +235,7 @@ def audit_verify(file: str | None, data_dir: str | None, store_url: str | None, 
     anchor = None
     if anchor_file is not None:
         with open(anchor_file, "rb") as f:
-            anchor = f.read(65536)
+            anchor = _checkpoint_note(f.read(65536))
     try:
         if file is not None and store_url is not None:
             raise InvalidRequest("give one of FILE and --store, not both")
@@ -275,6 +275,19 @@ def audit_verify(file: str | None, data_dir: str | None, store_url: str | None, 
         sys.exit(1)
     if unsigned:
         sys.exit(4)
+
+
+def _checkpoint_note(saved: bytes) -> bytes:
+    """The signed note of a saved `audit checkpoint` (its text, or its ``--json`` output),
+    ending in exactly one newline as the note format has it."""
+    if saved.lstrip().startswith(b"{"):
+        try:
+            note = msgspec.json.decode(saved).get("note")
+        except (msgspec.DecodeError, AttributeError):
+            note = None
+        if isinstance(note, str):
+            saved = note.encode()
+    return saved.rstrip(b"\r\n") + b"\n"
 
 
 def _sqlite_count(path: Path) -> int:
