@@ -38,6 +38,7 @@ __all__ = [
     "parse_duration_option",
     "read_dpop_key",
     "read_input",
+    "read_stdin_line",
     "unb64",
 ]
 
@@ -175,6 +176,25 @@ def read_input(path: str | None) -> bytes:
     if len(data) > MAX_INPUT:
         raise InvalidRequest(f"input is larger than {MAX_INPUT} bytes")
     return data
+
+
+MAX_STDIN_LINE: Final = 64 * 1024
+
+
+def read_stdin_line(what: str) -> str:
+    """The first line of stdin without its line end: a secret given as ``-`` (kept out of the
+    process list).
+
+    Raises:
+        InvalidRequest: the line is empty or longer than :data:`MAX_STDIN_LINE` characters.
+    """
+    line = sys.stdin.readline(MAX_STDIN_LINE + 1)
+    if len(line) > MAX_STDIN_LINE:
+        raise InvalidRequest(f"the {what} on stdin is longer than {MAX_STDIN_LINE} characters")
+    line = line.rstrip("\r\n")
+    if not line.strip():
+        raise InvalidRequest(f"no {what} on stdin")
+    return line
 
 
 def parse_context(pairs: tuple[str, ...]) -> dict[str, str] | None:

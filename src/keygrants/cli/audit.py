@@ -15,7 +15,7 @@ import msgspec
 
 from keygrants.audit.setup import AUDIT_DB_FILE, VKEY_META, is_postgres_url
 from keygrants.audit.verify import VerifyReport, verify_database, verify_export, verify_postgres
-from keygrants.cli._common import DATA_DIR_ENV, State, common, emit, fail
+from keygrants.cli._common import DATA_DIR_ENV, State, common, emit, fail, read_stdin_line
 from keygrants.errors import InvalidRequest, KeygrantsError
 
 __all__ = ["audit"]
@@ -48,9 +48,6 @@ def audit_key(state: State) -> None:
     emit(state, key, key.vkey)
 
 
-_MAX_HASH_INPUT = 64 * 1024
-
-
 @audit.command("hash")
 @click.argument("value")
 @common
@@ -58,12 +55,7 @@ def audit_hash(state: State, value: str) -> None:
     """Print the digest under which the log records VALUE (a token, a key), to search for it;
     - reads VALUE from the first line of stdin (keeps a secret out of the process list)."""
     if value == "-":
-        line = sys.stdin.readline(_MAX_HASH_INPUT + 1)
-        if len(line) > _MAX_HASH_INPUT:
-            raise InvalidRequest(f"the value on stdin is longer than {_MAX_HASH_INPUT} characters")
-        value = line.rstrip("\r\n")
-        if not value:
-            raise InvalidRequest("no value on stdin")
+        value = read_stdin_line("value")
     with state.client() as c:
         digest = c.audit_hash(value)
     emit(state, digest, digest.digest)

@@ -7,7 +7,6 @@ the token, and ``-`` reads a token argument from stdin so it stays out of the pr
 
 from __future__ import annotations
 
-import sys
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Final
 
@@ -20,6 +19,7 @@ from keygrants.cli._common import (
     emit,
     parse_context,
     read_dpop_key,
+    read_stdin_line,
 )
 from keygrants.durations import parse_duration
 from keygrants.errors import InvalidRequest
@@ -94,20 +94,11 @@ def _jkt(dpop_jkt: str | None, dpop_key_file: str | None) -> str | None:
         raise InvalidRequest(f"{dpop_key_file}: {exc}") from None
 
 
-_MAX_TOKEN_LINE = 64 * 1024
-
-
 def _token_arg(token: str) -> str:  # never named "token": that is --token, the credential
     """A token argument, or ``-``: the first line of stdin."""
     if token != "-":
         return token
-    line = sys.stdin.readline(_MAX_TOKEN_LINE + 1)
-    if len(line) > _MAX_TOKEN_LINE:
-        raise InvalidRequest(f"the token on stdin is longer than {_MAX_TOKEN_LINE} characters")
-    line = line.strip()
-    if not line:
-        raise InvalidRequest("no token on stdin")
-    return line
+    return read_stdin_line("token").strip()
 
 
 def _show_grant(g: m.GrantInfo, *, err: bool = False) -> None:
