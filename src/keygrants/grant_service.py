@@ -50,6 +50,7 @@ from keygrants.audit.events import decode_event
 from keygrants.audit.log import AuditLog, EventQuery
 from keygrants.audit.recorder import AuditRecorder, NoAudit
 from keygrants.auth import ADMIN_PRINCIPAL, RequestContext
+from keygrants.auth.httpsig import DEFAULT_NONCE_CACHE_SIZE
 from keygrants.auth.model import PRINCIPAL_NAME_PATTERN, Principal
 from keygrants.crypto import Aead
 from keygrants.crypto.signing import SigningKey, b64url
@@ -142,10 +143,12 @@ class GrantSettings:
     break_glass_ttl: int = 900
     dpop_max_age: int = 60
     require_dpop_nonce: bool = False
+    dpop_replay_cache_size: int = DEFAULT_NONCE_CACHE_SIZE
 
     def __post_init__(self) -> None:
         for name in ("default_ttl", "max_ttl", "max_depth", "max_uses", "jwks_max_age",
-                     "issuer_rotation_period", "break_glass_ttl", "dpop_max_age"):
+                     "issuer_rotation_period", "break_glass_ttl", "dpop_max_age",
+                     "dpop_replay_cache_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
         if self.leeway < 0 or self.leeway > 300:
@@ -246,6 +249,7 @@ class GrantService:
         self.issuer = s.issuer or self._stored_issuer()
         self.audience = self.issuer
         self.dpop = DpopVerifier(max_age=s.dpop_max_age, leeway=min(s.leeway, 60),
+                                 max_replay_entries=s.dpop_replay_cache_size,
                                  require_nonce=s.require_dpop_nonce, clock=clock)
         self.revocations = RevocationView()
         self._verified: dict[str, GrantClaims] = {}  # token → claims, oldest first (bounded)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import importlib.util
+import inspect
 import random
 import threading
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from keygrants.auth.httpsig import (
     signature_base,
     verify_signature,
 )
+from keygrants.client._signing import SignatureAuth
 from keygrants.crypto.signing import (
     SigningKey,
     VerifyingKey,
@@ -790,6 +792,45 @@ def test_an_owners_keys_share_one_quota_of_the_nonce_cache() -> None:
     assert not cache.seen("m/k1", "a", now=101)  # expired
     cache.check_and_remember("m/k1", "c", until=300, now=100.5, owner="m")  # old ones purged
     assert len(cache) == 1
+
+
+def test_nonce_cache_keeps_every_pair_apart() -> None:
+    """Pairs are held as digests of keyid and nonce: pairs whose concatenations match are still
+    different pairs, and a nonce is per key."""
+    cache = NonceCache(max_entries=100)
+    for keyid, nonce in (("ab", "c"), ("a", "bc"), ("abc", ""), ("", "abc"), ("k\u00e9", "n"),
+                         ("k", "\u00e9n"), ("1:a", "b"), ("a", "1:b")):
+        cache.check_and_remember(keyid, nonce, until=100, now=0)
+        assert cache.seen(keyid, nonce, now=1)
+    assert len(cache) == 8
+    with pytest.raises(NonceReplayed):
+        cache.check_and_remember("a", "bc", until=100, now=2)
+    assert not cache.seen("b", "c", now=1)
+
+
+def test_a_principal_at_the_default_rate_limit_fits_its_share_of_the_replay_cache() -> None:
+    """A principal signing with the SDK's default 60-second signatures as fast as the server's
+    default rate limit lets it (1,000/s after a 2,000 burst) must never be refused: each nonce
+    is kept for 120 s (expires + the 60 s skew), about 122,000 at once. The share used to be
+    50,000 (and, after shares became per principal, a busy service got refused within a
+    minute)."""
+    from keygrants.auth.authenticator import AuthSettings
+    from keygrants.server import ServerConfig
+
+    settings, config = AuthSettings(), ServerConfig()
+    lifetime = 60  # SignatureAuth's default
+    assert inspect.signature(SignatureAuth).parameters["lifetime"].default == lifetime
+    cache = NonceCache(max_entries=settings.nonce_cache_size)
+    accepted = 0
+    for second in range(2 * (lifetime + settings.max_skew) + 5):
+        per_second = config.rate_burst if second == 0 else int(config.rate_limit)
+        for i in range(per_second):
+            now = second + i / per_second
+            created = int(now)
+            cache.check_and_remember("svc/k1", f"{second}.{i}", owner="svc",
+                                     until=created + lifetime + settings.max_skew, now=now)
+            accepted += 1
+    assert accepted > 2 * 120_000 and len(cache) >= 120_000
 
 
 def test_nonce_cache_purges_lazily_in_expiry_order() -> None:

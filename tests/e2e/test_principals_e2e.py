@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from keygrants.client import Client
+from keygrants.errors import KeygrantsError
 
 pytestmark = pytest.mark.e2e
 
@@ -95,6 +96,29 @@ def test_a_principal_signs_cli_requests_with_its_own_key(start_server, tmp_path:
     assert [p["id"] for p in listed["principals"]] == ["admin", "svc-billing"]
     shown = json.loads(ok(server.cli("principal", "show", "svc-billing", "--json")))
     assert shown["last_seen_at"] is not None  # usage was flushed at the earlier stop
+
+
+def test_the_replay_cache_size_is_an_option(start_server, tmp_path: Path) -> None:
+    """``--replay-cache-size`` bounds the signature replay cache: one principal may hold a
+    quarter of it, and the next signature within its window is refused (never a nonce
+    forgotten); another principal is not affected."""
+    server = start_server(tmp_path / "data", args=("--replay-cache-size", "1000"))
+    keys = {}
+    for name in ("svc-a", "svc-b"):
+        ok(server.cli("principal", "create", name))
+        keys[name] = tmp_path / f"{name}.pem"
+        ok(server.cli("principal", "keygen", name, "--out", str(keys[name])))
+    with Client(server.url, principal="svc-a", key_file=str(keys["svc-a"])) as a:
+        for _ in range(250):
+            assert a.whoami().principal == "svc-a"
+        with pytest.raises(KeygrantsError) as refused:
+            a.whoami()
+        assert refused.value.code == "nonce_replayed"
+        assert "in flight" in refused.value.message
+    with Client(server.url, principal="svc-b", key_file=str(keys["svc-b"])) as b:
+        assert b.whoami().principal == "svc-b"
+    bad = start_server(tmp_path / "other", args=("--replay-cache-size", "10"), ready=False)
+    assert bad.wait_exit() == 2 and "--replay-cache-size" in bad.output()
 
 
 # -- mTLS -------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from typing import Any, Final
 from keygrants.auth import ADMIN_PRINCIPAL, ADMIN_TOKEN_PREFIX, MAX_TOKEN_LENGTH, RequestContext, _digest
 from keygrants.auth.credentials import certificate_matches, parse_api_key, verify_api_key
 from keygrants.auth.directory import Directory
-from keygrants.auth.httpsig import Message, NonceCache, RequestVerifier
+from keygrants.auth.httpsig import DEFAULT_NONCE_CACHE_SIZE, Message, NonceCache, RequestVerifier
 from keygrants.auth.model import Credential
 from keygrants.auth.ratelimit import RateLimiter
 from keygrants.crypto.signing import VerifyingKey
@@ -61,7 +61,7 @@ class AuthSettings:
     max_skew: int = 60
     max_signature_lifetime: int = 300
     require_nonce: bool = True
-    nonce_cache_size: int = 200_000
+    nonce_cache_size: int = DEFAULT_NONCE_CACHE_SIZE
 
     def __post_init__(self) -> None:
         unknown = self.methods - set(AUTH_METHODS)

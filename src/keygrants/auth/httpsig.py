@@ -70,6 +70,7 @@ import base64
 import hashlib
 import heapq
 import hmac
+import math
 import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -146,7 +147,7 @@ MAX_NONCE_LENGTH: Final = 128
 MAX_TAG_LENGTH: Final = 256
 _MAX_ALG_LENGTH: Final = 64
 MIN_HMAC_KEY_LENGTH: Final = 32
-DEFAULT_NONCE_CACHE_SIZE: Final = 200_000
+DEFAULT_NONCE_CACHE_SIZE: Final = 1_000_000
 
 _DIGESTS: Final = {"sha-256": hashlib.sha256, "sha-512": hashlib.sha512}
 _DERIVED: Final = frozenset({"@method", "@target-uri", "@authority", "@scheme", "@request-target",
@@ -863,14 +864,17 @@ class NonceCache:
     """Remembers ``(keyid, nonce)`` pairs until their signatures could no longer be accepted.
 
     Bounded in memory (``max_entries``) and in time: each pair is kept until the ``until`` its
-    caller passes (the end of the signature's acceptance window), and expired pairs are purged
-    lazily, oldest first, on every call (amortized O(log n)). When the cache is full of
+    caller passes (rounded up to the second: the end of the signature's acceptance window), and
+    expired pairs are purged lazily, oldest first, on every call. When the cache is full of
     unexpired pairs it fails closed: it refuses the new nonce rather than forget one that could
     then be replayed. One owner may hold at most ``max_per_key`` pairs (a quarter of the cache
     by default), so a single signer cannot fill the cache and lock every other signer out. The
     owner is the keyid unless the caller names another: the principal behind the key, since
     one principal may hold several keys (or mint proof keys at will).
-    Thread-safe.
+
+    A pair is held as a 128-bit BLAKE2b digest of keyid and nonce, in a bucket per owner and
+    second of expiry (about 110 bytes a pair, whatever the lengths of keyid and nonce), so the
+    default million pairs take about 110 MB at most. Thread-safe.
 
     Args:
         max_entries: the most pairs remembered at once.
@@ -886,32 +890,40 @@ class NonceCache:
         if self._max_per_key < 1:
             raise ValueError("max_per_key must be positive")
         self._lock = threading.Lock()
-        self._until: dict[tuple[str, str], float] = {}
-        self._expiry: list[tuple[float, tuple[str, str]]] = []
+        self._until: dict[bytes, int] = {}  # pair digest -> the second it may be forgotten after
+        self._buckets: dict[tuple[int, str], list[bytes]] = {}  # (until, owner) -> digests
+        self._expiry: list[tuple[int, str]] = []  # heap of the buckets' keys
         self._per_key: dict[str, int] = {}  # pairs held, by owner
-        self._owner: dict[tuple[str, str], str] = {}
 
     def __len__(self) -> int:
         with self._lock:
             return len(self._until)
 
+    @staticmethod
+    def _pair(keyid: str, nonce: str) -> bytes:
+        # length-prefixed: no two (keyid, nonce) pairs share an input
+        return hashlib.blake2b(f"{len(keyid)}:{keyid}{nonce}".encode("utf-8", "surrogatepass"),
+                               digest_size=16).digest()
+
     def _purge(self, now: float) -> None:
-        expiry, until, owners = self._expiry, self._until, self._owner
+        expiry, until, buckets, held = self._expiry, self._until, self._buckets, self._per_key
         while expiry and expiry[0][0] < now:
-            when, pair = heapq.heappop(expiry)
-            if until.get(pair) == when:
+            bucket = heapq.heappop(expiry)
+            pairs = buckets.pop(bucket)
+            for pair in pairs:
                 del until[pair]
-                owner = owners.pop(pair)
-                left = self._per_key[owner] - 1
-                if left:
-                    self._per_key[owner] = left
-                else:
-                    del self._per_key[owner]
+            owner = bucket[1]
+            left = held[owner] - len(pairs)
+            if left:
+                held[owner] = left
+            else:
+                del held[owner]
 
     def seen(self, keyid: str, nonce: str, *, now: float) -> bool:
         """Whether the pair is remembered and unexpired (a replay), recording nothing."""
+        pair = self._pair(keyid, nonce)
         with self._lock:
-            until = self._until.get((keyid, nonce))
+            until = self._until.get(pair)
             return until is not None and until >= now
 
     def check_and_remember(self, keyid: str, nonce: str, *, until: float, now: float,
@@ -921,7 +933,8 @@ class NonceCache:
         Args:
             keyid: the key the nonce was used with (nonces are unique per key).
             nonce: the signature's nonce.
-            until: when the signature stops being acceptable; the pair is kept until then.
+            until: when the signature stops being acceptable; the pair is kept until then
+                (rounded up to the second).
             now: the current time (same clock as ``until``).
             owner: whose share of the cache the pair counts against (default: ``keyid``).
 
@@ -929,8 +942,9 @@ class NonceCache:
             NonceReplayed: the pair was seen before and has not expired, or the cache (or this
                 owner's share of it) is full of unexpired pairs.
         """
-        pair = (keyid, nonce)
+        pair = self._pair(keyid, nonce)
         owner = keyid if owner is None else owner
+        second = math.ceil(until)
         with self._lock:
             self._purge(now)
             if pair in self._until:
@@ -941,9 +955,15 @@ class NonceCache:
             if held >= self._max_per_key:
                 raise NonceReplayed("too many signatures in flight for this signer; retry later")
             self._per_key[owner] = held + 1
-            self._until[pair] = until
-            self._owner[pair] = owner
-            heapq.heappush(self._expiry, (until, pair))
+            bucket = (second, owner)
+            pairs = self._buckets.get(bucket)
+            if pairs is None:
+                pairs = self._buckets[bucket] = []
+                heapq.heappush(self._expiry, bucket)
+            else:
+                second = self._until[pairs[0]]  # one int object per bucket, not one per pair
+            pairs.append(pair)
+            self._until[pair] = second
 
 
 # -- the server-side check -----------------------------------------------------------------------

@@ -18,6 +18,7 @@ import msgspec
 
 from keygrants import models as m
 from keygrants._version import __version__
+from keygrants.auth.httpsig import DEFAULT_NONCE_CACHE_SIZE
 from keygrants.cli._common import (
     DATA_DIR_ENV,
     State,
@@ -93,6 +94,10 @@ def main() -> None:
               "always works.")
 @click.option("--max-clock-skew", default=60, show_default=True, type=click.IntRange(1, 3600),
               help="Seconds a signature's 'created' may differ from the server clock.")
+@click.option("--replay-cache-size", default=DEFAULT_NONCE_CACHE_SIZE, show_default=True,
+              type=click.IntRange(1000, 100_000_000),
+              help="Entries in each replay cache (signature nonces, DPoP proofs), about 110 "
+              "bytes each; one principal may hold a quarter of it.")
 @click.option("--rate-limit", default=1000.0, show_default=True, type=click.FloatRange(0),
               help="Requests per second per principal (token bucket; 0 = no limit; the admin "
               "principal is exempt).")
@@ -132,8 +137,8 @@ def main() -> None:
 def server(listen: str, data_dir: str, seal: str | None, store: str | None, max_plaintext: int,
            scheduler_interval: float, reset_admin_token: bool, access_log: bool,
            audit_sinks: tuple[str, ...], node_id: str | None, auth_methods: str | None,
-           max_clock_skew: int, rate_limit: float, rate_burst: int, tls_cert: str | None,
-           tls_key: str | None, client_ca: str | None, issuer: str | None,
+           max_clock_skew: int, replay_cache_size: int, rate_limit: float, rate_burst: int,
+           tls_cert: str | None, tls_key: str | None, client_ca: str | None, issuer: str | None,
            grant_default_ttl: str, grant_max_ttl: str, grant_leeway: str, jwks_max_age: str,
            issuer_rotation_period: str, break_glass_ttl: str, max_delegation_depth: int,
            bus: str | None, bus_heartbeat: float, require_dpop_nonce: bool) -> None:
@@ -157,7 +162,8 @@ def server(listen: str, data_dir: str, seal: str | None, store: str | None, max_
             methods = {m.strip() for m in auth_methods.split(",") if m.strip()}
         if "mtls" in methods and client_ca is None:
             raise ValueError("--auth mtls needs --client-ca")
-        auth = AuthSettings(methods=frozenset(methods | {"admin_token"}), max_skew=max_clock_skew)
+        auth = AuthSettings(methods=frozenset(methods | {"admin_token"}), max_skew=max_clock_skew,
+                            nonce_cache_size=replay_cache_size)
         if issuer is not None and not (0 < len(issuer) <= 256 and issuer.isprintable()
                                        and " " not in issuer):
             raise ValueError("--issuer must be 1-256 printable characters without spaces")
@@ -168,7 +174,8 @@ def server(listen: str, data_dir: str, seal: str | None, store: str | None, max_
             jwks_max_age=_duration(jwks_max_age, "--jwks-max-age"),
             issuer_rotation_period=_duration(issuer_rotation_period, "--issuer-rotation-period"),
             break_glass_ttl=_duration(break_glass_ttl, "--break-glass-ttl"),
-            max_depth=max_delegation_depth, require_dpop_nonce=require_dpop_nonce)
+            max_depth=max_delegation_depth, require_dpop_nonce=require_dpop_nonce,
+            dpop_replay_cache_size=replay_cache_size)
         config = ServerConfig(data_dir=Path(data_dir), listen=listen, seal=seal, store=store,
                               max_plaintext=max_plaintext, scheduler_interval=scheduler_interval,
                               reset_admin_token=reset_admin_token, access_log=access_log,

@@ -54,7 +54,7 @@ from typing import Final
 from urllib.parse import urlsplit
 
 from keygrants.auth.credentials import jwk_thumbprint
-from keygrants.auth.httpsig import NonceCache
+from keygrants.auth.httpsig import DEFAULT_NONCE_CACHE_SIZE, NonceCache
 from keygrants.crypto import hmac_sha256, nonce_bytes, random_bytes, verify_hmac_sha256
 from keygrants.crypto.signing import (
     P256_RAW_SIGNATURE_SIZE,
@@ -360,7 +360,7 @@ class DpopVerifier:
     """
 
     def __init__(self, *, max_age: int = 60, leeway: int = 5, replay_window: int | None = None,
-                 max_replay_entries: int = 100_000, require_nonce: bool = False,
+                 max_replay_entries: int = DEFAULT_NONCE_CACHE_SIZE, require_nonce: bool = False,
                  nonce_lifetime: int = 300, nonce_key: bytes | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         if max_age < 1 or leeway < 0 or nonce_lifetime < 1:
