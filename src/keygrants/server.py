@@ -93,6 +93,7 @@ class ServerConfig:
     grants: GrantSettings = field(default_factory=GrantSettings)
     bus: str | None = None
     bus_heartbeat: float = 1.0
+    public_url: str | None = None
 
 
 @dataclass(slots=True)
@@ -286,7 +287,7 @@ def _assemble(config: ServerConfig, store: Any, audit: AuditSetup, root_key: byt
     app = create_app(kms, access.authenticator,
                      limits=HttpLimits.for_plaintext(config.max_plaintext), lifespan=lifespan,
                      audit=audit_service, access=access.service, rate_limiter=rate_limiter,
-                     grants=grants)
+                     grants=grants, public_url=config.public_url)
     return BuiltServer(kms=kms, app=app, audit=audit, admin_token_path=token_path,
                        created_root_key=created, wrote_admin_token=token is not None)
 

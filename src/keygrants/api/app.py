@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMappi
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Final
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlsplit
 
 import anyio.to_thread
 import msgspec
@@ -38,7 +38,7 @@ from keygrants.audit.log import EventQuery
 from keygrants.audit.service import AuditService
 from keygrants.auth import RequestContext
 from keygrants.auth.authenticator import Authenticator, AuthRequest
-from keygrants.auth.httpsig import build_target_uri
+from keygrants.auth.httpsig import build_target_uri, check_authority
 from keygrants.auth.ratelimit import RateLimiter
 from keygrants.errors import (
     AuditUnavailable,
@@ -193,11 +193,13 @@ class _HeaderView(Mapping[str, str]):
 class _Request:
     """The parts of an ASGI HTTP scope the edge reads, parsed once."""
 
-    __slots__ = ("authorization", "content_length", "dpop", "grant", "request_id", "scope",
-                 "signature", "signature_input")
+    __slots__ = ("authorization", "content_length", "dpop", "grant", "public", "request_id",
+                 "scope", "signature", "signature_input")
 
-    def __init__(self, scope: Scope, next_id: Callable[[], str]) -> None:
+    def __init__(self, scope: Scope, next_id: Callable[[], str],
+                 public: tuple[str, str] | None = None) -> None:
         self.scope = scope
+        self.public = public  # (scheme, authority) of --public-url: replaces scheme and Host
         self.authorization: bytes | None = None
         self.content_length: bytes | None = None
         self.signature: bytes | None = None
@@ -233,8 +235,17 @@ class _Request:
         return ",".join(p.decode("latin-1") for p in self.dpop) if self.dpop else None
 
     def target_uri(self) -> str:
-        """The absolute request URI as the client addressed it (RFC 9421 ``@target-uri``)."""
+        """The absolute request URI as the client addressed it (RFC 9421 ``@target-uri``):
+        behind ``--public-url`` its scheme and authority, else the request's scheme and
+        ``Host``."""
         scope = self.scope
+        path = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
+        query = scope.get("query_string", b"").decode("latin-1")
+        if self.public is not None:
+            try:
+                return build_target_uri(self.public[0], self.public[1], path, query)
+            except ValueError as exc:
+                raise InvalidRequest(str(exc)) from None
         host = None
         for name, value in scope["headers"]:
             if name == b"host":
@@ -243,10 +254,8 @@ class _Request:
         if host is None:
             server = scope.get("server") or ("localhost", None)
             host = server[0] if server[1] is None else f"{server[0]}:{server[1]}"
-        path = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
         try:
-            return build_target_uri(scope.get("scheme", "http"), host, path,
-                                    scope.get("query_string", b"").decode("latin-1"))
+            return build_target_uri(scope.get("scheme", "http"), host, path, query)
         except ValueError as exc:  # a Host that would move the path out of @path or htu
             raise InvalidRequest(str(exc)) from None
 
@@ -397,6 +406,7 @@ class KeygrantsApp:
 
         self.kms = kms
         self.grants = grants
+        self.public_url: tuple[str, str] | None = None  # see create_app
         # called after a successful change to keys, aliases, principals or policies (the
         # server pushes it to the other nodes that share the store)
         self.on_change: Callable[[str], None] | None = None
@@ -506,7 +516,7 @@ class KeygrantsApp:
         raise NotFound(f"no route for {method} {path}")
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        req = _Request(scope, self._next_id)
+        req = _Request(scope, self._next_id, self.public_url)
         request_id = req.request_id
         method: str = scope["method"]
         path: str = scope["path"]
@@ -965,7 +975,8 @@ def create_app(kms: KMS, authenticator: Authenticator, *,
                lifespan: Callable[[], AbstractAsyncContextManager[None]] | None = None,
                audit: AuditService | None = None, access: AccessService | None = None,
                rate_limiter: RateLimiter | None = None,
-               grants: GrantService | None = None) -> KeygrantsApp:
+               grants: GrantService | None = None,
+               public_url: str | None = None) -> KeygrantsApp:
     """Build the ASGI application.
 
     Args:
@@ -980,8 +991,41 @@ def create_app(kms: KMS, authenticator: Authenticator, *,
         grants: grants, issuer keys and the revocation feed behind ``/v1/grants``,
             ``/v1/revocations`` and ``/.well-known/jwks.json`` (absent: those answer 404);
             deleting a principal through ``access`` then revokes its grants.
+        public_url: ``http(s)://host[:port]`` clients address the server by (behind a proxy
+            or load balancer): signatures' ``@target-uri``/``@authority``/``@scheme`` and DPoP
+            ``htu`` are checked against it instead of the request's scheme and ``Host``.
+
+    Raises:
+        ValueError: a malformed ``public_url`` (:func:`parse_public_url`).
     """
+    public = parse_public_url(public_url) if public_url is not None else None
     limits = limits or HttpLimits.for_plaintext(kms.limits.max_plaintext)
     if access is not None and grants is not None and grants.principal_deleted not in access.on_delete:
         access.on_delete.append(grants.principal_deleted)  # a deleted principal's grants end
-    return KeygrantsApp(kms, authenticator, limits, lifespan, audit, access, rate_limiter, grants)
+    app = KeygrantsApp(kms, authenticator, limits, lifespan, audit, access, rate_limiter, grants)
+    app.public_url = public
+    return app
+
+
+def parse_public_url(url: str) -> tuple[str, str]:
+    """``(scheme, authority)`` of a public URL ``http(s)://host[:port]`` (a final ``/`` is
+    fine; a path, query, fragment or userinfo is not).
+
+    Raises:
+        ValueError: anything else, with the reason.
+    """
+    message = "the public URL must be http(s)://host[:port], without path, query or userinfo"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise ValueError(message) from None
+    if (parts.scheme.lower() not in ("http", "https") or not parts.hostname
+            or parts.path not in ("", "/") or parts.query or parts.fragment or "?" in url
+            or "#" in url or "@" in parts.netloc or (port is not None and port == 0)):
+        raise ValueError(message)
+    try:
+        check_authority(parts.netloc)
+    except ValueError:
+        raise ValueError(message) from None
+    return parts.scheme.lower(), parts.netloc

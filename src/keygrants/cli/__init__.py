@@ -132,6 +132,10 @@ def main() -> None:
               "message bus: nats://host:port, redis://host:port[/db] (see docs/bus.md).")
 @click.option("--bus-heartbeat", default=1.0, show_default=True, type=click.FloatRange(0.05, 60),
               help="Seconds between revocation heartbeats on the bus.")
+@click.option("--public-url", default=None, metavar="URL", envvar="KEYGRANTS_PUBLIC_URL",
+              help="http(s)://host[:port] clients address the server by (behind a proxy): "
+              "signatures and DPoP proofs are checked against it instead of the request's "
+              "scheme and Host.")
 @click.option("--require-dpop-nonce", is_flag=True, help="DPoP proofs must carry a server nonce "
               "(RFC 9449 section 8).")
 def server(listen: str, data_dir: str, seal: str | None, store: str | None, max_plaintext: int,
@@ -141,7 +145,8 @@ def server(listen: str, data_dir: str, seal: str | None, store: str | None, max_
            tls_cert: str | None, tls_key: str | None, client_ca: str | None, issuer: str | None,
            grant_default_ttl: str, grant_max_ttl: str, grant_leeway: str, jwks_max_age: str,
            issuer_rotation_period: str, break_glass_ttl: str, max_delegation_depth: int,
-           bus: str | None, bus_heartbeat: float, require_dpop_nonce: bool) -> None:
+           bus: str | None, bus_heartbeat: float, public_url: str | None,
+           require_dpop_nonce: bool) -> None:
     """Run the keygrants server (SQLite in the data directory by default)."""
     import logging
 
@@ -162,6 +167,13 @@ def server(listen: str, data_dir: str, seal: str | None, store: str | None, max_
             methods = {m.strip() for m in auth_methods.split(",") if m.strip()}
         if "mtls" in methods and client_ca is None:
             raise ValueError("--auth mtls needs --client-ca")
+        if public_url is not None:
+            from keygrants.api.app import parse_public_url
+
+            try:
+                parse_public_url(public_url)
+            except ValueError as exc:
+                raise ValueError(f"--public-url: {exc}") from None
         auth = AuthSettings(methods=frozenset(methods | {"admin_token"}), max_skew=max_clock_skew,
                             nonce_cache_size=replay_cache_size)
         if issuer is not None and not (0 < len(issuer) <= 256 and issuer.isprintable()
@@ -184,7 +196,8 @@ def server(listen: str, data_dir: str, seal: str | None, store: str | None, max_
                               tls_cert=Path(tls_cert) if tls_cert else None,
                               tls_key=Path(tls_key) if tls_key else None,
                               client_ca=Path(client_ca) if client_ca else None,
-                              grants=grant_settings, bus=bus, bus_heartbeat=bus_heartbeat)
+                              grants=grant_settings, bus=bus, bus_heartbeat=bus_heartbeat,
+                              public_url=public_url)
         if node_id:
             config.node_id = node_id
         serve(config)
