@@ -489,6 +489,10 @@ class KeyManager:
         self._slots: dict[tuple[str, str | None], _DataKey] = {}
         self._cache: dict[bytes, _DataKey] = {}
         self._wrapped_known: dict[bytes, EncryptedData] = {}
+        # Guards every write to _slots, _cache and _wrapped_known, and export's snapshot of
+        # them: SyncKeyManager runs export/import in application threads while its loop thread
+        # unwraps and rotates. Single reads (the hot path's .get) need no lock.
+        self._maps_lock = threading.Lock()
         self._unwrapping: dict[bytes, asyncio.Future[_DataKey]] = {}
         self._lock = asyncio.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -636,23 +640,26 @@ class KeyManager:
         """Make ``dk`` current for its slot (cached first, so decrypt never misses it)."""
         self._remember(dk)
         assert dk.slot is not None
-        self._slots[dk.slot] = dk
+        with self._maps_lock:
+            self._slots[dk.slot] = dk
         if dk.slot == (self._default_provider, self._key_for(self._default_provider, None)):
             self._current = dk
 
     def _remember(self, dk: _DataKey) -> None:
-        self._cache[dk.id] = dk
-        self._wrapped_known.pop(dk.id, None)
-        if len(self._cache) > self._max_cached:
-            pinned = {s.id for s in self._slots.values()} | {dk.id}
-            for old in list(self._cache):
-                if len(self._cache) <= self._max_cached:
-                    break
-                if old not in pinned:
-                    # Keep the wrapped form: the key can be unwrapped again on demand.
-                    self._note_wrapped(old, self._cache.pop(old).wrapped)
+        with self._maps_lock:
+            self._cache[dk.id] = dk
+            self._wrapped_known.pop(dk.id, None)
+            if len(self._cache) > self._max_cached:
+                pinned = {s.id for s in self._slots.values()} | {dk.id}
+                for old in list(self._cache):
+                    if len(self._cache) <= self._max_cached:
+                        break
+                    if old not in pinned:
+                        # Keep the wrapped form: the key can be unwrapped again on demand.
+                        self._note_wrapped(old, self._cache.pop(old).wrapped)
 
     def _note_wrapped(self, dk_id: bytes, wrapped: EncryptedData) -> None:
+        """Remember a wrapped key, dropping the oldest beyond the limit (``_maps_lock`` held)."""
         self._wrapped_known[dk_id] = wrapped
         limit = self._max_cached * _MAX_WRAPPED_KNOWN_FACTOR
         while len(self._wrapped_known) > limit:
@@ -853,11 +860,12 @@ class KeyManager:
         Holds no secret: a wrapped key opens only through its provider key. Give the list to
         :meth:`import_data_keys` in another process so it can decrypt this one's ciphertext.
         """
-        current = [dk.id for dk in self._slots.values()]
-        ids = current + [i for i in self._cache if i not in current]
-        out = [{"id": i.hex(), "wrapped_key": self._cache[i].wrapped.to_dict()} for i in ids]
-        out += [{"id": i.hex(), "wrapped_key": w.to_dict()} for i, w in self._wrapped_known.items()]
-        return out
+        with self._maps_lock:
+            current = {dk.id: dk.wrapped for dk in self._slots.values()}
+            cached = [(i, dk.wrapped) for i, dk in self._cache.items() if i not in current]
+            known = list(self._wrapped_known.items())
+        return [{"id": i.hex(), "wrapped_key": w.to_dict()}
+                for i, w in [*current.items(), *cached, *known]]
 
     def import_data_keys(self, entries: Iterable[Mapping[str, Any]]) -> int:
         """Learn wrapped data keys (from :meth:`export_data_keys`); no provider call.
@@ -886,9 +894,10 @@ class KeyManager:
             claimed = entry.get("id")
             if claimed is not None and claimed != dk_id.hex():
                 raise ValueError("data key id does not match its wrapped key")
-            if dk_id not in self._cache and dk_id not in self._wrapped_known:
-                self._note_wrapped(dk_id, wrapped)
-                new += 1
+            with self._maps_lock:
+                if dk_id not in self._cache and dk_id not in self._wrapped_known:
+                    self._note_wrapped(dk_id, wrapped)
+                    new += 1
         return new
 
     async def load_data_key(self, wrapped: EncryptedData) -> str:
@@ -1024,6 +1033,10 @@ class KeyManager:
         if _reserved(encrypted.context if context is None else context):
             raise DecryptionError()  # a data key or root key copied into a record stays wrapped
         if encrypted.algorithm != ENVELOPE_ALGORITHM:
+            # A provider's own record wraps at most 4 KiB; a larger one is refused here rather
+            # than sent to a KMS, held under an HSM session lock or checksummed on the loop.
+            if len(encrypted.ciphertext) > MAX_WRAPPED_KEY_SIZE:
+                raise DecryptionError()
             return await self._call(prov.decrypt(encrypted, context=context))
         env = EnvelopeCiphertext.from_bytes(encrypted.ciphertext)
         ctx_map = dict(encrypted.context if context is None else context)
@@ -1149,9 +1162,10 @@ class KeyManager:
         if task is not None and not task.done():
             task.cancel()
         self._current = None
-        self._slots.clear()
-        self._cache.clear()
-        self._wrapped_known.clear()
+        with self._maps_lock:
+            self._slots.clear()
+            self._cache.clear()
+            self._wrapped_known.clear()
         results = await asyncio.gather(*(p.close() for p in self._providers.values()),
                                        return_exceptions=True)
         for r in results:

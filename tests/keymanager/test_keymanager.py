@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -32,7 +33,7 @@ from keygrants.keymanager import (
     SyncKeyManager,
 )
 from keygrants.providers.local import LocalKeyProvider
-from keygrants.providers.models import EncryptedData
+from keygrants.providers.models import EncryptedData, KeyReference
 
 pytestmark = pytest.mark.anyio
 
@@ -307,6 +308,71 @@ async def test_import_checks_ids_and_shapes(local: LocalKeyProvider) -> None:
         other.import_data_keys([{"wrapped_key": {"ciphertext": "!!"}}])
 
 
+def _fake_wrapped(km: KeyManager, n: int) -> dict[str, Any]:
+    """An exported entry for a data key that was never made (import makes no provider call)."""
+    ref = KeyReference("local", km.get_provider().default_key_id or "")
+    wrapped = EncryptedData(ciphertext=n.to_bytes(8, "big") * 6, key_reference=ref,
+                            algorithm="AES_256_GCM", encrypted_at=datetime(2030, 1, 1, tzinfo=UTC))
+    return {"wrapped_key": wrapped.to_dict()}
+
+
+async def test_export_is_a_snapshot(local: LocalKeyProvider, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever runs while the export is built (another thread importing, the loop thread
+    unwrapping or evicting) changes the manager, never the export being built."""
+    km = KeyManager({"local": local}, max_cached_data_keys=1)
+    await km.initialize()
+    first, second = _fake_wrapped(km, 1), _fake_wrapped(km, 2)
+    km.import_data_keys([first, second])
+    real_to_dict = EncryptedData.to_dict
+    meddled: list[int] = []
+
+    def meddling_to_dict(self: EncryptedData) -> dict[str, Any]:
+        if not meddled and real_to_dict(self) == first["wrapped_key"]:
+            # Mid-export: a new key is imported and an imported one is unwrapped.
+            meddled.append(1)
+            km.import_data_keys([_fake_wrapped(km, 3), _fake_wrapped(km, 4)])
+            unwrapped = EncryptedData.from_dict(second["wrapped_key"])
+            km._remember(km_mod._DataKey(bytes(32), unwrapped, datetime.now(UTC), 2, None))
+        return real_to_dict(self)
+
+    monkeypatch.setattr(EncryptedData, "to_dict", meddling_to_dict)
+    exported = km.export_data_keys()
+    assert meddled
+    monkeypatch.undo()
+    assert len(exported) == 3  # the current key and the two imported ones, as they were
+    assert len({e["id"] for e in exported}) == 3
+    assert len(km.export_data_keys()) == 5
+
+
+def test_export_while_other_threads_import(local: LocalKeyProvider) -> None:
+    """The reviewer's reproduction: exports in this thread, imports in another."""
+    with SyncKeyManager(KeyManager({"local": local}, max_cached_data_keys=4)) as km:
+        errors: list[BaseException] = []
+        done = threading.Event()
+
+        def importer() -> None:
+            try:
+                for n in range(3000):
+                    km.import_data_keys([_fake_wrapped(km.manager, n)])
+            except BaseException as exc:
+                errors.append(exc)
+            finally:
+                done.set()
+
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(1e-6)
+        try:
+            thread = threading.Thread(target=importer)
+            thread.start()
+            while not done.is_set():
+                km.export_data_keys()
+            thread.join()
+        finally:
+            sys.setswitchinterval(interval)
+        assert errors == []
+        assert len(km.export_data_keys()) == 1 + 4 * 16  # the current key + the wrapped limit
+
+
 async def test_a_shared_store_needs_no_import(key_file: Path) -> None:
     store = MemoryDataKeyStore()
     a = KeyManager({"local": LocalKeyProvider(key_file)}, data_key_store=store)
@@ -416,6 +482,23 @@ async def test_decrypt_routes_to_the_provider_that_made_it(tmp_path: Path) -> No
     alone = KeyManager({"a": a})
     with pytest.raises(DecryptionError):
         await alone.decrypt(from_b)  # the only local provider does not hold that key
+
+
+async def test_decrypt_caps_a_provider_native_record(counting: Any) -> None:
+    """A provider's own EncryptedData over MAX_WRAPPED_KEY_SIZE never reaches the provider."""
+    km = KeyManager({"local": counting})
+    direct = await counting.inner.encrypt(b"direct")
+    huge = EncryptedData(ciphertext=direct.ciphertext + bytes(km_mod.MAX_WRAPPED_KEY_SIZE),
+                         key_reference=direct.key_reference, algorithm=direct.algorithm)
+    with pytest.raises(DecryptionError):
+        await km.decrypt(huge)
+    assert counting.calls["decrypt"] == 0
+    at_limit = EncryptedData(ciphertext=bytes(km_mod.MAX_WRAPPED_KEY_SIZE),
+                             key_reference=direct.key_reference, algorithm=direct.algorithm)
+    with pytest.raises(DecryptionError):
+        await km.decrypt(at_limit)  # sent: the provider finds it invalid
+    assert counting.calls["decrypt"] == 1
+    assert await km.decrypt(direct) == b"direct"
 
 
 async def test_generate_data_key(local: LocalKeyProvider) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from keygrants.providers import (
     open_root_provider,
     registered_schemes,
 )
-from keygrants.providers.local import KeyFileProvider, LocalKeyProvider
+from keygrants.providers.local import NEW_SALTS_PER_MINUTE, KeyFileProvider, LocalKeyProvider
 from keygrants.providers.models import EncryptedData
 
 pytestmark = pytest.mark.anyio
@@ -274,10 +275,97 @@ async def test_passphrase_header_is_checked_before_any_derivation(
         with pytest.raises(DecryptionError):
             await p.decrypt(EncryptedData(costly, enc.key_reference, enc.algorithm))
     assert len(derivations) == 1
-    # Every salt flip costs one derivation, then fails; the cache stays bounded.
-    for i in range(12):
+    # Every salt flip costs one derivation, then fails; none enters the main cache.
+    for i in range(NEW_SALTS_PER_MINUTE):
         salted = ct[:1] + bytes([i]) * 16 + ct[17:]
         with pytest.raises(DecryptionError):
             await p.decrypt(EncryptedData(salted, enc.key_reference, enc.algorithm))
-    assert len(p._derived) <= 8
+    assert len(derivations) == 1 + NEW_SALTS_PER_MINUTE
+    assert list(p._derived) == [ct[:20]]
     assert await p.decrypt(enc) == b"v"  # the current salt is never evicted
+
+
+def _cheap_scrypt(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """Replace scrypt with a cheap derivation of the same shape; returns the salts derived."""
+    derivations: list[bytes] = []
+
+    def cheap_scrypt(passphrase: bytes, *, salt: bytes, **_: Any) -> bytes:
+        derivations.append(salt)
+        return _hkdf(passphrase + salt, b"test")
+
+    monkeypatch.setattr(local_mod, "scrypt_derive", cheap_scrypt)
+    return derivations
+
+
+def _resalted(enc: EncryptedData, salt: bytes) -> EncryptedData:
+    ct = enc.ciphertext
+    return EncryptedData(ct[:1] + salt + ct[17:], enc.key_reference, enc.algorithm)
+
+
+async def test_junk_salts_never_evict_a_salt_in_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A foreign salt that opened a record stays cached however many junk salts follow."""
+    derivations = _cheap_scrypt(monkeypatch)
+    p = LocalKeyProvider(passphrase=PASS)
+    await p.initialize()
+    other = await LocalKeyProvider(passphrase=PASS).encrypt(b"from another process")
+    assert await p.decrypt(other) == b"from another process"
+    junk = NEW_SALTS_PER_MINUTE - 1  # all the new-salt limit leaves after `other`
+    derived = len(derivations)
+    for i in range(junk):
+        with pytest.raises(DecryptionError):
+            await p.decrypt(_resalted(other, bytes([i]) * 16))
+    assert len(derivations) == derived + junk
+    assert await p.decrypt(other) == b"from another process"
+    assert len(derivations) == derived + junk  # no second derivation
+    # A recent junk salt again: remembered as unproven, not derived again.
+    with pytest.raises(DecryptionError):
+        await p.decrypt(_resalted(other, bytes([junk - 1]) * 16))
+    assert len(derivations) == derived + junk
+
+
+async def test_the_salt_cache_is_least_recently_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    derivations = _cheap_scrypt(monkeypatch)
+    monkeypatch.setattr(local_mod, "_MAX_DERIVED_KEYS", 3)  # own salt + two foreign ones
+    p = LocalKeyProvider(passphrase=PASS)
+    await p.initialize()
+    first, second, third = [await LocalKeyProvider(passphrase=PASS).encrypt(b"x")
+                            for _ in range(3)]
+    for enc in (first, second, first):  # `first` is used again after `second`
+        assert await p.decrypt(enc) == b"x"
+    assert await p.decrypt(third) == b"x"  # evicts `second`, the least recently used
+    before = len(derivations)
+    assert await p.decrypt(first) == b"x"
+    assert len(derivations) == before
+    assert await p.decrypt(second) == b"x"
+    assert len(derivations) == before + 1
+
+
+async def test_new_salts_are_limited_per_minute(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Beyond NEW_SALTS_PER_MINUTE uncached salts, decrypt refuses before running scrypt."""
+    derivations = _cheap_scrypt(monkeypatch)
+    now = [1000.0]
+    p = LocalKeyProvider(passphrase=PASS, clock=lambda: now[0])
+    own = await p.encrypt(b"own")
+    other = await LocalKeyProvider(passphrase=PASS).encrypt(b"other")
+    derivations.clear()
+    # Concurrent first sight of one foreign salt: one derivation, one unit of the limit.
+    assert await asyncio.gather(*(p.decrypt(other) for _ in range(10))) == [b"other"] * 10
+    for i in range(NEW_SALTS_PER_MINUTE - 1):
+        with pytest.raises(DecryptionError):
+            await p.decrypt(_resalted(own, bytes([i]) * 16))
+    derived = len(derivations)
+    assert derived == NEW_SALTS_PER_MINUTE  # `other` once, then the junk
+    with pytest.raises(ProviderConnectionError, match="retry later"):
+        await p.decrypt(_resalted(own, b"\xee" * 16))
+    assert len(derivations) == derived
+    # Cached salts are never limited.
+    assert await p.decrypt(own) == b"own"
+    assert await p.decrypt(other) == b"other"
+    assert await p.encrypt(b"more")
+    now[0] += 59.0
+    with pytest.raises(ProviderConnectionError):
+        await p.decrypt(_resalted(own, b"\xee" * 16))
+    now[0] += 1.0  # a minute after the first derivations
+    with pytest.raises(DecryptionError):
+        await p.decrypt(_resalted(own, b"\xee" * 16))
+    assert len(derivations) == derived + 1

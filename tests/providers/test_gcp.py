@@ -18,7 +18,8 @@ from google.cloud.kms_v1.services.key_management_service.transports.grpc import 
 from keygrants.errors import DecryptionError, EncryptionError, KMSError, UnsupportedOperation
 from keygrants.keys.context import canonical_context
 from keygrants.providers import open_provider
-from keygrants.providers.gcp import GcpKmsProvider, crc32c
+from keygrants.providers.gcp import MAX_CIPHERTEXT, GcpKmsProvider, crc32c
+from keygrants.providers.models import EncryptedData, KeyReference
 
 if TYPE_CHECKING:
     from conftest import FakeGcp
@@ -114,5 +115,40 @@ async def test_no_retries_behind_the_callers_back(gcp_honest: FakeGcp) -> None:
     before = len(gcp_honest.fake.requests)
     with pytest.raises(DecryptionError):
         await p.decrypt(enc, context={"wrong": "context"})
+    assert gcp_honest.fake.requests[before:] == ["Decrypt"]
+    await p.close()
+
+
+async def test_an_oversized_ciphertext_is_refused_before_its_checksum(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CRC32C is pure Python on the event loop: a record over Cloud KMS's limit never gets
+    that far (and never reaches the network: the endpoint here is closed)."""
+    checksummed: list[int] = []
+
+    def spy(data: bytes) -> int:
+        checksummed.append(len(data))
+        return crc32c(data)
+
+    monkeypatch.setattr("keygrants.providers.gcp.crc32c", spy)
+    p = GcpKmsProvider(f"{RING}/cryptoKeys/k", endpoint="127.0.0.1:9", insecure=True, timeout=1)
+    record = EncryptedData(ciphertext=bytes(MAX_CIPHERTEXT + 1),
+                           key_reference=KeyReference("gcp-kms", f"{RING}/cryptoKeys/k"),
+                           algorithm="GOOGLE_SYMMETRIC_ENCRYPTION")
+    with pytest.raises(DecryptionError):
+        await p.decrypt(record)
+    assert checksummed == []
+    await p.close()
+
+
+async def test_a_ciphertext_at_the_limit_is_sent(gcp_honest: FakeGcp) -> None:
+    """The limit refuses only what Cloud KMS would: a record of exactly MAX_CIPHERTEXT bytes
+    still goes to the server (which finds it invalid)."""
+    p = open_provider(gcp_honest.uri())
+    before = len(gcp_honest.fake.requests)
+    record = EncryptedData(ciphertext=bytes(MAX_CIPHERTEXT),
+                           key_reference=KeyReference("gcp-kms", f"{RING}/cryptoKeys/enc"),
+                           algorithm="GOOGLE_SYMMETRIC_ENCRYPTION")
+    with pytest.raises(DecryptionError):
+        await p.decrypt(record)
     assert gcp_honest.fake.requests[before:] == ["Decrypt"]
     await p.close()

@@ -82,6 +82,35 @@ def test_bad_uris(uri: str, message: str) -> None:
         open_provider(uri)
 
 
+@pytest.mark.parametrize(("uri", "message"), [
+    (f"pkcs11:token=t?module-path={MOD}&pin-value=s3cr&Zq7", "malformed query attribute number 3"),
+    (f"pkcs11:token=t?module-path={MOD}&pin-value=s3cr&Zq7=W8x",
+     "unsupported query attribute number 3"),
+    ("pkcs11:token=t?pin-value=s3cr&module-path=Zq7&module-path=W8x",
+     "query attribute number 3 given twice"),
+    (f"pkcs11:token=t?module-path={MOD}&pin-value=s3cr&x-timeout=Zq7W8x", "timeout"),
+    (f"pkcs11:token=t;pin-value=s3cr;Zq7W8x?module-path={MOD}", "malformed path attribute number 3"),
+    (f"pkcs11:token=t;pin-value=s3cr;Zq7=W8x?module-path={MOD}",
+     "unsupported path attribute number 2"),
+])
+def test_errors_never_quote_a_uri_that_carries_a_pin(uri: str, message: str) -> None:
+    """A PIN with an unencoded ``&`` (or ``;``) splits into attributes: none is quoted."""
+    with pytest.raises(ValueError, match=message) as caught:
+        open_provider(uri)
+    exc: BaseException | None = caught.value
+    while exc is not None:  # nor in a chained exception a logger could print
+        for part in ("s3cr", "Zq7", "W8x"):
+            assert part not in str(exc)
+        exc = exc.__cause__ or exc.__context__
+
+
+def test_errors_quote_attributes_when_there_is_no_pin() -> None:
+    with pytest.raises(ValueError, match="'colour'"):
+        open_provider(f"pkcs11:token=t?module-path={MOD}&colour=blue")
+    with pytest.raises(ValueError, match="'colour'"):
+        open_provider(f"pkcs11:token=t;colour=blue?module-path={MOD}")
+
+
 # -- the token ----------------------------------------------------------------------------------
 
 def test_generated_keys_never_leave_the_token(softhsm: SoftHsm) -> None:

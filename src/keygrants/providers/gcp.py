@@ -17,8 +17,10 @@ Mapping: the canonical encryption context
 Google recommends: the provider sends ``plaintext_crc32c``/``ciphertext_crc32c``/
 ``additional_authenticated_data_crc32c``/``digest_crc32c``, requires the server's
 ``verified_*`` flags, checks the CRC32C of what comes back and that the response names the
-requested key. Data keys are drawn locally and wrapped with ``Encrypt`` (Cloud KMS has no
-data-key call). Signing uses ``AsymmetricSign`` on a ``cryptoKeyVersions/N`` name.
+requested key. A ciphertext over :data:`MAX_CIPHERTEXT` (64 KiB, Cloud KMS's own limit) is
+refused before any of that work. Data keys are drawn locally and wrapped with ``Encrypt``
+(Cloud KMS has no data-key call). Signing uses ``AsymmetricSign`` on a
+``cryptoKeyVersions/N`` name.
 
 **Testing caveat:** there is no Cloud KMS emulator. This provider is tested against an
 in-repository fake gRPC server (``tests/providers/fake_gcp_kms.py``) built from the client
@@ -71,6 +73,10 @@ _OPTIONS: Final = ("endpoint", "credentials_file", "insecure", "timeout")
 _KEY: Final = re.compile(r"projects/[^/]+/locations/[^/]+/keyRings/[^/]+/cryptoKeys/[^/]+")
 _VERSION: Final = re.compile(_KEY.pattern + r"/cryptoKeyVersions/[^/]+")
 _UNREACHABLE: Final = (gexc.ServiceUnavailable, gexc.DeadlineExceeded, gexc.RetryError)
+MAX_CIPHERTEXT: Final = 64 * 1024
+"""Largest ciphertext sent to ``Decrypt``: Cloud KMS refuses larger requests, and the CRC32C
+here is pure Python (about 0.25 s per MiB), so an unbounded record would stall the event loop.
+This provider's own ciphertexts wrap at most 4 KiB."""
 
 
 def _crc_table() -> list[int]:
@@ -270,12 +276,13 @@ class GcpKmsProvider(KeyProvider):
 
         Raises:
             DecryptionError: for every cryptographic failure (opaque), including a failed
-                integrity check.
+                integrity check and a ciphertext over :data:`MAX_CIPHERTEXT`.
             KeyNotFoundError: when the referenced key does not exist.
             ProviderConnectionError: when Cloud KMS cannot be reached in time.
         """
         ref = encrypted.key_reference
-        if ref.provider != self.name or not _KEY.fullmatch(ref.key_id):
+        if (ref.provider != self.name or not _KEY.fullmatch(ref.key_id)
+                or len(encrypted.ciphertext) > MAX_CIPHERTEXT):
             raise DecryptionError()
         _, aad = decrypt_context(encrypted.context, context)
         request: dict[str, Any] = {"name": ref.key_id, "ciphertext": encrypted.ciphertext,

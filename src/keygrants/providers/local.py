@@ -25,8 +25,9 @@ import asyncio
 import os
 import stat
 import threading
-from collections import OrderedDict
-from collections.abc import Mapping
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Final
 
@@ -57,6 +58,7 @@ from keygrants.providers.models import EncryptedData, KeyReference
 
 __all__ = [
     "MAX_PROVIDER_PLAINTEXT",
+    "NEW_SALTS_PER_MINUTE",
     "PASSPHRASE_ENV",
     "KeyFileProvider",
     "LocalKeyProvider",
@@ -195,7 +197,13 @@ _LOCAL_FILE_V1: Final = 0x01
 _LOCAL_PASSPHRASE_V1: Final = 0x02
 _PASSPHRASE_HEADER_SIZE: Final = 1 + _SALT_SIZE + 3
 _SCRYPT_PARAMS: Final = bytes([SCRYPT_N.bit_length() - 1, SCRYPT_R, SCRYPT_P])
-_MAX_DERIVED_KEYS: Final = 8
+_MAX_DERIVED_KEYS: Final = 64
+"""Proven passphrase keys kept (LRU): the instance's own plus salts that opened a record."""
+_MAX_UNPROVEN_KEYS: Final = 4
+"""Keys derived for a salt that has not opened anything yet (a junk salt is derived once)."""
+NEW_SALTS_PER_MINUTE: Final = 32
+"""scrypt runs for salts not in the caches, per rolling minute; beyond, decrypt is refused."""
+_NEW_SALT_WINDOW: Final = 60.0
 _HKDF_LABEL: Final = b"keygrants local provider v1\x00"
 _ALGORITHM: Final = "AES_256_GCM"
 
@@ -217,8 +225,17 @@ class LocalKeyProvider(KeyProvider):
       drawn once per provider instance and carried in every ciphertext. The derivation
       (~0.5 s, 128 MiB) runs in a worker thread at :meth:`initialize` or first use; a
       ciphertext made under another instance's salt costs one more derivation, then the key
-      is cached (at most 8 salts). Only those exact scrypt parameters are accepted on decrypt,
-      so a crafted header cannot ask for a costlier derivation.
+      is cached. Only those exact scrypt parameters are accepted on decrypt, so a crafted
+      header cannot ask for a costlier derivation; a crafted *salt* can, so (nothing cheap
+      tells a foreign instance's salt from a random one):
+
+      - a salt's key enters the main cache (LRU, 64 salts, the instance's own pinned) only
+        once it has opened a record; a salt that has not stays in a 4-entry side cache, so
+        junk salts never evict keys in use and a repeated junk salt costs one derivation;
+      - at most :data:`NEW_SALTS_PER_MINUTE` derivations for uncached salts run per rolling
+        minute; beyond that, decrypting under an uncached salt raises
+        :class:`~keygrants.errors.ProviderConnectionError` (retry later) without running
+        scrypt. Cached salts and the instance's own are never limited.
 
     Ciphertext layout (:attr:`EncryptedData.ciphertext`)::
 
@@ -237,6 +254,7 @@ class LocalKeyProvider(KeyProvider):
         path: the key file (key-file mode).
         passphrase: the passphrase (passphrase mode); ``None`` with ``path=None`` reads
             ``KEYGRANTS_PASSPHRASE``.
+        clock: monotonic seconds, for the new-salt limit (default :func:`time.monotonic`).
 
     Raises:
         ProviderConnectionError: when the key file cannot be read or created, is not 32 bytes
@@ -246,8 +264,16 @@ class LocalKeyProvider(KeyProvider):
     name = "local"
 
     def __init__(self, path: str | os.PathLike[str] | None = None, *,
-                 passphrase: str | None = None) -> None:
+                 passphrase: str | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        # _derived, _unproven, _deriving and _new_salt_times change on the event loop and in
+        # the worker thread: always under _cache_lock (held briefly, never across scrypt).
         self._derived: OrderedDict[bytes, Aead] = OrderedDict()
+        self._unproven: OrderedDict[bytes, Aead] = OrderedDict()
+        self._deriving: set[bytes] = set()
+        self._new_salt_times: deque[float] = deque()
+        self._clock = clock
+        self._cache_lock = threading.Lock()
         self._derive_lock = threading.Lock()
         self._passphrase: bytes | None = None
         self._file_aead: Aead | None = None
@@ -304,29 +330,91 @@ class LocalKeyProvider(KeyProvider):
     def _subkey(secret: bytes, mode: bytes) -> bytes:
         return hkdf_sha256(secret, salt=None, info=_HKDF_LABEL + mode, length=KEY_SIZE)
 
+    def _cached(self, header: bytes) -> Aead | None:
+        """The AEAD of an already derived salt, refreshing its place in the LRU."""
+        with self._cache_lock:
+            aead = self._derived.get(header)
+            if aead is not None:
+                self._derived.move_to_end(header)
+                return aead
+            return self._unproven.get(header)
+
+    def _admit(self, header: bytes, aead: Aead) -> None:
+        """Put a key in the main cache, evicting the least recently used (never our own salt).
+
+        Call with ``_cache_lock`` held.
+        """
+        self._unproven.pop(header, None)
+        self._derived[header] = aead
+        self._derived.move_to_end(header)
+        while len(self._derived) > _MAX_DERIVED_KEYS:
+            oldest = next(iter(self._derived))
+            if oldest == self._current_header:
+                self._derived.move_to_end(oldest)
+                continue
+            del self._derived[oldest]
+
+    def _prove(self, header: bytes) -> None:
+        """``header``'s key opened a record: the salt is genuine, keep it in the main cache."""
+        with self._cache_lock:
+            aead = self._unproven.get(header)
+            if aead is not None:
+                self._admit(header, aead)
+
+    def _reserve_derivation(self, header: bytes) -> bool:
+        """Count a derivation for an uncached salt against the per-minute limit.
+
+        Returns:
+            Whether this call reserved it (and must release ``header`` from ``_deriving``).
+
+        Raises:
+            ProviderConnectionError: when the limit is reached.
+        """
+        with self._cache_lock:
+            # Our own salt is free, and so is a salt already being derived: its waiters find
+            # the key in the cache once the first derivation ends.
+            if header == self._current_header or header in self._deriving:
+                return False
+            now = self._clock()
+            while self._new_salt_times and now - self._new_salt_times[0] >= _NEW_SALT_WINDOW:
+                self._new_salt_times.popleft()
+            if len(self._new_salt_times) >= NEW_SALTS_PER_MINUTE:
+                raise ProviderConnectionError(
+                    f"local:passphrase: more than {NEW_SALTS_PER_MINUTE} ciphertexts under new "
+                    "salts in the last minute; retry later")
+            self._new_salt_times.append(now)
+            self._deriving.add(header)
+            return True
+
     def _derive(self, header: bytes) -> Aead:
         """The AEAD for a passphrase header (scrypt, cached; blocking: call in a thread)."""
         assert self._passphrase is not None
         with self._derive_lock:  # one derivation per salt even under concurrent first use
-            aead = self._derived.get(header)
+            aead = self._cached(header)
             if aead is None:
                 stretched = scrypt_derive(self._passphrase, salt=header[1:1 + _SALT_SIZE])
                 aead = Aead("aes-256-gcm", self._subkey(stretched, b"passphrase"))
-                self._derived[header] = aead
-                while len(self._derived) > _MAX_DERIVED_KEYS:
-                    oldest = next(iter(self._derived))
-                    if oldest == self._current_header:
-                        self._derived.move_to_end(oldest)
-                        continue
-                    del self._derived[oldest]
+                with self._cache_lock:
+                    if header == self._current_header:
+                        self._admit(header, aead)
+                    else:
+                        self._unproven[header] = aead
+                        while len(self._unproven) > _MAX_UNPROVEN_KEYS:
+                            del self._unproven[next(iter(self._unproven))]
             return aead
 
     async def _aead_for(self, header: bytes) -> Aead:
         if self._file_aead is not None:
             return self._file_aead
-        aead = self._derived.get(header)
+        aead = self._cached(header)
         if aead is None:
-            aead = await asyncio.to_thread(self._derive, header)
+            reserved = self._reserve_derivation(header)  # before the thread: a refusal is free
+            try:
+                aead = await asyncio.to_thread(self._derive, header)
+            finally:
+                if reserved:
+                    with self._cache_lock:
+                        self._deriving.discard(header)
         return aead
 
     async def initialize(self) -> None:
@@ -366,6 +454,8 @@ class LocalKeyProvider(KeyProvider):
 
         Raises:
             DecryptionError: for every failure.
+            ProviderConnectionError: in passphrase mode, for a salt not seen before once
+                :data:`NEW_SALTS_PER_MINUTE` new salts have been derived in the last minute.
         """
         data = encrypted.ciphertext
         ref = encrypted.key_reference
@@ -394,9 +484,13 @@ class LocalKeyProvider(KeyProvider):
         header = data[:hlen]
         aead = await self._aead_for(header)
         try:
-            return aead.open(data[hlen:hlen + NONCE_SIZE], data[hlen + NONCE_SIZE:], header + ctx)
+            plaintext = aead.open(data[hlen:hlen + NONCE_SIZE], data[hlen + NONCE_SIZE:],
+                                  header + ctx)
         except InvalidCiphertext:
             raise DecryptionError() from None
+        if self._file_aead is None:
+            self._prove(header)
+        return plaintext
 
 
 def open_local_key_provider(uri: str, **options: Any) -> LocalKeyProvider:

@@ -96,18 +96,32 @@ _SESSION_LOST: Final = (pexc.SessionHandleInvalid, pexc.SessionClosed, pexc.Devi
                         pexc.KeyHandleInvalid, pexc.ObjectHandleInvalid)
 
 
-def _split_attrs(text: str, sep: str, where: str) -> dict[str, str]:
+def _split_attrs(text: str, sep: str, where: str, *, secret: bool = False) -> dict[str, str]:
+    """Split RFC 7512 attributes.
+
+    With ``secret`` (the text carries a ``pin-value``), errors name an attribute by its
+    position, never by its text: an unencoded ``&`` in the PIN would put the rest of the PIN
+    into the message, and start-up errors end up in logs.
+    """
     out: dict[str, str] = {}
     if not text:
         return out
-    for item in text.split(sep):
+    for n, item in enumerate(text.split(sep), 1):
         name, eq, value = item.partition("=")
         if not eq or not name:
-            raise ValueError(f"pkcs11: malformed {where} attribute {item!r}")
+            raise ValueError(_bad(f"malformed {where} attribute", n, item, secret))
         if name in out:
-            raise ValueError(f"pkcs11: attribute {name!r} given twice")
+            raise ValueError(_bad(f"{where} attribute", n, name, secret, " given twice"))
         out[name] = unquote(value)
     return out
+
+
+def _bad(what: str, n: int, text: str, secret: bool, after: str = "") -> str:
+    """An attribute error message: quotes ``text`` only when the URI carries no PIN."""
+    if not secret:
+        return f"pkcs11: {what} {text!r}{after}"
+    return (f"pkcs11: {what} number {n}{after} (the URI carries a pin-value: percent-encode "
+            "it, or pass pin=)")
 
 
 def _read_pin_source(source: str) -> str:
@@ -180,14 +194,17 @@ class Pkcs11Provider(KeyProvider):
         if not uri.startswith(f"{SCHEME}:"):
             raise ValueError("not a pkcs11: URI")
         path_text, _, query_text = uri[len(SCHEME) + 1:].partition("?")
-        path = _split_attrs(path_text, ";", "path")
-        query = _split_attrs(query_text, "&", "query")
-        for name in path:
+        # Anything after a pin-value may be part of the PIN: never quote the URI then (the
+        # path too: a PIN put there by mistake).
+        secret = "pin-value" in uri.lower()
+        path = _split_attrs(path_text, ";", "path", secret=secret)
+        query = _split_attrs(query_text, "&", "query", secret=secret)
+        for n, name in enumerate(path, 1):
             if name not in _PATH_ATTRS:
-                raise ValueError(f"pkcs11: unsupported path attribute {name!r}")
-        for name in query:
+                raise ValueError(_bad("unsupported path attribute", n, name, secret))
+        for n, name in enumerate(query, 1):
             if name not in _QUERY_ATTRS:
-                raise ValueError(f"pkcs11: unsupported query attribute {name!r}")
+                raise ValueError(_bad("unsupported query attribute", n, name, secret))
         for name in options:
             if name not in _KWARGS:
                 raise ValueError(f"pkcs11: unknown option {name!r}")
@@ -209,10 +226,18 @@ class Pkcs11Provider(KeyProvider):
             except ValueError:
                 raise ValueError("pkcs11: slot-id must be a decimal number") from None
         timeout = options.get("timeout") or query.get("x-timeout") or DEFAULT_TIMEOUT
+        try:
+            seconds: float | None = as_timeout(timeout)
+        except ValueError:
+            if not secret:
+                raise
+            seconds = None  # as_timeout quotes the value; raised below, outside this block
+        if seconds is None:
+            raise ValueError("pkcs11: the timeout (x-timeout) must be a number of seconds")
         return cls(module or "", token=path.get("token"), serial=path.get("serial"),
                    manufacturer=path.get("manufacturer"), model=path.get("model"),
                    slot_id=slot_id, key_label=path.get("object"), pin=pin,
-                   timeout=as_timeout(timeout), _query=query)
+                   timeout=seconds, _query=query)
 
     def __repr__(self) -> str:
         return f"Pkcs11Provider({self.uri!r})"
