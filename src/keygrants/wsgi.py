@@ -82,7 +82,7 @@ class GrantWSGIMiddleware:
                 token, operation=rule.operation,
                 context=rule.context(headers, path) if rule.context else None,
                 dpop_proof=headers.get("dpop"), method=method, url=base + sent,
-                client_cert=self.client_cert(environ))
+                client_cert=self.client_cert(environ), key=rule.key)
             check_audience(claims, rule.audience)
         except KeygrantsError as exc:
             body = error_body(exc)

@@ -19,7 +19,10 @@ from keygrants.access import open_access
 from keygrants.api.app import KeygrantsApp, create_app
 from keygrants.auth import ensure_admin_token
 from keygrants.client import AsyncClient, Client
+from keygrants.crypto.signing import SigningKey
 from keygrants.grant_service import GrantAuthorizer, GrantService, GrantSettings
+from keygrants.grants.model import Grant, new_grant_id
+from keygrants.grants.token import encode_grant_token
 from keygrants.server import ServerConfig, build_server
 from keygrants.service import KMS
 from keygrants.store.memory import MemoryStore
@@ -120,3 +123,51 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer
 def client(live_server: LiveServer) -> Iterator[Client]:
     with Client(live_server.url, token=live_server.token, timeout=10) as c:
         yield c
+
+
+class FakeKMS:
+    """A KMS's public endpoints only (the JWKS and the revocation feed) over
+    ``httpx.MockTransport``, with its own issuer key and clock: for verifier tests that need to
+    shape the feed (prune it, number it) or mint tokens a real KMS would not."""
+
+    ISSUER = "urn:keygrants:fake-kms"
+
+    def __init__(self, clock: Any, *, leeway: int = 30) -> None:
+        self.clock = clock
+        self.leeway = leeway  # the KMS's: a feed entry expires at the token's exp plus this
+        self.signing = SigningKey.generate("ed25519")
+        self.entries: list[dict[str, Any]] = []
+        self.latest = 0
+        self.requests: list[str] = []
+
+    def transport(self) -> httpx.MockTransport:
+        return httpx.MockTransport(self._handle)
+
+    def _handle(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(str(request.url))
+        if request.url.path == "/.well-known/jwks.json":
+            jwk = self.signing.public_key().jwk() | {"kid": "k1", "use": "sig"}
+            return httpx.Response(200, json={"keys": [jwk], "issuer": self.ISSUER, "seq": 1})
+        since = int(request.url.params.get("since", "0"))
+        now = self.clock()  # the KMS drops what has expired, as its stores do
+        entries = [e for e in self.entries if e["seq"] > since and e["expires_at"] > now]
+        return httpx.Response(200, json={"entries": entries, "latest": self.latest,
+                                         "more": False})
+
+    def mint(self, *, ttl: int = 300, key_id: str = "payments",
+             ops: tuple[str, ...] = ("decrypt",), **fields: Any) -> tuple[Grant, str]:
+        """A grant for ``svc`` (audience ``svc``) and its token, issued now."""
+        now = int(self.clock())
+        grant = Grant(id=new_grant_id(), key_id=key_id, grantee="svc", operations=ops,
+                      issuer="admin", created_at=now, not_before=now, expires_at=now + ttl,
+                      **fields)
+        token = encode_grant_token(grant, issuer=self.ISSUER, audiences=("svc",),
+                                   issued_at=now, alg="EdDSA", kid="k1", key=self.signing)
+        return grant, token
+
+    def revoke(self, grant: Grant, *, seq: int | None = None) -> None:
+        """Append the grant's feed entry (``seq``: the next number, unless given)."""
+        self.latest = self.latest + 1 if seq is None else seq
+        self.entries.append({"seq": self.latest, "kind": "grant", "id": grant.id,
+                             "revoked_at": int(self.clock()),
+                             "expires_at": grant.expires_at + self.leeway, "reason": "revoked"})

@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -23,7 +24,7 @@ from keygrants.client.verifier import AsyncVerifier, Verifier
 from keygrants.grants.push import SUBJECT, RevocationPublisher, entry_message, heartbeat_message
 from keygrants.grants.revocation import RevocationEntry
 
-from .conftest import build_in_process
+from .conftest import FakeKMS, build_in_process
 
 pytestmark = pytest.mark.anyio
 PUSH_WAIT = 10.0  # seconds a pushed revocation may take before the test fails (not a timing test)
@@ -278,3 +279,51 @@ async def test_a_revocation_pushed_right_after_another_is_not_left_for_a_heartbe
                               errors.GrantRevoked)
     await verifier.aclose()
     await publisher.stop()
+
+
+def test_concurrent_first_verifies_start_one_bus_thread_and_close_stops_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many threads make their first verify() at once. Every bus thread made is held in its
+    constructor until all callers have made one (or a second has passed), so without a lock
+    around the start each caller would make its own."""
+    callers = 8
+    made: list[threading.Thread] = []
+    made_lock, all_made = threading.Lock(), threading.Event()
+    real_thread = threading.Thread
+
+    class HeldBusThread(real_thread):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            if self.name == "keygrants-verifier-bus":
+                with made_lock:
+                    made.append(self)
+                    if len(made) == callers:
+                        all_made.set()
+                all_made.wait(timeout=1.0)  # not a timing assertion: only holds the window open
+
+    kms = FakeKMS(time.time)
+    _, token = kms.mint()
+    v = Verifier("http://kms", audience="svc", bus_url=f"memory://race-{uuid.uuid4().hex[:8]}",
+                 transport=kms.transport())
+    barrier = threading.Barrier(callers)
+    errors_seen: list[BaseException] = []
+
+    def first_verify() -> None:
+        barrier.wait(timeout=30)
+        try:
+            v.verify(token)
+        except BaseException as exc:
+            errors_seen.append(exc)
+
+    workers = [real_thread(target=first_verify) for _ in range(callers)]
+    monkeypatch.setattr(threading, "Thread", HeldBusThread)
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=30)
+    monkeypatch.undo()
+    assert not any(w.is_alive() for w in workers) and errors_seen == []
+    v.close()
+    for t in made:
+        t.join(timeout=5)
+    assert [t.is_alive() for t in made] == [False]  # one thread, and it stopped

@@ -556,6 +556,27 @@ def test_wrong_ath_refused(key: SigningKey, clock: Clock, verifier: DpopVerifier
     _refused(verifier, unpadded_differently, key, "ath does not match")
 
 
+@pytest.mark.parametrize("ath", ["\ud800", "\udfff" + "A" * 42, access_token_hash(TOKEN)[:-1] + "\udc80"],
+                         ids=["alone", "first", "last"])
+def test_ath_with_a_lone_surrogate_is_pop_invalid(key: SigningKey, other_key: SigningKey, clock: Clock,
+                                                   verifier: DpopVerifier, ath: str) -> None:
+    """JSON ``"\\ud800"`` decodes to a lone surrogate, which UTF-8 cannot encode: the ``ath`` check
+    comes before the key check, so a proof by any key used to make it a server error."""
+    for signer in (key, other_key):
+        _refused(verifier, _forge(signer, _header(signer), _claims(clock.now, ath=ath)), key,
+                 "ath does not match")
+
+
+def test_jti_with_a_lone_surrogate_is_remembered_like_any_other(key: SigningKey, clock: Clock,
+                                                                verifier: DpopVerifier) -> None:
+    proof = _forge(key, _header(key), _claims(clock.now, jti="\ud800"))
+    assert _verify(verifier, proof, key).jti == "\ud800"
+    with pytest.raises(PopReplayed):
+        _verify(verifier, proof, key)
+    # another lone surrogate is another jti
+    assert _verify(verifier, _forge(key, _header(key), _claims(clock.now, jti="\ud801")), key)
+
+
 @pytest.mark.parametrize("ath", [..., None, 1])
 def test_missing_ath_refused(key: SigningKey, clock: Clock, verifier: DpopVerifier, ath: object) -> None:
     _refused(verifier, _forge(key, _header(key), _claims(clock.now, ath=ath)), key, "ath missing")

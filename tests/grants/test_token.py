@@ -50,6 +50,7 @@ from keygrants.grants.token import (
     GRANT_TOKEN_TYPE,
     JOSE_ALGORITHMS,
     KID_PATTERN,
+    MAX_HEADER_LENGTH,
     MAX_TOKEN_LENGTH,
     IssuerPublicKey,
     decode_grant_token,
@@ -190,6 +191,7 @@ def _parts(token: str) -> tuple[str, str, str]:
 def test_constants_are_pinned() -> None:
     assert GRANT_TOKEN_TYPE == "kg+jwt"
     assert MAX_TOKEN_LENGTH == 8192
+    assert MAX_HEADER_LENGTH == 1024
     assert dict(JOSE_ALGORITHMS) == {"EdDSA": "ed25519", "ES256": "ecdsa-p256-sha256"}
     assert KID_PATTERN == r"^[A-Za-z0-9_-]{1,64}$"
 
@@ -974,6 +976,41 @@ def test_a_token_longer_than_the_maximum_is_malformed_even_if_signed(issuer: Iss
     token, keys = _token_of_length(issuer, MAX_TOKEN_LENGTH + 1)
     _refused(token, keys, GrantMalformed, "grant_malformed")
     _refused("a" * 100_000 + ".b.c", keys, GrantMalformed, "grant_malformed")
+
+
+def _spaced_header(issuer: Issuer, size: int) -> str:
+    """The genuine header members, padded with JSON whitespace to ``size`` bytes."""
+    compact = json.dumps(_header(issuer), separators=(",", ":"))
+    return b64url((compact[:-1] + " " * (size - len(compact)) + "}").encode())
+
+
+def test_a_header_longer_than_the_limit_is_malformed_unparsed(issuer: Issuer) -> None:
+    claims = _claims(issuer)
+    at_limit = _spaced_header(issuer, MAX_HEADER_LENGTH * 3 // 4)
+    assert len(at_limit) == MAX_HEADER_LENGTH
+    token = _forge(at_limit, claims, key=issuer.signing, raw_header=True)
+    assert _decode(token, issuer.keys).grant_id == GRANT_ID
+    over = _spaced_header(issuer, MAX_HEADER_LENGTH * 3 // 4 + 1)
+    _refused(_forge(over, claims, key=issuer.signing, raw_header=True), issuer.keys,
+             GrantMalformed, "grant_malformed")
+
+
+@pytest.mark.parametrize("depth", [1000, 2500])
+def test_a_deeply_nested_header_is_malformed_not_a_server_error(issuer: Issuer, depth: int) -> None:
+    """The header is parsed before the signature is checked: anyone can send one nested deep
+    enough to exhaust the parser's recursion (a RecursionError used to reach the caller)."""
+    header = b64url(('{"alg":"EdDSA","x":' + "[" * depth + "]" * depth + "}").encode())
+    token = f"{header}.e30.{b64url(bytes(64))}"
+    assert len(token) <= MAX_TOKEN_LENGTH
+    _refused(token, issuer.keys, GrantMalformed, "grant_malformed")
+
+
+def test_a_header_nested_beyond_the_recursion_limit_is_malformed() -> None:
+    """The parser's RecursionError is the malformed-token refusal (whatever the length limit)."""
+    from keygrants.grants.token import _check_header
+
+    with pytest.raises(GrantMalformed):
+        _check_header(b'{"alg":"EdDSA","x":' + b"[" * 100_000 + b"]" * 100_000 + b"}")
 
 
 @pytest.mark.parametrize("bad", ["+", "/", "!", " ", "=", "==", "\n", "\t", "\u00e9", "%2F", "\x00"])

@@ -10,7 +10,11 @@ A service that receives grant tokens checks them here, without a call to the KMS
 - revocations come from ``/v1/revocations?since=SEQ``, pulled every ``poll_interval``; when
   the last successful pull is older than ``max_staleness`` the verifier fails closed
   (:class:`~keygrants.errors.VerifierUnavailable`) instead of accepting a token that may have
-  been revoked;
+  been revoked; an entry is kept until ``leeway`` after its ``expires_at``, so as long as
+  this verifier accepts a token it still holds the entries that revoke it (the KMS sets
+  ``expires_at`` with its own leeway, which may be shorter); a feed whose ``latest`` goes
+  back below what was seen (the KMS's store restored or replaced) is pulled again from the
+  start;
 - a token is checked as the KMS checks it (:func:`keygrants.grants.decode_grant_token`: header,
   signature, ``typ``, ``iss``, ``aud``, ``nbf``/``exp`` with leeway), then against the
   revocation view, the requested operation and encryption context, and its proof of
@@ -20,9 +24,11 @@ A service that receives grant tokens checks them here, without a call to the KMS
   issuer key, binding).
 
 With ``bus_url`` (``nats://…``, ``redis://…``; see docs/bus.md) the verifier also subscribes
-to the revocations the KMS pushes (:mod:`keygrants.grants.push`): each entry is applied the
-moment it arrives, a jump in sequence numbers or a heartbeat ahead of what it has seen makes
-it pull the missing range at once, and heartbeats keep its view fresh between pulls.
+to the revocations the KMS pushes (:mod:`keygrants.grants.push`). A message is only a trigger:
+a pushed entry or a heartbeat naming a sequence number it has not seen makes it pull the feed
+from the KMS at once (at most one pull per 5 ms). A message's content is never applied and
+never makes the view fresh (anyone who can publish on the bus could forge one), so
+``poll_interval`` and ``max_staleness`` bound staleness exactly as without a bus.
 """
 
 from __future__ import annotations
@@ -145,6 +151,15 @@ class _State:
         """Apply one page; return whether more follow."""
         if not isinstance(doc, dict) or not isinstance(doc.get("entries"), list):
             raise ValueError("not a revocation feed")
+        latest = doc.get("latest")
+        if type(latest) is int and 0 <= latest < self.feed_seq:
+            # The KMS numbers entries from a lower value than it did (its store was restored
+            # or replaced): asking for what follows feed_seq would miss every new revocation.
+            # Pull it all again; the entries held stay (they are still true, and expire).
+            log.warning("the revocation feed went back from seq %d to %d; pulling it again "
+                        "from the start", self.feed_seq, latest)
+            self.feed_seq = 0
+            return True
         entries = []
         for e in doc["entries"]:
             entries.append(RevocationEntry(seq=int(e["seq"]), kind=e["kind"], id=str(e["id"]),
@@ -157,7 +172,9 @@ class _State:
         more = bool(doc.get("more"))
         if not more:
             self.feed_fresh_at = started
-            self.revocations.prune(int(self.clock()))
+            # Kept until this verifier's own leeway after expires_at: it accepts a token until
+            # exp + leeway, and the KMS's expires_at (exp + the KMS's leeway) may be earlier.
+            self.revocations.prune(int(self.clock()) - self.leeway)
         return more
 
     # -- the checks ----------------------------------------------------------------------------
@@ -238,7 +255,8 @@ class _Pushed:
             msg = decode_message(data)
         except (ValueError, KeyError, TypeError, OverflowError):
             return None  # not ours, or malformed: ignored
-        if not (msg > s.feed_seq if isinstance(msg, int) else msg.seq > s.feed_seq):
+        # a heartbeat behind what was seen means the feed went back (see apply_feed): pull too
+        if not (msg != s.feed_seq if isinstance(msg, int) else msg.seq > s.feed_seq):
             return None
         wait = s.last_bus_pull + _BUS_PULL_SPACING - s.clock()
         return max(wait, 0.0)
@@ -288,6 +306,7 @@ class Verifier:
         self._bus_thread: threading.Thread | None = None
         self._bus_stop: Any = None
         self._bus_closing = threading.Event()
+        self._bus_start = threading.Lock()  # one bus thread, however many first verify() calls
 
     def __enter__(self) -> Verifier:
         return self
@@ -296,7 +315,8 @@ class Verifier:
         self.close()
 
     def close(self) -> None:
-        self._bus_closing.set()  # seen by a bus thread that has not set _bus_stop yet
+        with self._bus_start:  # no bus thread starts after this
+            self._bus_closing.set()  # seen by a bus thread that has not set _bus_stop yet
         stop, thread = self._bus_stop, self._bus_thread
         if stop is not None:
             with contextlib.suppress(RuntimeError):  # its loop already ended
@@ -308,11 +328,15 @@ class Verifier:
     def _start_bus(self) -> None:
         """Subscribe in a background thread with its own event loop (once; while the bus
         cannot be reached, tried again every 5 s: pulling the feed keeps the view correct)."""
-        if self._bus_url is None or self._bus_thread is not None:
-            return
-        from keygrants.bus import open_bus
+        with self._bus_start:
+            if (self._bus_url is not None and self._bus_thread is None
+                    and not self._bus_closing.is_set()):
+                self._bus_thread = self._bus_thread_for(self._bus_url)
+                self._bus_thread.start()  # connecting happens in the thread, off the request path
 
-        url = self._bus_url
+    def _bus_thread_for(self, url: str) -> threading.Thread:
+        """The bus thread, not started: it subscribes, and runs until :meth:`close`."""
+        from keygrants.bus import open_bus
 
         def run() -> None:
             loop = asyncio.new_event_loop()
@@ -367,9 +391,7 @@ class Verifier:
             finally:
                 loop.close()
 
-        self._bus_thread = threading.Thread(target=run, name="keygrants-verifier-bus",
-                                            daemon=True)
-        self._bus_thread.start()  # connecting happens in the thread, off the request path
+        return threading.Thread(target=run, name="keygrants-verifier-bus", daemon=True)
 
     def _pull_quietly(self) -> None:
         with self._io, contextlib.suppress(KeygrantsError, ValueError, KeyError, TypeError):

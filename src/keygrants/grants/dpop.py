@@ -333,8 +333,15 @@ def _signature_valid(alg: str, key: VerifyingKey, signing_input: bytes, signatur
     return key.verify(signing_input, signature)
 
 
+def _utf8(text: str) -> bytes:
+    """UTF-8 that also encodes a lone surrogate (JSON ``"\\ud800"`` decodes to one), still one
+    byte string per string: a claim that is not valid Unicode is compared or hashed like any
+    other (an ``ath`` that cannot match is ``pop_invalid``), never a server error."""
+    return text.encode("utf-8", "surrogatepass")
+
+
 def _equal(a: str, b: str) -> bool:
-    return hmac.compare_digest(a.encode("utf-8"), b.encode("utf-8"))
+    return hmac.compare_digest(_utf8(a), _utf8(b))
 
 
 class DpopVerifier:
@@ -493,7 +500,7 @@ class DpopVerifier:
             raise PopInvalid("DPoP proof signed by another key")
 
         # Hashed: the cache holds 22 characters per jti whatever the client sent.
-        jti_digest = b64url(hashlib.sha256(jti.encode("utf-8")).digest()[:16])
+        jti_digest = b64url(hashlib.sha256(_utf8(jti)).digest()[:16])
         try:
             self._replay.check_and_remember(jkt, jti_digest, until=now + self._replay_window,
                                             now=now, owner=holder)

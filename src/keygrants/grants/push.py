@@ -61,7 +61,10 @@ def decode_message(data: bytes) -> RevocationEntry | int:
     """
     if len(data) > 4096:
         raise ValueError("message too large")
-    msg: Any = json.loads(data)
+    try:
+        msg: Any = json.loads(data)
+    except RecursionError:  # nested too deeply: anyone who can publish could send one
+        raise ValueError("message nested too deeply") from None
     if not isinstance(msg, dict):
         raise ValueError("not an object")
     if msg.get("type") == "heartbeat" and isinstance(msg.get("latest"), int):

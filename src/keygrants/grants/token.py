@@ -60,6 +60,7 @@ __all__ = [
     "GRANT_TOKEN_TYPE",
     "JOSE_ALGORITHMS",
     "KID_PATTERN",
+    "MAX_HEADER_LENGTH",
     "MAX_TOKEN_LENGTH",
     "IssuerPublicKey",
     "decode_grant_token",
@@ -70,6 +71,11 @@ __all__ = [
 
 GRANT_TOKEN_TYPE: Final = "kg+jwt"
 MAX_TOKEN_LENGTH: Final = 8192
+#: The longest encoded header parsed. A valid header (``alg``, a ``kid`` of at most 64
+#: characters, ``typ``) is under 140 characters encoded; the header is parsed before the
+#: signature is checked, so a longer one is refused unparsed as malformed (the limit leaves
+#: room for the headers refused with a precise code, such as one embedding a ``jwk``).
+MAX_HEADER_LENGTH: Final = 1024
 #: JOSE ``alg`` → the keygrants signing algorithm of the issuer key.
 JOSE_ALGORITHMS: Final[Mapping[str, str]] = {"EdDSA": "ed25519", "ES256": "ecdsa-p256-sha256"}
 KID_PATTERN: Final = r"^[A-Za-z0-9_-]{1,64}$"
@@ -205,6 +211,8 @@ def _header(header_b64: str) -> tuple[str, str]:
     cached = _accepted_headers.get(header_b64)
     if cached is not None:
         return cached
+    if len(header_b64) > MAX_HEADER_LENGTH:
+        raise GrantMalformed()
     checked = _check_header(_b64decode(header_b64))
     if len(_accepted_headers) >= _MAX_ACCEPTED_HEADERS:
         _accepted_headers.clear()
@@ -216,7 +224,8 @@ def _check_header(raw: bytes) -> tuple[str, str]:
     """``(alg, kid)`` of an acceptable header, else the precise refusal."""
     try:
         header = _dict_decoder.decode(raw)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        # RecursionError: nested too deeply (unauthenticated input, so a refusal, never a 500)
         raise GrantMalformed("grant token header is not a JSON object") from None
     alg = header.get("alg")
     if not isinstance(alg, str) or alg not in JOSE_ALGORITHMS:
@@ -268,7 +277,7 @@ def decode_grant_token(token: str, keys: Mapping[str, IssuerPublicKey], *, issue
         raise GrantSignatureInvalid()
     try:
         c = _claims_decoder.decode(_signed_part(claims_b64))
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
         raise GrantClaimsInvalid(f"grant token claims invalid: {exc}"[:200]) from None
     if c.iss != issuer:
         raise IssuerMismatch()
