@@ -42,6 +42,7 @@ from keygrants.auth.model import PRINCIPAL_NAME_PATTERN, Credential, Policy, Pri
 from keygrants.crypto import Aead, random_bytes
 from keygrants.errors import (
     AlreadyExists,
+    Conflict,
     CredentialNotFound,
     Forbidden,
     InvalidRequest,
@@ -74,6 +75,7 @@ MAX_LIST_LIMIT: Final = 1000
 MAX_POLICY_DESCRIPTION: Final = 1024
 _FACTS_CACHE: Final = 4096
 _DECISION_CACHE: Final = 8192
+_WRITE_ATTEMPTS: Final = 2  # the first, and one retry after a change made on another node
 _MAX_CREDENTIAL_LIFETIME: Final = 10 * 366 * 86400
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -405,18 +407,28 @@ class AccessService:
 
     def _change(self, ctx: RequestContext, principal_id: str, event_type: str, operation: str,
                 change: Callable[[Principal], Principal]) -> m.PrincipalInfo:
+        # The lock serialises this process only: the store's compare-and-set catches a change
+        # made by another node since the read, and then the change is made again, once, on
+        # the principal as it is now (a rename never re-enables a principal disabled there).
         with self._lock:
-            current = self._allow_current(ctx, operation, principal_id)
-            self._only_admin_changes_admin(ctx, current)
-            updated = change(current)
-            if updated == current:
-                return self._principal_info(current)
-            if set(updated.tags) != set(current.tags):
-                self._allow_retag(ctx, operation, updated)
-            updated = msgspec.structs.replace(updated, updated_at=max(self._now(),
-                                                                      current.updated_at))
-            self._intent(ctx, event_type, operation, target=principal_id)
-            self.store.update_principal(updated)
+            for attempt in range(1, _WRITE_ATTEMPTS + 1):
+                current = self._allow_current(ctx, operation, principal_id)
+                self._only_admin_changes_admin(ctx, current)
+                updated = change(current)
+                if updated == current:
+                    return self._principal_info(current)
+                if set(updated.tags) != set(current.tags):
+                    self._allow_retag(ctx, operation, updated)
+                updated = msgspec.structs.replace(updated, updated_at=max(self._now(),
+                                                                          current.updated_at))
+                self._intent(ctx, event_type, operation, target=principal_id)
+                try:
+                    self.store.update_principal(updated, expected=current)
+                    break
+                except Conflict:
+                    if attempt == _WRITE_ATTEMPTS:
+                        raise Conflict(f"principal {principal_id!r} is being changed "
+                                       "concurrently; try again") from None
             self.directory.put_principal(updated)
         return self._principal_info(updated)
 
@@ -645,17 +657,26 @@ class AccessService:
         with self._lock:
             self._only_admin_changes_admin(
                 ctx, self._allow_current(ctx, "manage_credentials", principal_id))
-            cred = self.store.get_credential(credential_id)
-            if cred is None or cred.principal_id != principal_id:
-                raise CredentialNotFound(f"principal {principal_id!r} has no credential "
-                                         f"{credential_id!r}")
-            if cred.revoked_at is None:
+            for attempt in range(1, _WRITE_ATTEMPTS + 1):
+                cred = self.store.get_credential(credential_id)
+                if cred is None or cred.principal_id != principal_id:
+                    raise CredentialNotFound(f"principal {principal_id!r} has no credential "
+                                             f"{credential_id!r}")
+                if cred.revoked_at is not None:
+                    return self._credential_info(cred)
                 self._intent(ctx, "credential.revoke", "manage_credentials", target=principal_id,
                              credential=credential_id)
-                cred = msgspec.structs.replace(cred, revoked_at=self._now())
-                self.store.update_credential(cred)
-                self.directory.put_credential(cred)
-        return self._credential_info(cred)
+                revoked = msgspec.structs.replace(cred, revoked_at=self._now())
+                try:
+                    self.store.update_credential(revoked, expected=cred)
+                except Conflict:  # changed on another node meanwhile: look again
+                    if attempt == _WRITE_ATTEMPTS:
+                        raise Conflict(f"credential {credential_id!r} is being changed "
+                                       "concurrently; try again") from None
+                    continue
+                self.directory.put_credential(revoked)
+                return self._credential_info(revoked)
+        raise AssertionError("unreachable")
 
     def whoami(self, ctx: RequestContext) -> m.WhoAmI:
         """The authenticated caller (no policy needed to ask who you are)."""

@@ -30,7 +30,9 @@ from keygrants.auth import ADMIN_PRINCIPAL, RequestContext
 from keygrants.crypto import Aead, random_bytes
 from keygrants.errors import (
     AliasNotFound,
+    AlreadyExists,
     AuditUnavailable,
+    Conflict,
     Forbidden,
     InvalidCiphertext,
     InvalidKeyUsage,
@@ -65,6 +67,7 @@ MAX_DELETION_DAYS: Final = 30
 MAX_DESCRIPTION_LENGTH: Final = 1024
 MAX_LIST_LIMIT: Final = 1000
 _MAX_UNKNOWN_KIDS: Final = 4096
+_KEY_WRITE_ATTEMPTS: Final = 2  # the first, and one retry after a concurrent change
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +139,7 @@ def _dt(ts: int | None) -> datetime | None:
 
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 SCHEDULER: Final = RequestContext(principal="system:scheduler", request_id="scheduler")
 
 
@@ -490,21 +494,44 @@ class KMS:
         return m.KeyList(keys=[self.info(k) for k in keys],
                          next=keys[-1].name if more and keys else None)
 
+    def _retry_on_conflict(self, key_id: str, act: Callable[[Key], T]) -> T:
+        """Run ``act`` on the key as stored. The store writes keys with a compare-and-set, so
+        if another node changed the key since it was read, the write raises ``Conflict``:
+        read it again and run ``act`` once more (it checks the key's state afresh), and
+        report a second ``Conflict`` to the caller rather than write over the change.
+
+        The write lock serialises writers of this process only, hence the compare-and-set.
+        """
+        for attempt in range(1, _KEY_WRITE_ATTEMPTS + 1):
+            key = self.store.get_key(key_id)
+            if key is None:
+                raise KeyNotFound()
+            try:
+                return act(key)
+            except AlreadyExists:
+                raise  # a Conflict too, but not a lost compare-and-set
+            except Conflict:
+                if attempt == _KEY_WRITE_ATTEMPTS:
+                    raise Conflict(f"key {key.name!r} is being changed concurrently; "
+                                   "try again") from None
+        raise AssertionError("unreachable")
+
     def _modify(self, ctx: RequestContext, ref: str, action: str, event_type: str,
                 change: Callable[[Key, int], Key]) -> m.KeyInfo:
-        with self._write_lock:
-            loaded = self._resolve_for(ctx, action, ref)
-            current = self.store.get_key(loaded.key.id)
-            if current is None:
-                raise KeyNotFound()
+        def apply(current: Key) -> Key:
             now = self._now()
             updated = change(current, now)
             if updated is current:
-                return self.info(current)
+                return current
             updated = msgspec.structs.replace(updated, updated_at=max(now, current.updated_at))
             self._intent(ctx, event_type, action, current.id, state=updated.state)
-            self.store.update_key(updated, expected_updated_at=current.updated_at)
+            self.store.update_key(updated, expected=current)
             self._cached(updated)
+            return updated
+
+        with self._write_lock:
+            loaded = self._resolve_for(ctx, action, ref)
+            updated = self._retry_on_conflict(loaded.key.id, apply)
         return self.info(updated)
 
     @staticmethod
@@ -554,14 +581,14 @@ class KMS:
     @_audited("key.rotate", "rotate_key")
     def rotate_key(self, ctx: RequestContext, ref: str) -> m.KeyInfo:
         """Add a new version; encryption uses it from now on, old versions still decrypt."""
-        with self._write_lock:
-            loaded = self._resolve_for(ctx, "rotate_key", ref)
-            key = self.store.get_key(loaded.key.id)
-            if key is None:
-                raise KeyNotFound()
+        def rotate(key: Key) -> Key:
             if key.state in ("pending_deletion", "destroyed"):
                 raise KeyStateError(f"key {key.name!r} is {key.state.replace('_', ' ')}")
-            return self.info(self._rotate(ctx, key))
+            return self._rotate(ctx, key)
+
+        with self._write_lock:
+            loaded = self._resolve_for(ctx, "rotate_key", ref)
+            return self.info(self._retry_on_conflict(loaded.key.id, rotate))
 
     def _rotate(self, ctx: RequestContext, key: Key) -> Key:
         now = self._now()
@@ -571,7 +598,7 @@ class KMS:
             key, latest_version=version.version, updated_at=max(now, key.updated_at),
             next_rotation_at=None if key.rotation_period is None else now + key.rotation_period,
         )
-        self.store.add_version(updated, version)
+        self.store.add_version(updated, version, expected=key)
         self._load(updated)
         return updated
 
@@ -666,36 +693,50 @@ class KMS:
 
     def run_due(self) -> tuple[int, int]:
         """Rotate keys whose period has elapsed and destroy keys whose deletion date has
-        passed. Safe to call from any number of processes; returns ``(rotated, destroyed)``."""
+        passed. Safe to call from any number of processes; returns ``(rotated, destroyed)``.
+
+        A key changed meanwhile (on any node) is read again and acted on only if still due:
+        a deletion cancelled after the key was listed is never carried out."""
         rotated = destroyed = 0
         now = self._now()
         for due in self.store.keys_due(now):
             with self._write_lock:
-                key = self.store.get_key(due.id)
-                if key is None:
-                    continue
                 try:
-                    if (key.state == "enabled" and key.next_rotation_at is not None
-                            and key.next_rotation_at <= now):
-                        updated = self._rotate(SCHEDULER, key)
-                        self.audit.record(SCHEDULER, "key.rotate", "ok", operation="rotate_key",
-                                          key_id=key.id, key_version=updated.latest_version)
-                        rotated += 1
-                    elif (key.state == "pending_deletion" and key.deletion_date is not None
-                            and key.deletion_date <= now):
-                        dead = msgspec.structs.replace(key, state="destroyed", previous_state=None,
-                                                       updated_at=max(now, key.updated_at))
-                        self._intent(SCHEDULER, "key.destroy", "destroy_key", key.id)
-                        self.store.destroy_key(dead)
-                        self._put(_Loaded(dead, None))
-                        self.audit.record(SCHEDULER, "key.destroy", "ok", operation="destroy_key",
-                                          key_id=key.id)
-                        destroyed += 1
+                    done = self._retry_on_conflict(due.id, lambda key: self._run_due_key(key, now))
                 except AuditUnavailable:
                     raise
                 except KeygrantsError:
-                    continue  # another process got there first; it is done either way
+                    continue  # gone, or still changing: the next run looks again
+                rotated += done == "rotated"
+                destroyed += done == "destroyed"
         return rotated, destroyed
+
+    def _run_due_key(self, key: Key, now: int) -> str | None:
+        """Rotate or destroy one key if it is due as stored now; what was done, if anything."""
+        if key.state == "enabled" and key.next_rotation_at is not None and key.next_rotation_at <= now:
+            event, operation = "key.rotate", "rotate_key"
+        elif (key.state == "pending_deletion" and key.deletion_date is not None
+                and key.deletion_date <= now):
+            event, operation = "key.destroy", "destroy_key"
+        else:
+            return None  # changed since it was listed (rotated, cancelled, ...)
+        try:
+            if operation == "rotate_key":
+                updated = self._rotate(SCHEDULER, key)
+                self.audit.record(SCHEDULER, event, "ok", operation=operation, key_id=key.id,
+                                  key_version=updated.latest_version)
+                return "rotated"
+            self._intent(SCHEDULER, event, operation, key.id)
+            # the store destroys it only if still pending deletion and due (else Conflict)
+            dead = self.store.destroy_key(key.id, now=now)
+            self._put(_Loaded(dead, None))
+        except Conflict:
+            # the requested event has an outcome; then look at the key again
+            self.audit.record(SCHEDULER, event, "error", operation=operation, key_id=key.id,
+                              reason=Conflict.code)
+            raise
+        self.audit.record(SCHEDULER, event, "ok", operation=operation, key_id=key.id)
+        return "destroyed"
 
     # -- encryption ------------------------------------------------------------------------
 

@@ -478,3 +478,89 @@ def test_sqlite_a_commit_thread_that_cannot_start_refuses_the_write_and_is_tried
     store.create_grant(g)
     assert store.get_grant(g.id) == g
     store.close()
+
+
+def test_consume_refuses_a_count_below_one(store: Store) -> None:
+    g = grant(max_uses=1)
+    store.create_grant(g)
+    for n in (0, -5):
+        with pytest.raises(ValueError):
+            store.consume_grant_use(g.id, 100, n)
+    assert store.get_grant(g.id) == g  # no use given back
+
+
+def test_list_grants_with_limit_zero_is_empty(store: Store) -> None:
+    store.create_grant(grant())
+    assert store.list_grants(now=0, limit=0) == []
+
+
+def test_issuer_key_ids_are_unique(store: Store) -> None:
+    first = IssuerKey(kid="a" * 43, alg="EdDSA", public_raw=b"p" * 32, sealed=b"s", seq=1,
+                      created_at=10, activate_at=10)
+    store.add_issuer_key(first, [])
+    with pytest.raises(AlreadyExists):
+        store.add_issuer_key(msgspec.structs.replace(first, seq=2), [])
+    assert store.list_issuer_keys() == [first]
+
+
+def test_sqlite_group_commit_timeout_cancels_the_queued_write(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A caller told its write failed (no confirmation in time) must not find it committed
+    later: a limited grant's use counted for a call that failed."""
+    from keygrants.store import sqlite as sqlite_module
+
+    store = SQLiteStore(tmp_path / "kg.db")
+    g = grant(max_uses=1)
+    store.create_grant(g)  # the commit thread is running
+    monkeypatch.setattr(sqlite_module, "_GROUP_COMMIT_TIMEOUT", 0.01)
+    # holding the lock, the commit thread cannot start the batch before the caller gives up
+    with store._lock, pytest.raises(StoreError):
+        store.consume_grant_use(g.id, 100)
+    monkeypatch.undo()
+    store._group.run(lambda db: None)  # every batch queued before this one is done
+    got = store.get_grant(g.id)
+    assert got is not None and got.uses == 0
+    assert store.consume_grant_use(g.id, 100) is not None  # the use is still there to take
+    store.close()
+
+
+def test_sqlite_group_commit_timeout_of_a_running_write_reports_its_outcome(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write whose batch already runs when the caller's wait ends cannot be cancelled: the
+    caller gets its real outcome, not a failure that is not true."""
+    from concurrent.futures import Future
+
+    store = SQLiteStore(tmp_path / "kg.db")
+    store.create_grant(grant())  # the commit thread is running
+    started, cancel_tried = threading.Event(), threading.Event()
+
+    class _WaitEndsWhileRunning(Future[Any]):
+        def result(self, timeout: float | None = None) -> Any:
+            if timeout is not None:  # the caller's bounded wait: it ends while the write runs
+                started.wait()
+                raise TimeoutError
+            return super().result()
+
+        def cancel(self) -> bool:
+            cancelled = super().cancel()
+            cancel_tried.set()
+            return cancelled
+
+    def submit(fn: Any) -> Future[Any]:
+        future = _WaitEndsWhileRunning()
+        store._group._enqueue((fn, future))
+        return future
+
+    monkeypatch.setattr(store._group, "submit", submit)
+    g = grant()
+
+    def write(db: sqlite3.Connection) -> str:
+        started.set()
+        cancel_tried.wait(10)  # a bound only so that a regression fails instead of hanging
+        _insert(g)(db)
+        return "written"
+
+    assert store._group.run(write) == "written"
+    monkeypatch.undo()
+    assert store.get_grant(g.id) == g
+    store.close()

@@ -1,4 +1,4 @@
-"""The Store contract, run against every implementation (memory, SQLite)."""
+"""The Store contract, run against every implementation (memory, SQLite, PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -18,10 +18,12 @@ from keygrants.errors import (
     KeyNotFound,
     PolicyNotFound,
     PrincipalNotFound,
+    StoreError,
 )
 from keygrants.keys.model import Key, KeyVersion
 from keygrants.store import open_store
 from keygrants.store.base import Store
+from keygrants.store.sqlite import _MIGRATIONS as _SQLITE_MIGRATIONS
 from keygrants.store.sqlite import SQLiteStore
 
 
@@ -65,12 +67,14 @@ def test_update_compare_and_set(store: Store) -> None:
     key, v1 = make_key("k")
     store.create_key(key, v1)
     changed = msgspec.structs.replace(key, state="disabled", updated_at=101)
-    store.update_key(changed, expected_updated_at=100)
+    store.update_key(changed, expected=key)
     assert store.get_key(key.id) == changed
     with pytest.raises(Conflict):
-        store.update_key(msgspec.structs.replace(key, updated_at=102), expected_updated_at=100)
+        store.update_key(msgspec.structs.replace(key, updated_at=102), expected=key)
+    assert store.get_key(key.id) == changed
+    ghost = make_key("ghost")[0]
     with pytest.raises(KeyNotFound):
-        store.update_key(make_key("ghost")[0])
+        store.update_key(ghost, expected=ghost)
 
 
 def test_add_version_is_atomic_and_ordered(store: Store) -> None:
@@ -78,12 +82,12 @@ def test_add_version_is_atomic_and_ordered(store: Store) -> None:
     store.create_key(key, v1)
     v2 = KeyVersion(key_id=key.id, version=2, created_at=101, sealed=b"sealed-2")
     rotated = msgspec.structs.replace(key, latest_version=2)
-    store.add_version(rotated, v2)
+    store.add_version(rotated, v2, expected=key)
     assert store.get_key(key.id).latest_version == 2  # type: ignore[union-attr]
     assert [v.version for v in store.get_versions(key.id)] == [1, 2]
     stale = KeyVersion(key_id=key.id, version=2, created_at=102, sealed=b"other")
     with pytest.raises(Conflict):
-        store.add_version(rotated, stale)
+        store.add_version(rotated, stale, expected=rotated)
     assert store.get_versions(key.id)[1].sealed == b"sealed-2"
 
 
@@ -95,7 +99,7 @@ def test_concurrent_rotations_one_winner(store: Store) -> None:
     def rotate(i: int) -> None:
         v = KeyVersion(key_id=key.id, version=2, created_at=101, sealed=f"s{i}".encode())
         try:
-            store.add_version(msgspec.structs.replace(key, latest_version=2), v)
+            store.add_version(msgspec.structs.replace(key, latest_version=2), v, expected=key)
             outcomes.append("won")
         except Conflict:
             outcomes.append("lost")
@@ -110,10 +114,11 @@ def test_concurrent_rotations_one_winner(store: Store) -> None:
 
 
 def test_destroy_wipes_material(store: Store) -> None:
-    key, v1 = make_key("k")
+    key, v1 = make_key("k", state="pending_deletion", previous_state="enabled", deletion_date=150)
     store.create_key(key, v1)
-    dead = msgspec.structs.replace(key, state="destroyed")
-    store.destroy_key(dead)
+    dead = store.destroy_key(key.id, now=150)
+    assert dead == msgspec.structs.replace(key, state="destroyed", previous_state=None,
+                                           updated_at=150)
     assert store.get_key(key.id) == dead
     assert [v.sealed for v in store.get_versions(key.id)] == [b""]
 
@@ -205,10 +210,10 @@ def test_principal_crud(store: Store) -> None:
     assert [x.id for x in store.list_principals(limit=10)] == ["alice", "svc-billing"]
     assert [x.id for x in store.list_principals(limit=10, after="alice")] == ["svc-billing"]
     disabled = msgspec.structs.replace(p, enabled=False, updated_at=101)
-    store.update_principal(disabled)
+    store.update_principal(disabled, expected=p)
     assert store.get_principal("svc-billing") == disabled
     with pytest.raises(PrincipalNotFound):
-        store.update_principal(_principal("ghost"))
+        store.update_principal(_principal("ghost"), expected=_principal("ghost"))
     with pytest.raises(PrincipalNotFound):
         store.delete_principal("ghost")
 
@@ -227,10 +232,10 @@ def test_credentials_follow_their_principal(store: Store) -> None:
     with pytest.raises(PrincipalNotFound):
         store.add_credential(_credential("x", "ghost"))
     revoked = msgspec.structs.replace(ak, revoked_at=150)
-    store.update_credential(revoked)
+    store.update_credential(revoked, expected=ak)
     assert store.get_credential("ak1") == revoked
     with pytest.raises(CredentialNotFound):
-        store.update_credential(_credential("nope", "svc"))
+        store.update_credential(_credential("nope", "svc"), expected=_credential("nope", "svc"))
     store.delete_principal("svc")
     assert store.get_credential("thumb") is None and store.list_credentials() == []
 
@@ -264,7 +269,7 @@ def test_key_tags_round_trip(store: Store) -> None:
     store.create_key(key, v1)
     assert store.get_key(key.id) == key
     retagged = msgspec.structs.replace(key, tags=(), updated_at=101)
-    store.update_key(retagged)
+    store.update_key(retagged, expected=key)
     assert store.get_key(key.id) == retagged
 
 
@@ -289,3 +294,198 @@ def test_sqlite_migrates_a_version_1_database(tmp_path: Path) -> None:
         assert store.get_principal("p") is not None
     finally:
         store.close()
+
+
+# -- compare-and-set between nodes (two store objects on one database) ---------------------------
+
+def test_rotation_does_not_undo_a_concurrent_disable(store: Store, second_node: Store) -> None:
+    key, v1 = make_key("k", rotation_period=60, next_rotation_at=160)
+    store.create_key(key, v1)
+    seen = store.get_key(key.id)  # node A (a rotation, or the scheduler) reads the key
+    assert seen is not None
+    other = second_node.get_key(key.id)  # node B disables it meanwhile
+    assert other is not None
+    second_node.update_key(msgspec.structs.replace(other, state="disabled"), expected=other)
+    v2 = KeyVersion(key_id=key.id, version=2, created_at=101, sealed=b"sealed-2")
+    with pytest.raises(Conflict):
+        store.add_version(msgspec.structs.replace(seen, latest_version=2, next_rotation_at=220), v2,
+                          expected=seen)
+    after = store.get_key(key.id)
+    assert after is not None and after.state == "disabled" and after.latest_version == 1
+    assert store.get_versions(key.id) == [v1]
+
+
+def test_add_version_writes_only_the_rotation(store: Store) -> None:
+    key, v1 = make_key("k", description="old", rotation_period=60, next_rotation_at=160)
+    store.create_key(key, v1)
+    v2 = KeyVersion(key_id=key.id, version=2, created_at=170, sealed=b"sealed-2")
+    # fields of the caller's copy other than the rotation's are not written
+    rotated = msgspec.structs.replace(key, latest_version=2, next_rotation_at=230, updated_at=170,
+                                      description="stale", state="disabled")
+    store.add_version(rotated, v2, expected=key)
+    assert store.get_key(key.id) == msgspec.structs.replace(
+        key, latest_version=2, next_rotation_at=230, updated_at=170)
+
+
+def test_cancelled_deletion_is_not_carried_out(store: Store, second_node: Store) -> None:
+    key, v1 = make_key("k", state="pending_deletion", previous_state="enabled", deletion_date=150)
+    store.create_key(key, v1)
+    assert [k.id for k in store.keys_due(200)] == [key.id]  # node A's scheduler sees it due
+    pending = second_node.get_key(key.id)  # node B cancels the deletion meanwhile
+    assert pending is not None
+    second_node.update_key(msgspec.structs.replace(pending, state="enabled", previous_state=None,
+                                                   deletion_date=None, updated_at=190),
+                           expected=pending)
+    with pytest.raises(Conflict):
+        store.destroy_key(key.id, now=200)
+    after = store.get_key(key.id)
+    assert after is not None and after.state == "enabled"
+    assert store.get_versions(key.id) == [v1]
+
+
+def test_destroy_only_when_due(store: Store) -> None:
+    key, v1 = make_key("k", state="pending_deletion", previous_state="enabled", deletion_date=150)
+    store.create_key(key, v1)
+    with pytest.raises(Conflict):
+        store.destroy_key(key.id, now=149)
+    live, lv = make_key("live")
+    store.create_key(live, lv)
+    with pytest.raises(Conflict):
+        store.destroy_key(live.id, now=10_000)
+    with pytest.raises(KeyNotFound):
+        store.destroy_key(str(uuid.uuid4()), now=10_000)
+    assert store.get_key(key.id) == key and store.get_versions(key.id) == [v1]
+    assert store.get_versions(live.id) == [lv]
+
+
+def test_two_changes_in_one_second_do_not_lose_one(store: Store, second_node: Store) -> None:
+    key, v1 = make_key("k")
+    store.create_key(key, v1)
+    seen_a, seen_b = store.get_key(key.id), second_node.get_key(key.id)
+    assert seen_a is not None and seen_b is not None
+    # both in second 100: updated_at stays 100, yet B's stale copy must not win
+    store.update_key(msgspec.structs.replace(seen_a, state="disabled"), expected=seen_a)
+    with pytest.raises(Conflict):
+        second_node.update_key(msgspec.structs.replace(seen_b, description="new"), expected=seen_b)
+    after = store.get_key(key.id)
+    assert after is not None and (after.state, after.description) == ("disabled", "")
+
+
+def test_principal_update_is_compare_and_set(store: Store, second_node: Store) -> None:
+    p = _principal("svc", display_name="Svc")
+    store.create_principal(p)
+    stale = second_node.get_principal("svc")  # node B reads, to rename
+    assert stale is not None
+    store.update_principal(msgspec.structs.replace(p, enabled=False), expected=p)  # A disables
+    with pytest.raises(Conflict):
+        second_node.update_principal(msgspec.structs.replace(stale, display_name="renamed"),
+                                     expected=stale)
+    after = store.get_principal("svc")
+    assert after is not None and not after.enabled and after.display_name == "Svc"
+
+
+def test_update_principal_leaves_last_seen_alone(store: Store, second_node: Store) -> None:
+    p = _principal("svc")
+    store.create_principal(p)
+    second_node.record_usage({"svc": 500}, {})  # a request seen after the read
+    renamed = msgspec.structs.replace(p, display_name="renamed", updated_at=101)
+    store.update_principal(renamed, expected=p)  # not a conflict: usage is not the caller's
+    assert store.get_principal("svc") == msgspec.structs.replace(renamed, last_seen_at=500)
+
+
+def test_credential_update_is_compare_and_set(store: Store, second_node: Store) -> None:
+    store.create_principal(_principal("svc"))
+    cred = _credential("ak1", "svc", expires_at=1000)
+    store.add_credential(cred)
+    second_node.record_usage({}, {"ak1": 500})
+    stale = second_node.get_credential("ak1")
+    assert stale is not None
+    revoked = msgspec.structs.replace(cred, revoked_at=150)
+    store.update_credential(revoked, expected=cred)  # usage moved meanwhile: no conflict
+    assert store.get_credential("ak1") == msgspec.structs.replace(revoked, last_used_at=500)
+    with pytest.raises(Conflict):  # but a stale copy does not undo the revocation
+        second_node.update_credential(msgspec.structs.replace(stale, expires_at=2000),
+                                      expected=stale)
+    after = store.get_credential("ak1")
+    assert after is not None and after.revoked_at == 150 and after.expires_at == 1000
+
+
+def test_alias_taken_by_an_alias_wins_over_an_unknown_key(store: Store) -> None:
+    key, v1 = make_key("k")
+    store.create_key(key, v1)
+    store.create_alias("a", key.id)
+    with pytest.raises(AlreadyExists):
+        store.create_alias("a", str(uuid.uuid4()))
+
+
+def test_text_that_is_not_unicode_is_a_store_answer(store: Store) -> None:
+    # a lone surrogate cannot be encoded for SQLite or PostgreSQL: never the driver's error
+    try:
+        found = store.find_key("a\ud800b")
+    except StoreError:
+        pass
+    else:
+        assert found is None
+    with pytest.raises((StoreError, AlreadyExists, KeyNotFound)):
+        store.create_alias("a\ud800b", str(uuid.uuid4()))
+
+
+def test_sqlite_migration_reads_the_version_inside_its_transaction(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two processes open a fresh file together: the second to take the write lock finds
+    the schema migrated by the first instead of migrating it again."""
+    import sqlite3
+
+    path = tmp_path / "fresh.db"
+    connect = sqlite3.connect
+    raced: list[bool] = []
+
+    def first_opener(*args: object, **kw: object) -> sqlite3.Connection:
+        conn = connect(*args, **kw)  # type: ignore[arg-type]
+        if raced:
+            return conn
+
+        def trace(statement: str) -> None:
+            # just before this opener's first write transaction takes the lock, another
+            # process opens the same file and migrates it
+            if not raced and statement.lstrip().upper().startswith("BEGIN IMMEDIATE"):
+                raced.append(True)
+                SQLiteStore(path).close()
+
+        conn.set_trace_callback(trace)
+        return conn
+
+    monkeypatch.setattr(sqlite3, "connect", first_opener)
+    store = SQLiteStore(path)
+    monkeypatch.undo()
+    try:
+        assert raced
+        store._db.set_trace_callback(None)
+        assert store._db.execute("PRAGMA user_version").fetchone()[0] == len(_SQLITE_MIGRATIONS)
+        store.create_principal(_principal("p"))
+    finally:
+        store.close()
+
+
+def test_sqlite_failed_migration_leaves_no_transaction(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sqlite3
+
+    from keygrants.store import sqlite as sqlite_module
+
+    path = tmp_path / "bad.db"
+    monkeypatch.setattr(sqlite_module, "_MIGRATIONS",
+                        (*_SQLITE_MIGRATIONS[:1], "CREATE TABLE meta (x TEXT);"))
+    with pytest.raises(StoreError):
+        SQLiteStore(path)
+    monkeypatch.undo()
+    other = sqlite3.connect(path, isolation_level=None, timeout=0)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # nobody holds the write lock
+        other.execute("ROLLBACK")
+        # the failed migration rolled back whole: version 1 stands, the next open finishes
+        assert other.execute("PRAGMA user_version").fetchone()[0] == 1
+    finally:
+        other.close()
+    store = SQLiteStore(path)
+    store.close()

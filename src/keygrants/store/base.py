@@ -15,6 +15,8 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from typing import Protocol, runtime_checkable
 
+import msgspec
+
 from keygrants.auth.model import Credential, Policy, Principal
 from keygrants.grants.issuer import IssuerKey
 from keygrants.grants.model import Grant
@@ -71,29 +73,45 @@ class Store(Protocol):
     def list_keys(self, *, limit: int, after: str | None = None) -> list[Key]:
         """Keys ordered by name, those after ``after``."""
 
-    def update_key(self, key: Key, *, expected_updated_at: int | None = None) -> None:
-        """Replace a key's metadata (same id); optionally compare-and-set on updated_at.
+    def update_key(self, key: Key, *, expected: Key) -> None:
+        """Replace a key's metadata (same id) if the stored key still equals ``expected``,
+        the copy the caller changed: a compare-and-set on the whole record, so a change made
+        meanwhile by another node (even within the same second) is never overwritten.
 
         Raises:
             KeyNotFound: if the key does not exist.
-            Conflict: if ``expected_updated_at`` does not match.
+            Conflict: if the stored key differs from ``expected``.
         """
 
-    def add_version(self, key: Key, version: KeyVersion) -> None:
-        """Insert a new version and update the key to it, atomically.
+    def add_version(self, key: Key, version: KeyVersion, *, expected: Key) -> None:
+        """Insert a new version and move the key to it, atomically, if the stored key still
+        equals ``expected`` (as :meth:`update_key`).
 
-        The key's ``latest_version`` must equal ``version.version`` and the stored one must be
-        ``version.version - 1``; otherwise another writer rotated first.
+        Only ``latest_version``, ``next_rotation_at`` and ``updated_at`` are taken from
+        ``key``. Its ``latest_version`` must equal ``version.version`` and the stored one must
+        be ``version.version - 1``.
 
         Raises:
-            Conflict: when another rotation won.
+            KeyNotFound: if the key does not exist.
+            Conflict: when another writer rotated or changed the key first.
         """
 
     def get_versions(self, key_id: str) -> list[KeyVersion]:
         """All stored versions of a key, oldest first."""
 
-    def destroy_key(self, key: Key) -> None:
-        """Delete every version's sealed material and save the key (state ``destroyed``)."""
+    def destroy_key(self, key_id: str, *, now: int) -> Key:
+        """Delete every version's sealed material and mark the key ``destroyed``, atomically,
+        but only if it is still pending deletion with its deletion date at or before ``now``
+        (a deletion cancelled meanwhile, on any node, is never carried out).
+
+        Returns:
+            The key as stored: state ``destroyed``, ``previous_state`` cleared,
+            ``updated_at`` at least ``now``.
+
+        Raises:
+            KeyNotFound: if the key does not exist.
+            Conflict: if it is not pending deletion or its deletion date is still ahead.
+        """
 
     def keys_due(self, now: int) -> list[Key]:
         """Keys whose rotation or deletion time has come."""
@@ -131,11 +149,14 @@ class Store(Protocol):
     def list_principals(self, *, limit: int, after: str | None = None) -> list[Principal]:
         """Principals ordered by id, those after ``after``."""
 
-    def update_principal(self, principal: Principal) -> None:
-        """Replace a principal's record.
+    def update_principal(self, principal: Principal, *, expected: Principal) -> None:
+        """Replace a principal's record if the stored one still equals ``expected`` (the copy
+        the caller changed), ``last_seen_at`` aside: that one only :meth:`record_usage`
+        writes, and it is neither compared nor written here.
 
         Raises:
             PrincipalNotFound: if it does not exist.
+            Conflict: if the stored principal differs from ``expected``.
         """
 
     def delete_principal(self, principal_id: str) -> None:
@@ -159,11 +180,13 @@ class Store(Protocol):
     def list_credentials(self, principal_id: str | None = None) -> list[Credential]:
         """Credentials of one principal (or of all), ordered by principal then creation."""
 
-    def update_credential(self, credential: Credential) -> None:
-        """Replace a credential's record (revocation, expiry).
+    def update_credential(self, credential: Credential, *, expected: Credential) -> None:
+        """Replace a credential's record (revocation, expiry) if the stored one still equals
+        ``expected``, ``last_used_at`` aside (only :meth:`record_usage` writes it).
 
         Raises:
             CredentialNotFound: if it does not exist.
+            Conflict: if the stored credential differs from ``expected``.
         """
 
     def record_usage(self, principals: Mapping[str, int], credentials: Mapping[str, int]) -> None:
@@ -222,7 +245,11 @@ class Store(Protocol):
         """Count ``n`` uses of a limited grant, atomically: only when it is ``active``, not
         expired at ``now`` and has ``n`` uses left (``n`` > 1 reserves a sub-grant's uses).
         Return the updated grant, or ``None`` when nothing was counted (the caller reads the
-        grant to tell why)."""
+        grant to tell why).
+
+        Raises:
+            ValueError: if ``n`` is below 1.
+        """
 
     def update_grant(self, grant: Grant, *, expected_state: str,
                      feed: Sequence[RevocationEntry] = ()) -> list[RevocationEntry]:
@@ -267,3 +294,31 @@ class Store(Protocol):
 
     def close(self) -> None:
         """Release the backend."""
+
+
+def _check_uses(n: int) -> None:
+    """``consume_grant_use`` counts at least one use: a count below 1 would give uses back."""
+    if n < 1:
+        raise ValueError("n must be at least 1")
+
+
+def _same_principal(stored: Principal, expected: Principal) -> bool:
+    """Equal for a compare-and-set: ``last_seen_at`` moves with every request and is not the
+    caller's to change."""
+    return msgspec.structs.replace(stored, last_seen_at=expected.last_seen_at) == expected
+
+
+def _same_credential(stored: Credential, expected: Credential) -> bool:
+    """As :func:`_same_principal`, for ``last_used_at``."""
+    return msgspec.structs.replace(stored, last_used_at=expected.last_used_at) == expected
+
+
+def _destroyable(key: Key, now: int) -> bool:
+    """Whether the scheduler may destroy the key now: still pending deletion, and due."""
+    return (key.state == "pending_deletion" and key.deletion_date is not None
+            and key.deletion_date <= now)
+
+
+def _destroyed(key: Key, now: int) -> Key:
+    return msgspec.structs.replace(key, state="destroyed", previous_state=None,
+                                   updated_at=max(now, key.updated_at))

@@ -23,7 +23,14 @@ from keygrants.grants.issuer import IssuerKey
 from keygrants.grants.model import Grant
 from keygrants.grants.revocation import RevocationEntry
 from keygrants.keys.model import Key, KeyVersion
-from keygrants.store.base import Alias
+from keygrants.store.base import (
+    Alias,
+    _check_uses,
+    _destroyable,
+    _destroyed,
+    _same_credential,
+    _same_principal,
+)
 
 __all__ = ["MemoryStore"]
 
@@ -86,35 +93,45 @@ class MemoryStore:
             keys = [k for k in keys if k.name > after]
         return keys[:limit]
 
-    def update_key(self, key: Key, *, expected_updated_at: int | None = None) -> None:
+    def update_key(self, key: Key, *, expected: Key) -> None:
         with self._lock:
             current = self._keys.get(key.id)
             if current is None:
                 raise KeyNotFound()
-            if expected_updated_at is not None and current.updated_at != expected_updated_at:
+            if current != expected:
                 raise Conflict("the key changed concurrently; retry")
             self._keys[key.id] = key
 
-    def add_version(self, key: Key, version: KeyVersion) -> None:
+    def add_version(self, key: Key, version: KeyVersion, *, expected: Key) -> None:
         with self._lock:
             current = self._keys.get(key.id)
             if current is None:
                 raise KeyNotFound()
             if current.latest_version != version.version - 1 or key.latest_version != version.version:
                 raise Conflict("the key was rotated concurrently; retry")
+            if current != expected:
+                raise Conflict("the key changed concurrently; retry")
             self._versions[key.id][version.version] = version
-            self._keys[key.id] = key
+            self._keys[key.id] = msgspec.structs.replace(
+                current, latest_version=key.latest_version, next_rotation_at=key.next_rotation_at,
+                updated_at=key.updated_at)
 
     def get_versions(self, key_id: str) -> list[KeyVersion]:
         with self._lock:
             return [v for _, v in sorted(self._versions.get(key_id, {}).items())]
 
-    def destroy_key(self, key: Key) -> None:
+    def destroy_key(self, key_id: str, *, now: int) -> Key:
         with self._lock:
-            self._versions[key.id] = {
-                n: msgspec.structs.replace(v, sealed=b"") for n, v in self._versions[key.id].items()
+            current = self._keys.get(key_id)
+            if current is None:
+                raise KeyNotFound()
+            if not _destroyable(current, now):
+                raise Conflict("the key is no longer due for destruction")
+            self._versions[key_id] = {
+                n: msgspec.structs.replace(v, sealed=b"") for n, v in self._versions[key_id].items()
             }
-            self._keys[key.id] = key
+            dead = self._keys[key_id] = _destroyed(current, now)
+            return dead
 
     def keys_due(self, now: int) -> list[Key]:
         with self._lock:
@@ -160,11 +177,15 @@ class MemoryStore:
             out = sorted(self._principals.values(), key=lambda p: p.id)
         return [p for p in out if after is None or p.id > after][:limit]
 
-    def update_principal(self, principal: Principal) -> None:
+    def update_principal(self, principal: Principal, *, expected: Principal) -> None:
         with self._lock:
-            if principal.id not in self._principals:
+            current = self._principals.get(principal.id)
+            if current is None:
                 raise PrincipalNotFound()
-            self._principals[principal.id] = principal
+            if not _same_principal(current, expected):
+                raise Conflict("the principal changed concurrently; retry")
+            self._principals[principal.id] = msgspec.structs.replace(
+                principal, last_seen_at=current.last_seen_at)
 
     def delete_principal(self, principal_id: str) -> None:
         with self._lock:
@@ -190,11 +211,15 @@ class MemoryStore:
                      if principal_id is None or c.principal_id == principal_id]
         return sorted(creds, key=lambda c: (c.principal_id, c.created_at, c.id))
 
-    def update_credential(self, credential: Credential) -> None:
+    def update_credential(self, credential: Credential, *, expected: Credential) -> None:
         with self._lock:
-            if credential.id not in self._credentials:
+            current = self._credentials.get(credential.id)
+            if current is None:
                 raise CredentialNotFound()
-            self._credentials[credential.id] = credential
+            if not _same_credential(current, expected):
+                raise Conflict("the credential changed concurrently; retry")
+            self._credentials[credential.id] = msgspec.structs.replace(
+                credential, last_used_at=current.last_used_at)
 
     def record_usage(self, principals: Mapping[str, int], credentials: Mapping[str, int]) -> None:
         with self._lock:
@@ -254,7 +279,7 @@ class MemoryStore:
                     retiring_principal: str | None = None, state: str | None = None
                     ) -> list[Grant]:
         with self._lock:
-            out = []
+            out: list[Grant] = []
             for gid in sorted(self._grants):
                 g = self._grants[gid]
                 if ((after is not None and gid <= after) or (key_id is not None and g.key_id != key_id)
@@ -263,9 +288,9 @@ class MemoryStore:
                             and g.retiring_principal != retiring_principal)
                         or (state is not None and g.effective_state(now) != state)):
                     continue
-                out.append(g)
                 if len(out) >= limit:
                     break
+                out.append(g)
             return out
 
     def live_grant_ids(self, *, now: int, grantee: str | None = None, key_id: str | None = None,
@@ -279,6 +304,7 @@ class MemoryStore:
                 and (parent_id is None or g.parent_id == parent_id))
 
     def consume_grant_use(self, grant_id: str, now: int, n: int = 1) -> Grant | None:
+        _check_uses(n)
         with self._lock:
             g = self._grants.get(grant_id)
             if (g is None or g.state != "active" or g.expires_at <= now or g.max_uses is None
@@ -345,6 +371,8 @@ class MemoryStore:
         with self._lock:
             if key.seq in self._issuer_keys:
                 raise Conflict("another issuer key rotation won")
+            if any(k.kid == key.kid for k in self._issuer_keys.values()):
+                raise AlreadyExists(f"issuer key {key.kid!r} already exists")
             when = dict(retire)
             for seq, k in list(self._issuer_keys.items()):
                 if k.kid in when:

@@ -57,7 +57,14 @@ from keygrants.grants.issuer import IssuerKey
 from keygrants.grants.model import Grant
 from keygrants.grants.revocation import RevocationEntry
 from keygrants.keys.model import Key, KeyVersion
-from keygrants.store.base import Alias
+from keygrants.store.base import (
+    Alias,
+    _check_uses,
+    _destroyable,
+    _destroyed,
+    _same_credential,
+    _same_principal,
+)
 
 __all__ = ["SCHEMA_VERSION", "PostgresStore"]
 
@@ -68,6 +75,7 @@ CONNECT_TIMEOUT: Final = 10
 """Seconds to wait for a new connection to the server (libpq ``connect_timeout``)."""
 ACQUIRE_TIMEOUT: Final = 30.0
 """Seconds a call waits for a free pooled connection before failing with ``StoreError``."""
+_NOT_TEXT: Final = "a value is not valid Unicode text (a lone surrogate?)"
 _WRITE_ATTEMPTS: Final = 3  # a deadlock victim's transaction rolled back whole: run it again
 
 # Advisory lock keys, scoped to the database; "kg" in the high bytes to stay clear of others.
@@ -196,6 +204,9 @@ _KEY_SELECT: Final = f"SELECT {', '.join(_KEY_COLUMNS)} FROM keys"
 _PRINCIPAL_COLUMNS: Final = ("id", "display_name", "tags", "enabled", "builtin", "created_at",
                              "updated_at", "last_seen_at")
 _CREDENTIAL_COLUMNS: Final = tuple(Credential.__struct_fields__)
+# what update_* writes: neither the id nor the usage times, which only record_usage moves
+_PRINCIPAL_UPDATED: Final = _PRINCIPAL_COLUMNS[1:-1]
+_CREDENTIAL_UPDATED: Final = tuple(c for c in _CREDENTIAL_COLUMNS if c not in ("id", "last_used_at"))
 _POLICY_COLUMNS: Final = tuple(Policy.__struct_fields__)
 _GRANT_SELECT: Final = "SELECT state, record, uses FROM grants"
 
@@ -371,6 +382,8 @@ class PostgresStore:
             raise
         except psycopg.Error as exc:
             raise StoreError("read failed") from exc
+        except UnicodeError as exc:
+            raise StoreError(_NOT_TEXT) from exc
 
     def _write(self, fn: Callable[[_Conn], T], *, one_statement: bool = False) -> T:
         """Run ``fn`` in one transaction and commit; ``fn`` may raise a KeygrantsError to roll
@@ -394,6 +407,8 @@ class PostgresStore:
                 raise AlreadyExists("name is already in use") from exc
             except psycopg.Error as exc:
                 raise StoreError("write failed") from exc
+            except UnicodeError as exc:
+                raise StoreError(_NOT_TEXT) from exc
         raise AssertionError("unreachable")
 
     # -- metadata --------------------------------------------------------------------------
@@ -450,32 +465,40 @@ class PostgresStore:
             f"{_KEY_SELECT} WHERE name > %s ORDER BY name LIMIT %s", (after or "", limit)).fetchall())
         return [_key_from_row(r) for r in rows]
 
-    def update_key(self, key: Key, *, expected_updated_at: int | None = None) -> None:
+    def update_key(self, key: Key, *, expected: Key) -> None:
         def go(db: _Conn) -> None:
-            row = db.execute("SELECT updated_at FROM keys WHERE id = %s FOR UPDATE",
-                             (key.id,)).fetchone()
-            if row is None:
-                raise KeyNotFound()
-            if expected_updated_at is not None and row[0] != expected_updated_at:
-                raise Conflict("the key changed concurrently; retry")
-            self._update_key_row(db, key)
+            self._check_key(db, key.id, expected)
+            sets = ", ".join(f"{c} = %s" for c in _KEY_COLUMNS[1:])
+            db.execute(f"UPDATE keys SET {sets} WHERE id = %s", (*_key_params(key)[1:], key.id))
         self._write(go)
 
     @staticmethod
-    def _update_key_row(db: _Conn, key: Key) -> None:
-        sets = ", ".join(f"{c} = %s" for c in _KEY_COLUMNS[1:])
-        db.execute(f"UPDATE keys SET {sets} WHERE id = %s", (*_key_params(key)[1:], key.id))
+    def _stored_key(db: _Conn, key_id: str) -> Key:
+        """The key, locked until the transaction ends (a concurrent writer waits, then sees
+        this one's change and fails its compare-and-set)."""
+        row = db.execute(f"{_KEY_SELECT} WHERE id = %s FOR UPDATE", (key_id,)).fetchone()
+        if row is None:
+            raise KeyNotFound()
+        return _key_from_row(row)
 
-    def add_version(self, key: Key, version: KeyVersion) -> None:
+    @classmethod
+    def _check_key(cls, db: _Conn, key_id: str, expected: Key) -> Key:
+        """The compare-and-set of every key write (inside its transaction)."""
+        current = cls._stored_key(db, key_id)
+        if current != expected:
+            raise Conflict("the key changed concurrently; retry")
+        return current
+
+    def add_version(self, key: Key, version: KeyVersion, *, expected: Key) -> None:
         def go(db: _Conn) -> None:
-            row = db.execute("SELECT latest_version FROM keys WHERE id = %s FOR UPDATE",
-                             (key.id,)).fetchone()
-            if row is None:
-                raise KeyNotFound()
-            if row[0] != version.version - 1 or key.latest_version != version.version:
+            current = self._stored_key(db, key.id)
+            if current.latest_version != version.version - 1 or key.latest_version != version.version:
                 raise Conflict("the key was rotated concurrently; retry")
+            self._check_key(db, key.id, expected)
             self._insert_version(db, version)
-            self._update_key_row(db, key)
+            db.execute("UPDATE keys SET latest_version = %s, next_rotation_at = %s, updated_at = %s "
+                       "WHERE id = %s", (key.latest_version, key.next_rotation_at, key.updated_at,
+                                         key.id))
         self._write(go)
 
     def get_versions(self, key_id: str) -> list[KeyVersion]:
@@ -485,11 +508,17 @@ class PostgresStore:
         return [KeyVersion(key_id=r[0], version=r[1], created_at=r[2], sealed=bytes(r[3]),
                            public_key_der=None if r[4] is None else bytes(r[4])) for r in rows]
 
-    def destroy_key(self, key: Key) -> None:
-        def go(db: _Conn) -> None:
-            db.execute("UPDATE key_versions SET sealed = '' WHERE key_id = %s", (key.id,))
-            self._update_key_row(db, key)
-        self._write(go)
+    def destroy_key(self, key_id: str, *, now: int) -> Key:
+        def go(db: _Conn) -> Key:
+            current = self._stored_key(db, key_id)
+            if not _destroyable(current, now):
+                raise Conflict("the key is no longer due for destruction")
+            dead = _destroyed(current, now)
+            db.execute("UPDATE key_versions SET sealed = '' WHERE key_id = %s", (key_id,))
+            db.execute("UPDATE keys SET state = %s, previous_state = NULL, updated_at = %s "
+                       "WHERE id = %s", (dead.state, dead.updated_at, key_id))
+            return dead
+        return self._write(go)
 
     def keys_due(self, now: int) -> list[Key]:
         rows = self._read(lambda db: db.execute(
@@ -502,7 +531,8 @@ class PostgresStore:
     def create_alias(self, alias: str, key_id: str) -> None:
         def go(db: _Conn) -> None:
             db.execute("SELECT pg_advisory_xact_lock(%s)", (_NAMES_LOCK,))
-            if db.execute("SELECT 1 FROM keys WHERE name = %s", (alias,)).fetchone():
+            if (db.execute("SELECT 1 FROM keys WHERE name = %s", (alias,)).fetchone()
+                    or db.execute("SELECT 1 FROM aliases WHERE alias = %s", (alias,)).fetchone()):
                 raise AlreadyExists(f"name {alias!r} is already in use")
             if not db.execute("SELECT 1 FROM keys WHERE id = %s FOR SHARE", (key_id,)).fetchone():
                 raise KeyNotFound()
@@ -542,14 +572,18 @@ class PostgresStore:
             "ORDER BY id LIMIT %s", (after or "", limit)).fetchall())
         return [_principal_from_row(r) for r in rows]
 
-    def update_principal(self, principal: Principal) -> None:
+    def update_principal(self, principal: Principal, *, expected: Principal) -> None:
         def go(db: _Conn) -> None:
-            sets = ", ".join(f"{c} = %s" for c in _PRINCIPAL_COLUMNS[1:])
-            cur = db.execute(f"UPDATE principals SET {sets} WHERE id = %s",
-                             (*_principal_params(principal)[1:], principal.id))
-            if cur.rowcount == 0:
+            row = db.execute(f"SELECT {', '.join(_PRINCIPAL_COLUMNS)} FROM principals "
+                             "WHERE id = %s FOR UPDATE", (principal.id,)).fetchone()
+            if row is None:
                 raise PrincipalNotFound()
-        self._write(go, one_statement=True)
+            if not _same_principal(_principal_from_row(row), expected):
+                raise Conflict("the principal changed concurrently; retry")
+            sets = ", ".join(f"{c} = %s" for c in _PRINCIPAL_UPDATED)
+            db.execute(f"UPDATE principals SET {sets} WHERE id = %s",
+                       (*_principal_params(principal)[1:len(_PRINCIPAL_UPDATED) + 1], principal.id))
+        self._write(go)
 
     def delete_principal(self, principal_id: str) -> None:
         def go(db: _Conn) -> None:
@@ -591,15 +625,18 @@ class PostgresStore:
             return db.execute(select + " WHERE principal_id = %s" + order, (principal_id,)).fetchall()
         return [_credential_from_row(r) for r in self._read(go)]
 
-    def update_credential(self, credential: Credential) -> None:
+    def update_credential(self, credential: Credential, *, expected: Credential) -> None:
         def go(db: _Conn) -> None:
-            sets = ", ".join(f"{c} = %s" for c in _CREDENTIAL_COLUMNS[1:])
-            cur = db.execute(f"UPDATE credentials SET {sets} WHERE id = %s",
-                             (*(getattr(credential, c) for c in _CREDENTIAL_COLUMNS[1:]),
-                              credential.id))
-            if cur.rowcount == 0:
+            row = db.execute(f"SELECT {', '.join(_CREDENTIAL_COLUMNS)} FROM credentials "
+                             "WHERE id = %s FOR UPDATE", (credential.id,)).fetchone()
+            if row is None:
                 raise CredentialNotFound()
-        self._write(go, one_statement=True)
+            if not _same_credential(_credential_from_row(row), expected):
+                raise Conflict("the credential changed concurrently; retry")
+            sets = ", ".join(f"{c} = %s" for c in _CREDENTIAL_UPDATED)
+            db.execute(f"UPDATE credentials SET {sets} WHERE id = %s",
+                       (*(getattr(credential, c) for c in _CREDENTIAL_UPDATED), credential.id))
+        self._write(go)
 
     def record_usage(self, principals: Mapping[str, int], credentials: Mapping[str, int]) -> None:
         def go(db: _Conn) -> None:
@@ -702,6 +739,7 @@ class PostgresStore:
         return [r[0] for r in rows]
 
     def consume_grant_use(self, grant_id: str, now: int, n: int = 1) -> Grant | None:
+        _check_uses(n)
         # One statement: a racing UPDATE waits for the row lock, then re-checks the WHERE
         # clause against the committed row, so uses never pass max_uses.
         row = self._write(lambda db: db.execute(

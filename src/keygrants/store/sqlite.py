@@ -40,7 +40,14 @@ from keygrants.grants.issuer import IssuerKey
 from keygrants.grants.model import Grant
 from keygrants.grants.revocation import RevocationEntry
 from keygrants.keys.model import Key, KeyVersion
-from keygrants.store.base import Alias
+from keygrants.store.base import (
+    Alias,
+    _check_uses,
+    _destroyable,
+    _destroyed,
+    _same_credential,
+    _same_principal,
+)
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
 
@@ -68,6 +75,20 @@ def _copy_wal_back(path: str, stop: threading.Event) -> None:
     finally:
         conn.close()
 T = TypeVar("T")
+
+
+def _statements(script: str) -> list[str]:
+    """A script's statements, one by one (a ``;`` inside a string or a trigger stays)."""
+    out: list[str] = []
+    pending = ""
+    for part in script.split(";"):
+        pending += part + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \t\n;"):
+                out.append(pending)
+            pending = ""
+    return out
+
 
 _MIGRATIONS: Final[tuple[str, ...]] = (
     """
@@ -203,6 +224,9 @@ def _key_params(key: Key) -> tuple[Any, ...]:
 _PRINCIPAL_COLUMNS: Final = ("id", "display_name", "tags", "enabled", "builtin", "created_at",
                              "updated_at", "last_seen_at")
 _CREDENTIAL_COLUMNS: Final = tuple(Credential.__struct_fields__)
+# what update_* writes: neither the id nor the usage times, which only record_usage moves
+_PRINCIPAL_UPDATED: Final = _PRINCIPAL_COLUMNS[1:-1]
+_CREDENTIAL_UPDATED: Final = tuple(c for c in _CREDENTIAL_COLUMNS if c not in ("id", "last_used_at"))
 _POLICY_COLUMNS: Final = tuple(Policy.__struct_fields__)
 
 
@@ -244,11 +268,16 @@ def _grant_from_row(row: tuple[Any, ...]) -> Grant:
 _GRANT_SELECT: Final = "SELECT state, record, uses FROM grants"
 
 
+_NOT_TEXT: Final = "a value is not valid Unicode text (a lone surrogate?)"
+
+
 def _translate(exc: BaseException) -> BaseException:
     if isinstance(exc, KeygrantsError):
         return exc
     if isinstance(exc, sqlite3.IntegrityError):
         return AlreadyExists("already exists")
+    if isinstance(exc, UnicodeError):
+        return StoreError(_NOT_TEXT)
     if isinstance(exc, sqlite3.Error):
         return StoreError("write failed")
     return exc
@@ -279,10 +308,16 @@ class _GroupCommit:
                                                               _AnyFuture]]] = {}
 
     def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        future = self.submit(fn)
         try:
-            return self.submit(fn).result(timeout=_GROUP_COMMIT_TIMEOUT)
+            return future.result(timeout=_GROUP_COMMIT_TIMEOUT)
         except TimeoutError:
-            raise StoreError("the store did not confirm the write in time") from None
+            # Report a failure only for a write that will never happen: one left in the queue
+            # would commit later (a grant use counted for a call that was told it failed).
+            if future.cancel():
+                raise StoreError("the store did not confirm the write in time") from None
+        # Its batch is running (it holds the lock for one transaction): the real outcome.
+        return future.result()
 
     def submit(self, fn: Callable[[sqlite3.Connection], T]) -> Future[T]:
         future: Future[T] = Future()
@@ -550,6 +585,9 @@ class SQLiteStore:
         try:
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
                                        timeout=10.0)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open SQLite database at {self.path}") from exc
+        try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
@@ -561,6 +599,7 @@ class SQLiteStore:
             self._db.execute(f"PRAGMA wal_autocheckpoint={_WAL_BACKSTOP_PAGES}")
             self._migrate()
         except sqlite3.Error as exc:
+            self._db.close()  # no lock or half-applied migration left behind
             raise StoreError(f"cannot open SQLite database at {self.path}") from exc
         self._wal_stop = threading.Event()
         self._wal_thread: threading.Thread | None = None
@@ -578,9 +617,27 @@ class SQLiteStore:
             self._wal_thread.start()
 
     def _migrate(self) -> None:
-        (current,) = self._db.execute("PRAGMA user_version").fetchone()
-        for number, script in enumerate(_MIGRATIONS[current:], start=current + 1):
-            self._db.executescript(f"BEGIN IMMEDIATE; {script}; PRAGMA user_version={number}; COMMIT;")
+        """Apply the missing migrations, each in a write transaction that reads the schema
+        version itself: a process opening the same file at the same moment waits, then finds
+        the migration applied (read before the transaction, both would apply it)."""
+        db = self._db
+        while True:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                (current,) = db.execute("PRAGMA user_version").fetchone()
+                if current >= len(_MIGRATIONS):
+                    db.execute("COMMIT")
+                    return
+                # statement by statement: executescript would commit this transaction first
+                for statement in _statements(_MIGRATIONS[current]):
+                    db.execute(statement)
+                db.execute(f"PRAGMA user_version={current + 1}")
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    with suppress(sqlite3.Error):
+                        db.execute("ROLLBACK")
+                raise
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -606,6 +663,8 @@ class SQLiteStore:
                 return fn(self._db)
             except sqlite3.Error as exc:
                 raise StoreError("read failed") from exc
+            except UnicodeError as exc:
+                raise StoreError(_NOT_TEXT) from exc
 
     def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         try:
@@ -615,6 +674,8 @@ class SQLiteStore:
             raise AlreadyExists("name is already in use") from exc
         except sqlite3.Error as exc:
             raise StoreError("write failed") from exc
+        except UnicodeError as exc:
+            raise StoreError(_NOT_TEXT) from exc
 
     # -- metadata --------------------------------------------------------------------------
 
@@ -672,31 +733,38 @@ class SQLiteStore:
             f"{_KEY_SELECT} WHERE name > ? ORDER BY name LIMIT ?", (after or "", limit)).fetchall())
         return [_key_from_row(r) for r in rows]
 
-    def update_key(self, key: Key, *, expected_updated_at: int | None = None) -> None:
+    def update_key(self, key: Key, *, expected: Key) -> None:
         def go(db: sqlite3.Connection) -> None:
-            row = db.execute("SELECT updated_at FROM keys WHERE id = ?", (key.id,)).fetchone()
-            if row is None:
-                raise KeyNotFound()
-            if expected_updated_at is not None and row[0] != expected_updated_at:
-                raise Conflict("the key changed concurrently; retry")
-            self._update_key_row(db, key)
+            self._check_key(db, key.id, expected)
+            sets = ", ".join(f"{c} = ?" for c in _KEY_COLUMNS[1:])
+            db.execute(f"UPDATE keys SET {sets} WHERE id = ?", (*_key_params(key)[1:], key.id))
         self._write(go)
 
     @staticmethod
-    def _update_key_row(db: sqlite3.Connection, key: Key) -> None:
-        sets = ", ".join(f"{c} = ?" for c in _KEY_COLUMNS[1:])
-        db.execute(f"UPDATE keys SET {sets} WHERE id = ?",
-                   (*_key_params(key)[1:], key.id))
+    def _stored_key(db: sqlite3.Connection, key_id: str) -> Key:
+        row = db.execute(f"{_KEY_SELECT} WHERE id = ?", (key_id,)).fetchone()
+        if row is None:
+            raise KeyNotFound()
+        return _key_from_row(row)
 
-    def add_version(self, key: Key, version: KeyVersion) -> None:
+    @classmethod
+    def _check_key(cls, db: sqlite3.Connection, key_id: str, expected: Key) -> Key:
+        """The compare-and-set of every key write (inside its write transaction)."""
+        current = cls._stored_key(db, key_id)
+        if current != expected:
+            raise Conflict("the key changed concurrently; retry")
+        return current
+
+    def add_version(self, key: Key, version: KeyVersion, *, expected: Key) -> None:
         def go(db: sqlite3.Connection) -> None:
-            row = db.execute("SELECT latest_version FROM keys WHERE id = ?", (key.id,)).fetchone()
-            if row is None:
-                raise KeyNotFound()
-            if row[0] != version.version - 1 or key.latest_version != version.version:
+            current = self._stored_key(db, key.id)
+            if current.latest_version != version.version - 1 or key.latest_version != version.version:
                 raise Conflict("the key was rotated concurrently; retry")
+            self._check_key(db, key.id, expected)
             self._insert_version(db, version)
-            self._update_key_row(db, key)
+            db.execute("UPDATE keys SET latest_version = ?, next_rotation_at = ?, updated_at = ? "
+                       "WHERE id = ?", (key.latest_version, key.next_rotation_at, key.updated_at,
+                                        key.id))
         self._write(go)
 
     def get_versions(self, key_id: str) -> list[KeyVersion]:
@@ -706,13 +774,20 @@ class SQLiteStore:
         return [KeyVersion(key_id=r[0], version=r[1], created_at=r[2], sealed=bytes(r[3]),
                            public_key_der=None if r[4] is None else bytes(r[4])) for r in rows]
 
-    def destroy_key(self, key: Key) -> None:
-        def go(db: sqlite3.Connection) -> None:
-            db.execute("UPDATE key_versions SET sealed = X'' WHERE key_id = ?", (key.id,))
-            self._update_key_row(db, key)
-        self._write(go)
+    def destroy_key(self, key_id: str, *, now: int) -> Key:
+        def go(db: sqlite3.Connection) -> Key:
+            current = self._stored_key(db, key_id)
+            if not _destroyable(current, now):
+                raise Conflict("the key is no longer due for destruction")
+            dead = _destroyed(current, now)
+            db.execute("UPDATE key_versions SET sealed = X'' WHERE key_id = ?", (key_id,))
+            db.execute("UPDATE keys SET state = ?, previous_state = NULL, updated_at = ? "
+                       "WHERE id = ?", (dead.state, dead.updated_at, key_id))
+            return dead
+        dead = self._write(go)
         # Overwrite freed pages too, so the destroyed material does not linger in the file.
         self._read(lambda db: db.execute("PRAGMA wal_checkpoint(TRUNCATE)"))
+        return dead
 
     def keys_due(self, now: int) -> list[Key]:
         rows = self._read(lambda db: db.execute(
@@ -724,7 +799,8 @@ class SQLiteStore:
 
     def create_alias(self, alias: str, key_id: str) -> None:
         def go(db: sqlite3.Connection) -> None:
-            if db.execute("SELECT 1 FROM keys WHERE name = ?", (alias,)).fetchone():
+            if (db.execute("SELECT 1 FROM keys WHERE name = ?", (alias,)).fetchone()
+                    or db.execute("SELECT 1 FROM aliases WHERE alias = ?", (alias,)).fetchone()):
                 raise AlreadyExists(f"name {alias!r} is already in use")
             if not db.execute("SELECT 1 FROM keys WHERE id = ?", (key_id,)).fetchone():
                 raise KeyNotFound()
@@ -765,13 +841,17 @@ class SQLiteStore:
             "ORDER BY id LIMIT ?", (after or "", limit)).fetchall())
         return [_principal_from_row(r) for r in rows]
 
-    def update_principal(self, principal: Principal) -> None:
+    def update_principal(self, principal: Principal, *, expected: Principal) -> None:
         def go(db: sqlite3.Connection) -> None:
-            sets = ", ".join(f"{c} = ?" for c in _PRINCIPAL_COLUMNS[1:])
-            cur = db.execute(f"UPDATE principals SET {sets} WHERE id = ?",
-                             (*_principal_params(principal)[1:], principal.id))
-            if cur.rowcount == 0:
+            row = db.execute(f"SELECT {', '.join(_PRINCIPAL_COLUMNS)} FROM principals WHERE id = ?",
+                             (principal.id,)).fetchone()
+            if row is None:
                 raise PrincipalNotFound()
+            if not _same_principal(_principal_from_row(row), expected):
+                raise Conflict("the principal changed concurrently; retry")
+            sets = ", ".join(f"{c} = ?" for c in _PRINCIPAL_UPDATED)
+            db.execute(f"UPDATE principals SET {sets} WHERE id = ?",
+                       (*_principal_params(principal)[1:len(_PRINCIPAL_UPDATED) + 1], principal.id))
         self._write(go)
 
     def delete_principal(self, principal_id: str) -> None:
@@ -810,14 +890,17 @@ class SQLiteStore:
             return db.execute(select + " WHERE principal_id = ?" + order, (principal_id,)).fetchall()
         return [_credential_from_row(r) for r in self._read(go)]
 
-    def update_credential(self, credential: Credential) -> None:
+    def update_credential(self, credential: Credential, *, expected: Credential) -> None:
         def go(db: sqlite3.Connection) -> None:
-            sets = ", ".join(f"{c} = ?" for c in _CREDENTIAL_COLUMNS[1:])
-            cur = db.execute(f"UPDATE credentials SET {sets} WHERE id = ?",
-                             (*(getattr(credential, c) for c in _CREDENTIAL_COLUMNS[1:]),
-                              credential.id))
-            if cur.rowcount == 0:
+            row = db.execute(f"SELECT {', '.join(_CREDENTIAL_COLUMNS)} FROM credentials WHERE id = ?",
+                             (credential.id,)).fetchone()
+            if row is None:
                 raise CredentialNotFound()
+            if not _same_credential(_credential_from_row(row), expected):
+                raise Conflict("the credential changed concurrently; retry")
+            sets = ", ".join(f"{c} = ?" for c in _CREDENTIAL_UPDATED)
+            db.execute(f"UPDATE credentials SET {sets} WHERE id = ?",
+                       (*(getattr(credential, c) for c in _CREDENTIAL_UPDATED), credential.id))
         self._write(go)
 
     def record_usage(self, principals: Mapping[str, int], credentials: Mapping[str, int]) -> None:
@@ -918,6 +1001,8 @@ class SQLiteStore:
         return [r[0] for r in rows]
 
     def consume_grant_use(self, grant_id: str, now: int, n: int = 1) -> Grant | None:
+        _check_uses(n)
+
         def go(db: sqlite3.Connection) -> Grant | None:
             row = db.execute(
                 "UPDATE grants SET uses = uses + ? WHERE id = ? AND state = 'active' "

@@ -1,0 +1,128 @@
+"""Two nodes' access services on one database: a principal disabled, or a credential
+revoked, on one node is never undone by a stale write from the other, and usage times are
+never written back (the store's compare-and-set, and the service's re-read and retry). Runs
+against every store implementation."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+
+from keygrants import models as m
+from keygrants.access import Access, open_access
+from keygrants.auth import RequestContext, ensure_admin_token
+from keygrants.errors import Conflict
+from keygrants.store.base import Store
+from keygrants.store.memory import MemoryStore
+from keygrants.store.sqlite import SQLiteStore
+
+
+@pytest.fixture
+def second_node(store: Store, request: pytest.FixtureRequest) -> Iterator[Store]:
+    """Another store object on the database of ``store`` (a second server node)."""
+    if isinstance(store, MemoryStore):
+        yield store  # one process's memory: the same object
+        return
+    other: Store
+    if isinstance(store, SQLiteStore):
+        other = SQLiteStore(Path(store.path))
+    else:
+        from keygrants.store.postgres import PostgresStore
+
+        other = PostgresStore(request.getfixturevalue("postgres_url"))
+    yield other
+    other.close()
+
+
+class _Meanwhile:
+    """A store that, just before ``method`` writes, lets another node act (``times`` times)."""
+
+    def __init__(self, store: Store, method: str, act: Callable[[], object], *,
+                 times: int = 1) -> None:
+        self._store = store
+        self._method = method
+        self._act = act
+        self.left = times
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._store, name)
+        if name != self._method:
+            return attr
+
+        def meanwhile(*args: Any, **kwargs: Any) -> Any:
+            if self.left:
+                self.left -= 1
+                self._act()
+            return attr(*args, **kwargs)
+        return meanwhile
+
+
+@pytest.fixture
+def nodes(store: Store, second_node: Store, clock: Any) -> tuple[Access, Access]:
+    ensure_admin_token(store)
+    root = os.urandom(32)
+    return open_access(store, root, clock=clock), open_access(second_node, root, clock=clock)
+
+
+def _meanwhile(access: Access, method: str, act: Callable[[], object], *, times: int = 1) -> None:
+    access.service.store = cast(Store, _Meanwhile(access.service.store, method, act, times=times))
+
+
+def test_a_rename_does_not_re_enable_a_principal_disabled_on_another_node(
+        store: Store, nodes: tuple[Access, Access], admin: RequestContext) -> None:
+    a, b = nodes
+    a.service.create_principal(admin, m.CreatePrincipalRequest(id="svc", display_name="Svc"))
+    _meanwhile(b, "update_principal", lambda: a.service.disable_principal(admin, "svc"))
+    info = b.service.update_principal(admin, "svc", m.UpdatePrincipalRequest(display_name="renamed"))
+    assert (info.enabled, info.display_name) == (False, "renamed")
+    stored = store.get_principal("svc")
+    assert stored is not None and (stored.enabled, stored.display_name) == (False, "renamed")
+
+
+def test_a_principal_change_never_writes_last_seen_back(
+        store: Store, nodes: tuple[Access, Access], admin: RequestContext) -> None:
+    a, b = nodes
+    a.service.create_principal(admin, m.CreatePrincipalRequest(id="svc"))
+    _meanwhile(b, "update_principal", lambda: store.record_usage({"svc": 2_000_000_000}, {}))
+    b.service.update_principal(admin, "svc", m.UpdatePrincipalRequest(display_name="renamed"))
+    stored = store.get_principal("svc")
+    assert stored is not None and stored.last_seen_at == 2_000_000_000
+    assert stored.display_name == "renamed"
+
+
+def test_a_principal_that_keeps_changing_is_a_conflict(
+        store: Store, nodes: tuple[Access, Access], admin: RequestContext) -> None:
+    a, b = nodes
+    a.service.create_principal(admin, m.CreatePrincipalRequest(id="svc"))
+    names = iter(["one", "two"])
+    _meanwhile(b, "update_principal",
+               lambda: a.service.update_principal(
+                   admin, "svc", m.UpdatePrincipalRequest(display_name=next(names))), times=2)
+    with pytest.raises(Conflict):
+        b.service.disable_principal(admin, "svc")
+    stored = store.get_principal("svc")
+    assert stored is not None and stored.enabled and stored.display_name == "two"
+
+
+def test_a_revocation_keeps_usage_recorded_meanwhile(
+        store: Store, nodes: tuple[Access, Access], admin: RequestContext, clock: Any) -> None:
+    a, b = nodes
+    a.service.create_principal(admin, m.CreatePrincipalRequest(id="svc"))
+    created = a.service.create_api_key(admin, "svc", m.CreateApiKeyRequest(label="ci"))
+    cid = created.credential.id
+
+    def meanwhile() -> None:  # node A sees the key used, then revokes it, a second later
+        store.record_usage({}, {cid: 2_000_000_000})
+        clock.advance(1)
+        a.service.revoke_credential(admin, "svc", cid)
+
+    _meanwhile(b, "update_credential", meanwhile)
+    info = b.service.revoke_credential(admin, "svc", cid)
+    stored = store.get_credential(cid)
+    assert stored is not None and stored.last_used_at == 2_000_000_000
+    assert stored.revoked_at == int(clock.now)  # A's revocation stands, B's found it done
+    assert info.revoked_at is not None
