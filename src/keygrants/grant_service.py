@@ -389,15 +389,20 @@ class GrantService:
         """Entries after ``since`` (public, like a CRL: grant ids carry no secret)."""
         if not 1 <= limit <= 1000:
             raise InvalidRequest("limit must be 1..1000")
+        # Read first: every entry numbered up to it was committed before the read below, so a
+        # complete answer covers it even where the newest entries were pruned.
+        covered = self.store.latest_revocation_seq()
         entries = self.store.revocations_since(since, limit=limit + 1)
         more = len(entries) > limit
         entries = entries[:limit]
         latest = self.store.latest_revocation_seq()
+        last = entries[-1].seq if entries else 0
+        next_since = last if more else max(since, covered, last)
         return m.RevocationFeed(
             entries=[m.RevocationEntryInfo(seq=e.seq, kind=e.kind, id=e.id,
                                            revoked_at=e.revoked_at, expires_at=e.expires_at,
                                            reason=e.reason) for e in entries],
-            latest=latest, more=more)
+            latest=latest, more=more, next_since=next_since)
 
     def _publish(self, entries: Sequence[RevocationEntry]) -> None:
         """Apply new feed entries here and push them to subscribers (``on_revocations``)."""

@@ -751,11 +751,14 @@ class RevocationEntryInfo(_Result):
 
 class RevocationFeed(_Result):
     """Entries after ``since``; ``latest`` is the feed's newest sequence number, ``more`` says
-    another page follows."""
+    another page follows, and ``next_since`` is the ``since`` to ask with next: past every
+    entry this answer covered, including those already dropped because their tokens expired
+    (so a reader whose newest entries expired does not ask for them again and again)."""
 
     entries: list[RevocationEntryInfo]
     latest: int
     more: bool = False
+    next_since: int = 0
 
 
 class IssuerKeyInfo(_Result):

@@ -170,6 +170,29 @@ async def test_grant_token_header_attacks_over_http(world, http) -> None:
 
 # -- revocation and the feed --------------------------------------------------------------------
 
+async def test_the_feed_says_where_to_ask_next_even_after_its_newest_entries_expired(
+        world, http) -> None:
+    """A reader at the feed's end used to be told nothing past its last entry once the newest
+    entries were dropped, so every heartbeat naming the newest number sent it to ask again."""
+    ids = []
+    for _ in range(3):
+        created = await http.post("/v1/grants", headers=world.auth, json={
+            "key": "enc", "grantee": "svc", "operations": ["decrypt"]})
+        ids.append(created.json()["grant"]["id"])
+        assert (await http.post(f"/v1/grants/{ids[-1]}/revoke",
+                                headers=world.auth)).status_code == 200
+    page = (await http.get("/v1/revocations", params={"since": 0, "limit": 2})).json()
+    assert page["more"] and page["next_since"] == page["entries"][-1]["seq"]
+    rest = (await http.get("/v1/revocations", params={"since": page["next_since"]})).json()
+    assert not rest["more"] and [e["id"] for e in rest["entries"]] == ids[2:]
+    assert rest["next_since"] == rest["latest"] == rest["entries"][-1]["seq"]
+    latest = rest["latest"]
+    assert world.store.prune_revocations(2**40) >= 3  # every token they covered has expired
+    pruned = (await http.get("/v1/revocations", params={"since": 0})).json()
+    assert pruned["entries"] == [] and not pruned["more"]
+    assert pruned["next_since"] == pruned["latest"] == latest
+
+
 async def test_revoke_takes_effect_on_the_next_request_and_enters_the_feed(world, http) -> None:
     assert (await decrypt(http, world, svc(world, world.grant_token))).status_code == 200
     r = await http.post(f"/v1/grants/{world.grant_id}/revoke", headers=world.auth)

@@ -139,6 +139,7 @@ class FakeKMS:
         self.entries: list[dict[str, Any]] = []
         self.latest = 0
         self.requests: list[str] = []
+        self.next_since = False
 
     def transport(self) -> httpx.MockTransport:
         return httpx.MockTransport(self._handle)
@@ -151,8 +152,10 @@ class FakeKMS:
         since = int(request.url.params.get("since", "0"))
         now = self.clock()  # the KMS drops what has expired, as its stores do
         entries = [e for e in self.entries if e["seq"] > since and e["expires_at"] > now]
-        return httpx.Response(200, json={"entries": entries, "latest": self.latest,
-                                         "more": False})
+        doc: dict[str, Any] = {"entries": entries, "latest": self.latest, "more": False}
+        if self.next_since:  # as the KMS answers now (an older one did not)
+            doc["next_since"] = max(since, self.latest)
+        return httpx.Response(200, json=doc)
 
     def mint(self, *, ttl: int = 300, key_id: str = "payments",
              ops: tuple[str, ...] = ("decrypt",), **fields: Any) -> tuple[Grant, str]:

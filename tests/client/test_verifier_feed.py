@@ -108,3 +108,29 @@ def test_a_heartbeat_behind_what_was_seen_makes_the_verifier_pull() -> None:
         assert _Pushed.handle(state, heartbeat_message(50, clock())) is None  # nothing new
         assert _Pushed.handle(state, heartbeat_message(10, clock())) is not None  # went back
         assert _Pushed.handle(state, heartbeat_message(51, clock())) is not None
+
+
+def test_a_verifier_whose_newest_entries_expired_stops_asking_for_them() -> None:
+    """Once the KMS has dropped the newest entries, a verifier used to stay behind the feed's
+    number and pull on every heartbeat (once a second, for good); ``next_since`` moves it past
+    them."""
+    from keygrants.client.verifier import _Pushed
+    from keygrants.grants.push import heartbeat_message
+
+    clock = Clock()
+    kms = FakeKMS(clock)
+    grant, token = kms.mint(ttl=60)
+    kms.revoke(grant)
+    with Verifier("http://kms", clock=clock, transport=kms.transport(), audience="svc") as v:
+        with pytest.raises(errors.GrantRevoked):
+            v.verify(token)
+        state = v._state
+        assert state.feed_seq == 1
+        for _ in range(3):
+            kms.revoke(kms.mint(ttl=1)[0])  # entries 2..4: expired before the next pull
+        clock.now += 200
+        assert _Pushed.handle(state, heartbeat_message(kms.latest, clock())) is not None
+        kms.next_since = True
+        v.pull_revocations()
+        assert state.feed_seq == kms.latest == 4
+        assert _Pushed.handle(state, heartbeat_message(kms.latest, clock())) is None

@@ -400,6 +400,8 @@ def revocations(state: State, since: int, limit: int) -> None:
             table.add_row(str(e.seq), e.kind, e.id, e.reason or "-", _ts(e.revoked_at))
         Console().print(table)
         if feed.more:
-            click.echo(f"more: --since {feed.entries[-1].seq}")
+            click.echo(f"more: --since {feed.next_since}")
+        else:
+            click.echo(f"next: --since {feed.next_since}")
 
     emit(state, feed, show)

@@ -170,6 +170,11 @@ class _State:
         if entries:
             self.feed_seq = max(self.feed_seq, entries[-1].seq)
         more = bool(doc.get("more"))
+        covered = doc.get("next_since")
+        if not more and type(covered) is int and covered > self.feed_seq:
+            # past entries the KMS has already dropped (their tokens expired): otherwise every
+            # heartbeat naming the newest number would make this verifier ask for them again
+            self.feed_seq = covered
         if not more:
             self.feed_fresh_at = started
             # Kept until this verifier's own leeway after expires_at: it accepts a token until
