@@ -23,6 +23,7 @@ from typing import Any, Final, TypeVar
 import msgspec
 
 from keygrants import models as m
+from keygrants.audit.events import MAX_DETAIL_VALUE
 from keygrants.audit.recorder import AuditRecorder, NoAudit
 from keygrants.auth import ADMIN_PRINCIPAL, ADMIN_TOKEN_META, RequestContext
 from keygrants.auth.authenticator import KEYID_SEPARATOR, Authenticator, AuthSettings
@@ -50,6 +51,7 @@ from keygrants.errors import (
     PolicyNotFound,
     PrincipalNotFound,
 )
+from keygrants.keys.context import canonical_context
 from keygrants.keys.model import Key
 from keygrants.keys.sealing import seal_named_secret, unseal_named_secret
 from keygrants.keys.tags import check_tags
@@ -85,6 +87,14 @@ def _dt(ts: int | None) -> datetime | None:
     return None if ts is None else datetime.fromtimestamp(ts, UTC)
 
 
+def _event_text(text: str) -> str:
+    """``text`` as an audit detail value: at most ``MAX_DETAIL_VALUE`` characters, marked
+    when cut."""
+    if len(text) <= MAX_DETAIL_VALUE:
+        return text
+    return text[:MAX_DETAIL_VALUE - 20] + f"...({len(text)} chars)"
+
+
 def _audited(event_type: str, operation: str) -> Callable[[F], F]:
     """Record each access use case's outcome (``ok``, ``denied`` or ``error``)."""
 
@@ -92,7 +102,9 @@ def _audited(event_type: str, operation: str) -> Callable[[F], F]:
         @functools.wraps(fn)
         def wrapper(self: AccessService, ctx: RequestContext, *args: Any, **kwargs: Any) -> Any:
             target = str(args[0]) if args and isinstance(args[0], str) else None
-            detail = {"target": target} if target else None
+            # a caller's id of any length is recorded, shortened to what an event holds (an
+            # over-long one made the event invalid: 503 audit_unavailable, and no trace)
+            detail = {"target": _event_text(target)} if target else None
             try:
                 result = fn(self, ctx, *args, **kwargs)
             except KeygrantsError as exc:
@@ -756,9 +768,10 @@ class AccessService:
                                  f"{', '.join(sorted(ACTIONS))}")
         if req.source not in ("signature", "api_key", "mtls", "admin_token"):
             raise InvalidRequest("source must be signature, api_key, mtls or admin_token")
+        canonical_context(req.context)  # the encryption-context limits, as for a real request
         p = self.directory.principal(req.principal)
         if p is None:
-            raise PrincipalNotFound(f"principal {req.principal!r} not found")
+            raise PrincipalNotFound(f"principal {_event_text(req.principal)!r} not found")
         if p.id == ADMIN_PRINCIPAL:
             return m.PolicyTestResult(allowed=True, reasons=["builtin:admin"], errors=[],
                                       explanation="allowed: the built-in admin principal is not "

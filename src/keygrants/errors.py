@@ -14,6 +14,7 @@ same classes by the SDK (:func:`error_from_code`).
     │   ├── PayloadTooLarge             payload_too_large    413
     │   ├── InvalidKeyUsage             invalid_key_usage    400
     │   ├── PolicyInvalid               policy_invalid       400
+    │   ├── RequestTimeout              request_timeout      408  (the connection closes)
     │   └── HeaderTooLarge              header_too_large     431
     ├── InvalidCiphertext               invalid_ciphertext   400  (opaque, always)
     ├── Unauthenticated                 unauthenticated      401  (+ WWW-Authenticate)
@@ -155,6 +156,7 @@ __all__ = [
     "PrincipalNotFound",
     "ProviderConnectionError",
     "RateLimited",
+    "RequestTimeout",
     "SealError",
     "SelfApproval",
     "ServerUnreachable",
@@ -224,6 +226,14 @@ class PolicyInvalid(InvalidRequest):
 
     code = "policy_invalid"
     default_message = "invalid policy"
+
+
+class RequestTimeout(InvalidRequest):
+    """Raised when a request's head or body does not arrive in time (the connection closes)."""
+
+    code = "request_timeout"
+    status = 408
+    default_message = "request not received in time"
 
 
 class HeaderTooLarge(InvalidRequest):

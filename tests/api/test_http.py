@@ -512,9 +512,11 @@ def _mutations(struct: type, valid: dict[str, Any], where: str = "$") -> list[tu
 @pytest.mark.parametrize("endpoint", WITH_BODY, ids=lambda e: e.operation_id)
 @pytest.mark.parametrize("raw", [b"[]", b'"a string"', b"1", b"null", b"true", b"{", b"{}}",
                                  b'{"a": }', b"\xff\xfe{}", b"{'single': 'quotes'}",
-                                 b'{"plaintext": "AA==",}'],
+                                 b'{"plaintext": "AA==",}', b'{"\xff": 1}',
+                                 b'{"\xed\xa0\x80": "a surrogate"}'],
                          ids=["array", "string", "number", "null", "bool", "truncated", "trailing",
-                              "no-value", "not-utf8", "single-quotes", "trailing-comma"])
+                              "no-value", "not-utf8", "single-quotes", "trailing-comma",
+                              "not-utf8-name", "surrogate-name"])
 async def test_bodies_that_are_not_a_json_object_are_400_malformed_body(world, http, endpoint,
                                                                          raw: bytes) -> None:
     url, _ = case_for(endpoint, world)

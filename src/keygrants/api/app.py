@@ -26,8 +26,8 @@ import ssl
 from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Any, Final
-from urllib.parse import parse_qsl, urlsplit
+from typing import Any, Final, TypeVar
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import anyio.to_thread
 import msgspec
@@ -44,7 +44,6 @@ from keygrants.errors import (
     AuditUnavailable,
     Forbidden,
     GrantDenied,
-    HeaderTooLarge,
     InvalidRequest,
     KeygrantsError,
     MalformedBody,
@@ -52,6 +51,7 @@ from keygrants.errors import (
     NotFound,
     PayloadTooLarge,
     RateLimited,
+    RequestTimeout,
     Unauthenticated,
     UseDpopNonce,
 )
@@ -285,6 +285,24 @@ def _query_int(call: _Call, name: str, default: int | None) -> int | None:
     return int(raw)
 
 
+_T = TypeVar("_T")
+BODY_TIMEOUT: Final = 60.0
+"""Seconds a request body may take to arrive in full (else 408 and the connection closes)."""
+
+
+def _from_web_page(scope: Scope) -> bool:
+    """Whether a browser sent the request on a page's behalf (``Origin``, or a
+    ``Sec-Fetch-Site`` other than a user's own navigation): no client of this API does."""
+    for name, value in scope["headers"]:
+        if name == b"origin" or (name == b"sec-fetch-site" and value != b"none"):
+            return True
+    return False
+
+
+def _latin1(value: bytes | None) -> str | None:
+    return value.decode("latin-1") if value is not None else None
+
+
 async def _read_body(req: _Request, receive: Receive, limit: int) -> bytes:
     declared = req.content_length
     if declared is not None:
@@ -292,24 +310,30 @@ async def _read_body(req: _Request, receive: Receive, limit: int) -> bytes:
             raise InvalidRequest("invalid Content-Length")
         if int(declared) > limit:
             raise PayloadTooLarge(f"request body is larger than {limit} bytes")
-    message = await receive()
-    body: bytes = message.get("body", b"")
-    if not message.get("more_body", False):
-        if len(body) > limit:
-            raise PayloadTooLarge(f"request body is larger than {limit} bytes")
-        return body
-    chunks = [body]
-    size = len(body)
-    while message.get("more_body", False):
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise MalformedBody("client disconnected")
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body is larger than {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT):
+            message = await receive()
+            if message["type"] == "http.disconnect":  # never as an empty body: it would run
+                raise MalformedBody("client disconnected before sending the body")
+            body: bytes = message.get("body", b"")
+            if not message.get("more_body", False):
+                if len(body) > limit:
+                    raise PayloadTooLarge(f"request body is larger than {limit} bytes")
+                return body
+            chunks = [body]
+            size = len(body)
+            while message.get("more_body", False):
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise MalformedBody("client disconnected")
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"request body is larger than {limit} bytes")
+                chunks.append(chunk)
+            return b"".join(chunks)
+    except TimeoutError:
+        raise RequestTimeout(f"request body not received within {BODY_TIMEOUT:g} s") from None
 
 
 async def _send(send: Send, status: int, body: bytes, request_id: str,
@@ -338,6 +362,8 @@ async def _send_error(send: Send, exc: KeygrantsError, request_id: str,
     elif isinstance(exc, UseDpopNonce):
         headers.append((b"www-authenticate", b'DPoP error="use_dpop_nonce"'))
         headers.append((b"dpop-nonce", exc.nonce.encode("ascii")))
+    elif isinstance(exc, RequestTimeout):
+        headers.append((b"connection", b"close"))  # what is left of the body is not read
     await _send(send, exc.status, _encoder.encode(exc.to_dict()), request_id, headers)
 
 
@@ -454,16 +480,33 @@ class KeygrantsApp:
         nothing past this point runs for an unauthenticated request."""
         auth = req.authorization
         sig_input, sig = req.signature_input, req.signature
-        try:
+
+        def check() -> RequestContext:
             ctx = self.authenticator.authenticate(AuthRequest(
                 method=method, target_uri=req.target_uri() if sig_input or sig else "",
                 authorization=auth.decode("latin-1") if auth is not None else None,
-                signature_input=sig_input.decode("latin-1") if sig_input is not None else None,
-                signature=sig.decode("latin-1") if sig is not None else None,
+                signature_input=_latin1(sig_input), signature=_latin1(sig),
                 headers=req.headers, body=body, client_cert=req.client_cert(),
                 request_id=req.request_id, source=source, pending_audit=pending),
                 rate_limiter=self.rate_limiter)
-        except (Unauthenticated, HeaderTooLarge) as exc:
+            if (ctx.auth_method == "mtls" and method not in ("GET", "HEAD")
+                    and _from_web_page(req.scope)):
+                # a browser attaches a client certificate to any site's requests: a page
+                # elsewhere could otherwise rotate or delete keys as the certificate's holder
+                raise Unauthenticated("a client certificate is not accepted on a request "
+                                      "made by a web page")
+            return ctx
+
+        ctx = self._guard(req, source, pending, endpoint, check)
+        ctx.attributes["auth"] = ctx.auth_method or ""
+        return ctx
+
+    def _guard(self, req: _Request, source: str | None, pending: list[Any], endpoint: Endpoint,
+               check: Callable[[], _T]) -> _T:
+        """Run an authentication step; its failures are counted and audited."""
+        try:
+            return check()
+        except (Unauthenticated, InvalidRequest) as exc:  # e.g. a Host no URI can be built on
             self.auth_failures[exc.code] = self.auth_failures.get(exc.code, 0) + 1
             anonymous = RequestContext(principal="", request_id=req.request_id, source=source,
                                        pending_audit=pending)
@@ -476,8 +519,6 @@ class KeygrantsApp:
             self.kms.audit.record(limited, "request.rate_limited", "denied",
                                   operation=endpoint.operation_id, reason=exc.code)
             raise
-        ctx.attributes["auth"] = ctx.auth_method or ""
-        return ctx
 
     def _present_grant(self, req: _Request, ctx: RequestContext, method: str,
                        endpoint: Endpoint) -> RequestContext:
@@ -501,8 +542,14 @@ class KeygrantsApp:
             raise
         return dataclasses.replace(ctx, grant=claims)
 
-    def _find(self, method: str, path: str) -> tuple[_Route, dict[str, str]]:
-        parts = path[1:].split("/")
+    def _find(self, method: str, path: str,
+              raw_path: bytes | None = None) -> tuple[_Route, dict[str, str]]:
+        if raw_path is not None and b"%" in raw_path:
+            # split as sent, then decode each segment: an encoded slash stays inside its
+            # segment (/v1/keys/a%2Frotate names a key "a/rotate"; it is not rotate)
+            parts = [unquote(s) for s in raw_path.decode("latin-1")[1:].split("/")]
+        else:
+            parts = path[1:].split("/")
         allowed = False
         for route in self._routes.get(len(parts), ()):
             params = route.match(parts)
@@ -511,9 +558,10 @@ class KeygrantsApp:
             if route.endpoint.method == method:
                 return route, params
             allowed = True
+        shown = path if len(path) <= 200 else path[:200] + "..."
         if allowed:
-            raise MethodNotAllowed(f"{method} is not allowed on {path}")
-        raise NotFound(f"no route for {method} {path}")
+            raise MethodNotAllowed(f"{method} is not allowed on {shown}")
+        raise NotFound(f"no route for {method} {shown}")
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         req = _Request(scope, self._next_id, self.public_url)
@@ -530,14 +578,26 @@ class KeygrantsApp:
             if path == "/openapi.json" and method == "GET":
                 await _send(send, 200, self._openapi, request_id)
                 return
-            route, params = self._find(method, path)
+            route, params = self._find(method, path, scope.get("raw_path"))
             endpoint = route.endpoint
             raw = b""
+            signed = req.signature_input is not None or req.signature is not None
+            if endpoint.auth and not signed:
+                # a bearer token, a certificate or nothing: decided before any body is read, so
+                # an unauthenticated client cannot make the server hold bodies
+                ctx = self._authenticate(req, method, raw, source, pending, endpoint)
+            elif endpoint.auth:
+                # a signature covers the body's Content-Digest, so the body is read first; but
+                # only for a signature naming a key this server knows
+                self._guard(req, source, pending, endpoint,
+                            lambda: self.authenticator.check_signing_keyid(
+                                _latin1(req.signature_input)))
             if route.decoder is not None or req.content_length not in (None, b"0"):
-                # read before authenticating: a signature covers the body's Content-Digest
                 raw = await _read_body(req, receive, route.limit)
             if endpoint.auth:
-                ctx = self._authenticate(req, method, raw, source, pending, endpoint)
+                if signed:
+                    ctx = self._authenticate(req, method, raw, source, pending, endpoint)
+                assert ctx is not None
                 if req.grant is not None:
                     ctx = self._present_grant(req, ctx, method, endpoint)
             else:
@@ -550,6 +610,10 @@ class KeygrantsApp:
                     raise MalformedBody(f"invalid request body: {exc}") from None
                 except msgspec.DecodeError:
                     raise MalformedBody("request body is not valid JSON") from None
+                except UnicodeDecodeError:  # invalid UTF-8 inside a string or a member name
+                    raise MalformedBody("request body is not valid UTF-8") from None
+                except RecursionError:
+                    raise MalformedBody("request body is nested too deeply") from None
             call = _Call(self.kms, ctx, params, req.query(), body, self.audit, self.access,
                          self.grants, req)
             sync = getattr(endpoint.handler, "sync", None)

@@ -12,9 +12,18 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Final
 
-__all__ = ["protocol_class", "server_ssl_options"]
+__all__ = ["HEAD_TIMEOUT", "MAX_HEAD_BYTES", "protocol_class", "server_ssl_options"]
+
+MAX_HEAD_BYTES: Final = 64 * 1024
+"""The most bytes a request line and its headers may take (else 431 and the connection
+closes): httptools buffers a header line whole, so without this one endless line grew the
+server's memory without bound."""
+HEAD_TIMEOUT: Final = 30.0
+"""Seconds a connection may take to send a whole request head, from its first byte or from
+its opening (else 408, or a plain close before any byte): a client sending its head a byte at
+a time, or nothing at all, held a connection for good."""
 
 
 class _CoalescingTransport:
@@ -88,13 +97,77 @@ def protocol_class(*, tls: bool = True) -> type:
                            "(pip install 'uvicorn[standard]')") from exc
 
     class CoalescingProtocol(Base):
+        # Between requests (and before the first) the head is being read: its bytes are
+        # counted and a timer runs until the headers are complete.
+        _head_bytes = 0
+        _in_head = True
+        _head_started = False
+        _head_timer: asyncio.TimerHandle | None = None
+
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(
                 _CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
+            self._arm_head_timer()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm_head_timer()
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            if self._in_head:
+                self._head_bytes += len(data)
+            super().data_received(data)
+            if self._in_head and self._head_bytes > MAX_HEAD_BYTES:
+                self._refuse_head(431, "header_too_large", "request head larger than "
+                                  f"{MAX_HEAD_BYTES} bytes")
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._head_started = True
+            if self._head_timer is None:
+                self._arm_head_timer()
+
+        def on_headers_complete(self) -> None:
+            self._in_head = False
+            self._disarm_head_timer()
+            super().on_headers_complete()
 
         def on_response_complete(self) -> None:
             self.transport.flush()  # type: ignore[attr-defined]
-            super().on_response_complete()
+            self._in_head, self._head_bytes, self._head_started = True, 0, False
+            super().on_response_complete()  # arms uvicorn's keep-alive timer for the next one
+
+        def _arm_head_timer(self) -> None:
+            self._disarm_head_timer()
+            self._head_timer = self.loop.call_later(HEAD_TIMEOUT, self._head_timed_out)
+
+        def _disarm_head_timer(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_timed_out(self) -> None:
+            self._head_timer = None
+            if not self._in_head or self.transport.is_closing():
+                return
+            if self._head_started:
+                self._refuse_head(408, "request_timeout",
+                                  f"request head not received within {HEAD_TIMEOUT:g} s")
+            else:
+                self.transport.close()
+
+        def _refuse_head(self, status: int, code: str, message: str) -> None:
+            """Answer in the KMS's error shape and close (the head never reached the app)."""
+            self._in_head = False
+            self._disarm_head_timer()
+            if self.transport.is_closing():
+                return
+            reason = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}[status]
+            body = b'{"error":{"code":"%s","message":"%s"}}' % (code.encode(), message.encode())
+            self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\n"
+                                 b"content-length: %d\r\nconnection: close\r\n\r\n%s"
+                                 % (status, reason, len(body), body))
+            self.transport.close()
 
     if not tls:
         return CoalescingProtocol

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -26,7 +27,13 @@ from typing import Any, Final
 from keygrants.auth import ADMIN_PRINCIPAL, ADMIN_TOKEN_PREFIX, MAX_TOKEN_LENGTH, RequestContext, _digest
 from keygrants.auth.credentials import certificate_matches, parse_api_key, verify_api_key
 from keygrants.auth.directory import Directory
-from keygrants.auth.httpsig import DEFAULT_NONCE_CACHE_SIZE, Message, NonceCache, RequestVerifier
+from keygrants.auth.httpsig import (
+    DEFAULT_NONCE_CACHE_SIZE,
+    MAX_SIGNATURE_INPUT_LENGTH,
+    Message,
+    NonceCache,
+    RequestVerifier,
+)
 from keygrants.auth.model import Credential
 from keygrants.auth.ratelimit import RateLimiter
 from keygrants.crypto.signing import VerifyingKey
@@ -44,6 +51,7 @@ from keygrants.errors import (
 __all__ = ["AUTH_METHODS", "AuthRequest", "AuthSettings", "Authenticator"]
 
 log = logging.getLogger("keygrants.auth")
+_KEYID: Final = re.compile(r';keyid="([^"]{1,512})"')  # the first signature's, before parsing
 
 AUTH_METHODS: Final = ("signature", "api_key", "mtls", "admin_token")
 KEYID_SEPARATOR: Final = "/"
@@ -121,6 +129,27 @@ class Authenticator:
             # a principal's keys share one quota of the replay cache: several keys must not
             # let one principal fill it and lock every other signer out
             nonce_owner=lambda keyid: keyid.rpartition(KEYID_SEPARATOR)[0] or keyid)
+
+    def check_signing_keyid(self, signature_input: str | None) -> None:
+        """Before a signed request's body is read: its ``Signature-Input`` must name a key this
+        server knows (whose state is checked later, after the signature verifies), so a client
+        without one cannot make the server read and hold bodies.
+
+        Raises:
+            Unauthenticated: signatures are not accepted, the header is missing or names no
+                key, or the key is unknown (``unknown_key``).
+            HeaderTooLarge: the header is over its limit.
+        """
+        if "signature" not in self.settings.methods:
+            raise Unauthenticated("signature authentication is not enabled")
+        if signature_input is None:
+            raise SignatureInvalid("missing Signature-Input")
+        if len(signature_input) > MAX_SIGNATURE_INPUT_LENGTH:
+            raise HeaderTooLarge("Signature-Input header too large")
+        found = _KEYID.search(signature_input)
+        if found is None:
+            raise SignatureInvalid("missing keyid parameter")
+        self._signing_credential(found.group(1))
 
     def set_admin_digest(self, digest: bytes) -> None:
         """Swap the admin token (``--reset-admin-token``)."""
