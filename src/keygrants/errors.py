@@ -92,7 +92,7 @@ Caller misuse inside the library (wrong Python types) raises ``TypeError``/``Val
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Final
 
 __all__ = [
     "AliasNotFound",
@@ -174,6 +174,10 @@ __all__ = [
 ]
 
 
+MAX_ERROR_MESSAGE: Final = 2000
+"""The longest error message a response carries (longer ones are cut)."""
+
+
 class KeygrantsError(Exception):
     """Root of every error keygrants raises on purpose."""
 
@@ -187,8 +191,13 @@ class KeygrantsError(Exception):
         super().__init__(self.message)
 
     def to_dict(self) -> dict[str, object]:
-        """The body of the one JSON error shape."""
-        return {"error": {"code": self.code, "message": self.message, "request_id": self.request_id}}
+        """The body of the one JSON error shape. The message is cut at
+        :data:`MAX_ERROR_MESSAGE` characters: many quote the caller's input, which must not be
+        echoed back whole (an error about a 100 KB value was 100 KB)."""
+        message = self.message
+        if len(message) > MAX_ERROR_MESSAGE:
+            message = message[:MAX_ERROR_MESSAGE - 3] + "..."
+        return {"error": {"code": self.code, "message": message, "request_id": self.request_id}}
 
 
 class InvalidRequest(KeygrantsError):

@@ -311,3 +311,16 @@ async def test_a_client_certificate_is_not_accepted_on_a_request_made_by_a_web_p
         status, out = await call("POST", "/v1/keys/enc/rotate", browser)
         assert status == 401 and b"web page" in out, (browser, out)
     assert (await call("GET", "/v1/whoami", {"sec-fetch-site": "cross-site"}))[0] == 200
+
+
+async def test_an_error_does_not_echo_a_huge_value_back(world) -> None:
+    import json
+
+    body = json.dumps({"name": "x", "spec": "b" * 100_000}).encode()
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    status, _, out = await _call(world, "POST", "/v1/keys",
+                                 _admin(world) | {"content-length": str(len(body))}, receive)
+    assert status == 400 and b"unknown key spec" in out and len(out) < 2500
