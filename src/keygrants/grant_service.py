@@ -194,6 +194,13 @@ def grant_info(g: Grant, now: int) -> m.GrantInfo:
         ended_by=g.ended_by)
 
 
+def _uses_advice(parent: Grant) -> str:
+    """Why a sub-grant of a limited grant was refused for its uses, and what to give."""
+    left = max(0, (parent.max_uses or 0) - parent.uses)
+    return (f"the parent grant has {left} use(s) left: a sub-grant of it must be limited to "
+            f"at most {left} (--uses N, max_uses)")
+
+
 def _audited(event_type: str, operation: str) -> Callable[[F], F]:
     """Record a grant use case's outcome, with the grant id it acted on."""
 
@@ -731,9 +738,10 @@ class GrantService:
         if parent is None or parent.max_uses is None:
             return
         if child.max_uses is None:
-            raise AttenuationViolated("a sub-grant of a limited grant must be limited too")
+            raise AttenuationViolated(_uses_advice(parent))
         if self.store.consume_grant_use(parent.id, now, child.max_uses) is None:
-            raise AttenuationViolated("the parent grant has fewer uses left")
+            raise AttenuationViolated(f"the parent grant has fewer than {child.max_uses} "
+                                      "use(s) left: give fewer uses (--uses, max_uses)")
 
     def _undo_insert(self, grant_id: str) -> None:
         try:
@@ -781,6 +789,9 @@ class GrantService:
             raise AttenuationViolated(f"delegation is limited to depth {self.settings.max_depth}")
         if child.requires_approval:
             raise AttenuationViolated("a sub-grant cannot need approval")
+        if parent.max_uses is not None and (
+                child.max_uses is None or child.max_uses > parent.max_uses - parent.uses):
+            raise AttenuationViolated(_uses_advice(parent))  # what to give, not only "too many"
         check_attenuation(child, parent)
 
     def _insert(self, ctx: RequestContext, grant: Grant, now: int) -> m.GrantCreated:

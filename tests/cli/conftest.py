@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl
 
 import pytest
 from click.testing import CliRunner, Result
@@ -70,8 +71,9 @@ def stub() -> Iterator[Stub]:
         def _answer(self) -> None:
             length = int(self.headers.get("content-length") or 0)
             body = self.rfile.read(length) if length else b""
-            path = self.path.split("?", 1)[0]
+            path, _, query = self.path.partition("?")
             state.requests.append({"method": self.command, "path": path,
+                                   "query": dict(parse_qsl(query)),
                                    "headers": {k.lower(): v for k, v in self.headers.items()},
                                    "body": json.loads(body) if body else None})
             status, payload = state.answers.get(path, (404, {"error": {

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import socket
 import threading
 import time
@@ -204,8 +205,11 @@ def test_retire_revoke_and_revoke_all(server: Server, parties: Parties) -> None:
     retired = server.json("grant", "retire", b["grant_id"], token=parties.svc_token)
     assert (retired["state"], retired["ended_by"]) == ("retired", parties.svc)
     assert one_line_error(server.run("grant", "revoke", b["grant_id"])).endswith("(grant_state)")
-    out = server.ok("grant", "revoke-all", "--principal", parties.svc).stdout
-    assert out.startswith("revoked 2 grant(s); revocation feed at ")
+    result = server.ok("grant", "revoke-all", "--principal", parties.svc)
+    seq = server.json("revocations", "--since", "0")["entries"]
+    entry = next(e["seq"] for e in seq if e["kind"] == "principal" and e["id"] == parties.svc)
+    assert result.stdout == (f"revoked 2 grant(s); revoke-all entry {entry} in the revocation "
+                             "feed\n")
     for g in (c, d):
         assert server.json("grant", "show", g["grant_id"])["state"] == "revoked"
     by_key = server.json("grant", "revoke-all", "--key", parties.key)
@@ -271,6 +275,57 @@ def test_exchange_prints_a_narrower_token(server: Server, parties: Parties) -> N
     line = one_line_error(server.run("grant", "exchange", created["token"], "--scope", "sign",
                                      token=parties.svc_token))
     assert line.endswith("(attenuation_violated)")
+
+
+def test_a_limited_parent_says_how_many_uses_a_sub_grant_may_take(server: Server,
+                                                                   parties: Parties) -> None:
+    parent = _create(server, parties, "--ops", "encrypt,create_grant", "--uses", "10", "--ttl",
+                     "10m")
+    other = fresh("svc")
+    server.ok("principal", "create", other)
+    create = ("grant", "create", "-k", parties.key, "--grantee", other, "--ops", "encrypt",
+              "--ttl", "1m", "--parent-grant", parent["token"])
+    expected = ("Error: the parent grant has 10 use(s) left: a sub-grant of it must be limited "
+                "to at most 10 (--uses N, max_uses) (attenuation_violated)")
+    assert one_line_error(server.run(*create, token=parties.svc_token)) == expected
+    assert one_line_error(server.run(*create, "--uses", "11", token=parties.svc_token)) == expected
+    exchange = ("grant", "exchange", parent["token"], "--scope", "encrypt")
+    assert one_line_error(server.run(*exchange, "--uses", "11", token=parties.svc_token)) == expected
+    server.ok(*create, "--uses", "3", token=parties.svc_token)  # 7 left
+    one = server.json(*exchange, "--uses", "1", token=parties.svc_token)
+    assert server.json("grant", "show", one["grant_id"])["max_uses"] == 1
+    # without --uses, an exchange takes every use left (documented), leaving the parent none
+    rest = server.json(*exchange, token=parties.svc_token)
+    assert server.json("grant", "show", rest["grant_id"])["max_uses"] == 6
+    assert server.json("grant", "show", parent["grant_id"])["state"] == "exhausted"
+
+
+def test_tables_print_whole_ids_on_a_narrow_console(server: Server, parties: Parties) -> None:
+    """Ids are copied from tables (principal revoke NAME CREDENTIAL, grant show ID): never cut."""
+    created = _create(server, parties, "--ops", "encrypt", "--uses", "10")
+    key_id = server.json("key", "show", parties.key)["id"]
+    cred_id = server.json("principal", "credentials", parties.svc)[0]["id"]
+    listings = [(("key", "list", "--limit", "1000"), key_id),
+                (("principal", "credentials", parties.svc), cred_id),
+                (("grant", "list", "--key", parties.key), created["grant_id"])]
+    for args, wanted in listings:
+        for columns in ("40", "80"):  # not a terminal: the table's own width, one row a line
+            out = server.ok(*args, env={"COLUMNS": columns, "TTY_COMPATIBLE": None}).stdout
+            assert "…" not in out, out
+            assert any(wanted in line for line in out.splitlines()), out
+        # a terminal narrower than the table: cells fold, never cut
+        out = server.ok(*args, env={"COLUMNS": "60", "TTY_COMPATIBLE": "1",
+                                    "NO_COLOR": "1"}).stdout
+        out = re.sub(r"\x1b\[[0-9;]*m", "", out)
+        assert "…" not in out, out
+        assert max(len(line) for line in out.splitlines()) <= 60, out
+        assert wanted in "".join(_column_cells(out, args)), out
+
+
+def _column_cells(table: str, args: tuple[str, ...]) -> list[str]:
+    """The id column's cells of a boxed table, top to bottom (folded parts in order)."""
+    index = 2 if args[:2] == ("key", "list") else 1  # key list: name, then id
+    return [line.split("│")[index].strip() for line in table.splitlines() if "│" in line]
 
 
 def test_delegation_with_parent_grant(server: Server, parties: Parties, tmp_path: Path) -> None:

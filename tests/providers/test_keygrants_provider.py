@@ -66,11 +66,26 @@ async def test_a_bad_token_is_a_kms_error_without_the_token(
 
 
 async def test_tls_is_the_default(keygrants_server: KeygrantsServer) -> None:
-    """Without tls=false the provider speaks HTTPS, which a plain-HTTP server cannot answer."""
+    """Without tls=false the provider speaks HTTPS, which a plain-HTTP server cannot answer:
+    the error says so, and what to write instead."""
     p = open_provider(f"keygrants://127.0.0.1:{keygrants_server.port}/enc?timeout=3",
                       token=keygrants_server.token)
-    with pytest.raises(ProviderConnectionError):
+    with pytest.raises(ProviderConnectionError) as info:
         await p.encrypt(b"secret")
+    assert str(info.value) == (
+        f"keygrants: the server at https://127.0.0.1:{keygrants_server.port} does not speak "
+        "TLS (it answered the TLS handshake in plain text); for a plain-HTTP server add "
+        "?tls=false to the URI")
+    await p.close()
+
+
+async def test_nothing_listening_gets_no_tls_hint(keygrants_server: KeygrantsServer,
+                                                  closed_port: int) -> None:
+    p = open_provider(f"keygrants://127.0.0.1:{closed_port}/enc?timeout=3",
+                      token=keygrants_server.token)
+    with pytest.raises(ProviderConnectionError) as info:
+        await p.encrypt(b"secret")
+    assert str(info.value) == f"keygrants: cannot reach https://127.0.0.1:{closed_port}"
     await p.close()
 
 

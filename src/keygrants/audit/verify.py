@@ -40,9 +40,11 @@ import msgspec
 from keygrants.audit.log import AuditLog
 from keygrants.audit.merkle import CompactTree, leaf_hash
 from keygrants.audit.note import Checkpoint, InvalidNote, NoteVerifier, open_note, parse_vkey
+from keygrants.audit.setup import VKEY_META
+from keygrants.errors import StoreError
 
-__all__ = ["EXPORT_FORMAT", "VerifyReport", "export_lines", "verify_database", "verify_export",
-           "verify_postgres"]
+__all__ = ["EXPORT_FORMAT", "VerifyReport", "export_lines", "postgres_vkey", "verify_database",
+           "verify_export", "verify_postgres"]
 
 EXPORT_FORMAT: Final = "keygrants-audit-export/1"
 MAX_LINE: Final = 64 * 1024
@@ -363,6 +365,7 @@ def verify_postgres(url: str, *, vkey: str, origin: str | None = None,
     in one snapshot, streaming the events.
 
     Raises:
+        StoreError: if the database cannot be reached (where, and the driver's reason).
         ValueError: if the database cannot be read or holds no audit log.
     """
     import psycopg
@@ -372,7 +375,7 @@ def verify_postgres(url: str, *, vkey: str, origin: str | None = None,
     try:
         conn = connect(url, read_only=True)
     except psycopg.Error as exc:
-        raise ValueError(f"cannot connect to the store: {type(exc).__name__}") from None
+        raise _unreachable(url, exc) from None  # the driver's error may carry the password
     try:
         with conn.transaction():
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
@@ -389,6 +392,54 @@ def verify_postgres(url: str, *, vkey: str, origin: str | None = None,
         raise ValueError(f"cannot read the audit log: {type(exc).__name__}: {exc}") from None
     finally:
         conn.close()
+
+
+def postgres_vkey(url: str) -> str:
+    """The audit verifier key a PostgreSQL store recorded (trust it only as far as the store).
+
+    Raises:
+        StoreError: if the database cannot be reached (where, and the driver's reason).
+        ValueError: if it cannot be read or records no audit key.
+    """
+    import psycopg
+
+    try:
+        conn = psycopg.connect(url, connect_timeout=10, autocommit=True)
+    except psycopg.Error as exc:
+        raise _unreachable(url, exc) from None  # the driver's error may carry the password
+    try:
+        with conn:
+            row = conn.execute("SELECT value FROM meta WHERE name = %s", (VKEY_META,)).fetchone()
+    except psycopg.Error as exc:
+        raise ValueError(f"cannot read the store's audit key: "
+                         f"{_driver_reason(url, exc)}") from None
+    if row is None:
+        raise ValueError("the store records no audit key")
+    return bytes(row[0]).decode()
+
+
+def _driver_reason(url: str, exc: BaseException) -> str:
+    """The driver's message on one line, the password blanked should it appear in it."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    try:
+        password = conninfo_to_dict(url).get("password")
+    except Exception:  # a malformed URL: the driver's message was about it
+        password = None
+    return text.replace(str(password), "***") if password else text
+
+
+def _unreachable(url: str, exc: BaseException) -> StoreError:
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        params = conninfo_to_dict(url)
+    except Exception:
+        return StoreError("cannot connect to the database: malformed PostgreSQL URL")
+    host = params.get("host") or params.get("hostaddr") or "localhost"
+    port = params.get("port") or "5432"
+    return StoreError(f"cannot reach the database at {host}:{port}: {_driver_reason(url, exc)}")
 
 
 def _verify_rows(checkpoint_rows: Iterable[Any], event_rows: Iterable[Any], *, vkey: str,

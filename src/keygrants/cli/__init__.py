@@ -32,6 +32,7 @@ from keygrants.cli._common import (
     key_option,
     parse_context,
     parse_duration_option,
+    print_table,
     read_input,
     unb64,
 )
@@ -218,7 +219,6 @@ def key() -> None:
 
 
 def _show_key(info: m.KeyInfo) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(show_header=False, box=None)
@@ -238,7 +238,7 @@ def _show_key(info: m.KeyInfo) -> None:
     ]
     for k, v in rows:
         table.add_row(k, v)
-    Console().print(table)
+    print_table(table)
 
 
 @key.command("create")
@@ -271,14 +271,13 @@ def key_list(state: State, limit: int, after: str | None) -> None:
         page = c.list_keys(limit=limit, after=after)
 
     def text() -> None:
-        from rich.console import Console
         from rich.table import Table
 
         table = Table("name", "id", "spec", "state", "version", "rotation")
         for k in page.keys:
             table.add_row(k.name, k.id, k.spec, k.state, str(k.latest_version),
                           format_duration(k.rotation_period) if k.rotation_period else "off")
-        Console().print(table)
+        print_table(table)
         if page.next:
             click.echo(f"more: --after {page.next}")
 

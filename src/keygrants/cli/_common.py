@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import click
 import msgspec
@@ -21,6 +21,9 @@ from keygrants.client import Client
 from keygrants.crypto.signing import SigningKey
 from keygrants.durations import parse_duration
 from keygrants.errors import InvalidRequest, KeygrantsError
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 __all__ = [
     "DATA_DIR_ENV",
@@ -36,6 +39,7 @@ __all__ = [
     "key_option",
     "parse_context",
     "parse_duration_option",
+    "print_table",
     "read_dpop_key",
     "read_input",
     "read_stdin_line",
@@ -149,6 +153,27 @@ def emit(state: State, result: Any, text: str | Callable[[], None]) -> None:
         click.echo(text)
     else:
         text()
+
+
+def print_table(table: Table, *, stderr: bool = False) -> None:
+    """Print ``table`` without cutting any cell short: ids are copied from it.
+
+    When the output is not a terminal (a pipe, a file, a CI log) the table is printed at its
+    natural width, one row a line, whatever the width of the terminal (80 columns when there is
+    none); on a terminal narrower than the table, cells are folded, never truncated with an
+    ellipsis.
+    """
+    from rich.console import Console
+    from rich.measure import Measurement
+
+    console = Console(stderr=stderr)
+    if console.is_terminal:
+        for column in table.columns:
+            column.overflow = "fold"
+    else:
+        natural = Measurement.get(console, console.options.update(width=1 << 20), table).maximum
+        console = Console(stderr=stderr, width=max(console.width, natural))
+    console.print(table)
 
 
 def b64(data: bytes) -> str:

@@ -6,6 +6,7 @@ import base64
 import contextlib
 import sqlite3
 import sys
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -14,9 +15,16 @@ import click
 import msgspec
 
 from keygrants.audit.setup import AUDIT_DB_FILE, VKEY_META, is_postgres_url
-from keygrants.audit.verify import VerifyReport, verify_database, verify_export, verify_postgres
+from keygrants.audit.verify import (
+    VerifyReport,
+    postgres_vkey,
+    verify_database,
+    verify_export,
+    verify_postgres,
+)
 from keygrants.cli._common import DATA_DIR_ENV, State, common, emit, fail, read_stdin_line
-from keygrants.errors import InvalidRequest, KeygrantsError
+from keygrants.client import Client
+from keygrants.errors import Forbidden, InvalidRequest, KeygrantsError, KeyNotFound
 
 __all__ = ["audit"]
 
@@ -63,7 +71,8 @@ def audit_hash(state: State, value: str) -> None:
 
 @audit.command("search")
 @click.option("--principal", default=None)
-@click.option("--key", "key_id", default=None, help="Key id.")
+@click.option("--key", "key_id", default=None, help="Key id, name or alias (a name or alias is "
+              "looked up: the key as it is now).")
 @click.option("--grant", default=None, help="Grant id.")
 @click.option("--type", "event_type", default=None, help="Event type, e.g. crypto.decrypt.")
 @click.option("--since", default=None, help="RFC 3339 UTC time, e.g. 2026-11-22T00:00:00Z.")
@@ -76,6 +85,8 @@ def audit_search(state: State, principal: str | None, key_id: str | None, grant:
                  after: int | None, limit: int) -> None:
     """Search audit events (one JSON event per line; --json for the page object)."""
     with state.client() as c:
+        if key_id is not None:
+            key_id = _key_id(c, key_id)
         page = c.audit_search(principal=principal, key=key_id, grant=grant, type=event_type,
                               since=since, until=until, after=after, limit=limit)
 
@@ -86,6 +97,23 @@ def audit_search(state: State, principal: str | None, key_id: str | None, grant:
             click.echo(f"more: --after {page.next}", err=True)
 
     emit(state, page, text)
+
+
+def _key_id(c: Client, ref: str) -> str:
+    """Events record keys by id: a key id is used as given (a deleted key's events stay
+    searchable), a name or alias is looked up, as the server resolves references."""
+    try:
+        return str(uuid.UUID(ref))
+    except ValueError:
+        pass
+    try:
+        return c.describe_key(ref).id
+    except KeyNotFound:
+        raise InvalidRequest(f"--key: no key named {ref!r}; events record keys by id, and a "
+                             "deleted key's events are found by its id") from None
+    except Forbidden:
+        raise InvalidRequest(f"--key: cannot look up the key named {ref!r} (forbidden); give "
+                             "its id") from None
 
 
 @audit.group("proof")
@@ -130,7 +158,11 @@ def audit_export(state: State, out_path: str, since: int) -> None:
         if out_path == "-":
             written = c.audit_export(sys.stdout.buffer, since=since)
         else:
-            with open(out_path, "wb") as f:
+            try:
+                f = open(out_path, "wb")  # noqa: SIM115 - closed below; only open() is guarded
+            except OSError as exc:
+                raise InvalidRequest(f"cannot write {out_path}: {exc.strerror or exc}") from None
+            with f:
                 written = c.audit_export(f, since=since)
     if out_path != "-":
         emit(state, {"out": out_path, "bytes": written}, f"wrote {written} bytes to {out_path}")
@@ -164,19 +196,6 @@ def _stored_vkey(data_dir: Path) -> str:
         raise InvalidRequest(f"cannot read {db_path}: {exc}") from None
     if row is None:
         raise InvalidRequest(f"{db_path} records no audit key")
-    return bytes(row[0]).decode()
-
-
-def _postgres_vkey(url: str) -> str:
-    import psycopg
-
-    try:
-        with psycopg.connect(url, connect_timeout=10, autocommit=True) as conn:
-            row = conn.execute("SELECT value FROM meta WHERE name = %s", (VKEY_META,)).fetchone()
-    except psycopg.Error as exc:
-        raise InvalidRequest(f"cannot read the store's audit key: {type(exc).__name__}") from None
-    if row is None:
-        raise InvalidRequest("the store records no audit key")
     return bytes(row[0]).decode()
 
 
@@ -225,24 +244,31 @@ def audit_verify(file: str | None, data_dir: str | None, store_url: str | None, 
     --now` first).
     """
     anchor = None
-    if anchor_file is not None:
-        with open(anchor_file, "rb") as f:
-            anchor = _checkpoint_note(f.read(65536))
     try:
+        if anchor_file is not None:
+            try:
+                with open(anchor_file, "rb") as f:
+                    anchor = _checkpoint_note(f.read(65536))
+            except OSError as exc:
+                raise InvalidRequest(f"cannot read {anchor_file}: {exc.strerror or exc}") from None
         if file is not None and store_url is not None:
             raise InvalidRequest("give one of FILE and --store, not both")
         if file is None and store_url is None and data_dir is None:
             raise InvalidRequest("give an export FILE, --data-dir DIR or --store URL")
         if file is not None:
             path = Path(file)
-            with path.open("rb") as f:
-                report = verify_export(_progress_lines(f, path.stat().st_size, as_json), vkey=vkey,
-                                       anchor=anchor)
+            try:
+                export = path.open("rb")
+            except OSError as exc:
+                raise InvalidRequest(f"cannot read {file}: {exc.strerror or exc}") from None
+            with export:
+                report = verify_export(_progress_lines(export, path.stat().st_size, as_json),
+                                       vkey=vkey, anchor=anchor)
         elif store_url is not None:
             if not is_postgres_url(store_url):
                 raise InvalidRequest("--store takes a postgresql:// URL; a SQLite data directory's "
                                      "log is verified with --data-dir")
-            key = vkey or _postgres_vkey(store_url)
+            key = vkey or postgres_vkey(store_url)
             with _db_progress(_event_count(lambda: _postgres_count(store_url)), as_json) as progress:
                 report = verify_postgres(store_url, vkey=key, progress=progress, anchor=anchor)
         else:

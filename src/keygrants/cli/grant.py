@@ -8,7 +8,7 @@ the token, and ``-`` reads a token argument from stdin so it stays out of the pr
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 import click
 
@@ -18,6 +18,7 @@ from keygrants.cli._common import (
     common,
     emit,
     parse_context,
+    print_table,
     read_dpop_key,
     read_stdin_line,
 )
@@ -25,9 +26,6 @@ from keygrants.durations import parse_duration
 from keygrants.errors import InvalidRequest
 from keygrants.grants.dpop import proof_key_thumbprint
 from keygrants.grants.model import GRANT_OPERATIONS
-
-if TYPE_CHECKING:
-    from rich.table import Column
 
 __all__ = ["grant", "issuer", "revocations"]
 
@@ -102,7 +100,6 @@ def _token_arg(token: str) -> str:  # never named "token": that is --token, the 
 
 
 def _show_grant(g: m.GrantInfo, *, err: bool = False) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(show_header=False, box=None)
@@ -123,14 +120,7 @@ def _show_grant(g: m.GrantInfo, *, err: bool = False) -> None:
     for k, v in rows:
         if v is not None:
             table.add_row(k, v)
-    Console(stderr=err).print(table)
-
-
-def _id_column() -> Column:
-    """Ids are copied from the table: never wrapped or cut."""
-    from rich.table import Column
-
-    return Column("id", no_wrap=True, min_width=len("g_") + 26)
+    print_table(table, stderr=err)
 
 
 def _kv(pairs: dict[str, str] | None) -> str | None:
@@ -172,7 +162,8 @@ def grant() -> None:
 @click.option("--ttl", default=None, metavar="DURATION",
               help="Lifetime, e.g. 90s, 5m, 1h [default: the server's, 5m].")
 @click.option("--uses", default=None, type=click.IntRange(1), help="At most N uses [default: "
-              "unlimited].")
+              "unlimited; a sub-grant of a limited grant needs N, at most the uses it has "
+              "left, which it takes from it].")
 @click.option("--audience", "audiences", multiple=True, help="A token audience (repeatable) "
               "[default: this KMS].")
 @click.option("--dpop-jkt", default=None, metavar="JKT", help="Bind to the DPoP key with this "
@@ -238,15 +229,14 @@ def grant_list(state: State, key: str | None, grantee: str | None,
                              state=grant_state, limit=limit, after=after)
 
     def show() -> None:
-        from rich.console import Console
         from rich.table import Table
 
-        table = Table(_id_column(), "key", "grantee", "operations", "state", "uses", "expires")
+        table = Table("id", "key", "grantee", "operations", "state", "uses", "expires")
         for g in page.grants:
             table.add_row(g.id, g.key_id, g.grantee, ",".join(g.operations), g.state,
                           f"{g.uses}/{g.max_uses if g.max_uses is not None else '-'}",
                           _ts(g.expires_at))
-        Console().print(table)
+        print_table(table)
         if page.next:
             click.echo(f"more: --after {page.next}")
 
@@ -297,7 +287,9 @@ def grant_revoke_all(state: State, principal: str | None, key: str | None) -> No
         raise InvalidRequest("give exactly one of --principal or --key")
     with state.client() as c:
         result = c.revoke_all_grants(principal=principal, key=key)
-    emit(state, result, f"revoked {result.revoked} grant(s); revocation feed at {result.seq}")
+    # seq is the revoke-all entry itself; the revoked grants' own entries follow it
+    emit(state, result, f"revoked {result.revoked} grant(s); revoke-all entry {result.seq} in "
+                        "the revocation feed")
 
 
 def _decision(verb: str, doc: str) -> None:
@@ -322,7 +314,9 @@ _decision("reject", "Reject a pending grant.")
 @click.option("--scope", "scope", multiple=True, metavar="OP[,OP...]",
               help="Operations of the new token [default: the same, without create_grant].")
 @click.option("--ttl", default=None, metavar="DURATION", help="Lifetime of the new token.")
-@click.option("--uses", default=None, type=click.IntRange(1), help="At most N uses.")
+@click.option("--uses", default=None, type=click.IntRange(1), help="At most N uses, taken out of "
+              "TOKEN's [default: unlimited; for a limited TOKEN, every use it has left, which "
+              "leaves TOKEN none].")
 @click.option("--context-equals", multiple=True, metavar="KEY=VALUE")
 @click.option("--context-subset", multiple=True, metavar="KEY=VALUE")
 @click.option("--audience", "audiences", multiple=True, help="Audience (repeatable).")
@@ -392,13 +386,12 @@ def revocations(state: State, since: int, limit: int) -> None:
         feed = c.revocations(since, limit)
 
     def show() -> None:
-        from rich.console import Console
         from rich.table import Table
 
-        table = Table("seq", "kind", _id_column(), "reason", "revoked at")
+        table = Table("seq", "kind", "id", "reason", "revoked at")
         for e in feed.entries:
             table.add_row(str(e.seq), e.kind, e.id, e.reason or "-", _ts(e.revoked_at))
-        Console().print(table)
+        print_table(table)
         if feed.more:
             click.echo(f"more: --since {feed.next_since}")
         else:

@@ -16,6 +16,7 @@ from keygrants.cli._common import (
     emit,
     parse_context,
     parse_duration_option,
+    print_table,
     read_input,
 )
 from keygrants.errors import InvalidRequest
@@ -28,23 +29,20 @@ def _ts(value: object) -> str:
 
 
 def _show_principal(p: m.PrincipalInfo) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
     table = Table(show_header=False, box=None)
     for k, v in (("id", p.id), ("display name", p.display_name or "-"),
                  ("tags", ", ".join(p.tags) or "-"), ("enabled", "yes" if p.enabled else "no"),
                  ("built-in", "yes" if p.builtin else "no"), ("created", _ts(p.created_at)),
                  ("last seen", _ts(p.last_seen_at))):
         table.add_row(k, v)
-    console.print(table)
+    print_table(table)
     if p.credentials is not None:
         _show_credentials(p.credentials)
 
 
 def _show_credentials(creds: list[m.CredentialInfo]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table("id", "kind", "state", "label", "expires", "last used")
@@ -52,11 +50,21 @@ def _show_credentials(creds: list[m.CredentialInfo]) -> None:
         table.add_row(c.id, c.kind + (f" ({c.algorithm})" if c.algorithm else "")
                       + (f" {c.match}" if c.match else ""), c.state, c.label or "-",
                       _ts(c.expires_at), _ts(c.last_used_at))
-    Console().print(table)
+    print_table(table)
 
 
 
 _MAX_CERT_FILE = 1024 * 1024  # a PEM certificate (chain) is far smaller
+
+
+def _check_writable(out: str) -> None:
+    """Refuse an --out path whose directory is missing or not writable, before anything is
+    made that cannot be made again."""
+    directory = Path(out).parent
+    if not directory.is_dir():
+        raise InvalidRequest(f"cannot write {out}: no directory {directory}")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise InvalidRequest(f"cannot write {out}: the directory {directory} is not writable")
 
 @click.command()
 @common
@@ -94,14 +102,13 @@ def principal_list(state: State, limit: int, after: str | None) -> None:
         page = c.list_principals(limit=limit, after=after)
 
     def show() -> None:
-        from rich.console import Console
         from rich.table import Table
 
         table = Table("id", "display name", "tags", "enabled", "last seen")
         for p in page.principals:
             table.add_row(p.id, p.display_name or "-", ", ".join(p.tags) or "-",
                           "yes" if p.enabled else "no", _ts(p.last_seen_at))
-        Console().print(table)
+        print_table(table)
         if page.next:
             click.echo(f"more: --after {page.next}")
     emit(state, page, show)
@@ -205,7 +212,10 @@ def principal_keygen(state: State, name: str, out: str, algorithm: str, label: s
         raise InvalidRequest(f"{out} exists; pass --force to overwrite it")
     key = SigningKey.generate(algorithm)  # type: ignore[arg-type]
     staged = path.with_name(path.name + ".new")
-    write_private_file(staged, key.private_pem())  # durable before the public half is registered
+    try:  # durable before the public half is registered
+        write_private_file(staged, key.private_pem())
+    except OSError as exc:
+        raise InvalidRequest(f"cannot write {out}: {exc.strerror or exc}") from None
     try:
         with state.client() as c:
             cred = c.add_public_key(name, key.public_key().public_pem(), label=label,
@@ -213,7 +223,11 @@ def principal_keygen(state: State, name: str, out: str, algorithm: str, label: s
     except BaseException:
         staged.unlink(missing_ok=True)  # nothing half-made; an existing --out file is untouched
         raise
-    os.replace(staged, path)
+    try:
+        os.replace(staged, path)
+    except OSError as exc:
+        raise InvalidRequest(f"registered key {cred.id}, but cannot move {staged} to {out}: "
+                             f"{exc.strerror or exc}") from None
     emit(state, cred, f"Wrote {out} (mode 0600) and registered key {cred.id}\n"
                       f"Use: KEYGRANTS_PRINCIPAL={name} KEYGRANTS_KEY_FILE={out} keygrants …")
 
@@ -245,13 +259,21 @@ def principal_shared_secret(state: State, name: str, out: str | None, label: str
                             expires_in: str | None, force: bool) -> None:
     """Issue a shared secret for hmac-sha256 request signatures (shown once). With --out,
     `KEYGRANTS_PRINCIPAL=NAME KEYGRANTS_KEY_FILE=FILE keygrants …` signs with it."""
-    if out is not None and Path(out).exists() and not force:
-        raise InvalidRequest(f"{out} exists; pass --force to overwrite it")
+    if out is not None:
+        if Path(out).exists() and not force:
+            raise InvalidRequest(f"{out} exists; pass --force to overwrite it")
+        _check_writable(out)  # before the secret exists: it is shown once
     with state.client() as c:
         created = c.create_shared_secret(name, label=label,
                                          expires_in=parse_duration_option(expires_in) or None)
     if out is not None:
-        write_private_file(Path(out), (created.shared_secret + "\n").encode())
+        try:
+            write_private_file(Path(out), (created.shared_secret + "\n").encode())
+        except OSError as exc:
+            raise InvalidRequest(
+                f"cannot write {out}: {exc.strerror or exc}; the secret {created.credential.id} "
+                f"is lost: revoke it with keygrants principal revoke {name} "
+                f"{created.credential.id}") from None
         emit(state, created.credential, f"Wrote {out} (mode 0600): keyid {created.credential.keyid}")
         return
     if not state.as_json:
@@ -274,8 +296,11 @@ def principal_add_cert(state: State, name: str, cert_file: str | None, match: st
     """Map mTLS client certificates to NAME (by fingerprint or subject/SAN rule)."""
     certificate = None
     if cert_file:
-        with open(cert_file, "rb") as f:
-            raw = f.read(_MAX_CERT_FILE + 1)
+        try:
+            with open(cert_file, "rb") as f:
+                raw = f.read(_MAX_CERT_FILE + 1)
+        except OSError as exc:
+            raise InvalidRequest(f"cannot read {cert_file}: {exc.strerror or exc}") from None
         if len(raw) > _MAX_CERT_FILE:
             raise InvalidRequest(f"{cert_file} is larger than {_MAX_CERT_FILE} bytes")
         certificate = raw.decode("utf-8", "replace")
@@ -349,13 +374,12 @@ def policy_list(state: State) -> None:
         items = c.list_policies()
 
     def show() -> None:
-        from rich.console import Console
         from rich.table import Table
 
         table = Table("name", "statements", "updated", "description")
         for p in items:
             table.add_row(p.name, str(p.statements), _ts(p.updated_at), p.description or "-")
-        Console().print(table)
+        print_table(table)
     emit(state, items, show)
 
 

@@ -31,7 +31,7 @@ import msgspec
 
 from keygrants import models as m
 from keygrants.crypto.signing import SigningKey
-from keygrants.errors import KeygrantsError, ServerUnreachable, error_from_code
+from keygrants.errors import InvalidRequest, KeygrantsError, ServerUnreachable, error_from_code
 from keygrants.grants.dpop import make_proof
 
 __all__ = ["DEFAULT_ADDR", "AsyncClient", "Client", "load_dpop_key"]
@@ -319,6 +319,11 @@ def _signature_auth(principal: str | None, key_file: str | None,
     The key file holds a PEM private key (Ed25519 or ECDSA P-256; the keyid is
     ``<principal>/<JWK thumbprint>``) or a shared secret ``kg_ss_…`` (hmac-sha256; the keyid is
     ``<principal>/ss_…``).
+
+    Raises:
+        InvalidRequest: the key file cannot be read.
+        ValueError: a principal without a key or the other way round, or a file that holds no
+            usable key.
     """
     from keygrants.auth.credentials import SHARED_SECRET_PREFIX, jwk_thumbprint, parse_shared_secret
     from keygrants.client._signing import MAX_KEY_FILE, SignatureAuth, load_signing_key
@@ -333,15 +338,19 @@ def _signature_auth(principal: str | None, key_file: str | None,
                          "key file (KEYGRANTS_KEY_FILE)")
     if signing_key is None:
         assert key_file is not None
-        with open(key_file, "rb") as f:
-            head = f.read(len(SHARED_SECRET_PREFIX))
-        if head == SHARED_SECRET_PREFIX.encode():
-            with open(key_file) as f:
-                parsed = parse_shared_secret(f.read(MAX_KEY_FILE))
-            if parsed is None:
-                raise ValueError(f"{key_file} does not hold a well-formed shared secret")
-            return SignatureAuth(f"{principal}/{parsed[0]}", parsed[1])
-        signing_key = load_signing_key(key_file)
+        try:
+            with open(key_file, "rb") as f:
+                head = f.read(len(SHARED_SECRET_PREFIX))
+            if head == SHARED_SECRET_PREFIX.encode():
+                with open(key_file) as f:
+                    parsed = parse_shared_secret(f.read(MAX_KEY_FILE))
+                if parsed is None:
+                    raise ValueError(f"{key_file} does not hold a well-formed shared secret")
+                return SignatureAuth(f"{principal}/{parsed[0]}", parsed[1])
+            signing_key = load_signing_key(key_file)
+        except OSError as exc:
+            raise InvalidRequest(f"cannot read the key file {key_file}: "
+                                 f"{exc.strerror or exc}") from None
     keyid = f"{principal}/{jwk_thumbprint(signing_key.public_key().jwk())}"
     return SignatureAuth(keyid, signing_key)
 
@@ -501,6 +510,11 @@ class Client:
     ``KEYGRANTS_GRANT`` and ``KEYGRANTS_DPOP_KEY_FILE`` are read only when neither ``grant`` nor
     ``dpop_key`` is given. ``create_grant`` never uses the default grant: a sub-grant needs its
     parent's token passed to it (``grant=``).
+
+    Raises:
+        InvalidRequest: ``key_file`` (``KEYGRANTS_KEY_FILE``) cannot be read.
+        ValueError: a principal without its key (or the other way round), a key file without a
+            usable key, or a token with spaces or control characters.
     """
 
     def __init__(self, addr: str | None = None, *, token: str | None = None,

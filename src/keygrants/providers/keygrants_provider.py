@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, TypeVar
@@ -72,6 +73,10 @@ from keygrants.providers.models import DataKeyPair, EncryptedData, KeyReference,
 
 __all__ = ["KeygrantsProvider"]
 
+# OpenSSL's reason when the first bytes back are not a TLS record, e.g. "HTTP/1.1 400": the
+# peer is up and speaks something else (a plain-HTTP server), not a failed or refused TLS.
+_NOT_TLS_REASONS: Final = frozenset({"WRONG_VERSION_NUMBER"})
+
 T = TypeVar("T")
 
 SCHEME: Final = "keygrants"
@@ -81,6 +86,18 @@ _OPTIONS: Final = ("tls", "ca", "timeout", "token_env", "principal", "key_file",
                    "dpop_key_file")
 _SECRETS: Final = ("token", "grant")
 _DATA_KEY_SIZES: Final = {"AES_256": 32, "AES_128": 16}
+
+
+def _answered_without_tls(exc: BaseException) -> bool:
+    """Whether the TLS handshake behind ``exc`` failed because the peer answered in clear."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, ssl.SSLError):
+            return cause.reason in _NOT_TLS_REASONS
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 class KeygrantsProvider(KeyProvider):
@@ -184,6 +201,11 @@ class KeygrantsProvider(KeyProvider):
 
     def _translate(self, exc: KeygrantsError, op: str) -> KeygrantsError:
         if isinstance(exc, ServerUnreachable):
+            if self._addr.startswith("https://") and _answered_without_tls(exc):
+                return ProviderConnectionError(
+                    f"keygrants: the server at {self._addr} does not speak TLS (it answered "
+                    "the TLS handshake in plain text); for a plain-HTTP server add ?tls=false "
+                    "to the URI")
             return ProviderConnectionError(f"keygrants: cannot reach {self._addr}")
         if op == "decrypt" and isinstance(exc, InvalidCiphertext | InvalidRequest | NotFound):
             return DecryptionError()
