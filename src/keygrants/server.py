@@ -43,7 +43,7 @@ from keygrants.bus import open_bus
 from keygrants.errors import KeygrantsError, SealError
 from keygrants.grant_service import GrantAuthorizer, GrantService, GrantSettings
 from keygrants.grants.push import CHANGES_SUBJECT, SUBJECT, RevocationPublisher, decode_message
-from keygrants.providers import open_root_provider
+from keygrants.providers import RootKeyProvider, open_root_provider
 from keygrants.providers.local import PASSPHRASE_ENV
 from keygrants.seal import open_root_key, sealed_with
 from keygrants.service import KMS, Limits
@@ -175,10 +175,16 @@ def build_server(config: ServerConfig) -> BuiltServer:
     data_dir = config.data_dir
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     data_dir.chmod(0o700)
+    provider: RootKeyProvider | None = None
+    if config.store is None and not (data_dir / DB_FILE).exists():
+        # First start on the default SQLite store: a seal that cannot be opened (no or too
+        # short a passphrase, an unknown provider) is refused before the database is made.
+        provider = open_root_provider(_choose_seal(config.seal, None, data_dir))
     store = open_store(config.store or f"sqlite://{(data_dir / DB_FILE).resolve()}")
     audit: AuditSetup | None = None
     try:
-        provider = open_root_provider(_choose_seal(config.seal, sealed_with(store), data_dir))
+        if provider is None:
+            provider = open_root_provider(_choose_seal(config.seal, sealed_with(store), data_dir))
         root_key, created = open_root_key(store, provider)
         audit = open_audit(store, root_key, path=data_dir / AUDIT_DB_FILE, node=config.node_id,
                            checkpoint_interval=config.checkpoint_interval, store_url=config.store)
@@ -255,8 +261,15 @@ def _assemble(config: ServerConfig, store: Any, audit: AuditSetup, root_key: byt
             if config.reset_admin_token:  # the other nodes read the new digest, the old one
                 changed("principals")     # stops working there too
 
+        def resync_shared() -> None:
+            kms.forget_cached()
+            reload_access(access, store)
+
+        # other nodes may share a PostgreSQL store: read what they changed on every run
+        resync = resync_shared if is_postgres_url(config.store) else None
+
         task = asyncio.create_task(_scheduler(kms, grants, interval, stop_scheduler,
-                                              keys_changed))
+                                              keys_changed, resync))
         usage = asyncio.create_task(_flush_usage(access.directory, config.usage_flush_interval,
                                                  stop_scheduler))
         shippers = [Shipper(audit.log, sink).start() for sink in sinks]
@@ -366,12 +379,18 @@ def _peer_revocations(grants: GrantService) -> Callable[[bytes], Awaitable[None]
 
 async def _scheduler(kms: KMS, grants: GrantService | None, interval: float,
                      stop: asyncio.Event,
-                     on_keys_changed: Callable[[], None] | None = None) -> None:
+                     on_keys_changed: Callable[[], None] | None = None,
+                     resync: Callable[[], None] | None = None) -> None:
     """Apply due rotations and deletions (keys, issuer keys, expired revocation entries) now
     and every ``interval`` seconds, until ``stop`` (a run in progress finishes first: it is
-    never cut off mid-write)."""
+    never cut off mid-write). ``resync``, on a store other nodes share, reads what they may
+    have changed (a bus message can be lost; the store is the truth)."""
+    first = True
     while not stop.is_set():
         try:
+            if resync is not None and not first:
+                await asyncio.to_thread(resync)
+            first = False
             rotated, destroyed = await asyncio.to_thread(kms.run_due)
             if rotated or destroyed:
                 log.info("scheduler: rotated %d key(s), destroyed %d key(s)", rotated, destroyed)

@@ -32,3 +32,52 @@ def test_the_verifier_ignores_a_deeply_nested_message() -> None:
 
     with Verifier("http://kms") as v:
         assert _Pushed.handle(v._state, b"[" * 2000 + b"]" * 2000) is None
+
+
+def test_failing_heartbeats_are_logged_once_a_minute_not_once_each(caplog) -> None:
+    """A bus outage used to log a warning per heartbeat (every second, for as long as it
+    lasted)."""
+    import asyncio
+    import logging
+
+    from keygrants.grants.push import RevocationPublisher
+
+    class DownBus:
+        def __init__(self) -> None:
+            self.attempts = 0
+            self.down = True
+            self.sent = asyncio.Event()
+
+        async def connect(self) -> None:
+            pass
+
+        async def close(self) -> None:
+            pass
+
+        async def publish(self, subject: str, message: bytes) -> None:
+            self.attempts += 1
+            if self.down:
+                raise ConnectionError("bus down")
+            self.sent.set()
+
+    async def main() -> DownBus:
+        bus = DownBus()
+        publisher = RevocationPublisher(bus, lambda: 7, interval=0.001)
+        await publisher.start()
+        try:
+            for _ in range(10_000):
+                if bus.attempts >= 30:
+                    break
+                await asyncio.sleep(0.001)
+            bus.down = False
+            await asyncio.wait_for(bus.sent.wait(), 30)
+        finally:
+            await publisher.stop()
+        return bus
+
+    with caplog.at_level(logging.WARNING, logger="keygrants.grants.push"):
+        bus = asyncio.run(main())
+    assert bus.attempts >= 30
+    failing = [r for r in caplog.records if "could not push a revocation heartbeat" in r.message]
+    assert len(failing) == 1
+    assert any("pushed again after" in r.message for r in caplog.records)

@@ -35,6 +35,7 @@ SUBJECT: Final = "keygrants.revocations"
 #: issuer keys again.
 CHANGES_SUBJECT: Final = "keygrants.changes"
 log = logging.getLogger("keygrants.grants.push")
+HEARTBEAT_FAILURE_REPORT: Final = 60.0  # seconds between warnings while heartbeats fail
 
 
 def entry_message(e: RevocationEntry) -> bytes:
@@ -129,12 +130,27 @@ class RevocationPublisher:
                 log.warning("could not push a revocation: %s", type(exc).__name__)
 
     async def _heartbeats(self) -> None:
+        failing_since: float | None = None  # while heartbeats fail: logged once a minute
+        failures = 0
+        next_report = 0.0
         while True:
             try:
                 latest = await asyncio.to_thread(self._latest)
                 await self.bus.publish(SUBJECT, heartbeat_message(latest, self._clock()))
+                if failing_since is not None:
+                    log.warning("revocation heartbeats pushed again after %d failure(s)",
+                                failures)
+                    failing_since, failures = None, 0
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("could not push a revocation heartbeat: %s", type(exc).__name__)
+                now = time.monotonic()
+                failures += 1
+                if failing_since is None:
+                    failing_since = now
+                if now >= next_report:  # one line a minute, not one per heartbeat
+                    log.warning("could not push a revocation heartbeat: %s (%d failure(s) so "
+                                "far; verifiers fall back to polling)", type(exc).__name__,
+                                failures)
+                    next_report = now + HEARTBEAT_FAILURE_REPORT
             await asyncio.sleep(self._interval)
