@@ -94,6 +94,7 @@ class ServerConfig:
     bus: str | None = None
     bus_heartbeat: float = 1.0
     public_url: str | None = None
+    max_connections: int = 1024
 
 
 @dataclass(slots=True)
@@ -463,7 +464,10 @@ def serve(config: ServerConfig, *, announce: Any = print) -> None:
     uv_config = uvicorn.Config(
         built.app, host=host, port=port, loop="auto", http=http, lifespan="on",
         access_log=config.access_log, log_level="warning", server_header=False,
-        proxy_headers=False, timeout_graceful_shutdown=10, **tls,
+        proxy_headers=False, timeout_graceful_shutdown=10,
+        # beyond this many open connections (or requests in progress) a request gets 503 at
+        # once: connections are bounded like everything else a client can make the server hold
+        limit_concurrency=config.max_connections, **tls,
     )
     _Server(uv_config).run(sockets=[sock])
     announce("keygrants stopped")

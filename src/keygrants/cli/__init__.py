@@ -137,6 +137,9 @@ def main() -> None:
               help="http(s)://host[:port] clients address the server by (behind a proxy): "
               "signatures and DPoP proofs are checked against it instead of the request's "
               "scheme and Host.")
+@click.option("--max-connections", default=1024, show_default=True,
+              type=click.IntRange(1, 1_000_000),
+              help="Open connections (and requests in progress) served at once; beyond, 503.")
 @click.option("--require-dpop-nonce", is_flag=True, help="DPoP proofs must carry a server nonce "
               "(RFC 9449 section 8).")
 def server(listen: str, data_dir: str, seal: str | None, store: str | None, max_plaintext: int,
@@ -147,7 +150,7 @@ def server(listen: str, data_dir: str, seal: str | None, store: str | None, max_
            grant_default_ttl: str, grant_max_ttl: str, grant_leeway: str, jwks_max_age: str,
            issuer_rotation_period: str, break_glass_ttl: str, max_delegation_depth: int,
            bus: str | None, bus_heartbeat: float, public_url: str | None,
-           require_dpop_nonce: bool) -> None:
+           max_connections: int, require_dpop_nonce: bool) -> None:
     """Run the keygrants server (SQLite in the data directory by default)."""
     import logging
 
@@ -198,7 +201,7 @@ def server(listen: str, data_dir: str, seal: str | None, store: str | None, max_
                               tls_key=Path(tls_key) if tls_key else None,
                               client_ca=Path(client_ca) if client_ca else None,
                               grants=grant_settings, bus=bus, bus_heartbeat=bus_heartbeat,
-                              public_url=public_url)
+                              public_url=public_url, max_connections=max_connections)
         if node_id:
             config.node_id = node_id
         serve(config)
