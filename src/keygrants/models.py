@@ -4,12 +4,17 @@ They are msgspec structs, so the same class is the service's return value, the J
 server sends (``bytes`` fields travel as standard base64, times as RFC 3339) and the typed
 result the SDK hands back. Request structs forbid unknown fields: a misspelled option is an
 error, not a silent default.
+
+Fields carry the limits the service enforces (lengths, ranges, item counts, patterns) as
+JSON-schema keywords for the OpenAPI document only (:func:`_doc`): msgspec does not check them
+on decoding, so a value out of bounds is still refused by the service, with its own error code
+and message, exactly as before.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Final, Literal
+from typing import Annotated, Any, Final, Literal, TypedDict
 
 import msgspec
 
@@ -47,8 +52,10 @@ __all__ = [
     "GrantDecisionRequest",
     "GrantInfo",
     "GrantList",
+    "Health",
     "InclusionProof",
     "IssuerKeyInfo",
+    "JwkSet",
     "KeyInfo",
     "KeyList",
     "MacRequest",
@@ -59,6 +66,7 @@ __all__ = [
     "RandomResult",
     "ReEncryptRequest",
     "ReEncryptResult",
+    "Readiness",
     "RevocationEntryInfo",
     "RevocationFeed",
     "RevokeAllRequest",
@@ -74,8 +82,29 @@ __all__ = [
     "VerifyResult",
 ]
 
+
+
+def _doc(**schema: Any) -> msgspec.Meta:
+    """JSON-schema keywords for the OpenAPI document, not checks: msgspec enforces only a
+    ``Meta``'s constraints, and ``extra_json_schema`` is none (the service enforces them)."""
+    return msgspec.Meta(extra_json_schema=schema)
+
+
 MessageType = Literal["raw", "digest"]
-Context = dict[str, str]
+Context = Annotated[dict[str, Annotated[str, _doc(maxLength=1024)]], _doc(
+    maxProperties=64, propertyNames={"minLength": 1, "maxLength": 256},
+    description="Encryption context: at most 64 entries, 8,192 bytes in canonical form.")]
+# the service's limits (keys.model, keys.tags, service, access, grant_service, audit.service):
+# tests/api/test_openapi_complete.py pins each one to its constant
+_KeyName = Annotated[str, _doc(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+                               description="1-128 characters; not UUID-shaped")]
+_PrincipalName = Annotated[str, _doc(pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")]
+_Tags = Annotated[list[Annotated[str, _doc(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:=-]{0,63}$")]],
+                  _doc(maxItems=32)]
+_Description = Annotated[str, _doc(maxLength=1024)]
+_Label = Annotated[str, _doc(maxLength=128)]
+_RotationPeriod = Annotated[int, _doc(minimum=60, maximum=316_224_000)]
+_Note = Annotated[str, _doc(minLength=1, maxLength=1024)]
 
 
 _SECRET_FIELDS: Final = frozenset({"plaintext", "derived", "random", "api_key", "shared_secret"})
@@ -100,40 +129,65 @@ class _Result(msgspec.Struct, kw_only=True):
     __repr__ = _redacted_repr
 
 
+# -- system ---------------------------------------------------------------------------------
+
+
+class Health(TypedDict):
+    """Liveness: the process answers."""
+
+    status: Literal["ok"]
+
+
+class Readiness(TypedDict):
+    """Readiness: ``ready`` (200) when the store answers a read, else ``unavailable`` (503)."""
+
+    status: Literal["ready", "unavailable"]
+
+
+class JwkSet(TypedDict):
+    """The issuer's JWK Set (RFC 7517): every key that may verify a live grant token, the
+    feed sequence number ``seq``, and the ``issuer`` its tokens carry as ``iss``."""
+
+    keys: list[dict[str, str]]
+    seq: int
+    issuer: str
+
+
 # -- key management -------------------------------------------------------------------------
 
 
 class CreateKeyRequest(_Request):
     """Create a key. ``rotation_period`` is in seconds."""
 
-    name: str
+    name: _KeyName
     spec: str = "aes-256-gcm"
-    description: str = ""
-    rotation_period: int | None = None
+    description: _Description = ""
+    rotation_period: _RotationPeriod | None = None
     derivable: bool = False
-    tags: list[str] = []
+    tags: _Tags = []
 
 
 class UpdateKeyRequest(_Request):
     """Change a key's settings; absent fields are left alone (``rotation_period: 0`` turns
     scheduled rotation off; ``tags`` replaces the whole set)."""
 
-    description: str | None = None
-    rotation_period: int | None = None
-    min_decryption_version: int | None = None
-    tags: list[str] | None = None
+    description: _Description | None = None
+    rotation_period: Annotated[int, _doc(
+        minimum=0, maximum=316_224_000, description="0 (off) or 60..316224000 seconds")] | None = None
+    min_decryption_version: Annotated[int, _doc(minimum=1)] | None = None
+    tags: _Tags | None = None
 
 
 class ScheduleDeletionRequest(_Request):
     """Schedule destruction of a key's material after a waiting period of 7 to 30 days."""
 
-    days: int = 30
+    days: Annotated[int, _doc(minimum=7, maximum=30)] = 30
 
 
 class CreateAliasRequest(_Request):
     """Point an alias at a key."""
 
-    alias: str
+    alias: _KeyName
     key: str
 
 
@@ -227,7 +281,7 @@ class ReEncryptResult(_Result):
 class DataKeyRequest(_Request):
     """Generate a data key of 16, 32 or 64 bytes, encrypted under the key."""
 
-    bytes: int = 32
+    bytes: Annotated[int, _doc(enum=[16, 32, 64])] = 32
     context: Context | None = None
     include_plaintext: bool = True
 
@@ -251,7 +305,7 @@ class BatchEncryptItem(_Request):
 class BatchEncryptRequest(_Request):
     """Up to 1,000 items under one key."""
 
-    items: list[BatchEncryptItem]
+    items: Annotated[list[BatchEncryptItem], _doc(minItems=1, maxItems=1000)]
 
 
 class BatchDecryptItem(_Request):
@@ -264,7 +318,7 @@ class BatchDecryptItem(_Request):
 class BatchDecryptRequest(_Request):
     """Up to 1,000 ciphertexts, each naming its own key."""
 
-    items: list[BatchDecryptItem]
+    items: Annotated[list[BatchDecryptItem], _doc(minItems=1, maxItems=1000)]
 
 
 class BatchItemError(_Result):
@@ -367,8 +421,8 @@ class DeriveRequest(_Request):
     """HKDF-SHA256 from a derivable key, bound to ``context`` (and optional ``salt``)."""
 
     context: Context
-    length: int = 32
-    salt: bytes | None = None
+    length: Annotated[int, _doc(minimum=1, maximum=1024)] = 32
+    salt: Annotated[bytes, _doc(description="at most 1,024 bytes")] | None = None
     key_version: int | None = None
 
 
@@ -383,7 +437,7 @@ class DerivedKey(_Result):
 class RandomRequest(_Request):
     """Ask for random bytes from the server's CSPRNG."""
 
-    bytes: int = 32
+    bytes: Annotated[int, _doc(minimum=1, maximum=1024)] = 32
 
 
 class RandomResult(_Result):
@@ -431,7 +485,7 @@ class ConsistencyProof(_Result):
 class AuditHashRequest(_Request):
     """A sensitive value (a token, a key) to find in the log."""
 
-    value: str
+    value: Annotated[str, _doc(maxLength=8192)]
 
 
 class AuditDigest(_Result):
@@ -453,16 +507,16 @@ class AuditKey(_Result):
 class CreatePrincipalRequest(_Request):
     """Create a principal (a service or a person); ``id`` is its name."""
 
-    id: str
-    display_name: str = ""
-    tags: list[str] = []
+    id: _PrincipalName
+    display_name: Annotated[str, _doc(maxLength=256)] = ""
+    tags: _Tags = []
 
 
 class UpdatePrincipalRequest(_Request):
     """Change a principal; absent fields are left alone (``tags`` replaces the whole set)."""
 
-    display_name: str | None = None
-    tags: list[str] | None = None
+    display_name: Annotated[str, _doc(maxLength=256)] | None = None
+    tags: _Tags | None = None
 
 
 class CredentialInfo(_Result):
@@ -511,7 +565,7 @@ class AddPublicKeyRequest(_Request):
     ``not_before``/``expires_at`` are Unix seconds; ``expires_in`` (seconds) is a shortcut."""
 
     public_key: str
-    label: str = ""
+    label: _Label = ""
     not_before: int | None = None
     expires_at: int | None = None
     expires_in: int | None = None
@@ -520,7 +574,7 @@ class AddPublicKeyRequest(_Request):
 class CreateApiKeyRequest(_Request):
     """Issue an API key for a principal (it is shown once)."""
 
-    label: str = ""
+    label: _Label = ""
     not_before: int | None = None
     expires_at: int | None = None
     expires_in: int | None = None
@@ -548,7 +602,7 @@ class AddCertificateRequest(_Request):
 
     match: str | None = None
     certificate: str | None = None
-    label: str = ""
+    label: _Label = ""
     not_before: int | None = None
     expires_at: int | None = None
     expires_in: int | None = None
@@ -566,8 +620,8 @@ class WhoAmI(_Result):
 class PutPolicyRequest(_Request):
     """Create or replace a named Cedar policy."""
 
-    text: str
-    description: str = ""
+    text: Annotated[str, _doc(description="Cedar policy text, at most 65,536 bytes (UTF-8)")]
+    description: _Description = ""
 
 
 class PolicyInfo(_Result):
@@ -628,15 +682,16 @@ class CreateGrantRequest(_Request):
     operations: list[str]
     context_equals: dict[str, str] | None = None
     context_subset: dict[str, str] | None = None
-    ttl: int | None = None
+    ttl: Annotated[int, _doc(minimum=1, maximum=86400)] | None = None
     not_before: datetime | None = None
-    max_uses: int | None = None
-    audiences: list[str] = []
-    dpop_jkt: str | None = None
-    x5t_s256: str | None = None
-    name: str | None = None
-    retiring_principal: str | None = None
-    justification: str | None = None
+    max_uses: Annotated[int, _doc(minimum=1, maximum=1_000_000)] | None = None
+    audiences: Annotated[list[Annotated[str, _doc(pattern=r"^[\x21-\x7e]{1,256}$")]],
+                         _doc(maxItems=16)] = []
+    dpop_jkt: Annotated[str, _doc(pattern=r"^[A-Za-z0-9_-]{43}$")] | None = None
+    x5t_s256: Annotated[str, _doc(pattern=r"^[A-Za-z0-9_-]{43}$")] | None = None
+    name: Annotated[str, _doc(minLength=1, maxLength=256)] | None = None
+    retiring_principal: _PrincipalName | None = None
+    justification: _Note | None = None
 
 
 class GrantInfo(_Result):
@@ -702,7 +757,7 @@ class RevokeAllResult(_Result):
 class GrantDecisionRequest(_Request):
     """Approve or reject a pending grant, with an optional note."""
 
-    note: str | None = None
+    note: _Note | None = None
 
 
 TOKEN_EXCHANGE_GRANT_TYPE: Final = "urn:ietf:params:oauth:grant-type:token-exchange"

@@ -58,7 +58,8 @@ from keygrants.errors import (
 from keygrants.grant_service import GrantService
 from keygrants.service import KMS
 
-__all__ = ["ENDPOINTS", "Endpoint", "HttpLimits", "KeygrantsApp", "Reply", "create_app"]
+__all__ = ["ENDPOINTS", "Endpoint", "ExtraResponse", "HttpLimits", "KeygrantsApp", "QueryParam",
+           "Reply", "create_app"]
 
 log = logging.getLogger("keygrants.api")
 
@@ -95,6 +96,42 @@ class HttpLimits:
 
 Handler = Callable[["_Call"], Awaitable[Any]]
 
+_MAX_QUERY_INT: Final = 9_999_999_999  # what _query_int accepts: at most 10 decimal digits
+
+
+@dataclass(frozen=True, slots=True)
+class QueryParam:
+    """A query parameter a handler reads, as the OpenAPI document declares it (``schema`` is
+    its JSON schema). Unknown parameters are ignored; a test checks that each handler reads
+    exactly the parameters its endpoint declares."""
+
+    name: str
+    description: str
+    schema: Mapping[str, Any]
+    required: bool = False
+
+
+def _int_query(name: str, description: str, *, minimum: int = 0, maximum: int = _MAX_QUERY_INT,
+               default: int | None = None, required: bool = False) -> QueryParam:
+    """An integer parameter read by :func:`_query_int` (decimal digits, at most 10)."""
+    schema: dict[str, Any] = {"type": "integer", "minimum": minimum, "maximum": maximum}
+    if default is not None:
+        schema["default"] = default
+    return QueryParam(name, description, schema, required)
+
+
+def _str_query(name: str, description: str, **schema: Any) -> QueryParam:
+    return QueryParam(name, description, {"type": "string", **schema})
+
+
+@dataclass(frozen=True, slots=True)
+class ExtraResponse:
+    """A status an endpoint answers besides its success ``status`` and the errors."""
+
+    status: int
+    description: str
+    body: type | None = None
+
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
@@ -113,6 +150,12 @@ class Endpoint:
     tag: str = "keys"
     grant: bool = False
     shares: str | None = None  # the shared state a success changes, when not named by the tag
+    # what only the OpenAPI document reads:
+    query: tuple[QueryParam, ...] = ()
+    responses: tuple[ExtraResponse, ...] = ()
+    media_type: str = _JSON  # of the success body
+    dpop: bool = False  # reads a DPoP proof without a grant token (token exchange)
+    response_headers: tuple[str, ...] = ()  # of the success response, besides X-Request-Id
 
 
 @dataclass(slots=True)
@@ -746,6 +789,37 @@ def _audit_export(c: _Call) -> Any:
     return Stream("application/x-ndjson", c.audit.export(c.ctx, since or 0))
 
 
+# -- query parameters, as the handlers above and below read them --------------------------------
+
+_PAGE_LIMIT: Final = _int_query("limit", "Page size", minimum=1, maximum=1000, default=100)
+_LIST_QUERY: Final = (
+    _PAGE_LIMIT,
+    _str_query("after", "The `next` of the previous page: the page starts after it"),
+)
+_AUDIT_FILTER: Final = 1024  # characters, no NUL (audit.log)
+_AUDIT_SEARCH_QUERY: Final = (
+    _str_query("principal", "Only events of this principal", maxLength=_AUDIT_FILTER),
+    _str_query("key", "Only events on this key id", maxLength=_AUDIT_FILTER),
+    _str_query("grant", "Only events of this grant id", maxLength=_AUDIT_FILTER),
+    _str_query("type", "Only events of this type, e.g. crypto.encrypt", maxLength=_AUDIT_FILTER),
+    _str_query("since", "Events at or after this RFC 3339 time (no offset: UTC)",
+               format="date-time"),
+    _str_query("until", "Events before this RFC 3339 time (no offset: UTC)", format="date-time"),
+    _int_query("after", "Events after this sequence number (the `next` of the previous page)"),
+    _PAGE_LIMIT,
+)
+_GRANT_STATES: Final = ("active", "pending", "exhausted", "expired", "retired", "revoked",
+                        "rejected")
+_LIST_GRANTS_QUERY: Final = (
+    _str_query("key", "Grants on this key (id, name or alias; needs list_grants on it)"),
+    _str_query("grantee", "Grants to this principal (without `key`: must be the caller)"),
+    _str_query("retiring_principal",
+               "Grants this principal may retire (without `key`: must be the caller)"),
+    _str_query("state", "Only grants in this state", enum=list(_GRANT_STATES)),
+    *_LIST_QUERY,
+)
+
+
 def _list_principals(c: _Call) -> Any:
     limit = _query_int(c, "limit", 100)
     assert limit is not None
@@ -768,7 +842,8 @@ _PRINCIPAL_ENDPOINTS: Final = (
              "Create a principal", m.CreatePrincipalRequest, m.PrincipalInfo, status=201,
              tag="principals"),
     Endpoint("GET", "/v1/principals", _in_thread(_list_principals), "listPrincipals",
-             "List principals (query: limit, after)", response=m.PrincipalList, tag="principals"),
+             "List principals (query: limit, after)", response=m.PrincipalList, tag="principals",
+             query=_LIST_QUERY),
     Endpoint("GET", "/v1/principals/{principal}",
              _in_thread(lambda c: c.access.describe_principal(c.ctx, c.param("principal"))),
              "describePrincipal", "Show a principal and its credentials",
@@ -870,13 +945,15 @@ async def _jwks(c: _Call) -> Any:
 _GRANT_ENDPOINTS: Final = (
     Endpoint("POST", "/v1/grants", _create_grant, "createGrant",
              "Create a grant (202 when it waits for approval); with a grant token: a sub-grant",
-             m.CreateGrantRequest, m.GrantCreated, status=201, tag="grants", grant=True),
+             m.CreateGrantRequest, m.GrantCreated, status=201, tag="grants", grant=True,
+             responses=(ExtraResponse(202, "pending: the grant waits for another principal's "
+                                           "approval (`token` is null)", m.GrantCreated),)),
     Endpoint("GET", "/v1/grants", _in_thread(_list_grants), "listGrants",
              "List grants (query: key, grantee, retiring_principal, state, limit, after)",
-             response=m.GrantList, tag="grants"),
+             response=m.GrantList, tag="grants", query=_LIST_GRANTS_QUERY),
     Endpoint("POST", "/v1/token-exchange", _in_thread(_exchange), "exchangeGrant",
              "RFC 8693-style token exchange: a narrower grant token for a grant token",
-             m.TokenExchangeRequest, m.TokenExchangeResult, tag="grants"),
+             m.TokenExchangeRequest, m.TokenExchangeResult, tag="grants", dpop=True),
     Endpoint("POST", "/v1/revoke-all",
              _in_thread(lambda c: c.grants.revoke_all(c.ctx, c.body)), "revokeAllGrants",
              "Revoke every grant of a principal or a key (incident response)",
@@ -911,10 +988,12 @@ _GRANT_ENDPOINTS: Final = (
              response=m.IssuerKeyInfo, tag="grants", shares="issuer"),
     Endpoint("GET", "/v1/revocations", _in_thread(_revocations), "revocations",
              "Revocation feed entries after a sequence number (query: since, limit); public",
-             response=m.RevocationFeed, auth=False, tag="grants"),
+             response=m.RevocationFeed, auth=False, tag="grants",
+             query=(_int_query("since", "Entries after this sequence number", default=0),
+                    _int_query("limit", "Page size", minimum=1, maximum=1000, default=1000))),
     Endpoint("GET", "/.well-known/jwks.json", _jwks, "jwks",
              "Issuer keys that may verify a live grant token (with seq); public",
-             auth=False, tag="grants"),
+             response=m.JwkSet, auth=False, tag="grants", response_headers=("Cache-Control",)),
 )
 
 #: Endpoints that accept a ``Keygrants-Grant`` token in place of the caller's own policies.
@@ -926,13 +1005,16 @@ _GRANT_USERS: Final = frozenset({
 
 ENDPOINTS: Final[Sequence[Endpoint]] = tuple(
     dataclasses.replace(e, grant=True) if e.operation_id in _GRANT_USERS else e for e in (
-    Endpoint("GET", "/healthz", _health, "health", "Liveness", auth=False, tag="system"),
-    Endpoint("GET", "/readyz", _ready, "ready", "Readiness (store reachable)", auth=False,
+    Endpoint("GET", "/healthz", _health, "health", "Liveness", response=m.Health, auth=False,
              tag="system"),
+    Endpoint("GET", "/readyz", _ready, "ready", "Readiness (store reachable)",
+             response=m.Readiness, auth=False, tag="system",
+             responses=(ExtraResponse(503, "not ready: the store does not answer (this body, "
+                                           "not the error shape)", m.Readiness),)),
     Endpoint("POST", "/v1/keys", _in_thread(lambda c: c.kms.create_key(c.ctx, c.body)),
              "createKey", "Create a key", m.CreateKeyRequest, m.KeyInfo, status=201),
     Endpoint("GET", "/v1/keys", _in_thread(_list_keys), "listKeys",
-             "List keys (query: limit, after)", response=m.KeyList),
+             "List keys (query: limit, after)", response=m.KeyList, query=_LIST_QUERY),
     Endpoint("GET", "/v1/keys/{key}", _in_thread(lambda c: c.kms.describe_key(c.ctx, c.param("key"))),
              "describeKey", "Show a key", response=m.KeyInfo),
     Endpoint("PATCH", "/v1/keys/{key}",
@@ -956,7 +1038,8 @@ ENDPOINTS: Final[Sequence[Endpoint]] = tuple(
              _in_thread(lambda c: c.kms.cancel_deletion(c.ctx, c.param("key"))),
              "cancelKeyDeletion", "Cancel a scheduled deletion", response=m.KeyInfo),
     Endpoint("GET", "/v1/keys/{key}/public-key", _inline(_public_key), "getPublicKey",
-             "Public key of a signing key (query: version)", response=m.PublicKey),
+             "Public key of a signing key (query: version)", response=m.PublicKey,
+             query=(_int_query("version", "The key version (default: the latest)", minimum=1),)),
     Endpoint("POST", "/v1/keys/{key}/encrypt",
              _inline(lambda c: c.kms.encrypt(c.ctx, c.param("key"), c.body.plaintext, c.body.context)),
              "encrypt", "Encrypt with the latest key version", m.EncryptRequest, m.EncryptResult,
@@ -1003,7 +1086,8 @@ ENDPOINTS: Final[Sequence[Endpoint]] = tuple(
              "createAlias", "Create an alias", m.CreateAliasRequest, m.AliasInfo, status=201,
              tag="aliases"),
     Endpoint("GET", "/v1/aliases", _in_thread(_list_aliases), "listAliases",
-             "List aliases (query: key)", response=list[m.AliasInfo], tag="aliases"),
+             "List aliases (query: key)", response=list[m.AliasInfo], tag="aliases",
+             query=(_str_query("key", "Only this key's aliases (id, name or alias)"),)),
     Endpoint("DELETE", "/v1/aliases/{alias}", _in_thread(_delete_alias), "deleteAlias",
              "Delete an alias", status=204, tag="aliases"),
     Endpoint("GET", "/v1/audit/checkpoint",
@@ -1014,15 +1098,22 @@ ENDPOINTS: Final[Sequence[Endpoint]] = tuple(
              tag="audit"),
     Endpoint("GET", "/v1/audit/events", _in_thread(_audit_search), "auditSearch",
              "Search events (query: principal, key, grant, type, since, until, after, limit)",
-             response=m.AuditEventPage, tag="audit"),
+             response=m.AuditEventPage, tag="audit", query=_AUDIT_SEARCH_QUERY),
     Endpoint("GET", "/v1/audit/proof/inclusion", _in_thread(_audit_inclusion),
              "auditInclusionProof", "Inclusion proof (query: index, size)",
-             response=m.InclusionProof, tag="audit"),
+             response=m.InclusionProof, tag="audit",
+             query=(_int_query("index", "The event's sequence number", required=True),
+                    _int_query("size", "The tree size (default: the current size)", minimum=1))),
     Endpoint("GET", "/v1/audit/proof/consistency", _in_thread(_audit_consistency),
              "auditConsistencyProof", "Consistency proof (query: old, new)",
-             response=m.ConsistencyProof, tag="audit"),
+             response=m.ConsistencyProof, tag="audit",
+             query=(_int_query("old", "The older tree size", minimum=1, required=True),
+                    _int_query("new", "The newer tree size (default: the current size)",
+                               minimum=1))),
     Endpoint("GET", "/v1/audit/export", _in_thread(_audit_export), "auditExport",
-             "Export as JSON Lines with checkpoints (query: since)", tag="audit"),
+             "Export as JSON Lines with checkpoints (query: since)", tag="audit",
+             media_type="application/x-ndjson",
+             query=(_int_query("since", "First sequence number to export", default=0),)),
     Endpoint("POST", "/v1/audit/hash", _inline(lambda c: c.audit.digest(c.ctx, c.body.value)),
              "auditHash", "Keyed digest of a sensitive value, to search the log for it",
              m.AuditHashRequest, m.AuditDigest, tag="audit"),
