@@ -324,3 +324,23 @@ async def test_an_error_does_not_echo_a_huge_value_back(world) -> None:
     status, _, out = await _call(world, "POST", "/v1/keys",
                                  _admin(world) | {"content-length": str(len(body))}, receive)
     assert status == 400 and b"unknown key spec" in out and len(out) < 2500
+
+
+async def test_a_body_still_arriving_after_an_early_answer_is_not_taken_for_a_head() -> None:
+    """The server may answer (401, 413, ...) before a request's body is in; the rest of that
+    body must not count against the next request's head limit."""
+    async for port, calls in _serve():
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        size = tls_module.MAX_HEAD_BYTES * 3
+        writer.write(b"POST / HTTP/1.1\r\nhost: t\r\ncontent-length: %d\r\n\r\n" % size)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)  # answered early
+        assert head.startswith(b"HTTP/1.1 200 ")
+        await asyncio.wait_for(reader.readexactly(2), 30)
+        for _ in range(3):
+            writer.write(b"x" * (size // 3))
+            await writer.drain()
+        writer.write(b"GET / HTTP/1.1\r\nhost: t\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+        writer.close()
+        assert head.startswith(b"HTTP/1.1 200 "), head
+        assert calls == [1, 1]

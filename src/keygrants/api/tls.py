@@ -97,8 +97,9 @@ def protocol_class(*, tls: bool = True) -> type:
                            "(pip install 'uvicorn[standard]')") from exc
 
     class CoalescingProtocol(Base):
-        # Between requests (and before the first) the head is being read: its bytes are
-        # counted and a timer runs until the headers are complete.
+        # Between one request's end and the next one's headers (and before the first) a head
+        # is being read: its bytes are counted and a timer runs until its headers are complete.
+        # A body still arriving after an early response is not head (its request is not over).
         _head_bytes = 0
         _in_head = True
         _head_started = False
@@ -132,9 +133,12 @@ def protocol_class(*, tls: bool = True) -> type:
             self._disarm_head_timer()
             super().on_headers_complete()
 
+        def on_message_complete(self) -> None:
+            self._in_head, self._head_bytes, self._head_started = True, 0, False
+            super().on_message_complete()
+
         def on_response_complete(self) -> None:
             self.transport.flush()  # type: ignore[attr-defined]
-            self._in_head, self._head_bytes, self._head_started = True, 0, False
             super().on_response_complete()  # arms uvicorn's keep-alive timer for the next one
 
         def _arm_head_timer(self) -> None:
