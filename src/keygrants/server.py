@@ -295,7 +295,8 @@ def _assemble(config: ServerConfig, store: Any, audit: AuditSetup, root_key: byt
             if publisher is not None:
                 grants.on_revocations = None
                 await publisher.stop()
-            await asyncio.to_thread(audit.log.close)
+            # bounded even if the store hangs: a commit under way gets 5 s, then is cut off
+            await asyncio.to_thread(functools.partial(audit.log.close, timeout=5.0))
             store.close()
 
     app = create_app(kms, access.authenticator,

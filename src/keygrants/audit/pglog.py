@@ -15,6 +15,11 @@ and a commit thread runs the whole transaction (the round trips to the database,
 work, are its cost); the loop resumes the requests once it is durable. Threads commit
 through :meth:`AuditLog.append` the same way. Every failure is
 :class:`~keygrants.errors.AuditUnavailable` and nothing is acknowledged that is not committed.
+
+A commit has a client-side deadline too (the append lock's timeout plus ``commit_timeout``):
+a database that stops answering without closing the connection would otherwise hold the
+commit thread, and with it :meth:`close`, for as long as TCP keeps the connection. Closing
+waits at most its ``timeout`` for a commit under way, then cuts it off.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from keygrants.audit.log import _MAX_DEFERRALS, AuditLog, _Pending, _resolve, _S
 from keygrants.audit.merkle import leaf_hash
 from keygrants.audit.note import NoteSigner
 from keygrants.errors import AuditUnavailable, InvalidRequest
+from keygrants.store.postgres import _watchdog
 
 __all__ = ["SCHEMA", "PostgresAuditLog"]
 
@@ -45,6 +51,7 @@ SCHEMA: Final = "keygrants_audit"
 _CONNECT_TIMEOUT: Final = 10
 _SCHEMA_LOCK: Final = 0x6B67_00A0  # advisory lock keys ("kg" high bytes, as the store's)
 _APPEND_LOCK: Final = 0x6B67_00A1
+_CLOSE_GRACE: Final = 2.0  # seconds a commit cut off at close gets to give its lock back
 
 _DDL: Final = f"""
 CREATE SCHEMA IF NOT EXISTS {SCHEMA};
@@ -144,7 +151,7 @@ class PostgresAuditLog(AuditLog):
     def _reconnect_if_broken(self) -> None:
         """After a failure: replace a connection PostgreSQL dropped (a restart, a failover),
         so the next batch can succeed; this batch has failed already (fail-closed)."""
-        if self._db.broken or self._db.closed:
+        if (self._db.broken or self._db.closed) and not self._stop.is_set():  # not when closing
             with contextlib.suppress(psycopg.Error):
                 self._db.close()
             try:
@@ -200,7 +207,8 @@ class PostgresAuditLog(AuditLog):
         try:
             if self.failing:
                 raise psycopg.OperationalError("simulated audit store failure")
-            with self._db.transaction():
+            deadline = time.monotonic() + self.commit_timeout * 4  # lock_timeout, then some
+            with _watchdog.watch(self._db, deadline, owner=self), self._db.transaction():
                 self._db.execute("SELECT pg_advisory_xact_lock(%s)", (_APPEND_LOCK,))
                 self._catch_up()
                 staged = self._stage(batch, force_checkpoint=force_checkpoint)
@@ -271,21 +279,41 @@ class PostgresAuditLog(AuditLog):
                   for item in [*batch, *queued]])
 
     def close(self, *, timeout: float = 10.0) -> None:
-        """Checkpoint what is durable and close the connections (from a thread, not a loop)."""
+        """Checkpoint what is durable and close the connections (from a thread, not a loop).
+
+        Waits at most ``timeout`` seconds for a commit under way (and as long for the final
+        checkpoint), then cuts it off: a database that stopped answering never holds a
+        shutdown for longer."""
         if self._closed:
             return
-        self._stop.set()
-        self._thread.join(timeout)
-        self._pool.shutdown(wait=True)
-        with self._lock:
+        deadline = time.monotonic() + timeout
+        self._stop.set()  # the checkpointer stops; a connection lost now is not replaced
+        self._pool.shutdown(wait=False)
+        if not self._lock.acquire(timeout=timeout):
+            _watchdog.hurry(self, time.monotonic())  # a commit is stuck: cut it off
+            if not self._lock.acquire(timeout=_CLOSE_GRACE):
+                self._closed = True
+                log.error("audit: closed without a final checkpoint: a commit did not end")
+                return
+        try:
             if not self._closed:
                 try:
-                    self._commit([], force_checkpoint=True)
+                    # failures are logged by _commit
+                    with contextlib.suppress(psycopg.Error), \
+                            _watchdog.watch(self._db, deadline, owner=self):
+                        self._commit([], force_checkpoint=True)
                 finally:
                     self._closed = True
                     self._db.close()
-                    with self._read_lock:
-                        self._read_db.close()
+        finally:
+            self._lock.release()
+        self._thread.join(_CLOSE_GRACE)
+        if not self._read_lock.acquire(timeout=_CLOSE_GRACE):
+            return  # a read stuck on a database that stopped answering keeps its connection
+        try:
+            self._read_db.close()
+        finally:
+            self._read_lock.release()
 
     def set_cursor(self, sink: str, seq: int) -> None:
         """Record a sink's delivery position durably (from a thread, not a loop); never moves

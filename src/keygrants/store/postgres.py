@@ -19,6 +19,17 @@ from PostgreSQL locks, under the default ``READ COMMITTED`` isolation:
 - the schema is migrated at open inside one transaction under an advisory lock, so servers
   starting together apply each migration exactly once.
 
+Every call is bounded (``OPERATION_TIMEOUT``, waiting for a connection included): a
+PostgreSQL that stops answering without closing the connection (a stalled disk, a network
+that drops packets) would otherwise hold the calling thread for as long as TCP keeps the
+connection, which can be a quarter of an hour. ``statement_timeout`` only helps while the
+server runs and keepalives only while its kernel no longer acknowledges, so a watchdog thread
+shuts down the socket of a call that overran its deadline; the call fails with ``StoreError``
+and the pool replaces the connection. After a call found PostgreSQL unreachable (no
+connection came in time, or a call overran), the others fail at once while one call at a time
+tries again, and the pool reconnects at least every ``_RECONNECT_DELAY_MAX`` seconds, so
+service follows the database back within about a second.
+
 Destroying a key overwrites its sealed versions with empty values, but PostgreSQL keeps old
 row versions until vacuum and in its WAL and backups; the material there is still sealed by
 the root key.
@@ -26,7 +37,12 @@ the root key.
 
 from __future__ import annotations
 
+import logging
+import math
+import os
+import socket
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -39,6 +55,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import TupleRow
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
+from psycopg_pool.base import AttemptWithBackoff
 
 from keygrants.auth.model import Credential, Policy, Principal
 from keygrants.errors import (
@@ -68,13 +85,25 @@ from keygrants.store.base import (
 
 __all__ = ["SCHEMA_VERSION", "PostgresStore"]
 
+log = logging.getLogger("keygrants.store")
+
 T = TypeVar("T")
 _Conn = psycopg.Connection[TupleRow]
 
 CONNECT_TIMEOUT: Final = 10
 """Seconds to wait for a new connection to the server (libpq ``connect_timeout``)."""
-ACQUIRE_TIMEOUT: Final = 30.0
+OPERATION_TIMEOUT: Final = 10.0
+"""Seconds one call may take in all (waiting for a connection, its statements, retries) before
+it fails with ``StoreError``; its connection is then dropped."""
+ACQUIRE_TIMEOUT: Final = 5.0
 """Seconds a call waits for a free pooled connection before failing with ``StoreError``."""
+_STATEMENT_TIMEOUT_MS: Final = int(OPERATION_TIMEOUT * 800)  # the server's clean error first
+_IDLE_IN_TRANSACTION_MS: Final = int(OPERATION_TIMEOUT * 3000)  # locks of a vanished client
+_TCP_SETTINGS: Final = (("keepalives", 1), ("keepalives_idle", 10), ("keepalives_interval", 5),
+                        ("keepalives_count", 3), ("tcp_user_timeout", 20_000))
+_RECONNECT_DELAY_MAX: Final = 1.0  # seconds between the pool's attempts during an outage
+_CLOSE_GRACE: Final = 2.0  # seconds calls still running at close get before being cut off
+_LOG_EVERY: Final = 30.0  # seconds between two "error connecting" warnings of the pool
 _NOT_TEXT: Final = "a value is not valid Unicode text (a lone surrogate?)"
 _WRITE_ATTEMPTS: Final = 3  # a deadlock victim's transaction rolled back whole: run it again
 
@@ -293,6 +322,124 @@ def _ensure_synchronous_commit(conn: _Conn) -> None:
         conn.execute("SET synchronous_commit = on")
 
 
+class _Watched:
+    __slots__ = ("deadline", "fd", "overdue", "owner")
+
+    def __init__(self, deadline: float, fd: int, owner: object) -> None:
+        self.deadline = deadline
+        self.fd = fd
+        self.owner = owner
+        self.overdue = False
+
+
+class _Watchdog:
+    """Shuts down the socket of a connection whose call overran its deadline (one thread for
+    the process, started on first use).
+
+    The socket is duplicated while watched, so the descriptor shut down is always the call's,
+    even if the driver closed its own in the meantime and the number was reused."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._watched: dict[int, _Watched] = {}
+        self._next = 0
+        self._wake_at = math.inf
+        self._thread: threading.Thread | None = None
+
+    @contextmanager
+    def watch(self, conn: psycopg.Connection[Any], deadline: float, *,
+              owner: object = None) -> Iterator[_Watched]:
+        """Watch ``conn`` for the duration of the block; ``.overdue`` tells whether it was cut."""
+        entry = _Watched(deadline, os.dup(conn.fileno()), owner)
+        with self._cond:
+            self._next += 1
+            key = self._next
+            self._watched[key] = entry
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="keygrants-pg-watchdog",
+                                                daemon=True)
+                self._thread.start()
+            if deadline < self._wake_at:
+                self._cond.notify()
+        try:
+            yield entry
+        finally:
+            with self._cond:  # under the lock: never cut once the call is over
+                self._watched.pop(key, None)
+            os.close(entry.fd)
+
+    def hurry(self, owner: object, deadline: float) -> None:
+        """Give the calls of ``owner`` under way at most until ``deadline``."""
+        with self._cond:
+            for entry in self._watched.values():
+                if entry.owner is owner and entry.deadline > deadline:
+                    entry.deadline = deadline
+            self._cond.notify()
+
+    def _run(self) -> None:
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                for entry in self._watched.values():
+                    if entry.deadline <= now and not entry.overdue:
+                        entry.overdue = True
+                        _shut_down(entry.fd)
+                self._wake_at = min((e.deadline for e in self._watched.values() if not e.overdue),
+                                    default=math.inf)
+                self._cond.wait(None if self._wake_at == math.inf else self._wake_at - now)
+
+
+def _shut_down(fd: int) -> None:
+    try:
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+    except OSError:  # already closed by the peer: the call fails anyway
+        pass
+
+
+_watchdog: Final = _Watchdog()
+
+
+class _CappedBackoff(AttemptWithBackoff):
+    """The pool's reconnection delays, doubling only up to ``_RECONNECT_DELAY_MAX``: doubling
+    without end (1, 2, 4 … 32 s) made service come back up to a minute after the database."""
+
+    INITIAL_DELAY = _RECONNECT_DELAY_MAX / 2
+
+    def update_delay(self, now: float) -> None:
+        super().update_delay(now)
+        self.delay = min(self.delay, _RECONNECT_DELAY_MAX)
+
+
+class _Pool(ConnectionPool[_Conn]):
+    def _add_connection(self, attempt: AttemptWithBackoff | None, growing: bool = False) -> None:
+        super()._add_connection(attempt or _CappedBackoff(timeout=self.reconnect_timeout),
+                                growing=growing)
+
+
+class _QuietReconnects(logging.Filter):
+    """With reconnection attempts every second for each lost connection, the pool's warning
+    would flood the log during an outage: one, then one every ``_LOG_EVERY`` seconds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last = -math.inf
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("error connecting in"):
+            return True
+        now = time.monotonic()
+        if now - self._last < _LOG_EVERY:
+            return False
+        self._last = now
+        return True
+
+
+_pool_log = logging.getLogger("psycopg.pool")
+if not any(isinstance(f, _QuietReconnects) for f in _pool_log.filters):
+    _pool_log.addFilter(_QuietReconnects())
+
+
 class PostgresStore:
     """Implements :class:`~keygrants.store.base.Store` on a PostgreSQL database.
 
@@ -319,12 +466,15 @@ class PostgresStore:
             raise ValueError("need 1 <= min_connections <= max_connections")
         params = _parse_url(url)
         params.setdefault("connect_timeout", str(connect_timeout))
+        for name, value in _TCP_SETTINGS:  # settings the URL gives win
+            params.setdefault(name, str(value))
         self.location = _describe(params)
         """``user@host:port/database``, for messages (no password)."""
         password = params.get("password")
-        conninfo = make_conninfo("", **params)
         try:
-            with psycopg.connect(conninfo, autocommit=True) as conn:
+            # the migration runs without the pool's statement timeouts: a second node waits
+            # for the first one's migration under the advisory lock
+            with psycopg.connect(make_conninfo("", **params), autocommit=True) as conn:
                 self._migrate(conn)
         except KeygrantsError:
             raise
@@ -332,10 +482,17 @@ class PostgresStore:
             # from None: the driver's exception may carry the connection and its password
             raise StoreError(f"cannot open PostgreSQL at {self.location}: "
                              f"{_reason(exc, password)}") from None
-        self._pool: ConnectionPool[_Conn] = ConnectionPool(
-            conninfo, min_size=min_connections, max_size=max_connections,
+        # The server's own limits, before the client's deadline: a slow statement then ends
+        # with a clean error and its connection stays usable; the options the URL gives win.
+        options = (f"-c statement_timeout={_STATEMENT_TIMEOUT_MS} "
+                   f"-c lock_timeout={_STATEMENT_TIMEOUT_MS} "
+                   f"-c idle_in_transaction_session_timeout={_IDLE_IN_TRANSACTION_MS}")
+        params["options"] = f"{options} {params['options']}" if params.get("options") else options
+        self._pool: ConnectionPool[_Conn] = _Pool(
+            make_conninfo("", **params), min_size=min_connections, max_size=max_connections,
             kwargs={"autocommit": True}, configure=_ensure_synchronous_commit,
-            timeout=ACQUIRE_TIMEOUT, name="keygrants-store", open=False)
+            timeout=ACQUIRE_TIMEOUT, reconnect_timeout=math.inf, name="keygrants-store",
+            open=False)
         try:
             self._pool.open(wait=True, timeout=float(connect_timeout))
         except psycopg.Error:
@@ -345,6 +502,9 @@ class PostgresStore:
                                           thread_name_prefix="keygrants-postgres")
         self._closing = threading.Lock()
         self._closed = False
+        self._health = threading.Lock()
+        self._unreachable = False  # the last call found PostgreSQL unreachable
+        self._probing = False  # while unreachable: the one call trying again is under way
 
     def __repr__(self) -> str:
         return f"PostgresStore({self.location!r})"
@@ -363,21 +523,86 @@ class PostgresStore:
                 conn.execute(script)  # several statements, so no parameters
                 conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (number,))
 
-    @contextmanager
-    def _connection(self) -> Iterator[_Conn]:
+    def _admit(self) -> bool:
+        """Let a call through, or fail it at once while PostgreSQL is known to be unreachable
+        and another call is finding out whether it is back. Returns whether this call is that
+        probe (it must then call ``_settle``)."""
+        if self._closed:
+            raise StoreError("store is closed")
+        with self._health:
+            if not self._unreachable:
+                return False
+            if self._probing:
+                raise StoreError(f"PostgreSQL at {self.location} is unreachable; "
+                                 "failing fast until it answers again")
+            self._probing = True
+            return True
+
+    def _settle(self, *, reachable: bool) -> None:
+        with self._health:
+            self._probing = False
+            if reachable == self._unreachable:
+                self._unreachable = not reachable
+                if reachable:
+                    log.warning("store: PostgreSQL at %s answers again", self.location)
+                else:
+                    log.error("store: PostgreSQL at %s is unreachable; failing calls fast until "
+                              "it answers again", self.location)
+
+    def _call(self, fn: Callable[[_Conn], T], *, deadline: float, write: bool,
+              one_statement: bool = False) -> T:
+        """Run ``fn`` on a pooled connection by ``deadline``.
+
+        An answer from PostgreSQL (a result or an error it sent) shows it reachable; no
+        connection in time, or a call cut off at its deadline, shows it unreachable. A lost
+        connection alone (PostgreSQL ended that session) shows neither; under a read it is
+        replaced once, as a read can run again, never under a write (it may have committed)."""
+        probe = self._admit()
+        outcome = "lost"
         try:
-            with self._pool.connection() as conn:
-                yield conn
-        except PoolClosed:
-            raise StoreError("store is closed") from None
-        except PoolTimeout as exc:
-            raise StoreError(f"no connection to PostgreSQL at {self.location} came free "
-                             "in time") from exc
+            for attempt in (1, 2):
+                wait = min(ACQUIRE_TIMEOUT, deadline - time.monotonic())
+                try:
+                    if wait <= 0:
+                        raise PoolTimeout()
+                    with self._pool.connection(timeout=wait) as conn, \
+                            _watchdog.watch(conn, deadline, owner=self) as watched:
+                        try:
+                            if one_statement:
+                                result = fn(conn)
+                            else:
+                                with conn.transaction():
+                                    result = fn(conn)
+                        except (KeygrantsError, psycopg.Error) as exc:
+                            if watched.overdue:
+                                outcome = "unreachable"
+                                raise StoreError(f"PostgreSQL at {self.location} did not "
+                                                 "answer in time") from exc
+                            if not (conn.broken or conn.closed):
+                                outcome = "answered"
+                            elif not write and attempt == 1:
+                                continue
+                            raise
+                        outcome = "answered"
+                        return result
+                except PoolClosed:
+                    raise StoreError("store is closed") from None
+                except PoolTimeout as exc:
+                    outcome = "unreachable"
+                    raise StoreError(f"no connection to PostgreSQL at {self.location} came free "
+                                     "in time") from exc
+            raise AssertionError("unreachable")
+        finally:
+            if outcome == "answered":
+                if probe or self._unreachable:
+                    self._settle(reachable=True)
+            elif outcome == "unreachable" or probe:
+                self._settle(reachable=False)
 
     def _read(self, fn: Callable[[_Conn], T]) -> T:
         try:
-            with self._connection() as conn:
-                return fn(conn)
+            return self._call(fn, deadline=time.monotonic() + OPERATION_TIMEOUT, write=False,
+                              one_statement=True)
         except KeygrantsError:
             raise
         except psycopg.Error as exc:
@@ -385,19 +610,18 @@ class PostgresStore:
         except UnicodeError as exc:
             raise StoreError(_NOT_TEXT) from exc
 
-    def _write(self, fn: Callable[[_Conn], T], *, one_statement: bool = False) -> T:
+    def _write(self, fn: Callable[[_Conn], T], *, one_statement: bool = False,
+               deadline: float | None = None) -> T:
         """Run ``fn`` in one transaction and commit; ``fn`` may raise a KeygrantsError to roll
         back. With ``one_statement`` (``fn`` runs a single statement) the connection's
         autocommit makes that statement its own transaction, without the round trips of
         ``BEGIN`` and ``COMMIT``. A deadlock victim is rolled back whole by the server, so it
-        is run again."""
+        is run again (within the same deadline)."""
+        if deadline is None:
+            deadline = time.monotonic() + OPERATION_TIMEOUT
         for attempt in range(1, _WRITE_ATTEMPTS + 1):
             try:
-                with self._connection() as conn:
-                    if one_statement:
-                        return fn(conn)
-                    with conn.transaction():
-                        return fn(conn)
+                return self._call(fn, deadline=deadline, write=True, one_statement=one_statement)
             except KeygrantsError:
                 raise
             except (pg_errors.DeadlockDetected, pg_errors.SerializationFailure) as exc:
@@ -678,17 +902,21 @@ class PostgresStore:
 
     # -- grants ------------------------------------------------------------------------------
 
-    def create_grant(self, grant: Grant) -> None:
+    def create_grant(self, grant: Grant, *, deadline: float | None = None) -> None:
         self._write(lambda db: db.execute(
             "INSERT INTO grants (id, key_id, grantee, state, expires_at, max_uses, uses, "
             "retiring_principal, parent_id, record) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-            _grant_params(grant)), one_statement=True)
+            _grant_params(grant)), one_statement=True, deadline=deadline)
 
     def submit_create_grant(self, grant: Grant) -> Future[None]:
+        # The deadline runs from now: an insert queued behind others during an outage fails
+        # when its time is up (or at once while PostgreSQL is known unreachable), not after
+        # waiting its turn for the whole queue.
+        deadline = time.monotonic() + OPERATION_TIMEOUT
         with self._closing:
             if self._closed:
                 raise StoreError("store is closed")
-            return self._writer.submit(self.create_grant, grant)
+            return self._writer.submit(self.create_grant, grant, deadline=deadline)
 
     def delete_grant(self, grant_id: str) -> None:
         self._write(lambda db: db.execute("DELETE FROM grants WHERE id = %s", (grant_id,)),
@@ -847,9 +1075,12 @@ class PostgresStore:
             (retired_before,)).rowcount, one_statement=True)
 
     def close(self) -> None:
+        """Close the pool; calls still under way get ``_CLOSE_GRACE`` seconds more, then
+        fail (closing never waits on a database that stopped answering)."""
         with self._closing:
             if self._closed:
                 return
-            self._closed = True
+            self._closed = True  # queued inserts fail at once
+        _watchdog.hurry(self, time.monotonic() + _CLOSE_GRACE)
         self._writer.shutdown(wait=True)
-        self._pool.close()
+        self._pool.close(timeout=_CLOSE_GRACE)
