@@ -352,6 +352,27 @@ async def test_ready_reports_503_when_the_store_fails(world, http, monkeypatch) 
     assert (await http.get("/healthz")).status_code == 200
 
 
+async def test_ready_reports_503_when_the_store_does_not_answer(world, http, monkeypatch) -> None:
+    """A store that hangs (rather than fails) used to keep /readyz waiting, then say ready."""
+    import threading
+
+    import keygrants.api.app as app_module
+
+    release = threading.Event()
+
+    def hung(name: str) -> bytes | None:
+        release.wait(30)  # bounded: the test ends it below
+        return b"x"
+
+    monkeypatch.setattr(app_module, "READY_TIMEOUT", 0.05)
+    monkeypatch.setattr(world.store, "get_meta", hung)
+    try:
+        r = await http.get("/readyz")
+        assert (r.status_code, r.json()) == (503, {"status": "unavailable"})
+    finally:
+        release.set()
+
+
 async def test_an_unexpected_exception_is_an_opaque_500_in_the_error_shape(world, http,
                                                                            monkeypatch) -> None:
     def boom(ctx: Any, n: int) -> Any:

@@ -329,6 +329,8 @@ def _query_int(call: _Call, name: str, default: int | None) -> int | None:
 
 
 _T = TypeVar("_T")
+READY_TIMEOUT: Final = 2.0
+"""Seconds ``/readyz`` waits for the store before answering 503."""
 BODY_TIMEOUT: Final = 60.0
 """Seconds a request body may take to arrive in full (else 408 and the connection closes)."""
 
@@ -736,8 +738,9 @@ async def _health(call: _Call) -> Any:
 
 async def _ready(call: _Call) -> Any:
     try:
-        await run_in_threadpool(call.kms.store.get_meta, "root_key")
-    except KeygrantsError:
+        async with asyncio.timeout(READY_TIMEOUT):  # a store that hangs is not ready
+            await run_in_threadpool(call.kms.store.get_meta, "root_key")
+    except (KeygrantsError, TimeoutError):
         return Reply(503, {"status": "unavailable"})
     return {"status": "ready"}
 
