@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -17,6 +18,7 @@ import keygrants.api.tls as tls_module
 from keygrants.api.tls import protocol_class
 
 from .conftest import World
+from .test_authn_http import _self_signed_der
 
 pytestmark = pytest.mark.anyio
 
@@ -29,9 +31,10 @@ def _scope(method: str, path: str, headers: dict[str, str]) -> dict[str, Any]:
             + [(k.lower().encode(), v.encode()) for k, v in headers.items()]}
 
 
-async def _call(world: World, method: str, path: str, headers: dict[str, str],
-                receive: Callable[[], Awaitable[dict[str, Any]]]) -> tuple[int, dict[str, bytes],
-                                                                           bytes]:
+async def _call(world: World, method: str, path: str, request_headers: dict[str, str],
+                receive: Callable[[], Awaitable[dict[str, Any]]],
+                **scope: Any) -> tuple[int, dict[str, bytes], bytes]:
+    """One request through the app; ``scope`` entries replace the built scope's."""
     start: dict[str, Any] = {}
     body = b""
 
@@ -42,7 +45,7 @@ async def _call(world: World, method: str, path: str, headers: dict[str, str],
         else:
             body += message.get("body", b"")
 
-    await world.app(_scope(method, path, headers), receive, send)
+    await world.app(_scope(method, path, request_headers) | scope, receive, send)
     return start["status"], {k.decode(): v for k, v in start["headers"]}, body
 
 
@@ -206,40 +209,23 @@ async def test_an_encoded_slash_stays_inside_its_path_segment(world) -> None:
     """/v1/keys/enc%2Frotate used to rotate "enc" (routed on the decoded path): a proxy rule on
     .../rotate could be bypassed."""
     before = world.store.get_key(world.ids["enc"])
-    scope_path = "/v1/keys/enc/rotate"  # what uvicorn puts in "path" (decoded)
-    start: dict[str, Any] = {}
-    out = b""
-
-    async def send(message: dict[str, Any]) -> None:
-        nonlocal out
-        if message["type"] == "http.response.start":
-            start.update(message)
-        else:
-            out += message.get("body", b"")
-
-    scope = _scope("POST", scope_path, _admin(world))
-    scope["raw_path"] = b"/v1/keys/enc%2Frotate"
-    await world.app(scope, _no_body, send)
-    assert start["status"] == 405 and b"method_not_allowed" in out  # GET-only describe of "enc/rotate"
+    # uvicorn puts the decoded path in "path", the path as sent in "raw_path"
+    status, _, out = await _call(world, "POST", "/v1/keys/enc/rotate", _admin(world), _no_body,
+                                 raw_path=b"/v1/keys/enc%2Frotate")
+    assert status == 405 and b"method_not_allowed" in out  # GET-only describe of "enc/rotate"
     assert world.store.get_key(world.ids["enc"]) == before
 
 
 async def test_a_signed_request_with_a_host_no_uri_can_be_built_on_is_audited(world) -> None:
-    headers = {"host": "a/b", "signature-input": 'sig1=("@method");created=1;keyid="a/b"',
+    headers = {"signature-input": 'sig1=("@method");created=1;keyid="a/b"',
                "signature": "sig1=:AAAA:"}
-    scope = _scope("POST", "/v1/random", headers)
-    scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"host" or v == b"a/b"]
-    start: dict[str, Any] = {}
-
-    async def send(message: dict[str, Any]) -> None:
-        if message["type"] == "http.response.start":
-            start.update(message)
-
-    failures = dict(world.app.auth_failures)
-    await world.app(scope, _no_body, send)
-    assert start["status"] in (400, 401)
-    assert sum(world.app.auth_failures.values()) == sum(failures.values()) + 1
-    assert any(k == b"x-audit-index" for k, _ in start["headers"])
+    failures = sum(world.app.auth_failures.values())
+    status, response_headers, _ = await _call(
+        world, "POST", "/v1/random", headers, _no_body,
+        headers=[(b"host", b"a/b")] + [(k.encode(), v.encode()) for k, v in headers.items()])
+    assert status in (400, 401)
+    assert sum(world.app.auth_failures.values()) == failures + 1
+    assert "x-audit-index" in response_headers
 
 
 async def test_policy_test_keeps_the_encryption_context_limits(world) -> None:
@@ -256,23 +242,6 @@ async def test_policy_test_keeps_the_encryption_context_limits(world) -> None:
     assert status == 400 and b"more than 64 entries" in out
 
 
-def _client_cert_pem(cn: str) -> str:
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(1).not_valid_before(now)
-            .not_valid_after(now + datetime.timedelta(hours=1)).sign(key, hashes.SHA256()))
-    return cert.public_bytes(serialization.Encoding.PEM).decode()
-
-
 async def test_a_client_certificate_is_not_accepted_on_a_request_made_by_a_web_page(
         world, monkeypatch) -> None:
     """A browser attaches the operator's client certificate to a cross-site form post: without
@@ -287,23 +256,12 @@ async def test_a_client_certificate_is_not_accepted_on_a_request_made_by_a_web_p
     world.access.service.create_principal(ADMIN, CreatePrincipalRequest(id="operator"))
     world.access.service.add_certificate(ADMIN, "operator",
                                          AddCertificateRequest(match="subject:CN=operator"))
-    pem = _client_cert_pem("operator")
+    pem = ssl.DER_cert_to_PEM_cert(_self_signed_der("operator"))
 
     async def call(method: str, path: str, extra: dict[str, str]) -> tuple[int, bytes]:
-        scope = _scope(method, path, extra)
-        scope["extensions"] = {"tls": {"client_cert_chain": [pem]}}
-        start: dict[str, Any] = {}
-        out = b""
-
-        async def send(message: dict[str, Any]) -> None:
-            nonlocal out
-            if message["type"] == "http.response.start":
-                start.update(message)
-            else:
-                out += message.get("body", b"")
-
-        await world.app(scope, _no_body, send)
-        return start["status"], out
+        status, _, out = await _call(world, method, path, extra, _no_body,
+                                     extensions={"tls": {"client_cert_chain": [pem]}})
+        return status, out
 
     assert (await call("GET", "/v1/whoami", {}))[0] == 200
     for browser in ({"origin": "https://evil.example"}, {"sec-fetch-site": "cross-site"},
