@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
@@ -88,3 +89,35 @@ def admin() -> RequestContext:
 @pytest.fixture
 def kms(store: Store, clock: FakeClock) -> KMS:
     return KMS(store, os.urandom(32), clock=clock)
+
+
+class Meanwhile:
+    """A store that, just before ``method`` writes, lets another node act (``times`` times):
+    the interleaving of two nodes on one database, made deterministic."""
+
+    def __init__(self, store: Store, method: str, act: Callable[[], object], *,
+                 times: int = 1) -> None:
+        self._store = store
+        self._method = method
+        self._act = act
+        self.left = times
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._store, name)
+        if name != self._method:
+            return attr
+
+        def meanwhile(*args: Any, **kwargs: Any) -> Any:
+            if self.left:
+                self.left -= 1
+                self._act()
+            return attr(*args, **kwargs)
+        return meanwhile
+
+
+@pytest.fixture
+def interleaved() -> Callable[..., Store]:
+    """``interleaved(store, method, act, times=1)``: ``store`` as a :class:`Meanwhile`."""
+    def wrap(store: Store, method: str, act: Callable[[], object], *, times: int = 1) -> Store:
+        return cast(Store, Meanwhile(store, method, act, times=times))
+    return wrap

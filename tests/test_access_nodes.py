@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pytest
 
@@ -38,27 +38,6 @@ def second_node(store: Store, request: pytest.FixtureRequest) -> Iterator[Store]
     other.close()
 
 
-class _Meanwhile:
-    """A store that, just before ``method`` writes, lets another node act (``times`` times)."""
-
-    def __init__(self, store: Store, method: str, act: Callable[[], object], *,
-                 times: int = 1) -> None:
-        self._store = store
-        self._method = method
-        self._act = act
-        self.left = times
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self._store, name)
-        if name != self._method:
-            return attr
-
-        def meanwhile(*args: Any, **kwargs: Any) -> Any:
-            if self.left:
-                self.left -= 1
-                self._act()
-            return attr(*args, **kwargs)
-        return meanwhile
 
 
 @pytest.fixture
@@ -68,15 +47,20 @@ def nodes(store: Store, second_node: Store, clock: Any) -> tuple[Access, Access]
     return open_access(store, root, clock=clock), open_access(second_node, root, clock=clock)
 
 
-def _meanwhile(access: Access, method: str, act: Callable[[], object], *, times: int = 1) -> None:
-    access.service.store = cast(Store, _Meanwhile(access.service.store, method, act, times=times))
+@pytest.fixture
+def interleave(interleaved: Callable[..., Store]) -> Callable[..., None]:
+    """``interleave(node, method, act)``: the node's store lets ``act`` run before ``method``."""
+    def go(access: Access, method: str, act: Callable[[], object], *, times: int = 1) -> None:
+        access.service.store = interleaved(access.service.store, method, act, times=times)
+    return go
 
 
 def test_a_rename_does_not_re_enable_a_principal_disabled_on_another_node(
-        store: Store, nodes: tuple[Access, Access], admin: RequestContext) -> None:
+        store: Store, nodes: tuple[Access, Access], admin: RequestContext,
+        interleave: Callable[..., None]) -> None:
     a, b = nodes
     a.service.create_principal(admin, m.CreatePrincipalRequest(id="svc", display_name="Svc"))
-    _meanwhile(b, "update_principal", lambda: a.service.disable_principal(admin, "svc"))
+    interleave(b, "update_principal", lambda: a.service.disable_principal(admin, "svc"))
     info = b.service.update_principal(admin, "svc", m.UpdatePrincipalRequest(display_name="renamed"))
     assert (info.enabled, info.display_name) == (False, "renamed")
     stored = store.get_principal("svc")
@@ -84,10 +68,11 @@ def test_a_rename_does_not_re_enable_a_principal_disabled_on_another_node(
 
 
 def test_a_principal_change_never_writes_last_seen_back(
-        store: Store, nodes: tuple[Access, Access], admin: RequestContext) -> None:
+        store: Store, nodes: tuple[Access, Access], admin: RequestContext,
+        interleave: Callable[..., None]) -> None:
     a, b = nodes
     a.service.create_principal(admin, m.CreatePrincipalRequest(id="svc"))
-    _meanwhile(b, "update_principal", lambda: store.record_usage({"svc": 2_000_000_000}, {}))
+    interleave(b, "update_principal", lambda: store.record_usage({"svc": 2_000_000_000}, {}))
     b.service.update_principal(admin, "svc", m.UpdatePrincipalRequest(display_name="renamed"))
     stored = store.get_principal("svc")
     assert stored is not None and stored.last_seen_at == 2_000_000_000
@@ -95,11 +80,12 @@ def test_a_principal_change_never_writes_last_seen_back(
 
 
 def test_a_principal_that_keeps_changing_is_a_conflict(
-        store: Store, nodes: tuple[Access, Access], admin: RequestContext) -> None:
+        store: Store, nodes: tuple[Access, Access], admin: RequestContext,
+        interleave: Callable[..., None]) -> None:
     a, b = nodes
     a.service.create_principal(admin, m.CreatePrincipalRequest(id="svc"))
     names = iter(["one", "two"])
-    _meanwhile(b, "update_principal",
+    interleave(b, "update_principal",
                lambda: a.service.update_principal(
                    admin, "svc", m.UpdatePrincipalRequest(display_name=next(names))), times=2)
     with pytest.raises(Conflict):
@@ -109,7 +95,8 @@ def test_a_principal_that_keeps_changing_is_a_conflict(
 
 
 def test_a_revocation_keeps_usage_recorded_meanwhile(
-        store: Store, nodes: tuple[Access, Access], admin: RequestContext, clock: Any) -> None:
+        store: Store, nodes: tuple[Access, Access], admin: RequestContext, clock: Any,
+        interleave: Callable[..., None]) -> None:
     a, b = nodes
     a.service.create_principal(admin, m.CreatePrincipalRequest(id="svc"))
     created = a.service.create_api_key(admin, "svc", m.CreateApiKeyRequest(label="ci"))
@@ -120,7 +107,7 @@ def test_a_revocation_keeps_usage_recorded_meanwhile(
         clock.advance(1)
         a.service.revoke_credential(admin, "svc", cid)
 
-    _meanwhile(b, "update_credential", meanwhile)
+    interleave(b, "update_credential", meanwhile)
     info = b.service.revoke_credential(admin, "svc", cid)
     stored = store.get_credential(cid)
     assert stored is not None and stored.last_used_at == 2_000_000_000

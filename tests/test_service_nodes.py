@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pytest
 
@@ -37,28 +37,6 @@ def second_node(store: Store, request: pytest.FixtureRequest) -> Iterator[Store]
     other.close()
 
 
-class _Meanwhile:
-    """A store that, just before ``method`` writes, lets another node act (``times`` times):
-    the interleaving of two nodes, made deterministic."""
-
-    def __init__(self, store: Store, method: str, act: Callable[[], object], *,
-                 times: int = 1) -> None:
-        self._store = store
-        self._method = method
-        self._act = act
-        self.left = times
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self._store, name)
-        if name != self._method:
-            return attr
-
-        def meanwhile(*args: Any, **kwargs: Any) -> Any:
-            if self.left:
-                self.left -= 1
-                self._act()
-            return attr(*args, **kwargs)
-        return meanwhile
 
 
 @pytest.fixture
@@ -66,15 +44,15 @@ def root() -> bytes:
     return os.urandom(32)
 
 
-def node(store: Store | _Meanwhile, root: bytes, clock: Any) -> KMS:
-    return KMS(cast(Store, store), root, clock=clock)
+def node(store: Store, root: bytes, clock: Any) -> KMS:
+    return KMS(store, root, clock=clock)
 
 
 def test_rotation_does_not_undo_a_disable_made_on_another_node(
         store: Store, second_node: Store, root: bytes, clock: Any,
-        admin: RequestContext) -> None:
+        admin: RequestContext, interleaved: Callable[..., Store]) -> None:
     b = node(second_node, root, clock)
-    a = node(_Meanwhile(store, "add_version", lambda: b.disable_key(admin, "k")), root, clock)
+    a = node(interleaved(store, "add_version", lambda: b.disable_key(admin, "k")), root, clock)
     a.create_key(admin, m.CreateKeyRequest(name="k"))
     info = a.rotate_key(admin, "k")  # B disables between A's read and A's write
     assert (info.state, info.latest_version) == ("disabled", 2)
@@ -84,9 +62,9 @@ def test_rotation_does_not_undo_a_disable_made_on_another_node(
 
 def test_scheduled_rotation_does_not_undo_a_disable_made_on_another_node(
         store: Store, second_node: Store, root: bytes, clock: Any,
-        admin: RequestContext) -> None:
+        admin: RequestContext, interleaved: Callable[..., Store]) -> None:
     b = node(second_node, root, clock)
-    a = node(_Meanwhile(store, "add_version", lambda: b.disable_key(admin, "k")), root, clock)
+    a = node(interleaved(store, "add_version", lambda: b.disable_key(admin, "k")), root, clock)
     info = a.create_key(admin, m.CreateKeyRequest(name="k", rotation_period=3600))
     clock.advance(3600)
     assert a.run_due() == (0, 0)  # disabled meanwhile: no longer due
@@ -96,9 +74,9 @@ def test_scheduled_rotation_does_not_undo_a_disable_made_on_another_node(
 
 def test_a_deletion_cancelled_on_another_node_is_not_carried_out(
         store: Store, second_node: Store, root: bytes, clock: Any,
-        admin: RequestContext) -> None:
+        admin: RequestContext, interleaved: Callable[..., Store]) -> None:
     a = node(store, root, clock)
-    scheduler = node(_Meanwhile(second_node, "destroy_key", lambda: a.cancel_deletion(admin, "k")),
+    scheduler = node(interleaved(second_node, "destroy_key", lambda: a.cancel_deletion(admin, "k")),
                      root, clock)
     info = a.create_key(admin, m.CreateKeyRequest(name="k"))
     sealed = a.encrypt(admin, "k", b"data").ciphertext
@@ -125,9 +103,9 @@ def test_the_scheduler_still_destroys_a_key_that_is_due(
 
 def test_two_changes_in_one_second_on_two_nodes_are_both_kept(
         store: Store, second_node: Store, root: bytes, clock: Any,
-        admin: RequestContext) -> None:
+        admin: RequestContext, interleaved: Callable[..., Store]) -> None:
     a = node(store, root, clock)
-    b = node(_Meanwhile(second_node, "update_key", lambda: a.disable_key(admin, "k")), root, clock)
+    b = node(interleaved(second_node, "update_key", lambda: a.disable_key(admin, "k")), root, clock)
     a.create_key(admin, m.CreateKeyRequest(name="k"))
     # the clock does not move: both changes fall in the same second
     info = b.update_key(admin, "k", m.UpdateKeyRequest(description="new"))
@@ -138,10 +116,10 @@ def test_two_changes_in_one_second_on_two_nodes_are_both_kept(
 
 def test_a_key_that_keeps_changing_is_a_conflict_not_an_overwrite(
         store: Store, second_node: Store, root: bytes, clock: Any,
-        admin: RequestContext) -> None:
+        admin: RequestContext, interleaved: Callable[..., Store]) -> None:
     a = node(store, root, clock)
     flips = iter(["one", "two", "three"])
-    b = node(_Meanwhile(second_node, "update_key",
+    b = node(interleaved(second_node, "update_key",
                         lambda: a.update_key(admin, "k", m.UpdateKeyRequest(description=next(flips))),
                         times=2), root, clock)
     a.create_key(admin, m.CreateKeyRequest(name="k"))

@@ -189,15 +189,26 @@ def unb64(text: str | bytes, what: str) -> bytes:
         raise InvalidRequest(f"{what} is not valid base64") from None
 
 
+def read_file(path: str, limit: int) -> bytes:
+    """A file's bytes, at most ``limit`` of them: reading stops one byte past the limit.
+
+    Raises:
+        InvalidRequest: unreadable (with the system's reason), or larger than ``limit``.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as exc:
+        raise InvalidRequest(f"cannot read {path}: {exc.strerror or exc}") from None
+    if len(data) > limit:
+        raise InvalidRequest(f"{path} is larger than {limit} bytes")
+    return data
+
+
 def read_input(path: str | None) -> bytes:
     if path and path != "-":
-        try:
-            with open(path, "rb") as f:
-                data = f.read(MAX_INPUT + 1)
-        except OSError as exc:
-            raise InvalidRequest(f"cannot read {path}: {exc.strerror}") from None
-    else:
-        data = sys.stdin.buffer.read(MAX_INPUT + 1)
+        return read_file(path, MAX_INPUT)
+    data = sys.stdin.buffer.read(MAX_INPUT + 1)
     if len(data) > MAX_INPUT:
         raise InvalidRequest(f"input is larger than {MAX_INPUT} bytes")
     return data

@@ -17,6 +17,7 @@ from keygrants.cli._common import (
     parse_context,
     parse_duration_option,
     print_table,
+    read_file,
     read_input,
 )
 from keygrants.errors import InvalidRequest
@@ -296,14 +297,7 @@ def principal_add_cert(state: State, name: str, cert_file: str | None, match: st
     """Map mTLS client certificates to NAME (by fingerprint or subject/SAN rule)."""
     certificate = None
     if cert_file:
-        try:
-            with open(cert_file, "rb") as f:
-                raw = f.read(_MAX_CERT_FILE + 1)
-        except OSError as exc:
-            raise InvalidRequest(f"cannot read {cert_file}: {exc.strerror or exc}") from None
-        if len(raw) > _MAX_CERT_FILE:
-            raise InvalidRequest(f"{cert_file} is larger than {_MAX_CERT_FILE} bytes")
-        certificate = raw.decode("utf-8", "replace")
+        certificate = read_file(cert_file, _MAX_CERT_FILE).decode("utf-8", "replace")
     with state.client() as c:
         cred = c.add_certificate(name, match=match, certificate=certificate, label=label,
                                  expires_in=parse_duration_option(expires_in) or None)

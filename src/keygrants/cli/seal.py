@@ -29,6 +29,7 @@ from keygrants.cli._common import (
     fail,
     in_option,
     parse_context,
+    read_file,
     read_input,
     unb64,
 )
@@ -67,20 +68,15 @@ def _local(fn: F) -> F:
 
 
 def _read_key_file(path: str, *, private: bool) -> bytes:
-    p = Path(path)
-    try:
-        if private:
-            mode = p.stat().st_mode
-            if mode & (stat.S_IRWXG | stat.S_IRWXO):
-                raise InvalidRequest(f"private key file {path} is accessible by group or others "
-                                     f"(mode {stat.S_IMODE(mode):o}); run: chmod 600 {path}")
-        with open(p, "rb") as f:
-            data = f.read(MAX_KEY_FILE + 1)
-    except OSError as exc:
-        raise InvalidRequest(f"cannot read {path}: {exc.strerror}") from None
-    if len(data) > MAX_KEY_FILE:
-        raise InvalidRequest(f"{path} is too large to be a key file")
-    return data
+    if private:
+        try:
+            mode = Path(path).stat().st_mode
+        except OSError as exc:
+            raise InvalidRequest(f"cannot read {path}: {exc.strerror or exc}") from None
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise InvalidRequest(f"private key file {path} is accessible by group or others "
+                                 f"(mode {stat.S_IMODE(mode):o}); run: chmod 600 {path}")
+    return read_file(path, MAX_KEY_FILE)
 
 
 def _pem_armor(der: bytes, label: str) -> bytes:
