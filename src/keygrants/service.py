@@ -935,6 +935,13 @@ class KMS:
         derived = material.derive(req.context, salt=req.salt, length=req.length)
         return m.DerivedKey(derived=derived, key_id=key.id, key_version=material.version)
 
+    @_audited("metrics.read", "read_metrics")
+    def read_metrics(self, ctx: RequestContext, render: Callable[[], bytes]) -> bytes:
+        """This node's Prometheus metrics (``render`` builds them), for the admin or a
+        principal allowed ``read_metrics``."""
+        self._authorizer.authorize(ctx, "read_metrics", None)
+        return render()
+
     @_audited("crypto.random", "generate_random")
     def random(self, ctx: RequestContext, n: int) -> m.RandomResult:
         """``n`` bytes from the server's CSPRNG."""

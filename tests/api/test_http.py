@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import msgspec
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from keygrants.api.app import ENDPOINTS, Endpoint, HttpLimits
 from keygrants.audit.events import decode_event
@@ -61,6 +62,7 @@ Case = Callable[[Any], tuple[str, Any]]
 CASES: dict[str, Case] = {
     "health": lambda w: ("/healthz", None),
     "ready": lambda w: ("/readyz", None),
+    "metrics": lambda w: ("/metrics", None),
     "createKey": lambda w: ("/v1/keys", {"name": "new-key", "spec": "ed25519"}),
     "listKeys": lambda w: ("/v1/keys?limit=2", None),
     "describeKey": lambda w: ("/v1/keys/enc-alias", None),
@@ -157,6 +159,16 @@ PUBLIC_KEY_PEM = (
 CHECKS: dict[str, Callable[[Any, Any], None]] = {
     "health": lambda w, b: _eq(b, {"status": "ok"}),
     "ready": lambda w, b: _eq(b, {"status": "ready"}),
+    "metrics": lambda w, b: _eq(sorted(f.name for f in text_string_to_metric_families(b)
+                                       if f.name.startswith("keygrants_")),
+                                ["keygrants_audit_log_size", "keygrants_audit_unavailable",
+                                 "keygrants_auth_failures", "keygrants_build_info",
+                                 "keygrants_dpop_replay_cache_capacity",
+                                 "keygrants_dpop_replay_cache_entries", "keygrants_grant_denials",
+                                 "keygrants_http_request_duration_seconds",
+                                 "keygrants_http_requests",
+                                 "keygrants_signature_replay_cache_capacity",
+                                 "keygrants_signature_replay_cache_entries"]),
     "createKey": lambda w, b: _eq((b.name, b.spec, b.purpose, b.state, b.latest_version),
                                   ("new-key", "ed25519", "sign-verify", "enabled", 1)),
     "listKeys": lambda w, b: _eq(([k.name for k in b.keys], b.next), (["der", "doomed"], "doomed")),
@@ -327,6 +339,8 @@ async def test_every_endpoint_succeeds_with_valid_input(world, http, endpoint: E
         result = None
     elif r.headers["content-type"] == "application/x-ndjson":
         result = [json.loads(line) for line in r.content.splitlines()]
+    elif r.headers["content-type"].startswith("text/plain"):
+        result = r.text
     else:
         assert r.headers["content-type"] == "application/json"
         result = (msgspec.json.decode(r.content, type=endpoint.response)
@@ -1137,7 +1151,7 @@ ACTIONS_NEEDED: dict[str, str] = {
     "deletePolicy": "delete_policy", "createGrant": "create_grant", "listGrants": "list_grants",
     "revokeAllGrants": "revoke_grant", "describeGrant": "list_grants",
     "revokeGrant": "revoke_grant", "approveGrant": "approve_grant", "rejectGrant": "approve_grant",
-    "rotateIssuerKey": "rotate_issuer_key",
+    "rotateIssuerKey": "rotate_issuer_key", "metrics": "read_metrics",
 }
 # decided by who the caller is, not by policy: whoami (anyone), and the grant's own parties:
 # a grant token for its grantee or creator, retiring by the grantee or retiring principal,

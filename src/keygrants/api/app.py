@@ -23,6 +23,7 @@ import math
 import re
 import secrets
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ import msgspec
 
 from keygrants import models as m
 from keygrants.access import AccessService
+from keygrants.api import metrics as mx
 from keygrants.audit.log import EventQuery
 from keygrants.audit.service import AuditService
 from keygrants.auth import RequestContext
@@ -171,6 +173,7 @@ class _Call:
     access_service: AccessService | None = None
     grant_service: GrantService | None = None
     request: _Request | None = None
+    node_metrics: Callable[[], bytes] | None = None
 
     def param(self, name: str) -> str:
         return self.params[name]
@@ -485,7 +488,8 @@ class KeygrantsApp:
         self.access = access
         self.authenticator = authenticator
         self.rate_limiter = rate_limiter
-        self.auth_failures: dict[str, int] = {}
+        self.metrics = mx.Metrics()
+        self.auth_failures = self.metrics.auth_failures  # per code
         self._lifespan = lifespan
         self._routes: dict[int, list[_Route]] = {}
         for e in ENDPOINTS:
@@ -552,7 +556,7 @@ class KeygrantsApp:
         try:
             return check()
         except (Unauthenticated, InvalidRequest) as exc:  # e.g. a Host no URI can be built on
-            self.auth_failures[exc.code] = self.auth_failures.get(exc.code, 0) + 1
+            self.metrics.auth_failure(exc.code)
             anonymous = RequestContext(principal="", request_id=req.request_id, source=source,
                                        pending_audit=pending)
             self.kms.audit.record(anonymous, "auth.failure", "denied",
@@ -581,6 +585,7 @@ class KeygrantsApp:
                 ctx, token, dpop=proof, method=method, url=req.target_uri(),
                 client_cert=req.client_cert())
         except GrantDenied as exc:
+            self.metrics.grant_denial(exc.code)
             self.kms.audit.record(ctx, "grant.deny", "denied", operation=endpoint.operation_id,
                                   reason=exc.code,
                                   detail={"token": self.kms.audit.digest(token)})
@@ -609,6 +614,7 @@ class KeygrantsApp:
         raise NotFound(f"no route for {method} {shown}")
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
         req = _Request(scope, self._next_id, self.public_url)
         request_id = req.request_id
         method: str = scope["method"]
@@ -660,7 +666,7 @@ class KeygrantsApp:
                 except RecursionError:
                     raise MalformedBody("request body is nested too deeply") from None
             call = _Call(self.kms, ctx, params, req.query(), body, self.audit, self.access,
-                         self.grants, req)
+                         self.grants, req, self._render_metrics)
             sync = getattr(endpoint.handler, "sync", None)
             if sync is not None and ctx.grant is not None and ctx.grant.max_uses is not None:
                 # counting a use of a limited grant is a durable store write: off the loop
@@ -701,20 +707,45 @@ class KeygrantsApp:
             if not isinstance(exc, AuditUnavailable):
                 log.error("audit event for request %s not durable: %r", request_id, exc)
             result, status = AuditUnavailable(), AuditUnavailable.status
+            self.metrics.audit_unavailable += 1
         extra = [(b"x-audit-index", str(audit_index).encode())] if audit_index is not None else None
-        if isinstance(result, KeygrantsError):
-            await _send_error(send, result, request_id, extra)
-        elif result is None:
-            headers = [(b"x-request-id", request_id.encode()), *(extra or ())]
-            await send({"type": "http.response.start", "status": 204, "headers": headers})
-            await send({"type": "http.response.body", "body": b""})
-        elif isinstance(result, Reply):
-            await _send(send, result.status, _encoder.encode(result.body), request_id,
-                        [*(extra or ()), *result.headers])
-        elif isinstance(result, Stream):
-            await _stream(send, result, request_id, extra)
-        else:
-            await _send(send, status, _encoder.encode(result), request_id, extra)
+        try:
+            if isinstance(result, KeygrantsError):
+                status = result.status
+                await _send_error(send, result, request_id, extra)
+            elif result is None:
+                status = 204
+                headers = [(b"x-request-id", request_id.encode()), *(extra or ())]
+                await send({"type": "http.response.start", "status": 204, "headers": headers})
+                await send({"type": "http.response.body", "body": b""})
+            elif isinstance(result, Reply):
+                status = result.status
+                await _send(send, result.status, _encoder.encode(result.body), request_id,
+                            [*(extra or ()), *result.headers])
+            elif isinstance(result, Stream):
+                status = 200
+                await _stream(send, result, request_id, extra)
+            else:
+                await _send(send, status, _encoder.encode(result), request_id, extra)
+        finally:
+            self.metrics.request(endpoint.operation_id if endpoint else mx.UNMATCHED, status,
+                                 time.perf_counter() - started)
+
+    def _render_metrics(self) -> bytes:
+        return mx.render(self.metrics, self._gauges)
+
+    def _gauges(self) -> Iterator[mx.Gauge]:
+        caches = [("signature", "Signature nonces", self.authenticator.nonces)]
+        if self.grants is not None:
+            caches.append(("dpop", "DPoP proof ids", self.grants.dpop.replay_cache))
+        for name, what, cache in caches:
+            yield mx.Gauge(f"keygrants_{name}_replay_cache_entries",
+                           f"{what} remembered against replay", len(cache))
+            yield mx.Gauge(f"keygrants_{name}_replay_cache_capacity",
+                           f"The most {what} remembered (--replay-cache-size)", cache.capacity)
+        if self.audit is not None:
+            yield mx.Gauge("keygrants_audit_log_size", "Events in the audit log (its Merkle "
+                           "tree size) as this node knows it", self.audit.setup.log.size)
 
 
 # -- handlers ---------------------------------------------------------------------------------
@@ -743,6 +774,11 @@ async def _ready(call: _Call) -> Any:
     except (KeygrantsError, TimeoutError):
         return Reply(503, {"status": "unavailable"})
     return {"status": "ready"}
+
+
+def _metrics(c: _Call) -> Any:
+    assert c.node_metrics is not None
+    return Stream(mx.CONTENT_TYPE, iter((c.kms.read_metrics(c.ctx, c.node_metrics),)))
 
 
 def _list_keys(c: _Call) -> Any:
@@ -1010,6 +1046,9 @@ ENDPOINTS: Final[Sequence[Endpoint]] = tuple(
     dataclasses.replace(e, grant=True) if e.operation_id in _GRANT_USERS else e for e in (
     Endpoint("GET", "/healthz", _health, "health", "Liveness", response=m.Health, auth=False,
              tag="system"),
+    Endpoint("GET", "/metrics", _in_thread(_metrics), "metrics",
+             "Prometheus metrics of this node (needs read_metrics)", tag="system",
+             media_type=mx.CONTENT_TYPE),
     Endpoint("GET", "/readyz", _ready, "ready", "Readiness (store reachable)",
              response=m.Readiness, auth=False, tag="system",
              responses=(ExtraResponse(503, "not ready: the store does not answer (this body, "

@@ -195,6 +195,8 @@ def _body_optional(request: type) -> bool:
 def _content(media_type: str, schema: dict[str, Any] | None) -> dict[str, Any]:
     if media_type == "application/x-ndjson":
         schema = {"type": "string", "description": "JSON Lines: one JSON object per line"}
+    elif media_type.startswith("text/plain"):
+        schema = {"type": "string"}
     return {media_type: {"schema": schema}} if schema is not None else {}
 
 

@@ -899,6 +899,11 @@ class NonceCache:
         with self._lock:
             return len(self._until)
 
+    @property
+    def capacity(self) -> int:
+        """The most pairs remembered at once (``max_entries``)."""
+        return self._max
+
     @staticmethod
     def _pair(keyid: str, nonce: str) -> bytes:
         # length-prefixed: no two (keyid, nonce) pairs share an input

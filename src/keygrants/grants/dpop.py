@@ -388,6 +388,11 @@ class DpopVerifier:
         self._nonce_key = random_bytes(MIN_NONCE_KEY_LENGTH) if nonce_key is None else bytes(nonce_key)
         self._clock = clock
 
+    @property
+    def replay_cache(self) -> NonceCache:
+        """The proof ids remembered against replay (its size is a metric)."""
+        return self._replay
+
     def new_nonce(self) -> str:
         """A server nonce for the ``DPoP-Nonce`` header, accepted for ``nonce_lifetime`` seconds."""
         head = bytes([_NONCE_VERSION]) + int(self._clock()).to_bytes(8, "big", signed=True)

@@ -62,7 +62,7 @@ _PRINCIPAL_ACTIONS = (
 _SERVICE_ACTIONS = (
     "list_keys", "generate_random", "list_principals", "put_policy", "get_policy",
     "list_policies", "delete_policy", "test_policy", "read_audit", "checkpoint_audit",
-    "rotate_issuer_key",
+    "rotate_issuer_key", "read_metrics",
 )
 
 #: Every action a policy can name, mapped to the kind of its resource: ``"key"`` (a ``Key``
@@ -101,7 +101,7 @@ ACTION_GROUPS: Final[Mapping[str, frozenset[str]]] = MappingProxyType({
     # to which key, which a metadata dashboard should not see unless granted "audit" too.
     "read": frozenset({
         "describe_key", "list_aliases", "get_public_key", "list_keys", "list_grants",
-        "describe_principal", "list_principals", "get_policy", "list_policies",
+        "describe_principal", "list_principals", "get_policy", "list_policies", "read_metrics",
     }),
 })
 
