@@ -25,6 +25,11 @@ to one CPU and wrk to another when there are two. The server runs with ``--rate-
 Target (issue #3): signature auth costs at most 30% throughput, i.e. admin-sig/admin >= 0.70:
 the same principal with a signature instead of its bearer token. ``signature``/admin is printed
 too: it adds the Cedar policy decision that the admin, exempt from policy, never pays.
+
+The server's CPU time per request (from ``/proc``, all its threads) is printed for every
+variant, and with it the ceiling the Ed25519 verification alone puts on admin-sig/admin: one
+verification, timed in this process on the server's CPU between the runs, added to the admin
+request's CPU time, with nothing else of the signature path counted.
 """
 
 from __future__ import annotations
@@ -80,10 +85,37 @@ def presign(n: int, keyid: str, key: object, url: str, body: bytes, out: Path) -
     return time.perf_counter() - start
 
 
+def verify_seconds(cpu: int | None, n: int = 2000, repeat: int = 5) -> float:
+    """One Ed25519 verification with the server's verifier (libsodium), timed here on ``cpu``
+    (the server's CPU): the best of ``repeat`` runs of ``n``."""
+    from keygrants.crypto.signing import SigningKey
+
+    key = SigningKey.generate("ed25519")
+    message = os.urandom(300)  # about the size of a signature base
+    signature = key.sign(message)
+    public = key.public_key()
+    before = os.sched_getaffinity(0)
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
+    try:
+        best = float("inf")
+        for _ in range(repeat):
+            start = time.perf_counter()
+            for _ in range(n):
+                public.verify(message, signature)
+            best = min(best, (time.perf_counter() - start) / n)
+    finally:
+        os.sched_setaffinity(0, before)
+    assert public.verify(message, signature)
+    return best
+
+
 def run(url: str, body_file: Path, *, variant: str, header: tuple[str, str] | None,
         sig_file: Path | None, args: argparse.Namespace, cpu: int | None, pid: int
-        ) -> h.WrkResult:
-    env = dict(os.environ, BENCH_BODY_FILE=str(body_file))
+        ) -> tuple[h.WrkResult, float | None]:
+    """One wrk run; returns the result (with the CPU other processes took) and the server's
+    CPU seconds per request during it."""
+    env = {"BENCH_BODY_FILE": str(body_file)}
     script = h.POST_LUA
     if variant in ("signature", "hmac", "admin-sig"):
         assert sig_file is not None
@@ -91,17 +123,13 @@ def run(url: str, body_file: Path, *, variant: str, header: tuple[str, str] | No
         script = SIGNED_LUA
     elif header is not None:
         env["BENCH_HEADER_NAME"], env["BENCH_HEADER_VALUE"] = header
-    argv = ["wrk", "-t1", f"-c{args.connections}", f"-d{args.duration}s", "--latency",
-            "-s", str(script), url]
-    proc = h.spawn("wrk", argv, log_path=None, cpu=cpu, env=env, capture=True)
-    try:
-        out, err = proc.popen.communicate(timeout=args.duration + 60)
-    finally:
-        h.stop(proc, timeout=2)
-    text = out.decode(errors="replace")
-    if proc.popen.returncode != 0 or "Requests/sec" not in text:
-        raise h.TargetError(f"wrk failed: {text}\n{err.decode(errors='replace')}")
-    return h.parse_wrk(text)
+    cpu0 = h.server_cpu_seconds(pid)
+    res = h.run_wrk_script(variant, url, script=script, env=env, duration=args.duration,
+                           connections=args.connections, threads=1, cpu=cpu, server_pid=pid)
+    cpu1 = h.server_cpu_seconds(pid)
+    per_request = (cpu1 - cpu0) / res.requests if cpu0 is not None and cpu1 is not None \
+        and res.requests else None
+    return res, per_request
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
                      log_path=work / "server.log", cpu=server_cpu, env=env)
     failed = False
     results: dict[str, list[h.WrkResult]] = {v: [] for v in VARIANTS}
+    cpu_per_request: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    verifications: list[float] = []
     try:
         h.wait_ready(server, port, "/readyz")
         token = (data_dir / "admin.token").read_text().strip()
@@ -182,14 +212,21 @@ def main(argv: list[str] | None = None) -> int:
                     spent = presign(n, keyid, signer, url, body, sig_file)
                     print(f"  (pre-signed {n} requests in {spent:.1f}s: "
                           f"{spent / n * 1e6:.0f} us each on the client side)", flush=True)
-                res = run(url, body_file, variant=variant, header=headers[variant],
-                          sig_file=sig_file, args=args, cpu=wrk_cpu, pid=server.pid)
+                res, cpu_s = run(url, body_file, variant=variant, header=headers[variant],
+                                 sig_file=sig_file, args=args, cpu=wrk_cpu, pid=server.pid)
+                if cpu_s is not None:
+                    cpu_per_request[variant].append(cpu_s)
                 if not res.ok:
                     failed = True
                     print(f"  WARNING {variant}: {res.non_2xx} non-2xx, {res.socket_errors}")
                 results[variant].append(res)
+                other = f"{res.other_cpu:.0%}" if res.other_cpu is not None else "?"
                 print(f"  round {rnd + 1} {variant:<9} {res.rps:9,.0f} req/s  p99 "
-                      f"{res.p99_ms or 0:6.2f} ms", flush=True)
+                      f"{res.p99_ms or 0:6.2f} ms  server CPU "
+                      f"{(cpu_s or 0) * 1e6:5.0f} us/req  other CPU {other}", flush=True)
+            verifications.append(verify_seconds(server_cpu))
+            print(f"  round {rnd + 1} one Ed25519 verification on the server's CPU: "
+                  f"{verifications[-1] * 1e6:.0f} us", flush=True)
     except h.TargetError as exc:
         print(f"error: {exc}\n{server.log_tail()}", file=sys.stderr)
         return 1
@@ -197,19 +234,32 @@ def main(argv: list[str] | None = None) -> int:
         h.stop(server)
     median = {v: statistics.median(r.rps for r in rs) for v, rs in results.items()}
     p99 = {v: statistics.median(r.p99_ms or 0 for r in rs) for v, rs in results.items()}
-    print("\nvariant     req/s (median)   p99 ms   vs admin bearer")
+    cpu = {v: statistics.median(c) if c else None for v, c in cpu_per_request.items()}
+    print("\nvariant     req/s (median)   p99 ms   vs admin bearer   server CPU us/req")
     for v in VARIANTS:
-        print(f"{v:<10} {median[v]:>14,.0f} {p99[v]:>8.2f}   {median[v] / median['admin']:.2f}x")
+        shown = f"{cpu[v] * 1e6:>8.0f}" if cpu[v] is not None else "       -"
+        print(f"{v:<10} {median[v]:>14,.0f} {p99[v]:>8.2f}   {median[v] / median['admin']:.2f}x"
+              f"            {shown}")
     print("(admin-sig differs from admin only in the authentication; hmac isolates the "
           "framework: parsing, digest, replay cache, policy; signature adds the Ed25519 "
           "verification)")
     auth_only = median["admin-sig"] / median["admin"]
     with_policy = median["signature"] / median["admin"]
     verdict = "met" if auth_only >= 0.70 else "NOT met"
+    busy = max((r.other_cpu or 0.0 for rs in results.values() for r in rs), default=0.0)
+    if busy > h.NOISY_OTHER_CPU:
+        verdict += (f"; UNRELIABLE: other processes took up to {busy:.0%} of a CPU during a "
+                    "run, re-run on a quiet machine")
     print(f"\nsignature authentication throughput cost (admin signing vs admin bearer): "
           f"{1 - auth_only:.0%} (target <= 30%: {verdict})")
     print(f"signature authentication + a policy decision (bench-svc signing vs admin bearer): "
           f"{1 - with_policy:.0%}")
+    admin_cpu, verify = cpu["admin"], statistics.median(verifications)
+    if admin_cpu is not None:
+        print(f"ceiling: an admin request costs the server {admin_cpu * 1e6:.0f} us of CPU and one "
+              f"Ed25519 verification {verify * 1e6:.0f} us, so even a signature path that did "
+              f"nothing but verify would give admin-sig/admin <= "
+              f"{admin_cpu / (admin_cpu + verify):.2f} on this machine")
     return 1 if failed else 0
 
 

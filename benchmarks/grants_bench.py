@@ -224,15 +224,6 @@ class Bench:
         self._write("grant-limited", self._enc, self.limited_headers)
 
 
-def _server_cpu_seconds(pid: int) -> float | None:
-    """utime + stime of the server process (all its threads) and its reaped children."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def run_variant(bench: Bench, v: Variant, *, duration: int, args: argparse.Namespace,
                 cpu: int | None, server_pid: int) -> tuple[h.WrkResult, float | None]:
     """One wrk run; returns the result and the server's CPU seconds during it."""
@@ -245,11 +236,11 @@ def run_variant(bench: Bench, v: Variant, *, duration: int, args: argparse.Names
         assert body_file is not None and header_file is not None
         env = {"BENCH_BODY_FILE": str(body_file), "BENCH_HEADERS_FILE": str(header_file)}
         script = POST_HEADERS_LUA
-    cpu0 = _server_cpu_seconds(server_pid)
+    cpu0 = h.server_cpu_seconds(server_pid)
     res = h.run_wrk_script(v.name, f"http://127.0.0.1:{bench.port}{v.path}", script=script,
                            env=env, duration=duration, connections=args.connections,
                            threads=1, cpu=cpu, server_pid=server_pid)
-    cpu1 = _server_cpu_seconds(server_pid)
+    cpu1 = h.server_cpu_seconds(server_pid)
     return res, None if cpu0 is None or cpu1 is None else cpu1 - cpu0
 
 

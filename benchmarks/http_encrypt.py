@@ -490,6 +490,15 @@ def run_wrk_script(name: str, url: str, *, script: Path | None, env: dict[str, s
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
+def server_cpu_seconds(pid: int) -> float | None:
+    """utime + stime of the server process (all its threads) and its reaped children."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return sum(int(x) for x in fields[11:15]) / _CLK_TCK
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _cpu_snapshot(server_pid: int) -> tuple[float, float, float, float] | None:
     """(wall, machine busy CPU-s, CPU-s of server + our children + us, CPU-s stolen by host).
 
