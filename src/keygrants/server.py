@@ -7,12 +7,20 @@ Data directory layout (mode 0700)::
                         log is in that database, schema keygrants_audit, shared by every node)
     seal.key            local key-file seal (absent when sealed by passphrase), mode 0600
     admin.token         the admin token, written on first start, mode 0600
+    .lock               held (flock) by the one server using the directory; holds its pid
+                        (not with --store postgresql://: nodes share that store by design)
+
+A data directory that shows an earlier deployment (seal.key, admin.token or a non-empty
+audit.db) is never taken for a first start: a missing or empty keygrants.db, or a store
+without a root key, is refused with nothing created, and so is a missing seal.key at restart.
+A refused start removes what it created itself and changes nothing else.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import functools
 import gc
 import json
@@ -40,7 +48,7 @@ from keygrants.auth.authenticator import AuthSettings
 from keygrants.auth.directory import Directory
 from keygrants.auth.ratelimit import RateLimiter
 from keygrants.bus import open_bus
-from keygrants.errors import KeygrantsError, SealError
+from keygrants.errors import KeygrantsError, SealError, StoreError
 from keygrants.grant_service import GrantAuthorizer, GrantService, GrantSettings
 from keygrants.grants.push import CHANGES_SUBJECT, SUBJECT, RevocationPublisher, decode_message
 from keygrants.providers import RootKeyProvider, open_root_provider
@@ -66,6 +74,8 @@ DEFAULT_DATA_DIR: Final = "./keygrants-data"
 ADMIN_TOKEN_FILE: Final = "admin.token"
 DB_FILE: Final = "keygrants.db"
 SEAL_KEY_FILE: Final = "seal.key"
+LOCK_FILE: Final = ".lock"
+_SIDECARS: Final = ("", "-wal", "-shm")
 
 
 @dataclass(slots=True)
@@ -165,49 +175,206 @@ def per_node_file_sinks(sinks: list[Any], node_id: str) -> None:
 def build_server(config: ServerConfig) -> BuiltServer:
     """Prepare the data directory, unseal the root key and build the ASGI app.
 
+    Unless the store is PostgreSQL, the data directory is locked first (``.lock``, for the
+    life of the server): a second server on it is refused. A refused start removes the files
+    it created and leaves the others as they were.
+
     Raises:
-        KeygrantsError: when the store cannot be opened or the root key does not unseal.
+        KeygrantsError: when the data directory is in use or shows an earlier deployment
+            whose store or seal key is missing, when the store or audit log cannot be opened
+            (or the log is shorter than the store records), or the root key does not unseal.
         ValueError: for a malformed audit sink URI.
     """
     sinks = [open_sink(uri) for uri in config.audit_sinks]  # a bad URI fails before any I/O
-    if is_postgres_url(config.store):
+    shared = is_postgres_url(config.store)
+    if shared:
         per_node_file_sinks(sinks, config.node_id)
     bus = open_bus(config.bus) if config.bus else None
     data_dir = config.data_dir
-    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    data_dir.chmod(0o700)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        data_dir.chmod(0o700)
+    except OSError as exc:
+        raise StoreError(f"cannot use the data directory {data_dir}: {exc.strerror or exc}") from exc
+    sqlite_store = config.store is None or config.store.startswith("sqlite:")
+    earlier = _earlier_deployment(data_dir) if sqlite_store else []
+    if config.store is None:
+        _refuse_lost_store(data_dir, earlier)  # before anything is created, even the lock
+    lock = None if shared else _DataDirLock.take(data_dir)
+    existed = {name for name in _OWN_FILES if (data_dir / name).exists()}
     provider: RootKeyProvider | None = None
-    if config.store is None and not (data_dir / DB_FILE).exists():
-        # First start on the default SQLite store: a seal that cannot be opened (no or too
-        # short a passphrase, an unknown provider) is refused before the database is made.
-        provider = open_root_provider(_choose_seal(config.seal, None, data_dir))
-    store = open_store(config.store or f"sqlite://{(data_dir / DB_FILE).resolve()}")
+    store: Any = None
     audit: AuditSetup | None = None
     try:
+        if config.store is None and not (data_dir / DB_FILE).exists():
+            # First start on the default SQLite store: a seal that cannot be opened (no or
+            # too short a passphrase, an unknown provider) is refused before the database is
+            # made.
+            provider = open_root_provider(_choose_seal(config.seal, None, data_dir))
+        store = open_store(config.store or f"sqlite://{(data_dir / DB_FILE).resolve()}")
+        stored_seal = sealed_with(store)
+        if stored_seal is None and earlier:
+            raise StoreError(f"the store holds no root key, but the data directory {data_dir} "
+                             f"shows an earlier deployment ({', '.join(earlier)}): restore the "
+                             "store from your backup; a new root key is not made (to start a "
+                             "new service, move those files out of the directory first)")
         if provider is None:
-            provider = open_root_provider(_choose_seal(config.seal, sealed_with(store), data_dir))
+            uri = _choose_seal(config.seal, stored_seal, data_dir)
+            # at a restart a missing seal key file is an error, not a new key
+            options = {"create": False} if stored_seal is not None and uri.startswith("local:") else {}
+            try:
+                provider = open_root_provider(uri, **options)
+            except SealError as exc:
+                if stored_seal is None or _same_kind_of_seal(stored_seal, uri):
+                    raise
+                raise SealError(f"{exc.message}; this data directory was sealed with "
+                                f"{stored_seal}") from exc
         root_key, created = open_root_key(store, provider)
         audit = open_audit(store, root_key, path=data_dir / AUDIT_DB_FILE, node=config.node_id,
                            checkpoint_interval=config.checkpoint_interval, store_url=config.store)
         return _assemble(config, store, audit, root_key, created, sinks, bus,
-                         seal=provider.uri.split(":", 1)[0])
+                         seal=provider.uri.split(":", 1)[0], lock=lock)
     except BaseException:  # a refused start leaves nothing open (and the data dir as it was)
         try:
             if audit is not None:
                 audit.log.close()
         finally:
-            store.close()
+            try:
+                if store is not None:
+                    store.close()
+            finally:
+                _remove_created(data_dir, existed)
+                if lock is not None:
+                    lock.release()
         raise
 
 
+def _same_kind_of_seal(a: str, b: str) -> bool:
+    """Whether two seal URIs are the same provider (a key file and a passphrase differ)."""
+    return (a.split(":", 1)[0] == b.split(":", 1)[0]
+            and (a == "local:passphrase") == (b == "local:passphrase"))
+
+
+# What a start may create in the data directory; a refused start removes those it created
+# (a database's -wal and -shm only with the database itself: they may hold its commits).
+_OWN_FILES: Final = (DB_FILE, AUDIT_DB_FILE, SEAL_KEY_FILE, ADMIN_TOKEN_FILE)
+
+
+def _remove_created(data_dir: Path, existed: set[str]) -> None:
+    for name in _OWN_FILES:
+        if name in existed:
+            continue
+        suffixes = _SIDECARS if name in (DB_FILE, AUDIT_DB_FILE) else ("",)
+        for suffix in suffixes:
+            try:
+                (data_dir / (name + suffix)).unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("could not remove %s after a refused start: %s", name + suffix,
+                            exc.strerror or exc)
+
+
+def _nonempty(path: Path) -> bool:
+    """Whether a SQLite file holds anything (itself, or committed frames in its WAL)."""
+    for suffix in ("", "-wal"):
+        try:
+            if Path(f"{path}{suffix}").stat().st_size > 0:
+                return True
+        except FileNotFoundError:
+            continue
+    return False
+
+
+def _earlier_deployment(data_dir: Path) -> list[str]:
+    """What in the data directory shows that a server was started on it before."""
+    found = [name for name in (SEAL_KEY_FILE, ADMIN_TOKEN_FILE) if (data_dir / name).exists()]
+    if _nonempty(data_dir / AUDIT_DB_FILE):
+        found.append(f"a non-empty {AUDIT_DB_FILE}")
+    return found
+
+
+def _refuse_lost_store(data_dir: Path, earlier: list[str]) -> None:
+    """A missing or empty ``keygrants.db`` in a data directory used before is a lost store,
+    not a first start: making a new one would mean a new root key, an empty keyring and a
+    new admin token over the old one.
+
+    Raises:
+        StoreError: naming what is missing and what is present; nothing was changed.
+    """
+    db = data_dir / DB_FILE
+    if not earlier or _nonempty(db):
+        return
+    state = "is empty" if db.exists() else "is missing"
+    raise StoreError(f"{db} {state}, but the data directory shows an earlier deployment "
+                     f"({', '.join(earlier)}): restore {DB_FILE} from your backup; nothing was "
+                     "changed (to start a new service instead, move those files out of the "
+                     "directory first)")
+
+
+class _DataDirLock:
+    """An exclusive ``flock`` on ``DATA_DIR/.lock``, held while one server uses the
+    directory; the file holds that server's pid for the message another start shows. The
+    kernel drops the lock when the process ends, however it ends."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd: int | None = fd
+
+    @classmethod
+    def take(cls, data_dir: Path) -> _DataDirLock:
+        """Lock ``data_dir`` without waiting.
+
+        Raises:
+            StoreError: the directory is in use by another server (its pid when known), or
+                cannot be locked.
+        """
+        path = data_dir / LOCK_FILE
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise StoreError(f"cannot open the lock file {path}: {exc.strerror or exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            except OSError:
+                holder = ""
+            os.close(fd)
+            pid = f" (pid {holder})" if holder.isdigit() else ""
+            raise StoreError(f"data directory {data_dir} is in use by another keygrants "
+                             f"server{pid}: stop it first (two servers on one data directory "
+                             "break each other's audit log)") from None
+        except OSError as exc:
+            os.close(fd)
+            raise StoreError(f"cannot lock the data directory {data_dir}: "
+                             f"{exc.strerror or exc}") from exc
+        with contextlib.suppress(OSError):  # the pid is for the message only
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return cls(fd)
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __del__(self) -> None:  # a server built but never run does not keep the directory
+        self.release()
+
+
 def _assemble(config: ServerConfig, store: Any, audit: AuditSetup, root_key: bytes,
-              created: bool, sinks: list[Any], bus: Any, *, seal: str) -> BuiltServer:
-    """The services and the app over an opened store and audit log."""
+              created: bool, sinks: list[Any], bus: Any, *, seal: str,
+              lock: _DataDirLock | None) -> BuiltServer:
+    """The services and the app over an opened store and audit log (the lock is released
+    when the app's lifespan ends)."""
     data_dir = config.data_dir
     token_path = data_dir / ADMIN_TOKEN_FILE
     token = reset_admin_token(store) if config.reset_admin_token else ensure_admin_token(store)
     if token is not None:
-        _write_secret_file(token_path, token)
+        try:
+            _write_secret_file(token_path, token)
+        except OSError as exc:
+            raise StoreError(f"cannot write the admin token to {token_path}: "
+                             f"{exc.strerror or exc}") from exc
     access = open_access(store, root_key, audit=audit.recorder, settings=config.auth)
     limits = Limits(max_plaintext=config.max_plaintext, max_message=config.max_plaintext)
     kms = KMS(store, root_key, limits=limits, audit=audit.recorder, authorizer=access.authorizer)
@@ -251,6 +418,8 @@ def _assemble(config: ServerConfig, store: Any, audit: AuditSetup, root_key: byt
                         await asyncio.to_thread(audit.log.close)
                     finally:
                         store.close()
+                        if lock is not None:
+                            lock.release()
                 raise
             changes = publisher
 
@@ -298,6 +467,8 @@ def _assemble(config: ServerConfig, store: Any, audit: AuditSetup, root_key: byt
             # bounded even if the store hangs: a commit under way gets 5 s, then is cut off
             await asyncio.to_thread(functools.partial(audit.log.close, timeout=5.0))
             store.close()
+            if lock is not None:
+                lock.release()
 
     app = create_app(kms, access.authenticator,
                      limits=HttpLimits.for_plaintext(config.max_plaintext), lifespan=lifespan,

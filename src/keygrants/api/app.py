@@ -768,6 +768,10 @@ async def _health(call: _Call) -> Any:
 
 
 async def _ready(call: _Call) -> Any:
+    # Not ready either while the audit log cannot make events durable (its last commit
+    # failed, or is overdue): every audited request would get 503 audit_unavailable.
+    if call.audit_service is not None and not call.audit_service.setup.log.durable:
+        return Reply(503, {"status": "unavailable"})
     try:
         async with asyncio.timeout(READY_TIMEOUT):  # a store that hangs is not ready
             await run_in_threadpool(call.kms.store.get_meta, "root_key")

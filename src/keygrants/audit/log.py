@@ -170,61 +170,168 @@ class AuditLog:
         max_batch: most events per group commit.
         queue_limit: most events waiting; beyond it submissions fail at once (fail-closed
             rather than unbounded memory).
+        create: ``False`` for a log that was started before: a missing or empty file is then
+            refused (a lost log), not started afresh from event 0.
+        mark: the newest checkpoint recorded outside the log (a signed note; the server keeps
+            it in the store): the log must still hold its events, with its root, or the open
+            is refused (a log deleted, truncated or rolled back with its own checkpoints).
+        on_checkpoint: called with each newer durable checkpoint's note, from the
+            checkpointer thread (at most every half interval) and at close: where the mark
+            is kept up to date.
+
+    Raises:
+        AuditUnavailable: when the log cannot be opened, is damaged, or does not match its
+            newest checkpoint or ``mark``.
     """
+
+    _on_checkpoint: Callable[[bytes], None] | None
+    _newest_checkpoint: CheckpointRecord | None
 
     def __init__(self, path: str | os.PathLike[str], *, signer: NoteSigner, origin: str,
                  clock: Callable[[], float] = time.time, checkpoint_interval: float = 1.0,
-                 max_batch: int = 2048, queue_limit: int = 100_000) -> None:
+                 max_batch: int = 2048, queue_limit: int = 100_000, create: bool = True,
+                 mark: bytes | None = None,
+                 on_checkpoint: Callable[[bytes], None] | None = None) -> None:
         self.path = str(path)
         self._init_state(signer=signer, origin=origin, clock=clock,
                          checkpoint_interval=checkpoint_interval, max_batch=max_batch,
                          queue_limit=queue_limit)
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                                   timeout=10.0)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        # Copy the WAL back into the database from the checkpointer thread, not in a commit
-        # on the request path (the automatic checkpoint is only a backstop at ~40 MiB).
-        self._db.execute("PRAGMA wal_autocheckpoint=10000")
-        self._db.executescript(_SCHEMA)
-        if self.path != ":memory:":
-            for suffix in ("", "-wal", "-shm"):
-                p = Path(self.path + suffix)
-                if p.exists():
-                    p.chmod(0o600)
-        # Reads use their own connection (WAL: they see committed data only), so they never
-        # touch the writer's connection while a commit is in flight on the commit thread.
-        self._read_lock = threading.Lock()
-        self._read_db = (self._db if self.path == ":memory:" else
-                         sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                                         timeout=10.0))
+        self._on_checkpoint = on_checkpoint
+        expected = self._parse_mark(mark)
+        if not create and self.path != ":memory:":
+            self._refuse_missing(expected)
+        try:
+            self._db = sqlite3.connect(self.path, isolation_level=None,
+                                       check_same_thread=False, timeout=10.0)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            # Copy the WAL back into the database from the checkpointer thread, not in a
+            # commit on the request path (the automatic checkpoint is only a backstop at
+            # ~40 MiB).
+            self._db.execute("PRAGMA wal_autocheckpoint=10000")
+            self._db.executescript(_SCHEMA)
+            if self.path != ":memory:":
+                for suffix in ("", "-wal", "-shm"):
+                    p = Path(self.path + suffix)
+                    if p.exists():
+                        p.chmod(0o600)
+            # Reads use their own connection (WAL: they see committed data only), so they
+            # never touch the writer's connection while a commit is in flight on the commit
+            # thread.
+            self._read_lock = threading.Lock()
+            self._read_db = (self._db if self.path == ":memory:" else
+                             sqlite3.connect(self.path, isolation_level=None,
+                                             check_same_thread=False, timeout=10.0))
+            self._sqlite_wal = self.path != ":memory:"
+            newest_row = self._db.execute(
+                "SELECT size, time, note FROM checkpoints ORDER BY size DESC LIMIT 1").fetchone()
+            self._rebuild(newest_row, expected)
+        except BaseException as exc:  # a refused start leaves nothing open
+            opened = (getattr(self, "_read_db", None), getattr(self, "_db", None))
+            for conn in {id(c): c for c in opened if c is not None}.values():
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+            if isinstance(exc, sqlite3.DatabaseError):
+                raise AuditUnavailable(
+                    f"the audit log {self.path} cannot be read ({exc}): it is damaged or not an "
+                    "audit log; restore it from your backup (`keygrants audit verify "
+                    "--data-dir` reports what it holds)") from exc
+            if isinstance(exc, sqlite3.Error):
+                raise AuditUnavailable(f"cannot open the audit log {self.path}: {exc}") from exc
+            if isinstance(exc, OSError):
+                raise AuditUnavailable(f"cannot open the audit log {self.path}: "
+                                       f"{exc.strerror or exc}") from exc
+            raise
         # On a file, the loop's batches are fsynced by COMMIT on this thread while the loop
         # goes on serving (and gathering the next batch); ":memory:" has nothing to wait for.
         self._committer = (None if self.path == ":memory:" else
                            concurrent.futures.ThreadPoolExecutor(
                                max_workers=1, thread_name_prefix="keygrants-audit-commit"))
-        self._sqlite_wal = self.path != ":memory:"
-        try:
-            newest = self._signed_root(self._db.execute(
-                "SELECT size, note FROM checkpoints ORDER BY size DESC LIMIT 1").fetchone())
-            for (leaf,) in self._db.execute("SELECT leaf FROM events ORDER BY seq"):
-                self._tree.append(bytes(leaf))
-                if newest is not None and self._tree.size == newest[0]:
-                    self._check_signed_root(newest)
-            if newest is not None and self._tree.size < newest[0]:
-                self._check_signed_root(newest)
-        except BaseException:  # a refused start leaves nothing open
-            if self._committer is not None:
-                self._committer.shutdown(wait=False)
-            if self._read_db is not self._db:
-                self._read_db.close()
-            self._db.close()
-            raise
-        row = self._db.execute("SELECT size, time FROM checkpoints ORDER BY size DESC LIMIT 1").fetchone()
-        self._checkpointed_size = row[0] if row else 0
-        self._last_checkpoint_at = float(row[1]) if row else 0.0
-        self._checkpoint_floor = int(row[1]) if row else 0
+        if newest_row is not None:
+            self._checkpointed_size = int(newest_row[0])
+            self._last_checkpoint_at = float(newest_row[1])
+            self._checkpoint_floor = int(newest_row[1])
+            self._newest_checkpoint = CheckpointRecord(int(newest_row[0]), int(newest_row[1]),
+                                                       bytes(newest_row[2]))
+        self._marked_size = expected[0] if expected is not None else 0
+        self._push_mark()  # a log newer than the mark (or a first mark after an upgrade)
         self._start_checkpointer()
+
+    def _refuse_missing(self, expected: tuple[int, bytes] | None) -> None:
+        """A log that was started before (``create=False``) must still be there: a missing or
+        empty file is a lost log, not a new one to start from event 0."""
+        p = Path(self.path)
+        try:
+            size = p.stat().st_size
+        except FileNotFoundError:
+            state = "is missing"
+        except OSError as exc:
+            raise AuditUnavailable(f"cannot open the audit log {self.path}: "
+                                   f"{exc.strerror or exc}") from exc
+        else:
+            wal = Path(self.path + "-wal")
+            if size > 0 or (wal.exists() and wal.stat().st_size > 0):
+                return
+            state = "is empty"
+        held = (f"; the store records a signed checkpoint of {expected[0]} event(s)"
+                if expected is not None else "")
+        raise AuditUnavailable(f"the audit log {self.path} {state}, but this service has "
+                               f"written to it before{held}: restore it from your backup; a new "
+                               "log is not started in its place (that would erase the audit "
+                               "history)")
+
+    def _parse_mark(self, mark: bytes | None) -> tuple[int, bytes] | None:
+        """``(size, root)`` of the high-water mark kept outside the log (a signed checkpoint
+        note), its signature checked.
+
+        Raises:
+            AuditUnavailable: the mark is not a checkpoint this log's key signed.
+        """
+        if mark is None:
+            return None
+        try:
+            cp = Checkpoint.parse(open_note(mark, [self._signer.verifier()]))
+        except (InvalidNote, ValueError):
+            raise AuditUnavailable("the audit checkpoint recorded in the store is not validly "
+                                   "signed by this log's key: run `keygrants audit verify`") from None
+        if cp.origin != self.origin:
+            raise AuditUnavailable("the audit checkpoint recorded in the store is not this "
+                                   "log's: run `keygrants audit verify`")
+        return cp.size, cp.root
+
+    def _rebuild(self, newest_row: Any, expected: tuple[int, bytes] | None) -> None:
+        """Rebuild the tree from the stored leaves, checking it against the newest stored
+        checkpoint and against the mark kept outside the log (``expected``)."""
+        newest = self._signed_root(None if newest_row is None else (newest_row[0], newest_row[2]))
+        for (leaf,) in self._db.execute("SELECT leaf FROM events ORDER BY seq"):
+            self._tree.append(bytes(leaf))
+            if newest is not None and self._tree.size == newest[0]:
+                self._check_signed_root(newest)
+            if expected is not None and self._tree.size == expected[0]:
+                self._check_mark(expected)
+        if newest is not None and self._tree.size < newest[0]:
+            self._check_signed_root(newest)
+        if expected is not None and self._tree.size < expected[0]:
+            self._check_mark(expected)
+
+    def _check_mark(self, expected: tuple[int, bytes]) -> None:
+        """The log must still hold the events of the newest checkpoint recorded outside it
+        (in the store), with the same root: a log deleted, emptied, truncated or rolled back
+        together with its own checkpoints is refused, not continued."""
+        size, root = expected
+        if self._tree.size < size:
+            missing = (f"event {self._tree.size}" if self._tree.size + 1 == size
+                       else f"events {self._tree.size}..{size - 1}")
+            raise AuditUnavailable(
+                f"the audit log {self.path} holds {self._tree.size} event(s), but the store "
+                f"records a signed checkpoint of {size}: {missing} were removed (the log was "
+                "truncated, replaced or restored from an older backup than keygrants.db); "
+                "restore it from your backup and run `keygrants audit verify --data-dir`")
+        if self._tree.root() != root:
+            raise AuditUnavailable(
+                f"the audit log {self.path} does not match the signed checkpoint the store "
+                f"records at size {size}: its first {size} events were rewritten; run "
+                "`keygrants audit verify --data-dir` before starting again")
 
     def _signed_root(self, row: Any) -> tuple[int, bytes] | None:
         """``(size, root)`` of a stored ``(size, note)`` checkpoint row, its signature checked.
@@ -281,6 +388,10 @@ class AuditLog:
         self.failing = False  # a test seam: when True, commits fail (simulates a broken disk)
         self._stop = threading.Event()
         self._sqlite_wal = False  # the checkpointer also copies a SQLite WAL back
+        self._commit_failed = False  # the last commit failed and none has succeeded since
+        self._on_checkpoint = None
+        self._newest_checkpoint = None  # the newest durable checkpoint
+        self._marked_size = 0  # the size of the newest checkpoint handed to on_checkpoint
 
     def _start_checkpointer(self) -> None:
         self._thread = threading.Thread(target=self._checkpointer, name="keygrants-audit-checkpoint",
@@ -293,6 +404,13 @@ class AuditLog:
     def size(self) -> int:
         """Number of durable events (the tree size)."""
         return self._tree.size
+
+    @property
+    def durable(self) -> bool:
+        """Whether the log is making events durable: ``False`` once closed, while a commit is
+        overdue, and after a failed commit until a later one (or the checkpointer's probe
+        write) succeeds. Cheap (no I/O): for readiness probes."""
+        return not (self._closed or self._stuck or self._commit_failed)
 
     def submit(self, fields: Mapping[str, Any]) -> Waiter:
         """Queue an event (every field but ``seq``; ``time`` defaults to now).
@@ -420,6 +538,7 @@ class AuditLog:
                     self._db.execute("ROLLBACK")
                 log.error("audit: a batch of %d event(s) could not be made durable: %s",
                           len(staged.rows), exc)
+                self._commit_failed = True
                 _resolve([(item, AuditUnavailable()) for item, _ in staged.accepted])
             else:
                 self._apply(staged)
@@ -497,6 +616,47 @@ class AuditLog:
                         self._read_db.close()
         if self._committer is not None:
             self._committer.shutdown(wait=True)
+        self._push_mark()
+
+    def _push_mark(self) -> None:
+        """Hand the newest durable checkpoint to ``on_checkpoint`` (the server keeps it in
+        the store as the log's high-water mark) unless it already has it; a failure is
+        logged and retried on the checkpointer's next run."""
+        newest = self._newest_checkpoint
+        if self._on_checkpoint is None or newest is None or newest.size <= self._marked_size:
+            return
+        try:
+            self._on_checkpoint(newest.note)
+        except Exception as exc:
+            log.warning("audit: could not record the checkpoint at size %d outside the log: %s",
+                        newest.size, getattr(exc, "message", None) or exc)
+            return
+        self._marked_size = newest.size
+
+    def _probe(self) -> None:
+        """While commits fail, try a small durable write (the header's user_version, which
+        nothing reads): a log that recovers (disk space freed) says so through
+        :attr:`durable` even when no request comes to prove it, as none does to a node its
+        readiness probe took out of service."""
+        with self._lock:
+            if self._closed or not self._commit_failed:
+                return
+            try:
+                if self.failing:
+                    raise sqlite3.OperationalError("simulated audit store failure")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    (version,) = self._db.execute("PRAGMA user_version").fetchone()
+                    self._db.execute(f"PRAGMA user_version={(int(version) + 1) % (1 << 31)}")
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error:
+                return
+            self._commit_failed = False
+            log.warning("audit: events are durable again")
 
     def _checkpointer(self) -> None:
         """Cover events that stopped flowing (a signed checkpoint within one interval of the
@@ -513,6 +673,9 @@ class AuditLog:
                         self._commit([], force_checkpoint=True)
                     except Exception:  # keep going; _commit logs failures
                         log.exception("audit: checkpoint failed")
+                if self._commit_failed:
+                    self._probe()
+                self._push_mark()
                 if wal is not None and time.monotonic() - last_wal >= _WAL_CHECKPOINT_EVERY:
                     last_wal = time.monotonic()
                     try:
@@ -543,6 +706,7 @@ class AuditLog:
                 self._db.execute("ROLLBACK")
             log.error("audit: a batch of %d event(s) could not be made durable: %s",
                       len(staged.rows), exc)
+            self._commit_failed = True
             _resolve([(item, AuditUnavailable()) for item, _ in staged.accepted])
             return False
         self._apply(staged)
@@ -601,6 +765,7 @@ class AuditLog:
         except sqlite3.Error as exc:
             log.error("audit: a batch of %d event(s) could not be made durable: %s",
                       len(staged.rows), exc)
+            self._commit_failed = True
             _resolve([(item, AuditUnavailable()) for item, _ in staged.accepted])
             return False
         return True
@@ -608,7 +773,11 @@ class AuditLog:
     def _apply(self, staged: _Staged) -> None:
         """The batch is durable: adopt its tree and answer its submitters."""
         self._tree = staged.tree
+        if self._commit_failed:
+            self._commit_failed = False
+            log.warning("audit: events are durable again")
         if staged.checkpoint is not None:
+            self._newest_checkpoint = staged.checkpoint
             self._checkpointed_size = staged.checkpoint.size
             self._last_checkpoint_at = staged.now
             self._checkpoint_floor = max(self._checkpoint_floor, staged.checkpoint.time)

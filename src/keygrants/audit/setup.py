@@ -6,6 +6,14 @@ the root key, like key material. The public half is also stored in clear as a si
 verifier key (``vkey``), so ``keygrants audit verify --data-dir`` can check a log without
 unsealing anything; pin that vkey elsewhere (it is printed by ``keygrants audit key``) to
 detect an attacker who replaced the whole database.
+
+With an ``audit.db`` (a SQLite store), the store also keeps the log's high-water mark: the
+newest durable checkpoint's signed note (``audit_mark``), updated by the log's checkpointer
+within about an interval of each checkpoint and at stop. A log that no longer holds that
+checkpoint's events with its root (deleted, emptied, truncated, rolled back together with its
+own checkpoints) is refused at start, and once the store holds the audit keys a missing or
+empty ``audit.db`` is refused rather than started afresh. Nodes sharing a PostgreSQL log keep
+no mark (the log and the store are one database: they are rolled back together).
 """
 
 from __future__ import annotations
@@ -23,13 +31,14 @@ from keygrants.crypto import Aead, SigningKey, random_bytes
 from keygrants.keys.sealing import seal_named_secret, unseal_named_secret
 from keygrants.store.base import Store
 
-__all__ = ["AUDIT_DB_FILE", "AuditSetup", "is_postgres_url", "open_audit"]
+__all__ = ["AUDIT_DB_FILE", "MARK_META", "AuditSetup", "is_postgres_url", "open_audit"]
 
 AUDIT_DB_FILE: Final = "audit.db"
 _SIGNING_META: Final = "audit_signing_key"
 _HMAC_META: Final = "audit_hmac_key"
 _ORIGIN_META: Final = "audit_origin"
 VKEY_META: Final = "audit_vkey"
+MARK_META: Final = "audit_mark"
 
 
 @dataclass(slots=True)
@@ -63,9 +72,12 @@ def open_audit(store: Store, root_key: bytes, *, path: str | Path, node: str,
 
     Raises:
         InvalidCiphertext: if the stored audit keys do not open with this root key.
+        AuditUnavailable: if the log cannot be opened, or is missing, damaged or shorter
+            than the mark the store keeps (SQLite).
     """
     root = Aead("aes-256-gcm", root_key)
     origin_raw = store.get_meta(_ORIGIN_META)
+    started_before = origin_raw is not None  # then its audit.db must still be there
     if origin_raw is None:
         store.set_meta_if_absent(_ORIGIN_META, f"keygrants.audit/{uuid.uuid4()}".encode())
         origin_raw = store.get_meta(_ORIGIN_META)
@@ -85,6 +97,11 @@ def open_audit(store: Store, root_key: bytes, *, path: str | Path, node: str,
         log = PostgresAuditLog(store_url, signer=signer, origin=origin,
                                checkpoint_interval=checkpoint_interval)
     else:
-        log = AuditLog(path, signer=signer, origin=origin, checkpoint_interval=checkpoint_interval)
+        def record_mark(note: bytes) -> None:
+            store.set_meta(MARK_META, note)
+
+        log = AuditLog(path, signer=signer, origin=origin, checkpoint_interval=checkpoint_interval,
+                       create=not started_before, mark=store.get_meta(MARK_META),
+                       on_checkpoint=record_mark)
     return AuditSetup(log=log, recorder=LogRecorder(log, digester, node=node), digester=digester,
                       vkey=vkey, origin=origin)

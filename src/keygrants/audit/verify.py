@@ -23,7 +23,11 @@ proves consistency between successive checkpoints. It reports where the log was 
 - a checkpoint whose root no longer matches (an alteration between it and the previous good
   checkpoint);
 - a checkpoint whose signature fails (forged, or signed by another key);
-- a checkpoint that claims more events than the log holds (a truncated tail).
+- a checkpoint that claims more events than the log holds (a truncated tail);
+- fewer events, or other ones, than the checkpoint recorded outside the log: one saved
+  elsewhere (``--checkpoint``) or, for an ``audit.db`` next to its ``keygrants.db``, the
+  high-water mark the server keeps in the store (a log deleted, emptied, truncated or rolled
+  back together with its own checkpoints).
 """
 
 from __future__ import annotations
@@ -40,16 +44,18 @@ import msgspec
 from keygrants.audit.log import AuditLog
 from keygrants.audit.merkle import CompactTree, leaf_hash
 from keygrants.audit.note import Checkpoint, InvalidNote, NoteVerifier, open_note, parse_vkey
-from keygrants.audit.setup import VKEY_META
+from keygrants.audit.setup import MARK_META, VKEY_META
 from keygrants.errors import StoreError
 
-__all__ = ["EXPORT_FORMAT", "VerifyReport", "export_lines", "postgres_vkey", "verify_database",
-           "verify_export", "verify_postgres"]
+__all__ = ["EXPORT_FORMAT", "STORE_FILE", "VerifyReport", "export_lines", "postgres_vkey",
+           "stored_mark", "stored_meta", "verify_database", "verify_export", "verify_postgres"]
 
 EXPORT_FORMAT: Final = "keygrants-audit-export/1"
 MAX_LINE: Final = 64 * 1024
 _PROGRESS_EVERY: Final = 10_000
 MAX_PROBLEMS: Final = 1000  # beyond this only the count grows: a mangled file is one verdict
+STORE_FILE: Final = "keygrants.db"  # the store beside an audit.db in a data directory
+_MARK_LABEL: Final = f"the checkpoint recorded in {STORE_FILE}"
 
 
 def _b64(data: bytes) -> str:
@@ -163,35 +169,41 @@ class _Engine:
         self.expected = 0
         self.good_size = 0  # the last checkpoint that verified against the recomputed tree
         self.last_time: int | None = None
-        self.anchor: Checkpoint | None = None
+        self.anchors: list[tuple[str, Checkpoint]] = []  # (label, checkpoint) not yet reached
 
-    def set_anchor(self, note: bytes) -> None:
-        """A checkpoint kept outside the log (``keygrants audit checkpoint`` saved earlier):
-        the log must still hold its events, with the same root at its size. It catches a
-        rollback that removed checkpoints as well as events, which the log alone cannot."""
+    def set_anchor(self, note: bytes, label: str = "--checkpoint") -> None:
+        """A checkpoint kept outside the log (``keygrants audit checkpoint`` saved earlier, or
+        the store's high-water mark): the log must still hold its events, with the same root
+        at its size. It catches a rollback that removed checkpoints as well as events, which
+        the log alone cannot."""
         try:
             anchor = Checkpoint.parse(open_note(note, [self.verifier]))
         except InvalidNote:
-            self.problem("--checkpoint: signature invalid (forged, altered, or signed by another "
+            self.problem(f"{label}: signature invalid (forged, altered, or signed by another "
                          "key)")
             return
         if anchor.origin != self.origin:
-            self.problem(f"--checkpoint: origin {anchor.origin!r} is not this log's")
+            self.problem(f"{label}: origin {anchor.origin!r} is not this log's")
             return
-        self.anchor = anchor
+        self.anchors.append((label, anchor))
         self._check_anchor()
 
+    @property
+    def anchor(self) -> Checkpoint | None:
+        """The first outside checkpoint not reached yet."""
+        return self.anchors[0][1] if self.anchors else None
+
     def _check_anchor(self) -> None:
-        anchor = self.anchor
-        if anchor is None or self.tree.size != anchor.size:
-            return
-        if anchor.root != self.tree.root():
-            self.problem(f"--checkpoint at size {anchor.size}: root hash mismatch: the log's first "
-                         f"{anchor.size} events are not the ones that checkpoint signed (history "
-                         "rewritten)")
-        else:
-            self.report.anchored = True
-        self.anchor = None
+        for label, anchor in list(self.anchors):
+            if self.tree.size != anchor.size:
+                continue
+            if anchor.root != self.tree.root():
+                self.problem(f"{label} at size {anchor.size}: root hash mismatch: the log's "
+                             f"first {anchor.size} events are not the ones that checkpoint "
+                             "signed (history rewritten)")
+            elif label == "--checkpoint":
+                self.report.anchored = True
+            self.anchors.remove((label, anchor))
 
     def problem(self, text: str) -> None:
         self.report.add(text)
@@ -222,7 +234,7 @@ class _Engine:
         if recorded_leaf is not None and recorded_leaf != computed:
             self.problem(f"event {seq} altered: its content no longer matches its recorded leaf hash")
         self.tree.append(computed)
-        if self.anchor is not None:
+        if self.anchors:
             self._check_anchor()
         self.expected = max(self.expected, seq) + 1
         self.report.events += 1
@@ -264,14 +276,13 @@ class _Engine:
         self.good_size = cp.size
 
     def finish(self) -> VerifyReport:
-        anchor = self.anchor
-        if anchor is not None:
+        for label, anchor in self.anchors:
             if anchor.size > self.tree.size:
-                self.problem(f"--checkpoint covers {anchor.size} events but the log holds "
+                self.problem(f"{label} covers {anchor.size} events but the log holds "
                              f"{self.tree.size}: events {self.tree.size}..{anchor.size - 1} were "
                              "removed (rolled back)")
             else:
-                self.report.notes.append(f"--checkpoint at size {anchor.size} precedes the "
+                self.report.notes.append(f"{label} at size {anchor.size} precedes the "
                                          f"export's start ({self.report.start}): not checked")
         self.report.unsigned = max(0, self.tree.size - max(self.good_size, self.report.start))
         return self.report
@@ -343,17 +354,68 @@ def _as_bytes(value: object) -> bytes:
     return str(value).encode()
 
 
+def stored_meta(store_path: str | Path, name: str) -> bytes | None:
+    """A meta value of a SQLite store (``keygrants.db``), read only (``None`` if absent).
+
+    Raises:
+        ValueError: if the store cannot be read.
+    """
+    try:
+        db = sqlite3.connect(f"file:{Path(store_path).resolve()}?mode=ro", uri=True)
+        try:
+            row = db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        raise ValueError(f"cannot read {store_path}: {exc}") from None
+    return None if row is None else _as_bytes(row[0])
+
+
+def stored_mark(store_path: str | Path) -> bytes | None:
+    """The audit log's high-water mark a SQLite store (``keygrants.db``) keeps: the newest
+    checkpoint the server recorded there, as a signed note (``None`` if it has none).
+
+    Raises:
+        ValueError: if the store cannot be read.
+    """
+    return stored_meta(store_path, MARK_META)
+
+
 def verify_database(path: str | Path, *, vkey: str, origin: str | None = None,
                     progress: Callable[[int], None] | None = None,
-                    anchor: bytes | None = None) -> VerifyReport:
+                    anchor: bytes | None = None, use_store_mark: bool = True) -> VerifyReport:
     """Verify an ``audit.db`` in place (read-only), events against their stored leaf hashes
-    and the tree against every stored checkpoint."""
+    and the tree against every stored checkpoint; with ``use_store_mark``, also against the
+    high-water mark of the ``keygrants.db`` beside it, if there is one (a log shorter than
+    that mark was truncated or rolled back). A database that cannot be read (damaged, not
+    an audit log) is reported as a problem, after whatever could be checked before."""
+    report = VerifyReport()
+    marks: list[tuple[str, bytes]] = []
+    if use_store_mark:
+        store = Path(path).resolve().parent / STORE_FILE
+        if store.exists():
+            try:
+                mark = stored_mark(store)
+            except ValueError as exc:
+                report.notes.append(f"{exc}: its record of the log's length is not checked")
+            else:
+                if mark is not None:
+                    marks.append((_MARK_LABEL, mark))
     uri = f"file:{Path(path).resolve()}?mode=ro"
-    db = sqlite3.connect(uri, uri=True)
+    try:
+        db = sqlite3.connect(uri, uri=True)
+    except sqlite3.Error as exc:
+        report.add(f"the audit database cannot be opened: {exc}")
+        return report
     try:
         return _verify_rows(db.execute("SELECT size, note FROM checkpoints ORDER BY size"),
                             db.execute("SELECT seq, data, leaf FROM events ORDER BY seq"),
-                            vkey=vkey, origin=origin, progress=progress, anchor=anchor)
+                            vkey=vkey, origin=origin, progress=progress, anchor=anchor,
+                            marks=marks, report=report)
+    except sqlite3.DatabaseError as exc:
+        report.add(f"the audit database cannot be read ({exc}): it is damaged or not an audit "
+                   "log; the events after the last one reported were not checked")
+        return report
     finally:
         db.close()
 
@@ -444,10 +506,11 @@ def _unreachable(url: str, exc: BaseException) -> StoreError:
 
 def _verify_rows(checkpoint_rows: Iterable[Any], event_rows: Iterable[Any], *, vkey: str,
                  origin: str | None, progress: Callable[[int], None] | None,
-                 anchor: bytes | None = None) -> VerifyReport:
+                 anchor: bytes | None = None, marks: Iterable[tuple[str, bytes]] = (),
+                 report: VerifyReport | None = None) -> VerifyReport:
     """Check stored rows: ``(size, note)`` checkpoints and ``(seq, data, leaf)`` events, each
-    in order."""
-    report = VerifyReport()
+    in order. Filling ``report`` if given (so a read error part-way keeps what was found)."""
+    report = report if report is not None else VerifyReport()
     verifier = _verifier(None, vkey, report)
     checkpoints: dict[int, list[bytes]] = {}
     for size, note in checkpoint_rows:
@@ -455,6 +518,8 @@ def _verify_rows(checkpoint_rows: Iterable[Any], event_rows: Iterable[Any], *, v
     engine = _Engine(verifier, origin or verifier.name, report, progress)
     if anchor is not None:
         engine.set_anchor(anchor)
+    for label, note in marks:
+        engine.set_anchor(note, label)
     max_seq = -1
     for seq, data, leaf in event_rows:
         engine.event(int(seq), _as_bytes(data), _as_bytes(leaf))

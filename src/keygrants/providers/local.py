@@ -74,9 +74,17 @@ _PASSPHRASE_V1: Final = 0x02
 _SALT_SIZE: Final = 16
 
 
-def _load_or_create_key_file(path: Path, what: str, error: type[Exception]) -> bytes:
-    """Read a 32-byte key file, or create it with mode 0600 (never readable by others)."""
+def _load_or_create_key_file(path: Path, what: str, error: type[Exception], *,
+                             create: bool = True) -> bytes:
+    """Read a 32-byte key file, or create it with mode 0600 (never readable by others).
+
+    With ``create=False`` a missing file is an error, not a new key: a restart whose key
+    file was lost must not leave a different key in its place (a backup job could copy it
+    over the good one).
+    """
     try:
+        if not create:
+            raise FileExistsError  # read it below; a missing file is reported there
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
         try:
@@ -88,6 +96,12 @@ def _load_or_create_key_file(path: Path, what: str, error: type[Exception]) -> b
                 ) from None
             with open(path, "rb") as f:
                 data = f.read(KEY_SIZE + 1)
+        except FileNotFoundError:
+            if create:
+                raise error(f"cannot read {what} {path}: it was removed while being opened") \
+                    from None
+            raise error(f"{what} {path} is missing: restore it from your backup (a new key "
+                        "would not open what the old one sealed)") from None
         except OSError as exc:
             raise error(f"cannot read {what} {path}: {exc.strerror}") from exc
         if len(data) != KEY_SIZE:
@@ -106,16 +120,14 @@ def _load_or_create_key_file(path: Path, what: str, error: type[Exception]) -> b
 class KeyFileProvider:
     """Wraps under a 32-byte key kept in a file with mode 0600."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, create: bool = True) -> None:
         self.path = Path(path)
-        self._aead = Aead("aes-256-gcm", self._load_or_create())
+        self._aead = Aead("aes-256-gcm", _load_or_create_key_file(
+            self.path, "seal key file", SealError, create=create))
 
     @property
     def uri(self) -> str:
         return f"local://{self.path.resolve()}"
-
-    def _load_or_create(self) -> bytes:
-        return _load_or_create_key_file(self.path, "seal key file", SealError)
 
     def wrap(self, plaintext: bytes, *, aad: bytes) -> bytes:
         nonce = nonce_bytes(NONCE_SIZE)
@@ -178,8 +190,10 @@ class PassphraseProvider:
             raise UnsealFailed("wrong passphrase: the root key does not open") from None
 
 
-def open_local_provider(uri: str, *, passphrase: str | None = None) -> KeyFileProvider | PassphraseProvider:
-    """Open ``local:passphrase`` or ``local:PATH`` / ``local:///abs/path``."""
+def open_local_provider(uri: str, *, passphrase: str | None = None,
+                        create: bool = True) -> KeyFileProvider | PassphraseProvider:
+    """Open ``local:passphrase`` or ``local:PATH`` / ``local:///abs/path``; ``create=False``
+    refuses a missing key file instead of making a new key (a restart)."""
     rest = uri.removeprefix("local:")
     if rest == "passphrase":
         return PassphraseProvider(passphrase)
@@ -187,7 +201,7 @@ def open_local_provider(uri: str, *, passphrase: str | None = None) -> KeyFilePr
         rest = rest[2:]
     if not rest:
         raise ValueError("local: provider URI needs a key file path or 'passphrase'")
-    return KeyFileProvider(rest)
+    return KeyFileProvider(rest, create=create)
 
 
 # -- the local: application key provider --------------------------------------------------------
