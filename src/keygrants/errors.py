@@ -82,6 +82,7 @@ same classes by the SDK (:func:`error_from_code`).
     │   ├── ProviderConnectionError     provider_unavailable 503
     │   └── UnsupportedOperation        unsupported_operation 400
     ├── ServerUnreachable               server_unreachable   503  (client side only)
+    │   └── NoResponse                  no_response          503  (sent, but no answer)
     ├── VerifierUnavailable             verifier_unavailable 503  (local Verifier, fail-closed)
     └── BusError                        bus_unavailable      503  (keygrants.bus)
 
@@ -143,6 +144,7 @@ __all__ = [
     "KeygrantsError",
     "MalformedBody",
     "MethodNotAllowed",
+    "NoResponse",
     "NonceReplayed",
     "NotFound",
     "OperationNotGranted",
@@ -755,6 +757,15 @@ class ServerUnreachable(KeygrantsError):
     code = "server_unreachable"
     status = 503
     default_message = "keygrants server unreachable"
+
+
+class NoResponse(ServerUnreachable):
+    """Raised by the SDK when a request was sent but no answer came (a read timeout, a dropped
+    connection): the server may have carried it out, so check before retrying."""
+
+    code = "no_response"
+    status = 503
+    default_message = "the request was sent but no answer came; it may have taken effect"
 
 
 def _all_subclasses(cls: type[KeygrantsError]) -> list[type[KeygrantsError]]:

@@ -107,12 +107,16 @@ _RotationPeriod = Annotated[int, _doc(minimum=60, maximum=316_224_000)]
 _Note = Annotated[str, _doc(minLength=1, maxLength=1024)]
 
 
-_SECRET_FIELDS: Final = frozenset({"plaintext", "derived", "random", "api_key", "shared_secret"})
+# grant tokens are bearer secrets until they expire: token (GrantCreated), access_token
+# (TokenExchangeResult), subject_token (TokenExchangeRequest)
+_SECRET_FIELDS: Final = frozenset({"plaintext", "derived", "random", "api_key", "shared_secret",
+                                   "token", "access_token", "subject_token"})
 
 
 def _redacted_repr(self: msgspec.Struct) -> str:
-    """A repr that never shows secret bytes (plaintext, data keys, derived and random bytes):
-    results end up in logs and tracebacks."""
+    """A repr that never shows secrets (plaintext, data keys, derived and random bytes, API
+    keys, shared secrets, grant tokens): results end up in logs and tracebacks. Only the repr:
+    encoding is untouched."""
     parts = []
     for name in self.__struct_fields__:
         value = getattr(self, name)

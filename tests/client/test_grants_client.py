@@ -294,6 +294,27 @@ async def test_exchange_trades_a_token_for_a_narrower_one(s: Setup) -> None:
             await svc.exchange_grant(created.token, scope="encrypt sign")
 
 
+async def test_grant_tokens_never_show_in_a_repr(s: Setup) -> None:
+    """A grant token is a bearer secret until it expires: logs and tracebacks that show a
+    result must not hand it out (as for plaintexts, API keys and shared secrets)."""
+    import msgspec
+
+    created = await s.admin.create_grant("enc", "svc", ["encrypt"], ttl=600)
+    assert created.token is not None
+    async with s.svc() as svc:
+        ex = await svc.exchange_grant(created.token, ttl=60)
+    request = m.TokenExchangeRequest(subject_token=created.token)
+    for obj, token in ((created, created.token), (ex, ex.access_token), (request, created.token)):
+        text = repr(obj)
+        assert "<redacted>" in text and token not in text and token[:20] not in text, text
+    assert "token=None" in repr(m.GrantCreated(grant=created.grant))  # nothing to hide
+    assert created.grant.id in repr(created)  # the rest still shows
+    # only the repr: the wire keeps every token
+    assert msgspec.json.decode(msgspec.json.encode(request))["subject_token"] == created.token
+    assert msgspec.json.decode(msgspec.json.encode(ex))["access_token"] == ex.access_token
+    assert msgspec.json.decode(msgspec.json.encode(created))["token"] == created.token
+
+
 async def test_exchanging_a_dpop_bound_token_proves_possession(s: Setup) -> None:
     key = SigningKey.generate("ed25519")
     created = await s.admin.create_grant("enc", "svc", ["encrypt"], ttl=600,
@@ -445,6 +466,7 @@ async def test_grant_and_proof_key_come_from_the_environment(s: Setup, tmp_path:
     key = SigningKey.generate("ed25519")
     key_file = tmp_path / "dpop.pem"
     key_file.write_bytes(key.private_pem())
+    key_file.chmod(0o600)
     created = await s.admin.create_grant("enc", "svc", ["encrypt"],
                                          dpop_jkt=proof_key_thumbprint(key))
     monkeypatch.setenv("KEYGRANTS_GRANT", created.token or "")

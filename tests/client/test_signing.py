@@ -208,6 +208,7 @@ def test_load_signing_key(tmp_path: Path) -> None:
         key = SigningKey.generate(algorithm)
         path = tmp_path / f"{algorithm}.pem"
         path.write_bytes(key.private_pem())
+        path.chmod(0o600)
         assert key.private_pem().startswith(b"-----BEGIN PRIVATE KEY-----")
         loaded = load_signing_key(path)
         assert loaded.algorithm == algorithm

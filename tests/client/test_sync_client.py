@@ -324,7 +324,10 @@ def test_wrong_token_and_closed_port(live_server, closed_port: int) -> None:
 
 
 def test_client_reads_addr_and_token_from_the_environment(live_server, monkeypatch) -> None:
-    monkeypatch.setenv("KEYGRANTS_ADDR", live_server.url.removeprefix("http://"))
+    for name in ("KEYGRANTS_PRINCIPAL", "KEYGRANTS_KEY_FILE", "KEYGRANTS_GRANT",
+                 "KEYGRANTS_DPOP_KEY_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("KEYGRANTS_ADDR", live_server.url + "/\n")
     monkeypatch.setenv("KEYGRANTS_TOKEN", live_server.token + "\n")
     with Client() as c:
         assert c.addr == live_server.url

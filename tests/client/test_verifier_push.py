@@ -115,8 +115,8 @@ async def test_a_heartbeat_ahead_makes_the_verifier_pull_and_forgeries_revoke_no
 
 
 def test_a_malformed_bus_url_is_refused_at_construction() -> None:
-    with pytest.raises(ValueError):
-        Verifier("http://kms", bus_url="carrier-pigeon://coop")
+    with pytest.raises(ValueError, match="carrier-pigeon"):
+        Verifier("https://kms", bus_url="carrier-pigeon://coop")
 
 
 def free_port() -> int:

@@ -30,7 +30,7 @@ def test_a_message_nested_too_deeply_is_junk_not_an_error(message: bytes) -> Non
 def test_the_verifier_ignores_a_deeply_nested_message() -> None:
     from keygrants.client.verifier import Verifier, _Pushed
 
-    with Verifier("http://kms") as v:
+    with Verifier("https://kms") as v:
         assert _Pushed.handle(v._state, b"[" * 2000 + b"]" * 2000) is None
 
 

@@ -128,6 +128,7 @@ async def test_a_principal_signing_its_requests_uses_the_provider(
     key = SigningKey.generate("ed25519")
     key_file = tmp_path / "svc.pem"
     key_file.write_bytes(key.private_pem())
+    key_file.chmod(0o600)
     name = f"svc-provider-{tmp_path.name[-6:]}"
     with Client(keygrants_server.addr, token=keygrants_server.token) as admin:
         admin.create_principal(name)
@@ -157,6 +158,7 @@ async def test_a_grant_scopes_what_the_provider_may_do(keygrants_server: Keygran
     dpop = SigningKey.generate("ed25519")
     dpop_file = tmp_path / "dpop.pem"
     dpop_file.write_bytes(dpop.private_pem())
+    dpop_file.chmod(0o600)
     with Client(keygrants_server.addr, token=keygrants_server.token) as admin:
         admin.create_principal(name)
         api_key = admin.create_api_key(name).api_key  # no policy: only the grant lets it act

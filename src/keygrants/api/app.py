@@ -1053,7 +1053,7 @@ ENDPOINTS: Final[Sequence[Endpoint]] = tuple(
     Endpoint("GET", "/metrics", _in_thread(_metrics), "metrics",
              "Prometheus metrics of this node (needs read_metrics)", tag="system",
              media_type=mx.CONTENT_TYPE),
-    Endpoint("GET", "/readyz", _ready, "ready", "Readiness (store reachable)",
+    Endpoint("GET", "/readyz", _ready, "ready", "Readiness (store reachable, audit log durable)",
              response=m.Readiness, auth=False, tag="system",
              responses=(ExtraResponse(503, "not ready: the store does not answer (this body, "
                                            "not the error shape)", m.Readiness),)),

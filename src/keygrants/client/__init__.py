@@ -4,8 +4,12 @@ Both read ``KEYGRANTS_ADDR`` (default ``http://127.0.0.1:8650``) and ``KEYGRANTS
 the environment unless given ``addr=`` / ``token=``, and ``KEYGRANTS_GRANT`` /
 ``KEYGRANTS_DPOP_KEY_FILE`` unless given ``grant=`` or ``dpop_key=``. Results are the typed structs of
 :mod:`keygrants.models`; failures raise the typed error tree of :mod:`keygrants.errors`
-(rebuilt from the server's error ``code``), and an unreachable server raises
-:class:`~keygrants.errors.ServerUnreachable`.
+(rebuilt from the server's error ``code``). A request that could not be sent (no
+connection) raises :class:`~keygrants.errors.ServerUnreachable`; one that was sent but got no
+answer (a read timeout, a dropped connection) raises its subclass
+:class:`~keygrants.errors.NoResponse`, since the server may have carried it out. Addresses are
+checked when a client is built (:mod:`keygrants.client._connection`): ``https://``, or
+``http://`` to a loopback host unless the caller opts in.
 
 Each operation is described once, as an :class:`_Op` built by a method of :class:`_Ops`; the
 two clients differ only in how they send it.
@@ -20,7 +24,6 @@ retried once with the server's ``DPoP-Nonce``, which is then used for later proo
 from __future__ import annotations
 
 import os
-import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -30,8 +33,21 @@ import httpx
 import msgspec
 
 from keygrants import models as m
+from keygrants.client._connection import (
+    INSECURE_HTTP_ENV,
+    insecure_http_allowed,
+    redact_address,
+    server_url,
+    tls_verify,
+)
 from keygrants.crypto.signing import SigningKey
-from keygrants.errors import InvalidRequest, KeygrantsError, ServerUnreachable, error_from_code
+from keygrants.errors import (
+    InvalidRequest,
+    KeygrantsError,
+    NoResponse,
+    ServerUnreachable,
+    error_from_code,
+)
 from keygrants.grants.dpop import make_proof
 
 __all__ = ["DEFAULT_ADDR", "AsyncClient", "Client", "load_dpop_key"]
@@ -311,14 +327,48 @@ class _Ops:
         return _Op("GET", "/.well-known/jwks.json", None, dict[str, Any])
 
 
-def _signature_auth(principal: str | None, key_file: str | None,
-                    signing_key: SigningKey | None, token: str | None) -> httpx.Auth | None:
-    """RFC 9421 request signing when a principal and its key are configured (arguments first,
-    then ``KEYGRANTS_PRINCIPAL`` + ``KEYGRANTS_KEY_FILE`` unless a token was passed explicitly).
+def _credentials(token: str | None, principal: str | None,
+                 key_file: str | os.PathLike[str] | None, signing_key: SigningKey | None
+                 ) -> tuple[str | None, httpx.Auth | None]:
+    """The bearer token, or the RFC 9421 request signature, a client sends.
+
+    The arguments decide when any of them is given (``token=""``: no token); only when none
+    is does the environment (``KEYGRANTS_TOKEN``, ``KEYGRANTS_PRINCIPAL`` +
+    ``KEYGRANTS_KEY_FILE``). A token and a signing key from the same place are refused: one
+    of them would be dropped, and the client would act as another identity than the caller
+    believes.
+
+    Raises:
+        InvalidRequest: the key file cannot be read.
+        ValueError: a token and a signing key both given (or both set in the environment), a
+            principal without a key or the other way round, a file that holds no usable key,
+            or a token with spaces, control or non-ASCII characters.
+    """
+    if token is None and principal is None and key_file is None and signing_key is None:
+        signing_vars = [name for name in (PRINCIPAL_ENV, KEY_FILE_ENV) if os.environ.get(name)]
+        if (os.environ.get(TOKEN_ENV) or "").strip() and signing_vars:
+            raise ValueError(f"both {TOKEN_ENV} and {' and '.join(signing_vars)} are set: a "
+                             "token and a signing key are two identities; unset one (or pass "
+                             "token= or principal= with key_file= to choose)")
+        token = os.environ.get(TOKEN_ENV) or None
+        principal = os.environ.get(PRINCIPAL_ENV) or None
+        key_file = os.environ.get(KEY_FILE_ENV) or None
+    elif (token or "").strip() and not (principal is None and key_file is None
+                                        and signing_key is None):
+        raise ValueError("give either token= or a signing key (principal= with key_file= or "
+                         "signing_key=), not both: they are two identities")
+    token = _clean_token(token, "token") if token and token.strip() else None
+    return token, _signature_auth(principal, key_file, signing_key)
+
+
+def _signature_auth(principal: str | None, key_file: str | os.PathLike[str] | None,
+                    signing_key: SigningKey | None) -> httpx.Auth | None:
+    """RFC 9421 request signing when a principal and its key are given.
 
     The key file holds a PEM private key (Ed25519 or ECDSA P-256; the keyid is
     ``<principal>/<JWK thumbprint>``) or a shared secret ``kg_ss_…`` (hmac-sha256; the keyid is
-    ``<principal>/ss_…``).
+    ``<principal>/ss_…``). A file that group or others may access is used, with a
+    ``UserWarning`` (:func:`keygrants.client._signing.private_file_problem`).
 
     Raises:
         InvalidRequest: the key file cannot be read.
@@ -326,11 +376,13 @@ def _signature_auth(principal: str | None, key_file: str | None,
             usable key.
     """
     from keygrants.auth.credentials import SHARED_SECRET_PREFIX, jwk_thumbprint, parse_shared_secret
-    from keygrants.client._signing import MAX_KEY_FILE, SignatureAuth, load_signing_key
+    from keygrants.client._signing import (
+        MAX_KEY_FILE,
+        SignatureAuth,
+        load_signing_key,
+        warn_if_exposed,
+    )
 
-    if token is None and principal is None and key_file is None and signing_key is None:
-        principal = os.environ.get(PRINCIPAL_ENV) or None
-        key_file = os.environ.get(KEY_FILE_ENV) or None
     if key_file is None and signing_key is None and principal is None:
         return None
     if not principal or (key_file is None and signing_key is None):
@@ -345,45 +397,56 @@ def _signature_auth(principal: str | None, key_file: str | None,
                 with open(key_file) as f:
                     parsed = parse_shared_secret(f.read(MAX_KEY_FILE))
                 if parsed is None:
-                    raise ValueError(f"{key_file} does not hold a well-formed shared secret")
+                    raise ValueError(f"{os.fspath(key_file)} does not hold a well-formed shared "
+                                     "secret")
+                warn_if_exposed(key_file)
                 return SignatureAuth(f"{principal}/{parsed[0]}", parsed[1])
             signing_key = load_signing_key(key_file)
         except OSError as exc:
-            raise InvalidRequest(f"cannot read the key file {key_file}: "
+            raise InvalidRequest(f"cannot read the key file {os.fspath(key_file)}: "
                                  f"{exc.strerror or exc}") from None
     keyid = f"{principal}/{jwk_thumbprint(signing_key.public_key().jwk())}"
     return SignatureAuth(keyid, signing_key)
 
 
-def _tls(verify: bool | str, cert: tuple[str, str] | None) -> bool | str | ssl.SSLContext:
-    """httpx's ``verify``: an SSL context for a CA bundle path and for the client certificate
-    of mTLS (httpx deprecates both as plain arguments)."""
-    if cert is None and not isinstance(verify, str):
-        return verify
-    context = (ssl.create_default_context(cafile=verify) if isinstance(verify, str)
-               else ssl.create_default_context())
-    if verify is False:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    if cert is not None:
-        context.load_cert_chain(cert[0], cert[1])
-    return context
+def _base_url(addr: str | None, *, own_transport: bool, allow_insecure_http: bool) -> str:
+    """The server address (``KEYGRANTS_ADDR``, then the default), checked as
+    :mod:`keygrants.client._connection` says.
+
+    Raises:
+        ValueError: a missing or foreign scheme, a malformed address, or ``http://`` to a host
+            that is not loopback without the opt-in.
+    """
+    return server_url(addr or os.environ.get(ADDR_ENV) or DEFAULT_ADDR,
+                      allow_insecure_http=insecure_http_allowed(allow_insecure_http),
+                      own_transport=own_transport,
+                      opt_in=f"pass allow_insecure_http=True (or set {INSECURE_HTTP_ENV}=1)")
 
 
-def _settings(addr: str | None, token: str | None, auth: httpx.Auth | None = None
-              ) -> tuple[str, dict[str, str]]:
-    addr = (addr or os.environ.get(ADDR_ENV) or DEFAULT_ADDR).rstrip("/")
-    if "://" not in addr:
-        addr = "http://" + addr
-    token = token if token is not None else os.environ.get(TOKEN_ENV)
+def _headers(token: str | None) -> dict[str, str]:
     headers = {"Accept": "application/json", "User-Agent": "keygrants-python"}
-    if token and auth is None:
-        token = token.strip()
-        if not token.isprintable() or " " in token:
-            raise ValueError("the token contains spaces or control characters; check how it was "
-                             "copied")
+    if token:
         headers["Authorization"] = f"Bearer {token}"
-    return addr, headers
+    return headers
+
+
+# Failures before any byte of the request reached the server: it did nothing.
+_NOTHING_SENT: Final = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+
+
+def _transport_failure(addr: str, method: str, exc: httpx.TransportError) -> ServerUnreachable:
+    """The error for a request that got no HTTP answer: :class:`ServerUnreachable` when no
+    connection was made (nothing was sent), else :class:`NoResponse`, since the server may
+    have carried the request out and a blind retry could do it twice (a second grant,
+    rotation or API key)."""
+    reason = str(exc) or type(exc).__name__
+    if isinstance(exc, _NOTHING_SENT):
+        return ServerUnreachable(f"cannot reach {addr}: {reason}")
+    if method in ("GET", "HEAD"):
+        return NoResponse(f"the request was sent to {addr} but no answer came ({reason}); it "
+                          "only reads, so it can be retried")
+    return NoResponse(f"the request was sent to {addr} but no answer came ({reason}): it may "
+                      "have taken effect; check before retrying")
 
 
 def _result(op: _Op[T], response: httpx.Response) -> T:
@@ -414,8 +477,8 @@ def _content(op: _Op[Any]) -> bytes | None:
 def _clean_token(token: str, what: str) -> str:
     token = token.strip()
     if not token.isascii() or not token.isprintable() or " " in token:
-        raise ValueError(f"the {what} contains spaces or control characters; check how it was "
-                         "copied")
+        raise ValueError(f"the {what} contains spaces, control or non-ASCII characters; check "
+                         "how it was copied")
     return token
 
 
@@ -428,6 +491,9 @@ def _error_code(response: httpx.Response) -> str | None:
 
 def load_dpop_key(path: str | os.PathLike[str]) -> SigningKey:
     """Read a DPoP proof key: a PEM private key file (PKCS#8 Ed25519 or ECDSA P-256).
+
+    A file that group or others may access is read with a ``UserWarning`` (see
+    :func:`keygrants.client._signing.private_file_problem`).
 
     Raises:
         OSError: the file cannot be read.
@@ -455,7 +521,11 @@ class _GrantPresenter:
         if grant is None and dpop_key is None:
             grant = os.environ.get(GRANT_ENV) or None
             key_file = os.environ.get(DPOP_KEY_FILE_ENV) or None
-            dpop_key = None if key_file is None else load_dpop_key(key_file)
+            try:
+                dpop_key = None if key_file is None else load_dpop_key(key_file)
+            except OSError as exc:
+                raise InvalidRequest(f"cannot read the DPoP key file {key_file} "
+                                     f"({DPOP_KEY_FILE_ENV}): {exc.strerror or exc}") from None
         if dpop_key is not None:
             proof_key_thumbprint(dpop_key)  # ValueError now, not on the first request: RSA keys
         self.grant = _clean_token(grant, "grant token") if grant else None
@@ -493,42 +563,62 @@ class Client:
     """Synchronous client.
 
     Args:
-        addr: server address (``KEYGRANTS_ADDR``, default ``http://127.0.0.1:8650``).
+        addr: server address, ``https://HOST:PORT`` (``KEYGRANTS_ADDR``, default
+            ``http://127.0.0.1:8650``); ``http://`` only to a loopback host unless
+            ``allow_insecure_http``.
         token: bearer token: an API key or the admin token (``KEYGRANTS_TOKEN``).
         principal: sign every request (RFC 9421) as this principal (``KEYGRANTS_PRINCIPAL``).
-        key_file: the principal's PEM private key (``KEYGRANTS_KEY_FILE``).
+        key_file: the principal's PEM private key or shared secret file
+            (``KEYGRANTS_KEY_FILE``).
         signing_key: the private key itself, instead of ``key_file``.
         cert: ``(certificate file, key file)`` for mTLS.
         timeout: seconds for connect and read.
-        transport: an ``httpx`` transport (e.g. ``httpx.ASGITransport`` or a mock in tests).
-        verify: TLS verification (a CA bundle path, or ``False`` only for tests).
+        transport: an ``httpx`` transport (e.g. ``httpx.ASGITransport`` or a mock in tests);
+            it decides what goes on the wire, so ``http://`` is then not checked.
+        verify: TLS verification (a CA bundle path, ``str`` or ``os.PathLike``, or ``False``
+            only for tests).
         grant: the grant token the cryptographic operations present unless given their own
             ``grant=`` (``KEYGRANTS_GRANT``); ``""``: none, and the environment is not read.
         dpop_key: the proof-of-possession key of DPoP-bound grants (``KEYGRANTS_DPOP_KEY_FILE``,
             a PEM Ed25519 or P-256 private key); see :func:`load_dpop_key`.
+        allow_insecure_http: allow ``http://`` to a host that is not loopback (also
+            ``KEYGRANTS_ALLOW_INSECURE_HTTP=1``): credentials, plaintexts and data keys then
+            cross the network in clear.
 
+    Credentials come from the arguments when any of ``token``, ``principal``, ``key_file``
+    and ``signing_key`` is given (``token=""``: none), else from ``KEYGRANTS_TOKEN`` or
+    ``KEYGRANTS_PRINCIPAL`` + ``KEYGRANTS_KEY_FILE``; a token and a signing key together are
+    refused. A key file that group or others may access is used with a ``UserWarning``.
     ``KEYGRANTS_GRANT`` and ``KEYGRANTS_DPOP_KEY_FILE`` are read only when neither ``grant`` nor
     ``dpop_key`` is given. ``create_grant`` never uses the default grant: a sub-grant needs its
     parent's token passed to it (``grant=``).
 
     Raises:
-        InvalidRequest: ``key_file`` (``KEYGRANTS_KEY_FILE``) cannot be read.
-        ValueError: a principal without its key (or the other way round), a key file without a
-            usable key, or a token with spaces or control characters.
+        InvalidRequest: ``key_file`` (``KEYGRANTS_KEY_FILE``) or ``KEYGRANTS_DPOP_KEY_FILE``
+            cannot be read.
+        ValueError: an address without a scheme, with another scheme than ``https``/``http``,
+            malformed, or ``http://`` to a host that is not loopback without the opt-in; a
+            token together with a signing key; a principal without its key (or the other way
+            round); a key file without a usable key; or a token with spaces, control or
+            non-ASCII characters.
     """
 
     def __init__(self, addr: str | None = None, *, token: str | None = None,
-                 principal: str | None = None, key_file: str | None = None,
+                 principal: str | None = None,
+                 key_file: str | os.PathLike[str] | None = None,
                  signing_key: SigningKey | None = None,
                  cert: tuple[str, str] | None = None,
                  timeout: float = 10.0, transport: httpx.BaseTransport | None = None,
-                 verify: bool | str = True, grant: str | None = None,
-                 dpop_key: SigningKey | None = None) -> None:
-        auth = _signature_auth(principal, key_file, signing_key, token)
-        self.addr, headers = _settings(addr, token, auth)
+                 verify: bool | str | os.PathLike[str] = True, grant: str | None = None,
+                 dpop_key: SigningKey | None = None, allow_insecure_http: bool = False) -> None:
+        self.addr = _base_url(addr, own_transport=transport is not None,
+                              allow_insecure_http=allow_insecure_http)
+        self._shown_addr = redact_address(self.addr)
+        token, auth = _credentials(token, principal, key_file, signing_key)
         self._grants = _GrantPresenter(grant, dpop_key)
-        self._http = httpx.Client(base_url=self.addr, headers=headers, timeout=timeout,
-                                  auth=auth, transport=transport, verify=_tls(verify, cert))
+        self._http = httpx.Client(base_url=self.addr, headers=_headers(token), auth=auth,
+                                  timeout=timeout, transport=transport,
+                                  verify=tls_verify(verify, cert))
 
     def __enter__(self) -> Client:
         return self
@@ -548,7 +638,7 @@ class Client:
             if proven is not None and self._grants.wants_nonce(response):
                 response = self._send(op, content, headers, proven)  # once, with the nonce
         except httpx.TransportError as exc:
-            raise ServerUnreachable(f"cannot reach {self.addr}: {exc}") from exc
+            raise _transport_failure(self._shown_addr, op.method, exc) from exc
         return _result(op, response)
 
     def _send(self, op: _Op[Any], content: bytes | None, headers: dict[str, str],
@@ -737,7 +827,7 @@ class Client:
                     out.write(chunk)
                     written += len(chunk)
         except httpx.TransportError as exc:
-            raise ServerUnreachable(f"cannot reach {self.addr}: {exc}") from exc
+            raise _transport_failure(self._shown_addr, "GET", exc) from exc
         return written
     # -- grants ----------------------------------------------------------------------------
     def create_grant(self, key: str, grantee: str, operations: Sequence[str], *,
@@ -1014,17 +1104,21 @@ class AsyncClient:
     """Asynchronous client with the same operations and arguments as :class:`Client`."""
 
     def __init__(self, addr: str | None = None, *, token: str | None = None,
-                 principal: str | None = None, key_file: str | None = None,
+                 principal: str | None = None,
+                 key_file: str | os.PathLike[str] | None = None,
                  signing_key: SigningKey | None = None,
                  cert: tuple[str, str] | None = None,
                  timeout: float = 10.0, transport: httpx.AsyncBaseTransport | None = None,
-                 verify: bool | str = True, grant: str | None = None,
-                 dpop_key: SigningKey | None = None) -> None:
-        auth = _signature_auth(principal, key_file, signing_key, token)
-        self.addr, headers = _settings(addr, token, auth)
+                 verify: bool | str | os.PathLike[str] = True, grant: str | None = None,
+                 dpop_key: SigningKey | None = None, allow_insecure_http: bool = False) -> None:
+        self.addr = _base_url(addr, own_transport=transport is not None,
+                              allow_insecure_http=allow_insecure_http)
+        self._shown_addr = redact_address(self.addr)
+        token, auth = _credentials(token, principal, key_file, signing_key)
         self._grants = _GrantPresenter(grant, dpop_key)
-        self._http = httpx.AsyncClient(base_url=self.addr, headers=headers, timeout=timeout,
-                                       auth=auth, transport=transport, verify=_tls(verify, cert))
+        self._http = httpx.AsyncClient(base_url=self.addr, headers=_headers(token), auth=auth,
+                                       timeout=timeout, transport=transport,
+                                       verify=tls_verify(verify, cert))
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -1044,7 +1138,7 @@ class AsyncClient:
             if proven is not None and self._grants.wants_nonce(response):
                 response = await self._send(op, content, headers, proven)  # once, with the nonce
         except httpx.TransportError as exc:
-            raise ServerUnreachable(f"cannot reach {self.addr}: {exc}") from exc
+            raise _transport_failure(self._shown_addr, op.method, exc) from exc
         return _result(op, response)
 
     async def _send(self, op: _Op[Any], content: bytes | None, headers: dict[str, str],
@@ -1226,7 +1320,7 @@ class AsyncClient:
                     out.write(chunk)
                     written += len(chunk)
         except httpx.TransportError as exc:
-            raise ServerUnreachable(f"cannot reach {self.addr}: {exc}") from exc
+            raise _transport_failure(self._shown_addr, "GET", exc) from exc
         return written
 
     async def audit_hash(self, value: str) -> m.AuditDigest:

@@ -15,7 +15,9 @@ arrive on the wire.
 from __future__ import annotations
 
 import os
+import stat
 import time
+import warnings
 from collections.abc import Callable, Generator
 from typing import Final
 
@@ -25,17 +27,52 @@ from keygrants.auth.httpsig import ALGORITHMS, Message, build_target_uri, conten
 from keygrants.crypto.random import nonce_bytes
 from keygrants.crypto.signing import SigningKey, b64url
 
-__all__ = ["NONCE_BYTES", "SignatureAuth", "load_signing_key", "target_uri"]
+__all__ = [
+    "MAX_KEY_FILE",
+    "NONCE_BYTES",
+    "SignatureAuth",
+    "load_signing_key",
+    "private_file_problem",
+    "target_uri",
+    "warn_if_exposed",
+]
 
 NONCE_BYTES: Final = 16
+MAX_KEY_FILE: Final = 64 * 1024  # bytes: a PEM private key or shared secret file is far smaller
 _SIGNATURE_HEADERS: Final = ("Signature-Input", "Signature", "Content-Digest")
 
 
+def private_file_problem(path: str | os.PathLike[str]) -> str | None:
+    """What is wrong with the mode of a private key or secret file: the problem, naming the
+    file and the ``chmod`` that fixes it, when group or others may access it (POSIX mode
+    ``& 0o077``); ``None`` when nothing is, off POSIX, or when the file cannot be examined
+    (reading it will say why).
 
-MAX_KEY_FILE = 64 * 1024  # bytes: a PEM private key or shared secret file is far smaller
+    The SDK warns with this text (:func:`warn_if_exposed`); the CLI refuses the file.
+    """
+    if os.name != "posix":
+        return None  # Windows modes do not say who may read a file
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if not stat.S_ISREG(mode) or not mode & 0o077:
+        return None
+    name = os.fspath(path)
+    return (f"private key file {name} is accessible by group or others "
+            f"(mode {stat.S_IMODE(mode):o}); run: chmod 600 {name}")
+
+
+def warn_if_exposed(path: str | os.PathLike[str]) -> None:
+    """Warn (``UserWarning``) when :func:`private_file_problem` finds a problem with ``path``."""
+    problem = private_file_problem(path)
+    if problem is not None:
+        warnings.warn(problem, UserWarning, stacklevel=3)
+
 
 def load_signing_key(path: str | os.PathLike[str]) -> SigningKey:
-    """Read a PEM private key file (PKCS#8 Ed25519 or ECDSA P-256).
+    """Read a PEM private key file (PKCS#8 Ed25519 or ECDSA P-256), with a ``UserWarning``
+    when group or others may access it (:func:`private_file_problem`).
 
     Raises:
         OSError: the file cannot be read.
@@ -48,6 +85,7 @@ def load_signing_key(path: str | os.PathLike[str]) -> SigningKey:
     key = SigningKey.from_pem(pem)
     if key.algorithm not in ALGORITHMS:
         raise ValueError(f"{key.algorithm} keys cannot sign requests; use Ed25519 or ECDSA P-256")
+    warn_if_exposed(path)
     return key
 
 

@@ -6,7 +6,7 @@ A service that receives grant tokens checks them here, without a call to the KMS
   ``Cache-Control: max-age`` runs out, refetched on an unknown ``kid`` at most once per
   ``refetch_interval``; a failed fetch keeps the last good set (the issuer blinking is never
   an outage); the algorithm is pinned by each JWK, and the JWK Set's ``issuer`` is the exact
-  ``iss`` tokens must carry;
+  ``iss`` tokens must carry (with ``issuer=``, a JWK Set naming another issuer is refused);
 - revocations come from ``/v1/revocations?since=SEQ``, pulled every ``poll_interval``; when
   the last successful pull is older than ``max_staleness`` the verifier fails closed
   (:class:`~keygrants.errors.VerifierUnavailable`) instead of accepting a token that may have
@@ -38,6 +38,7 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import os
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -45,6 +46,7 @@ from typing import Any, Final
 
 import httpx
 
+from keygrants.client._connection import server_url, tls_verify
 from keygrants.crypto.signing import b64url
 from keygrants.errors import (
     GrantDenied,
@@ -86,14 +88,17 @@ def _max_age(headers: httpx.Headers) -> int:
 class _State:
     """What both verifiers share: keys, the revocation view, the caches and the checks."""
 
-    def __init__(self, *, audience: str | None, max_staleness: float, leeway: int,
-                 refetch_interval: float, poll_interval: float,
+    def __init__(self, *, audience: str | None, issuer: str | None, max_staleness: float,
+                 leeway: int, refetch_interval: float, poll_interval: float,
                  clock: Callable[[], float]) -> None:
         if max_staleness <= 0 or poll_interval <= 0 or poll_interval > max_staleness:
             raise ValueError("need 0 < poll_interval <= max_staleness")
         if not 0 <= leeway <= 300:
             raise ValueError("leeway must be 0..300 seconds")
+        if issuer is not None and (not issuer or not issuer.isprintable() or " " in issuer):
+            raise ValueError("issuer must be the KMS's issuer URI (e.g. urn:keygrants:…)")
         self.audience = audience
+        self.expected_issuer = issuer
         self.max_staleness = max_staleness
         self.leeway = leeway
         self.refetch_interval = refetch_interval
@@ -105,6 +110,7 @@ class _State:
         self.keys_expire_at = 0.0
         self.last_refetch = -1e18
         self.key_retry_at = 0.0  # no JWKS fetch before this (after a failure)
+        self.key_error: str | None = None  # why the last JWKS fetch failed
         self.last_bus_pull = -1e18
         self.revocations = RevocationView()
         self.feed_seq = 0
@@ -122,7 +128,11 @@ class _State:
         return (self.issuer is None or now >= self.keys_expire_at
                 or (unknown_kid and now - self.last_refetch >= self.refetch_interval))
 
-    def key_fetch_failed(self) -> None:
+    def key_fetch_failed(self, exc: Exception) -> None:
+        reason = str(exc) or type(exc).__name__
+        if reason != self.key_error:
+            log.warning("the JWKS could not be fetched: %s", reason)
+        self.key_error = reason
         self.key_retry_at = self.clock() + min(self.refetch_interval, 10.0)
 
     # -- applying fetched documents ------------------------------------------------------------
@@ -133,6 +143,9 @@ class _State:
         issuer = doc.get("issuer")
         if not isinstance(issuer, str) or not issuer:
             raise ValueError("the JWK Set names no issuer")
+        if self.expected_issuer is not None and issuer != self.expected_issuer:
+            raise ValueError(f"the JWK Set names the issuer {issuer[:256]!r}, not the expected "
+                             f"{self.expected_issuer!r}")
         if self.issuer is not None and issuer != self.issuer:
             raise ValueError("the JWK Set names another issuer than before")
         keys = {}
@@ -146,6 +159,7 @@ class _State:
             self.keys = keys
             self.jwks_seq = seq if isinstance(seq, int) else self.jwks_seq
             self.keys_expire_at = self.clock() + max_age
+            self.key_error = None
 
     def apply_feed(self, doc: object, started: float) -> bool:
         """Apply one page; return whether more follow."""
@@ -187,7 +201,8 @@ class _State:
     def check_fresh(self) -> None:
         now = self.clock()
         if self.issuer is None or not self.keys:
-            raise VerifierUnavailable("no issuer keys yet (the JWKS could not be fetched)")
+            raise VerifierUnavailable("no issuer keys yet (the JWKS could not be fetched"
+                                      + (f": {self.key_error})" if self.key_error else ")"))
         if self.feed_fresh_at is None or now - self.feed_fresh_at > self.max_staleness:
             raise VerifierUnavailable("the revocation feed is older than the staleness bound")
 
@@ -237,6 +252,12 @@ class _State:
         return claims
 
 
+def _kms_url(base_url: str, own_transport: bool, allow_insecure_http: bool) -> str:
+    return server_url(base_url, allow_insecure_http=allow_insecure_http,
+                      own_transport=own_transport, what="base_url",
+                      opt_in="pass allow_insecure_http=True")
+
+
 def _check_bus(bus_url: str | None) -> None:
     if bus_url is not None:
         from keygrants.bus import open_bus
@@ -280,9 +301,12 @@ class Verifier:
     """Verify grant tokens locally (blocking I/O; safe to share between threads).
 
     Args:
-        base_url: the KMS, e.g. ``https://kms.internal:8650``.
+        base_url: the KMS, e.g. ``https://kms.internal:8650`` (``http://`` only to a loopback
+            host unless ``allow_insecure_http``, or with a ``transport`` of your own).
         audience: the audience this service must find in ``aud`` (``None``: not checked; pass
             your service's name so tokens meant for others are refused).
+        issuer: the KMS's issuer URI (its tokens' ``iss``, the JWK Set's ``issuer``); a JWK
+            Set naming another one is refused. ``None``: the first JWK Set fetched decides.
         bus_url: subscribe to pushed revocations (``nats://…``, ``redis://…``): a message makes
             the verifier pull the feed at once (it never trusts a message's content).
         max_staleness: seconds after the last complete pull of the revocation feed beyond
@@ -291,20 +315,33 @@ class Verifier:
         poll_interval: seconds between revocation feed pulls (default: a fifth of
             ``max_staleness``).
         refetch_interval: an unknown ``kid`` refetches the JWKS at most this often.
-        verify_tls: TLS verification (``True``, or a CA bundle path).
+        verify_tls: TLS verification (``True``, or a CA bundle path, ``str`` or
+            ``os.PathLike``).
         timeout: seconds per HTTP request to the KMS.
+        transport: an ``httpx`` transport (tests); it decides what goes on the wire, so
+            ``http://`` is then not checked.
+        allow_insecure_http: allow ``http://`` to a host that is not loopback: anyone on the
+            path could then hand the verifier forged issuer keys or hide revocations.
+
+    Raises:
+        ValueError: a bad option; a ``base_url`` without a scheme, with another one than
+            ``https``/``http``, malformed, or ``http://`` to a host that is not loopback
+            without the opt-in.
     """
 
     def __init__(self, base_url: str, *, audience: str | None = None, bus_url: str | None = None,
                  max_staleness: float = 60, leeway: int = 30, poll_interval: float | None = None,
-                 refetch_interval: float = 10, verify_tls: bool | str = True,
-                 timeout: float = 5.0, clock: Callable[[], float] = time.time,
-                 transport: httpx.BaseTransport | None = None) -> None:
+                 refetch_interval: float = 10,
+                 verify_tls: bool | str | os.PathLike[str] = True, timeout: float = 5.0,
+                 clock: Callable[[], float] = time.time,
+                 transport: httpx.BaseTransport | None = None, issuer: str | None = None,
+                 allow_insecure_http: bool = False) -> None:
         _check_bus(bus_url)
-        self._state = _State(audience=audience, max_staleness=max_staleness, leeway=leeway,
-                             refetch_interval=refetch_interval,
+        base_url = _kms_url(base_url, transport is not None, allow_insecure_http)
+        self._state = _State(audience=audience, issuer=issuer, max_staleness=max_staleness,
+                             leeway=leeway, refetch_interval=refetch_interval,
                              poll_interval=poll_interval or max_staleness / 5, clock=clock)
-        self._http = httpx.Client(base_url=base_url.rstrip("/"), verify=verify_tls,
+        self._http = httpx.Client(base_url=base_url, verify=tls_verify(verify_tls),
                                   timeout=timeout, transport=transport)
         self._io = threading.Lock()
         self._bus_url = bus_url
@@ -439,8 +476,8 @@ class Verifier:
                     if unknown_kid:
                         s.last_refetch = s.clock()
                     self.refresh_keys()
-            except (KeygrantsError, ValueError):
-                s.key_fetch_failed()  # keep the last known-good keys; back off
+            except (KeygrantsError, ValueError) as exc:
+                s.key_fetch_failed(exc)  # keep the last known-good keys; back off
             try:
                 if s.clock() >= s.next_poll:  # re-checked: a request that waited on the
                     # lock finds the pull another one just made
@@ -479,14 +516,17 @@ class AsyncVerifier:
 
     def __init__(self, base_url: str, *, audience: str | None = None, bus_url: str | None = None,
                  max_staleness: float = 60, leeway: int = 30, poll_interval: float | None = None,
-                 refetch_interval: float = 10, verify_tls: bool | str = True,
-                 timeout: float = 5.0, clock: Callable[[], float] = time.time,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+                 refetch_interval: float = 10,
+                 verify_tls: bool | str | os.PathLike[str] = True, timeout: float = 5.0,
+                 clock: Callable[[], float] = time.time,
+                 transport: httpx.AsyncBaseTransport | None = None, issuer: str | None = None,
+                 allow_insecure_http: bool = False) -> None:
         _check_bus(bus_url)
-        self._state = _State(audience=audience, max_staleness=max_staleness, leeway=leeway,
-                             refetch_interval=refetch_interval,
+        base_url = _kms_url(base_url, transport is not None, allow_insecure_http)
+        self._state = _State(audience=audience, issuer=issuer, max_staleness=max_staleness,
+                             leeway=leeway, refetch_interval=refetch_interval,
                              poll_interval=poll_interval or max_staleness / 5, clock=clock)
-        self._http = httpx.AsyncClient(base_url=base_url.rstrip("/"), verify=verify_tls,
+        self._http = httpx.AsyncClient(base_url=base_url, verify=tls_verify(verify_tls),
                                        timeout=timeout, transport=transport)
         self._io = asyncio.Lock()
         self._bus_url = bus_url
@@ -573,8 +613,8 @@ class AsyncVerifier:
                     if unknown_kid:
                         s.last_refetch = s.clock()
                     await self.refresh_keys()
-            except (KeygrantsError, ValueError):
-                s.key_fetch_failed()
+            except (KeygrantsError, ValueError) as exc:
+                s.key_fetch_failed(exc)
             try:
                 if s.clock() >= s.next_poll:  # re-checked: a request that waited on the
                     # lock finds the pull another one just made

@@ -195,7 +195,9 @@ class KeygrantsProvider(KeyProvider):
             self._client = AsyncClient(self._addr, token=self._token, timeout=self._timeout,
                                        verify=self._verify, principal=self._principal,
                                        key_file=self._key_file, grant=self._grant,
-                                       dpop_key=self._dpop_key)
+                                       dpop_key=self._dpop_key,
+                                       # ?tls=false is the URI's explicit choice of plain HTTP
+                                       allow_insecure_http=self._addr.startswith("http://"))
             self._loop = loop
         return self._client
 
