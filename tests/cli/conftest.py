@@ -3,9 +3,11 @@ and a stub HTTP server that records what the CLI sends."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -14,19 +16,47 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import pytest
+import uvicorn
 from click.testing import CliRunner, Result
 
 from keygrants.cli import main
+from keygrants.server import ServerConfig, build_server
 
 Invoke = Callable[..., Result]
 
 
+@contextlib.contextmanager
+def served(config: Callable[[int], ServerConfig], **options: Any) -> Iterator[int]:
+    """A keygrants server built in this process from ``config(port)`` and run by uvicorn in a
+    thread on a free loopback port (``options`` go to ``uvicorn.Config``); yields the port."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    built = build_server(config(port))
+    uv = uvicorn.Server(uvicorn.Config(built.app, lifespan="on", log_level="warning",
+                                       access_log=False, **options))
+    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not uv.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            pytest.fail("the uvicorn server thread did not start")
+        time.sleep(0.02)
+    try:
+        yield port
+    finally:
+        uv.should_exit = True
+        thread.join(timeout=15)
+        sock.close()
+
+
 @pytest.fixture
 def closed_addr() -> str:
-    """``127.0.0.1:PORT`` where nothing listens (bound, then released)."""
+    """``http://127.0.0.1:PORT`` where nothing listens (bound, then released)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{s.getsockname()[1]}"
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
 
 
 @pytest.fixture
@@ -39,6 +69,13 @@ def invoke(tmp_path: Path, closed_addr: str) -> Invoke:
         base: dict[str, str | None] = {
             "KEYGRANTS_ADDR": closed_addr,
             "KEYGRANTS_TOKEN": None,
+            "KEYGRANTS_TOKEN_FILE": None,
+            "KEYGRANTS_PRINCIPAL": None,
+            "KEYGRANTS_KEY_FILE": None,
+            "KEYGRANTS_CA_FILE": None,
+            "KEYGRANTS_CLIENT_CERT": None,
+            "KEYGRANTS_CLIENT_KEY": None,
+            "KEYGRANTS_ALLOW_INSECURE_HTTP": None,
             "KEYGRANTS_DATA_DIR": str(tmp_path / "no-data-dir"),
             "KEYGRANTS_LISTEN": None,
             "KEYGRANTS_PASSPHRASE": None,
@@ -52,11 +89,13 @@ def invoke(tmp_path: Path, closed_addr: str) -> Invoke:
 
 @dataclass
 class Stub:
-    """A loopback HTTP server standing in for keygrants: records requests, answers by path."""
+    """A loopback HTTP server standing in for keygrants: records requests, answers by path
+    (a path in ``drop``: the connection is closed after the request, with no answer)."""
 
     addr: str
     requests: list[dict[str, Any]] = field(default_factory=list)
     answers: dict[str, tuple[int, Any]] = field(default_factory=dict)
+    drop: set[str] = field(default_factory=set)
 
     @property
     def tokens(self) -> list[str | None]:
@@ -76,6 +115,9 @@ def stub() -> Iterator[Stub]:
                                    "query": dict(parse_qsl(query)),
                                    "headers": {k.lower(): v for k, v in self.headers.items()},
                                    "body": json.loads(body) if body else None})
+            if path in state.drop:
+                self.close_connection = True
+                return
             status, payload = state.answers.get(path, (404, {"error": {
                 "code": "not_found", "message": "stub has no answer", "request_id": "stub"}}))
             data = json.dumps(payload).encode()
@@ -91,7 +133,7 @@ def stub() -> Iterator[Stub]:
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    state.addr = f"127.0.0.1:{server.server_address[1]}"
+    state.addr = f"http://127.0.0.1:{server.server_address[1]}"
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
                               daemon=True)
     thread.start()

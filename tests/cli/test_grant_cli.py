@@ -7,21 +7,19 @@ from __future__ import annotations
 import itertools
 import json
 import re
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import uvicorn
 from click.testing import CliRunner, Result
 
 from keygrants.cli import main
 from keygrants.crypto.signing import SigningKey
 from keygrants.grants.dpop import proof_key_thumbprint
-from keygrants.server import ServerConfig, build_server
+from keygrants.server import ServerConfig
+
+from .conftest import served
 
 _names = itertools.count()
 CT = "AQAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
@@ -67,26 +65,8 @@ class Server:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     data_dir = tmp_path_factory.mktemp("grant-cli") / "data"
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    built = build_server(ServerConfig(data_dir=data_dir, listen=f"127.0.0.1:{port}"))
-    uv = uvicorn.Server(uvicorn.Config(built.app, lifespan="on", log_level="warning",
-                                       access_log=False))
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not uv.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            pytest.fail("the uvicorn server thread did not start")
-        time.sleep(0.02)
-    try:
+    with served(lambda port: ServerConfig(data_dir=data_dir, listen=f"127.0.0.1:{port}")) as port:
         yield Server(f"http://127.0.0.1:{port}", data_dir)
-    finally:
-        uv.should_exit = True
-        thread.join(timeout=15)
-        sock.close()
 
 
 @dataclass
@@ -152,6 +132,7 @@ def test_a_dpop_bound_grant_needs_the_key_file(server: Server, parties: Parties,
     key = SigningKey.generate("ed25519")
     private, public = tmp_path / "dpop.pem", tmp_path / "dpop.pub.pem"
     private.write_bytes(key.private_pem())
+    private.chmod(0o600)
     public.write_text(key.public_key().public_pem())
     created = _create(server, parties, "--ops", "encrypt", "--dpop-key-file", str(public))
     info = server.json("grant", "show", created["grant_id"])
@@ -332,6 +313,7 @@ def test_delegation_with_parent_grant(server: Server, parties: Parties, tmp_path
     key = SigningKey.generate("ed25519")
     key_file = tmp_path / "parent.pem"
     key_file.write_bytes(key.private_pem())
+    key_file.chmod(0o600)
     parent = _create(server, parties, "--ops", "encrypt,create_grant", "--dpop-jkt",
                      proof_key_thumbprint(key))
     other = fresh("svc")

@@ -94,7 +94,7 @@ class ServerProcess:
             ) -> subprocess.CompletedProcess[bytes]:
         """``python -m keygrants ARGS`` with KEYGRANTS_ADDR and KEYGRANTS_DATA_DIR set, so the
         token comes from <data-dir>/admin.token."""
-        full_env = clean_env(KEYGRANTS_ADDR=self.addr, KEYGRANTS_DATA_DIR=str(self.data_dir))
+        full_env = clean_env(KEYGRANTS_ADDR=self.url, KEYGRANTS_DATA_DIR=str(self.data_dir))
         full_env.update(env or {})
         return subprocess.run([sys.executable, "-m", "keygrants", *args], input=input,
                               capture_output=True, env=full_env, timeout=CLI_TIMEOUT, check=False)

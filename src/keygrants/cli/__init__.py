@@ -1,10 +1,13 @@
 """The ``keygrants`` command line: thin wrappers that parse options and call the SDK.
 
-Connection settings come from ``--addr``/``KEYGRANTS_ADDR`` and ``--token``/``KEYGRANTS_TOKEN``,
-falling back to the admin token file in ``--data-dir``/``KEYGRANTS_DATA_DIR``
-(``./keygrants-data``). Every command takes ``--json``: results are printed as JSON on stdout,
-and failures as the HTTP API's JSON error shape on stderr. Without ``--json`` a failure is one
-line on stderr. Exit status: 0 success, 1 failure (or an invalid signature/tag), 2 usage error.
+Connection settings come from ``--addr``/``KEYGRANTS_ADDR`` and one identity: a token
+(``--token``/``--token-file``/``KEYGRANTS_TOKEN``/``KEYGRANTS_TOKEN_FILE``) or a signing key
+(``KEYGRANTS_PRINCIPAL`` + ``KEYGRANTS_KEY_FILE``), never both; with neither, the admin token
+file in ``--data-dir``/``KEYGRANTS_DATA_DIR`` (``./keygrants-data`` for a loopback address
+only). ``--ca-file`` and ``--client-cert``/``--client-key`` set up TLS. Every command takes
+``--json``: results are printed as JSON on stdout, and failures as the HTTP API's JSON error
+shape on stderr. Without ``--json`` a failure is one line on stderr. Exit status: 0 success,
+1 failure (or an invalid signature/tag), 2 usage error.
 """
 
 from __future__ import annotations

@@ -8,13 +8,19 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
+import ipaddress
 import os
+import shlex
+import ssl
+import stat
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
+from urllib.parse import urlsplit
 
 import click
+import httpx
 import msgspec
 
 from keygrants.client import Client
@@ -30,6 +36,7 @@ __all__ = [
     "MAX_INPUT",
     "State",
     "b64",
+    "check_private_file",
     "common",
     "context_option",
     "emit",
@@ -43,6 +50,7 @@ __all__ = [
     "read_dpop_key",
     "read_input",
     "read_stdin_line",
+    "redact_userinfo",
     "unb64",
 ]
 
@@ -51,33 +59,193 @@ MAX_INPUT: Final = 16 * 1024 * 1024
 DATA_DIR_ENV: Final = "KEYGRANTS_DATA_DIR"
 
 
+DEFAULT_ADDR: Final = "http://127.0.0.1:8650"
+TOKEN_ENV: Final = "KEYGRANTS_TOKEN"
+TOKEN_FILE_ENV: Final = "KEYGRANTS_TOKEN_FILE"
+PRINCIPAL_ENV: Final = "KEYGRANTS_PRINCIPAL"
+KEY_FILE_ENV: Final = "KEYGRANTS_KEY_FILE"
+MAX_TOKEN_FILE: Final = 64 * 1024
+
+
 class State:
-    """Options shared by every command (``grant``/``dpop_key``: set by :func:`grant_options`)."""
+    """Options shared by every command (``grant``/``dpop_key``: set by :func:`grant_options`).
+
+    ``token`` is the token as given (``--token``/``--token-file`` or their variables, already
+    read); ``data_dir`` is set only when ``--data-dir``/``KEYGRANTS_DATA_DIR`` was given.
+    """
 
     def __init__(self, addr: str | None, token: str | None, data_dir: str | None,
-                 as_json: bool) -> None:
+                 as_json: bool, *, ca_file: str | None = None, client_cert: str | None = None,
+                 client_key: str | None = None) -> None:
         self.addr = addr
         self.token = token
         self.data_dir = data_dir
         self.as_json = as_json
+        self.ca_file = ca_file
+        self.client_cert = client_cert
+        self.client_key = client_key
         self.grant: str | None = None
         self.dpop_key: SigningKey | None = None
 
     def client(self) -> Client:
+        """A client with the one credential configured.
+
+        Credentials: a token (``--token``, ``--token-file``, ``KEYGRANTS_TOKEN``,
+        ``KEYGRANTS_TOKEN_FILE``) or a signing key (``KEYGRANTS_PRINCIPAL`` +
+        ``KEYGRANTS_KEY_FILE``), never both; with neither, the data directory's admin token,
+        but only for a loopback address or an explicitly given data directory (the admin token
+        of this machine's server is never sent to another one).
+
+        Raises:
+            InvalidRequest: both kinds of credentials, half a signing key, a key file readable
+                by group or others, unusable TLS files or a malformed address.
+        """
         # The grant options are read by click (--grant/KEYGRANTS_GRANT, ...) for the commands
         # that take them; "" keeps the SDK from reading them again for every other command.
-        grants: dict[str, Any] = {"grant": self.grant or "", "dpop_key": self.dpop_key}
-        token = self.token or os.environ.get("KEYGRANTS_TOKEN")
-        if not token and os.environ.get("KEYGRANTS_PRINCIPAL"):
-            return Client(self.addr, **grants)  # signs every request with KEYGRANTS_KEY_FILE
+        options: dict[str, Any] = {"grant": self.grant or "", "dpop_key": self.dpop_key,
+                                   **self._tls_options()}
+        token = self.token
+        principal = os.environ.get(PRINCIPAL_ENV) or None
+        key_file = os.environ.get(KEY_FILE_ENV) or None
+        if principal or key_file:
+            if token:
+                raise InvalidRequest(
+                    "both a token (--token, --token-file, KEYGRANTS_TOKEN or "
+                    "KEYGRANTS_TOKEN_FILE) and a signing key (KEYGRANTS_PRINCIPAL and "
+                    "KEYGRANTS_KEY_FILE) are configured; unset one of them")
+            if not key_file or not principal:
+                given, missing = ((PRINCIPAL_ENV, KEY_FILE_ENV) if principal
+                                  else (KEY_FILE_ENV, PRINCIPAL_ENV))
+                raise InvalidRequest(f"{given} is set but {missing} is not: request signing "
+                                     "needs both (unset it to use a token instead)")
+            check_private_file(key_file, f"key file {key_file} (KEYGRANTS_KEY_FILE)")
+            return self._connect(principal=principal, key_file=key_file, **options)
         if not token:
-            data_dir = Path(self.data_dir or os.environ.get(DATA_DIR_ENV) or "./keygrants-data")
-            token_file = data_dir / "admin.token"
+            token = self._admin_token()
+        return self._connect(token=token or "", **options)
+
+    def _connect(self, **options: Any) -> Client:
+        try:
+            return Client(self.addr, **options)
+        except httpx.InvalidURL as exc:
+            raise InvalidRequest(f"invalid server address {self.addr or ''!r}: {exc}") from None
+
+    def _admin_token(self) -> str | None:
+        """``admin.token`` of the data directory: one given explicitly, or ``./keygrants-data``
+        when the server is on this machine (a loopback address) and no client certificate
+        (an identity of its own) is presented."""
+        if self.data_dir is None and (self.client_cert or not is_loopback(self.addr or DEFAULT_ADDR)):
+            return None
+        data_dir = Path(self.data_dir or "./keygrants-data")
+        try:
+            return (data_dir / "admin.token").read_text().strip()
+        except OSError:
+            return None
+
+    def _tls_options(self) -> dict[str, Any]:
+        """``verify``/``cert`` for the SDK from --ca-file, --client-cert and --client-key, each
+        file tried here first so that a bad one is named."""
+        options: dict[str, Any] = {}
+        if self.ca_file:
             try:
-                token = token_file.read_text().strip()
-            except OSError:
-                token = None
-        return Client(self.addr, token=token or "", **grants)
+                ssl.create_default_context(cafile=self.ca_file)
+            except (OSError, ValueError) as exc:
+                raise InvalidRequest(f"cannot use the CA file {self.ca_file}: "
+                                     f"{getattr(exc, 'strerror', None) or exc}") from None
+            options["verify"] = self.ca_file
+        if (self.client_cert is None) != (self.client_key is None):
+            raise InvalidRequest("--client-cert and --client-key go together (KEYGRANTS_CLIENT_CERT"
+                                 " and KEYGRANTS_CLIENT_KEY)")
+        if self.client_cert and self.client_key:
+            check_private_file(self.client_key, f"client key file {self.client_key}")
+            try:
+                ssl.create_default_context().load_cert_chain(self.client_cert, self.client_key)
+            except OSError as exc:
+                raise InvalidRequest(f"cannot use the client certificate {self.client_cert} with "
+                                     f"the key {self.client_key}: {exc.strerror or exc}") from None
+            options["cert"] = (self.client_cert, self.client_key)
+        return options
+
+
+def is_loopback(addr: str) -> bool:
+    """Whether ``addr`` (``[scheme://]host[:port]``) names this machine: 127.0.0.0/8, ::1 or
+    localhost."""
+    try:
+        host = urlsplit(addr if "://" in addr else "//" + addr).hostname
+    except ValueError:
+        return False
+    if not host:
+        return False
+    if host.rstrip(".").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def redact_userinfo(text: str, addr: str | None) -> str:
+    """``text`` without the user name and password of ``addr`` (``http://user:pw@host``)."""
+    if not addr:
+        return text
+    try:
+        netloc = urlsplit(addr if "://" in addr else "//" + addr).netloc
+    except ValueError:
+        netloc = addr.partition("://")[2] or addr
+    userinfo, at, _ = netloc.rpartition("@")
+    if not at or not userinfo:
+        return text
+    return text.replace(userinfo + "@", "***@")
+
+
+def private_file_problem(path: str | os.PathLike[str]) -> str | None:
+    """What is wrong with a private key file's mode (group or others may access it), or
+    ``None`` (also when it cannot be examined: reading it then reports why)."""
+    if os.name != "posix":
+        return None
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        return f"is accessible by group or others (mode {stat.S_IMODE(mode):o})"
+    return None
+
+
+def check_private_file(path: str, what: str) -> None:
+    """Refuse a private key file readable by group or others (``what`` names it).
+
+    Raises:
+        InvalidRequest: with the ``chmod`` that fixes it.
+    """
+    problem = private_file_problem(path)
+    if problem is not None:
+        raise InvalidRequest(f"{what} {problem}; run: chmod 600 {shlex.quote(path)}")
+
+
+def read_token(token: str | None, token_file: str | None) -> str | None:
+    """The token from ``--token`` (``-``: the first line of stdin) or ``--token-file``.
+
+    Raises:
+        InvalidRequest: both given, an unreadable or empty file, or a token that is not
+            printable ASCII.
+    """
+    if token and token_file:
+        raise InvalidRequest("give a token with --token (KEYGRANTS_TOKEN) or --token-file "
+                             "(KEYGRANTS_TOKEN_FILE), not both")
+    if token == "-":
+        token = read_stdin_line("token")
+    elif token_file:
+        token = read_file(token_file, MAX_TOKEN_FILE).decode("utf-8", "replace")
+        if not token.strip():
+            raise InvalidRequest(f"no token in {token_file}")
+    if token is None:
+        return None
+    token = token.strip()
+    if not token.isascii() or not token.isprintable() or " " in token:
+        raise InvalidRequest("the token contains spaces, control or non-ASCII characters; check "
+                             "how it was copied")
+    return token
 
 
 def fail(state_json: bool, exc: KeygrantsError) -> None:
@@ -90,40 +258,63 @@ def fail(state_json: bool, exc: KeygrantsError) -> None:
 
 
 def common(fn: F) -> F:
-    """Add --addr, --token, --data-dir and --json, and turn errors into exit status 1."""
+    """Add the connection options and --json, and turn errors into exit status 1."""
 
     @click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")
+    @click.option("--client-key", envvar="KEYGRANTS_CLIENT_KEY", show_envvar=True, default=None,
+                  type=click.Path(dir_okay=False), help="PEM private key of --client-cert.")
+    @click.option("--client-cert", envvar="KEYGRANTS_CLIENT_CERT", show_envvar=True, default=None,
+                  type=click.Path(dir_okay=False),
+                  help="PEM client certificate presented to the server (mTLS).")
+    @click.option("--ca-file", envvar="KEYGRANTS_CA_FILE", show_envvar=True, default=None,
+                  type=click.Path(dir_okay=False),
+                  help="PEM CA certificates to verify the server's certificate with "
+                  "[default: the system's].")
     @click.option("--data-dir", envvar=DATA_DIR_ENV, default=None,
-                  help="Data directory whose admin.token is used when no token is given.")
-    @click.option("--token", envvar="KEYGRANTS_TOKEN", default=None, show_envvar=True,
-                  help="Bearer token: an API key or the admin token.")
+                  help="Data directory whose admin.token is used when no credentials are given "
+                  "[default: ./keygrants-data, for a loopback address only].")
+    @click.option("--token-file", envvar=TOKEN_FILE_ENV, default=None, show_envvar=True,
+                  type=click.Path(dir_okay=False), help="Read the bearer token from FILE.")
+    @click.option("--token", envvar=TOKEN_ENV, default=None, show_envvar=True,
+                  help="Bearer token: an API key or the admin token; '-' reads it from stdin. "
+                  "Prefer the variable or --token-file: options are visible to other users.")
     @click.option("--addr", envvar="KEYGRANTS_ADDR", default=None, show_envvar=True,
-                  help="Server address [default: http://127.0.0.1:8650].")
+                  help=f"Server address [default: {DEFAULT_ADDR}].")
     @functools.wraps(fn)
-    def wrapper(addr: str | None, token: str | None, data_dir: str | None, as_json: bool,
-                **kwargs: Any) -> Any:
-        state = State(addr, token, data_dir, as_json)
+    def wrapper(addr: str | None, token: str | None, token_file: str | None,
+                data_dir: str | None, ca_file: str | None, client_cert: str | None,
+                client_key: str | None, as_json: bool, **kwargs: Any) -> Any:
         try:
+            state = State(addr, read_token(token, token_file), data_dir, as_json,
+                          ca_file=ca_file, client_cert=client_cert, client_key=client_key)
             return fn(state, **kwargs)
         except KeygrantsError as exc:
+            exc.message = redact_userinfo(exc.message, addr)
             fail(as_json, exc)
-        except ValueError as exc:
-            fail(as_json, InvalidRequest(str(exc)))
+        except (ValueError, httpx.InvalidURL) as exc:
+            fail(as_json, InvalidRequest(redact_userinfo(str(exc), addr)))
         return None
 
     return wrapper  # type: ignore[return-value]
 
 
 def read_dpop_key(path: str) -> SigningKey:
-    """A DPoP proof key: a PEM private key file (Ed25519 or P-256)."""
+    """A DPoP proof key: a PEM private key file (Ed25519 or P-256) that only its owner may
+    read."""
+    import warnings
+
     from keygrants.client import load_dpop_key
 
     try:
-        return load_dpop_key(path)
+        with warnings.catch_warnings():  # the SDK's warning about the mode: refused below
+            warnings.simplefilter("ignore", UserWarning)
+            key = load_dpop_key(path)
     except OSError as exc:
         raise InvalidRequest(f"cannot read {path}: {exc.strerror}") from None
     except ValueError as exc:
         raise InvalidRequest(str(exc)) from None
+    check_private_file(path, f"DPoP key file {path}")  # a private key: refused, not used
+    return key
 
 
 def grant_options(fn: F) -> F:
@@ -135,10 +326,10 @@ def grant_options(fn: F) -> F:
                   "grant.")
     @click.option("--grant", "grant", envvar="KEYGRANTS_GRANT", show_envvar=True, default=None,
                   metavar="TOKEN", help="Present this grant token (Keygrants-Grant) alongside "
-                  "your own credentials.")
+                  "your own credentials; '-' reads it from stdin.")
     @functools.wraps(fn)
     def wrapper(state: State, grant: str | None, dpop_key_file: str | None, **kwargs: Any) -> Any:
-        state.grant = grant
+        state.grant = read_stdin_line("grant token").strip() if grant == "-" else grant
         if dpop_key_file:
             state.dpop_key = read_dpop_key(dpop_key_file)
         return fn(state, **kwargs)
@@ -222,12 +413,13 @@ def read_stdin_line(what: str) -> str:
     process list).
 
     Raises:
-        InvalidRequest: the line is empty or longer than :data:`MAX_STDIN_LINE` characters.
+        InvalidRequest: the line is empty or longer than :data:`MAX_STDIN_LINE` bytes.
     """
-    line = sys.stdin.readline(MAX_STDIN_LINE + 1)
-    if len(line) > MAX_STDIN_LINE:
-        raise InvalidRequest(f"the {what} on stdin is longer than {MAX_STDIN_LINE} characters")
-    line = line.rstrip("\r\n")
+    # from the byte stream: the rest of stdin stays there for the command's input (read_input)
+    raw = sys.stdin.buffer.readline(MAX_STDIN_LINE + 1)
+    if len(raw) > MAX_STDIN_LINE:
+        raise InvalidRequest(f"the {what} on stdin is longer than {MAX_STDIN_LINE} bytes")
+    line = raw.decode("utf-8", "replace").rstrip("\r\n")
     if not line.strip():
         raise InvalidRequest(f"no {what} on stdin")
     return line

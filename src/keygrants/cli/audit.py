@@ -18,6 +18,7 @@ from keygrants.audit.setup import AUDIT_DB_FILE, VKEY_META, is_postgres_url
 from keygrants.audit.verify import (
     VerifyReport,
     postgres_vkey,
+    stored_meta,
     verify_database,
     verify_export,
     verify_postgres,
@@ -158,14 +159,38 @@ def audit_export(state: State, out_path: str, since: int) -> None:
         if out_path == "-":
             written = c.audit_export(sys.stdout.buffer, since=since)
         else:
-            try:
-                f = open(out_path, "wb")  # noqa: SIM115 - closed below; only open() is guarded
-            except OSError as exc:
-                raise InvalidRequest(f"cannot write {out_path}: {exc.strerror or exc}") from None
-            with f:
-                written = c.audit_export(f, since=since)
+            written = _export_to_file(c, Path(out_path), since)
     if out_path != "-":
         emit(state, {"out": out_path, "bytes": written}, f"wrote {written} bytes to {out_path}")
+
+
+def _export_to_file(c: Client, out: Path, since: int) -> int:
+    """Export into a new temporary file next to ``out`` and put it in place only once the
+    export is complete: a failed export leaves an earlier one at ``out`` as it was."""
+    import os
+    import tempfile
+
+    try:
+        fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise InvalidRequest(f"cannot write {out}: {exc.strerror or exc}") from None
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            written = c.audit_export(f, since=since)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as open() would have made it (mkstemp makes 0600)
+        os.replace(tmp, out)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise InvalidRequest(f"cannot write {out}: {exc.strerror or exc}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return written
 
 
 def _progress_lines(f: BinaryIO, total: int, quiet: bool) -> Iterator[bytes]:
@@ -187,16 +212,12 @@ def _progress_lines(f: BinaryIO, total: int, quiet: bool) -> Iterator[bytes]:
 def _stored_vkey(data_dir: Path) -> str:
     db_path = data_dir / "keygrants.db"
     try:
-        db = sqlite3.connect(f"file:{db_path.resolve()}?mode=ro", uri=True)
-        try:
-            row = db.execute("SELECT value FROM meta WHERE name = ?", (VKEY_META,)).fetchone()
-        finally:
-            db.close()
-    except sqlite3.Error as exc:
-        raise InvalidRequest(f"cannot read {db_path}: {exc}") from None
-    if row is None:
+        vkey = stored_meta(db_path, VKEY_META)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
+    if vkey is None:
         raise InvalidRequest(f"{db_path} records no audit key")
-    return bytes(row[0]).decode()
+    return vkey.decode()
 
 
 def _event_count(count: Callable[[], int]) -> int | None:

@@ -20,7 +20,7 @@ from keygrants.cli._common import (
     read_file,
     read_input,
 )
-from keygrants.errors import InvalidRequest
+from keygrants.errors import InvalidRequest, ServerUnreachable
 
 __all__ = ["policy", "principal", "whoami"]
 
@@ -211,8 +211,12 @@ def principal_keygen(state: State, name: str, out: str, algorithm: str, label: s
     path = Path(out)
     if path.exists() and not force:
         raise InvalidRequest(f"{out} exists; pass --force to overwrite it")
-    key = SigningKey.generate(algorithm)  # type: ignore[arg-type]
     staged = path.with_name(path.name + ".new")
+    if staged.exists():  # kept by an earlier keygen whose registration may have happened
+        raise InvalidRequest(f"{staged} exists: a key kept by an earlier keygen; check "
+                             f"`keygrants principal credentials {name} --json` for its keyid, then "
+                             f"move it to {out} or delete it")
+    key = SigningKey.generate(algorithm)  # type: ignore[arg-type]
     try:  # durable before the public half is registered
         write_private_file(staged, key.private_pem())
     except OSError as exc:
@@ -221,6 +225,19 @@ def principal_keygen(state: State, name: str, out: str, algorithm: str, label: s
         with state.client() as c:
             cred = c.add_public_key(name, key.public_key().public_pem(), label=label,
                                     expires_in=parse_duration_option(expires_in) or None)
+    except ServerUnreachable as exc:
+        if not _outcome_unknown(exc):
+            staged.unlink(missing_ok=True)  # nothing was sent
+            raise
+        # The server may have registered the public half: deleting the private one would
+        # leave a registered key nobody holds, so it stays where it was staged.
+        from keygrants.auth.credentials import jwk_thumbprint
+
+        keyid = f"{name}/{jwk_thumbprint(key.public_key().jwk())}"
+        exc.message += (f". The private key is kept in {staged}: if `keygrants principal "
+                        f"credentials {name} --json` lists keyid {keyid}, move it to {out}; "
+                        "otherwise delete it")
+        raise
     except BaseException:
         staged.unlink(missing_ok=True)  # nothing half-made; an existing --out file is untouched
         raise
@@ -231,6 +248,18 @@ def principal_keygen(state: State, name: str, out: str, algorithm: str, label: s
                              f"{exc.strerror or exc}") from None
     emit(state, cred, f"Wrote {out} (mode 0600) and registered key {cred.id}\n"
                       f"Use: KEYGRANTS_PRINCIPAL={name} KEYGRANTS_KEY_FILE={out} keygrants …")
+
+
+def _outcome_unknown(exc: ServerUnreachable) -> bool:
+    """Whether the request may have reached the server: ``no_response``, or (from an SDK
+    without it) any transport failure other than a connection never made."""
+    if exc.code == "no_response":
+        return True
+    import httpx
+
+    cause = exc.__cause__
+    return isinstance(cause, httpx.TransportError) and not isinstance(
+        cause, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout))
 
 
 @principal.command("api-key")

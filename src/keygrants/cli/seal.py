@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import functools
 import os
-import stat
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +23,7 @@ import click
 from keygrants.cli._common import (
     State,
     b64,
+    check_private_file,
     context_option,
     emit,
     fail,
@@ -68,15 +68,10 @@ def _local(fn: F) -> F:
 
 
 def _read_key_file(path: str, *, private: bool) -> bytes:
+    data = read_file(path, MAX_KEY_FILE)
     if private:
-        try:
-            mode = Path(path).stat().st_mode
-        except OSError as exc:
-            raise InvalidRequest(f"cannot read {path}: {exc.strerror or exc}") from None
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise InvalidRequest(f"private key file {path} is accessible by group or others "
-                                 f"(mode {stat.S_IMODE(mode):o}); run: chmod 600 {path}")
-    return read_file(path, MAX_KEY_FILE)
+        check_private_file(path, f"private key file {path}")
+    return data
 
 
 def _pem_armor(der: bytes, label: str) -> bytes:

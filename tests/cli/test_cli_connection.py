@@ -1,0 +1,464 @@
+"""Which credentials the CLI sends, and to where: the data directory's admin token only to this
+machine, one identity at a time, tokens kept out of the process list, private key files that
+only their owner may read, TLS with a private CA and client certificates, malformed addresses,
+and requests whose outcome is unknown."""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import ipaddress
+import json
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import Result
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from keygrants.api.tls import protocol_class, server_ssl_options
+from keygrants.auth.authenticator import AuthSettings
+from keygrants.cli import _common
+from keygrants.crypto.signing import SigningKey
+from keygrants.errors import InvalidRequest
+from keygrants.server import ServerConfig
+
+from .conftest import served
+
+RANDOM = (200, {"random": base64.b64encode(b"\x00\x01").decode()})
+WHOAMI = (200, {"principal": "svc", "credential": "c1", "auth_method": "signature"})
+
+
+def one_line_error(result: Result) -> str:
+    assert result.exit_code == 1, (result.output, result.exception)
+    assert isinstance(result.exception, SystemExit), result.exception  # not a traceback
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    return lines[0]
+
+
+def private_file(path: Path, data: bytes, mode: int = 0o600) -> str:
+    path.write_bytes(data)
+    path.chmod(mode)
+    return str(path)
+
+
+# -- the data directory's admin token goes only to this machine's server ------------------------
+
+@pytest.fixture
+def quick_start_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The working directory of a quick start: ``./keygrants-data/admin.token``."""
+    cwd = tmp_path / "cwd"
+    (cwd / "keygrants-data").mkdir(parents=True)
+    (cwd / "keygrants-data" / "admin.token").write_text("kg_admin_local\n")
+    monkeypatch.chdir(cwd)
+    return cwd
+
+
+@pytest.fixture
+def client_calls(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """The arguments of every SDK ``Client`` the CLI makes; each call then fails, so nothing is
+    sent anywhere (the addresses below are not ours)."""
+    calls: list[dict[str, Any]] = []
+
+    def fake_client(addr: str | None = None, **kwargs: Any) -> Any:
+        calls.append({"addr": addr, **kwargs})
+        raise InvalidRequest("recorded")
+
+    monkeypatch.setattr(_common, "Client", fake_client)
+    return calls
+
+
+@pytest.mark.parametrize("addr", ["https://kms.example:8443", "http://10.0.0.5:8650",
+                                  "https://127.0.0.1.nip.io:8650"])
+def test_the_quick_start_admin_token_is_not_sent_to_another_server(
+        invoke, quick_start_dir, client_calls, addr: str) -> None:
+    result = invoke(["key", "list", "--addr", addr], env={"KEYGRANTS_DATA_DIR": None})
+    assert one_line_error(result) == "Error: recorded (invalid_request)"
+    assert client_calls[0]["addr"] == addr
+    assert client_calls[0]["token"] == ""
+
+
+def test_an_explicit_data_dir_is_used_for_any_server(invoke, quick_start_dir, client_calls) -> None:
+    data_dir = str(quick_start_dir / "keygrants-data")
+    invoke(["key", "list", "--addr", "https://kms.example", "--data-dir", data_dir],
+           env={"KEYGRANTS_DATA_DIR": None})
+    invoke(["key", "list", "--addr", "https://kms.example"], env={"KEYGRANTS_DATA_DIR": data_dir})
+    assert [c["token"] for c in client_calls] == ["kg_admin_local", "kg_admin_local"]
+
+
+def test_the_quick_start_admin_token_goes_to_a_loopback_server(invoke, stub, quick_start_dir) -> None:
+    stub.answers["/v1/random"] = RANDOM
+    localhost = stub.addr.replace("127.0.0.1", "localhost")
+    for addr in (stub.addr, localhost):
+        assert invoke(["random", "--addr", addr], env={"KEYGRANTS_DATA_DIR": None}).exit_code == 0
+    assert stub.tokens == ["Bearer kg_admin_local"] * 2
+
+
+@pytest.mark.parametrize(("addr", "loopback"), [
+    ("http://127.0.0.1:8650", True), ("127.0.0.2:8650", True), ("http://[::1]:8650", True),
+    ("https://LOCALHOST", True), ("http://user:pw@127.0.0.1:1", True),
+    ("http://10.0.0.5:8650", False), ("https://kms.example", False),
+    ("http://127.0.0.1.nip.io", False), ("http://[::1", False), ("", False),
+])
+def test_is_loopback(addr: str, loopback: bool) -> None:
+    assert _common.is_loopback(addr) is loopback
+
+
+# -- one identity: a token or a signing key, never both, never half a signing key --------------
+
+@pytest.fixture
+def svc_key(tmp_path: Path) -> str:
+    return private_file(tmp_path / "svc.pem", SigningKey.generate("ed25519").private_pem())
+
+
+@pytest.mark.parametrize("how", ["env", "option", "file"])
+def test_a_token_and_a_signing_key_together_are_refused(invoke, stub, svc_key, tmp_path: Path,
+                                                        how: str) -> None:
+    env: dict[str, str | None] = {"KEYGRANTS_ADDR": stub.addr, "KEYGRANTS_PRINCIPAL": "svc",
+                                  "KEYGRANTS_KEY_FILE": svc_key}
+    args = ["whoami"]
+    if how == "env":
+        env["KEYGRANTS_TOKEN"] = "kg_admin_x"
+    elif how == "option":
+        args += ["--token", "kg_admin_x"]
+    else:
+        args += ["--token-file", private_file(tmp_path / "token", b"kg_admin_x\n")]
+    line = one_line_error(invoke(args, env=env))
+    assert "both a token" in line and "KEYGRANTS_PRINCIPAL" in line
+    assert line.endswith("(invalid_request)")
+    assert stub.requests == []
+
+
+@pytest.mark.parametrize("var", ["KEYGRANTS_PRINCIPAL", "KEYGRANTS_KEY_FILE"])
+def test_half_a_signing_key_is_an_error_not_the_admin_token(invoke, stub, svc_key, quick_start_dir,
+                                                            var: str) -> None:
+    stub.answers["/v1/whoami"] = WHOAMI
+    env = {"KEYGRANTS_ADDR": stub.addr, "KEYGRANTS_DATA_DIR": None,
+           var: "svc" if var == "KEYGRANTS_PRINCIPAL" else svc_key}
+    line = one_line_error(invoke(["whoami"], env=env))
+    assert f"{var} is set but" in line and "request signing needs both" in line
+    assert stub.requests == []
+
+
+def test_a_signing_key_alone_signs(invoke, stub, svc_key, quick_start_dir) -> None:
+    stub.answers["/v1/whoami"] = WHOAMI
+    env = {"KEYGRANTS_ADDR": stub.addr, "KEYGRANTS_DATA_DIR": None, "KEYGRANTS_PRINCIPAL": "svc",
+           "KEYGRANTS_KEY_FILE": svc_key}
+    assert invoke(["whoami"], env=env).exit_code == 0
+    headers = stub.requests[0]["headers"]
+    assert "authorization" not in headers and "signature" in headers
+
+
+# -- private key files that group or others may read are refused -------------------------------
+
+def test_a_signing_key_file_readable_by_others_is_refused(invoke, stub, svc_key) -> None:
+    Path(svc_key).chmod(0o644)
+    line = one_line_error(invoke(["whoami"], env={"KEYGRANTS_ADDR": stub.addr,
+                                                  "KEYGRANTS_PRINCIPAL": "svc",
+                                                  "KEYGRANTS_KEY_FILE": svc_key}))
+    assert line == (f"Error: key file {svc_key} (KEYGRANTS_KEY_FILE) is accessible by group or "
+                    f"others (mode 644); run: chmod 600 {svc_key} (invalid_request)")
+    assert stub.requests == []
+
+
+def test_a_shared_secret_file_readable_by_group_is_refused(invoke, stub, tmp_path: Path) -> None:
+    secret = private_file(tmp_path / "ss", b"kg_ss_0123456789abcdef_c2VjcmV0\n", 0o640)
+    line = one_line_error(invoke(["whoami"], env={"KEYGRANTS_ADDR": stub.addr,
+                                                  "KEYGRANTS_PRINCIPAL": "svc",
+                                                  "KEYGRANTS_KEY_FILE": secret}))
+    assert "(mode 640); run: chmod 600" in line
+    assert stub.requests == []
+
+
+@pytest.mark.parametrize("how", ["option", "env"])
+def test_a_dpop_key_file_readable_by_others_is_refused(invoke, stub, tmp_path: Path,
+                                                       how: str) -> None:
+    key = private_file(tmp_path / "dpop.pem", SigningKey.generate("ed25519").private_pem(), 0o604)
+    args = ["encrypt", "-k", "k", "--grant", "g.h.s", "--token", "t"]
+    env = {"KEYGRANTS_ADDR": stub.addr}
+    if how == "option":
+        args += ["--dpop-key-file", key]
+    else:
+        env["KEYGRANTS_DPOP_KEY_FILE"] = key
+    line = one_line_error(invoke(args, input="x", env=env))
+    assert line == (f"Error: DPoP key file {key} is accessible by group or others (mode 604); "
+                    f"run: chmod 600 {key} (invalid_request)")
+    assert stub.requests == []
+
+
+# -- tokens out of the process list: --token - and --token-file ---------------------------------
+
+def test_token_dash_reads_the_first_line_of_stdin(invoke, stub) -> None:
+    stub.answers["/v1/keys/k/encrypt"] = (200, {"ciphertext": "AAAA", "key_id": "id",
+                                                "key_version": 1})
+    result = invoke(["encrypt", "-k", "k", "--token", "-"], input=b"  kg_ak_from_stdin \nplain\x00",
+                    env={"KEYGRANTS_ADDR": stub.addr})
+    assert result.exit_code == 0, result.output
+    assert stub.tokens == ["Bearer kg_ak_from_stdin"]
+    # the rest of stdin is the command's input
+    assert stub.requests[0]["body"]["plaintext"] == base64.b64encode(b"plain\x00").decode()
+
+
+def test_grant_dash_reads_a_line_of_stdin_after_the_token(invoke, stub) -> None:
+    stub.answers["/v1/keys/k/encrypt"] = (200, {"ciphertext": "AAAA", "key_id": "id",
+                                                "key_version": 1})
+    result = invoke(["encrypt", "-k", "k", "--token", "-", "--grant", "-", "--in", "-"],
+                    input="tok\ngr.an.t\ndata", env={"KEYGRANTS_ADDR": stub.addr})
+    assert result.exit_code == 0, result.output
+    assert stub.tokens == ["Bearer tok"]
+    assert stub.requests[0]["headers"]["keygrants-grant"] == "gr.an.t"
+    assert stub.requests[0]["body"]["plaintext"] == base64.b64encode(b"data").decode()
+
+
+def test_token_file_option_and_variable(invoke, stub, tmp_path: Path) -> None:
+    stub.answers["/v1/random"] = RANDOM
+    token_file = private_file(tmp_path / "token", b"kg_ak_from_file\n")
+    env = {"KEYGRANTS_ADDR": stub.addr}
+    assert invoke(["random", "--token-file", token_file], env=env).exit_code == 0
+    assert invoke(["random"], env=env | {"KEYGRANTS_TOKEN_FILE": token_file}).exit_code == 0
+    assert stub.tokens == ["Bearer kg_ak_from_file"] * 2
+
+
+@pytest.mark.parametrize(("args", "stdin", "env", "message"), [
+    (["--token", "-"], "", {}, "Error: no token on stdin (invalid_request)"),
+    (["--token", "a", "--token-file", "f"], None, {},
+     "Error: give a token with --token (KEYGRANTS_TOKEN) or --token-file (KEYGRANTS_TOKEN_FILE), "
+     "not both (invalid_request)"),
+    ([], None, {"KEYGRANTS_TOKEN": "a", "KEYGRANTS_TOKEN_FILE": "f"},
+     "Error: give a token with --token (KEYGRANTS_TOKEN) or --token-file (KEYGRANTS_TOKEN_FILE), "
+     "not both (invalid_request)"),
+    (["--token-file", "/nonexistent/token"], None, {},
+     "Error: cannot read /nonexistent/token: No such file or directory (invalid_request)"),
+    (["--token", "éééé"], None, {},
+     "Error: the token contains spaces, control or non-ASCII characters; check how it was copied "
+     "(invalid_request)"),
+])
+def test_token_errors_are_one_line(invoke, stub, args, stdin, env, message: str) -> None:
+    line = one_line_error(invoke(["random", *args], input=stdin,
+                                 env={"KEYGRANTS_ADDR": stub.addr} | env))
+    assert line == message
+    assert stub.requests == []
+
+
+def test_an_empty_token_file_is_refused(invoke, stub, tmp_path: Path) -> None:
+    empty = private_file(tmp_path / "empty", b"\n")
+    line = one_line_error(invoke(["random", "--token-file", empty],
+                                 env={"KEYGRANTS_ADDR": stub.addr}))
+    assert line == f"Error: no token in {empty} (invalid_request)"
+
+
+# -- malformed addresses and credentials in addresses ------------------------------------------
+
+@pytest.mark.parametrize("addr", ["http://127.0.0.1:notaport", "http://[::1", "127.0.0.1:notaport",
+                                  "http://user:secretpw@127.0.0.1:8x"])
+@pytest.mark.parametrize("where", ["option", "env"])
+def test_a_malformed_address_is_one_line(invoke, addr: str, where: str) -> None:
+    args, env = (["key", "list", "--addr", addr], {}) if where == "option" else (
+        ["key", "list"], {"KEYGRANTS_ADDR": addr})
+    line = one_line_error(invoke(args, env=env))
+    assert line.endswith("(invalid_request)")
+    assert "Traceback" not in line and "secretpw" not in line
+
+
+def test_userinfo_in_the_address_is_redacted(invoke, closed_addr) -> None:
+    addr = closed_addr.replace("http://", "http://user:secretpw@")
+    line = one_line_error(invoke(["key", "list", "--addr", addr]))
+    assert "secretpw" not in line and "user:" not in line
+    assert line.endswith("(server_unreachable)")
+    err = json.loads(invoke(["key", "list", "--addr", addr, "--json"]).stderr)["error"]
+    assert "secretpw" not in err["message"]
+
+
+# -- principal keygen when the outcome of the registration is unknown --------------------------
+
+KEYS_PATH = "/v1/principals/svc/keys"
+
+
+def test_keygen_keeps_the_key_when_the_answer_is_lost(invoke, stub, tmp_path: Path) -> None:
+    stub.drop.add(KEYS_PATH)  # the request arrives; the connection closes with no answer
+    out = tmp_path / "svc.pem"
+    staged = tmp_path / "svc.pem.new"
+    line = one_line_error(invoke(["principal", "keygen", "svc", "--out", str(out)],
+                                 env={"KEYGRANTS_ADDR": stub.addr}))
+    assert [r["path"] for r in stub.requests] == [KEYS_PATH]
+    assert f"The private key is kept in {staged}" in line
+    assert "keygrants principal credentials svc --json" in line
+    sent = stub.requests[0]["body"]["public_key"]
+    public = SigningKey.from_pem(staged.read_bytes()).public_key().public_pem()
+    assert sent.strip() == public.strip()
+    assert stat.S_IMODE(staged.stat().st_mode) == 0o600
+    assert not out.exists()
+    # a second keygen does not overwrite the kept key
+    line = one_line_error(invoke(["principal", "keygen", "svc", "--out", str(out)],
+                                 env={"KEYGRANTS_ADDR": stub.addr}))
+    assert line.startswith(f"Error: {staged} exists: a key kept by an earlier keygen")
+    assert len(stub.requests) == 1
+    assert SigningKey.from_pem(staged.read_bytes()).public_key().public_pem() == public
+
+
+def test_keygen_removes_the_key_when_nothing_was_sent(invoke, closed_addr, tmp_path: Path) -> None:
+    out = tmp_path / "svc.pem"
+    line = one_line_error(invoke(["principal", "keygen", "svc", "--out", str(out)],
+                                 env={"KEYGRANTS_ADDR": closed_addr}))
+    assert line.endswith("(server_unreachable)")
+    assert list(tmp_path.glob("svc.pem*")) == []
+
+
+def test_keygen_removes_the_key_when_registration_is_refused(invoke, stub, tmp_path: Path) -> None:
+    stub.answers[KEYS_PATH] = (404, {"error": {"code": "principal_not_found",
+                                               "message": "no principal svc", "request_id": "r"}})
+    out = tmp_path / "svc.pem"
+    one_line_error(invoke(["principal", "keygen", "svc", "--out", str(out)],
+                          env={"KEYGRANTS_ADDR": stub.addr}))
+    assert list(tmp_path.glob("svc.pem*")) == []
+
+
+# -- audit export replaces the file only after a complete export -------------------------------
+
+EXPORT = "/v1/audit/export"
+
+
+def test_a_failed_re_export_leaves_the_earlier_export(invoke, stub, closed_addr,
+                                                      tmp_path: Path) -> None:
+    out = tmp_path / "evidence.jsonl"
+    out.write_bytes(b'{"earlier": "export"}\n')
+    stub.answers[EXPORT] = (401, {"error": {"code": "unknown_key", "message": "invalid credentials",
+                                            "request_id": "r"}})
+    line = one_line_error(invoke(["audit", "export", "--out", str(out)],
+                                 env={"KEYGRANTS_ADDR": stub.addr}))
+    assert line == "Error: invalid credentials (unknown_key)"
+    one_line_error(invoke(["audit", "export", "--out", str(out)],
+                          env={"KEYGRANTS_ADDR": closed_addr}))
+    stub.drop.add(EXPORT)
+    one_line_error(invoke(["audit", "export", "--out", str(out)],
+                          env={"KEYGRANTS_ADDR": stub.addr}))
+    assert out.read_bytes() == b'{"earlier": "export"}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["evidence.jsonl"]  # no temp file left
+
+
+def test_a_complete_export_replaces_the_file(invoke, stub, tmp_path: Path) -> None:
+    out = tmp_path / "evidence.jsonl"
+    out.write_bytes(b"old\n")
+    stub.answers[EXPORT] = (200, {"seq": 1})
+    result = invoke(["audit", "export", "--out", str(out)], env={"KEYGRANTS_ADDR": stub.addr})
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes() == b'{"seq": 1}'
+    assert result.stdout == f"wrote 10 bytes to {out}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["evidence.jsonl"]
+    assert stat.S_IMODE(out.stat().st_mode) & 0o600 == 0o600
+
+
+# -- TLS: a private CA (--ca-file) and client certificates (--client-cert/--client-key) ---------
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _issue(path: Path, subject: str, ca_key: Any, *, san: x509.GeneralName | None,
+           ca: bool = False) -> tuple[str, str]:
+    """A certificate signed by ``ca_key`` (``test-ca``; itself when ``ca``) and its key, as
+    ``path``.crt and ``path``.key (0600)."""
+    key = ca_key if ca else ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(_name("test-ca"))
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(minutes=5))
+               .not_valid_after(now + datetime.timedelta(hours=1))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if san is not None:
+        builder = builder.add_extension(x509.SubjectAlternativeName([san]), critical=False)
+    cert = builder.sign(ca_key, hashes.SHA256())
+    crt = path.with_suffix(".crt")
+    crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    return str(crt), private_file(path.with_suffix(".key"), pem)
+
+
+@dataclass
+class TlsServer:
+    url: str
+    data_dir: Path
+    ca: str
+    svc: tuple[str, str]  # a client certificate mapped to principal svc (san-dns:svc.internal)
+
+
+@pytest.fixture(scope="module")
+def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsServer]:
+    """``keygrants server --tls-cert … --tls-key … --client-ca …`` (built in this process)."""
+    base = tmp_path_factory.mktemp("tls-cli")
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca, _ = _issue(base / "ca", "test-ca", ca_key, san=None, ca=True)
+    server_cert, server_key = _issue(base / "server", "127.0.0.1", ca_key,
+                                     san=x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
+    svc = _issue(base / "svc", "svc", ca_key, san=x509.DNSName("svc.internal"))
+    data_dir = base / "data"
+    auth = AuthSettings(methods=frozenset({"signature", "api_key", "mtls", "admin_token"}))
+    with served(lambda port: ServerConfig(
+            data_dir=data_dir, listen=f"127.0.0.1:{port}", auth=auth, tls_cert=Path(server_cert),
+            tls_key=Path(server_key), client_ca=Path(ca)),
+            http=protocol_class(), **server_ssl_options(server_cert, server_key, ca)) as port:
+        yield TlsServer(f"https://127.0.0.1:{port}", data_dir, ca, svc)
+
+
+def test_ca_file_trusts_a_private_ca(invoke, tls_server: TlsServer) -> None:
+    env = {"KEYGRANTS_ADDR": tls_server.url, "KEYGRANTS_DATA_DIR": str(tls_server.data_dir)}
+    line = one_line_error(invoke(["whoami"], env=env))
+    assert "CERTIFICATE_VERIFY_FAILED" in line and line.endswith("(server_unreachable)")
+    for extra_args, extra_env in ((["--ca-file", tls_server.ca], {}),
+                                  ([], {"KEYGRANTS_CA_FILE": tls_server.ca})):
+        result = invoke(["whoami", *extra_args], env=env | extra_env)
+        assert result.exit_code == 0, result.output
+        assert result.stdout.startswith("admin ")
+
+
+def test_a_client_certificate_authenticates(invoke, tls_server: TlsServer,
+                                            quick_start_dir: Path) -> None:
+    admin = {"KEYGRANTS_ADDR": tls_server.url, "KEYGRANTS_DATA_DIR": str(tls_server.data_dir),
+             "KEYGRANTS_CA_FILE": tls_server.ca}
+    for args in (["principal", "create", "svc"],
+                 ["principal", "add-cert", "svc", "--match", "san-dns:svc.internal"]):
+        result = invoke(args, env=admin)
+        assert result.exit_code == 0, result.output
+    # this server's admin token in ./keygrants-data is not sent next to a client certificate
+    (quick_start_dir / "keygrants-data" / "admin.token").write_bytes(
+        (tls_server.data_dir / "admin.token").read_bytes())
+    cert, key = tls_server.svc
+    for args, env in ((["--client-cert", cert, "--client-key", key], {}),
+                      ([], {"KEYGRANTS_CLIENT_CERT": cert, "KEYGRANTS_CLIENT_KEY": key})):
+        result = invoke(["whoami", "--json", *args], env={
+            "KEYGRANTS_ADDR": tls_server.url, "KEYGRANTS_CA_FILE": tls_server.ca,
+            "KEYGRANTS_DATA_DIR": None} | env)
+        assert result.exit_code == 0, result.output
+        me = json.loads(result.stdout)
+        assert (me["principal"], me["auth_method"]) == ("svc", "mtls")
+
+
+def test_tls_option_errors_are_one_line(invoke, tls_server: TlsServer, tmp_path: Path) -> None:
+    cert, key = tls_server.svc
+    env = {"KEYGRANTS_ADDR": tls_server.url}
+    cases = [
+        (["--client-cert", cert], "Error: --client-cert and --client-key go together "
+                                  "(KEYGRANTS_CLIENT_CERT and KEYGRANTS_CLIENT_KEY) (invalid_request)"),
+        (["--ca-file", str(tmp_path / "missing.pem")],
+         f"Error: cannot use the CA file {tmp_path / 'missing.pem'}: No such file or directory "
+         "(invalid_request)"),
+        (["--ca-file", key], f"Error: cannot use the CA file {key}: "),
+        (["--client-cert", key, "--client-key", key],
+         f"Error: cannot use the client certificate {key} with the key {key}: "),
+    ]
+    for args, start in cases:
+        assert one_line_error(invoke(["whoami", *args], env=env)).startswith(start)
+    exposed = private_file(tmp_path / "exposed.key", Path(key).read_bytes(), 0o644)
+    line = one_line_error(invoke(["whoami", "--client-cert", cert, "--client-key", exposed],
+                                 env=env))
+    assert line == (f"Error: client key file {exposed} is accessible by group or others "
+                    f"(mode 644); run: chmod 600 {exposed} (invalid_request)")
