@@ -498,7 +498,14 @@ class AccessService:
             if p.builtin:
                 raise Forbidden("the built-in admin principal cannot be deleted")
             self._intent(ctx, "principal.delete", "delete_principal", target=principal_id)
-            for hook in self.on_delete:  # a failure leaves the principal in place
+        # The grants are revoked outside the lock (a principal with many grants must not hold
+        # up every other principal change), then once more under it for any grant created
+        # meanwhile (few, if any). A failure leaves the principal in place.
+        for hook in self.on_delete:
+            hook(ctx, principal_id)
+        with self._lock:
+            self._allow_current(ctx, "delete_principal", principal_id)
+            for hook in self.on_delete:
                 hook(ctx, principal_id)
             self.store.delete_principal(principal_id)
             self.directory.remove_principal(principal_id)

@@ -115,6 +115,9 @@ MAX_NAME: Final = 256
 MAX_JUSTIFICATION: Final = 1024
 MAX_LIST_LIMIT: Final = 1000
 _USE_COUNTED: Final = "grant_use"  # in the request's audit detail: "counted"
+#: Grants a revoke-all ends per store transaction: each transaction stays well within the
+#: store's bound on one call, whatever the number of grants.
+_END_BATCH: Final = 2000
 _VERIFIED_CACHE: Final = 10_000
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -221,6 +224,8 @@ def _audited(event_type: str, operation: str) -> Callable[[F], F]:
             detail = None
             if isinstance(info, m.GrantInfo) and info.requires_approval:
                 detail = {"severity": "high", "state": info.state}
+            elif isinstance(result, m.RevokeAllResult):
+                detail = {"grants": str(result.revoked)}
             self.audit.record(ctx, event_type, "ok", operation=operation, key_id=key_id,
                               grant_id=grant_id, detail=detail)
             return result
@@ -960,6 +965,10 @@ class GrantService:
         state = g.effective_state(now)
         if state != "active":
             self._check_parent_live(g)
+        if g.created_at < self.revocations.wholesale_at(g.grantee, g.key_id):
+            # a revoke-all covers this grant and has not ended it yet (it is still running,
+            # or failed part way): a token minted now would be dated after it
+            raise GrantRevoked()
         return m.GrantCreated(grant=grant_info(g, now), token=self._sign(g, now))
 
     # -- ending ------------------------------------------------------------------------------
@@ -968,14 +977,13 @@ class GrantService:
         out: list[str] = []
         frontier = list(grant_ids)
         for _ in range(self.settings.max_depth + 1):
-            # grants past their expiry but within the leeway are still accepted: revoked too
-            children = [c for gid in frontier
-                        for c in self.store.live_grant_ids(now=now - self.settings.leeway,
-                                                           parent_id=gid)]
-            if not children:
+            if not frontier:
                 break
-            out.extend(children)
-            frontier = children
+            # one query per level, not per grant; grants past their expiry but within the
+            # leeway are still accepted: revoked too
+            frontier = self.store.live_grant_ids(now=now - self.settings.leeway,
+                                                 parent_ids=frontier)
+            out.extend(frontier)
         return out
 
     def _end(self, ctx: RequestContext, g: Grant, state: str, reason: str, event: str) -> m.GrantInfo:
@@ -994,10 +1002,8 @@ class GrantService:
             raise GrantStateError("the grant changed meanwhile; read it again") from None
         children = self._descendants([g.id], now)
         if children:
-            entries += self.store.end_grants(
-                children, state="revoked", now=now, by=ctx.principal,
-                feed=[RevocationEntry(kind="grant", id=c, revoked_at=now, expires_at=expiry)
-                      for c in children])
+            entries += self.store.end_grants(children, state="revoked", now=now, by=ctx.principal,
+                                             feed=(), entry_leeway=self.settings.leeway)
         self._publish(entries)
         return grant_info(ended, now)
 
@@ -1039,7 +1045,6 @@ class GrantService:
                     raise PrincipalNotFound()
             elif ctx.principal != ADMIN_PRINCIPAL:
                 raise Forbidden()
-            ids = self.store.live_grant_ids(now=now - self.settings.leeway, grantee=subject)
         else:
             assert req.key is not None
             try:
@@ -1049,35 +1054,52 @@ class GrantService:
                 raise
             kind, subject = "key", key.id
             self._authorize_on_key(ctx, "revoke_grant", key.id)
-            ids = self.store.live_grant_ids(now=now - self.settings.leeway, key_id=subject)
-        return self._revoke_all(ctx, kind, subject, ids, now)
+        return self._revoke_all(ctx, kind, subject, now)
 
     def principal_deleted(self, ctx: RequestContext, principal_id: str) -> None:
         """A principal is being deleted (its deletion was authorized): revoke every grant it
         holds, with their sub-grants, and every token issued to it up to now. Otherwise a
         principal created later with the same id would hold them."""
-        now = self._now()
-        ids = self.store.live_grant_ids(now=now - self.settings.leeway, grantee=principal_id)
-        self._revoke_all(ctx, "principal", principal_id, ids, now)
+        self._revoke_all(ctx, "principal", principal_id, self._now())
 
-    def _revoke_all(self, ctx: RequestContext, kind: str, subject: str, ids: Sequence[str],
+    def _revoke_all(self, ctx: RequestContext, kind: str, subject: str,
                     now: int) -> m.RevokeAllResult:
+        """Revoke every grant of a principal or a key issued up to ``now``, and their
+        sub-grants, in this order so that the revocation takes effect at once however many
+        grants there are:
+
+        1. one wholesale feed entry, committed and pushed on its own: every token issued up to
+           now is refused from here on, by this server and by every verifier;
+        2. the grants (listed now, so a grant created meanwhile is included), then their
+           sub-grants, ended in batches of :data:`_END_BATCH`, each batch with one entry per
+           grant, kept until that grant's own expiry: a token minted later in this second
+           carries a later issue time (see :meth:`_sign`) and is refused by its grant's entry.
+
+        A failure in step 2 leaves the wholesale entry and the batches done; a retry ends the
+        grants still live (no grant created before the revocation can mint a token meanwhile:
+        see :meth:`token`).
+        """
         self.audit.record(ctx, "grant.revoke_all", "requested", operation="revoke_all_grants",
-                          key_id=subject if kind == "key" else None,
-                          detail={kind: subject, "grants": str(len(ids))}, wait=True)
-        expiry = now + self.settings.max_ttl + self.settings.leeway
-        children = [c for c in self._descendants(ids, now) if c not in set(ids)]
-        # The wholesale entry covers every token issued up to now, wherever it is verified;
-        # one entry per grant as well, since a token can carry a later issue time (one signed
-        # within this second after an earlier revoke-all: see _sign).
-        feed = [RevocationEntry(kind=kind, id=subject, revoked_at=now,  # type: ignore[arg-type]
-                                expires_at=expiry)]
-        feed += [RevocationEntry(kind="grant", id=c, revoked_at=now, expires_at=expiry)
-                 for c in (*ids, *children)]
-        entries = self.store.end_grants([*ids, *children], state="revoked", now=now,
-                                        by=ctx.principal, feed=feed)
-        self._publish(entries)
-        return m.RevokeAllResult(revoked=len(ids) + len(children), seq=entries[0].seq)
+                          key_id=subject if kind == "key" else None, detail={kind: subject},
+                          wait=True)
+        wholesale = RevocationEntry(kind=kind, id=subject, revoked_at=now,  # type: ignore[arg-type]
+                                    expires_at=now + self.settings.max_ttl + self.settings.leeway)
+        first = self.store.end_grants((), state="revoked", now=now, by=ctx.principal,
+                                      feed=[wholesale])
+        self._publish(first)
+        live = now - self.settings.leeway
+        ids = (self.store.live_grant_ids(now=live, grantee=subject) if kind == "principal"
+               else self.store.live_grant_ids(now=live, key_id=subject))
+        seen = set(ids)
+        ending = [*ids, *(c for c in self._descendants(ids, now) if c not in seen)]
+        revoked = 0
+        for start in range(0, len(ending), _END_BATCH):
+            entries = self.store.end_grants(ending[start:start + _END_BATCH], state="revoked",
+                                            now=now, by=ctx.principal, feed=(),
+                                            entry_leeway=self.settings.leeway)
+            revoked += len(entries)
+            self._publish(entries)
+        return m.RevokeAllResult(revoked=revoked, seq=first[0].seq)
 
     # -- break-glass -------------------------------------------------------------------------
 

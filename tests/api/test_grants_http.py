@@ -15,6 +15,7 @@ from keygrants.audit.events import decode_event
 from keygrants.audit.log import EventQuery
 from keygrants.auth import RequestContext
 from keygrants.crypto.signing import SigningKey
+from keygrants.errors import StoreError
 from keygrants.grants.dpop import make_proof, proof_key_thumbprint
 from keygrants.models import CreateApiKeyRequest, CreatePrincipalRequest, PutPolicyRequest
 
@@ -354,6 +355,30 @@ async def test_deleting_a_principal_revokes_its_grants_for_whoever_takes_its_id_
     assert fresh.status_code >= 400, fresh.text
 
 
+def test_deleting_a_principal_revokes_its_grants_without_holding_up_other_principals(
+        world) -> None:
+    """The revocation of a deleted principal's grants (which takes a while for many grants)
+    used to run under the lock every principal change takes."""
+    import threading
+
+    world.access.service.create_principal(ADMIN, CreatePrincipalRequest(id="many-grants"))
+    meanwhile: list[str] = []
+
+    def create_another(ctx: RequestContext, principal_id: str) -> None:
+        if meanwhile:
+            return
+        worker = threading.Thread(target=lambda: meanwhile.append(
+            world.access.service.create_principal(ADMIN, CreatePrincipalRequest(id="other")).id))
+        worker.start()
+        worker.join(timeout=30)  # a deadlock guard, not a timing: it finishes or hangs
+        assert meanwhile == ["other"], "another principal could not be created meanwhile"
+
+    world.access.service.on_delete.insert(0, create_another)
+    world.access.service.delete_principal(ADMIN, "many-grants")
+    assert world.store.get_principal("many-grants") is None
+    assert world.store.get_principal("other") is not None
+
+
 async def test_delegation_depth_is_limited(world, http) -> None:
     token = (await create(http, world, grantee="admin",
                           operations=["create_grant", "decrypt"])).json()["token"]
@@ -601,6 +626,62 @@ async def test_a_second_revoke_all_in_the_same_second_stops_a_grant_made_between
     again = await http.post("/v1/revoke-all", json={"principal": "svc"}, headers=world.auth)
     assert again.json()["revoked"] == 1
     assert code_of(await decrypt(http, world, svc(world, between))) == "grant_revoked"
+
+
+async def test_a_revoke_all_takes_effect_before_its_grants_are_ended(world, http,
+                                                                      monkeypatch) -> None:
+    world.grants._clock = lambda: time.time() + 5  # the fixture's grants are seconds older
+    end_grants = world.store.end_grants
+
+    def grants_cannot_be_ended(grant_ids: Any, **kw: Any) -> Any:
+        if grant_ids:  # the wholesale entry goes through, ending the grants fails
+            raise StoreError("simulated: the store stopped answering")
+        return end_grants(grant_ids, **kw)
+
+    monkeypatch.setattr(world.store, "end_grants", grants_cannot_be_ended)
+    r = await http.post("/v1/revoke-all", json={"principal": "svc"}, headers=world.auth)
+    assert (r.status_code, code_of(r)) == (503, "store_unavailable")
+    feed = (await http.get("/v1/revocations")).json()["entries"]
+    assert [(e["kind"], e["id"]) for e in feed] == [("principal", "svc")]
+    # every token issued so far is refused, and none can be minted for the earlier grants
+    assert code_of(await decrypt(http, world, svc(world, world.grant_token))) == "grant_revoked"
+    minted = await http.post(f"/v1/grants/{world.grant_id}/token", headers=svc(world))
+    assert (minted.status_code, code_of(minted)) == (403, "grant_revoked")
+    still = world.store.get_grant(world.grant_id)
+    assert still is not None and still.state == "active"
+    monkeypatch.setattr(world.store, "end_grants", end_grants)
+    r = await http.post("/v1/revoke-all", json={"principal": "svc"}, headers=world.auth)
+    assert r.json()["revoked"] == 2  # the retry ends what is still live
+
+
+async def test_revoke_all_ends_grants_in_batches_with_entries_kept_until_each_expires(
+        world, http, monkeypatch) -> None:
+    monkeypatch.setattr("keygrants.grant_service._END_BATCH", 2)
+    short = (await create(http, world, ttl=60)).json()["grant"]["id"]
+    principal(world, "worker")
+    delegating = (await create(http, world, operations=["decrypt", "create_grant"])).json()
+    child = (await create(http, world, svc(world, delegating["token"]), grantee="worker",
+                          ttl=60)).json()["grant"]["id"]
+    calls: list[tuple[int, dict[str, Any]]] = []
+    end_grants, live_grant_ids = world.store.end_grants, world.store.live_grant_ids
+    monkeypatch.setattr(world.store, "end_grants", lambda ids, **kw: (
+        calls.append((len(ids), kw)), end_grants(ids, **kw))[1])
+    lookups: list[dict[str, Any]] = []
+    monkeypatch.setattr(world.store, "live_grant_ids", lambda **kw: (
+        lookups.append(kw), live_grant_ids(**kw))[1])
+    r = await http.post("/v1/revoke-all", json={"principal": "svc"}, headers=world.auth)
+    # the fixture's grant and pending request, the short grant, the delegating one, its child
+    assert r.json()["revoked"] == 5
+    assert [n for n, _ in calls] == [0, 2, 2, 1]  # the wholesale entry alone, then batches
+    assert all("parent_id" not in kw for kw in lookups)  # sub-grants: one lookup per level
+    feed = {e["id"]: e for e in (await http.get("/v1/revocations")).json()["entries"]}
+    leeway, max_ttl = world.grants.settings.leeway, world.grants.settings.max_ttl
+    wholesale = feed["svc"]
+    assert wholesale["expires_at"] - wholesale["revoked_at"] == max_ttl + leeway
+    for gid in (short, child):
+        g = world.store.get_grant(gid)
+        assert g is not None and g.state == "revoked"
+        assert feed[gid]["expires_at"] == g.expires_at + leeway
 
 
 async def test_refused_or_failed_requests_count_no_use(world, http) -> None:

@@ -139,6 +139,39 @@ def test_end_grants_touches_only_live_ones_and_numbers_the_feed(store: Store) ->
     assert got_retired is not None and got_retired.state == "retired"
 
 
+def test_end_grants_adds_an_entry_per_grant_it_ended_kept_until_that_grant_expires(
+        store: Store) -> None:
+    short, long_, retired = grant(expires_at=700), grant(expires_at=900), grant(state="retired")
+    for g in (short, long_, retired):
+        store.create_grant(g)
+    wholesale = RevocationEntry(kind="principal", id="svc", revoked_at=400, expires_at=90_000)
+    entries = store.end_grants([short.id, long_.id, retired.id], state="revoked", now=400,
+                               by="admin", feed=[wholesale], entry_leeway=30)
+    got = [(e.kind, e.id, e.revoked_at, e.expires_at) for e in entries]
+    assert got[0] == ("principal", "svc", 400, 90_000)  # feed first, then the grants' entries
+    assert sorted(got[1:]) == sorted([("grant", short.id, 400, 730),
+                                      ("grant", long_.id, 400, 930)])  # none for the retired one
+    assert [e.seq for e in entries] == [1, 2, 3]
+    again = store.end_grants([short.id], state="revoked", now=401, by="admin", feed=(),
+                             entry_leeway=30)
+    assert again == []
+
+
+def test_live_children_of_many_parents_in_one_call(store: Store) -> None:
+    # more parents than one SQL statement binds, so the implementation must split them
+    parents = [grant(operations=("decrypt", "create_grant")) for _ in range(1_234)]
+    children = [grant(parent_id=p.id, depth=1, grantee="worker") for p in parents[::3]]
+    grandchild = grant(parent_id=children[-1].id, depth=2, grantee="worker")
+    ended = grant(parent_id=parents[1].id, depth=1, state="revoked")
+    expired = grant(parent_id=parents[2].id, depth=1, expires_at=50)
+    for g in (*parents, *children, grandchild, ended, expired):
+        store.create_grant(g)
+    got = store.live_grant_ids(now=60, parent_ids=[p.id for p in parents])
+    assert got == sorted(c.id for c in children)
+    assert store.live_grant_ids(now=60, parent_ids=[children[-1].id]) == [grandchild.id]
+    assert store.live_grant_ids(now=60, parent_ids=[]) == []
+
+
 def test_feed_pages_prunes_and_keeps_its_high_water_mark(store: Store) -> None:
     assert store.latest_revocation_seq() == 0
     store.end_grants([], state="revoked", now=0, by="a", feed=[

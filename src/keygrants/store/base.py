@@ -23,7 +23,7 @@ from keygrants.grants.model import Grant
 from keygrants.grants.revocation import RevocationEntry
 from keygrants.keys.model import Key, KeyVersion
 
-__all__ = ["Alias", "Store"]
+__all__ = ["Alias", "Store", "ended_grant_entries"]
 
 
 class Alias(tuple[str, str]):
@@ -237,9 +237,11 @@ class Store(Protocol):
         state at ``now`` (``expired`` and ``exhausted`` are computed, not stored)."""
 
     def live_grant_ids(self, *, now: int, grantee: str | None = None, key_id: str | None = None,
-                       parent_id: str | None = None) -> list[str]:
+                       parent_id: str | None = None,
+                       parent_ids: Sequence[str] | None = None) -> list[str]:
         """Ids of grants in state ``active`` or ``pending`` that have not expired at ``now``,
-        of one grantee, key or parent (exactly one filter is given)."""
+        of one grantee, key or parent, or of any of ``parent_ids`` (exactly one filter is
+        given; ``parent_ids`` may be long: one level of a revoke-all's sub-grants)."""
 
     def consume_grant_use(self, grant_id: str, now: int, n: int = 1) -> Grant | None:
         """Count ``n`` uses of a limited grant, atomically: only when it is ``active``, not
@@ -263,9 +265,12 @@ class Store(Protocol):
         """
 
     def end_grants(self, grant_ids: Sequence[str], *, state: str, now: int, by: str,
-                   feed: Sequence[RevocationEntry]) -> list[RevocationEntry]:
+                   feed: Sequence[RevocationEntry],
+                   entry_leeway: int | None = None) -> list[RevocationEntry]:
         """Set ``state`` (``revoked``) on those of ``grant_ids`` still active or pending and
-        append ``feed``, in one transaction; return the numbered entries."""
+        append ``feed`` and, with ``entry_leeway``, one ``grant`` entry for each grant ended
+        here (see :func:`ended_grant_entries`), in one transaction; return the numbered
+        entries, ``feed`` first."""
 
     # -- revocation feed ---------------------------------------------------------------------
     def revocations_since(self, seq: int, *, limit: int) -> list[RevocationEntry]:
@@ -322,3 +327,13 @@ def _destroyable(key: Key, now: int) -> bool:
 def _destroyed(key: Key, now: int) -> Key:
     return msgspec.structs.replace(key, state="destroyed", previous_state=None,
                                    updated_at=max(now, key.updated_at))
+
+
+def ended_grant_entries(ended: Sequence[Grant], *, now: int,
+                        leeway: int | None) -> list[RevocationEntry]:
+    """The feed entries of grants a revocation ended (none without ``leeway``): one per grant,
+    kept until the grant's own expiry plus ``leeway``, when no token of it is accepted."""
+    if leeway is None:
+        return []
+    return [RevocationEntry(kind="grant", id=g.id, revoked_at=now, expires_at=g.expires_at + leeway)
+            for g in ended]

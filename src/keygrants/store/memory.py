@@ -30,6 +30,7 @@ from keygrants.store.base import (
     _destroyed,
     _same_credential,
     _same_principal,
+    ended_grant_entries,
 )
 
 __all__ = ["MemoryStore"]
@@ -294,14 +295,17 @@ class MemoryStore:
             return out
 
     def live_grant_ids(self, *, now: int, grantee: str | None = None, key_id: str | None = None,
-                       parent_id: str | None = None) -> list[str]:
+                       parent_id: str | None = None,
+                       parent_ids: Sequence[str] | None = None) -> list[str]:
+        parents = set(parent_ids) if parent_ids is not None else None
         with self._lock:
             return sorted(
                 g.id for g in self._grants.values()
                 if g.state in ("active", "pending") and g.expires_at > now
                 and (grantee is None or g.grantee == grantee)
                 and (key_id is None or g.key_id == key_id)
-                and (parent_id is None or g.parent_id == parent_id))
+                and (parent_id is None or g.parent_id == parent_id)
+                and (parents is None or g.parent_id in parents))
 
     def consume_grant_use(self, grant_id: str, now: int, n: int = 1) -> Grant | None:
         _check_uses(n)
@@ -338,14 +342,18 @@ class MemoryStore:
             return self._append_feed(feed)
 
     def end_grants(self, grant_ids: Sequence[str], *, state: str, now: int, by: str,
-                   feed: Sequence[RevocationEntry]) -> list[RevocationEntry]:
+                   feed: Sequence[RevocationEntry],
+                   entry_leeway: int | None = None) -> list[RevocationEntry]:
         with self._lock:
+            ended = []
             for gid in grant_ids:
                 g = self._grants.get(gid)
                 if g is not None and g.state in ("active", "pending"):
+                    ended.append(g)
                     self._grants[gid] = msgspec.structs.replace(g, state=state, ended_at=now,
                                                                 ended_by=by)
-            return self._append_feed(feed)
+            return self._append_feed([*feed, *ended_grant_entries(ended, now=now,
+                                                                  leeway=entry_leeway)])
 
     def revocations_since(self, seq: int, *, limit: int) -> list[RevocationEntry]:
         with self._lock:

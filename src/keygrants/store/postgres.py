@@ -81,6 +81,7 @@ from keygrants.store.base import (
     _destroyed,
     _same_credential,
     _same_principal,
+    ended_grant_entries,
 )
 
 __all__ = ["SCHEMA_VERSION", "PostgresStore"]
@@ -105,6 +106,7 @@ _RECONNECT_DELAY_MAX: Final = 1.0  # seconds between the pool's attempts during 
 _CLOSE_GRACE: Final = 2.0  # seconds calls still running at close get before being cut off
 _LOG_EVERY: Final = 30.0  # seconds between two "error connecting" warnings of the pool
 _NOT_TEXT: Final = "a value is not valid Unicode text (a lone surrogate?)"
+_IDS_PER_QUERY: Final = 10_000  # ids passed as one array parameter
 _WRITE_ATTEMPTS: Final = 3  # a deadlock victim's transaction rolled back whole: run it again
 
 # Advisory lock keys, scoped to the database; "kg" in the high bytes to stay clear of others.
@@ -958,7 +960,18 @@ class PostgresStore:
         return [_grant_from_row(r) for r in rows]
 
     def live_grant_ids(self, *, now: int, grantee: str | None = None, key_id: str | None = None,
-                       parent_id: str | None = None) -> list[str]:
+                       parent_id: str | None = None,
+                       parent_ids: Sequence[str] | None = None) -> list[str]:
+        if parent_ids is not None:
+            ids = list(parent_ids)
+
+            def children(db: _Conn) -> list[str]:
+                return [r[0] for start in range(0, len(ids), _IDS_PER_QUERY)
+                        for r in db.execute(
+                            "SELECT id FROM grants WHERE parent_id = ANY(%s) AND state IN "
+                            "('active', 'pending') AND expires_at > %s",
+                            (ids[start:start + _IDS_PER_QUERY], now)).fetchall()]
+            return sorted(self._read(children))
         column, value = next((c, v) for c, v in (("grantee", grantee), ("key_id", key_id),
                                                  ("parent_id", parent_id)) if v is not None)
         rows = self._read(lambda db: db.execute(
@@ -1012,7 +1025,8 @@ class PostgresStore:
         return self._write(go)
 
     def end_grants(self, grant_ids: Sequence[str], *, state: str, now: int, by: str,
-                   feed: Sequence[RevocationEntry]) -> list[RevocationEntry]:
+                   feed: Sequence[RevocationEntry],
+                   entry_leeway: int | None = None) -> list[RevocationEntry]:
         def go(db: _Conn) -> list[RevocationEntry]:
             # ORDER BY id: concurrent callers lock the rows in the same order
             rows = db.execute(f"{_GRANT_SELECT} WHERE id = ANY(%s) AND state IN ('active', 'pending') "
@@ -1022,7 +1036,8 @@ class PostgresStore:
             with db.cursor() as cur:
                 cur.executemany("UPDATE grants SET state = %s, record = %s WHERE id = %s",
                                 [(state, _grant_encoder.encode(g), g.id) for g in ended])
-            return self._append_feed(db, feed)
+            return self._append_feed(db, [*feed, *ended_grant_entries(ended, now=now,
+                                                                      leeway=entry_leeway)])
         return self._write(go)
 
     # -- revocation feed -------------------------------------------------------------------

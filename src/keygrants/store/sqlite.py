@@ -47,12 +47,14 @@ from keygrants.store.base import (
     _destroyed,
     _same_credential,
     _same_principal,
+    ended_grant_entries,
 )
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
 
 SCHEMA_VERSION: Final = 3
 _GROUP_COMMIT_TIMEOUT: Final = 30.0
+_IDS_PER_QUERY: Final = 500  # ids bound as one IN (...) list (SQLite caps the parameters)
 _WAL_BACKSTOP_PAGES: Final = 10_000
 _WAL_CHECKPOINT_EVERY: Final = 1.0  # seconds
 log = logging.getLogger("keygrants.store")
@@ -992,7 +994,21 @@ class SQLiteStore:
         return [_grant_from_row(r) for r in rows]
 
     def live_grant_ids(self, *, now: int, grantee: str | None = None, key_id: str | None = None,
-                       parent_id: str | None = None) -> list[str]:
+                       parent_id: str | None = None,
+                       parent_ids: Sequence[str] | None = None) -> list[str]:
+        if parent_ids is not None:
+            ids = list(parent_ids)
+
+            def children(db: sqlite3.Connection) -> list[str]:
+                out: list[str] = []
+                for start in range(0, len(ids), _IDS_PER_QUERY):
+                    chunk = ids[start:start + _IDS_PER_QUERY]
+                    out += [r[0] for r in db.execute(
+                        f"SELECT id FROM grants WHERE parent_id IN ({', '.join('?' * len(chunk))}) "
+                        "AND state IN ('active', 'pending') AND expires_at > ?",
+                        (*chunk, now)).fetchall()]
+                return out
+            return sorted(self._read(children))
         column, value = next((c, v) for c, v in (("grantee", grantee), ("key_id", key_id),
                                                  ("parent_id", parent_id)) if v is not None)
         rows = self._read(lambda db: db.execute(
@@ -1041,18 +1057,22 @@ class SQLiteStore:
         return self._write(go)
 
     def end_grants(self, grant_ids: Sequence[str], *, state: str, now: int, by: str,
-                   feed: Sequence[RevocationEntry]) -> list[RevocationEntry]:
+                   feed: Sequence[RevocationEntry],
+                   entry_leeway: int | None = None) -> list[RevocationEntry]:
         def go(db: sqlite3.Connection) -> list[RevocationEntry]:
+            ended: list[Grant] = []
             for gid in grant_ids:
                 row = db.execute(f"{_GRANT_SELECT} WHERE id = ? AND state IN ('active', 'pending')",
                                  (gid,)).fetchone()
                 if row is None:
                     continue
-                ended = msgspec.structs.replace(_grant_from_row(row), state=state, ended_at=now,
-                                                ended_by=by)
+                grant = _grant_from_row(row)
+                ended.append(grant)
                 db.execute("UPDATE grants SET state = ?, record = ? WHERE id = ?",
-                           (state, _grant_encoder.encode(ended), gid))
-            return self._append_feed(db, feed)
+                           (state, _grant_encoder.encode(msgspec.structs.replace(
+                               grant, state=state, ended_at=now, ended_by=by)), gid))
+            return self._append_feed(db, [*feed, *ended_grant_entries(ended, now=now,
+                                                                      leeway=entry_leeway)])
         return self._write(go)
 
     # -- revocation feed -------------------------------------------------------------------
