@@ -8,11 +8,9 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
-import ipaddress
 import os
 import shlex
 import ssl
-import stat
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +22,8 @@ import httpx
 import msgspec
 
 from keygrants.client import Client
+from keygrants.client._connection import is_loopback_host
+from keygrants.client._signing import exposed_mode
 from keygrants.crypto.signing import SigningKey
 from keygrants.durations import parse_duration
 from keygrants.errors import InvalidRequest, KeygrantsError
@@ -174,14 +174,7 @@ def is_loopback(addr: str) -> bool:
         host = urlsplit(addr if "://" in addr else "//" + addr).hostname
     except ValueError:
         return False
-    if not host:
-        return False
-    if host.rstrip(".").lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return host is not None and host != "" and is_loopback_host(host)
 
 
 def redact_userinfo(text: str, addr: str | None) -> str:
@@ -198,29 +191,16 @@ def redact_userinfo(text: str, addr: str | None) -> str:
     return text.replace(userinfo + "@", "***@")
 
 
-def private_file_problem(path: str | os.PathLike[str]) -> str | None:
-    """What is wrong with a private key file's mode (group or others may access it), or
-    ``None`` (also when it cannot be examined: reading it then reports why)."""
-    if os.name != "posix":
-        return None
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        return f"is accessible by group or others (mode {stat.S_IMODE(mode):o})"
-    return None
-
-
 def check_private_file(path: str, what: str) -> None:
     """Refuse a private key file readable by group or others (``what`` names it).
 
     Raises:
         InvalidRequest: with the ``chmod`` that fixes it.
     """
-    problem = private_file_problem(path)
-    if problem is not None:
-        raise InvalidRequest(f"{what} {problem}; run: chmod 600 {shlex.quote(path)}")
+    mode = exposed_mode(path)
+    if mode is not None:
+        raise InvalidRequest(f"{what} is accessible by group or others (mode {mode:o}); run: "
+                             f"chmod 600 {shlex.quote(path)}")
 
 
 def read_token(token: str | None, token_file: str | None) -> str | None:

@@ -26,7 +26,8 @@ from typing import Final
 
 import httpx
 
-__all__ = ["INSECURE_HTTP_ENV", "insecure_http_allowed", "redact_address", "server_url", "tls_verify"]
+__all__ = ["INSECURE_HTTP_ENV", "insecure_http_allowed", "is_loopback_host", "redact_address", "server_url",
+           "tls_verify"]
 
 INSECURE_HTTP_ENV: Final = "KEYGRANTS_ALLOW_INSECURE_HTTP"
 _SCHEMES: Final = ("http", "https")
@@ -45,7 +46,9 @@ def insecure_http_allowed(allow_insecure_http: bool) -> bool:
     return allow_insecure_http or os.environ.get(INSECURE_HTTP_ENV, "").strip() == "1"
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback_host(host: str) -> bool:
+    """Whether ``host`` (a name or an address without brackets) is this machine: ``localhost``,
+    127.0.0.0/8 or ::1."""
     if host.lower().rstrip(".") == "localhost":
         return True
     try:
@@ -94,7 +97,7 @@ def server_url(addr: str, *, allow_insecure_http: bool, own_transport: bool,
     if url.query or url.fragment:
         raise ValueError(f"invalid {what} {shown!r}: it must not have a query or fragment")
     if (url.scheme == "http" and not own_transport and not allow_insecure_http
-            and not _is_loopback(host)):
+            and not is_loopback_host(host)):
         raise ValueError(
             f"refusing plain http:// to {shown}, which is not a loopback address: anyone on "
             "the network path could read and change what is sent and received; use https://"

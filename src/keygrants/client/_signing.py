@@ -31,6 +31,7 @@ __all__ = [
     "MAX_KEY_FILE",
     "NONCE_BYTES",
     "SignatureAuth",
+    "exposed_mode",
     "load_signing_key",
     "private_file_problem",
     "target_uri",
@@ -42,14 +43,10 @@ MAX_KEY_FILE: Final = 64 * 1024  # bytes: a PEM private key or shared secret fil
 _SIGNATURE_HEADERS: Final = ("Signature-Input", "Signature", "Content-Digest")
 
 
-def private_file_problem(path: str | os.PathLike[str]) -> str | None:
-    """What is wrong with the mode of a private key or secret file: the problem, naming the
-    file and the ``chmod`` that fixes it, when group or others may access it (POSIX mode
-    ``& 0o077``); ``None`` when nothing is, off POSIX, or when the file cannot be examined
-    (reading it will say why).
-
-    The SDK warns with this text (:func:`warn_if_exposed`); the CLI refuses the file.
-    """
+def exposed_mode(path: str | os.PathLike[str]) -> int | None:
+    """The permission bits of a private key or secret file that group or others may access
+    (POSIX mode ``& 0o077``); ``None`` when they may not, off POSIX, or when the file cannot be
+    examined (reading it will say why)."""
     if os.name != "posix":
         return None  # Windows modes do not say who may read a file
     try:
@@ -58,9 +55,21 @@ def private_file_problem(path: str | os.PathLike[str]) -> str | None:
         return None
     if not stat.S_ISREG(mode) or not mode & 0o077:
         return None
+    return stat.S_IMODE(mode)
+
+
+def private_file_problem(path: str | os.PathLike[str]) -> str | None:
+    """What is wrong with the mode of a private key or secret file (see :func:`exposed_mode`),
+    naming the file and the ``chmod`` that fixes it; ``None`` when nothing is.
+
+    The SDK warns with this text (:func:`warn_if_exposed`); the CLI refuses the file.
+    """
+    mode = exposed_mode(path)
+    if mode is None:
+        return None
     name = os.fspath(path)
     return (f"private key file {name} is accessible by group or others "
-            f"(mode {stat.S_IMODE(mode):o}); run: chmod 600 {name}")
+            f"(mode {mode:o}); run: chmod 600 {name}")
 
 
 def warn_if_exposed(path: str | os.PathLike[str]) -> None:
