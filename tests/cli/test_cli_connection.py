@@ -462,3 +462,27 @@ def test_tls_option_errors_are_one_line(invoke, tls_server: TlsServer, tmp_path:
                                  env=env))
     assert line == (f"Error: client key file {exposed} is accessible by group or others "
                     f"(mode 644); run: chmod 600 {exposed} (invalid_request)")
+
+
+def test_revoke_all_and_principal_deletion_wait_longer_for_their_answer(invoke, stub,
+                                                                        monkeypatch) -> None:
+    """Both end every grant of a principal first, which on a large store takes longer than the
+    10 s other commands wait (the CLI used to report an unreachable server while the server
+    went on and revoked them)."""
+    timeouts: list[float] = []
+
+    class Recording(_common.Client):
+        def __init__(self, *args: Any, timeout: float = 10.0, **kwargs: Any) -> None:
+            timeouts.append(timeout)
+            super().__init__(*args, timeout=timeout, **kwargs)
+
+    monkeypatch.setattr(_common, "Client", Recording)
+    stub.answers["/v1/revoke-all"] = (200, {"revoked": 0, "seq": 1})
+    stub.answers["/v1/principals/svc"] = (204, None)
+    stub.answers["/v1/random"] = RANDOM
+    env = {"KEYGRANTS_ADDR": stub.addr, "KEYGRANTS_TOKEN": "t"}
+    for args in (["grant", "revoke-all", "--principal", "svc"],
+                 ["principal", "delete", "svc", "--yes"], ["random"]):
+        result = invoke(args, env=env)
+        assert result.exit_code == 0, result.output
+    assert timeouts == [_common.LONG_TIMEOUT, _common.LONG_TIMEOUT, _common.DEFAULT_TIMEOUT]

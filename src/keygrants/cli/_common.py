@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DATA_DIR_ENV",
+    "LONG_TIMEOUT",
     "MAX_INPUT",
     "State",
     "b64",
@@ -65,6 +66,8 @@ TOKEN_FILE_ENV: Final = "KEYGRANTS_TOKEN_FILE"
 PRINCIPAL_ENV: Final = "KEYGRANTS_PRINCIPAL"
 KEY_FILE_ENV: Final = "KEYGRANTS_KEY_FILE"
 MAX_TOKEN_FILE: Final = 64 * 1024
+DEFAULT_TIMEOUT: Final = 10.0  # seconds a command waits for the server's answer
+LONG_TIMEOUT: Final = 300.0  # for revoke-all and principal deletion (many grants to end)
 
 
 class State:
@@ -87,8 +90,10 @@ class State:
         self.grant: str | None = None
         self.dpop_key: SigningKey | None = None
 
-    def client(self) -> Client:
-        """A client with the one credential configured.
+    def client(self, *, timeout: float = DEFAULT_TIMEOUT) -> Client:
+        """A client with the one credential configured, waiting up to ``timeout`` seconds for
+        an answer (:data:`LONG_TIMEOUT` for commands whose work grows with the data, such as
+        revoking every grant of a principal).
 
         Credentials: a token (``--token``, ``--token-file``, ``KEYGRANTS_TOKEN``,
         ``KEYGRANTS_TOKEN_FILE``) or a signing key (``KEYGRANTS_PRINCIPAL`` +
@@ -103,7 +108,7 @@ class State:
         # The grant options are read by click (--grant/KEYGRANTS_GRANT, ...) for the commands
         # that take them; "" keeps the SDK from reading them again for every other command.
         options: dict[str, Any] = {"grant": self.grant or "", "dpop_key": self.dpop_key,
-                                   **self._tls_options()}
+                                   "timeout": timeout, **self._tls_options()}
         token = self.token
         principal = os.environ.get(PRINCIPAL_ENV) or None
         key_file = os.environ.get(KEY_FILE_ENV) or None

@@ -14,6 +14,7 @@ import click
 
 from keygrants import models as m
 from keygrants.cli._common import (
+    LONG_TIMEOUT,
     State,
     common,
     emit,
@@ -285,7 +286,7 @@ def grant_revoke_all(state: State, principal: str | None, key: str | None) -> No
     """Incident response: revoke every grant of one principal or one key."""
     if (principal is None) == (key is None):
         raise InvalidRequest("give exactly one of --principal or --key")
-    with state.client() as c:
+    with state.client(timeout=LONG_TIMEOUT) as c:  # many grants take a while to end
         result = c.revoke_all_grants(principal=principal, key=key)
     # seq is the revoke-all entry itself; the revoked grants' own entries follow it
     emit(state, result, f"revoked {result.revoked} grant(s); revoke-all entry {result.seq} in "

@@ -11,6 +11,7 @@ import click
 from keygrants import models as m
 from keygrants._files import write_private_file
 from keygrants.cli._common import (
+    LONG_TIMEOUT,
     State,
     common,
     emit,
@@ -168,7 +169,7 @@ def principal_delete(state: State, name: str, yes: bool) -> None:
     """Delete NAME and all its credentials."""
     if not yes and not state.as_json:
         click.confirm(f"Delete principal {name} and all its credentials?", abort=True)
-    with state.client() as c:
+    with state.client(timeout=LONG_TIMEOUT) as c:  # its grants are revoked first
         c.delete_principal(name)
     emit(state, {"deleted": name}, f"Deleted principal {name}")
 
