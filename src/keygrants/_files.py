@@ -1,4 +1,5 @@
-"""Writing secret files: mode 0600 from creation, never through a planted symlink, durable."""
+"""Files: writing secret ones (mode 0600 from creation, never through a planted symlink,
+durable), and telling whether a path still names the file opened."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import contextlib
 import os
 from pathlib import Path
 
-__all__ = ["write_private_file"]
+__all__ = ["file_identity", "write_private_file"]
 
 
 def write_private_file(path: Path, data: bytes) -> None:
@@ -24,3 +25,14 @@ def write_private_file(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def file_identity(path: str | os.PathLike[str]) -> tuple[int, int] | None:
+    """``(device, inode)`` of the file at ``path`` now, ``None`` if there is none: a database
+    deleted or replaced under a running server no longer matches what it opened (SQLite in
+    WAL mode does not notice, and the writes after it would be lost)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino

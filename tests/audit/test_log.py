@@ -412,3 +412,31 @@ def test_close_from_a_stopped_loops_thread_waits_for_its_commit(tmp_path: Path,
     log.close()
     opener.join()
     assert log._closed
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_a_log_file_deleted_or_replaced_under_the_log_fails_closed(tmp_path: Path,
+                                                                   signer: NoteSigner,
+                                                                   how: str) -> None:
+    """SQLite in WAL mode goes on writing to a deleted file: the events after it were
+    acknowledged and lost. The checkpointer notices within half an interval."""
+    import time
+
+    path = tmp_path / "audit.db"
+    log = AuditLog(path, signer=signer, origin=ORIGIN, checkpoint_interval=0.1)
+    try:
+        log.append(fields())
+        assert log.durable
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+        if how == "replaced":
+            path.write_bytes(b"")  # e.g. a restore copied over it
+        deadline = time.monotonic() + 10  # a guard against a hang, not a timing
+        while log.durable and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not log.durable
+        with pytest.raises(AuditUnavailable):
+            log.append(fields(1))
+        assert log.size == 1
+    finally:
+        log.close()

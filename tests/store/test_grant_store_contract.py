@@ -597,3 +597,36 @@ def test_sqlite_group_commit_timeout_of_a_running_write_reports_its_outcome(
     monkeypatch.undo()
     assert store.get_grant(g.id) == g
     store.close()
+
+
+def test_sqlite_a_database_deleted_under_the_store_fails_every_call(tmp_path: Path) -> None:
+    """SQLite in WAL mode goes on writing to a deleted file: what was written after it was
+    acknowledged and lost. The store's background thread notices within a second."""
+    import time
+
+    path = tmp_path / "kg.db"
+    store = SQLiteStore(path)
+    try:
+        store.create_grant(grant())
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+        deadline = time.monotonic() + 10  # a guard against a hang, not a timing
+        while time.monotonic() < deadline:
+            try:
+                store.get_meta("anything")
+            except StoreError as exc:
+                assert "deleted or replaced" in str(exc)
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the store did not notice its file was deleted")
+        with pytest.raises(StoreError, match="deleted or replaced"):
+            store.create_grant(grant())
+
+        async def batched() -> None:
+            await store.submit_create_grant(grant())  # the group commit refuses it too
+
+        with pytest.raises(StoreError, match="deleted or replaced"):
+            asyncio.run(batched())
+    finally:
+        store.close()

@@ -43,6 +43,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
+from keygrants._files import file_identity
 from keygrants.audit.events import event_bytes, format_time
 from keygrants.audit.merkle import (
     CompactTree,
@@ -186,6 +187,7 @@ class AuditLog:
 
     _on_checkpoint: Callable[[bytes], None] | None
     _newest_checkpoint: CheckpointRecord | None
+    _identity: tuple[int, int] | None
 
     def __init__(self, path: str | os.PathLike[str], *, signer: NoteSigner, origin: str,
                  clock: Callable[[], float] = time.time, checkpoint_interval: float = 1.0,
@@ -223,6 +225,7 @@ class AuditLog:
                              sqlite3.connect(self.path, isolation_level=None,
                                              check_same_thread=False, timeout=10.0))
             self._sqlite_wal = self.path != ":memory:"
+            self._identity = file_identity(self.path) if self._sqlite_wal else None
             newest_row = self._db.execute(
                 "SELECT size, time, note FROM checkpoints ORDER BY size DESC LIMIT 1").fetchone()
             self._rebuild(newest_row, expected)
@@ -389,6 +392,8 @@ class AuditLog:
         self._stop = threading.Event()
         self._sqlite_wal = False  # the checkpointer also copies a SQLite WAL back
         self._commit_failed = False  # the last commit failed and none has succeeded since
+        self._identity = None  # (device, inode) of the file opened (SQLite files only)
+        self._gone = False  # the file was deleted or replaced under the running log
         self._on_checkpoint = None
         self._newest_checkpoint = None  # the newest durable checkpoint
         self._marked_size = 0  # the size of the newest checkpoint handed to on_checkpoint
@@ -410,7 +415,7 @@ class AuditLog:
         """Whether the log is making events durable: ``False`` once closed, while a commit is
         overdue, and after a failed commit until a later one (or the checkpointer's probe
         write) succeeds. Cheap (no I/O): for readiness probes."""
-        return not (self._closed or self._stuck or self._commit_failed)
+        return not (self._closed or self._stuck or self._commit_failed or self._gone)
 
     def submit(self, fields: Mapping[str, Any]) -> Waiter:
         """Queue an event (every field but ``seq``; ``time`` defaults to now).
@@ -667,6 +672,12 @@ class AuditLog:
         last_wal = time.monotonic()
         try:
             while not self._stop.wait(self._interval / 2):
+                if (self._identity is not None and not self._gone
+                        and file_identity(self.path) != self._identity):
+                    self._gone = True  # sticky: the events written since are lost already
+                    log.error("audit: %s was deleted or replaced while the server was using "
+                              "it; every audited request is refused until the server is "
+                              "restarted on the right file", self.path)
                 if self._tree.size > self._checkpointed_size and \
                         self._clock() - self._last_checkpoint_at >= self._interval:
                     try:
@@ -750,6 +761,8 @@ class AuditLog:
         try:
             if self.failing:
                 raise sqlite3.OperationalError("simulated audit store failure")
+            if self._gone:
+                raise sqlite3.OperationalError(f"{self.path} was deleted or replaced")
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._db.executemany(

@@ -23,6 +23,7 @@ from typing import Any, Final, NoReturn, TypeVar
 
 import msgspec
 
+from keygrants._files import file_identity
 from keygrants.auth.model import Credential, Policy, Principal
 from keygrants.errors import (
     AliasNotFound,
@@ -60,22 +61,34 @@ _WAL_CHECKPOINT_EVERY: Final = 1.0  # seconds
 log = logging.getLogger("keygrants.store")
 
 
-def _copy_wal_back(path: str, stop: threading.Event) -> None:
+def _copy_wal_back(path: str, stop: threading.Event, gone: threading.Event,
+                   identity: tuple[int, int] | None) -> None:
     """Every second, copy committed WAL frames into the database (PASSIVE: never waits for,
-    nor blocks, writers and readers), on a connection of its own, until ``stop``."""
+    nor blocks, writers and readers), on a connection of its own, until ``stop``; and set
+    ``gone`` once ``path`` no longer names the file opened (``identity``): deleted or
+    replaced under the running server, whose writes would then be lost (SQLite in WAL mode
+    does not notice)."""
     try:
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
         conn.execute("PRAGMA synchronous=FULL")  # the copy is fsynced before the WAL restarts
     except sqlite3.Error:
-        return  # the automatic checkpoint still bounds the WAL
+        conn = None  # the automatic checkpoint still bounds the WAL
     try:
         while not stop.wait(_WAL_CHECKPOINT_EVERY):
+            if identity is not None and not gone.is_set() and file_identity(path) != identity:
+                gone.set()
+                log.error("store: %s was deleted or replaced while the server was using it; "
+                          "every store call fails until the server is restarted on the right "
+                          "file", path)
+            if conn is None or gone.is_set():
+                continue
             try:
                 conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
             except sqlite3.Error as exc:
                 log.warning("store: WAL checkpoint failed: %s", exc)
     finally:
-        conn.close()
+        if conn is not None:
+            conn.close()
 T = TypeVar("T")
 
 
@@ -391,7 +404,11 @@ class _GroupCommit:
         with store._lock:
             db = store._db
             try:
+                store._check_file()
                 db.execute("BEGIN IMMEDIATE")
+            except StoreError as exc:
+                _settle([(future, None, exc) for _, future in batch if _start(future)])
+                return
             except sqlite3.Error:
                 _settle([(future, None, StoreError("cannot begin a transaction"))
                          for _, future in batch if _start(future)])
@@ -604,6 +621,7 @@ class SQLiteStore:
             self._db.close()  # no lock or half-applied migration left behind
             raise StoreError(f"cannot open SQLite database at {self.path}") from exc
         self._wal_stop = threading.Event()
+        self._gone = threading.Event()  # set when the file was deleted or replaced under us
         self._wal_thread: threading.Thread | None = None
         if self.path != ":memory:":
             for suffix in ("", "-wal", "-shm"):
@@ -612,9 +630,9 @@ class SQLiteStore:
                     p.chmod(0o600)
             # the thread holds no reference to the store: one never closed still goes away,
             # and its thread with it
-            self._wal_thread = threading.Thread(target=_copy_wal_back,
-                                                args=(self.path, self._wal_stop), daemon=True,
-                                                name="sqlite-wal-checkpoint")
+            self._wal_thread = threading.Thread(
+                target=_copy_wal_back, daemon=True, name="sqlite-wal-checkpoint",
+                args=(self.path, self._wal_stop, self._gone, file_identity(self.path)))
             weakref.finalize(self, self._wal_stop.set)
             self._wal_thread.start()
 
@@ -641,9 +659,15 @@ class SQLiteStore:
                         db.execute("ROLLBACK")
                 raise
 
+    def _check_file(self) -> None:
+        if self._gone.is_set():
+            raise StoreError(f"the database {self.path} was deleted or replaced while the server "
+                             "was using it: restore it and restart the server")
+
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
+            self._check_file()
             try:
                 self._db.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
@@ -661,6 +685,7 @@ class SQLiteStore:
 
     def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         with self._lock:
+            self._check_file()
             try:
                 return fn(self._db)
             except sqlite3.Error as exc:
