@@ -965,9 +965,10 @@ class GrantService:
         state = g.effective_state(now)
         if state != "active":
             self._check_parent_live(g)
-        if g.created_at < self.revocations.wholesale_at(g.grantee, g.key_id):
+        if g.created_at <= self.revocations.wholesale_at(g.grantee, g.key_id):
             # a revoke-all covers this grant and has not ended it yet (it is still running,
-            # or failed part way): a token minted now would be dated after it
+            # or failed part way): a token minted now would be dated after it. A grant of the
+            # revocation's own second may have been made before it: refused too.
             raise GrantRevoked()
         return m.GrantCreated(grant=grant_info(g, now), token=self._sign(g, now))
 

@@ -630,7 +630,8 @@ async def test_a_second_revoke_all_in_the_same_second_stops_a_grant_made_between
 
 async def test_a_revoke_all_takes_effect_before_its_grants_are_ended(world, http,
                                                                       monkeypatch) -> None:
-    world.grants._clock = lambda: time.time() + 5  # the fixture's grants are seconds older
+    fixed = time.time()  # the revoke-all in the second the fixture's grants were made
+    world.grants._clock = lambda: fixed
     end_grants = world.store.end_grants
 
     def grants_cannot_be_ended(grant_ids: Any, **kw: Any) -> Any:

@@ -86,12 +86,16 @@ def test_the_quick_start_admin_token_is_not_sent_to_another_server(
     assert client_calls[0]["token"] == ""
 
 
-def test_an_explicit_data_dir_is_used_for_any_server(invoke, quick_start_dir, client_calls) -> None:
+def test_a_data_dir_on_the_command_line_is_used_for_any_server(invoke, quick_start_dir,
+                                                               client_calls) -> None:
     data_dir = str(quick_start_dir / "keygrants-data")
     invoke(["key", "list", "--addr", "https://kms.example", "--data-dir", data_dir],
            env={"KEYGRANTS_DATA_DIR": None})
+    # KEYGRANTS_DATA_DIR is the server's own setting, exported where one runs: not for another
     invoke(["key", "list", "--addr", "https://kms.example"], env={"KEYGRANTS_DATA_DIR": data_dir})
-    assert [c["token"] for c in client_calls] == ["kg_admin_local", "kg_admin_local"]
+    invoke(["key", "list", "--addr", "http://127.0.0.1:8650"],
+           env={"KEYGRANTS_DATA_DIR": data_dir})
+    assert [c["token"] for c in client_calls] == ["kg_admin_local", "", "kg_admin_local"]
 
 
 def test_the_quick_start_admin_token_goes_to_a_loopback_server(invoke, stub, quick_start_dir) -> None:

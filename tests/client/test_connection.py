@@ -427,3 +427,16 @@ class _Sink:
 def test_the_error_tree_has_no_response_under_server_unreachable() -> None:
     assert errors.error_from_code("no_response", "m").__class__ is errors.NoResponse
     assert "no_response" in (errors.__doc__ or "")
+
+
+def test_a_network_transport_of_the_callers_own_is_held_to_the_http_rule() -> None:
+    """Only transports that answer in-process are exempt: an HTTPTransport (with retries,
+    say) puts the token on the network like the default one."""
+    for make in (lambda: Client("http://kms.example:8650", token="t",
+                                transport=httpx.HTTPTransport(retries=2)),
+                 lambda: Verifier("http://kms.example:8650", transport=httpx.HTTPTransport())):
+        with pytest.raises(ValueError, match="refusing plain http://"):
+            make()
+    with Client("http://kms.example:8650", token="t",
+                transport=httpx.MockTransport(lambda r: httpx.Response(200))):
+        pass

@@ -218,7 +218,9 @@ async def test_the_server_nonce_is_retried_once_then_reused() -> None:
         created = await s.admin.create_grant("enc", "svc", ["encrypt"],
                                              dpop_jkt=proof_key_thumbprint(key))
         recorder = Recorder(world.app)
-        async with AsyncClient("http://test", token=s.svc_key, grant=created.token, dpop_key=key,
+        # the recording transport is not an in-process one httpx knows: opt in to http://
+        async with AsyncClient("http://test", allow_insecure_http=True, token=s.svc_key,
+                               grant=created.token, dpop_key=key,
                                transport=recorder.transport()) as svc:
             await svc.encrypt("enc", b"1")
             assert len(recorder.requests) == 2  # refused with a nonce, then sent again with it

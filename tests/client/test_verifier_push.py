@@ -54,7 +54,7 @@ async def test_pushed_revocations_apply_before_the_next_pull() -> None:
         created = await admin.create_grant("enc", "svc", ["decrypt"])
         assert created.token is not None
         # a poll interval far longer than the test: only the push can deliver the revocation
-        verifier = AsyncVerifier("http://kms", bus_url=bus_url, poll_interval=600,
+        verifier = AsyncVerifier("http://kms", allow_insecure_http=True, bus_url=bus_url, poll_interval=600,
                                  max_staleness=900, transport=httpx.ASGITransport(app=kms.app))
         await verifier.verify(created.token)
         await admin.revoke_grant(created.grant.id)
@@ -82,7 +82,7 @@ async def test_a_heartbeat_ahead_makes_the_verifier_pull_and_forgeries_revoke_no
             kms_requests.append(request.url.path)
             return await self.inner.handle_async_request(request)
 
-    verifier = AsyncVerifier("http://kms", bus_url=bus_url, poll_interval=600,
+    verifier = AsyncVerifier("http://kms", allow_insecure_http=True, bus_url=bus_url, poll_interval=600,
                              max_staleness=900, transport=Counting())
     await verifier.verify(first.token)
     bus = open_bus(bus_url)
@@ -267,7 +267,7 @@ async def test_a_revocation_pushed_right_after_another_is_not_left_for_a_heartbe
         await admin.create_key("enc")
         await admin.create_principal("svc")
         made = [await admin.create_grant("enc", "svc", ["decrypt"]) for _ in range(2)]
-        verifier = AsyncVerifier("http://kms", bus_url=bus_url, poll_interval=600,
+        verifier = AsyncVerifier("http://kms", allow_insecure_http=True, bus_url=bus_url, poll_interval=600,
                                  max_staleness=900, transport=httpx.ASGITransport(app=kms.app),
                                  clock=lambda: frozen)
         for m in made:
@@ -303,7 +303,7 @@ def test_concurrent_first_verifies_start_one_bus_thread_and_close_stops_it(
 
     kms = FakeKMS(time.time)
     _, token = kms.mint()
-    v = Verifier("http://kms", audience="svc", bus_url=f"memory://race-{uuid.uuid4().hex[:8]}",
+    v = Verifier("http://kms", allow_insecure_http=True, audience="svc", bus_url=f"memory://race-{uuid.uuid4().hex[:8]}",
                  transport=kms.transport())
     barrier = threading.Barrier(callers)
     errors_seen: list[BaseException] = []

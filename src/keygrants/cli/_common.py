@@ -79,10 +79,11 @@ class State:
 
     def __init__(self, addr: str | None, token: str | None, data_dir: str | None,
                  as_json: bool, *, ca_file: str | None = None, client_cert: str | None = None,
-                 client_key: str | None = None) -> None:
+                 client_key: str | None = None, data_dir_given: bool = False) -> None:
         self.addr = addr
         self.token = token
         self.data_dir = data_dir
+        self.data_dir_given = data_dir_given
         self.as_json = as_json
         self.ca_file = ca_file
         self.client_cert = client_cert
@@ -136,10 +137,13 @@ class State:
             raise InvalidRequest(f"invalid server address {self.addr or ''!r}: {exc}") from None
 
     def _admin_token(self) -> str | None:
-        """``admin.token`` of the data directory: one given explicitly, or ``./keygrants-data``
-        when the server is on this machine (a loopback address) and no client certificate
-        (an identity of its own) is presented."""
-        if self.data_dir is None and (self.client_cert or not is_loopback(self.addr or DEFAULT_ADDR)):
+        """``admin.token`` of the data directory: one given on the command line
+        (``--data-dir``), or the one of ``KEYGRANTS_DATA_DIR`` (or ``./keygrants-data``) when
+        the server is on this machine (a loopback address) and no client certificate (an
+        identity of its own) is presented. The variable alone does not do for another server:
+        it is the server's own setting, exported on the machines that run one."""
+        if not self.data_dir_given and (self.client_cert
+                                        or not is_loopback(self.addr or DEFAULT_ADDR)):
             return None
         data_dir = Path(self.data_dir or "./keygrants-data")
         try:
@@ -270,8 +274,10 @@ def common(fn: F) -> F:
                 data_dir: str | None, ca_file: str | None, client_cert: str | None,
                 client_key: str | None, as_json: bool, **kwargs: Any) -> Any:
         try:
+            source = click.get_current_context().get_parameter_source("data_dir")
             state = State(addr, read_token(token, token_file), data_dir, as_json,
-                          ca_file=ca_file, client_cert=client_cert, client_key=client_key)
+                          ca_file=ca_file, client_cert=client_cert, client_key=client_key,
+                          data_dir_given=source is click.core.ParameterSource.COMMANDLINE)
             return fn(state, **kwargs)
         except KeygrantsError as exc:
             exc.message = redact_userinfo(exc.message, addr)

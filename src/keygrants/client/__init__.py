@@ -36,6 +36,7 @@ from keygrants import models as m
 from keygrants.client._connection import (
     INSECURE_HTTP_ENV,
     insecure_http_allowed,
+    off_network,
     redact_address,
     server_url,
     tls_verify,
@@ -611,7 +612,7 @@ class Client:
                  timeout: float = 10.0, transport: httpx.BaseTransport | None = None,
                  verify: bool | str | os.PathLike[str] = True, grant: str | None = None,
                  dpop_key: SigningKey | None = None, allow_insecure_http: bool = False) -> None:
-        self.addr = _base_url(addr, own_transport=transport is not None,
+        self.addr = _base_url(addr, own_transport=off_network(transport),
                               allow_insecure_http=allow_insecure_http)
         self._shown_addr = redact_address(self.addr)
         token, auth = _credentials(token, principal, key_file, signing_key)
@@ -1111,7 +1112,7 @@ class AsyncClient:
                  timeout: float = 10.0, transport: httpx.AsyncBaseTransport | None = None,
                  verify: bool | str | os.PathLike[str] = True, grant: str | None = None,
                  dpop_key: SigningKey | None = None, allow_insecure_http: bool = False) -> None:
-        self.addr = _base_url(addr, own_transport=transport is not None,
+        self.addr = _base_url(addr, own_transport=off_network(transport),
                               allow_insecure_http=allow_insecure_http)
         self._shown_addr = redact_address(self.addr)
         token, auth = _credentials(token, principal, key_file, signing_key)

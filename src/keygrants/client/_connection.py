@@ -9,9 +9,10 @@ verifiers. An address is checked when the object is built, never on the first re
   ``httpx.InvalidURL``;
 - ``http://`` is allowed only to a loopback host (``127.0.0.0/8``, ``::1``, ``localhost``)
   unless the caller opts in: on any other path the credentials, plaintexts and data keys (or,
-  for a verifier, the issuer keys it trusts) can be read and changed. With a transport of the
-  caller's own (``httpx.MockTransport``, ``httpx.ASGITransport``) the scheme does not decide
-  what goes on the wire, so this rule does not apply.
+  for a verifier, the issuer keys it trusts) can be read and changed. With a transport that
+  puts nothing on the network (``httpx.MockTransport``, ``httpx.ASGITransport``,
+  ``httpx.WSGITransport``: in-process) this rule does not apply; any other transport (an
+  ``httpx.HTTPTransport`` with retries, say) is held to it.
 
 Messages quote an address with its userinfo (``user:password@``) replaced by ``***``.
 """
@@ -26,8 +27,8 @@ from typing import Final
 
 import httpx
 
-__all__ = ["INSECURE_HTTP_ENV", "insecure_http_allowed", "is_loopback_host", "redact_address", "server_url",
-           "tls_verify"]
+__all__ = ["INSECURE_HTTP_ENV", "insecure_http_allowed", "is_loopback_host", "off_network",
+           "redact_address", "server_url", "tls_verify"]
 
 INSECURE_HTTP_ENV: Final = "KEYGRANTS_ALLOW_INSECURE_HTTP"
 _SCHEMES: Final = ("http", "https")
@@ -65,8 +66,8 @@ def server_url(addr: str, *, allow_insecure_http: bool, own_transport: bool,
     Args:
         addr: ``https://HOST:PORT`` (``http://`` for a loopback host), with an optional path.
         allow_insecure_http: allow ``http://`` to a host that is not loopback.
-        own_transport: the caller passed its own transport: the scheme is not checked
-            against the host.
+        own_transport: the caller's transport puts nothing on the network (see
+            :func:`off_network`): the scheme is not checked against the host.
         what: how messages name the address (``"server address"``, ``"base_url"``).
         opt_in: how messages tell the caller to opt in to plain HTTP.
 
@@ -103,6 +104,12 @@ def server_url(addr: str, *, allow_insecure_http: bool, own_transport: bool,
             "the network path could read and change what is sent and received; use https://"
             + (f", or {opt_in} if the path is trusted" if opt_in else ""))
     return addr.rstrip("/")
+
+
+def off_network(transport: object) -> bool:
+    """Whether ``transport`` answers in-process (a mock, or an ASGI/WSGI app called
+    directly), so that nothing of a request crosses a network whatever its URL says."""
+    return isinstance(transport, (httpx.MockTransport, httpx.ASGITransport, httpx.WSGITransport))
 
 
 def _is_ip(host: str) -> bool:

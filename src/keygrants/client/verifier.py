@@ -46,7 +46,7 @@ from typing import Any, Final
 
 import httpx
 
-from keygrants.client._connection import server_url, tls_verify
+from keygrants.client._connection import off_network, server_url, tls_verify
 from keygrants.crypto.signing import b64url
 from keygrants.errors import (
     GrantDenied,
@@ -337,7 +337,7 @@ class Verifier:
                  transport: httpx.BaseTransport | None = None, issuer: str | None = None,
                  allow_insecure_http: bool = False) -> None:
         _check_bus(bus_url)
-        base_url = _kms_url(base_url, transport is not None, allow_insecure_http)
+        base_url = _kms_url(base_url, off_network(transport), allow_insecure_http)
         self._state = _State(audience=audience, issuer=issuer, max_staleness=max_staleness,
                              leeway=leeway, refetch_interval=refetch_interval,
                              poll_interval=poll_interval or max_staleness / 5, clock=clock)
@@ -522,7 +522,7 @@ class AsyncVerifier:
                  transport: httpx.AsyncBaseTransport | None = None, issuer: str | None = None,
                  allow_insecure_http: bool = False) -> None:
         _check_bus(bus_url)
-        base_url = _kms_url(base_url, transport is not None, allow_insecure_http)
+        base_url = _kms_url(base_url, off_network(transport), allow_insecure_http)
         self._state = _State(audience=audience, issuer=issuer, max_staleness=max_staleness,
                              leeway=leeway, refetch_interval=refetch_interval,
                              poll_interval=poll_interval or max_staleness / 5, clock=clock)
