@@ -3,9 +3,11 @@ can publish on the bus can send one)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from keygrants.grants.push import decode_message, entry_message, heartbeat_message
+from keygrants.grants.push import SUBJECT, decode_message, entry_message, heartbeat_message
 from keygrants.grants.revocation import RevocationEntry
 
 
@@ -81,3 +83,45 @@ def test_failing_heartbeats_are_logged_once_a_minute_not_once_each(caplog) -> No
     failing = [r for r in caplog.records if "could not push a revocation heartbeat" in r.message]
     assert len(failing) == 1
     assert any("pushed again after" in r.message for r in caplog.records)
+
+
+@pytest.mark.anyio
+async def test_entries_made_durable_together_are_one_push_of_the_newest() -> None:
+    """A push is only a trigger (the receiver pulls the feed): a revoke-all's batch of 2,000
+    entries used to be 2,000 messages, and subscribers dropped most of them."""
+    import asyncio
+
+    from keygrants.bus import open_bus
+    from keygrants.grants.push import RevocationPublisher
+    from keygrants.grants.revocation import RevocationEntry
+
+    bus_url = f"memory://one-push-{os.urandom(4).hex()}"
+    received: list[bytes] = []
+    listener = open_bus(bus_url)
+    await listener.connect()
+
+    async def on_message(data: bytes) -> None:
+        received.append(data)
+
+    await listener.subscribe(SUBJECT, on_message)
+    publisher = RevocationPublisher(open_bus(bus_url), lambda: 0, interval=3600)
+    await publisher.start()
+    try:
+        batch = [RevocationEntry(kind="grant", id=f"g{i}", revoked_at=1, expires_at=2, seq=seq)
+                 for i, seq in enumerate((7, 9, 8))]
+        publisher.publish_entries(batch)
+        deadline = asyncio.get_running_loop().time() + 10  # a guard against a hang
+        while not any(b'"type":"revocation"' in m for m in received):
+            assert asyncio.get_running_loop().time() < deadline, "nothing was pushed"
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)  # anything else published with it has arrived too
+        pushed = [decode_message(m) for m in received if b'"type":"revocation"' in m]
+        assert [e.seq for e in pushed] == [9]  # type: ignore[union-attr]
+    finally:
+        await publisher.stop()
+        await listener.close()
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"

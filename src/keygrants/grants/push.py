@@ -2,8 +2,10 @@
 
 Subject ``keygrants.revocations``, JSON messages:
 
-- ``{"type": "revocation", "seq", "kind", "id", "revoked_at", "expires_at", "reason"}``: one
-  feed entry, as ``/v1/revocations`` serves it, published as soon as the entry is durable;
+- ``{"type": "revocation", "seq", "kind", "id", "revoked_at", "expires_at", "reason"}``: a
+  feed entry, as ``/v1/revocations`` serves it, published as soon as it is durable; of entries
+  made durable together (a revoke-all's batch of up to 2,000) only the newest is published:
+  the message is a trigger, and the pull it causes fetches them all;
 - ``{"type": "heartbeat", "latest": SEQ, "time": UNIX}``: every second, the feed's newest
   sequence number, so a subscriber that missed a push pulls the feed when ``latest`` is ahead
   of what it has seen.
@@ -113,10 +115,13 @@ class RevocationPublisher:
             loop.create_task(self._send_to(CHANGES_SUBJECT, [change_message(what, node)]))
 
     def publish_entries(self, entries: Sequence[RevocationEntry]) -> None:
+        """Push the newest of ``entries`` (made durable together): subscribers pull the feed
+        on it and get every one. One message per entry used to flood them during a large
+        revoke-all (2,000 per batch: "too slow; dropping messages")."""
         loop = self._loop
         if loop is None or not entries:
             return
-        messages = [entry_message(e) for e in entries]
+        messages = [entry_message(max(entries, key=lambda e: e.seq))]
         loop.call_soon_threadsafe(lambda: loop.create_task(self._send(messages)))
 
     async def _send(self, messages: list[bytes]) -> None:
