@@ -140,6 +140,7 @@ class FakeKMS:
         self.latest = 0
         self.requests: list[str] = []
         self.next_since = False
+        self.page_size: int | None = None  # entries per feed page (None: all on one)
 
     def transport(self) -> httpx.MockTransport:
         return httpx.MockTransport(self._handle)
@@ -152,7 +153,9 @@ class FakeKMS:
         since = int(request.url.params.get("since", "0"))
         now = self.clock()  # the KMS drops what has expired, as its stores do
         entries = [e for e in self.entries if e["seq"] > since and e["expires_at"] > now]
-        doc: dict[str, Any] = {"entries": entries, "latest": self.latest, "more": False}
+        more = self.page_size is not None and len(entries) > self.page_size
+        entries = entries[:self.page_size] if more else entries
+        doc: dict[str, Any] = {"entries": entries, "latest": self.latest, "more": more}
         if self.next_since:  # as the KMS answers now (an older one did not)
             doc["next_since"] = max(since, self.latest)
         return httpx.Response(200, json=doc)

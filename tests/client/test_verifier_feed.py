@@ -134,3 +134,35 @@ def test_a_verifier_whose_newest_entries_expired_stops_asking_for_them() -> None
         v.pull_revocations()
         assert state.feed_seq == kms.latest == 4
         assert _Pushed.handle(state, heartbeat_message(kms.latest, clock())) is None
+
+
+def test_a_backlog_is_caught_up_over_several_calls_once_the_view_is_fresh(monkeypatch) -> None:
+    """A revoke-all of many grants used to make the one verify() that polled next pull the
+    whole backlog (seconds); a first pull, which the verifier cannot answer without, still
+    pulls everything."""
+    from keygrants.client import verifier as vmod
+
+    monkeypatch.setattr(vmod, "CATCH_UP_PAGES", 2)
+    clock = Clock()
+    kms = FakeKMS(clock)
+    kms.page_size = 2
+    early = [kms.mint() for _ in range(5)]
+    for grant, _ in early:
+        kms.revoke(grant)
+    _, token = kms.mint()
+    with Verifier("http://kms", audience="svc", poll_interval=1, clock=clock,
+                  transport=kms.transport()) as v:
+        v.verify(token)  # the first pull: all three pages in one call
+        assert len([r for r in kms.requests if "since=" in r]) == 3
+        for grant, _ in (late := [kms.mint() for _ in range(9)]):
+            kms.revoke(grant)  # five more pages
+        clock.now += 1
+        kms.requests.clear()
+        v.verify(token)  # two pages, then the request is answered
+        assert len(kms.requests) == 2
+        with pytest.raises(errors.GrantRevoked):
+            v.verify(late[0][1])  # on a page already pulled
+        assert len(kms.requests) == 4  # the next call went on with the backlog, at once
+        with pytest.raises(errors.GrantRevoked):
+            v.verify(late[-1][1])  # the last page: pulled by this call
+        assert len(kms.requests) == 5

@@ -71,6 +71,9 @@ JWKS_PATH: Final = "/.well-known/jwks.json"
 REVOCATIONS_PATH: Final = "/v1/revocations"
 _DEFAULT_MAX_AGE: Final = 300
 _MAX_JWKS_BYTES: Final = 256 * 1024
+#: Feed pages (1,000 entries each from keygrants) one ``verify`` pulls at most once the view
+#: is fresh; the rest of a backlog is pulled by the next calls.
+CATCH_UP_PAGES: Final = 4
 _CACHE_SIZE: Final = 10_000
 _BUS_PULL_SPACING: Final = 0.005
 _BUS_RETRY: Final = 5.0  # seconds between attempts to subscribe while the bus is unreachable
@@ -160,6 +163,14 @@ class _State:
             self.jwks_seq = seq if isinstance(seq, int) else self.jwks_seq
             self.keys_expire_at = self.clock() + max_age
             self.key_error = None
+
+    def pages_per_call(self) -> int | None:
+        """How many feed pages one ``verify`` may pull: all of them until the view is fresh
+        the first time (it cannot vouch for a token before); then :data:`CATCH_UP_PAGES`, so
+        that a backlog (after a revoke-all of many grants) is caught up over several calls
+        instead of stalling one request for seconds. The view answers meanwhile from what it
+        has, within ``max_staleness`` of its last complete pull, as between two polls."""
+        return None if self.feed_fresh_at is None else CATCH_UP_PAGES
 
     def apply_feed(self, doc: object, started: float) -> bool:
         """Apply one page; return whether more follow."""
@@ -456,12 +467,18 @@ class Verifier:
             raise ServerUnreachable("the JWKS is too large")
         s.apply_jwks(r.json(), _max_age(r.headers))
 
-    def pull_revocations(self) -> None:
-        """Pull every feed entry after the last one seen."""
+    def pull_revocations(self, *, max_pages: int | None = None) -> bool:
+        """Pull the feed entries after the last one seen: every page, or at most
+        ``max_pages``. Return whether the pull is complete (only a complete pull makes the
+        view fresh)."""
         s = self._state
         started = s.clock()
+        pages = 0
         while s.apply_feed(self._get(REVOCATIONS_PATH, {"since": s.feed_seq}).json(), started):
-            pass
+            pages += 1
+            if max_pages is not None and pages >= max_pages:
+                return False
+        return True
 
     def _maintain(self, unknown_kid: bool = False) -> None:
         """Refresh what is due, keeping the last good state when the KMS does not answer."""
@@ -481,8 +498,8 @@ class Verifier:
             try:
                 if s.clock() >= s.next_poll:  # re-checked: a request that waited on the
                     # lock finds the pull another one just made
-                    self.pull_revocations()
-                    s.next_poll = s.clock() + s.poll_interval
+                    complete = self.pull_revocations(max_pages=s.pages_per_call())
+                    s.next_poll = s.clock() + (s.poll_interval if complete else 0.0)
             except (KeygrantsError, ValueError, KeyError, TypeError):
                 s.next_poll = s.clock() + min(s.poll_interval, 1.0)  # staleness decides
 
@@ -593,13 +610,17 @@ class AsyncVerifier:
             raise ServerUnreachable("the JWKS is too large")
         self._state.apply_jwks(r.json(), _max_age(r.headers))
 
-    async def pull_revocations(self) -> None:
-        """Pull every feed entry after the last one seen."""
+    async def pull_revocations(self, *, max_pages: int | None = None) -> bool:
+        """Pull the feed entries after the last one seen (see :meth:`Verifier.pull_revocations`)."""
         s = self._state
         started = s.clock()
+        pages = 0
         while s.apply_feed((await self._get(REVOCATIONS_PATH, {"since": s.feed_seq})).json(),
                            started):
-            pass
+            pages += 1
+            if max_pages is not None and pages >= max_pages:
+                return False
+        return True
 
     async def _maintain(self, unknown_kid: bool = False) -> None:
         s = self._state
@@ -618,8 +639,8 @@ class AsyncVerifier:
             try:
                 if s.clock() >= s.next_poll:  # re-checked: a request that waited on the
                     # lock finds the pull another one just made
-                    await self.pull_revocations()
-                    s.next_poll = s.clock() + s.poll_interval
+                    complete = await self.pull_revocations(max_pages=s.pages_per_call())
+                    s.next_poll = s.clock() + (s.poll_interval if complete else 0.0)
             except (KeygrantsError, ValueError, KeyError, TypeError):
                 s.next_poll = s.clock() + min(s.poll_interval, 1.0)
 
