@@ -41,7 +41,7 @@ from keygrants.audit.log import _MAX_DEFERRALS, AuditLog, _Pending, _resolve, _S
 from keygrants.audit.merkle import leaf_hash
 from keygrants.audit.note import NoteSigner
 from keygrants.errors import AuditUnavailable, InvalidRequest
-from keygrants.store.postgres import _watchdog
+from keygrants.store.postgres import watchdog
 
 __all__ = ["SCHEMA", "PostgresAuditLog"]
 
@@ -208,7 +208,7 @@ class PostgresAuditLog(AuditLog):
             if self.failing:
                 raise psycopg.OperationalError("simulated audit store failure")
             deadline = time.monotonic() + self.commit_timeout * 4  # lock_timeout, then some
-            with _watchdog.watch(self._db, deadline, owner=self), self._db.transaction():
+            with watchdog.watch(self._db, deadline, owner=self), self._db.transaction():
                 self._db.execute("SELECT pg_advisory_xact_lock(%s)", (_APPEND_LOCK,))
                 self._catch_up()
                 staged = self._stage(batch, force_checkpoint=force_checkpoint)
@@ -290,7 +290,7 @@ class PostgresAuditLog(AuditLog):
         self._stop.set()  # the checkpointer stops; a connection lost now is not replaced
         self._pool.shutdown(wait=False)
         if not self._lock.acquire(timeout=timeout):
-            _watchdog.hurry(self, time.monotonic())  # a commit is stuck: cut it off
+            watchdog.hurry(self, time.monotonic())  # a commit is stuck: cut it off
             if not self._lock.acquire(timeout=_CLOSE_GRACE):
                 self._closed = True
                 log.error("audit: closed without a final checkpoint: a commit did not end")
@@ -300,7 +300,7 @@ class PostgresAuditLog(AuditLog):
                 try:
                     # failures are logged by _commit
                     with contextlib.suppress(psycopg.Error), \
-                            _watchdog.watch(self._db, deadline, owner=self):
+                            watchdog.watch(self._db, deadline, owner=self):
                         self._commit([], force_checkpoint=True)
                 finally:
                     self._closed = True

@@ -84,7 +84,7 @@ from keygrants.store.base import (
     ended_grant_entries,
 )
 
-__all__ = ["SCHEMA_VERSION", "PostgresStore"]
+__all__ = ["SCHEMA_VERSION", "PostgresStore", "watchdog"]
 
 log = logging.getLogger("keygrants.store")
 
@@ -399,7 +399,8 @@ def _shut_down(fd: int) -> None:
         pass
 
 
-_watchdog: Final = _Watchdog()
+#: The process's one watchdog, shared by the PostgreSQL store and the PostgreSQL audit log.
+watchdog: Final = _Watchdog()
 
 
 class _CappedBackoff(AttemptWithBackoff):
@@ -568,7 +569,7 @@ class PostgresStore:
                     if wait <= 0:
                         raise PoolTimeout()
                     with self._pool.connection(timeout=wait) as conn, \
-                            _watchdog.watch(conn, deadline, owner=self) as watched:
+                            watchdog.watch(conn, deadline, owner=self) as watched:
                         try:
                             if one_statement:
                                 result = fn(conn)
@@ -1096,6 +1097,6 @@ class PostgresStore:
             if self._closed:
                 return
             self._closed = True  # queued inserts fail at once
-        _watchdog.hurry(self, time.monotonic() + _CLOSE_GRACE)
+        watchdog.hurry(self, time.monotonic() + _CLOSE_GRACE)
         self._writer.shutdown(wait=True)
         self._pool.close(timeout=_CLOSE_GRACE)
