@@ -143,6 +143,11 @@ T = TypeVar("T")
 SCHEDULER: Final = RequestContext(principal="system:scheduler", request_id="scheduler")
 
 
+def _nothing_done(result: object) -> bool:
+    """A batch result whose every item failed (refused by the grant, an invalid ciphertext)."""
+    return isinstance(result, m.BatchResult) and all(r.error is not None for r in result.results)
+
+
 def _audited(event_type: str, operation: str) -> Callable[[F], F]:
     """Record the outcome of a use case: ``ok`` with the key and version it acted on, or
     ``denied``/``error`` with the error code. State changes also record a ``requested``
@@ -153,8 +158,9 @@ def _audited(event_type: str, operation: str) -> Callable[[F], F]:
         def wrapper(self: KMS, ctx: RequestContext, *args: Any, **kwargs: Any) -> Any:
             try:
                 result = fn(self, ctx, *args, **kwargs)
-                if ctx.grant is not None:
+                if ctx.grant is not None and not _nothing_done(result):
                     # a limited grant's use is counted only now that the operation succeeded
+                    # (a batch whose every item failed did nothing: it counts no use)
                     finish = getattr(self._authorizer, "finish_use", None)
                     if finish is not None:
                         finish(ctx)

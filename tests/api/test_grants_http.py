@@ -685,6 +685,27 @@ async def test_revoke_all_ends_grants_in_batches_with_entries_kept_until_each_ex
         assert feed[gid]["expires_at"] == g.expires_at + leeway
 
 
+async def test_a_batch_whose_every_item_failed_counts_no_use(world, http) -> None:
+    """Every item refused by the grant (another key) or failing (a damaged ciphertext) used to
+    answer 200 and spend a use: a limited grant could be used up with nothing decrypted."""
+    created = (await create(http, world, max_uses=2)).json()
+    grant_id, token = created["grant"]["id"], created["token"]
+    for items in ([{"ciphertext": b64(world.sealed["off"])}],  # under key "off": not granted
+                  [{"ciphertext": b64(world.ciphertext[:-1] + b"x"), "context": world.CONTEXT}]):
+        r = await http.post("/v1/decrypt-batch", headers=svc(world, token), json={"items": items})
+        assert r.status_code == 200, r.text
+        assert [i["error"]["code"] for i in r.json()["results"]] in (
+            ["key_not_granted"], ["invalid_ciphertext"])
+    grant = world.store.get_grant(grant_id)
+    assert grant is not None and grant.uses == 0
+    good = {"ciphertext": b64(world.ciphertext), "context": world.CONTEXT}
+    r = await http.post("/v1/decrypt-batch", headers=svc(world, token),
+                        json={"items": [good, {"ciphertext": b64(world.sealed["off"])}]})
+    assert r.json()["results"][0]["plaintext"] == b64(world.PLAINTEXT)
+    grant = world.store.get_grant(grant_id)
+    assert grant is not None and grant.uses == 1  # one item done: the request counts
+
+
 async def test_refused_or_failed_requests_count_no_use(world, http) -> None:
     token = (await create(http, world, operations=["re_encrypt", "decrypt"], max_uses=2)).json()
     grant_id, token = token["grant"]["id"], token["token"]
