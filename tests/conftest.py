@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import threading
+import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, cast
 
@@ -121,3 +126,59 @@ def interleaved() -> Callable[..., Store]:
     def wrap(store: Store, method: str, act: Callable[[], object], *, times: int = 1) -> Store:
         return cast(Store, Meanwhile(store, method, act, times=times))
     return wrap
+
+
+@pytest.fixture
+def second_node(store: Store, request: pytest.FixtureRequest) -> Iterator[Store]:
+    """Another store object on the database of ``store`` (a second server node)."""
+    if isinstance(store, MemoryStore):
+        yield store  # one process's memory: the same object
+        return
+    other: Store
+    if isinstance(store, SQLiteStore):
+        other = SQLiteStore(Path(store.path))
+    else:
+        from keygrants.store.postgres import PostgresStore
+
+        other = PostgresStore(request.getfixturevalue("postgres_url"))
+    yield other
+    other.close()
+
+
+@contextlib.contextmanager
+def _uvicorn_thread(app_for_port: Callable[[int], Any], **options: Any) -> Iterator[int]:
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = int(sock.getsockname()[1])
+    try:
+        app = app_for_port(port)
+    except BaseException:
+        sock.close()
+        raise
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, **options))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20  # a guard against a hang, not a timing
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                pytest.fail("the uvicorn server thread did not start")
+            time.sleep(0.02)
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+        sock.close()
+        assert not thread.is_alive(), "the uvicorn server thread did not stop"
+
+
+@pytest.fixture(scope="session")
+def uvicorn_thread() -> Callable[..., AbstractContextManager[int]]:
+    """``with uvicorn_thread(app_for_port, **config) as port:``: the app that
+    ``app_for_port(port)`` returns, served by uvicorn in a thread on a loopback socket bound
+    first (no other process can take the port between choosing and listening); ``config``
+    goes to ``uvicorn.Config`` (``lifespan="on"`` for a keygrants server)."""
+    return _uvicorn_thread

@@ -5,8 +5,7 @@ re-read and retry). Runs against every store implementation."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -16,27 +15,6 @@ from keygrants.auth import RequestContext
 from keygrants.errors import Conflict
 from keygrants.service import KMS
 from keygrants.store.base import Store
-from keygrants.store.memory import MemoryStore
-from keygrants.store.sqlite import SQLiteStore
-
-
-@pytest.fixture
-def second_node(store: Store, request: pytest.FixtureRequest) -> Iterator[Store]:
-    """Another store object on the database of ``store`` (a second server node)."""
-    if isinstance(store, MemoryStore):
-        yield store  # one process's memory: the same object
-        return
-    other: Store
-    if isinstance(store, SQLiteStore):
-        other = SQLiteStore(Path(store.path))
-    else:
-        from keygrants.store.postgres import PostgresStore
-
-        other = PostgresStore(request.getfixturevalue("postgres_url"))
-    yield other
-    other.close()
-
-
 
 
 @pytest.fixture

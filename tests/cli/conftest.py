@@ -3,11 +3,9 @@ and a stub HTTP server that records what the CLI sends."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -16,39 +14,11 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import pytest
-import uvicorn
 from click.testing import CliRunner, Result
 
 from keygrants.cli import main
-from keygrants.server import ServerConfig, build_server
 
 Invoke = Callable[..., Result]
-
-
-@contextlib.contextmanager
-def served(config: Callable[[int], ServerConfig], **options: Any) -> Iterator[int]:
-    """A keygrants server built in this process from ``config(port)`` and run by uvicorn in a
-    thread on a free loopback port (``options`` go to ``uvicorn.Config``); yields the port."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    built = build_server(config(port))
-    uv = uvicorn.Server(uvicorn.Config(built.app, lifespan="on", log_level="warning",
-                                       access_log=False, **options))
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not uv.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            pytest.fail("the uvicorn server thread did not start")
-        time.sleep(0.02)
-    try:
-        yield port
-    finally:
-        uv.should_exit = True
-        thread.join(timeout=15)
-        sock.close()
 
 
 @pytest.fixture

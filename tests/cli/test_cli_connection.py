@@ -27,9 +27,7 @@ from keygrants.auth.authenticator import AuthSettings
 from keygrants.cli import _common
 from keygrants.crypto.signing import SigningKey
 from keygrants.errors import InvalidRequest
-from keygrants.server import ServerConfig
-
-from .conftest import served
+from keygrants.server import ServerConfig, build_server
 
 RANDOM = (200, {"random": base64.b64encode(b"\x00\x01").decode()})
 WHOAMI = (200, {"principal": "svc", "credential": "c1", "auth_method": "signature"})
@@ -396,7 +394,7 @@ class TlsServer:
 
 
 @pytest.fixture(scope="module")
-def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsServer]:
+def tls_server(tmp_path_factory: pytest.TempPathFactory, uvicorn_thread: Any) -> Iterator[TlsServer]:
     """``keygrants server --tls-cert … --tls-key … --client-ca …`` (built in this process)."""
     base = tmp_path_factory.mktemp("tls-cli")
     ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -406,9 +404,9 @@ def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsServer]:
     svc = _issue(base / "svc", "svc", ca_key, san=x509.DNSName("svc.internal"))
     data_dir = base / "data"
     auth = AuthSettings(methods=frozenset({"signature", "api_key", "mtls", "admin_token"}))
-    with served(lambda port: ServerConfig(
+    with uvicorn_thread(lambda port: build_server(ServerConfig(
             data_dir=data_dir, listen=f"127.0.0.1:{port}", auth=auth, tls_cert=Path(server_cert),
-            tls_key=Path(server_key), client_ca=Path(ca)),
+            tls_key=Path(server_key), client_ca=Path(ca))).app, lifespan="on",
             http=protocol_class(), **server_ssl_options(server_cert, server_key, ca)) as port:
         yield TlsServer(f"https://127.0.0.1:{port}", data_dir, ca, svc)
 

@@ -10,6 +10,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
@@ -17,9 +18,7 @@ from click.testing import CliRunner, Result
 from keygrants.cli import main
 from keygrants.crypto.signing import SigningKey
 from keygrants.grants.dpop import proof_key_thumbprint
-from keygrants.server import ServerConfig
-
-from .conftest import served
+from keygrants.server import ServerConfig, build_server
 
 _names = itertools.count()
 CT = "AQAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
@@ -63,9 +62,10 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def server(tmp_path_factory: pytest.TempPathFactory, uvicorn_thread: Any) -> Iterator[Server]:
     data_dir = tmp_path_factory.mktemp("grant-cli") / "data"
-    with served(lambda port: ServerConfig(data_dir=data_dir, listen=f"127.0.0.1:{port}")) as port:
+    with uvicorn_thread(lambda port: build_server(ServerConfig(
+            data_dir=data_dir, listen=f"127.0.0.1:{port}")).app, lifespan="on") as port:
         yield Server(f"http://127.0.0.1:{port}", data_dir)
 
 

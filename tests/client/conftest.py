@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +11,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from keygrants.access import open_access
 from keygrants.api.app import KeygrantsApp, create_app
@@ -88,35 +85,19 @@ class LiveServer:
 
 
 @pytest.fixture(scope="module")
-def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    """``build_server`` on a SQLite data dir, served by uvicorn in a thread on a free port.
-
-    The listening socket is bound here and handed to uvicorn, so no other process can take
-    the port between choosing and listening.
-    """
+def live_server(tmp_path_factory: pytest.TempPathFactory,
+                uvicorn_thread: Any) -> Iterator[LiveServer]:
+    """``build_server`` on a SQLite data dir, served by uvicorn in a thread on a free port."""
     data_dir = tmp_path_factory.mktemp("server") / "data"
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    built = build_server(ServerConfig(data_dir=data_dir, listen=f"127.0.0.1:{port}"))
-    config = uvicorn.Config(built.app, lifespan="on", log_level="warning", access_log=False)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            pytest.fail("the uvicorn server thread did not start")
-        time.sleep(0.02)
-    try:
+    built: list[Any] = []
+
+    def app(port: int) -> Any:
+        built.append(build_server(ServerConfig(data_dir=data_dir, listen=f"127.0.0.1:{port}")))
+        return built[0].app
+
+    with uvicorn_thread(app, lifespan="on") as port:
         yield LiveServer(url=f"http://127.0.0.1:{port}",
-                         token=built.admin_token_path.read_text().strip(), data_dir=data_dir)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
-        sock.close()
-        assert not thread.is_alive(), "the uvicorn server thread did not stop"
+                         token=built[0].admin_token_path.read_text().strip(), data_dir=data_dir)
 
 
 @pytest.fixture

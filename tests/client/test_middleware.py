@@ -4,17 +4,12 @@ junk that must be a 4xx refusal, never a server error (here and at the KMS itsel
 
 from __future__ import annotations
 
-import contextlib
 import json
-import socket
-import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
@@ -84,30 +79,6 @@ def ws_scope(path: str, headers: list[tuple[bytes, bytes]] | None = None,
 
 # -- WebSockets and other connection types -------------------------------------------------------
 
-@contextlib.contextmanager
-def serve(app: Any) -> Iterator[str]:
-    """``app`` under uvicorn in a thread, on a socket bound here; yields ``host:port``."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, lifespan="off", log_level="warning",
-                                           access_log=False))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            pytest.fail("the uvicorn server thread did not start")
-        time.sleep(0.02)
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
-        sock.close()
-        assert not thread.is_alive(), "the uvicorn server thread did not stop"
-
-
 def starlette_app(v: AsyncVerifier) -> GrantMiddleware:
     async def report(request: Request) -> PlainTextResponse:
         return PlainTextResponse("report")
@@ -123,7 +94,7 @@ def starlette_app(v: AsyncVerifier) -> GrantMiddleware:
                            v, [REPORTS], public_url="http://testserver")
 
 
-def test_a_websocket_route_matching_a_rule_needs_a_grant_under_uvicorn() -> None:
+def test_a_websocket_route_matching_a_rule_needs_a_grant_under_uvicorn(uvicorn_thread: Any) -> None:
     """The repro of the review, end to end: uvicorn (which offers the websocket.http.response
     extension) answers a refused handshake with the error response."""
     from websockets.exceptions import InvalidStatus
@@ -132,7 +103,9 @@ def test_a_websocket_route_matching_a_rule_needs_a_grant_under_uvicorn() -> None
     kms = FakeKMS(time.time)
     _, token = kms.mint()
     _, other_key = kms.mint(key_id="sandbox")
-    with serve(starlette_app(async_verifier(kms))) as url:
+    app = starlette_app(async_verifier(kms))
+    with uvicorn_thread(lambda port: app, lifespan="off") as port:
+        url = f"127.0.0.1:{port}"
         assert httpx.get(f"http://{url}/reports/42").status_code == 401
         with pytest.raises(InvalidStatus) as denied:
             connect(f"ws://{url}/reports/42/live", open_timeout=10).close()

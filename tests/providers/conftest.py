@@ -22,7 +22,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -460,30 +459,22 @@ class KeygrantsServer:
 
 
 @pytest.fixture(scope="session")
-def keygrants_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KeygrantsServer]:
-    import uvicorn
+def keygrants_server(tmp_path_factory: pytest.TempPathFactory,
+                     uvicorn_thread: Any) -> Iterator[KeygrantsServer]:
     from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
     from keygrants.client import Client
     from keygrants.server import ServerConfig, build_server
 
     data_dir = tmp_path_factory.mktemp("kg-server") / "data"
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = int(sock.getsockname()[1])
-    built = build_server(ServerConfig(data_dir=data_dir, listen=f"127.0.0.1:{port}"))
-    server = uvicorn.Server(uvicorn.Config(built.app, lifespan="on", log_level="warning",
-                                           access_log=False))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                pytest.fail("the keygrants server thread did not start")
-            time.sleep(0.02)
-        token = built.admin_token_path.read_text().strip()
+    built: list[Any] = []
+
+    def app(port: int) -> Any:
+        built.append(build_server(ServerConfig(data_dir=data_dir, listen=f"127.0.0.1:{port}")))
+        return built[0].app
+
+    with uvicorn_thread(app, lifespan="on") as port:
+        token = built[0].admin_token_path.read_text().strip()
         addr = f"http://127.0.0.1:{port}"
         with Client(addr, token=token, timeout=10) as c:
             c.create_key("enc")
@@ -493,10 +484,6 @@ def keygrants_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keygr
             sig_pem = c.get_public_key("sig").pem
         yield KeygrantsServer(addr=addr, port=port, token=token,
                               public_keys={"sig": load_pem_public_key(sig_pem.encode())})
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
-        sock.close()
 
 
 @pytest.fixture(scope="session")
