@@ -1,13 +1,15 @@
 """Files: writing secret ones (mode 0600 from creation, never through a planted symlink,
-durable), and telling whether a path still names the file opened."""
+durable), telling whether one is readable by others, and whether a path still names the
+file opened."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import stat
 from pathlib import Path
 
-__all__ = ["file_identity", "write_private_file"]
+__all__ = ["exposed_mode", "file_identity", "write_private_file"]
 
 
 def write_private_file(path: Path, data: bytes) -> None:
@@ -36,3 +38,18 @@ def file_identity(path: str | os.PathLike[str]) -> tuple[int, int] | None:
     except OSError:
         return None
     return st.st_dev, st.st_ino
+
+
+def exposed_mode(path: str | os.PathLike[str]) -> int | None:
+    """The permission bits of a private key or secret file that group or others may access
+    (POSIX mode ``& 0o077``); ``None`` when they may not, off POSIX, or when the file cannot be
+    examined (reading it will say why)."""
+    if os.name != "posix":
+        return None  # Windows modes do not say who may read a file
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if not stat.S_ISREG(mode) or not mode & 0o077:
+        return None
+    return stat.S_IMODE(mode)

@@ -21,9 +21,9 @@ import click
 import httpx
 import msgspec
 
+from keygrants._files import exposed_mode
 from keygrants.client import Client
 from keygrants.client._connection import is_loopback_host
-from keygrants.client._signing import exposed_mode
 from keygrants.crypto.signing import SigningKey
 from keygrants.durations import parse_duration
 from keygrants.errors import InvalidRequest, KeygrantsError

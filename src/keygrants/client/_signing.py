@@ -15,7 +15,6 @@ arrive on the wire.
 from __future__ import annotations
 
 import os
-import stat
 import time
 import warnings
 from collections.abc import Callable, Generator
@@ -23,6 +22,7 @@ from typing import Final
 
 import httpx
 
+from keygrants._files import exposed_mode
 from keygrants.auth.httpsig import ALGORITHMS, Message, build_target_uri, content_digest, sign_message
 from keygrants.crypto.random import nonce_bytes
 from keygrants.crypto.signing import SigningKey, b64url
@@ -41,21 +41,6 @@ __all__ = [
 NONCE_BYTES: Final = 16
 MAX_KEY_FILE: Final = 64 * 1024  # bytes: a PEM private key or shared secret file is far smaller
 _SIGNATURE_HEADERS: Final = ("Signature-Input", "Signature", "Content-Digest")
-
-
-def exposed_mode(path: str | os.PathLike[str]) -> int | None:
-    """The permission bits of a private key or secret file that group or others may access
-    (POSIX mode ``& 0o077``); ``None`` when they may not, off POSIX, or when the file cannot be
-    examined (reading it will say why)."""
-    if os.name != "posix":
-        return None  # Windows modes do not say who may read a file
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return None
-    if not stat.S_ISREG(mode) or not mode & 0o077:
-        return None
-    return stat.S_IMODE(mode)
 
 
 def private_file_problem(path: str | os.PathLike[str]) -> str | None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import stat
 import threading
 import time
 from collections import OrderedDict, deque
@@ -31,6 +30,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Final
 
+from keygrants._files import exposed_mode
 from keygrants.crypto import (
     KEY_SIZE,
     NONCE_SIZE,
@@ -82,39 +82,37 @@ def _load_or_create_key_file(path: Path, what: str, error: type[Exception], *,
     file was lost must not leave a different key in its place (a backup job could copy it
     over the good one).
     """
-    try:
-        if not create:
-            raise FileExistsError  # read it below; a missing file is reported there
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
+    if create:
         try:
-            mode = path.stat().st_mode
-            if mode & (stat.S_IRWXG | stat.S_IRWXO):
-                raise error(
-                    f"{what} {path} is accessible by group or others "
-                    f"(mode {stat.S_IMODE(mode):o}); run: chmod 600 {path}"
-                ) from None
-            with open(path, "rb") as f:
-                data = f.read(KEY_SIZE + 1)
-        except FileNotFoundError:
-            if create:
-                raise error(f"cannot read {what} {path}: it was removed while being opened") \
-                    from None
-            raise error(f"{what} {path} is missing: restore it from your backup (a new key "
-                        "would not open what the old one sealed)") from None
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass  # a key made before: read below
         except OSError as exc:
-            raise error(f"cannot read {what} {path}: {exc.strerror}") from exc
-        if len(data) != KEY_SIZE:
-            raise error(f"{what} {path} is not a {KEY_SIZE}-byte key") from None
-        return data
+            raise error(f"cannot create {what} {path}: {exc.strerror}") from exc
+        else:
+            key = random_bytes(KEY_SIZE)
+            with os.fdopen(fd, "wb") as f:
+                f.write(key)
+                f.flush()
+                os.fsync(f.fileno())
+            return key
+    mode = exposed_mode(path)
+    if mode is not None:
+        raise error(f"{what} {path} is accessible by group or others (mode {mode:o}); run: "
+                    f"chmod 600 {path}")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(KEY_SIZE + 1)
+    except FileNotFoundError:
+        if create:
+            raise error(f"cannot read {what} {path}: it was removed while being opened") from None
+        raise error(f"{what} {path} is missing: restore it from your backup (a new key would "
+                    "not open what the old one sealed)") from None
     except OSError as exc:
-        raise error(f"cannot create {what} {path}: {exc.strerror}") from exc
-    key = random_bytes(KEY_SIZE)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key)
-        f.flush()
-        os.fsync(f.fileno())
-    return key
+        raise error(f"cannot read {what} {path}: {exc.strerror}") from exc
+    if len(data) != KEY_SIZE:
+        raise error(f"{what} {path} is not a {KEY_SIZE}-byte key")
+    return data
 
 
 class KeyFileProvider:
