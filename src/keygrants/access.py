@@ -697,8 +697,10 @@ class AccessService:
                 return self._credential_info(revoked)
         raise AssertionError("unreachable")
 
+    @_audited("principal.whoami", "whoami")
     def whoami(self, ctx: RequestContext) -> m.WhoAmI:
-        """The authenticated caller (no policy needed to ask who you are)."""
+        """The authenticated caller (no policy needed to ask who you are); audited like every
+        authenticated request, so a credential being tried leaves a trace."""
         p = self.directory.principal(ctx.principal)
         return m.WhoAmI(principal=ctx.principal, credential=ctx.credential_id,
                         auth_method=ctx.auth_method, tags=list(p.tags) if p else [])

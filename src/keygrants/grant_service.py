@@ -260,7 +260,9 @@ class GrantService:
         self._lock = threading.RLock()
         self.issuer = s.issuer or self._stored_issuer()
         self.audience = self.issuer
-        self.dpop = DpopVerifier(max_age=s.dpop_max_age, leeway=min(s.leeway, 60),
+        # the proof window is DpopVerifier's (max_age + its 5 s leeway), not the grant leeway:
+        # a proof the KMS accepts must not be refused by the service's Verifier, nor the reverse
+        self.dpop = DpopVerifier(max_age=s.dpop_max_age,
                                  max_replay_entries=s.dpop_replay_cache_size,
                                  require_nonce=s.require_dpop_nonce, clock=clock)
         self.revocations = RevocationView()

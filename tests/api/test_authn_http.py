@@ -79,6 +79,8 @@ async def test_a_signed_request_authenticates_its_principal(world, algorithm: st
         me = await client.get("/v1/whoami")
         assert me.status_code == 200, me.text
         assert me.json()["principal"] == "svc-a" and me.json()["auth_method"] == "signature"
+        asked = audited(world, me)  # like every authenticated request (it was not audited)
+        assert (asked.type, asked.result, asked.principal) == ("principal.whoami", "ok", "svc-a")
         r = await client.post("/v1/keys/enc/encrypt", json=ENCRYPT_BODY)
         assert r.status_code == 200, r.text
         event = audited(world, r)

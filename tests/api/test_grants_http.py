@@ -490,6 +490,24 @@ async def test_dpop_bound_grants_need_a_fresh_proof_from_the_bound_key(world, ht
     assert r.status_code == 400 and code_of(r) == "invalid_request", r.text
 
 
+async def test_a_dpop_proof_is_accepted_within_60_s_and_5_s_of_skew_as_verifiers_do(
+        world, http) -> None:
+    # The KMS used the grant leeway (30 s) as the proof's clock skew: proofs up to 30 s in the
+    # future or 90 s old passed here and were refused by a service's Verifier (5 s).
+    key = SigningKey.generate("ed25519")
+    token = (await create(http, world, dpop_jkt=proof_key_thumbprint(key))).json()["token"]
+    now = int(time.time())
+    for n, (offset, expected) in enumerate([(-40, None), (3, None), (20, "pop_invalid"),
+                                            (-80, "pop_invalid")]):
+        proof = make_proof(key, method="POST", url="http://test/v1/decrypt", access_token=token,
+                           iat=now + offset, jti=f"skew-{n}")
+        r = await decrypt(http, world, {**svc(world, token), "DPoP": proof})
+        if expected is None:
+            assert r.status_code == 200, (offset, r.text)
+        else:
+            assert code_of(r) == expected, (offset, r.text)
+
+
 async def test_certificate_bound_grants_need_the_certificate(world) -> None:
     cert = b"\x30\x82fake-der-certificate"
     import hashlib

@@ -281,3 +281,28 @@ def test_server_errors_keep_their_code_and_request_id(invoke, stub) -> None:
     err = json_error(invoke(["encrypt", "-k", "k", "--json"], input="x", env=env))
     assert err == {"code": "invalid_ciphertext", "message": "invalid ciphertext",
                    "request_id": "req-1"}
+
+
+def test_policy_test_sends_the_target_the_time_and_the_whole_grant(invoke, stub) -> None:
+    # the CLI could not test a principal-scoped action (no target), a time window, or a grant's
+    # operations, audiences and grantee: the server takes them all
+    env = {"KEYGRANTS_ADDR": stub.addr}
+    stub.answers["/v1/policy-test"] = (200, {"allowed": False, "reasons": [], "errors": [],
+                                             "explanation": "denied: no policy permits this"})
+    result = invoke(["policy", "test", "-p", "hd1", "-a", "manage_credentials", "-t", "svc-a",
+                     "--at", "2026-12-07T10:00:00Z"], env=env)
+    assert (result.exit_code, result.stdout) == (3, "denied: no policy permits this\n")
+    sent = stub.requests[-1]["body"]
+    assert (sent["target"], sent["time"], sent.get("grant")) == ("svc-a", 1_796_637_600, None)
+    result = invoke(["policy", "test", "-p", "lead", "-a", "create_grant", "-k", "payments-eu",
+                     "--grant-ops", "decrypt, encrypt", "--grant-audience", "svc-ledger",
+                     "--grant-grantee", "svc-ledger", "--grant-pop", "--at", "1796637600"],
+                    env=env)
+    assert result.exit_code == 3
+    sent = stub.requests[-1]["body"]
+    assert sent["time"] == 1_796_637_600
+    assert sent["grant"] == {"ttl": 300, "uses": 0, "pop": True, "operations": ["decrypt", "encrypt"],
+                             "audiences": ["svc-ledger"], "grantee": "svc-ledger"}
+    for bad in ("yesterday", "2026-12-07T10:00:00"):  # no offset: which zone?
+        result = invoke(["policy", "test", "-p", "a", "-a", "encrypt", "--at", bad], env=env)
+        assert result.exit_code == 2 and "--at" in result.output, result.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import re
@@ -269,6 +270,24 @@ when {
 ])
 def test_grant_limits(grant: GrantFacts | None, ok: bool) -> None:
     assert allowed(GRANT_POLICY, action="create_grant", req=request(grant=grant)) is ok
+
+
+def test_the_team_lead_example_in_the_docs_confines_grants_as_its_text_says() -> None:
+    # It read ["svc-ledger"].containsAll(audiences), true of no audience at all, and left the
+    # grantee free: a lead could hand any principal a token for the KMS itself.
+    text = DOCS.read_text(encoding="utf-8")
+    policy = re.search(r'```cedar\n(permit \(\n  principal in Keygrants::Group::"payments-leads".*?)```',
+                       text, re.DOTALL)
+    assert policy is not None
+    lead = PrincipalFacts("lead-1", frozenset({"payments-leads"}))
+    good = GrantFacts(ttl=300, uses=5, pop=True, operations=frozenset({"decrypt"}),
+                      grantee="svc-ledger")
+    for grant, ok in [(good, True), (dataclasses.replace(good, grantee="svc-other"), False),
+                      (dataclasses.replace(good, audiences=frozenset({"svc-web"})), False),
+                      (dataclasses.replace(good, uses=0), False),
+                      (dataclasses.replace(good, operations=frozenset({"encrypt"})), False)]:
+        assert allowed(policy.group(1), action="create_grant", principal=lead,
+                       req=request(grant=grant)) is ok, grant
 
 
 def test_reading_the_optional_grant_without_has_is_refused() -> None:

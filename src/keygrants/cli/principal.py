@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import click
@@ -417,26 +418,65 @@ def policy_delete(state: State, name: str) -> None:
     emit(state, {"deleted": name}, f"Deleted policy {name}")
 
 
+def _policy_time(text: str | None) -> int | None:
+    """``--at``: Unix seconds, or an RFC 3339 time with its offset (``Z`` for UTC)."""
+    if text is None:
+        return None
+    if text.isdigit():
+        return int(text)
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise click.BadParameter("expected RFC 3339 (2026-12-07T10:00:00Z) or Unix seconds",
+                                 param_hint="--at") from None
+    if when.tzinfo is None:
+        raise click.BadParameter("give the time's offset (Z for UTC)", param_hint="--at")
+    return int(when.timestamp())
+
+
 @policy.command("test")
 @click.option("--principal", "-p", "who", required=True)
 @click.option("--action", "-a", required=True, help="e.g. decrypt, create_grant, list_keys.")
 @click.option("--key", "-k", default=None, help="Key id, name or alias (key actions).")
+@click.option("--target", "-t", default=None, metavar="PRINCIPAL",
+              help="The principal acted on (principal actions, e.g. manage_credentials).")
 @click.option("--context", "-c", "context", multiple=True, metavar="KEY=VALUE")
 @click.option("--source", type=click.Choice(["signature", "api_key", "mtls", "admin_token"]),
               default="signature", show_default=True)
-@click.option("--grant-ttl", type=int, default=None, help="create_grant: TTL in seconds.")
-@click.option("--grant-uses", type=int, default=0, help="create_grant: max uses (0 = unlimited).")
+@click.option("--at", "at", default=None, metavar="TIME",
+              help="Decide as at this time: RFC 3339 (2026-12-07T10:00:00Z) or Unix seconds. "
+                   "Default: now.")
+@click.option("--grant-ttl", type=int, default=None, help="create_grant: TTL in seconds (300).")
+@click.option("--grant-uses", type=int, default=None, help="create_grant: max uses (0 = unlimited).")
 @click.option("--grant-pop", is_flag=True, help="create_grant: proof-of-possession bound.")
+@click.option("--grant-ops", default=None, metavar="OPS",
+              help="create_grant: the grant's operations, comma-separated.")
+@click.option("--grant-audience", "grant_audiences", multiple=True, metavar="AUD",
+              help="create_grant: an audience of the grant (repeatable; none = the KMS).")
+@click.option("--grant-grantee", default=None, metavar="PRINCIPAL",
+              help="create_grant: the grantee.")
 @common
-def policy_test(state: State, who: str, action: str, key: str | None, context: tuple[str, ...],
-                source: str, grant_ttl: int | None, grant_uses: int, grant_pop: bool) -> None:
-    """Would principal P be allowed action A on key K with context C? Explains which
-    statement decided. Exit status 0 when allowed, 3 when denied."""
-    grant = (m.GrantFactsRequest(ttl=grant_ttl, uses=grant_uses, pop=grant_pop)
-             if grant_ttl is not None else None)
+def policy_test(state: State, who: str, action: str, key: str | None, target: str | None,
+                context: tuple[str, ...], source: str, at: str | None, grant_ttl: int | None,
+                grant_uses: int | None, grant_pop: bool, grant_ops: str | None,
+                grant_audiences: tuple[str, ...], grant_grantee: str | None) -> None:
+    """Would principal P be allowed action A on key K (or on principal T) with context C, now
+    or at TIME? Explains which statement decided. Exit status 0 when allowed, 3 when denied.
+
+    For create_grant, the --grant-* options describe the grant being created; any of them
+    makes the test carry one (without, a policy that reads context.grant does not permit)."""
+    grant = None
+    if (grant_ttl is not None or grant_uses is not None or grant_pop or grant_ops is not None
+            or grant_audiences or grant_grantee is not None):
+        ops = [o.strip() for o in grant_ops.split(",") if o.strip()] if grant_ops else []
+        grant = m.GrantFactsRequest(
+            ttl=300 if grant_ttl is None else grant_ttl,
+            uses=0 if grant_uses is None else grant_uses, pop=grant_pop, operations=ops,
+            audiences=list(grant_audiences), grantee=grant_grantee or "")
     with state.client() as c:
         result = c.test_policy(who, action, key=key, context=parse_context(context),
-                               source=source, grant=grant)
+                               source=source, grant=grant, target=target,
+                               time=_policy_time(at))
     emit(state, result, result.explanation)
     if not result.allowed:
         sys.exit(3)

@@ -1082,8 +1082,12 @@ class Client:
         context: Mapping[str, str] | None = None,
         source: str = "signature",
         grant: m.GrantFactsRequest | None = None,
+        target: str | None = None,
+        time: int | None = None,
     ) -> m.PolicyTestResult:
-        """Would ``principal`` be allowed ``action`` on ``key``? The result says which statements decided."""
+        """Would ``principal`` be allowed ``action`` on ``key`` (or, for the principal-scoped
+        actions, on principal ``target``), at Unix time ``time`` (default: now)? The result says
+        which statements decided."""
         return self._call(
             _Op(
                 "POST",
@@ -1095,6 +1099,8 @@ class Client:
                     context=None if context is None else dict(context),
                     source=source,
                     grant=grant,
+                    target=target,
+                    time=time,
                 ),
                 m.PolicyTestResult,
             )
@@ -1587,8 +1593,12 @@ class AsyncClient:
         context: Mapping[str, str] | None = None,
         source: str = "signature",
         grant: m.GrantFactsRequest | None = None,
+        target: str | None = None,
+        time: int | None = None,
     ) -> m.PolicyTestResult:
-        """Would ``principal`` be allowed ``action`` on ``key``? The result says which statements decided."""
+        """Would ``principal`` be allowed ``action`` on ``key`` (or, for the principal-scoped
+        actions, on principal ``target``), at Unix time ``time`` (default: now)? The result says
+        which statements decided."""
         return await self._call(
             _Op(
                 "POST",
@@ -1600,6 +1610,8 @@ class AsyncClient:
                     context=None if context is None else dict(context),
                     source=source,
                     grant=grant,
+                    target=target,
+                    time=time,
                 ),
                 m.PolicyTestResult,
             )

@@ -119,7 +119,7 @@ class _State:
         self.feed_seq = 0
         self.feed_fresh_at: float | None = None  # when the feed was last pulled completely
         self.next_poll = 0.0
-        self.dpop = DpopVerifier(leeway=5, clock=clock)
+        self.dpop = DpopVerifier(clock=clock)  # the KMS's window: 60 s + 5 s leeway
         self.verified: dict[str, GrantClaims] = {}
         self.lock = threading.Lock()
 
