@@ -233,6 +233,14 @@ def _audited(event_type: str, operation: str) -> Callable[[F], F]:
     return decorate
 
 
+
+def _no_new_operations(operations: object, parent: Grant) -> None:
+    """A sub-grant asking for an operation its parent lacks is told so first (an inherited
+    context constraint made it a puzzling "constraints apply only to ..." error)."""
+    if isinstance(operations, list) and not set(operations) <= set(parent.operations) and all(
+            isinstance(op, str) for op in operations):
+        raise AttenuationViolated("a sub-grant cannot add operations")
+
 class GrantService:
     """Grants over the KMS's store and keys.
 
@@ -567,7 +575,7 @@ class GrantService:
                 CONTEXT_OPERATIONS | {"describe", "create_grant"}):
             raise InvalidRequest("encryption context constraints apply only to grants whose "
                                  "operations take a context (encrypt, decrypt, re_encrypt, "
-                                 "generate_data_key)")
+                                 "generate_data_key, and describe and create_grant)")
         if req.name is not None and not 1 <= len(req.name) <= MAX_NAME:
             raise InvalidRequest(f"name must be 1..{MAX_NAME} characters")
         if req.justification is not None and not 1 <= len(req.justification) <= MAX_JUSTIFICATION:
@@ -641,10 +649,16 @@ class GrantService:
     def _prepare(self, ctx: RequestContext, req: m.CreateGrantRequest, now: int) -> Grant:
         """Everything a create decides before it writes: the request's limits, the key, the
         policy (or the parent grant), the principals. Reads only memory for a top-level grant."""
+        parent = self._delegating_parent(ctx, req.key) if ctx.grant is not None else None
+        if parent is not None and req.ttl is None:
+            # the default lifetime fits in the parent's, as an exchange's does: a sub-grant of
+            # a parent with less than the default left was refused for a TTL nobody asked for
+            req = msgspec.structs.replace(req, ttl=max(1, min(self.settings.default_ttl,
+                                                              parent.expires_at - now)))
+        if parent is not None:
+            _no_new_operations(req.operations, parent)
         grant = self._check_request(req, now)
-        parent: Grant | None = None
-        if ctx.grant is not None:
-            parent = self._delegating_parent(ctx, req.key)
+        if parent is not None:
             key, aliases = self.kms.key_with_aliases(parent.key_id)
             pending = False
         else:
@@ -869,6 +883,7 @@ class GrantService:
             x5t_s256=None if req.dpop_jkt is not None else parent.cnf_x5t)
         if remaining <= 0:
             raise GrantExpired()
+        _no_new_operations(ops, parent)
         child = self._check_request(create, now)
         child = msgspec.structs.replace(child, key_id=parent.key_id, issuer=ctx.principal,
                                         parent_id=parent.id, depth=parent.depth + 1,
@@ -993,6 +1008,11 @@ class GrantService:
         now = self._now()
         if g.state not in ("active", "pending"):
             raise GrantStateError(f"the grant is already {g.state}")
+        if now >= g.expires_at + self.settings.leeway:
+            # no token of it, nor of a sub-grant (none outlives it), is accepted any more: it
+            # ended by itself, and revoking it would only add a feed entry. (One out of uses is
+            # ended on purpose: its sub-grants, which took those uses, may still be live.)
+            raise GrantStateError("the grant has already expired")
         self.audit.record(ctx, event, "requested", operation=event.split(".")[1] + "_grant",
                           key_id=g.key_id, grant_id=g.id, wait=True)
         expiry = g.expires_at + self.settings.leeway

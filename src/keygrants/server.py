@@ -225,11 +225,19 @@ def build_server(config: ServerConfig) -> BuiltServer:
             try:
                 provider = open_root_provider(uri, **options)
             except SealError as exc:
-                if stored_seal is None or _same_kind_of_seal(stored_seal, uri):
+                if stored_seal is None or (_same_kind_of_seal(stored_seal, uri)
+                                           and not _moved_key_file(stored_seal, uri)):
                     raise
                 raise SealError(f"{exc.message}; this data directory was sealed with "
-                                f"{stored_seal}") from exc
-        root_key, created = open_root_key(store, provider)
+                                f"{stored_seal}{_seal_advice(stored_seal, config.seal)}") from exc
+        try:
+            root_key, created = open_root_key(store, provider)
+        except SealError as exc:
+            if stored_seal is None or not _moved_key_file(stored_seal, provider.uri):
+                raise
+            # a reseal to a key file elsewhere, and a stale seal.key left in the directory
+            raise type(exc)(f"{exc.message}; this data directory was sealed with "
+                            f"{stored_seal}{_seal_advice(stored_seal, config.seal)}") from exc
         audit = open_audit(store, root_key, path=data_dir / AUDIT_DB_FILE, node=config.node_id,
                            checkpoint_interval=config.checkpoint_interval, store_url=config.store)
         return _assemble(config, store, audit, root_key, created, sinks, bus,
@@ -247,6 +255,17 @@ def build_server(config: ServerConfig) -> BuiltServer:
                 if lock is not None:
                     lock.release()
         raise
+
+
+def _moved_key_file(stored: str, used: str) -> bool:
+    """The store names a key file other than the one used (``operator reseal --to
+    local:///elsewhere``): without ``--seal`` a server looks in its data directory."""
+    return (stored.startswith("local://") and used.startswith("local://")
+            and Path(stored[len("local://"):]).resolve() != Path(used[len("local://"):]).resolve())
+
+
+def _seal_advice(stored: str, given: str | None) -> str:
+    return f": start with --seal {stored}" if given is None and stored.startswith("local://") else ""
 
 
 def _same_kind_of_seal(a: str, b: str) -> bool:

@@ -307,6 +307,53 @@ async def test_delegation_attenuates_and_revoking_the_parent_revokes_children(wo
     assert child_now["state"] == "revoked"
 
 
+async def test_a_sub_grant_without_a_ttl_fits_in_a_parent_with_less_than_the_default_left(
+        world, http) -> None:
+    # the default (300 s) was taken as asked for, then refused as outliving the parent
+    principal(world, "worker")
+    parent = (await create(http, world, operations=["create_grant", "decrypt"], ttl=120)).json()
+    child = await http.post("/v1/grants", headers=svc(world, parent["token"]), json={
+        "key": "enc", "grantee": "worker", "operations": ["decrypt"]})
+    assert child.status_code == 201, child.text
+    assert child.json()["grant"]["expires_at"] == parent["grant"]["expires_at"]
+    longer = await http.post("/v1/grants", headers=svc(world, parent["token"]), json={
+        "key": "enc", "grantee": "worker", "operations": ["decrypt"], "ttl": 300})
+    assert code_of(longer) == "attenuation_violated"  # asked for: still refused
+
+
+async def test_a_sub_grant_asking_for_an_operation_its_parent_lacks_is_told_so(world, http) -> None:
+    # the parent's context constraint is inherited: "constraints apply only to grants whose
+    # operations take a context" hid the real refusal
+    principal(world, "worker")
+    parent = (await create(http, world, operations=["create_grant", "decrypt"],
+                           context_subset={"tenant": "t1"})).json()
+    exchanged = await http.post("/v1/token-exchange", headers=svc(world), json={
+        "subject_token": parent["token"], "scope": "mac"})
+    delegated = await http.post("/v1/grants", headers=svc(world, parent["token"]), json={
+        "key": "enc", "grantee": "worker", "operations": ["decrypt", "mac"],
+        "context_subset": {"tenant": "t1"}})
+    for r in (exchanged, delegated):
+        assert (code_of(r), r.json()["error"]["message"]) == (
+            "attenuation_violated", "a sub-grant cannot add operations"), r.text
+
+
+async def test_a_grant_past_its_expiry_and_leeway_cannot_be_revoked_or_retired(world, http) -> None:
+    created = (await create(http, world, ttl=60)).json()
+    other = (await create(http, world, ttl=60)).json()
+    gid = created["grant"]["id"]
+    world.grants._clock = lambda: time.time() + 60 + 20  # expired, within the 30 s leeway
+    try:
+        r = await http.post(f"/v1/grants/{gid}/revoke", headers=world.auth)
+        assert r.status_code == 200 and r.json()["state"] == "revoked", r.text  # still accepted
+        world.grants._clock = lambda: time.time() + 60 + 31
+        for action, who in (("revoke", world.auth), ("retire", svc(world))):
+            r = await http.post(f"/v1/grants/{other['grant']['id']}/{action}", headers=who)
+            assert (r.status_code, code_of(r)) == (409, "grant_state"), (action, r.text)
+            assert "expired" in r.json()["error"]["message"]
+    finally:
+        world.grants._clock = time.time
+
+
 async def test_revoking_a_grant_within_the_leeway_revokes_its_whole_tree(world, http) -> None:
     """Root, child and grandchild all past their expiry but within the 30 s leeway (so still
     accepted): revoking the root revokes the grandchild too. It was looked up among unexpired

@@ -336,3 +336,29 @@ def test_a_seal_uri_recorded_in_the_store_is_not_followed(tmp_path: Path) -> Non
                      "vault://attacker/k?tls=false", "pkcs11:module-path=/tmp/evil.so"):
         with pytest.raises(SealError, match="--seal"):
             _choose_seal(None, recorded, tmp_path)
+
+
+def test_a_start_after_a_reseal_to_a_key_file_elsewhere_names_the_seal_to_give(
+        tmp_path: Path) -> None:
+    # Without --seal a server looks for its key file in the data directory. After a reseal to a
+    # key file elsewhere it said only "seal.key is missing: restore it from your backup", or,
+    # with a stale seal.key left by an earlier seal, "does not open the root key".
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KEYGRANTS_")}
+    h = Harness(tmp_path, env)
+    data, elsewhere = tmp_path / "data", tmp_path / "kept" / "other.key"
+    elsewhere.parent.mkdir()
+    try:
+        h.start(data).stop()
+        _ok(h.cli("operator", "reseal", "--data-dir", str(data), "--to", f"local://{elsewhere}"))
+        wanted = f"--seal local://{elsewhere}"
+        for case in ("stale seal.key", "no seal.key"):
+            if case == "no seal.key":
+                (data / "seal.key").unlink()
+            started = subprocess.run(
+                [sys.executable, "-m", "keygrants", "server", "--listen", f"127.0.0.1:{_free_port()}",
+                 "--data-dir", str(data)], capture_output=True, text=True, env=env,
+                timeout=CLI_TIMEOUT, check=False)
+            assert started.returncode != 0 and wanted in started.stderr, (case, started.stderr)
+        assert h.start(data, "--seal", f"local://{elsewhere}")
+    finally:
+        h.stop_all()
