@@ -98,6 +98,24 @@ def test_usage_errors_exit_2(invoke, args: list[str]) -> None:
     assert result.stdout == ""
 
 
+@pytest.mark.parametrize("command", [["key", "update", "k"], ["principal", "update", "p"]],
+                         ids=lambda c: " ".join(c[:2]))
+def test_tag_and_clear_tags_together_are_a_usage_error(invoke, stub, command: list[str]) -> None:
+    """One of the two would be dropped (every tag was, --tag's too, with exit 0)."""
+    env = {"KEYGRANTS_ADDR": stub.addr, "KEYGRANTS_TOKEN": "t"}
+    for args in (["--tag", "a", "--clear-tags"], ["--clear-tags", "--tag", "a", "--tag", "b"]):
+        result = invoke([*command, *args], env=env)
+        assert result.exit_code == 2, (result.output, result.exception)
+        assert "Usage:" in result.stderr and result.stdout == ""
+        assert ("Error: --tag and --clear-tags cannot be used together: --tag replaces every "
+                "tag, --clear-tags removes them all") in result.stderr
+    assert stub.requests == []
+    # each alone still does what it says (the stub has no answer: the request is what counts)
+    for args in (["--clear-tags"], ["--tag", "a", "--tag", "b"]):
+        invoke([*command, *args], env=env)
+    assert [r["body"]["tags"] for r in stub.requests] == [[], ["a", "b"]]
+
+
 # -- contexts -----------------------------------------------------------------------------------
 
 CONTEXT_COMMANDS = [

@@ -78,7 +78,8 @@ def client_calls(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
                                   "https://127.0.0.1.nip.io:8650"])
 def test_the_quick_start_admin_token_is_not_sent_to_another_server(
         invoke, quick_start_dir, client_calls, addr: str) -> None:
-    result = invoke(["key", "list", "--addr", addr], env={"KEYGRANTS_DATA_DIR": None})
+    result = invoke(["key", "list", "--addr", addr], env={"KEYGRANTS_DATA_DIR": None,
+                                                          "KEYGRANTS_ALLOW_INSECURE_HTTP": "1"})
     assert one_line_error(result) == "Error: recorded (invalid_request)"
     assert client_calls[0]["addr"] == addr
     assert client_calls[0]["token"] == ""
@@ -102,6 +103,93 @@ def test_the_quick_start_admin_token_goes_to_a_loopback_server(invoke, stub, qui
     for addr in (stub.addr, localhost):
         assert invoke(["random", "--addr", addr], env={"KEYGRANTS_DATA_DIR": None}).exit_code == 0
     assert stub.tokens == ["Bearer kg_admin_local"] * 2
+
+
+UNAUTHENTICATED = (401, {"error": {"code": "unauthenticated", "message": "authentication required",
+                                   "request_id": "r1"}})
+NO_CREDENTIALS = ("authentication required: no credentials given (--token, --token-file, "
+                  "KEYGRANTS_TOKEN, KEYGRANTS_TOKEN_FILE, KEYGRANTS_PRINCIPAL + KEYGRANTS_KEY_FILE)")
+
+
+def test_a_missing_admin_token_is_named_when_the_server_asks_for_credentials(
+        invoke, stub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    stub.answers["/v1/whoami"] = UNAUTHENTICATED
+    typo = tmp_path / "keygrants-dta"
+    line = one_line_error(invoke(["whoami", "--data-dir", str(typo)],
+                                 env={"KEYGRANTS_ADDR": stub.addr}))
+    assert line == (f"Error: {NO_CREDENTIALS} and no admin token at {typo / 'admin.token'} "
+                    "(unauthenticated)")
+    # run from another directory than the server's: the default, as an absolute path
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    result = invoke(["whoami", "--json"], env={"KEYGRANTS_ADDR": stub.addr,
+                                               "KEYGRANTS_DATA_DIR": None})
+    err = json.loads(result.stderr)["error"]
+    assert err == {"code": "unauthenticated", "request_id": "r1", "message":
+                   f"{NO_CREDENTIALS} and no admin token at "
+                   f"{elsewhere / 'keygrants-data' / 'admin.token'}"}
+    assert stub.tokens == [None, None]
+
+
+def test_an_empty_admin_token_file_is_named(invoke, stub, quick_start_dir: Path) -> None:
+    token_file = quick_start_dir / "keygrants-data" / "admin.token"
+    token_file.write_text("\n")
+    stub.answers["/v1/whoami"] = UNAUTHENTICATED
+    line = one_line_error(invoke(["whoami"], env={"KEYGRANTS_ADDR": stub.addr,
+                                                  "KEYGRANTS_DATA_DIR": None}))
+    assert line == (f"Error: {NO_CREDENTIALS} and the admin token file {token_file} is empty "
+                    "(unauthenticated)")
+
+
+def test_an_admin_token_not_read_for_another_server_says_why(invoke, quick_start_dir: Path,
+                                                             monkeypatch) -> None:
+    """KEYGRANTS_DATA_DIR is not read for a server that is not loopback: the error says so
+    rather than "not found" (the rule itself is unchanged)."""
+    from keygrants.errors import Unauthenticated
+
+    class Refusing:
+        def __init__(self, addr: str | None = None, **kwargs: Any) -> None:
+            assert kwargs["token"] == ""
+
+        def __enter__(self) -> Refusing:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def whoami(self) -> None:
+            raise Unauthenticated(request_id="r2")
+
+    monkeypatch.setattr(_common, "Client", Refusing)
+    data_dir = quick_start_dir / "keygrants-data"
+    line = one_line_error(invoke(["whoami", "--addr", "https://kms.example"],
+                                 env={"KEYGRANTS_DATA_DIR": str(data_dir)}))
+    assert line == (f"Error: {NO_CREDENTIALS}, and {data_dir / 'admin.token'} was not read: the "
+                    "data directory's admin token is used only for a loopback server or a "
+                    "--data-dir given on the command line (unauthenticated)")
+
+
+@pytest.mark.parametrize("answer", ["given-token", "other-code"])
+def test_other_authentication_failures_keep_the_servers_message(invoke, stub, tmp_path: Path,
+                                                                answer: str) -> None:
+    if answer == "given-token":  # credentials were sent: the server's word stands
+        stub.answers["/v1/whoami"] = UNAUTHENTICATED
+        result = invoke(["whoami", "--token", "kg_ak_x"], env={"KEYGRANTS_ADDR": stub.addr})
+        assert one_line_error(result) == "Error: authentication required (unauthenticated)"
+    else:  # nothing sent, but another refusal than "authentication required"
+        stub.answers["/v1/whoami"] = (401, {"error": {
+            "code": "signature_invalid", "message": "bad signature", "request_id": "r"}})
+        result = invoke(["whoami"], env={"KEYGRANTS_ADDR": stub.addr})
+        assert one_line_error(result) == "Error: bad signature (signature_invalid)"
+
+
+def test_a_client_certificate_is_a_credential(tmp_path: Path) -> None:
+    """With a client certificate the request is not sent without credentials: no note."""
+    state = _common.State("https://kms.example", None, str(tmp_path), False,
+                          client_cert="c.pem", client_key="k.pem")
+    assert state._admin_token() is None
+    assert state.without_credentials is None
 
 
 @pytest.mark.parametrize(("addr", "loopback"), [
@@ -196,6 +284,68 @@ def test_a_dpop_key_file_readable_by_others_is_refused(invoke, stub, tmp_path: P
     assert stub.requests == []
 
 
+def _public_key_files(tmp_path: Path) -> dict[str, str]:
+    """A public key as PEM and as a JWK, both mode 0644 (as a .pub is written)."""
+    public = SigningKey.generate("ed25519").public_key()
+    return {"pem": private_file(tmp_path / "svc.pub.pem", public.public_pem().encode(), 0o644),
+            "jwk": private_file(tmp_path / "svc.jwk", json.dumps(public.jwk()).encode(), 0o644)}
+
+
+@pytest.mark.parametrize("form", ["pem", "jwk"])
+@pytest.mark.parametrize("where", ["KEYGRANTS_KEY_FILE", "--dpop-key-file",
+                                   "KEYGRANTS_DPOP_KEY_FILE", "--client-key"])
+def test_a_public_key_given_as_a_private_one_is_named_before_its_mode(
+        invoke, stub, tmp_path: Path, form: str, where: str) -> None:
+    """A public key's mode does not matter: telling the user to chmod it first was a detour."""
+    public = _public_key_files(tmp_path)[form]
+    env = {"KEYGRANTS_ADDR": stub.addr}
+    args = ["encrypt", "-k", "k"]
+    if where == "KEYGRANTS_KEY_FILE":
+        env |= {"KEYGRANTS_PRINCIPAL": "svc", "KEYGRANTS_KEY_FILE": public}
+        what = f"key file {public} (KEYGRANTS_KEY_FILE)"
+    elif where == "--client-key":
+        cert = private_file(tmp_path / "c.crt", b"-----BEGIN CERTIFICATE-----\n", 0o644)
+        args += ["--token", "t", "--client-cert", cert, "--client-key", public]
+        what = f"client key file {public}"
+    else:
+        args += ["--token", "t", "--grant", "g.h.s"]
+        if where == "--dpop-key-file":
+            args += ["--dpop-key-file", public]
+        else:
+            env["KEYGRANTS_DPOP_KEY_FILE"] = public
+        what = f"DPoP key file {public}"
+    line = one_line_error(invoke(args, input="x", env=env))
+    assert line == f"Error: {what} is a public key; give the private key (invalid_request)"
+    assert stub.requests == []
+
+
+@pytest.mark.parametrize("content", [b"not a key\n", b"{}", SigningKey.generate(
+    "ed25519").private_pem().replace(b"PRIVATE KEY", b"ENCRYPTED DATA")])
+def test_a_dpop_key_file_that_holds_no_key_is_named_in_our_words(invoke, stub, tmp_path: Path,
+                                                                 content: bytes) -> None:
+    key = private_file(tmp_path / "dpop.pem", content)
+    line = one_line_error(invoke(["encrypt", "-k", "k", "--token", "t", "--grant", "g.h.s",
+                                  "--dpop-key-file", key], input="x",
+                                 env={"KEYGRANTS_ADDR": stub.addr}))
+    assert line == (f"Error: DPoP key file {key} does not hold a DPoP proof key: expected an "
+                    "unencrypted Ed25519 or P-256 private key (PEM) (invalid_request)")
+    assert stub.requests == []
+
+
+# -- plain http:// to another host: what a CLI user can do -------------------------------------
+
+def test_plain_http_to_another_host_names_the_cli_opt_in(invoke, client_calls) -> None:
+    line = one_line_error(invoke(["whoami", "--token", "t", "--addr", "http://10.0.0.5:8650"]))
+    assert line == ("Error: refusing plain http:// to http://10.0.0.5:8650, which is not a "
+                    "loopback address: anyone on the network path could read and change what is "
+                    "sent and received; use https://, or set KEYGRANTS_ALLOW_INSECURE_HTTP=1 if "
+                    "the path is trusted (invalid_request)")
+    assert client_calls == []  # refused before a client is made
+    invoke(["whoami", "--token", "t", "--addr", "http://10.0.0.5:8650"],
+           env={"KEYGRANTS_ALLOW_INSECURE_HTTP": "1"})
+    assert [c["addr"] for c in client_calls] == ["http://10.0.0.5:8650"]
+
+
 # -- tokens out of the process list: --token - and --token-file ---------------------------------
 
 def test_token_dash_reads_the_first_line_of_stdin(invoke, stub) -> None:
@@ -232,11 +382,13 @@ def test_token_file_option_and_variable(invoke, stub, tmp_path: Path) -> None:
 @pytest.mark.parametrize(("args", "stdin", "env", "message"), [
     (["--token", "-"], "", {}, "Error: no token on stdin (invalid_request)"),
     (["--token", "a", "--token-file", "f"], None, {},
-     "Error: give a token with --token (KEYGRANTS_TOKEN) or --token-file (KEYGRANTS_TOKEN_FILE), "
-     "not both (invalid_request)"),
+     "Error: give a token with --token or --token-file, not both (invalid_request)"),
+    (["--token", "a", "--token-file", "f"], None,
+     {"KEYGRANTS_TOKEN": "b", "KEYGRANTS_TOKEN_FILE": "g"},
+     "Error: give a token with --token or --token-file, not both (invalid_request)"),
     ([], None, {"KEYGRANTS_TOKEN": "a", "KEYGRANTS_TOKEN_FILE": "f"},
-     "Error: give a token with --token (KEYGRANTS_TOKEN) or --token-file (KEYGRANTS_TOKEN_FILE), "
-     "not both (invalid_request)"),
+     "Error: both KEYGRANTS_TOKEN and KEYGRANTS_TOKEN_FILE are set: unset one of them, or choose "
+     "with --token or --token-file (invalid_request)"),
     (["--token-file", "/nonexistent/token"], None, {},
      "Error: cannot read /nonexistent/token: No such file or directory (invalid_request)"),
     (["--token", "éééé"], None, {},
@@ -248,6 +400,30 @@ def test_token_errors_are_one_line(invoke, stub, args, stdin, env, message: str)
                                  env={"KEYGRANTS_ADDR": stub.addr} | env))
     assert line == message
     assert stub.requests == []
+
+
+@pytest.mark.parametrize(("args", "stdin", "env", "sent"), [
+    (["--token-file", "{file}"], None, {"KEYGRANTS_TOKEN": "kg_ak_env"}, "kg_ak_file"),
+    (["--token", "kg_ak_option"], None, {"KEYGRANTS_TOKEN_FILE": "{file}"}, "kg_ak_option"),
+    (["--token", "-"], "kg_ak_stdin\n", {"KEYGRANTS_TOKEN_FILE": "{file}"}, "kg_ak_stdin"),
+    # both variables exported: either option picks one
+    (["--token", "kg_ak_option"], None,
+     {"KEYGRANTS_TOKEN": "kg_ak_env", "KEYGRANTS_TOKEN_FILE": "{file}"}, "kg_ak_option"),
+    (["--token-file", "{file}"], None,
+     {"KEYGRANTS_TOKEN": "kg_ak_env", "KEYGRANTS_TOKEN_FILE": "/nonexistent"}, "kg_ak_file"),
+], ids=["file-over-token-env", "token-over-file-env", "stdin-over-file-env",
+        "token-over-both-env", "file-over-both-env"])
+def test_a_token_option_beats_either_variable(invoke, stub, tmp_path: Path, args: list[str],
+                                              stdin: str | None, env: dict[str, str],
+                                              sent: str) -> None:
+    """The walk-through exports one kind of token and then passes the other for one command."""
+    stub.answers["/v1/random"] = RANDOM
+    token_file = private_file(tmp_path / "token", b"kg_ak_file\n")
+    args = [a.replace("{file}", token_file) for a in args]
+    env = {k: v.replace("{file}", token_file) for k, v in env.items()}
+    result = invoke(["random", *args], input=stdin, env={"KEYGRANTS_ADDR": stub.addr} | env)
+    assert result.exit_code == 0, result.output
+    assert stub.tokens == [f"Bearer {sent}"]
 
 
 def test_an_empty_token_file_is_refused(invoke, stub, tmp_path: Path) -> None:

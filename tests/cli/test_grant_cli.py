@@ -150,7 +150,8 @@ def test_a_dpop_bound_grant_needs_the_key_file(server: Server, parties: Parties,
     assert line.endswith("(pop_required)")
     line = one_line_error(server.run("encrypt", "-k", parties.key, "--grant", grant, "--dpop-key-file",
                                      str(public), token=parties.svc_token, input="x"))
-    assert "is not a DPoP proof key" in line and line.endswith("(invalid_request)")
+    assert line == (f"Error: DPoP key file {public} is a public key; give the private key "
+                    "(invalid_request)")
 
 
 # -- list, show, end -----------------------------------------------------------------------------
@@ -172,6 +173,35 @@ def test_list_and_show(server: Server, parties: Parties) -> None:
     assert server.json("grant", "show", a["grant_id"], token=parties.svc_token)["id"] == a["grant_id"]
     assert one_line_error(server.run("grant", "show", "g_" + "0" * 26)).endswith(
         "(grant_not_found)")
+
+
+HINT = ("forbidden: to list your own grants, pass --grantee <your principal id> (or "
+        "--retiring-principal); keygrants whoami shows it")
+
+
+def test_list_without_a_filter_tells_a_service_how_to_list_its_own(server: Server,
+                                                                   parties: Parties) -> None:
+    line = one_line_error(server.run("grant", "list", token=parties.svc_token))
+    assert line == f"Error: {HINT} (forbidden)"
+    result = server.run("grant", "list", "--json", token=parties.svc_token)
+    assert result.exit_code == 1
+    err = json.loads(result.stderr)["error"]
+    assert (err["code"], err["message"]) == ("forbidden", HINT) and err["request_id"]
+
+
+@pytest.mark.parametrize("args", [[], ["--state", "active"]])
+def test_only_an_unfiltered_forbidden_list_gets_the_hint(invoke, stub, args: list[str]) -> None:
+    forbidden = (403, {"error": {"code": "forbidden", "message": "forbidden", "request_id": "r"}})
+    stub.answers["/v1/grants"] = forbidden
+    env = {"KEYGRANTS_ADDR": stub.addr, "KEYGRANTS_TOKEN": "t"}
+    assert one_line_error(invoke(["grant", "list", *args], env=env)) == f"Error: {HINT} (forbidden)"
+    for given in (["--key", "k"], ["--grantee", "svc"], ["--retiring-principal", "svc"]):
+        line = one_line_error(invoke(["grant", "list", *args, *given], env=env))
+        assert line == "Error: forbidden (forbidden)"
+    stub.answers["/v1/grants"] = (403, {"error": {
+        "code": "grant_denied", "message": "denied", "request_id": "r"}})
+    assert one_line_error(invoke(["grant", "list", *args], env=env)) == (
+        "Error: denied (grant_denied)")
 
 
 def test_retire_revoke_and_revoke_all(server: Server, parties: Parties) -> None:

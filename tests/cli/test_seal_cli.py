@@ -109,6 +109,25 @@ def test_key_file_errors(keys: Path, invoke: Invoke, tmp_path: Path) -> None:
     _one_line_error(big, "at most")
 
 
+def test_a_public_key_given_as_a_private_one_is_named_before_its_mode(keys: Path,
+                                                                      invoke: Invoke) -> None:
+    """Public keys are written 0644: saying chmod 600 first sent the user on a detour."""
+    for option, public in (("--key", keys / "svc.pub"), ("--sign-with", keys / "alice.pub")):
+        assert public.stat().st_mode & 0o777 == 0o644
+        args = (["unseal", "--key", str(public)] if option == "--key" else
+                ["seal", "--to", str(keys / "svc.pub"), "--sign-with", str(public)])
+        result = invoke(args, input=b"AQA=")
+        assert result.exit_code == 1 and result.stderr == (
+            f"Error: key file {public} ({option}) is a public key; give the private key "
+            "(invalid_request)\n")
+
+
+def test_sign_with_an_exposed_key_says_chmod(keys: Path, invoke: Invoke) -> None:
+    os.chmod(keys / "alice", 0o640)
+    _one_line_error(invoke(["seal", "--to", str(keys / "svc.pub"), "--sign-with",
+                            str(keys / "alice")], input=b"x"), "chmod 600")
+
+
 def test_standard_pem_keys_interoperate(tmp_path: Path, invoke: Invoke) -> None:
     """Keys written as OpenSSL writes them (PKCS#8 / SPKI PEM) work in both directions."""
     rk, sk = x25519.X25519PrivateKey.generate(), ed25519.Ed25519PrivateKey.generate()

@@ -37,6 +37,7 @@ from keygrants.cli._common import (
     parse_duration_option,
     print_table,
     read_input,
+    tags_update,
     unb64,
 )
 from keygrants.client import Client
@@ -312,11 +313,11 @@ def key_update(state: State, key_ref: str, description: str | None,
                rotation_period: str | None, min_decryption_version: int | None,
                tags: tuple[str, ...], clear_tags: bool) -> None:
     """Change a key's description, rotation period, minimum decryption version or tags."""
+    new_tags = tags_update(tags, clear_tags)
     with state.client() as c:
         info = c.update_key(key_ref, description=description,
                             rotation_period=parse_duration_option(rotation_period),
-                            min_decryption_version=min_decryption_version,
-                            tags=[] if clear_tags else (list(tags) if tags else None))
+                            min_decryption_version=min_decryption_version, tags=new_tags)
     emit(state, info, lambda: _show_key(info))
 
 

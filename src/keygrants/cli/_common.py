@@ -8,7 +8,9 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
+import json
 import os
+import re
 import shlex
 import ssl
 import sys
@@ -20,13 +22,19 @@ from urllib.parse import urlsplit
 import click
 import httpx
 import msgspec
+from click.core import ParameterSource
 
 from keygrants._files import exposed_mode
 from keygrants.client import Client
-from keygrants.client._connection import is_loopback_host
+from keygrants.client._connection import (
+    INSECURE_HTTP_ENV,
+    insecure_http_allowed,
+    is_loopback_host,
+    server_url,
+)
 from keygrants.crypto.signing import SigningKey
 from keygrants.durations import parse_duration
-from keygrants.errors import InvalidRequest, KeygrantsError
+from keygrants.errors import InvalidRequest, KeygrantsError, Unauthenticated
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -52,6 +60,8 @@ __all__ = [
     "read_input",
     "read_stdin_line",
     "redact_userinfo",
+    "refuse_public_key",
+    "tags_update",
     "unb64",
 ]
 
@@ -68,6 +78,12 @@ KEY_FILE_ENV: Final = "KEYGRANTS_KEY_FILE"
 MAX_TOKEN_FILE: Final = 64 * 1024
 DEFAULT_TIMEOUT: Final = 10.0  # seconds a command waits for the server's answer
 LONG_TIMEOUT: Final = 300.0  # for revoke-all and principal deletion (many grants to end)
+ADMIN_TOKEN_FILE: Final = "admin.token"
+CREDENTIAL_SOURCES: Final = ("--token, --token-file, KEYGRANTS_TOKEN, KEYGRANTS_TOKEN_FILE, "
+                             "KEYGRANTS_PRINCIPAL + KEYGRANTS_KEY_FILE")
+_MAX_KEY_FILE: Final = 64 * 1024  # a key file is far smaller: the start is enough to tell
+_PUBLIC_PEM: Final = re.compile(r"-----BEGIN [A-Z0-9 ]*PUBLIC KEY-----")
+_JWK_PRIVATE_MEMBERS: Final = ("d", "k")  # an OKP/EC/RSA private key; a symmetric key
 
 
 class State:
@@ -75,6 +91,8 @@ class State:
 
     ``token`` is the token as given (``--token``/``--token-file`` or their variables, already
     read); ``data_dir`` is set only when ``--data-dir``/``KEYGRANTS_DATA_DIR`` was given.
+    ``without_credentials`` is set by :meth:`client` when it sends no credential at all: why
+    (no admin token found, or not read), for the error when the server asks for one.
     """
 
     def __init__(self, addr: str | None, token: str | None, data_dir: str | None,
@@ -90,6 +108,7 @@ class State:
         self.client_key = client_key
         self.grant: str | None = None
         self.dpop_key: SigningKey | None = None
+        self.without_credentials: str | None = None
 
     def client(self, *, timeout: float = DEFAULT_TIMEOUT) -> Client:
         """A client with the one credential configured, waiting up to ``timeout`` seconds for
@@ -104,7 +123,10 @@ class State:
 
         Raises:
             InvalidRequest: both kinds of credentials, half a signing key, a key file readable
-                by group or others, unusable TLS files or a malformed address.
+                by group or others or holding a public key, unusable TLS files or a malformed
+                address.
+            ValueError: a malformed address, or plain ``http://`` to a host that is not
+                loopback without ``KEYGRANTS_ALLOW_INSECURE_HTTP=1``.
         """
         # The grant options are read by click (--grant/KEYGRANTS_GRANT, ...) for the commands
         # that take them; "" keeps the SDK from reading them again for every other command.
@@ -130,8 +152,19 @@ class State:
             token = self._admin_token()
         return self._connect(token=token or "", **options)
 
+    def explain_unauthenticated(self, exc: KeygrantsError) -> None:
+        """Add to a server's bare ``unauthenticated`` answer, when nothing was sent to
+        authenticate with, what the CLI looked for (the server cannot know)."""
+        if self.without_credentials and exc.code == Unauthenticated.code:
+            exc.message = f"{exc.message}: {self.without_credentials}"
+
     def _connect(self, **options: Any) -> Client:
+        # The address is checked here first so that a refusal names what a CLI user can do
+        # (the SDK's message names its allow_insecure_http argument); the SDK checks it again.
         try:
+            server_url(self.addr or DEFAULT_ADDR,
+                       allow_insecure_http=insecure_http_allowed(False), own_transport=False,
+                       opt_in=f"set {INSECURE_HTTP_ENV}=1")
             return Client(self.addr, **options)
         except httpx.InvalidURL as exc:
             raise InvalidRequest(f"invalid server address {self.addr or ''!r}: {exc}") from None
@@ -141,15 +174,32 @@ class State:
         (``--data-dir``), or the one of ``KEYGRANTS_DATA_DIR`` (or ``./keygrants-data``) when
         the server is on this machine (a loopback address) and no client certificate (an
         identity of its own) is presented. The variable alone does not do for another server:
-        it is the server's own setting, exported on the machines that run one."""
+        it is the server's own setting, exported on the machines that run one.
+
+        Without a token (and without a client certificate) :attr:`without_credentials` says
+        why."""
+        path = Path(self.data_dir or "./keygrants-data").absolute() / ADMIN_TOKEN_FILE
+        none_given = f"no credentials given ({CREDENTIAL_SOURCES})"
         if not self.data_dir_given and (self.client_cert
                                         or not is_loopback(self.addr or DEFAULT_ADDR)):
+            if not self.client_cert:
+                self.without_credentials = (
+                    f"{none_given}, and {path} was not read: the data directory's admin token "
+                    "is used only for a loopback server or a --data-dir given on the command "
+                    "line")
             return None
-        data_dir = Path(self.data_dir or "./keygrants-data")
         try:
-            return (data_dir / "admin.token").read_text().strip()
-        except OSError:
+            token = path.read_text().strip()
+        except FileNotFoundError:
+            self.without_credentials = f"{none_given} and no admin token at {path}"
             return None
+        except OSError as exc:
+            self.without_credentials = (f"{none_given} and cannot read the admin token at "
+                                        f"{path}: {exc.strerror or exc}")
+            return None
+        if not token:
+            self.without_credentials = f"{none_given} and the admin token file {path} is empty"
+        return token
 
     def _tls_options(self) -> dict[str, Any]:
         """``verify``/``cert`` for the SDK from --ca-file, --client-cert and --client-key, each
@@ -201,27 +251,64 @@ def redact_userinfo(text: str, addr: str | None) -> str:
 
 
 def check_private_file(path: str, what: str) -> None:
-    """Refuse a private key file readable by group or others (``what`` names it).
+    """Refuse a file given as a private key that holds a public key (whatever its mode: a
+    public key's mode does not matter, so that is said first), or a private key file readable
+    by group or others (``what`` names it).
 
     Raises:
-        InvalidRequest: with the ``chmod`` that fixes it.
+        InvalidRequest: a public key, or an exposed file with the ``chmod`` that fixes it.
     """
+    refuse_public_key(path, what)
     mode = exposed_mode(path)
     if mode is not None:
         raise InvalidRequest(f"{what} is accessible by group or others (mode {mode:o}); run: "
                              f"chmod 600 {shlex.quote(path)}")
 
 
-def read_token(token: str | None, token_file: str | None) -> str | None:
-    """The token from ``--token`` (``-``: the first line of stdin) or ``--token-file``.
+def refuse_public_key(path: str, what: str) -> None:
+    """Refuse a file given as a private key that holds a public key: PEM ``… PUBLIC KEY``, or
+    a JWK without private members. An unreadable file passes (reading it will say why).
 
     Raises:
-        InvalidRequest: both given, an unreadable or empty file, or a token that is not
-            printable ASCII.
+        InvalidRequest: ``what`` is a public key.
     """
+    try:
+        with open(path, "rb") as f:
+            text = f.read(_MAX_KEY_FILE).decode("utf-8", "replace").strip()
+    except OSError:
+        return
+    if "PRIVATE KEY" in text:
+        return
+    public = _PUBLIC_PEM.search(text) is not None
+    if not public and text.startswith("{"):
+        try:
+            jwk = json.loads(text)
+        except ValueError:
+            jwk = None
+        public = (isinstance(jwk, dict) and "kty" in jwk
+                  and not any(member in jwk for member in _JWK_PRIVATE_MEMBERS))
+    if public:
+        raise InvalidRequest(f"{what} is a public key; give the private key")
+
+
+def read_token(token: str | None, token_file: str | None, *, token_from_env: bool = False,
+               token_file_from_env: bool = False) -> str | None:
+    """The token from ``--token`` (``-``: the first line of stdin) or ``--token-file``.
+
+    An option on the command line beats either variable (``--token-file F`` with
+    ``KEYGRANTS_TOKEN`` exported reads F); ``*_from_env`` says that the value came from the
+    variable.
+
+    Raises:
+        InvalidRequest: both options, or both variables, an unreadable or empty file, or a
+            token that is not printable ASCII.
+    """
+    if token and token_file and token_from_env != token_file_from_env:
+        token, token_file = (None, token_file) if token_from_env else (token, None)
     if token and token_file:
-        raise InvalidRequest("give a token with --token (KEYGRANTS_TOKEN) or --token-file "
-                             "(KEYGRANTS_TOKEN_FILE), not both")
+        raise InvalidRequest(f"both {TOKEN_ENV} and {TOKEN_FILE_ENV} are set: unset one of them, "
+                             "or choose with --token or --token-file" if token_from_env
+                             else "give a token with --token or --token-file, not both")
     if token == "-":
         token = read_stdin_line("token")
     elif token_file:
@@ -273,13 +360,19 @@ def common(fn: F) -> F:
     def wrapper(addr: str | None, token: str | None, token_file: str | None,
                 data_dir: str | None, ca_file: str | None, client_cert: str | None,
                 client_key: str | None, as_json: bool, **kwargs: Any) -> Any:
+        source = click.get_current_context().get_parameter_source
+        env, command_line = ParameterSource.ENVIRONMENT, ParameterSource.COMMANDLINE
+        state: State | None = None
         try:
-            source = click.get_current_context().get_parameter_source("data_dir")
-            state = State(addr, read_token(token, token_file), data_dir, as_json,
-                          ca_file=ca_file, client_cert=client_cert, client_key=client_key,
-                          data_dir_given=source is click.core.ParameterSource.COMMANDLINE)
+            given_token = read_token(token, token_file, token_from_env=source("token") is env,
+                                     token_file_from_env=source("token_file") is env)
+            state = State(addr, given_token, data_dir, as_json, ca_file=ca_file,
+                          client_cert=client_cert, client_key=client_key,
+                          data_dir_given=source("data_dir") is command_line)
             return fn(state, **kwargs)
         except KeygrantsError as exc:
+            if state is not None:
+                state.explain_unauthenticated(exc)
             exc.message = redact_userinfo(exc.message, addr)
             fail(as_json, exc)
         except (ValueError, httpx.InvalidURL) as exc:
@@ -291,20 +384,28 @@ def common(fn: F) -> F:
 
 def read_dpop_key(path: str) -> SigningKey:
     """A DPoP proof key: a PEM private key file (Ed25519 or P-256) that only its owner may
-    read."""
+    read.
+
+    Raises:
+        InvalidRequest: an unreadable file, a public key, a file that is not an Ed25519 or
+            P-256 private key, or a private key readable by group or others.
+    """
     import warnings
 
     from keygrants.client import load_dpop_key
 
+    what = f"DPoP key file {path}"
     try:
         with warnings.catch_warnings():  # the SDK's warning about the mode: refused below
             warnings.simplefilter("ignore", UserWarning)
             key = load_dpop_key(path)
     except OSError as exc:
         raise InvalidRequest(f"cannot read {path}: {exc.strerror}") from None
-    except ValueError as exc:
-        raise InvalidRequest(str(exc)) from None
-    check_private_file(path, f"DPoP key file {path}")  # a private key: refused, not used
+    except ValueError:
+        refuse_public_key(path, what)
+        raise InvalidRequest(f"{what} does not hold a DPoP proof key: expected an unencrypted "
+                             "Ed25519 or P-256 private key (PEM)") from None
+    check_private_file(path, what)  # a private key: refused, not used
     return key
 
 
@@ -426,6 +527,21 @@ def parse_context(pairs: tuple[str, ...]) -> dict[str, str] | None:
             raise InvalidRequest(f"context key {k!r} given twice")
         out[k] = v
     return out or None
+
+
+def tags_update(tags: tuple[str, ...], clear_tags: bool) -> list[str] | None:
+    """The tags an ``update`` command sets: ``--tag``s (replacing every tag), none
+    (``--clear-tags``), or ``None`` to leave them.
+
+    Raises:
+        click.UsageError: both ``--tag`` and ``--clear-tags`` (one of them would be dropped).
+    """
+    if tags and clear_tags:
+        raise click.UsageError("--tag and --clear-tags cannot be used together: --tag replaces "
+                               "every tag, --clear-tags removes them all")
+    if clear_tags:
+        return []
+    return list(tags) if tags else None
 
 
 def parse_duration_option(text: str | None) -> int | None:

@@ -24,7 +24,7 @@ from keygrants.cli._common import (
     read_stdin_line,
 )
 from keygrants.durations import parse_duration
-from keygrants.errors import InvalidRequest
+from keygrants.errors import Forbidden, InvalidRequest
 from keygrants.grants.dpop import proof_key_thumbprint
 from keygrants.grants.model import GRANT_OPERATIONS
 
@@ -225,9 +225,16 @@ def grant_list(state: State, key: str | None, grantee: str | None,
                after: str | None) -> None:
     """List grants (without --key: your own, via --grantee or --retiring-principal; the admin
     sees all)."""
-    with state.client() as c:
-        page = c.list_grants(key=key, grantee=grantee, retiring_principal=retiring_principal,
-                             state=grant_state, limit=limit, after=after)
+    try:
+        with state.client() as c:
+            page = c.list_grants(key=key, grantee=grantee, retiring_principal=retiring_principal,
+                                 state=grant_state, limit=limit, after=after)
+    except Forbidden as exc:
+        # Only the admin may list every grant: say how anyone else lists their own.
+        if exc.code == Forbidden.code and not (key or grantee or retiring_principal):
+            exc.message = (f"{exc.message}: to list your own grants, pass --grantee <your "
+                           "principal id> (or --retiring-principal); keygrants whoami shows it")
+        raise
 
     def show() -> None:
         from rich.table import Table

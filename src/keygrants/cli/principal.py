@@ -21,6 +21,7 @@ from keygrants.cli._common import (
     print_table,
     read_file,
     read_input,
+    tags_update,
 )
 from keygrants.errors import InvalidRequest, ServerUnreachable
 
@@ -136,7 +137,7 @@ def principal_show(state: State, name: str) -> None:
 def principal_update(state: State, name: str, display_name: str | None, tags: tuple[str, ...],
                      clear_tags: bool) -> None:
     """Change a principal's display name or tags."""
-    new_tags = [] if clear_tags else (list(tags) if tags else None)
+    new_tags = tags_update(tags, clear_tags)
     with state.client() as c:
         p = c.update_principal(name, display_name=display_name, tags=new_tags)
     emit(state, p, lambda: _show_principal(p))

@@ -67,10 +67,12 @@ def _local(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _read_key_file(path: str, *, private: bool) -> bytes:
+def _read_key_file(path: str, *, private_for: str | None = None) -> bytes:
+    """The bytes of a key file; ``private_for``: the option given a private key (a public
+    key, or a file readable by group or others, is refused)."""
     data = read_file(path, MAX_KEY_FILE)
-    if private:
-        check_private_file(path, f"private key file {path}")
+    if private_for is not None:
+        check_private_file(path, f"key file {path} ({private_for})")
     return data
 
 
@@ -94,7 +96,7 @@ def _load_recipient(path: str) -> HpkePublicKey:
     from keygrants.crypto.hpke import HpkePublicKey
 
     try:
-        return HpkePublicKey.from_pem(_read_key_file(path, private=False))
+        return HpkePublicKey.from_pem(_read_key_file(path))
     except ValueError:
         raise InvalidRequest(f"--to {path}: not an X25519 public key (PEM)") from None
 
@@ -103,14 +105,15 @@ def _load_recipient_private(path: str) -> HpkePrivateKey:
     from keygrants.crypto.hpke import HpkePrivateKey
 
     try:
-        return HpkePrivateKey.from_pem(_read_key_file(path, private=True))
+        return HpkePrivateKey.from_pem(_read_key_file(path, private_for="--key"))
     except ValueError:
         raise InvalidRequest(f"--key {path}: not an unencrypted X25519 private key (PEM)") from None
 
 
 def _load_signer(path: str) -> SigningKey:
+    pem = _read_key_file(path, private_for="--sign-with")  # its errors name the file and the fix
     try:
-        der = _pem_body(_read_key_file(path, private=True), _PEM_PRIVATE)
+        der = _pem_body(pem, _PEM_PRIVATE)
         return SigningKey.from_private_bytes("ed25519", der)
     except (ValueError, InvalidRequest):
         raise InvalidRequest(f"--sign-with {path}: not an unencrypted Ed25519 private key (PEM)"
@@ -119,7 +122,7 @@ def _load_signer(path: str) -> SigningKey:
 
 def _load_sender(path: str) -> VerifyingKey:
     try:
-        return VerifyingKey.from_pem("ed25519", _read_key_file(path, private=False))
+        return VerifyingKey.from_pem("ed25519", _read_key_file(path))
     except ValueError:
         raise InvalidRequest(f"--from {path}: not an Ed25519 public key (PEM)") from None
 
