@@ -220,8 +220,13 @@ def test_load_signing_key(tmp_path: Path) -> None:
                                         serialization.NoEncryption()))
     garbage = tmp_path / "garbage.pem"
     garbage.write_bytes(b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
-    for bad in (rsa_path, garbage):
-        with pytest.raises(ValueError):
+    public = tmp_path / "public.pem"
+    public.write_text(SigningKey.generate("ed25519").public_key().public_pem())
+    for bad in (rsa_path, garbage, public):
+        with pytest.raises(ValueError) as info:
             load_signing_key(bad)
+        if bad != rsa_path:  # pyca's own words were shown ("Are you sure this is a private key?")
+            assert str(info.value) == (f"{bad} is not an unencrypted Ed25519 or ECDSA P-256 "
+                                       "private key (PEM)")
     with pytest.raises(OSError):
         load_signing_key(tmp_path / "missing.pem")

@@ -76,7 +76,11 @@ def load_signing_key(path: str | os.PathLike[str]) -> SigningKey:
         pem = f.read(MAX_KEY_FILE + 1)
     if len(pem) > MAX_KEY_FILE:
         raise ValueError(f"{path} is larger than {MAX_KEY_FILE} bytes: not a private key file")
-    key = SigningKey.from_pem(pem)
+    try:
+        key = SigningKey.from_pem(pem)
+    except (ValueError, TypeError):  # pyca's words ("Are you sure this is a private key?")
+        raise ValueError(f"{path} is not an unencrypted Ed25519 or ECDSA P-256 private key "
+                         "(PEM)") from None
     if key.algorithm not in ALGORITHMS:
         raise ValueError(f"{key.algorithm} keys cannot sign requests; use Ed25519 or ECDSA P-256")
     warn_if_exposed(path)
