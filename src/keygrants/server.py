@@ -413,8 +413,6 @@ def _assemble(config: ServerConfig, store: Any, audit: AuditSetup, root_key: byt
     @contextlib.asynccontextmanager
     async def lifespan() -> AsyncIterator[None]:
         system = RequestContext(principal="system", request_id="lifecycle")
-        await asyncio.to_thread(audit.recorder.record, system, "server.start", "ok",
-                                operation="start", detail=started, wait=True)
         stop_scheduler = asyncio.Event()
         publisher: RevocationPublisher | None = None
         keys_changed: Callable[[], None] | None = None
@@ -449,6 +447,11 @@ def _assemble(config: ServerConfig, store: Any, audit: AuditSetup, root_key: byt
             keys_changed = functools.partial(changed, "keys")
             if config.reset_admin_token:  # the other nodes read the new digest, the old one
                 changed("principals")     # stops working there too
+
+        # recorded once nothing can stop the start any more (a bus that cannot be reached did,
+        # leaving a server.start with no server.stop)
+        await asyncio.to_thread(audit.recorder.record, system, "server.start", "ok",
+                                operation="start", detail=started, wait=True)
 
         def resync_shared() -> None:
             kms.forget_cached()
@@ -635,8 +638,14 @@ def serve(config: ServerConfig, *, announce: Any = print) -> None:
     if built.wrote_admin_token:
         announce(f"Admin token written to {built.admin_token_path.resolve()} (mode 0600)")
     elif not built.admin_token_path.exists():
-        announce(f"Admin token file {built.admin_token_path} is missing; restart with "
-                 "--reset-admin-token to issue a new one")
+        if is_postgres_url(config.store):
+            # one admin token for every node of the store: a reset would revoke theirs
+            announce(f"Admin token file {built.admin_token_path} is missing: every node of this "
+                     "store shares one admin token, so copy admin.token from the node that made "
+                     "it (--reset-admin-token would issue a new one and revoke it on every node)")
+        else:
+            announce(f"Admin token file {built.admin_token_path} is missing; restart with "
+                     "--reset-admin-token to issue a new one")
     else:
         announce(f"Admin token: {built.admin_token_path.resolve()}")
     where = ("the store's database (schema keygrants_audit)" if is_postgres_url(config.store)
@@ -650,8 +659,10 @@ def serve(config: ServerConfig, *, announce: Any = print) -> None:
                                  str(config.client_ca) if config.client_ca else None)
         http = protocol_class()
     scheme = "https" if tls else "http"
-    announce(f"keygrants listening on {scheme}://{config.listen} "
-             f"(unsealed in {time.monotonic() - started:.2f}s)")
+
+    def listening() -> None:  # once the start can no longer fail (the bus is connected)
+        announce(f"keygrants listening on {scheme}://{config.listen} "
+                 f"(unsealed in {time.monotonic() - started:.2f}s)")
     uv_config = uvicorn.Config(
         built.app, host=host, port=port, loop="auto", http=http, lifespan="on",
         access_log=config.access_log, log_level="warning", server_header=False,
@@ -660,7 +671,7 @@ def serve(config: ServerConfig, *, announce: Any = print) -> None:
         # once: connections are bounded like everything else a client can make the server hold
         limit_concurrency=config.max_connections, **tls,
     )
-    _Server(uv_config).run(sockets=[sock])
+    _Server(uv_config, on_started=listening).run(sockets=[sock])
     announce("keygrants stopped")
 
 
@@ -689,7 +700,17 @@ def _server_class() -> type:
     class Server(uvicorn.Server):
         """uvicorn's server, but a SIGINT/SIGTERM is a clean stop (exit status 0): uvicorn
         re-raises the signal after its graceful shutdown, which turns a requested stop into
-        a 'killed by signal' exit."""
+        a 'killed by signal' exit; and ``on_started`` runs once the app's start succeeded."""
+
+        def __init__(self, config: uvicorn.Config, *,
+                     on_started: Callable[[], None] | None = None) -> None:
+            super().__init__(config)
+            self._on_started = on_started
+
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets=sockets)  # exits when the app's start failed
+            if self._on_started is not None:
+                self._on_started()
 
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:

@@ -7,9 +7,11 @@ restarted loses nothing it acknowledged."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
+import sqlite3
 import time
 from pathlib import Path
 
@@ -127,6 +129,9 @@ def test_key_and_principal_changes_reach_the_other_node(start_server, tmp_path: 
     common = node_args(tmp_path, postgres_url, bus_or_skip())
     node_a = start_server(tmp_path / "a", args=common)
     node_b = start_server(tmp_path / "b", args=common)
+    # B has no admin.token of its own: it says to copy A's (it advised --reset-admin-token,
+    # which would revoke the token every node and script uses)
+    assert "copy admin.token from the node that made it" in node_b.output()
     admin = admin_of(tmp_path)
     with httpx.Client(base_url=node_a.url, headers=admin, timeout=10) as a, \
             httpx.Client(base_url=node_b.url, headers=admin, timeout=10) as b:
@@ -239,3 +244,9 @@ def test_a_bus_that_cannot_be_reached_stops_the_start(start_server, tmp_path: Pa
                         args=("--bus", f"nats://127.0.0.1:{free_port()}"))
     assert node.wait_exit() != 0
     assert "cannot connect to nats://127.0.0.1:" in node.output()
+    # neither announced nor audited as started (it said "listening" and left a server.start
+    # with no server.stop)
+    assert "listening" not in node.output()
+    with contextlib.closing(sqlite3.connect(node.data_dir / "audit.db")) as db:
+        assert db.execute("SELECT count(*) FROM events WHERE type = 'server.start'"
+                          ).fetchone() == (0,)
