@@ -233,13 +233,13 @@ def _audited(event_type: str, operation: str) -> Callable[[F], F]:
     return decorate
 
 
-
 def _no_new_operations(operations: object, parent: Grant) -> None:
     """A sub-grant asking for an operation its parent lacks is told so first (an inherited
     context constraint made it a puzzling "constraints apply only to ..." error)."""
     if isinstance(operations, list) and not set(operations) <= set(parent.operations) and all(
             isinstance(op, str) for op in operations):
         raise AttenuationViolated("a sub-grant cannot add operations")
+
 
 class GrantService:
     """Grants over the KMS's store and keys.

@@ -70,6 +70,7 @@ def _check_writable(out: str) -> None:
     if not os.access(directory, os.W_OK | os.X_OK):
         raise InvalidRequest(f"cannot write {out}: the directory {directory} is not writable")
 
+
 @click.command()
 @common
 def whoami(state: State) -> None:
