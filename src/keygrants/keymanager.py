@@ -552,21 +552,39 @@ class KeyManager:
         return name, prov
 
     def _provider_for(self, ref: KeyReference) -> KeyProvider:
-        """The provider that made ``ref``: by registered name, then by key; else by our name."""
-        matches = [p for p in self._providers.values() if p.name == ref.provider]
-        if not matches and ref.provider in self._providers:
-            matches = [self._providers[ref.provider]]
-        if len(matches) > 1:  # e.g. two key files: the one whose key made it
-            matches = [p for p in matches if p.default_key_id == ref.key_id] or matches
-        if len(matches) == 1:
-            return matches[0]
-        if not matches:
-            raise KeyNotFoundError(f"no {ref.provider!r} provider in this KeyManager")
-        default = self._providers[self._default_provider]
-        if default in matches:
-            return default
-        raise KeyNotFoundError(f"several {ref.provider!r} providers could hold key "
-                               f"{ref.key_id!r}; make the right one the default")
+        """The provider that made ``ref``, asked of each provider of the record's kind.
+
+        A provider that holds the referenced key (:meth:`KeyProvider.holds_key`: the key of its
+        URI, as it records it) wins over one that merely could (a key of its kind named per
+        call); one that certainly cannot (another region, another key file) is never used.
+        A tie goes to the default provider. A provider registered under the record's
+        provider name is used for a kind that no provider has.
+
+        Raises:
+            KeyNotFoundError: when no provider of this manager can hold the key, or several
+                can and none of them is the default.
+        """
+        candidates = {n: p for n, p in self._providers.items() if p.name == ref.provider}
+        if not candidates and ref.provider in self._providers:
+            return self._providers[ref.provider]
+        if not candidates:
+            raise KeyNotFoundError(f"no {ref.provider!r} provider in this KeyManager holds key "
+                                   f"{ref.key_id!r}")
+        verdicts = {n: p.holds_key(ref) for n, p in candidates.items()}
+        for verdict in (True, None):
+            names = [n for n, v in verdicts.items() if v is verdict]
+            if len(names) == 1:
+                return candidates[names[0]]
+            if self._default_provider in names:
+                return candidates[self._default_provider]
+            if names:
+                raise KeyNotFoundError(
+                    f"providers {', '.join(sorted(names))} could each hold {ref.provider!r} key "
+                    f"{ref.key_id!r}; make the one that made it the default provider")
+        raise KeyNotFoundError(
+            f"no provider in this KeyManager holds {ref.provider!r} key {ref.key_id!r} (its "
+            f"{ref.provider!r} providers, {', '.join(sorted(candidates))}, hold other keys or "
+            "regions)")
 
     def _key_for(self, name: str, key_id: str | None) -> str | None:
         _check_key_id(key_id)
@@ -968,6 +986,8 @@ class KeyManager:
 
         Raises:
             DecryptionError: for every failure to decrypt, including an unknown data key.
+            KeyNotFoundError: if a known data key was wrapped by a key no provider of this
+                manager holds.
             ProviderConnectionError: if the provider cannot be reached to unwrap it.
         """
         ct = LocalCiphertext.from_bytes(ciphertext)
@@ -1022,11 +1042,15 @@ class KeyManager:
                       context: Mapping[str, str] | None = None) -> bytes:
         """Decrypt what :meth:`encrypt` made (or a provider's own ``EncryptedData``).
 
-        The provider is found from ``encrypted.key_reference``; ``context`` defaults to the
-        one recorded in ``encrypted``.
+        The provider is found from ``encrypted.key_reference`` (see
+        :meth:`KeyProvider.holds_key <keygrants.providers.KeyProvider.holds_key>`: of several
+        providers of one kind, the one whose key the record names); ``context`` defaults to
+        the one recorded in ``encrypted``.
 
         Raises:
             DecryptionError: for every failure to decrypt (opaque).
+            KeyNotFoundError: if no provider of this manager holds the record's key (or
+                several could and none is the default).
             ProviderConnectionError: if the provider cannot be reached.
         """
         prov = self._provider_for(encrypted.key_reference)
@@ -1147,6 +1171,8 @@ class KeyManager:
 
         Raises:
             DecryptionError: for every failure (opaque), including a type mismatch.
+            KeyNotFoundError: if a known data key was wrapped by a key no provider of this
+                manager holds.
         """
         ct = LocalCiphertext.from_bytes(ciphertext)
         if ct.format != FIELD_V1:
@@ -1226,6 +1252,20 @@ class SyncKeyManager:
         """Whether a data key is cached."""
         return self.manager.is_initialized
 
+    @property
+    def current_data_key_id(self) -> str | None:
+        """See :attr:`KeyManager.current_data_key_id`."""
+        return self.manager.current_data_key_id
+
+    @property
+    def providers(self) -> Mapping[str, KeyProvider]:
+        """See :attr:`KeyManager.providers`."""
+        return self.manager.providers
+
+    def get_provider(self, name: str | None = None) -> KeyProvider:
+        """See :meth:`KeyManager.get_provider` (the provider's own methods are async)."""
+        return self.manager.get_provider(name)
+
     def initialize(self) -> None:
         """See :meth:`KeyManager.initialize`."""
         self._run(self.manager.initialize())
@@ -1295,6 +1335,20 @@ class SyncKeyManager:
     def get_rotation_policy(self) -> RotationPolicy:
         """See :meth:`KeyManager.get_rotation_policy`."""
         return self.manager.get_rotation_policy()
+
+    def get_provider_rotation_policy(self, key_id: str | None = None, *,
+                                     provider: str | None = None) -> RotationPolicy:
+        """See :meth:`KeyManager.get_provider_rotation_policy`."""
+        return self._run(self.manager.get_provider_rotation_policy(key_id, provider=provider))
+
+    @staticmethod
+    def data_key_id_of(ciphertext: bytes) -> str:
+        """See :meth:`KeyManager.data_key_id_of`."""
+        return KeyManager.data_key_id_of(ciphertext)
+
+    def has_data_key(self, data_key_id: str) -> bool:
+        """See :meth:`KeyManager.has_data_key`."""
+        return self.manager.has_data_key(data_key_id)
 
     def load_data_key(self, wrapped: EncryptedData) -> str:
         """See :meth:`KeyManager.load_data_key`."""

@@ -43,6 +43,9 @@ class CountingProvider(KeyProvider):
         await self._hook("initialize")
         await self.inner.initialize()
 
+    def holds_key(self, ref: KeyReference) -> bool | None:
+        return self.inner.holds_key(ref)
+
     async def encrypt(self, plaintext: bytes, *, key_id: str | None = None,
                       context: Mapping[str, str] | None = None) -> EncryptedData:
         await self._hook("encrypt")

@@ -5,9 +5,11 @@ wrapped to count calls or to be made slow or failing."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import sys
 import threading
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -32,8 +34,9 @@ from keygrants.keymanager import (
     MemoryDataKeyStore,
     SyncKeyManager,
 )
+from keygrants.providers.base import KeyProvider
 from keygrants.providers.local import LocalKeyProvider
-from keygrants.providers.models import EncryptedData, KeyReference
+from keygrants.providers.models import EncryptedData, KeyReference, RotationPolicy
 
 pytestmark = pytest.mark.anyio
 
@@ -480,8 +483,76 @@ async def test_decrypt_routes_to_the_provider_that_made_it(tmp_path: Path) -> No
     direct = await b.encrypt(b"direct", context=CTX)  # a provider's own EncryptedData
     assert await km.decrypt(direct) == b"direct"
     alone = KeyManager({"a": a})
-    with pytest.raises(DecryptionError):
-        await alone.decrypt(from_b)  # the only local provider does not hold that key
+    # the only local provider holds another key: said plainly, not tried and failed
+    with pytest.raises(KeyNotFoundError, match="no provider in this KeyManager holds 'local' key"):
+        await alone.decrypt(from_b)
+
+
+class RegionalProvider(KeyProvider):
+    """A provider kind shaped like AWS KMS: opened by alias, it records the key's own id
+    (``regional:REGION:key/1``) with the alias in ``key_alias``, and its backend does not know
+    another region's keys (KeyNotFoundError). The key is a local key file per region."""
+
+    name = "regional"
+
+    def __init__(self, directory: Path, region: str, alias: str) -> None:
+        self.inner = LocalKeyProvider(directory / f"{region}.key")
+        self.default_key_id = alias
+        self.key_arn = f"regional:{region}:key/1"
+        self.uri = f"regional://{alias}?region={region}"
+        self.decrypted = 0
+
+    async def encrypt(self, plaintext: bytes, *, key_id: str | None = None,
+                      context: Mapping[str, str] | None = None) -> EncryptedData:
+        assert key_id in (None, self.default_key_id, self.key_arn)
+        enc = await self.inner.encrypt(plaintext, context=context)
+        if key_id in (None, self.default_key_id):
+            self._resolved_key_id = self.key_arn
+        ref = KeyReference(provider=self.name, key_id=self.key_arn,
+                           key_alias=key_id or self.default_key_id)
+        return dataclasses.replace(enc, key_reference=ref)
+
+    async def decrypt(self, encrypted: EncryptedData, *,
+                      context: Mapping[str, str] | None = None) -> bytes:
+        if encrypted.key_reference.key_id != self.key_arn:
+            raise KeyNotFoundError("regional: key not found (decrypt)")
+        self.decrypted += 1
+        inner = KeyReference(provider="local", key_id=self.inner.default_key_id or "")
+        return await self.inner.decrypt(dataclasses.replace(encrypted, key_reference=inner),
+                                        context=context)
+
+
+async def test_providers_of_one_kind_opened_by_alias_each_get_their_own_records(
+        tmp_path: Path) -> None:
+    us = RegionalProvider(tmp_path, "us", "alias/app-us")
+    eu = RegionalProvider(tmp_path, "eu", "alias/app-eu")
+    km = KeyManager({"us": us, "eu": eu}, "us")
+    await km.initialize()
+    enc = await km.encrypt(b"eu data", provider="eu", context=CTX)
+    assert (enc.key_reference.key_id, enc.key_reference.key_alias) == (eu.key_arn, "alias/app-eu")
+    assert await km.decrypt(enc) == b"eu data"
+    field = await km.encrypt_field("eu field", provider="eu", context=CTX)
+    assert await km.decrypt_field(field, context=CTX) == "eu field"
+    # another process: providers that have made no call yet know only their alias
+    us2 = RegionalProvider(tmp_path, "us", "alias/app-us")
+    eu2 = RegionalProvider(tmp_path, "eu", "alias/app-eu")
+    other = KeyManager({"us": us2, "eu": eu2}, "us")
+    other.import_data_keys(km.export_data_keys())
+    assert await other.decrypt(enc) == b"eu data"
+    assert await other.decrypt_field(field, context=CTX) == "eu field"
+    assert (us2.decrypted, eu2.decrypted) == (0, 2)
+
+
+async def test_a_record_several_providers_could_hold_goes_to_the_default_or_is_refused(
+        tmp_path: Path) -> None:
+    # Same alias, different backends, no call made yet: nothing in the record tells them apart.
+    r1 = RegionalProvider(tmp_path, "r1", "alias/same")
+    r2 = RegionalProvider(tmp_path, "r2", "alias/same")
+    enc = await RegionalProvider(tmp_path, "r2", "alias/same").encrypt(b"x")
+    first = LocalKeyProvider(tmp_path / "first")
+    with pytest.raises(KeyNotFoundError, match="r1, r2 could each hold"):
+        await KeyManager({"first": first, "r1": r1, "r2": r2}, "first").decrypt(enc)
+    assert await KeyManager({"r1": r1, "r2": r2}, "r2").decrypt(enc) == b"x"
 
 
 async def test_decrypt_caps_a_provider_native_record(counting: Any) -> None:
@@ -595,6 +666,25 @@ def test_sync_facade(local: LocalKeyProvider) -> None:
         SyncKeyManager(object())  # type: ignore[arg-type]
 
 
+def test_sync_facade_offers_every_operation(counting: Any) -> None:
+    def public(cls: type) -> set[str]:
+        return {n for n in dir(cls) if not n.startswith("_")}
+
+    assert public(SyncKeyManager) == public(KeyManager)
+    with SyncKeyManager(KeyManager({"local": counting})) as km:
+        assert km.providers == {"local": counting} and km.get_provider() is counting
+        assert km.get_provider("local") is counting
+        with pytest.raises(KeyNotFoundError):
+            km.get_provider("nope")
+        ct = km.local_encrypt(b"x")
+        assert km.current_data_key_id is not None
+        assert km.data_key_id_of(ct) == SyncKeyManager.data_key_id_of(ct) == km.current_data_key_id
+        assert km.has_data_key(km.current_data_key_id) and not km.has_data_key("00" * 16)
+        policy = km.get_provider_rotation_policy()
+        assert policy == RotationPolicy(enabled=True, rotation_period_days=90)
+        assert counting.calls["get_rotation_policy"] == 1
+
+
 def test_sync_facade_without_initialize_is_refused(local: LocalKeyProvider) -> None:
     km = SyncKeyManager(KeyManager({"local": local}))
     with pytest.raises(EncryptionError):
@@ -609,3 +699,6 @@ def test_errors_belong_to_the_kms_family() -> None:
     for cls in (DecryptionError, EncryptionError, KeyRotationError, ProviderConnectionError,
                 KeyNotFoundError):
         assert issubclass(cls, KMSError)
+    # as docs/keymanager.md says: bad input is not a KMSError, but still a KeygrantsError
+    for cls in (PayloadTooLarge, InvalidRequest):
+        assert issubclass(cls, keygrants.errors.KeygrantsError) and not issubclass(cls, KMSError)

@@ -108,9 +108,10 @@ def test_uri_forms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     rel = open_provider("local:rel.key")
     assert isinstance(rel, LocalKeyProvider) and (tmp_path / "rel.key").exists()
     monkeypatch.delenv("KEYGRANTS_PASSPHRASE", raising=False)
-    with pytest.raises(ProviderConnectionError, match="KEYGRANTS_PASSPHRASE"):
+    # configuration the constructor can judge: ValueError, like every provider's
+    with pytest.raises(ValueError, match="KEYGRANTS_PASSPHRASE"):
         open_provider("local:passphrase")
-    with pytest.raises(ProviderConnectionError, match="at least 12"):
+    with pytest.raises(ValueError, match="at least 12"):
         open_provider("local:passphrase", passphrase="short")
     p = open_provider("local:passphrase", passphrase=PASS)
     assert p.uri == "local:passphrase" and p.default_key_id == "passphrase"
@@ -123,6 +124,17 @@ def test_uri_forms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError):
         LocalKeyProvider(tmp_path / "k", passphrase=PASS)
     assert PASS not in repr(p) and "passphrase" in repr(p)
+
+
+@pytest.mark.parametrize("suffix", ["?foo=1", "?timeout=5", "?", "#k", "?passphrase=x"])
+def test_a_query_or_fragment_is_refused_not_taken_as_the_file_name(
+        tmp_path: Path, suffix: str) -> None:
+    with pytest.raises(ValueError, match="takes no URI options") as info:
+        open_provider(f"local://{tmp_path / 'kek'}{suffix}")
+    assert "passphrase=x" not in str(info.value)
+    with pytest.raises(ValueError, match="takes no URI options"):
+        open_provider(f"local:passphrase{suffix}", passphrase=PASS)
+    assert list(tmp_path.iterdir()) == []  # no key file made, under any name
 
 
 # -- the ciphertext, byte for byte ---------------------------------------------------------------

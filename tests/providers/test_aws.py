@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import TYPE_CHECKING
 
 import pytest
 
-from keygrants.errors import KMSError, ProviderConnectionError
+from keygrants import KeyManager
+from keygrants.errors import KeyNotFoundError, KMSError, ProviderConnectionError
 from keygrants.providers import open_provider
 from keygrants.providers.aws import AwsKmsProvider
+from keygrants.providers.models import KeyReference
 
 if TYPE_CHECKING:
     from conftest import MotoKms, ProviderCase
@@ -41,6 +44,38 @@ def test_uri_forms() -> None:
 def test_bad_configuration_fails_at_construction(uri: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         open_provider(uri)
+
+
+@pytest.mark.parametrize("given", [{"aws_access_key_id": "AKIA-only-the-id"},
+                                   {"aws_secret_access_key": "only-the-secret-5d1f"},
+                                   {"aws_session_token": "only-the-token-5d1f"}])
+def test_half_an_explicit_credential_pair_fails_at_construction(given: dict[str, str]) -> None:
+    # Missing credentials show at first use (a role may supply them then); half a pair given
+    # as options is known to be unusable now (it used to escape as a TypeError at first use).
+    with pytest.raises(ValueError, match="aws_access_key_id and aws_secret_access_key") as info:
+        open_provider("aws-kms://k?region=us-east-1", **given)
+    assert "5d1f" not in str(info.value)
+
+
+def test_holds_key_tells_regions_and_accounts_apart() -> None:
+    arn = "arn:aws:kms:eu-west-3:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+
+    def ref(key_id: str, alias: str | None = None) -> KeyReference:
+        return KeyReference(provider="aws-kms", key_id=key_id, key_alias=alias)
+
+    by_arn = AwsKmsProvider.from_uri(f"aws-kms://{arn}", **CREDS)
+    assert by_arn.holds_key(ref(arn)) is True
+    assert by_arn.holds_key(ref(arn.replace("eu-west-3", "eu-west-1"))) is False
+    assert by_arn.holds_key(ref(arn.replace("111122223333", "444455556666"))) is False
+    assert by_arn.holds_key(ref(arn[:-4] + "ffff")) is None  # a key named per call
+    assert by_arn.holds_key(KeyReference(provider="vault", key_id=arn)) is False
+    by_id = AwsKmsProvider.from_uri("aws-kms://1234abcd-12ab-34cd-56ef-1234567890ab"
+                                    "?region=eu-west-3", **CREDS)
+    assert by_id.holds_key(ref(arn)) is True
+    by_alias = AwsKmsProvider.from_uri("aws-kms://alias/app?region=eu-west-3", **CREDS)
+    assert by_alias.holds_key(ref(arn, "alias/app")) is True
+    assert by_alias.holds_key(ref(arn.replace("eu-west-3", "us-east-1"), "alias/app")) is False
+    assert by_alias.holds_key(ref(arn, "alias/other")) is None
 
 
 def test_no_region_at_all(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -96,6 +131,56 @@ async def test_rotation_policy(moto_kms: MotoKms) -> None:
     policy = await p.get_rotation_policy()
     assert policy.enabled  # moto does not report RotationPeriodInDays back
     await p.close()
+
+
+async def test_rotation_policy_of_a_key_opened_by_alias(moto_kms: MotoKms) -> None:
+    arn = moto_kms.client.create_key()["KeyMetadata"]["Arn"]
+    alias = f"alias/kg-rotating-{uuid.uuid4().hex[:8]}"
+    moto_kms.client.create_alias(AliasName=alias, TargetKeyId=arn)
+    moto_kms.client.enable_key_rotation(KeyId=arn, RotationPeriodInDays=90)
+    # GetKeyRotationStatus takes no alias (in AWS as in moto): the provider resolves it
+    km = KeyManager.from_uri(f"aws-kms://{alias}?region=us-east-1&endpoint={moto_kms.endpoint}",
+                             provider_options=CREDS)
+    assert (await km.get_provider_rotation_policy()).enabled
+    await km.close()
+
+
+async def test_a_key_manager_over_two_regions_opened_by_alias_decrypts_its_own_records(
+        moto_kms: MotoKms) -> None:
+    import boto3
+
+    alias = f"alias/kg-app-{uuid.uuid4().hex[:8]}"  # one alias name, a key in each region
+    arns = {}
+    for region in ("us-east-1", "eu-west-1"):
+        kms = boto3.client("kms", region_name=region, endpoint_url=moto_kms.endpoint, **CREDS)
+        arns[region] = kms.create_key()["KeyMetadata"]["Arn"]
+        kms.create_alias(AliasName=alias, TargetKeyId=arns[region])
+
+    def regional(region: str) -> AwsKmsProvider:
+        p = open_provider(f"aws-kms://{alias}?region={region}&endpoint={moto_kms.endpoint}",
+                          **CREDS)
+        assert isinstance(p, AwsKmsProvider)
+        return p
+
+    km = KeyManager({"us": regional("us-east-1"), "eu": regional("eu-west-1")}, "us")
+    await km.initialize()
+    enc = await km.encrypt(b"eu data", provider="eu", context={"t": "1"})
+    assert (enc.key_reference.key_id, enc.key_reference.key_alias) == (arns["eu-west-1"], alias)
+    assert await km.decrypt(enc) == b"eu data"
+    us_enc = await km.encrypt(b"us data")
+    field = await km.encrypt_field("eu field", provider="eu")
+    assert await km.decrypt_field(field) == "eu field"
+    # another process, whose providers have made no call yet
+    other = KeyManager({"us": regional("us-east-1"), "eu": regional("eu-west-1")}, "us")
+    other.import_data_keys(km.export_data_keys())
+    assert await other.decrypt(enc) == b"eu data" and await other.decrypt(us_enc) == b"us data"
+    assert await other.decrypt_field(field) == "eu field"
+    # without a eu-west-1 provider the manager says so, rather than ask us-east-1
+    alone = KeyManager({"us": regional("us-east-1")})
+    with pytest.raises(KeyNotFoundError, match="no provider in this KeyManager holds"):
+        await alone.decrypt(enc)
+    for m in (km, other, alone):
+        await m.close()
 
 
 async def test_credentials_are_never_in_errors(moto_kms: MotoKms, closed_port: int) -> None:

@@ -14,6 +14,7 @@ import pytest
 from keygrants.errors import (
     DecryptionError,
     KeyNotFoundError,
+    PayloadTooLarge,
     ProviderConnectionError,
     UnsealFailed,
     UnsupportedOperation,
@@ -125,6 +126,28 @@ async def test_a_reference_to_another_provider_fails(provider: KeyProvider) -> N
     foreign = KeyReference(provider="not-" + provider.name, key_id=enc.key_reference.key_id)
     with pytest.raises(DecryptionError):
         await provider.decrypt(_with(enc, key_reference=foreign))
+
+
+async def test_a_provider_holds_the_records_of_its_own_key(case: ProviderCase,
+                                                          provider: KeyProvider) -> None:
+    """What the KeyManager routes records by (two providers of one kind in one manager)."""
+    enc = await provider.encrypt(SECRET)
+    assert provider.holds_key(enc.key_reference) is True
+    foreign = KeyReference(provider="not-" + provider.name, key_id=enc.key_reference.key_id)
+    assert provider.holds_key(foreign) is False
+    if case.other_key is not None:
+        other = await provider.encrypt(SECRET, key_id=case.other_key)
+        assert provider.holds_key(other.key_reference) is None  # reachable, not its own
+    if case.name == "local":  # one key per provider: another key file's key is not its own
+        other_file = KeyReference(provider="local", key_id="key-file:0000000000000000")
+        assert provider.holds_key(other_file) is False
+
+
+async def test_a_plaintext_over_4_kib_is_payload_too_large(provider: KeyProvider) -> None:
+    """One error for the provider limit, the one the KeyManager documents (not ValueError)."""
+    assert await provider.decrypt(await provider.encrypt(b"k" * 4096)) == b"k" * 4096
+    with pytest.raises(PayloadTooLarge):
+        await provider.encrypt(b"k" * 4097)
 
 
 async def test_an_unknown_key_is_key_not_found(case: ProviderCase) -> None:

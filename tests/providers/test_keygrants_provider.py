@@ -113,6 +113,34 @@ async def test_rotation_policy(keygrants_server: KeygrantsServer) -> None:
     await p.close()
 
 
+@pytest.mark.parametrize(("seconds", "days"), [(3600, 1), (86400, 1), (36 * 3600, 2)])
+async def test_a_rotation_period_is_reported_in_whole_days_rounded_up(
+        keygrants_server: KeygrantsServer, seconds: int, days: int) -> None:
+    name = f"rotating-{seconds}s"
+    with Client(keygrants_server.addr, token=keygrants_server.token) as c:
+        c.create_key(name, rotation_period=seconds)
+    p = open_provider(uri(keygrants_server, name), token=keygrants_server.token)
+    policy = await p.get_rotation_policy()
+    assert policy.enabled and policy.rotation_period_days == days  # an hour is not 0 days
+    await p.close()
+
+
+async def test_holds_key_trusts_the_server_key_id_once_known(
+        keygrants_server: KeygrantsServer) -> None:
+    from keygrants.providers.models import KeyReference
+
+    p = open_provider(uri(keygrants_server, "enc-alias"), token=keygrants_server.token)
+    with Client(keygrants_server.addr, token=keygrants_server.token) as c:
+        enc_id, other_id = c.describe_key("enc").id, c.describe_key("other").id
+    # the same alias at another server names another key id
+    elsewhere = KeyReference(provider="keygrants", key_id=other_id, key_alias="enc-alias")
+    assert p.holds_key(elsewhere) is True  # before any call, the alias is all it knows
+    await p.initialize()
+    assert p.holds_key(elsewhere) is None
+    assert p.holds_key(KeyReference(provider="keygrants", key_id=enc_id)) is True
+    await p.close()
+
+
 def test_as_a_seal_each_call_gets_a_client_of_its_own_event_loop(
         keygrants_server: KeygrantsServer) -> None:
     """ProviderSeal runs every call on a fresh event loop; httpx clients belong to one."""

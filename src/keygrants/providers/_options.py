@@ -17,7 +17,12 @@ from collections.abc import Callable, Collection, Mapping
 from typing import Any, Final, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
-from keygrants.errors import DecryptionError, InvalidRequest, ProviderConnectionError
+from keygrants.errors import (
+    DecryptionError,
+    InvalidRequest,
+    PayloadTooLarge,
+    ProviderConnectionError,
+)
 from keygrants.keys.context import canonical_context
 
 __all__ = [
@@ -146,13 +151,17 @@ def check_plaintext(plaintext: bytes) -> None:
 
     Raises:
         TypeError: when ``plaintext`` is not bytes.
-        ValueError: when it is empty or too large.
+        ValueError: when it is empty.
+        PayloadTooLarge: when it is over :data:`MAX_PLAINTEXT` (as the ``local:`` provider and
+            the KeyManager raise for their limits).
     """
     if not isinstance(plaintext, (bytes, bytearray, memoryview)):
         raise TypeError("plaintext must be bytes")
-    if not 0 < len(plaintext) <= MAX_PLAINTEXT:
-        raise ValueError(f"plaintext must be 1..{MAX_PLAINTEXT} bytes; providers wrap keys and "
-                         "small secrets (use the KeyManager for data)")
+    if not plaintext:
+        raise ValueError(f"plaintext must be 1..{MAX_PLAINTEXT} bytes, got none")
+    if len(plaintext) > MAX_PLAINTEXT:
+        raise PayloadTooLarge(f"a provider encrypts at most {MAX_PLAINTEXT} bytes; providers wrap "
+                              "keys and small secrets (use the KeyManager for data)")
 
 
 def decrypt_context(recorded: Mapping[str, str], given: Mapping[str, str] | None

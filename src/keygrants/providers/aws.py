@@ -117,12 +117,18 @@ def _parse_key(rest: str) -> str | None:
     return key
 
 
-def _region_of_arn(key: str | None) -> str | None:
+def _arn_parts(key: str | None) -> tuple[str, str, str] | None:
+    """``(region, account, resource)`` of a KMS ARN (``key/ID`` or ``alias/NAME``), else None."""
     if key and key.startswith("arn:"):
-        parts = key.split(":")
-        if len(parts) >= 6 and parts[2] == "kms" and parts[3]:
-            return parts[3]
+        parts = key.split(":", 5)
+        if len(parts) == 6 and parts[2] == "kms" and parts[3]:
+            return parts[3], parts[4], parts[5]
     return None
+
+
+def _region_of_arn(key: str | None) -> str | None:
+    parts = _arn_parts(key)
+    return parts[0] if parts else None
 
 
 class AwsKmsProvider(KeyProvider):
@@ -142,7 +148,10 @@ class AwsKmsProvider(KeyProvider):
         aws_session_token: explicit credentials.
 
     Raises:
-        ValueError: for a bad option, an unknown profile or no region at all.
+        ValueError: for a bad option, an unknown profile, no region at all, or half of an
+            explicit credential pair. Missing credentials are found at first use
+            (:class:`~keygrants.errors.ProviderConnectionError`): the standard chain may
+            resolve them only then (a container or instance role).
     """
 
     name = SCHEME
@@ -153,6 +162,13 @@ class AwsKmsProvider(KeyProvider):
                  signing_algorithm: str | None = None, aws_access_key_id: str | None = None,
                  aws_secret_access_key: str | None = None,
                  aws_session_token: str | None = None) -> None:
+        # Credentials may legitimately come from the chain at first use (a role, instance
+        # metadata), so their absence is only known then; half an explicit pair is known now.
+        if bool(aws_access_key_id) != bool(aws_secret_access_key):
+            raise ValueError("aws-kms: aws_access_key_id and aws_secret_access_key go together")
+        if aws_session_token and not aws_access_key_id:
+            raise ValueError("aws-kms: aws_session_token needs aws_access_key_id and "
+                             "aws_secret_access_key")
         self.default_key_id = key_id or None
         self._timeout = as_timeout(timeout)
         if not 1 <= int(max_attempts) <= 10:
@@ -336,8 +352,28 @@ class AwsKmsProvider(KeyProvider):
         return answer
 
     def _ref(self, requested: str, arn: str) -> KeyReference:
+        if requested == self.default_key_id and arn.startswith("arn:"):
+            self._resolved_key_id = arn  # what the URI's key (an alias) names now
         return KeyReference(provider=self.name, key_id=arn,
                             key_alias=requested if requested != arn else None)
+
+    def holds_key(self, ref: KeyReference) -> bool | None:
+        """Whether ``ref`` names this provider's key (see :meth:`KeyProvider.holds_key`).
+
+        KMS keys are regional: an ARN of another region, or of another account than the URI's
+        key, is never this provider's (its ``Decrypt`` would not find it). A bare key id in
+        the URI matches the ARN that ends in ``key/ID``.
+        """
+        arn = _arn_parts(ref.key_id)
+        if ref.provider == self.name and arn is not None:
+            if arn[0] != self._region:
+                return False
+            mine = _arn_parts(self._resolved_key_id or self.default_key_id)
+            if mine is not None and mine[1] and arn[1] != mine[1]:
+                return False
+            if self.default_key_id is not None and arn[2] == f"key/{self.default_key_id}":
+                return True
+        return super().holds_key(ref)
 
     async def _describe(self, key: str, *, refresh: bool = False) -> dict[str, Any]:
         with self._meta_lock:
@@ -362,6 +398,8 @@ class AwsKmsProvider(KeyProvider):
         if self.default_key_id is None:
             return
         meta = await self._describe(self.default_key_id, refresh=True)
+        if isinstance(meta.get("Arn"), str):
+            self._resolved_key_id = meta["Arn"]
         if meta.get("KeyState") != "Enabled":
             raise KMSError(f"aws-kms: the key is {meta.get('KeyState', 'not enabled')}")
 
@@ -467,11 +505,17 @@ class AwsKmsProvider(KeyProvider):
     async def get_rotation_policy(self, key_id: str | None = None) -> RotationPolicy:
         """The key's automatic rotation (``GetKeyRotationStatus``).
 
+        That call takes no alias, so an alias is first resolved to its key's ARN with
+        ``DescribeKey`` (cached, as for :meth:`sign`).
+
         Raises:
             KeyNotFoundError: for an unknown key.
             ProviderConnectionError: when KMS cannot be reached in time.
         """
         key = self.reference(key_id).key_id
+        if key.startswith("alias/") or ":alias/" in key:
+            # GetKeyRotationStatus takes a key id or key ARN only, never an alias
+            key = str((await self._describe(key))["Arn"])
         resp = await self._call("get_rotation_policy", self._kms.get_key_rotation_status,
                                 KeyId=key)
         enabled = bool(resp.get("KeyRotationEnabled"))

@@ -59,6 +59,10 @@ class KeyProvider(abc.ABC):
     name: str
     uri: str
     default_key_id: str | None = None
+    _resolved_key_id: str | None = None
+    """The backend's own id for :attr:`default_key_id` (an ARN for an alias, a keygrants key
+    id for a name), once a call has shown it; subclasses whose references record such an id
+    set it."""
 
     async def initialize(self) -> None:  # noqa: B027 (optional hook)
         """Connect and check the key exists; the caller applies the timeout."""
@@ -70,10 +74,37 @@ class KeyProvider(abc.ABC):
             raise ValueError(f"{self.name}: no key id given and none in the provider URI")
         return KeyReference(provider=self.name, key_id=key)
 
+    def holds_key(self, ref: KeyReference) -> bool | None:
+        """Whether a record naming ``ref`` is one this provider made with the key in its URI.
+
+        :class:`~keygrants.KeyManager` asks every provider of the record's kind, so that two
+        providers of one kind (two regions, two key files) each get their own records back.
+
+        Returns:
+            ``True`` when ``ref`` names this provider's own key as the provider records it:
+            its key id, the backend's id for it once known (an ARN for an alias), or, before
+            that is known, the alias the record keeps in ``key_alias``. ``False`` when the
+            provider certainly cannot open it (another kind; subclasses add other regions, a
+            single-key provider's other keys). ``None`` when it cannot tell: a key of this
+            kind that was named per call.
+        """
+        if ref.provider != self.name:
+            return False
+        key = self.default_key_id
+        if key is None:
+            return None
+        if ref.key_id == key:
+            return True
+        resolved = self._resolved_key_id
+        if resolved is not None:  # the alias may name another key now: trust the id alone
+            return True if ref.key_id == resolved else None
+        return True if ref.key_alias == key else None
+
     @abc.abstractmethod
     async def encrypt(self, plaintext: bytes, *, key_id: str | None = None,
                       context: Mapping[str, str] | None = None) -> EncryptedData:
-        """Encrypt a small secret (at most 4 KiB) bound to ``context``."""
+        """Encrypt a small secret bound to ``context``: at most 4 KiB, beyond which every
+        provider raises :class:`~keygrants.errors.PayloadTooLarge`."""
 
     @abc.abstractmethod
     async def decrypt(self, encrypted: EncryptedData, *,

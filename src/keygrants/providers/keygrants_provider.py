@@ -34,6 +34,7 @@ this one fails.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
@@ -232,6 +233,8 @@ class KeygrantsProvider(KeyProvider):
             raise self._translate(exc, op) from exc
 
     def _ref(self, requested: str, key_id: str) -> KeyReference:
+        if requested == self.default_key_id:
+            self._resolved_key_id = key_id  # the server's id for the URI's name or alias
         return KeyReference(provider=self.name, key_id=key_id,
                             key_alias=requested if requested != key_id else None)
 
@@ -249,6 +252,7 @@ class KeygrantsProvider(KeyProvider):
         if key is None:
             return
         info = await self._call("initialize", lambda c: c.describe_key(key))
+        self._resolved_key_id = info.id
         if info.purpose != "encrypt-decrypt":
             raise UnsupportedOperation(f"keygrants: key {key!r} is a {info.purpose} key")
         if info.state != "enabled":
@@ -342,7 +346,8 @@ class KeygrantsProvider(KeyProvider):
         next_at = info.next_rotation_at
         last = (next_at - timedelta(seconds=period)) if next_at and period else None
         return RotationPolicy(enabled=period > 0,
-                              rotation_period_days=period // 86400 if period else None,
+                              # whole days, rounded up as KeyManager.get_rotation_policy does
+                              rotation_period_days=math.ceil(period / 86400) if period else None,
                               last_rotation=last.astimezone(UTC) if isinstance(last, datetime)
                               else None,
                               next_rotation=next_at)

@@ -269,8 +269,11 @@ class LocalKeyProvider(KeyProvider):
         clock: monotonic seconds, for the new-salt limit (default :func:`time.monotonic`).
 
     Raises:
+        ValueError: when given both a path and a passphrase, or in passphrase mode when the
+            passphrase is missing (no option, ``KEYGRANTS_PASSPHRASE`` unset) or shorter than
+            12 characters.
         ProviderConnectionError: when the key file cannot be read or created, is not 32 bytes
-            or is readable by others, or the passphrase is missing or too short.
+            or is readable by others.
     """
 
     name = "local"
@@ -306,10 +309,10 @@ class LocalKeyProvider(KeyProvider):
         if passphrase is None:
             passphrase = os.environ.get(PASSPHRASE_ENV)
         if not passphrase:
-            raise ProviderConnectionError(f"local:passphrase needs {PASSPHRASE_ENV} to be set")
+            raise ValueError(f"local:passphrase needs {PASSPHRASE_ENV} to be set (or the "
+                             "passphrase= option)")
         if len(passphrase) < MIN_PASSPHRASE_LENGTH:
-            raise ProviderConnectionError(
-                f"the passphrase must be at least {MIN_PASSPHRASE_LENGTH} characters")
+            raise ValueError(f"the passphrase must be at least {MIN_PASSPHRASE_LENGTH} characters")
         self._passphrase = passphrase.encode("utf-8")
         self.default_key_id = "passphrase"
         self.uri = "local:passphrase"
@@ -319,12 +322,19 @@ class LocalKeyProvider(KeyProvider):
     def from_uri(cls, uri: str, *, passphrase: str | None = None) -> LocalKeyProvider:
         """Open ``local:passphrase`` or ``local:///abs/path`` / ``local:relative/path``.
 
+        The URI takes no options: a query or fragment (``?...``, ``#...``) is refused rather
+        than taken as part of the file name, which would silently make a new key.
+
         Raises:
-            ValueError: for a URI that is not ``local:`` or names no key file.
+            ValueError: for a URI that is not ``local:``, names no key file, or carries a
+                query or fragment; for ``local:passphrase`` without a usable passphrase.
         """
         if not uri.startswith("local:"):
             raise ValueError(f"not a local: provider URI: {uri!r}")
         rest = uri.removeprefix("local:")
+        if "?" in rest or "#" in rest:
+            raise ValueError("local: takes no URI options (the passphrase is the keyword "
+                             "option passphrase=); a key file name cannot contain ? or #")
         if rest == "passphrase":
             return cls(passphrase=passphrase)
         if rest.startswith("//"):
@@ -432,6 +442,11 @@ class LocalKeyProvider(KeyProvider):
     async def initialize(self) -> None:
         """Derive the passphrase key now (in a worker thread) rather than on first use."""
         await self._aead_for(self._current_header)
+
+    def holds_key(self, ref: KeyReference) -> bool | None:
+        """Whether ``ref`` names this provider's key: it holds exactly one, so any other key
+        id is certainly not its own (two key files are told apart by fingerprint)."""
+        return ref.provider == self.name and ref.key_id == self.default_key_id
 
     def _check_key_id(self, key_id: str | None) -> None:
         if key_id is not None and key_id != self.default_key_id:
