@@ -83,7 +83,7 @@ CREATE TABLE IF NOT EXISTS cursors (sink TEXT PRIMARY KEY, seq INTEGER NOT NULL)
 
 MAX_QUERY_LIMIT: Final = 1000
 _MAX_DEFERRALS: Final = 4
-_WAL_CHECKPOINT_EVERY: Final = 5.0
+_WAL_CHECKPOINT_EVERY: Final = 0.5  # seconds (why so often: keygrants.store.sqlite)
 _TIME_MARGIN: Final = 60  # seconds of clock skew between submit and checkpoint we tolerate
 
 
