@@ -85,6 +85,7 @@ from keygrants.grants.issuer import IssuerKey, IssuerKeyring, issuer_secret_name
 from keygrants.grants.model import (
     CRYPTO_OPERATIONS,
     GRANT_OPERATIONS,
+    MAX_LEEWAY,
     OPERATION_ACTIONS,
     Grant,
     GrantClaims,
@@ -154,8 +155,8 @@ class GrantSettings:
                      "dpop_replay_cache_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
-        if self.leeway < 0 or self.leeway > 300:
-            raise ValueError("leeway must be 0..300 seconds")
+        if not 0 <= self.leeway <= MAX_LEEWAY:
+            raise ValueError(f"leeway must be 0..{MAX_LEEWAY} seconds")
         if self.default_ttl > self.max_ttl:
             raise ValueError("default_ttl must not exceed max_ttl")
 
@@ -236,9 +237,9 @@ def _audited(event_type: str, operation: str) -> Callable[[F], F]:
 def _no_new_operations(operations: object, parent: Grant) -> None:
     """A sub-grant asking for an operation its parent lacks is told so first (an inherited
     context constraint made it a puzzling "constraints apply only to ..." error)."""
-    if isinstance(operations, list) and not set(operations) <= set(parent.operations) and all(
-            isinstance(op, str) for op in operations):
-        raise AttenuationViolated("a sub-grant cannot add operations")
+    if isinstance(operations, list) and (
+            {op for op in operations if op in GRANT_OPERATIONS} - set(parent.operations)):
+        raise AttenuationViolated("a sub-grant cannot add operations")  # (a typo: 400 below)
 
 
 class GrantService:
@@ -653,8 +654,9 @@ class GrantService:
         if parent is not None and req.ttl is None:
             # the default lifetime fits in the parent's, as an exchange's does: a sub-grant of
             # a parent with less than the default left was refused for a TTL nobody asked for
+            start = now if req.not_before is None else _epoch(req.not_before, "not_before")
             req = msgspec.structs.replace(req, ttl=max(1, min(self.settings.default_ttl,
-                                                              parent.expires_at - now)))
+                                                              parent.expires_at - start)))
         if parent is not None:
             _no_new_operations(req.operations, parent)
         grant = self._check_request(req, now)
@@ -1008,10 +1010,12 @@ class GrantService:
         now = self._now()
         if g.state not in ("active", "pending"):
             raise GrantStateError(f"the grant is already {g.state}")
-        if now >= g.expires_at + self.settings.leeway:
-            # no token of it, nor of a sub-grant (none outlives it), is accepted any more: it
-            # ended by itself, and revoking it would only add a feed entry. (One out of uses is
-            # ended on purpose: its sub-grants, which took those uses, may still be live.)
+        if now >= g.expires_at + MAX_LEEWAY:
+            # No token of it, nor of a sub-grant (none outlives it), is accepted anywhere any
+            # more, whatever leeway a verifier gives (at most MAX_LEEWAY): it ended by itself.
+            # Before that a verifier with a longer leeway than ours may still accept it, so it
+            # can be revoked. (One out of uses is ended on purpose: its sub-grants, which took
+            # those uses, may still be live.)
             raise GrantStateError("the grant has already expired")
         self.audit.record(ctx, event, "requested", operation=event.split(".")[1] + "_grant",
                           key_id=g.key_id, grant_id=g.id, wait=True)

@@ -135,6 +135,20 @@ def _write_secret_file(path: Path, text: str) -> None:
     write_private_file(path, (text + "\n").encode())
 
 
+def refuse_uri_query(uri: str) -> str:
+    """Return a seal URI given by the user, refusing a ``local:`` key file URI with a query or
+    a fragment: the file name would take it (``seal.key?timeout=5``, a new root key made in a
+    file of that name) rather than it being an option.
+
+    Raises:
+        SealError: for such a URI.
+    """
+    if uri.startswith("local:") and uri != "local:passphrase" and ("?" in uri or "#" in uri):
+        raise SealError("a local: seal takes no options: a key file URI cannot hold ? or # "
+                        "(local:///path/seal.key, or local:passphrase)")
+    return uri
+
+
 def _choose_seal(given: str | None, stored: str | None, data_dir: Path) -> str:
     """``--seal`` if given; else the seal the data directory was made with when it is a local
     one (its key file is always looked for in the data directory, so a moved directory still
@@ -148,7 +162,7 @@ def _choose_seal(given: str | None, stored: str | None, data_dir: Path) -> str:
             a PKCS#11 module path...).
     """
     if given:
-        return given
+        return refuse_uri_query(given)
     keyfile = f"local://{(data_dir / SEAL_KEY_FILE).resolve()}"
     if stored is None:
         return "local:passphrase" if os.environ.get(PASSPHRASE_ENV) else keyfile
@@ -708,8 +722,10 @@ def _server_class() -> type:
             self._on_started = on_started
 
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-            await super().startup(sockets=sockets)  # exits when the app's start failed
-            if self._on_started is not None:
+            # a failed start exits here (uvicorn >= 0.50) or sets should_exit (before)
+            await super().startup(sockets=sockets)
+            if self._on_started is not None and not (self.should_exit
+                                                     or self.lifespan.should_exit):
                 self._on_started()
 
         @contextlib.contextmanager

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import time
+from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
@@ -319,6 +320,12 @@ async def test_a_sub_grant_without_a_ttl_fits_in_a_parent_with_less_than_the_def
     longer = await http.post("/v1/grants", headers=svc(world, parent["token"]), json={
         "key": "enc", "grantee": "worker", "operations": ["decrypt"], "ttl": 300})
     assert code_of(longer) == "attenuation_violated"  # asked for: still refused
+    later = await http.post("/v1/grants", headers=svc(world, parent["token"]), json={
+        "key": "enc", "grantee": "worker", "operations": ["decrypt"],
+        "not_before": (datetime.fromisoformat(parent["grant"]["expires_at"])
+                       - timedelta(seconds=60)).isoformat()})  # the default fits from there
+    assert later.status_code == 201, later.text
+    assert later.json()["grant"]["expires_at"] == parent["grant"]["expires_at"]
 
 
 async def test_a_sub_grant_asking_for_an_operation_its_parent_lacks_is_told_so(world, http) -> None:
@@ -335,17 +342,25 @@ async def test_a_sub_grant_asking_for_an_operation_its_parent_lacks_is_told_so(w
     for r in (exchanged, delegated):
         assert (code_of(r), r.json()["error"]["message"]) == (
             "attenuation_violated", "a sub-grant cannot add operations"), r.text
+    # a typo is still named as one, not taken for an operation the parent lacks
+    typo = await http.post("/v1/token-exchange", headers=svc(world), json={
+        "subject_token": parent["token"], "scope": "decrpyt"})
+    assert (typo.status_code, code_of(typo)) == (400, "invalid_request"), typo.text
+    assert "unknown operations: decrpyt" in typo.json()["error"]["message"]
 
 
-async def test_a_grant_past_its_expiry_and_leeway_cannot_be_revoked_or_retired(world, http) -> None:
+async def test_a_grant_no_one_accepts_any_more_cannot_be_revoked_or_retired(world, http) -> None:
+    # Past exp + 300 s (the most leeway the KMS or a verifier gives) it ended by itself.
+    # Before that it can be revoked: a verifier whose leeway exceeds the KMS's 30 s still
+    # accepts its token (refusing the revoke there left it accepted).
     created = (await create(http, world, ttl=60)).json()
     other = (await create(http, world, ttl=60)).json()
     gid = created["grant"]["id"]
-    world.grants._clock = lambda: time.time() + 60 + 20  # expired, within the 30 s leeway
+    world.grants._clock = lambda: time.time() + 60 + 45  # past the KMS's leeway, not 300 s
     try:
         r = await http.post(f"/v1/grants/{gid}/revoke", headers=world.auth)
-        assert r.status_code == 200 and r.json()["state"] == "revoked", r.text  # still accepted
-        world.grants._clock = lambda: time.time() + 60 + 31
+        assert r.status_code == 200 and r.json()["state"] == "revoked", r.text
+        world.grants._clock = lambda: time.time() + 60 + 301
         for action, who in (("revoke", world.auth), ("retire", svc(world))):
             r = await http.post(f"/v1/grants/{other['grant']['id']}/{action}", headers=who)
             assert (r.status_code, code_of(r)) == (409, "grant_state"), (action, r.text)

@@ -362,3 +362,25 @@ def test_a_start_after_a_reseal_to_a_key_file_elsewhere_names_the_seal_to_give(
         assert h.start(data, "--seal", f"local://{elsewhere}")
     finally:
         h.stop_all()
+
+
+def test_a_local_seal_uri_with_a_query_is_refused_not_taken_as_the_file_name(
+        tmp_path: Path) -> None:
+    # "seal.key?timeout=5" became the name of a new key file holding a new root key
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KEYGRANTS_")}
+    h = Harness(tmp_path, env)
+    data, odd = tmp_path / "data", tmp_path / "seal.key?timeout=5"
+    started = subprocess.run(
+        [sys.executable, "-m", "keygrants", "server", "--listen", f"127.0.0.1:{_free_port()}",
+         "--data-dir", str(data), "--seal", f"local://{tmp_path}/seal.key?timeout=5"],
+        capture_output=True, text=True, env=env, timeout=CLI_TIMEOUT, check=False)
+    assert started.returncode != 0 and "cannot hold ? or #" in started.stderr, started.stderr
+    assert not odd.exists() and not (data / "keygrants.db").exists()
+    try:
+        h.start(data).stop()
+        moved = h.cli("operator", "reseal", "--data-dir", str(data), "--to",
+                      f"local://{tmp_path}/other.key#x")
+        assert moved.returncode != 0 and "cannot hold ? or #" in moved.stderr, moved.stderr
+        assert _recorded_seal(data) == f"local://{(data / 'seal.key').resolve()}"
+    finally:
+        h.stop_all()

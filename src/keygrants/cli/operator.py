@@ -48,7 +48,7 @@ def reseal(to_uri: str, from_uri: str | None, data_dir: str, store: str | None,
     """Move the root key to another seal, without downtime or re-encryption."""
     from keygrants.providers import open_root_provider
     from keygrants.seal import reseal_root_key, sealed_with
-    from keygrants.server import DB_FILE, SEAL_KEY_FILE, _choose_seal
+    from keygrants.server import DB_FILE, SEAL_KEY_FILE, _choose_seal, refuse_uri_query
     from keygrants.store import open_store
 
     path = Path(data_dir)
@@ -65,7 +65,7 @@ def reseal(to_uri: str, from_uri: str | None, data_dir: str, store: str | None,
             new_options: dict[str, Any] = {}
             if to_uri == "local:passphrase" and os.environ.get(NEW_PASSPHRASE_ENV):
                 new_options["passphrase"] = os.environ[NEW_PASSPHRASE_ENV]
-            new = open_root_provider(to_uri, **new_options)
+            new = open_root_provider(refuse_uri_query(to_uri), **new_options)
             previous = reseal_root_key(st, old, new)
         finally:
             st.close()

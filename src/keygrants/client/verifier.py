@@ -60,7 +60,7 @@ from keygrants.errors import (
     VerifierUnavailable,
 )
 from keygrants.grants.dpop import DpopVerifier
-from keygrants.grants.model import GrantClaims, check_context
+from keygrants.grants.model import MAX_LEEWAY, GrantClaims, check_context
 from keygrants.grants.push import SUBJECT, decode_message
 from keygrants.grants.revocation import RevocationEntry, RevocationView
 from keygrants.grants.token import IssuerPublicKey, decode_grant_token, issuer_key_from_jwk
@@ -96,8 +96,8 @@ class _State:
                  clock: Callable[[], float]) -> None:
         if max_staleness <= 0 or poll_interval <= 0 or poll_interval > max_staleness:
             raise ValueError("need 0 < poll_interval <= max_staleness")
-        if not 0 <= leeway <= 300:
-            raise ValueError("leeway must be 0..300 seconds")
+        if not 0 <= leeway <= MAX_LEEWAY:
+            raise ValueError(f"leeway must be 0..{MAX_LEEWAY} seconds")
         if issuer is not None and (not issuer or not issuer.isprintable() or " " in issuer):
             raise ValueError("issuer must be the KMS's issuer URI (e.g. urn:keygrants:…)")
         self.audience = audience

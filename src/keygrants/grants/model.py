@@ -25,6 +25,7 @@ __all__ = [
     "CRYPTO_OPERATIONS",
     "GRANT_ID_PATTERN",
     "GRANT_OPERATIONS",
+    "MAX_LEEWAY",
     "OPERATION_ACTIONS",
     "Grant",
     "GrantClaims",
@@ -46,6 +47,10 @@ CRYPTO_OPERATIONS: Final = frozenset({
 #: Every operation a grant can name: the key's operations, ``describe`` (key metadata and the
 #: public key) and ``create_grant`` (delegation: sub-grants of this grant).
 GRANT_OPERATIONS: Final = CRYPTO_OPERATIONS | {"describe", "create_grant"}
+
+#: The most clock leeway the KMS or a verifier may give a token's ``nbf``/``exp`` (seconds):
+#: past ``exp`` + this, no one accepts a grant's token any more.
+MAX_LEEWAY: Final = 300
 
 #: The service actions a grant operation covers when the grant token is presented.
 OPERATION_ACTIONS: Final[Mapping[str, frozenset[str]]] = {

@@ -1,0 +1,51 @@
+"""``keygrants server``'s start: announced only once it succeeded."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import pytest
+import uvicorn
+
+from keygrants.server import _server_class
+
+
+@pytest.mark.parametrize("fails", [False, True])
+@pytest.mark.parametrize("uvicorn_before_0_50", [False, True])
+def test_a_server_is_announced_once_its_start_succeeded(monkeypatch: pytest.MonkeyPatch,
+                                                        uvicorn_before_0_50: bool,
+                                                        fails: bool) -> None:
+    # uvicorn before 0.50 returns from a failed start (should_exit set) where later ones exit:
+    # "listening" was printed after "Application startup failed" there
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        assert scope["type"] == "lifespan"
+        await receive()  # lifespan.startup
+        if fails:
+            raise RuntimeError("the bus cannot be reached")
+        await send({"type": "lifespan.startup.complete"})
+        await receive()  # lifespan.shutdown
+        await send({"type": "lifespan.shutdown.complete"})
+
+    if uvicorn_before_0_50:
+        async def old_startup(self: uvicorn.Server, sockets: object = None) -> None:
+            await self.lifespan.startup()
+            if self.lifespan.should_exit:
+                self.should_exit = True
+
+        monkeypatch.setattr(uvicorn.Server, "startup", old_startup)
+    announced: list[str] = []
+    server = _server_class()(uvicorn.Config(app, lifespan="on", log_level="critical"),
+                             on_started=lambda: announced.append("listening"))
+
+    async def start() -> None:
+        server.config.load()
+        server.lifespan = server.config.lifespan_class(server.config)
+        await server.startup(sockets=[])
+        if not fails:
+            await server.lifespan.shutdown()
+
+    with contextlib.suppress(SystemExit):  # how uvicorn >= 0.50 ends a failed start
+        asyncio.run(start())
+    assert announced == ([] if fails else ["listening"])
