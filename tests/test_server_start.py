@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+from pathlib import Path
 from typing import Any
 
 import pytest
 import uvicorn
 
-from keygrants.server import _server_class
+from keygrants.server import ServerConfig, _server_class, serve
 
 
 @pytest.mark.parametrize("fails", [False, True])
@@ -49,3 +51,28 @@ def test_a_server_is_announced_once_its_start_succeeded(monkeypatch: pytest.Monk
     with contextlib.suppress(SystemExit):  # how uvicorn >= 0.50 ends a failed start
         asyncio.run(start())
     assert announced == ([] if fails else ["listening"])
+
+
+def test_a_start_the_bus_stops_exits_3_without_announcing(monkeypatch: pytest.MonkeyPatch,
+                                                          tmp_path: Path) -> None:
+    # with uvicorn before 0.50 (emulated) a failed start returned: exit status 0, after
+    # "keygrants listening" and "keygrants stopped"
+    async def old_startup(self: uvicorn.Server, sockets: object = None) -> None:
+        await self.lifespan.startup()
+        if self.lifespan.should_exit:
+            self.should_exit = True
+
+    monkeypatch.setattr(uvicorn.Server, "startup", old_startup)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    said: list[str] = []
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    config = ServerConfig(data_dir=tmp_path / "data", listen=f"127.0.0.1:{free}",
+                          bus=f"nats://127.0.0.1:{closed}")
+    with pytest.raises(SystemExit) as exited:
+        serve(config, announce=said.append)
+    assert exited.value.code == 3
+    assert not any("listening" in line or "stopped" in line for line in said), said

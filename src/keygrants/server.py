@@ -29,6 +29,7 @@ import os
 import secrets
 import signal
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -75,6 +76,7 @@ ADMIN_TOKEN_FILE: Final = "admin.token"
 DB_FILE: Final = "keygrants.db"
 SEAL_KEY_FILE: Final = "seal.key"
 LOCK_FILE: Final = ".lock"
+STARTUP_FAILURE: Final = 3  # the exit status uvicorn gives a start its app refused
 _SIDECARS: Final = ("", "-wal", "-shm")
 
 
@@ -685,7 +687,10 @@ def serve(config: ServerConfig, *, announce: Any = print) -> None:
         # once: connections are bounded like everything else a client can make the server hold
         limit_concurrency=config.max_connections, **tls,
     )
-    _Server(uv_config, on_started=listening).run(sockets=[sock])
+    server = _Server(uv_config, on_started=listening)
+    server.run(sockets=[sock])
+    if not server.started:  # a failed start: uvicorn before 0.50 returns instead of exiting
+        sys.exit(STARTUP_FAILURE)
     announce("keygrants stopped")
 
 
