@@ -6,7 +6,6 @@ and requests whose outcome is unknown."""
 from __future__ import annotations
 
 import base64
-import datetime
 import ipaddress
 import json
 import stat
@@ -18,9 +17,9 @@ from typing import Any
 import pytest
 from click.testing import Result
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from tests.certs import certificate
 
 from keygrants.api.tls import protocol_class, server_ssl_options
 from keygrants.auth.authenticator import AuthSettings
@@ -536,24 +535,12 @@ def test_a_complete_export_replaces_the_file(invoke, stub, tmp_path: Path) -> No
 
 # -- TLS: a private CA (--ca-file) and client certificates (--client-cert/--client-key) ---------
 
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
 def _issue(path: Path, subject: str, ca_key: Any, *, san: x509.GeneralName | None,
            ca: bool = False) -> tuple[str, str]:
     """A certificate signed by ``ca_key`` (``test-ca``; itself when ``ca``) and its key, as
     ``path``.crt and ``path``.key (0600)."""
     key = ca_key if ca else ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(_name("test-ca"))
-               .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(minutes=5))
-               .not_valid_after(now + datetime.timedelta(hours=1))
-               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-    if san is not None:
-        builder = builder.add_extension(x509.SubjectAlternativeName([san]), critical=False)
-    cert = builder.sign(ca_key, hashes.SHA256())
+    cert = certificate(subject, ca_key, "test-ca", key, ca=ca, san=san)
     crt = path.with_suffix(".crt")
     crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,

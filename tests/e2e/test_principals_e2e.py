@@ -3,7 +3,6 @@ real server process."""
 
 from __future__ import annotations
 
-import datetime
 import ipaddress
 import json
 import stat
@@ -12,9 +11,9 @@ from pathlib import Path
 import httpx
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from tests.certs import certificate
 
 from keygrants.client import Client
 from keygrants.errors import KeygrantsError
@@ -123,23 +122,6 @@ def test_the_replay_cache_size_is_an_option(start_server, tmp_path: Path) -> Non
 
 # -- mTLS -------------------------------------------------------------------------------------
 
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def _cert(subject: str, issuer_key, issuer: str, key, *, ca: bool = False,
-          san: x509.GeneralName | None = None) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(_name(issuer))
-               .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(minutes=5))
-               .not_valid_after(now + datetime.timedelta(hours=1))
-               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-    if san is not None:
-        builder = builder.add_extension(x509.SubjectAlternativeName([san]), critical=False)
-    return builder.sign(issuer_key, hashes.SHA256())
-
-
 def _write(path: Path, cert: x509.Certificate, key) -> tuple[str, str]:
     path.with_suffix(".crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     path.with_suffix(".key").write_bytes(key.private_bytes(
@@ -150,22 +132,22 @@ def _write(path: Path, cert: x509.Certificate, key) -> tuple[str, str]:
 
 def test_mtls_client_certificates_map_to_principals(start_server, tmp_path: Path) -> None:
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = _cert("test-ca", ca_key, "test-ca", ca_key, ca=True)
+    ca = certificate("test-ca", ca_key, "test-ca", ca_key, ca=True)
     ca_file, _ = _write(tmp_path / "ca", ca, ca_key)
     server_key = ec.generate_private_key(ec.SECP256R1())
-    server_cert, server_key_file = _write(tmp_path / "server", _cert(
+    server_cert, server_key_file = _write(tmp_path / "server", certificate(
         "127.0.0.1", ca_key, "test-ca", server_key,
         san=x509.IPAddress(ipaddress.ip_address("127.0.0.1"))), server_key)
     svc_key = ec.generate_private_key(ec.SECP256R1())
-    svc = _write(tmp_path / "svc", _cert("svc", ca_key, "test-ca", svc_key,
+    svc = _write(tmp_path / "svc", certificate("svc", ca_key, "test-ca", svc_key,
                                          san=x509.DNSName("svc.internal")), svc_key)
     stranger_key = ec.generate_private_key(ec.SECP256R1())
-    stranger = _write(tmp_path / "stranger", _cert("stranger", ca_key, "test-ca", stranger_key,
+    stranger = _write(tmp_path / "stranger", certificate("stranger", ca_key, "test-ca", stranger_key,
                                                    san=x509.DNSName("stranger.internal")),
                       stranger_key)
     rogue_ca_key = ec.generate_private_key(ec.SECP256R1())
     rogue_key = ec.generate_private_key(ec.SECP256R1())
-    rogue = _write(tmp_path / "rogue", _cert("svc", rogue_ca_key, "rogue-ca", rogue_key,
+    rogue = _write(tmp_path / "rogue", certificate("svc", rogue_ca_key, "rogue-ca", rogue_key,
                                              san=x509.DNSName("svc.internal")), rogue_key)
 
     data = tmp_path / "data"
