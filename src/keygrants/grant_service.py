@@ -726,8 +726,14 @@ class GrantService:
             # instead of two in a row). The token is signed only once both are; if the event
             # fails, the row is deleted again, and a row whose creation event never became
             # durable (a crash in between) never gets a token (see token()).
-            durable: list[Any] = []
-            self._creation_event(dataclasses.replace(ctx, pending_audit=durable), grant)
+            pending = ctx.pending_audit
+            if pending is None:  # called outside the HTTP edge: the event joins a list here
+                durable: list[Any] = []
+                self._creation_event(dataclasses.replace(ctx, pending_audit=durable), grant)
+            else:  # joins the edge's list (a copy of the context was 2% of the CPU)
+                mark = len(pending)
+                self._creation_event(ctx, grant)
+                durable = pending[mark:]
             submitted = self.store.submit_create_grant(grant)
             stored = (submitted if isinstance(submitted, asyncio.Future)
                       else asyncio.wrap_future(submitted))
@@ -739,8 +745,6 @@ class GrantService:
                 await asyncio.gather(stored, return_exceptions=True)
                 await anyio.to_thread.run_sync(self._undo_insert, grant.id)
                 raise
-            if ctx.pending_audit is not None:
-                ctx.pending_audit.extend(durable)  # done already; the edge reports its index
             try:
                 await stored
             except AlreadyExists:

@@ -102,6 +102,56 @@ async def test_a_body_that_does_not_arrive_in_time_is_408_and_closes(world, monk
     assert headers["connection"] == b"close"
 
 
+async def test_a_body_sent_slowly_in_time_is_read_and_nothing_is_left_behind(
+        world, monkeypatch) -> None:
+    monkeypatch.setattr(app_module, "BODY_TIMEOUT", 0.5)
+    body = b'{"plaintext":"aGVsbG8="}'
+    parts = [body[:7], body[7:15], body[15:]]
+
+    async def slow() -> dict[str, Any]:
+        await asyncio.sleep(0.1)  # 0.3 s in all, under the limit, over several checks
+        chunk = parts.pop(0)
+        return {"type": "http.request", "body": chunk, "more_body": bool(parts)}
+
+    status, _, answer = await _call(world, "POST", "/v1/keys/enc/encrypt",
+                                    {"authorization": f"Bearer {world.token}",
+                                     "content-length": str(len(body))}, slow)
+    assert status == 200, answer
+    deadlines = world.app._body_deadlines
+    assert not any(deadlines._due.values()) and not deadlines._late
+    await asyncio.sleep(0.6)  # a check after the request ended cancels nothing
+    assert not any(deadlines._due.values()) and not deadlines._late
+
+
+@pytest.mark.parametrize("late", [False, True])
+async def test_a_request_cancelled_by_the_server_while_reading_is_not_a_408(world,
+                                                                          late: bool) -> None:
+    """Shutting down cancels requests in progress: that stays a cancellation, also when the
+    body's deadline is found passed in the same moment."""
+    reading = asyncio.Event()
+
+    async def stalled() -> dict[str, Any]:
+        reading.set()
+        await asyncio.sleep(3600)
+        raise AssertionError("unreachable")
+
+    task = asyncio.ensure_future(_call(world, "POST", "/v1/keys/enc/encrypt",
+                                       {"authorization": f"Bearer {world.token}",
+                                        "content-length": "20"}, stalled))
+    await reading.wait()
+    deadlines = world.app._body_deadlines
+    loop = asyncio.get_running_loop()
+    task.cancel()
+    if late:  # the deadline check cancels it too, before it runs again
+        (reader,) = deadlines._due[loop]
+        deadlines._due[loop][reader] = 0.0
+        deadlines._check(loop)
+        assert reader in deadlines._late
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not deadlines._late and not deadlines._due.get(loop)
+
+
 # -- the request head, over a real socket -------------------------------------------------------
 
 async def _serve() -> AsyncIterator[tuple[int, list[int]]]:
@@ -179,7 +229,11 @@ async def test_a_head_sent_too_slowly_is_408_and_a_silent_connection_closes(
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
             assert head.startswith(b"HTTP/1.1 200 ")
             await asyncio.wait_for(reader.readexactly(2), 30)
+        # and a later head on it that stops halfway is timed from its own first byte
+        writer.write(b"GET / HTTP/1.1\r\nhost: t\r\n")
+        answer = await _read_all(reader)
         writer.close()
+        assert answer.startswith(b"HTTP/1.1 408 ") and b'"code":"request_timeout"' in answer
         assert calls == [1, 1, 1]
 
 

@@ -452,6 +452,25 @@ async def test_other_methods_on_a_known_path_are_405(world, http, endpoint: Endp
     assert world.snapshot() == before
 
 
+@pytest.mark.parametrize("endpoint", ENDPOINTS, ids=ENDPOINT_IDS)
+async def test_a_path_finds_the_route_the_table_order_gives(world, endpoint: Endpoint) -> None:
+    """A path without parameters is found by one lookup: the same route as matching every
+    route of its length in the table's order (which a parameter could shadow)."""
+    app = world.app
+    url, _ = request_for(endpoint, world)
+    path = url.split("?")[0]
+    fast = app._find(endpoint.method, path, path.encode())
+    static, app._static = app._static, {}
+    try:
+        slow = app._find(endpoint.method, path, path.encode())
+    finally:
+        app._static = static
+    assert fast[0] is slow[0] and fast[1] == slow[1]
+    assert fast[0].endpoint.operation_id == endpoint.operation_id
+    if "{" not in endpoint.path:
+        assert (endpoint.method, endpoint.path) in app._static
+
+
 # -- OpenAPI ------------------------------------------------------------------------------------
 
 async def test_openapi_document_describes_every_endpoint(http) -> None:

@@ -6,6 +6,7 @@ database are two nodes of one service: one tree."""
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 from collections.abc import Callable, Iterator
@@ -312,6 +313,24 @@ def test_a_loop_batch_is_split_at_max_batch(make_log: MakeLog) -> None:
         return list(await asyncio.gather(*(log.submit(fields(i)) for i in range(35))))  # type: ignore[arg-type]
 
     assert sorted(asyncio.run(run())) == list(range(35))
+
+
+def test_a_large_loop_batch_is_stored_whole_and_in_order(make_log: MakeLog) -> None:
+    """A loop's batch of 250 events is stored whole, in order, each with its own data and leaf
+    hash."""
+    import asyncio
+
+    log = make_log("big")
+
+    async def run() -> list[int]:
+        return list(await asyncio.gather(*(log.submit(fields(i)) for i in range(250))))  # type: ignore[arg-type]
+
+    assert asyncio.run(run()) == list(range(250))
+    stored = list(log.iter_events())
+    assert [seq for seq, _, _ in stored] == list(range(250))
+    for seq, data, leaf in stored:
+        assert json.loads(data)["request_id"] == f"r{seq}" and leaf == leaf_hash(data)
+    assert event_bytes(7, {**fields(7), "time": json.loads(stored[7][1])["time"]}) == stored[7][1]
 
 
 def test_blocking_calls_are_refused_on_a_loop_committing(log: AuditLog) -> None:

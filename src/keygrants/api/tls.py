@@ -118,15 +118,18 @@ def protocol_class(*, tls: bool = True) -> type:
             if self._in_head:
                 self._head_bytes += len(data)
             super().data_received(data)
-            if self._in_head and self._head_bytes > MAX_HEAD_BYTES:
-                self._refuse_head(431, "header_too_large", "request head larger than "
-                                  f"{MAX_HEAD_BYTES} bytes")
+            if self._in_head:
+                if self._head_bytes > MAX_HEAD_BYTES:
+                    self._refuse_head(431, "header_too_large", "request head larger than "
+                                      f"{MAX_HEAD_BYTES} bytes")
+                elif self._head_started and self._head_timer is None:
+                    # a head begun and not complete in these bytes (nearly every head arrives
+                    # whole: no timer is armed and cancelled for it)
+                    self._arm_head_timer()
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
             self._head_started = True
-            if self._head_timer is None:
-                self._arm_head_timer()
 
         def on_headers_complete(self) -> None:
             self._in_head = False

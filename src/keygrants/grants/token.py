@@ -27,6 +27,7 @@ cross-check every token with joserfc given the published JWKS.
 from __future__ import annotations
 
 import binascii
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -112,8 +113,10 @@ def issuer_key_from_jwk(jwk: Mapping[str, object]) -> IssuerPublicKey | None:
     return IssuerPublicKey(kid, "EdDSA", key)
 
 
+@functools.lru_cache(maxsize=64)
 def token_header(alg: str, kid: str) -> bytes:
-    """The encoded protected header of every token signed by one issuer key."""
+    """The encoded protected header of every token signed by one issuer key (made once per
+    key: it is the same for all of them)."""
     return b64url(msgspec.json.encode({"alg": alg, "kid": kid, "typ": GRANT_TOKEN_TYPE})).encode()
 
 
