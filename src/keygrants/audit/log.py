@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from keygrants._files import file_identity
+from keygrants._threads import as_background_thread
 from keygrants.audit.events import event_bytes, format_time
 from keygrants.audit.merkle import (
     CompactTree,
@@ -249,7 +250,8 @@ class AuditLog:
         # goes on serving (and gathering the next batch); ":memory:" has nothing to wait for.
         self._committer = (None if self.path == ":memory:" else
                            concurrent.futures.ThreadPoolExecutor(
-                               max_workers=1, thread_name_prefix="keygrants-audit-commit"))
+                               max_workers=1, thread_name_prefix="keygrants-audit-commit",
+                               initializer=as_background_thread))
         if newest_row is not None:
             self._checkpointed_size = int(newest_row[0])
             self._last_checkpoint_at = float(newest_row[1])
@@ -666,6 +668,7 @@ class AuditLog:
     def _checkpointer(self) -> None:
         """Cover events that stopped flowing (a signed checkpoint within one interval of the
         last event) and copy the WAL into the database now and then, off the request path."""
+        as_background_thread()
         wal = None
         if self._sqlite_wal:
             wal = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)

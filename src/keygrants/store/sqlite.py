@@ -24,6 +24,7 @@ from typing import Any, Final, NoReturn, TypeVar
 import msgspec
 
 from keygrants._files import file_identity
+from keygrants._threads import as_background_thread
 from keygrants.auth.model import Credential, Policy, Principal
 from keygrants.errors import (
     AliasNotFound,
@@ -73,6 +74,7 @@ def _copy_wal_back(path: str, stop: threading.Event, gone: threading.Event,
     ``gone`` once ``path`` no longer names the file opened (``identity``): deleted or
     replaced under the running server, whose writes would then be lost (SQLite in WAL mode
     does not notice)."""
+    as_background_thread()
     try:
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
         conn.execute("PRAGMA synchronous=FULL")  # the copy is fsynced before the WAL restarts
@@ -394,6 +396,7 @@ class _GroupCommit:
             thread.join()
 
     def _loop(self) -> None:
+        as_background_thread()
         while True:
             with self._cv:
                 while not self._queue and not self._closed:
