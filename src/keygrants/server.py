@@ -687,6 +687,9 @@ def serve(config: ServerConfig, *, announce: Any = print) -> None:
         # once: connections are bounded like everything else a client can make the server hold
         limit_concurrency=config.max_connections, **tls,
     )
+    if config.access_log:
+        # uvicorn sets its access logger to log_level (warning): its INFO lines were dropped
+        logging.getLogger("uvicorn.access").setLevel(logging.INFO)
     server = _Server(uv_config, on_started=listening)
     server.run(sockets=[sock])
     if not server.started:  # a failed start: uvicorn before 0.50 returns instead of exiting

@@ -202,6 +202,23 @@ async def test_a_request_head_over_the_limit_is_431_and_closes() -> None:
         writer.close()
         assert answer.startswith(b"HTTP/1.1 431 ") and b'"code":"header_too_large"' in answer
         assert calls == []
+        # a head over the limit that arrives whole, in one read (it was parsed before its
+        # bytes were counted: heads up to twice the limit were served)
+        for size in (tls_module.MAX_HEAD_BYTES + 100, 120_000):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET / HTTP/1.1\r\nhost: t\r\nx-long: " + b"a" * size + b"\r\n\r\n")
+            answer = await _read_all(reader)
+            writer.close()
+            assert answer.startswith(b"HTTP/1.1 431 "), (size, answer[:200])
+            assert answer.count(b"HTTP/1.1") == 1  # one answer, not also the parser's 400
+        # so are many headers that add up to over it
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        many = b"".join(b"x-h%d: %s\r\n" % (i, b"b" * 1000) for i in range(80))
+        writer.write(b"GET / HTTP/1.1\r\nhost: t\r\n" + many + b"\r\n")
+        answer = await _read_all(reader)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+        assert calls == []
         # a head within the limit is served
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"GET / HTTP/1.1\r\nhost: t\r\nx-long: " + b"a" * 30_000 + b"\r\n\r\n")

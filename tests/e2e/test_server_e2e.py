@@ -10,6 +10,7 @@ import signal
 import stat
 from pathlib import Path
 
+import httpx
 import pytest
 
 pytestmark = pytest.mark.e2e
@@ -173,3 +174,24 @@ def test_a_refused_start_leaves_a_passphrase_sealed_dir_unchanged(start_server,
     assert refused.wait_exit() != 0
     assert "passphrase" in refused.output()
     assert sorted(p.name for p in data_dir.iterdir()) == before  # no seal.key appeared
+
+
+def test_access_log_has_a_line_per_request_and_no_credentials(start_server,
+                                                              tmp_path: Path) -> None:
+    """``--access-log`` logged nothing: uvicorn's access logger was left at the server's
+    ``warning`` level, which drops its INFO lines."""
+    data = tmp_path / "data"
+    server = start_server(data, args=("--access-log",))
+    token = (data / "admin.token").read_text().strip()
+    assert httpx.get(f"{server.url}/healthz", timeout=10).status_code == 200
+    r = httpx.post(f"{server.url}/v1/keys", json={"name": "logged"}, timeout=10,
+                   headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 201
+    assert server.stop() == 0
+    out = server.output()
+    assert '"GET /healthz HTTP/1.1" 200' in out and '"POST /v1/keys HTTP/1.1" 201' in out, out
+    assert token not in out
+    quiet = start_server(tmp_path / "quiet")
+    assert httpx.get(f"{quiet.url}/healthz", timeout=10).status_code == 200
+    assert quiet.stop() == 0
+    assert "/healthz" not in quiet.output()  # off by default

@@ -87,6 +87,10 @@ class _CoalescingTransport:
         return getattr(self._transport, name)
 
 
+class _HeadRefused(Exception):
+    """Raised from a parser callback to stop parsing a head that was refused."""
+
+
 def protocol_class(*, tls: bool = True) -> type:
     """uvicorn's fastest available HTTP/1.1 protocol, with each response sent in one write
     and, with ``tls``, the client certificate exposed to the app."""
@@ -101,6 +105,8 @@ def protocol_class(*, tls: bool = True) -> type:
         # is being read: its bytes are counted and a timer runs until its headers are complete.
         # A body still arriving after an early response is not head (its request is not over).
         _head_bytes = 0
+        _head_size = 0
+        _head_refused = False
         _in_head = True
         _head_started = False
         _head_timer: asyncio.TimerHandle | None = None
@@ -130,6 +136,30 @@ def protocol_class(*, tls: bool = True) -> type:
         def on_message_begin(self) -> None:
             super().on_message_begin()
             self._head_started = True
+            self._head_size = 0
+
+        # The head's own size, from what the parser hands over: a head that completes within
+        # the bytes read at once is parsed before data_received can look at their count (a
+        # head of up to twice the limit got through).
+        def on_url(self, url: bytes) -> None:
+            self._count_head(len(url))
+            super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self._count_head(len(name) + len(value) + 4)  # ": " and CRLF
+            super().on_header(name, value)
+
+        def _count_head(self, n: int) -> None:
+            self._head_size += n
+            if self._head_size > MAX_HEAD_BYTES:
+                self._refuse_head(431, "header_too_large", "request head larger than "
+                                  f"{MAX_HEAD_BYTES} bytes")
+                raise _HeadRefused  # stops the parser: the request never reaches the app
+
+        def send_400_response(self, msg: str) -> None:
+            if self._head_refused:
+                return  # answered already (the parser reports the stop as a bad request)
+            super().send_400_response(msg)
 
         def on_headers_complete(self) -> None:
             self._in_head = False
@@ -166,6 +196,7 @@ def protocol_class(*, tls: bool = True) -> type:
         def _refuse_head(self, status: int, code: str, message: str) -> None:
             """Answer in the KMS's error shape and close (the head never reached the app)."""
             self._in_head = False
+            self._head_refused = True
             self._disarm_head_timer()
             if self.transport.is_closing():
                 return
