@@ -654,6 +654,7 @@ class RateLimited(KeygrantsError):
         super().__init__(message, request_id=request_id)
         self.retry_after = retry_after
         self.principal = principal
+        self.credential: str | None = None  # the authenticated credential, for the audit event
 
 
 class SealError(KeygrantsError):

@@ -234,6 +234,9 @@ async def test_the_rate_limit_answers_429_with_retry_after(world) -> None:
         assert codes == [200, 200, 200, 429]
         r = await client.get("/v1/whoami", headers=headers)
         assert r.json()["error"]["code"] == "rate_limited" and r.headers["retry-after"] == "1"
+        event = audited(world, r)  # which of the principal's credentials was refused
+        assert (event.type, event.principal, event.credential) == (
+            "request.rate_limited", "svc", created.credential.id)
         # the admin is never limited by another principal's traffic, nor by its own
         for _ in range(10):
             assert (await client.get("/v1/whoami", headers=world.auth)).status_code == 200
@@ -737,3 +740,30 @@ async def test_a_derive_is_decided_with_its_context(world, http) -> None:
     assert (await derive("42")).status_code == 200
     r = await derive("43")
     assert (r.status_code, r.json()["error"]["code"]) == (403, "forbidden")
+
+
+async def test_a_credential_header_sent_twice_is_refused_and_audited(world, http) -> None:
+    """With two ``Authorization`` fields the last one was used: a proxy checking the first
+    and this server would disagree about who calls."""
+    world.access.service.create_principal(ADMIN, CreatePrincipalRequest(id="svc-twice"))
+    created = world.access.service.create_api_key(ADMIN, "svc-twice", CreateApiKeyRequest())
+    admin = world.auth["Authorization"]
+    for pair in ([admin, f"Bearer {created.api_key}"], [f"Bearer {created.api_key}", admin],
+                 [admin, admin]):
+        r = await http.get("/v1/whoami", headers=[("Authorization", v) for v in pair])
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["code"] == "invalid_request"
+        assert "more than one Authorization header" in r.json()["error"]["message"]
+        event = audited(world, r)
+        assert (event.type, event.result, event.reason) == ("auth.failure", "denied",
+                                                            "invalid_request")
+    r = await http.get("/v1/whoami", headers=[("Authorization", admin),
+                                              ("Keygrants-Grant", "a"), ("Keygrants-Grant", "b")])
+    assert r.status_code == 400 and "Keygrants-Grant" in r.json()["error"]["message"]
+    key, keyid = register_key(world, "svc-twice-sig")
+    request = sign_request(key, keyid, "GET", "/v1/whoami")
+    request.headers = httpx.Headers([*request.headers.multi_items(),
+                                     ("Signature-Input", request.headers["signature-input"])])
+    r = await send_raw(world, request)
+    assert r.status_code == 400 and "Signature-Input" in r.json()["error"]["message"]
+    assert (await http.get("/v1/whoami", headers=world.auth)).status_code == 200  # once is fine

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import itertools
 import logging
 import math
@@ -239,8 +240,8 @@ class _HeaderView(Mapping[str, str]):
 class _Request:
     """The parts of an ASGI HTTP scope the edge reads, parsed once."""
 
-    __slots__ = ("authorization", "content_length", "dpop", "grant", "public", "request_id",
-                 "scope", "signature", "signature_input")
+    __slots__ = ("authorization", "content_length", "dpop", "grant", "public", "repeated",
+                 "request_id", "scope", "signature", "signature_input")
 
     def __init__(self, scope: Scope, next_id: Callable[[], str],
                  public: tuple[str, str] | None = None) -> None:
@@ -252,19 +253,30 @@ class _Request:
         self.signature_input: bytes | None = None
         self.grant: bytes | None = None
         self.dpop: list[bytes] = []
+        # a credential field sent twice (the first, if it was read, would be one caller and
+        # the last another: a proxy that checks one and this server the other disagree)
+        self.repeated: str | None = None
         given: bytes | None = None
         for name, value in scope["headers"]:
             if name == b"authorization":
+                if self.authorization is not None:
+                    self.repeated = "Authorization"
                 self.authorization = value
             elif name == b"content-length":
                 self.content_length = value
             elif name == b"x-request-id":
                 given = value
             elif name == b"signature-input":
+                if self.signature_input is not None:
+                    self.repeated = "Signature-Input"
                 self.signature_input = value
             elif name == b"signature":
+                if self.signature is not None:
+                    self.repeated = "Signature"
                 self.signature = value
             elif name == b"keygrants-grant":
+                if self.grant is not None:
+                    self.repeated = "Keygrants-Grant"
                 self.grant = value
             elif name == b"dpop":
                 self.dpop.append(value)
@@ -346,6 +358,10 @@ def _from_web_page(scope: Scope) -> bool:
         if name == b"origin" or (name == b"sec-fetch-site" and value != b"none"):
             return True
     return False
+
+
+def _refuse_repeated(name: str) -> None:
+    raise InvalidRequest(f"more than one {name} header: send it once")
 
 
 def _latin1(value: bytes | None) -> str | None:
@@ -643,7 +659,8 @@ class KeygrantsApp:
             raise
         except RateLimited as exc:
             limited = RequestContext(principal=exc.principal or "", request_id=req.request_id,
-                                     source=source, pending_audit=pending)
+                                     credential_id=exc.credential, source=source,
+                                     pending_audit=pending)
             self.kms.audit.record(limited, "request.rate_limited", "denied",
                                   operation=endpoint.operation_id, reason=exc.code)
             raise
@@ -716,6 +733,9 @@ class KeygrantsApp:
             endpoint = route.endpoint
             raw = b""
             signed = req.signature_input is not None or req.signature is not None
+            if endpoint.auth and req.repeated is not None:
+                self._guard(req, source, pending, endpoint, functools.partial(_refuse_repeated,
+                                                                              req.repeated))
             if endpoint.auth and not signed:
                 # a bearer token, a certificate or nothing: decided before any body is read, so
                 # an unauthenticated client cannot make the server hold bodies

@@ -43,6 +43,7 @@ from keygrants.errors import (
     HeaderTooLarge,
     KeygrantsError,
     PrincipalDisabled,
+    RateLimited,
     SignatureInvalid,
     Unauthenticated,
     UnknownCredential,
@@ -168,7 +169,11 @@ class Authenticator:
         """
         ctx = self._authenticate(req, rate_limiter)
         if rate_limiter is not None and ctx.auth_method != "signature":
-            rate_limiter.take(ctx.principal)
+            try:
+                rate_limiter.take(ctx.principal)
+            except RateLimited as exc:
+                exc.credential = ctx.credential_id
+                raise
         return ctx
 
     def _authenticate(self, req: AuthRequest, rate_limiter: RateLimiter | None) -> RequestContext:
@@ -224,7 +229,11 @@ class Authenticator:
             cred = self._signing_credential(keyid)
             self._usable(cred, now)
             if rate_limiter is not None:
-                rate_limiter.take(cred.principal_id)
+                try:
+                    rate_limiter.take(cred.principal_id)
+                except RateLimited as exc:
+                    exc.credential = cred.id
+                    raise
 
         try:
             parsed = self._verifier.verify(message, req.body, signature_input=req.signature_input,
