@@ -341,6 +341,10 @@ class GrantDenied(Forbidden):
 
     code = "grant_denied"
     default_message = "a grant token was refused"
+    # for the audit event of the refusal: the grant, once the token's signature verified, and
+    # the token's keyed digest where the refusal's own event would not otherwise carry it
+    grant_id: str | None = None
+    audit_detail: dict[str, str] | None = None
 
 
 class GrantMalformed(GrantDenied):

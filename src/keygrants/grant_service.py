@@ -61,6 +61,7 @@ from keygrants.errors import (
     Conflict,
     ContextMismatch,
     Forbidden,
+    GrantDenied,
     GrantExhausted,
     GrantExpired,
     GrantNotFound,
@@ -215,9 +216,11 @@ def _audited(event_type: str, operation: str) -> Callable[[F], F]:
             try:
                 result = fn(self, ctx, *args, **kwargs)
             except KeygrantsError as exc:
+                denial = exc if isinstance(exc, GrantDenied) else None
                 self.audit.record(ctx, event_type, "denied" if isinstance(exc, Forbidden)
                                   else "error", operation=operation, reason=exc.code,
-                                  grant_id=target)
+                                  grant_id=target or (denial.grant_id if denial else None),
+                                  detail=denial.audit_detail if denial else None)
                 raise
             info = result.grant if isinstance(result, m.GrantCreated) else result
             grant_id = getattr(info, "id", None) or getattr(result, "grant_id", None) or target
@@ -446,17 +449,22 @@ class GrantService:
         """
         now = self._now()
         claims = self._decode(token, now)
-        if not hmac.compare_digest(claims.grantee.encode(), ctx.principal.encode()):
-            raise WrongGrantee()
-        self.revocations.check(claims)
-        if claims.cnf_jkt is not None:
-            self.dpop.verify(dpop, method=method, url=url, access_token=token,
-                             expected_jkt=claims.cnf_jkt, holder=claims.grantee)
-        elif claims.cnf_x5t is not None:
-            if client_cert is None:
-                raise PopRequired("this grant is bound to a client certificate")
-            if not hmac.compare_digest(b64url(hashlib.sha256(client_cert).digest()), claims.cnf_x5t):
-                raise PopInvalid("the client certificate is not the one the grant is bound to")
+        try:
+            if not hmac.compare_digest(claims.grantee.encode(), ctx.principal.encode()):
+                raise WrongGrantee()
+            self.revocations.check(claims)
+            if claims.cnf_jkt is not None:
+                self.dpop.verify(dpop, method=method, url=url, access_token=token,
+                                 expected_jkt=claims.cnf_jkt, holder=claims.grantee)
+            elif claims.cnf_x5t is not None:
+                if client_cert is None:
+                    raise PopRequired("this grant is bound to a client certificate")
+                if not hmac.compare_digest(b64url(hashlib.sha256(client_cert).digest()),
+                                           claims.cnf_x5t):
+                    raise PopInvalid("the client certificate is not the one the grant is bound to")
+        except GrantDenied as exc:
+            exc.grant_id = claims.grant_id  # the token is ours: its refusal names the grant
+            raise
         return claims
 
     def _decode(self, token: str, now: int) -> GrantClaims:
@@ -572,6 +580,12 @@ class GrantService:
             raise InvalidRequest("bind a grant to a DPoP key or a certificate, not both")
         equals = check_constraint_map(req.context_equals, "context_equals")
         subset = check_constraint_map(req.context_subset, "context_subset")
+        if equals is not None and subset is not None and not subset.items() <= equals.items():
+            # a context equal to one map holds every pair of the other only if they agree: a
+            # grant no request could satisfy, with a live token, was made silently
+            raise InvalidRequest("context_equals and context_subset contradict each other: the "
+                                 "context must equal context_equals, so context_subset may only "
+                                 "repeat pairs of it (give one of the two)")
         if (equals is not None or subset is not None) and not set(ops) <= (
                 CONTEXT_OPERATIONS | {"describe", "create_grant"}):
             raise InvalidRequest("encryption context constraints apply only to grants whose "
@@ -864,8 +878,12 @@ class GrantService:
         if (req.subject_token_type != m.GRANT_TOKEN_TYPE_URI
                 or req.requested_token_type != m.GRANT_TOKEN_TYPE_URI):
             raise InvalidRequest(f"token types must be {m.GRANT_TOKEN_TYPE_URI}")
-        claims = self.verify_presented(ctx, req.subject_token, dpop=dpop, method=method, url=url,
-                                       client_cert=client_cert)
+        try:
+            claims = self.verify_presented(ctx, req.subject_token, dpop=dpop, method=method,
+                                           url=url, client_cert=client_cert)
+        except GrantDenied as exc:  # findable by the token's digest, as a refused use is
+            exc.audit_detail = {"token": self.audit.digest(req.subject_token)}
+            raise
         parent = self.store.get_grant(claims.grant_id)
         if parent is None:
             raise GrantRevoked()

@@ -119,6 +119,16 @@ async def test_encryption_context_constraints_follow_aws_semantics(world, http) 
     assert code_of(r) == "context_mismatch"
     r = await create(http, world, operations=["sign"], key="sig", context_subset={"a": "b"})
     assert (r.status_code, code_of(r)) == (400, "invalid_request")
+    # both constraints: the context must equal one map and hold every pair of the other
+    both = (await create(http, world, context_equals=world.CONTEXT,
+                         context_subset={"tenant": "t1"})).json()["token"]
+    assert (await decrypt(http, world, svc(world, both))).status_code == 200
+    before = world.snapshot()
+    for subset in ({"tenant": "t2"}, {"other": "x"}):  # no context could satisfy both
+        r = await create(http, world, context_equals={"tenant": "t1"}, context_subset=subset)
+        assert (r.status_code, code_of(r)) == (400, "invalid_request"), r.text
+        assert "contradict" in r.json()["error"]["message"]
+    assert world.snapshot() == before
 
 
 async def test_uses_are_exact_and_exhaustion_has_its_code(world, http) -> None:
@@ -481,6 +491,26 @@ async def test_token_exchange_narrows_a_grant(world, http) -> None:
     stolen = await http.post("/v1/token-exchange", headers=other,
                              json={"subject_token": world.grant_token})
     assert code_of(stolen) == "wrong_grantee"
+    # the attempt is findable by the token's digest and by the grant (it had neither)
+    event = event_at(world, stolen)
+    assert (event.type, event.result, event.grant_id) == (
+        "grant.exchange", "denied", grant_id_of(world.grant_token))
+    assert event.detail["token"] == world.kms.audit.digest(world.grant_token)
+
+
+async def test_a_refused_presentation_of_a_genuine_token_names_its_grant(world, http) -> None:
+    """``grant.deny`` for a token whose signature verified (someone else's, a revoked one)
+    names the grant: a search by grant listed only its creation."""
+    other = principal(world, "other-user")
+    r = await decrypt(http, world, {**other, "Keygrants-Grant": world.grant_token})
+    assert code_of(r) == "wrong_grantee"
+    event = event_at(world, r)
+    assert (event.type, event.grant_id, event.detail["token"]) == (
+        "grant.deny", grant_id_of(world.grant_token), world.kms.audit.digest(world.grant_token))
+    forged = world.grant_token[:-4] + ("AAAA" if not world.grant_token.endswith("AAAA") else "BBBB")
+    r = await decrypt(http, world, svc(world, forged))
+    assert code_of(r) in ("grant_signature_invalid", "grant_malformed"), r.text
+    assert event_at(world, r).grant_id is None  # an unverified token names nothing
 
 
 # -- break-glass --------------------------------------------------------------------------------

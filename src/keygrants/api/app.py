@@ -683,7 +683,7 @@ class KeygrantsApp:
         except GrantDenied as exc:
             self.metrics.grant_denial(exc.code)
             self.kms.audit.record(ctx, "grant.deny", "denied", operation=endpoint.operation_id,
-                                  reason=exc.code,
+                                  reason=exc.code, grant_id=exc.grant_id,
                                   detail={"token": self.kms.audit.digest(token)})
             raise
         return dataclasses.replace(ctx, grant=claims)
