@@ -767,3 +767,23 @@ async def test_a_credential_header_sent_twice_is_refused_and_audited(world, http
     r = await send_raw(world, request)
     assert r.status_code == 400 and "Signature-Input" in r.json()["error"]["message"]
     assert (await http.get("/v1/whoami", headers=world.auth)).status_code == 200  # once is fine
+
+
+async def test_bad_values_are_named_as_the_request_names_them(world, http) -> None:
+    """Messages named internals: ``RequestFacts.now``, ``GrantFacts.ttl``, and the ASN.1
+    parser's debug output for a certificate that is not one."""
+    world.access.service.create_principal(ADMIN, CreatePrincipalRequest(id="svc-named"))
+    for body, said in (({"time": -1}, "time must be a Unix time"),
+                       ({"action": "create_grant", "grant": {"ttl": -1}}, "grant.ttl"),
+                       ({"action": "create_grant", "grant": {"uses": -5}}, "grant.uses")):
+        r = await http.post("/v1/policy-test", headers=world.auth,
+                            json={"principal": "svc-named", "action": "encrypt", "key": "enc",
+                                  **body})
+        assert r.status_code == 400, r.text
+        message = r.json()["error"]["message"]
+        assert said in message and "Facts" not in message, message
+    r = await http.post("/v1/principals/svc-named/certificates", headers=world.auth, json={
+        "certificate": "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"})
+    assert r.status_code == 400, r.text
+    message = r.json()["error"]["message"]
+    assert "not a PEM X.509 certificate" in message and "ParseError" not in message, message

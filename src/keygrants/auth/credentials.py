@@ -221,4 +221,8 @@ def certificate_der_from_pem(pem: bytes) -> bytes:
     Raises:
         ValueError: if the bytes are not a PEM certificate.
     """
-    return x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
+    try:
+        cert = x509.load_pem_x509_certificate(pem)
+    except ValueError:  # pyca's reason is its ASN.1 parser's debug output
+        raise ValueError("not a PEM X.509 certificate (-----BEGIN CERTIFICATE----- ...)") from None
+    return cert.public_bytes(serialization.Encoding.DER)
