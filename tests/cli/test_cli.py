@@ -116,6 +116,36 @@ def test_tag_and_clear_tags_together_are_a_usage_error(invoke, stub, command: li
     assert [r["body"]["tags"] for r in stub.requests] == [[], ["a", "b"]]
 
 
+# -- key references -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ref", ["", "a/b", "..", "a?b", "a#b"])
+def test_an_unusable_destination_key_is_refused_locally(invoke, stub, ref: str) -> None:
+    """--to-key "" was sent as "no destination": re-encrypted under the source key, exit 0."""
+    env = {"KEYGRANTS_ADDR": stub.addr, "KEYGRANTS_TOKEN": "t"}
+    line = one_line_error(invoke(["re-encrypt", "--to-key", ref], input=CT, env=env))
+    assert line == f"Error: invalid key or alias reference {ref!r} (invalid_request)"
+    assert json_error(invoke(["re-encrypt", "--to-key", ref, "--json"], input=CT, env=env)) == {
+        "code": "invalid_request", "message": f"invalid key or alias reference {ref!r}",
+        "request_id": None}
+    assert stub.requests == []
+    invoke(["re-encrypt", "--to-key", "other"], input=CT, env=env)
+    invoke(["re-encrypt"], input=CT, env=env)
+    assert [r["body"].get("destination_key") for r in stub.requests] == ["other", None]
+
+
+@pytest.mark.parametrize(("ref", "sent"), [("a%2Fb", "a%252Fb"), ("100%", "100%25"),
+                                           ("a b", "a%20b"), ("k.v_1-x", "k.v_1-x")])
+def test_key_references_are_sent_percent_encoded(invoke, stub, ref: str, sent: str) -> None:
+    """The server decodes the path once: unencoded, 'a%2Fb' was looked up (and reported) as
+    'a/b'."""
+    env = {"KEYGRANTS_ADDR": stub.addr, "KEYGRANTS_TOKEN": "t"}
+    invoke(["key", "show", ref], env=env)
+    invoke(["encrypt", "-k", ref], input="x", env=env)
+    invoke(["key", "rotate", ref], env=env)
+    assert [r["path"] for r in stub.requests] == [
+        f"/v1/keys/{sent}", f"/v1/keys/{sent}/encrypt", f"/v1/keys/{sent}/rotate"]
+
+
 # -- contexts -----------------------------------------------------------------------------------
 
 CONTEXT_COMMANDS = [
@@ -177,21 +207,120 @@ def test_base64_input_may_be_wrapped_over_lines(invoke) -> None:
 
 # -- durations ----------------------------------------------------------------------------------
 
+def usage_error(result) -> str:
+    """The usage-error contract: exit 2, nothing on stdout, the option parser's 'Error:' line."""
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert result.stdout == ""
+    assert result.stderr.startswith("Usage: ")
+    return result.stderr.splitlines()[-1]
+
+
+# every option taking a duration, on every command that has it
+DURATION_OPTIONS = [
+    (["key", "create", "k"], "--rotation-period"),
+    (["key", "update", "k"], "--rotation-period"),
+    (["principal", "add-key", "p", "--public-key", "-"], "--expires-in"),
+    (["principal", "keygen", "p", "--out", "never-written.pem"], "--expires-in"),
+    (["principal", "api-key", "p"], "--expires-in"),
+    (["principal", "shared-secret", "p"], "--expires-in"),
+    (["principal", "add-cert", "p", "--match", "san-dns:x"], "--expires-in"),
+    (["grant", "create", "-k", "k", "--grantee", "g", "--ops", "encrypt"], "--ttl"),
+    (["grant", "exchange", "t"], "--ttl"),
+]
+
+
+@pytest.mark.parametrize(("args", "option"), DURATION_OPTIONS, ids=lambda a: " ".join(a)
+                         if isinstance(a, list) else a)
 @pytest.mark.parametrize("text", ["5x", "1d2", "h", "-1h", "1.5h", "1 h", "1h 30m", "d1", "1y",
                                   "", "   "])
-def test_bad_rotation_periods_are_one_line_invalid_request(invoke, text: str) -> None:
-    for args in (["key", "create", "k", "--rotation-period", text],
-                 ["key", "update", "k", "--rotation-period", text]):
-        line = one_line_error(invoke(args))
-        assert line.startswith("Error: invalid duration")
-        assert line.endswith("(invalid_request)")
+def test_malformed_durations_are_usage_errors(invoke, stub, args: list[str], option: str,
+                                              text: str) -> None:
+    """Checked by the option parser, like any other option value (they were exit 1,
+    invalid_request): nothing is sent."""
+    result = invoke([*args, option, text], input="x",
+                    env={"KEYGRANTS_ADDR": stub.addr, "KEYGRANTS_TOKEN": "t"})
+    line = usage_error(result)
+    assert line == (f"Error: Invalid value for '{option}': invalid duration "
+                    f"{text.strip().lower()!r}; use e.g. 90s, 15m, 12h, 30d, 2w")
+    assert "--json" not in line
+    assert stub.requests == []
 
 
-@pytest.mark.parametrize("text", ["90s", "15m", "12h", "30d", "2w", "1d12h", "3600", "1W", "off"])
-def test_good_rotation_periods_get_as_far_as_the_server(invoke, text: str) -> None:
-    for args in (["key", "create", "k", "--rotation-period", text],
-                 ["key", "update", "k", "--rotation-period", text]):
-        assert one_line_error(invoke(args)).endswith("(server_unreachable)")
+@pytest.mark.parametrize(("args", "option", "text", "bounds"), [
+    (["key", "create", "k"], "--rotation-period", "59s", "60 seconds and 10 years, or off"),
+    (["key", "create", "k"], "--rotation-period", "1", "60 seconds and 10 years, or off"),
+    (["key", "update", "k"], "--rotation-period", "3660d1s", "60 seconds and 10 years, or off"),
+    (["key", "update", "k"], "--rotation-period", "523w", "60 seconds and 10 years, or off"),
+    (["principal", "api-key", "p"], "--expires-in", "3661d", "1 second and 10 years"),
+    (["principal", "add-key", "p", "--public-key", "-"], "--expires-in", "316224001",
+     "1 second and 10 years"),
+], ids=lambda a: " ".join(a) if isinstance(a, list) else a)
+def test_durations_out_of_range_are_usage_errors(invoke, stub, args: list[str], option: str,
+                                                 text: str, bounds: str) -> None:
+    result = invoke([*args, option, text], input="x",
+                    env={"KEYGRANTS_ADDR": stub.addr, "KEYGRANTS_TOKEN": "t"})
+    assert usage_error(result) == (f"Error: Invalid value for '{option}': {text} is out of range: "
+                                   f"must be between {bounds}")
+    assert stub.requests == []
+
+
+@pytest.mark.parametrize("args", [["grant", "create", "-k", "k", "--grantee", "g", "--ops", "e"],
+                                  ["grant", "exchange", "t"]], ids=lambda a: " ".join(a[:2]))
+def test_a_zero_grant_ttl_is_a_usage_error(invoke, stub, args: list[str]) -> None:
+    for text in ("0", "0s", "0m0s"):
+        result = invoke([*args, "--ttl", text],
+                        env={"KEYGRANTS_ADDR": stub.addr, "KEYGRANTS_TOKEN": "t"})
+        assert usage_error(result) == (f"Error: Invalid value for '--ttl': {text} is out of "
+                                       "range: must be at least 1 second")
+    assert stub.requests == []
+
+
+def test_the_duration_bounds_are_the_servers() -> None:
+    from keygrants import access, service
+    from keygrants.cli import _common
+
+    assert _common.MIN_ROTATION_PERIOD == service.MIN_ROTATION_PERIOD
+    assert _common.MAX_ROTATION_PERIOD == service.MAX_ROTATION_PERIOD
+    assert _common.MAX_CREDENTIAL_LIFETIME == access._MAX_CREDENTIAL_LIFETIME
+
+
+@pytest.mark.parametrize(("text", "seconds"), [
+    ("90s", 90), ("15m", 900), ("12h", 43200), ("30d", 2592000), ("2w", 1209600),
+    ("1d12h", 129600), ("3600", 3600), ("1W", 604800), ("60", 60), ("3660d", 316224000),
+    (" 1h ", 3600),
+])
+def test_good_rotation_periods_are_sent_in_seconds(invoke, stub, text: str, seconds: int) -> None:
+    env = {"KEYGRANTS_ADDR": stub.addr, "KEYGRANTS_TOKEN": "t"}
+    invoke(["key", "create", "k", "--rotation-period", text], env=env)
+    invoke(["key", "update", "k", "--rotation-period", text], env=env)
+    assert [r["body"]["rotation_period"] for r in stub.requests] == [seconds, seconds]
+
+
+@pytest.mark.parametrize("text", ["off", "none", "OFF", "0", "0s"])
+def test_rotation_off(invoke, stub, text: str) -> None:
+    """create: no schedule (the field left out); update: turned off (0)."""
+    env = {"KEYGRANTS_ADDR": stub.addr, "KEYGRANTS_TOKEN": "t"}
+    invoke(["key", "create", "k", "--rotation-period", text], env=env)
+    invoke(["key", "update", "k", "--rotation-period", text], env=env)
+    created, updated = (r["body"] for r in stub.requests)
+    assert created.get("rotation_period") is None
+    assert updated["rotation_period"] == 0
+
+
+@pytest.mark.parametrize(("text", "sent"), [("1s", 1), ("90d", 7776000), ("3660d", 316224000),
+                                            ("off", None), ("0", None)])
+def test_expires_in_is_sent_in_seconds(invoke, stub, text: str, sent: int | None) -> None:
+    invoke(["principal", "api-key", "p", "--expires-in", text],
+           env={"KEYGRANTS_ADDR": stub.addr, "KEYGRANTS_TOKEN": "t"})
+    assert stub.requests[-1]["body"].get("expires_in") == sent
+
+
+@pytest.mark.parametrize("args", [["grant", "create", "-k", "k", "--grantee", "g", "--ops",
+                                   "encrypt"], ["grant", "exchange", "t"]],
+                         ids=lambda a: " ".join(a[:2]))
+def test_grant_ttl_is_sent_in_seconds(invoke, stub, args: list[str]) -> None:
+    invoke([*args, "--ttl", "1h30m"], env={"KEYGRANTS_ADDR": stub.addr, "KEYGRANTS_TOKEN": "t"})
+    assert stub.requests[-1]["body"]["ttl"] == 5400
 
 
 # -- an unreachable server ----------------------------------------------------------------------

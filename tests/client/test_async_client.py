@@ -248,6 +248,134 @@ async def test_key_references_that_would_change_the_path_are_refused(aclient: As
             await aclient.delete_alias(ref)
 
 
+async def test_an_empty_destination_key_is_refused(aclient: AsyncClient) -> None:
+    """``destination_key=""`` was sent, and the server re-encrypted under the source key."""
+    await aclient.create_key("source")
+    ct = (await aclient.encrypt("source", b"x")).ciphertext
+    for ref in ("", "a/b", "..", "a?b"):
+        with pytest.raises(ValueError) as info:
+            await aclient.re_encrypt(ct, destination_key=ref)
+        assert str(info.value) == f"invalid key or alias reference {ref!r}"
+    assert (await aclient.re_encrypt(ct)).key_id == (await aclient.re_encrypt(ct)).source_key_id
+
+
+async def test_key_references_are_looked_up_as_given(aclient: AsyncClient) -> None:
+    """Percent-encoded into the path: unencoded, the server decoded 'a%2Fb' and reported key
+    'a/b' not found."""
+    for ref in ("a%2Fb", "a%252Fb", "100%", "a b", "é"):
+        with pytest.raises(KeyNotFound) as info:
+            await aclient.describe_key(ref)
+        assert info.value.message == f"key {ref!r} not found"
+    created = await aclient.create_key("Plain.name_1-x")
+    assert (await aclient.describe_key("Plain.name_1-x")).id == created.id
+    assert (await aclient.describe_key(created.id)).name == "Plain.name_1-x"
+
+
+def _recorder() -> tuple[httpx.MockTransport, list[httpx.Request]]:
+    """A transport that records each request and answers 404 key_not_found."""
+    sent: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return httpx.Response(404, json={"error": {"code": "key_not_found", "message": "no",
+                                                   "request_id": "r"}})
+    return httpx.MockTransport(handler), sent
+
+
+async def _run(client: Client | AsyncClient, call, value) -> None:
+    result = call(client, value)
+    if inspect.isawaitable(result):
+        await result
+
+
+def _clients(transport: httpx.MockTransport) -> list[Client | AsyncClient]:
+    return [Client("http://test", token="t", grant="", transport=transport),
+            AsyncClient("http://test", token="t", grant="", transport=transport)]
+
+
+async def test_path_segments_are_percent_encoded_by_both_clients() -> None:
+    transport, sent = _recorder()
+    for client in _clients(transport):
+        for call in (lambda c: c.describe_key("a%2Fb"), lambda c: c.rotate_key("a%2Fb"),
+                     lambda c: c.encrypt("a%2Fb", b"x"), lambda c: c.delete_alias("a%2Fb"),
+                     lambda c: c.describe_principal("p q"), lambda c: c.get_policy("x%y")):
+            with pytest.raises(errors.KeyNotFound):
+                await _run(client, lambda c, _: call(c), None)
+    assert [r.url.raw_path for r in sent] == 2 * [
+        b"/v1/keys/a%252Fb", b"/v1/keys/a%252Fb/rotate", b"/v1/keys/a%252Fb/encrypt",
+        b"/v1/aliases/a%252Fb", b"/v1/principals/p%20q", b"/v1/policies/x%25y"]
+
+
+# (the call with ``value`` in a bytes parameter, the parameter's name in the error)
+BYTES_PARAMETERS = [
+    (lambda c, v: c.encrypt("k", v), "plaintext"),
+    (lambda c, v: c.decrypt(v), "ciphertext"),
+    (lambda c, v: c.re_encrypt(v, destination_key="k"), "ciphertext"),
+    (lambda c, v: c.batch_encrypt("k", [(b"ok", None), (v, None)]), "plaintext of items[1]"),
+    (lambda c, v: c.batch_decrypt([(b"ok", None), (v, CONTEXT)]), "ciphertext of items[1]"),
+    (lambda c, v: c.sign("k", v), "message"),
+    (lambda c, v: c.sign("k", v, message_type="digest"), "message"),
+    (lambda c, v: c.verify("k", v, b"sig"), "message"),
+    (lambda c, v: c.verify("k", b"m", v), "signature"),
+    (lambda c, v: c.mac("k", v), "message"),
+    (lambda c, v: c.verify_mac("k", v, b"tag"), "message"),
+    (lambda c, v: c.verify_mac("k", b"m", v), "mac"),
+    (lambda c, v: c.derive("k", CONTEXT, salt=v), "salt"),
+]
+
+
+@pytest.mark.parametrize(("call", "name"), BYTES_PARAMETERS,
+                         ids=[f"{i}-{n}" for i, (_, n) in enumerate(BYTES_PARAMETERS)])
+@pytest.mark.parametrize("value", ["test", "abcd", "hello", "", 7, ["b"]], ids=repr)
+async def test_a_bytes_parameter_refuses_anything_else_before_sending(call, name: str,
+                                                                      value: object) -> None:
+    """A str went out as the JSON string and the server read it as base64: 'test' was
+    encrypted as b'\xb5\xeb-', 'abcd' signed as b'i\xb7\x1d' (or, not base64, a puzzling
+    malformed_body)."""
+    transport, sent = _recorder()
+    for client in _clients(transport):
+        with pytest.raises(TypeError) as info:
+            await _run(client, call, value)
+        assert str(info.value).startswith(f"{name} must be bytes, not {type(value).__name__}")
+    assert sent == []
+
+
+async def test_a_str_is_refused_with_a_hint() -> None:
+    transport, sent = _recorder()
+    async with AsyncClient("http://test", token="t", grant="", transport=transport) as c:
+        with pytest.raises(TypeError, match=r"^plaintext must be bytes, not str; encode it first"):
+            await c.encrypt("k", "test")
+        with pytest.raises(TypeError, match=r"^ciphertext must be bytes, not str; base64-decode "):
+            await c.decrypt("AQID")
+        with pytest.raises(TypeError, match=r"^signature must be bytes, not str; base64-decode "):
+            await c.verify("k", b"m", "AQID")
+        with pytest.raises(TypeError, match=r"^value must be str, not bytes$"):
+            await c.audit_hash(b"svc")  # type: ignore[arg-type]
+    assert sent == []
+
+
+async def test_bytes_like_values_are_the_bytes_sent(aclient: AsyncClient) -> None:
+    await aclient.create_key("enc")
+    await aclient.create_key("signer", spec="ed25519")
+    await aclient.create_key("tagger", spec="hmac-sha256")
+    await aclient.create_key("deriver", derivable=True)
+    for value in (bytearray(b"card 4111"), memoryview(b"card 4111")):
+        enc = await aclient.encrypt("enc", value)  # type: ignore[arg-type]
+        assert (await aclient.decrypt(bytearray(enc.ciphertext))).plaintext == b"card 4111"  # type: ignore[arg-type]
+        batch = await aclient.batch_encrypt("enc", [(value, None)])  # type: ignore[list-item]
+        ct = batch.results[0].ciphertext
+        assert ct is not None
+        out = await aclient.batch_decrypt([(memoryview(ct), None)])  # type: ignore[list-item]
+        assert out.results[0].plaintext == b"card 4111"
+        sig = await aclient.sign("signer", value)  # type: ignore[arg-type]
+        assert (await aclient.verify("signer", b"card 4111", memoryview(sig.signature))).valid  # type: ignore[arg-type]
+        tag = await aclient.mac("tagger", value)  # type: ignore[arg-type]
+        assert tag.mac == (await aclient.mac("tagger", b"card 4111")).mac
+        assert (await aclient.verify_mac("tagger", value, bytearray(tag.mac))).valid  # type: ignore[arg-type]
+        derived = await aclient.derive("deriver", CONTEXT, salt=value)  # type: ignore[arg-type]
+        assert derived.derived == (await aclient.derive("deriver", CONTEXT, salt=b"card 4111")).derived
+
+
 def _mock(status: int, content: bytes) -> httpx.MockTransport:
     def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(status, content=content, headers={"content-type": "application/json"})

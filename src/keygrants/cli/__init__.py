@@ -24,6 +24,7 @@ from keygrants._version import __version__
 from keygrants.auth.httpsig import DEFAULT_NONCE_CACHE_SIZE
 from keygrants.cli._common import (
     DATA_DIR_ENV,
+    ROTATION_PERIOD,
     State,
     b64,
     common,
@@ -34,7 +35,6 @@ from keygrants.cli._common import (
     in_option,
     key_option,
     parse_context,
-    parse_duration_option,
     print_table,
     read_input,
     tags_update,
@@ -253,17 +253,18 @@ def _show_key(info: m.KeyInfo) -> None:
 @click.option("--spec", default="aes-256-gcm", show_default=True,
               type=click.Choice(["aes-256-gcm", "chacha20-poly1305", "hmac-sha256", "ed25519",
                                  "ecdsa-p256", "rsa-pss-3072"]), help="Key type.")
-@click.option("--rotation-period", default=None, help="Rotate on schedule, e.g. 30d, 12h.")
+@click.option("--rotation-period", default=None, type=ROTATION_PERIOD,
+              help="Rotate on schedule, e.g. 30d, 12h (60 s to 10 years).")
 @click.option("--description", default="", help="Free text.")
 @click.option("--derivable", is_flag=True, help="Allow HKDF derivation (symmetric keys only).")
 @click.option("--tag", "tags", multiple=True, help="A tag that policies can match (repeatable).")
 @common
-def key_create(state: State, name: str, spec: str, rotation_period: str | None,
+def key_create(state: State, name: str, spec: str, rotation_period: int | None,
                description: str, derivable: bool, tags: tuple[str, ...]) -> None:
     """Create a key NAME."""
-    period = parse_duration_option(rotation_period) or None
     with state.client() as c:
-        info = c.create_key(name, spec=spec, description=description, rotation_period=period,
+        info = c.create_key(name, spec=spec, description=description,
+                            rotation_period=rotation_period or None,
                             derivable=derivable, tags=tags)
     emit(state, info, lambda: _show_key(info))
 
@@ -304,19 +305,20 @@ def key_show(state: State, key_ref: str) -> None:
 @key.command("update")
 @click.argument("key_ref", metavar="KEY")
 @click.option("--description", default=None)
-@click.option("--rotation-period", default=None, help="e.g. 30d, or 'off'.")
+@click.option("--rotation-period", default=None, type=ROTATION_PERIOD,
+              help="e.g. 30d (60 s to 10 years), or 'off'.")
 @click.option("--min-decryption-version", default=None, type=click.IntRange(1))
 @click.option("--tag", "tags", multiple=True, help="Replace the tags with these (repeatable).")
 @click.option("--clear-tags", is_flag=True, help="Remove every tag.")
 @common
 def key_update(state: State, key_ref: str, description: str | None,
-               rotation_period: str | None, min_decryption_version: int | None,
+               rotation_period: int | None, min_decryption_version: int | None,
                tags: tuple[str, ...], clear_tags: bool) -> None:
     """Change a key's description, rotation period, minimum decryption version or tags."""
     new_tags = tags_update(tags, clear_tags)
     with state.client() as c:
         info = c.update_key(key_ref, description=description,
-                            rotation_period=parse_duration_option(rotation_period),
+                            rotation_period=rotation_period,
                             min_decryption_version=min_decryption_version, tags=new_tags)
     emit(state, info, lambda: _show_key(info))
 

@@ -41,8 +41,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DATA_DIR_ENV",
+    "EXPIRES_IN",
+    "GRANT_TTL",
     "LONG_TIMEOUT",
     "MAX_INPUT",
+    "ROTATION_PERIOD",
+    "Duration",
     "State",
     "b64",
     "check_private_file",
@@ -54,7 +58,6 @@ __all__ = [
     "in_option",
     "key_option",
     "parse_context",
-    "parse_duration_option",
     "print_table",
     "read_dpop_key",
     "read_input",
@@ -544,15 +547,73 @@ def tags_update(tags: tuple[str, ...], clear_tags: bool) -> list[str] | None:
     return list(tags) if tags else None
 
 
-def parse_duration_option(text: str | None) -> int | None:
-    if text is None:
-        return None
-    if text.lower() in ("off", "none", "0"):
-        return 0
-    try:
-        return parse_duration(text)
-    except ValueError as exc:
-        raise InvalidRequest(str(exc)) from None
+# The server's limits (keygrants.service, keygrants.access), checked again here so that a value
+# out of range is a usage error like any other; the server stays the authority.
+MIN_ROTATION_PERIOD: Final = 60
+MAX_ROTATION_PERIOD: Final = 10 * 366 * 86400
+MAX_CREDENTIAL_LIFETIME: Final = 10 * 366 * 86400
+_OFF: Final = ("off", "none")
+
+if TYPE_CHECKING:
+    _IntParamType = click.ParamType[int]
+else:  # generic only from click 8.4
+    _IntParamType = click.ParamType
+
+
+class Duration(_IntParamType):
+    """An option value that is a duration (``90s``, ``15m``, ``12h``, ``30d``, ``2w``,
+    ``1d12h`` or a number of seconds), converted to whole seconds when the command line is
+    parsed: a malformed or out-of-range value is a usage error (exit 2), as for any other
+    option.
+
+    Args:
+        minimum: the fewest seconds accepted.
+        maximum: the most seconds accepted (``None``: the server decides, e.g. a grant TTL
+            within its configured maximum).
+        bounds: ``maximum``'s range in words, for the error (``"60 seconds and 10 years"``).
+        off: ``off``, ``none`` and any zero duration are taken, as 0 (rotation off, no
+            expiry).
+    """
+
+    name = "duration"
+
+    def __init__(self, minimum: int = 1, maximum: int | None = None, *, bounds: str = "",
+                 off: bool = False) -> None:
+        if maximum is not None and not bounds:
+            raise ValueError("a bounded duration needs its bounds in words")
+        self.minimum = minimum
+        self.maximum = maximum
+        self.bounds = bounds
+        self.off = off
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> int:
+        if isinstance(value, int):  # already converted (a default, or a second pass)
+            return value
+        text = str(value)
+        if self.off and text.strip().lower() in _OFF:
+            return 0
+        try:
+            seconds = parse_duration(text)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+        if self.off and seconds == 0:
+            return 0
+        if self.maximum is not None and not self.minimum <= seconds <= self.maximum:
+            self.fail(f"{text.strip()} is out of range: must be between {self.bounds}", param,
+                      ctx)
+        if seconds < self.minimum:
+            unit = "second" if self.minimum == 1 else "seconds"
+            self.fail(f"{text.strip()} is out of range: must be at least {self.minimum} {unit}",
+                      param, ctx)
+        return seconds
+
+
+ROTATION_PERIOD: Final = Duration(MIN_ROTATION_PERIOD, MAX_ROTATION_PERIOD,
+                                  bounds="60 seconds and 10 years, or off", off=True)
+EXPIRES_IN: Final = Duration(1, MAX_CREDENTIAL_LIFETIME, bounds="1 second and 10 years",
+                             off=True)
+GRANT_TTL: Final = Duration(1)
 
 
 context_option = click.option("--context", "-c", "context", multiple=True, metavar="KEY=VALUE",

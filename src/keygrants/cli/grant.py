@@ -14,6 +14,7 @@ import click
 
 from keygrants import models as m
 from keygrants.cli._common import (
+    GRANT_TTL,
     LONG_TIMEOUT,
     State,
     common,
@@ -23,7 +24,6 @@ from keygrants.cli._common import (
     read_dpop_key,
     read_stdin_line,
 )
-from keygrants.durations import parse_duration
 from keygrants.errors import Forbidden, InvalidRequest
 from keygrants.grants.dpop import proof_key_thumbprint
 from keygrants.grants.model import GRANT_OPERATIONS
@@ -60,15 +60,6 @@ def _pairs(values: tuple[str, ...], option: str) -> dict[str, str] | None:
         return parse_context(values)
     except InvalidRequest as exc:
         raise InvalidRequest(f"{option}: {exc.message}") from None
-
-
-def _seconds(text: str | None, option: str) -> int | None:
-    if text is None:
-        return None
-    try:
-        return parse_duration(text)
-    except ValueError as exc:
-        raise InvalidRequest(f"{option}: {exc}") from None
 
 
 def _jkt(dpop_jkt: str | None, dpop_key_file: str | None) -> str | None:
@@ -160,7 +151,7 @@ def grant() -> None:
               help="The encryption context must be exactly these pairs (repeatable).")
 @click.option("--context-subset", multiple=True, metavar="KEY=VALUE",
               help="The encryption context must contain these pairs (repeatable).")
-@click.option("--ttl", default=None, metavar="DURATION",
+@click.option("--ttl", default=None, type=GRANT_TTL,
               help="Lifetime, e.g. 90s, 5m, 1h [default: the server's, 5m].")
 @click.option("--uses", default=None, type=click.IntRange(1), help="At most N uses [default: "
               "unlimited; a sub-grant of a limited grant needs N, at most the uses it has "
@@ -186,7 +177,7 @@ def grant() -> None:
 @common
 def grant_create(state: State, key: str, grantee: str, ops: tuple[str, ...],
                  context_equals: tuple[str, ...], context_subset: tuple[str, ...],
-                 ttl: str | None, uses: int | None, audiences: tuple[str, ...],
+                 ttl: int | None, uses: int | None, audiences: tuple[str, ...],
                  dpop_jkt: str | None, dpop_key_file: str | None, x5t_s256: str | None,
                  name: str | None, retiring_principal: str | None, justification: str | None,
                  parent_grant: str | None, parent_dpop_key_file: str | None) -> None:
@@ -194,7 +185,6 @@ def grant_create(state: State, key: str, grantee: str, ops: tuple[str, ...],
     operations = _operations(ops, "--ops")
     equals = _pairs(context_equals, "--context-equals")
     subset = _pairs(context_subset, "--context-subset")
-    seconds = _seconds(ttl, "--ttl")
     jkt = _jkt(dpop_jkt, dpop_key_file)
     if parent_grant is not None:
         parent_grant = _token_arg(parent_grant)
@@ -204,7 +194,7 @@ def grant_create(state: State, key: str, grantee: str, ops: tuple[str, ...],
         state.dpop_key = read_dpop_key(parent_dpop_key_file)
     with state.client() as c:
         created = c.create_grant(key, grantee, operations, context_equals=equals,
-                                 context_subset=subset, ttl=seconds, max_uses=uses,
+                                 context_subset=subset, ttl=ttl, max_uses=uses,
                                  audiences=audiences, dpop_jkt=jkt, x5t_s256=x5t_s256, name=name,
                                  retiring_principal=retiring_principal,
                                  justification=justification, grant=parent_grant)
@@ -321,7 +311,7 @@ _decision("reject", "Reject a pending grant.")
 @click.argument("subject_token", metavar="TOKEN", envvar="KEYGRANTS_GRANT")
 @click.option("--scope", "scope", multiple=True, metavar="OP[,OP...]",
               help="Operations of the new token [default: the same, without create_grant].")
-@click.option("--ttl", default=None, metavar="DURATION", help="Lifetime of the new token.")
+@click.option("--ttl", default=None, type=GRANT_TTL, help="Lifetime of the new token.")
 @click.option("--uses", default=None, type=click.IntRange(1), help="At most N uses, taken out of "
               "TOKEN's [default: unlimited; for a limited TOKEN, every use it has left, which "
               "leaves TOKEN none].")
@@ -334,7 +324,7 @@ _decision("reject", "Reject a pending grant.")
               default=None, type=click.Path(dir_okay=False),
               help="PEM private key proving possession of a DPoP-bound TOKEN.")
 @common
-def grant_exchange(state: State, subject_token: str, scope: tuple[str, ...], ttl: str | None,
+def grant_exchange(state: State, subject_token: str, scope: tuple[str, ...], ttl: int | None,
                    uses: int | None, context_equals: tuple[str, ...],
                    context_subset: tuple[str, ...], audiences: tuple[str, ...],
                    dpop_jkt: str | None, dpop_key_file: str | None) -> None:
@@ -348,7 +338,7 @@ def grant_exchange(state: State, subject_token: str, scope: tuple[str, ...], ttl
         result = c.exchange_grant(subject, scope=ops, audience=list(audiences) or None,
                                   context_equals=_pairs(context_equals, "--context-equals"),
                                   context_subset=_pairs(context_subset, "--context-subset"),
-                                  ttl=_seconds(ttl, "--ttl"), max_uses=uses, dpop_jkt=dpop_jkt)
+                                  ttl=ttl, max_uses=uses, dpop_jkt=dpop_jkt)
     if not state.as_json:
         click.echo(f"Grant {result.grant_id}: {result.scope}, expires in {result.expires_in}s",
                    err=True)

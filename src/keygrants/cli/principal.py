@@ -12,12 +12,12 @@ import click
 from keygrants import models as m
 from keygrants._files import write_private_file
 from keygrants.cli._common import (
+    EXPIRES_IN,
     LONG_TIMEOUT,
     State,
     common,
     emit,
     parse_context,
-    parse_duration_option,
     print_table,
     read_file,
     read_input,
@@ -183,15 +183,15 @@ def principal_delete(state: State, name: str, yes: bool) -> None:
               type=click.Path(dir_okay=False, allow_dash=True),
               help="PEM public key or JWK (JSON) file, '-' for stdin.")
 @click.option("--label", default="")
-@click.option("--expires-in", default=None, metavar="DURATION", help="e.g. 90d, 12h.")
+@click.option("--expires-in", default=None, type=EXPIRES_IN, help="e.g. 90d, 12h.")
 @common
 def principal_add_key(state: State, name: str, public_key_file: str, label: str,
-                      expires_in: str | None) -> None:
+                      expires_in: int | None) -> None:
     """Register a public key (Ed25519 or ECDSA P-256) for NAME's signed requests."""
     text = read_input(public_key_file).decode("utf-8", "replace")
     with state.client() as c:
         cred = c.add_public_key(name, text, label=label,
-                                expires_in=parse_duration_option(expires_in) or None)
+                                expires_in=expires_in or None)
     emit(state, cred, f"Registered key {cred.id} (keyid {cred.keyid})")
 
 
@@ -202,11 +202,11 @@ def principal_add_key(state: State, name: str, public_key_file: str, label: str,
 @click.option("--algorithm", type=click.Choice(["ed25519", "ecdsa-p256-sha256"]),
               default="ed25519", show_default=True)
 @click.option("--label", default="")
-@click.option("--expires-in", default=None, metavar="DURATION")
+@click.option("--expires-in", default=None, type=EXPIRES_IN)
 @click.option("--force", is_flag=True, help="Overwrite an existing --out file.")
 @common
 def principal_keygen(state: State, name: str, out: str, algorithm: str, label: str,
-                     expires_in: str | None, force: bool) -> None:
+                     expires_in: int | None, force: bool) -> None:
     """Create a key pair locally, write the private key to --out (0600) and register the
     public half for NAME. Then `KEYGRANTS_PRINCIPAL=NAME KEYGRANTS_KEY_FILE=FILE keygrants …`
     signs every request as NAME."""
@@ -228,7 +228,7 @@ def principal_keygen(state: State, name: str, out: str, algorithm: str, label: s
     try:
         with state.client() as c:
             cred = c.add_public_key(name, key.public_key().public_pem(), label=label,
-                                    expires_in=parse_duration_option(expires_in) or None)
+                                    expires_in=expires_in or None)
     except ServerUnreachable as exc:
         if not _outcome_unknown(exc):
             staged.unlink(missing_ok=True)  # nothing was sent
@@ -269,13 +269,13 @@ def _outcome_unknown(exc: ServerUnreachable) -> bool:
 @principal.command("api-key")
 @click.argument("name")
 @click.option("--label", default="")
-@click.option("--expires-in", default=None, metavar="DURATION")
+@click.option("--expires-in", default=None, type=EXPIRES_IN)
 @common
-def principal_api_key(state: State, name: str, label: str, expires_in: str | None) -> None:
+def principal_api_key(state: State, name: str, label: str, expires_in: int | None) -> None:
     """Issue an API key for NAME. It is printed once; store it like a password."""
     with state.client() as c:
         created = c.create_api_key(name, label=label,
-                                   expires_in=parse_duration_option(expires_in) or None)
+                                   expires_in=expires_in or None)
     if not state.as_json:
         click.echo(f"API key {created.credential.id} (shown once):", err=True)
     emit(state, created, created.api_key)
@@ -286,11 +286,11 @@ def principal_api_key(state: State, name: str, label: str, expires_in: str | Non
 @click.option("--out", "out", type=click.Path(dir_okay=False), default=None,
               help="Write the secret to this file (mode 0600) instead of printing it.")
 @click.option("--label", default="")
-@click.option("--expires-in", default=None, metavar="DURATION")
+@click.option("--expires-in", default=None, type=EXPIRES_IN)
 @click.option("--force", is_flag=True, help="Overwrite an existing --out file.")
 @common
 def principal_shared_secret(state: State, name: str, out: str | None, label: str,
-                            expires_in: str | None, force: bool) -> None:
+                            expires_in: int | None, force: bool) -> None:
     """Issue a shared secret for hmac-sha256 request signatures (shown once). With --out,
     `KEYGRANTS_PRINCIPAL=NAME KEYGRANTS_KEY_FILE=FILE keygrants …` signs with it."""
     if out is not None:
@@ -299,7 +299,7 @@ def principal_shared_secret(state: State, name: str, out: str | None, label: str
         _check_writable(out)  # before the secret exists: it is shown once
     with state.client() as c:
         created = c.create_shared_secret(name, label=label,
-                                         expires_in=parse_duration_option(expires_in) or None)
+                                         expires_in=expires_in or None)
     if out is not None:
         try:
             write_private_file(Path(out), (created.shared_secret + "\n").encode())
@@ -323,17 +323,17 @@ def principal_shared_secret(state: State, name: str, out: str | None, label: str
 @click.option("--match", default=None, help="sha256:<hex>, subject:<RFC 4514 name>, "
               "san-dns:<name>, san-uri:<uri> or san-email:<address>.")
 @click.option("--label", default="")
-@click.option("--expires-in", default=None, metavar="DURATION")
+@click.option("--expires-in", default=None, type=EXPIRES_IN)
 @common
 def principal_add_cert(state: State, name: str, cert_file: str | None, match: str | None,
-                       label: str, expires_in: str | None) -> None:
+                       label: str, expires_in: int | None) -> None:
     """Map mTLS client certificates to NAME (by fingerprint or subject/SAN rule)."""
     certificate = None
     if cert_file:
         certificate = read_file(cert_file, _MAX_CERT_FILE).decode("utf-8", "replace")
     with state.client() as c:
         cred = c.add_certificate(name, match=match, certificate=certificate, label=label,
-                                 expires_in=parse_duration_option(expires_in) or None)
+                                 expires_in=expires_in or None)
     emit(state, cred, f"Added certificate match {cred.match} ({cred.id})")
 
 

@@ -12,7 +12,12 @@ checked when a client is built (:mod:`keygrants.client._connection`): ``https://
 ``http://`` to a loopback host unless the caller opts in.
 
 Each operation is described once, as an :class:`_Op` built by a method of :class:`_Ops`; the
-two clients differ only in how they send it.
+two clients differ only in how they send it. Arguments are checked there, before anything is
+sent: binary ones (``plaintext``, ``ciphertext``, ``message``, ``signature``, ``mac``,
+``salt``) must be ``bytes`` (``bytearray`` and ``memoryview`` are taken too), else
+``TypeError``, since the API would read a ``str`` as base64 and act on other bytes; a key
+reference (``key``, ``destination_key``, an alias) that is empty, contains ``/``, ``?`` or
+``#``, or is ``.`` or ``..`` raises ``ValueError``; any other is percent-encoded into the path.
 
 Grants: a cryptographic operation given ``grant=<token>`` (or the client's default grant)
 sends it as ``Keygrants-Grant`` next to the caller's own credentials. With a proof key
@@ -28,6 +33,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, BinaryIO, Final, Generic, TypeVar
+from urllib.parse import quote
 
 import httpx
 import msgspec
@@ -83,11 +89,49 @@ def _crypto(method: str, path: str, body: Any, result: Any, grant: str | None,
     return _Op(method, path, body, result, params, grant=grant, default_grant=True)
 
 
+def _check_ref(ref: str) -> str:
+    """Refuse a reference that is empty or would change a request path (``/``, ``?``, ``#``,
+    ``.``, ``..``), naming it as given.
+
+    Raises:
+        ValueError: such a reference.
+    """
+    if not ref or "/" in ref or ref in (".", "..") or "?" in ref or "#" in ref:
+        raise ValueError(f"invalid key or alias reference {ref!r}")
+    return ref
+
+
 def _q(segment: str) -> str:
-    """A key reference as one path segment (refuse anything that would change the path)."""
-    if not segment or "/" in segment or segment in (".", "..") or "?" in segment or "#" in segment:
-        raise ValueError(f"invalid key or alias reference {segment!r}")
-    return segment
+    """A key reference (or other id) as one path segment, percent-encoded: the server decodes
+    the path once, so ``a%2Fb`` must reach it as ``a%252Fb`` to mean what the caller typed.
+
+    Raises:
+        ValueError: see :func:`_check_ref`.
+    """
+    return quote(_check_ref(segment), safe="")
+
+
+def _bytes(value: object, name: str, *, base64_text: bool = False) -> bytes:
+    """``value`` (bytes, bytearray or memoryview) as bytes.
+
+    Anything else is refused before a request is made: msgspec would send a ``str`` as it is,
+    and the server, reading every binary field as base64, would encrypt, sign or MAC other
+    bytes than the caller's (or fail with a puzzling ``malformed_body``). ``base64_text``: a
+    ``str`` given here is most likely the base64 text of the bytes (a ciphertext, signature or
+    tag copied from the CLI), which the hint says.
+
+    Raises:
+        TypeError: ``value`` is not bytes-like, e.g. ``plaintext must be bytes, not str``.
+    """
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, (bytearray, memoryview)):
+        return bytes(value)
+    hint = ""
+    if isinstance(value, str):
+        hint = ("; base64-decode it first (base64.b64decode)" if base64_text
+                else "; encode it first (e.g. text.encode())")
+    raise TypeError(f"{name} must be bytes, not {type(value).__name__}{hint}")
 
 
 class _Ops:
@@ -140,13 +184,15 @@ class _Ops:
     @staticmethod
     def encrypt(key: str, plaintext: bytes, context: Mapping[str, str] | None,
                 grant: str | None = None) -> _Op[m.EncryptResult]:
-        body = m.EncryptRequest(plaintext=plaintext, context=dict(context) if context else None)
+        body = m.EncryptRequest(plaintext=_bytes(plaintext, "plaintext"),
+                                context=dict(context) if context else None)
         return _crypto("POST", f"/v1/keys/{_q(key)}/encrypt", body, m.EncryptResult, grant)
 
     @staticmethod
     def decrypt(ciphertext: bytes, context: Mapping[str, str] | None,
                 grant: str | None = None) -> _Op[m.DecryptResult]:
-        body = m.DecryptRequest(ciphertext=ciphertext, context=dict(context) if context else None)
+        body = m.DecryptRequest(ciphertext=_bytes(ciphertext, "ciphertext", base64_text=True),
+                                context=dict(context) if context else None)
         return _crypto("POST", "/v1/decrypt", body, m.DecryptResult, grant)
 
     @staticmethod
@@ -154,9 +200,11 @@ class _Ops:
                    destination_key: str | None,
                    destination_context: Mapping[str, str] | None,
                    grant: str | None = None) -> _Op[m.ReEncryptResult]:
+        if destination_key is not None:  # "" is no key: not "the source key", as None is
+            _check_ref(destination_key)
         body = m.ReEncryptRequest(
-            ciphertext=ciphertext, context=dict(context) if context else None,
-            destination_key=destination_key,
+            ciphertext=_bytes(ciphertext, "ciphertext", base64_text=True),
+            context=dict(context) if context else None, destination_key=destination_key,
             destination_context=None if destination_context is None else dict(destination_context))
         return _crypto("POST", "/v1/re-encrypt", body, m.ReEncryptResult, grant)
 
@@ -171,27 +219,32 @@ class _Ops:
     def batch_encrypt(key: str, items: Sequence[tuple[bytes, Mapping[str, str] | None]],
                       grant: str | None = None) -> _Op[m.BatchResult]:
         body = m.BatchEncryptRequest(items=[
-            m.BatchEncryptItem(plaintext=p, context=dict(c) if c else None) for p, c in items])
+            m.BatchEncryptItem(plaintext=_bytes(p, f"plaintext of items[{i}]"),
+                               context=dict(c) if c else None)
+            for i, (p, c) in enumerate(items)])
         return _crypto("POST", f"/v1/keys/{_q(key)}/encrypt-batch", body, m.BatchResult, grant)
 
     @staticmethod
     def batch_decrypt(items: Sequence[tuple[bytes, Mapping[str, str] | None]],
                       grant: str | None = None) -> _Op[m.BatchResult]:
         body = m.BatchDecryptRequest(items=[
-            m.BatchDecryptItem(ciphertext=ct, context=dict(c) if c else None) for ct, c in items])
+            m.BatchDecryptItem(ciphertext=_bytes(ct, f"ciphertext of items[{i}]", base64_text=True),
+                               context=dict(c) if c else None)
+            for i, (ct, c) in enumerate(items)])
         return _crypto("POST", "/v1/decrypt-batch", body, m.BatchResult, grant)
 
     @staticmethod
     def sign(key: str, message: bytes, message_type: m.MessageType,
              grant: str | None = None) -> _Op[m.SignResult]:
-        body = m.SignRequest(message=message, message_type=message_type)
+        body = m.SignRequest(message=_bytes(message, "message"), message_type=message_type)
         return _crypto("POST", f"/v1/keys/{_q(key)}/sign", body, m.SignResult, grant)
 
     @staticmethod
     def verify(key: str, message: bytes, signature: bytes, message_type: m.MessageType,
                key_version: int | None, grant: str | None = None) -> _Op[m.VerifyResult]:
-        body = m.VerifyRequest(message=message, signature=signature, message_type=message_type,
-                               key_version=key_version)
+        body = m.VerifyRequest(message=_bytes(message, "message"),
+                               signature=_bytes(signature, "signature", base64_text=True),
+                               message_type=message_type, key_version=key_version)
         return _crypto("POST", f"/v1/keys/{_q(key)}/verify", body, m.VerifyResult, grant)
 
     @staticmethod
@@ -201,19 +254,21 @@ class _Ops:
 
     @staticmethod
     def mac(key: str, message: bytes, grant: str | None = None) -> _Op[m.MacResult]:
-        return _crypto("POST", f"/v1/keys/{_q(key)}/mac", m.MacRequest(message=message),
-                       m.MacResult, grant)
+        return _crypto("POST", f"/v1/keys/{_q(key)}/mac",
+                       m.MacRequest(message=_bytes(message, "message")), m.MacResult, grant)
 
     @staticmethod
     def verify_mac(key: str, message: bytes, mac: bytes, key_version: int | None,
                    grant: str | None = None) -> _Op[m.VerifyResult]:
-        body = m.VerifyMacRequest(message=message, mac=mac, key_version=key_version)
+        body = m.VerifyMacRequest(message=_bytes(message, "message"),
+                                  mac=_bytes(mac, "mac", base64_text=True), key_version=key_version)
         return _crypto("POST", f"/v1/keys/{_q(key)}/verify-mac", body, m.VerifyResult, grant)
 
     @staticmethod
     def derive(key: str, context: Mapping[str, str], *, length: int, salt: bytes | None,
                key_version: int | None, grant: str | None = None) -> _Op[m.DerivedKey]:
-        body = m.DeriveRequest(context=dict(context), length=length, salt=salt,
+        body = m.DeriveRequest(context=dict(context), length=length,
+                               salt=None if salt is None else _bytes(salt, "salt"),
                                key_version=key_version)
         return _crypto("POST", f"/v1/keys/{_q(key)}/derive", body, m.DerivedKey, grant)
 
@@ -246,6 +301,8 @@ class _Ops:
 
     @staticmethod
     def audit_hash(value: str) -> _Op[m.AuditDigest]:
+        if not isinstance(value, str):  # bytes would be sent, and hashed, as their base64 text
+            raise TypeError(f"value must be str, not {type(value).__name__}")
         return _Op("POST", "/v1/audit/hash", m.AuditHashRequest(value=value), m.AuditDigest)
 
     @staticmethod
@@ -713,6 +770,7 @@ class Client:
 
     # -- crypto --------------------------------------------------------------------------
     # Each takes ``grant=``: a grant token to present (default: the client's; ``""``: none).
+    # Binary arguments must be bytes-like: a str raises TypeError (see the module docstring).
     def encrypt(self, key: str, plaintext: bytes, *, context: Mapping[str, str] | None = None,
                 grant: str | None = None) -> m.EncryptResult:
         """Encrypt under the key's latest version."""
@@ -1218,6 +1276,7 @@ class AsyncClient:
 
     # -- crypto --------------------------------------------------------------------------
     # Each takes ``grant=``: a grant token to present (default: the client's; ``""``: none).
+    # Binary arguments must be bytes-like: a str raises TypeError (see the module docstring).
     async def encrypt(self, key: str, plaintext: bytes, *, context: Mapping[str, str] | None = None,
                 grant: str | None = None) -> m.EncryptResult:
         """Encrypt under the key's latest version."""
