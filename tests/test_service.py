@@ -210,6 +210,21 @@ def test_re_encrypt_to_latest_and_to_another_key(kms: KMS, admin: RequestContext
         kms.re_encrypt(admin, m.ReEncryptRequest(ciphertext=ct, context={"t": "9"}))
 
 
+def test_re_encrypt_destination_errors_are_precise(kms: KMS, admin: RequestContext) -> None:
+    """An empty destination re-encrypted under the source key; a destination that does not
+    encrypt got the generic usage message, not the documented one."""
+    create(kms, admin, "a")
+    create(kms, admin, "m", spec="hmac-sha256")
+    ct = kms.encrypt(admin, "a", b"data").ciphertext
+    with pytest.raises(InvalidRequest, match="destination_key is empty"):
+        kms.re_encrypt(admin, m.ReEncryptRequest(ciphertext=ct, destination_key=""))
+    with pytest.raises(InvalidKeyUsage) as usage:
+        kms.re_encrypt(admin, m.ReEncryptRequest(ciphertext=ct, destination_key="m"))
+    assert usage.value.message == "the destination key is not an encryption key"
+    assert kms.re_encrypt(admin, m.ReEncryptRequest(ciphertext=ct)).key_id == \
+        kms.describe_key(admin, "a").id
+
+
 @pytest.mark.parametrize("size", [16, 32, 64])
 def test_data_keys(kms: KMS, admin: RequestContext, size: int) -> None:
     create(kms, admin, "k")
@@ -388,6 +403,21 @@ def test_deletion_window_cancel_and_destroy(kms: KMS, admin: RequestContext, clo
     with pytest.raises(KeyStateError):
         kms.cancel_deletion(admin, "k")
     assert all(v.sealed == b"" for v in kms.store.get_versions(kms.describe_key(admin, "k").id))
+
+
+def test_enabling_a_destroyed_key_says_it_is_destroyed(kms: KMS, admin: RequestContext,
+                                                      clock: object) -> None:
+    """It said 'cancel the deletion first', for a key whose deletion cannot be cancelled."""
+    create(kms, admin, "k")
+    kms.schedule_deletion(admin, "k", 7)
+    with pytest.raises(KeyStateError) as pending:
+        kms.enable_key(admin, "k")
+    assert pending.value.message == "key 'k' is pending deletion; cancel the deletion first"
+    clock.advance(8 * 86400)  # type: ignore[attr-defined]
+    assert kms.run_due() == (0, 1)
+    with pytest.raises(KeyDestroyed) as destroyed:
+        kms.enable_key(admin, "k")
+    assert destroyed.value.message == "key 'k' has been destroyed"
 
 
 def test_scheduled_rotation(kms: KMS, admin: RequestContext, clock: object) -> None:

@@ -25,6 +25,7 @@ from typing import Any, Final, Protocol, TypeVar
 import msgspec
 
 from keygrants import models as m
+from keygrants.audit.events import Result
 from keygrants.audit.recorder import AuditRecorder, NoAudit
 from keygrants.auth import ADMIN_PRINCIPAL, RequestContext
 from keygrants.crypto import Aead, random_bytes
@@ -148,16 +149,69 @@ def _nothing_done(result: object) -> bool:
     return isinstance(result, m.BatchResult) and all(r.error is not None for r in result.results)
 
 
+# A refusal travels from the guard that meets it to the use case's audit event in the
+# request's attributes, under these names, which :func:`_audited` takes out again (they are
+# not event detail): how many refusals, the distinct ids of the existing keys refused (at most
+# one more than an event lists), and the policy statements that decided the first refusal.
+_REFUSED: Final = "_refused"
+_REFUSED_KEYS: Final = "_refused_keys"
+_REFUSED_POLICY: Final = "_refused_policy"
+_BATCH_KEYS_SHOWN: Final = 20
+_NO_KEYS: Final[list[str]] = []  # never changed
+
+
+def _note_refusal(ctx: RequestContext, key_id: str | None, *, count: int = 1) -> None:
+    """Count ``count`` policy refusals for the request's audit event; ``key_id`` names an
+    existing key (never a phantom: an event names only keys that exist)."""
+    attributes = ctx.attributes
+    noted = attributes.get(_REFUSED)
+    attributes[_REFUSED] = str(count if noted is None else int(noted) + count)
+    if noted is None and "policy" in attributes:
+        attributes[_REFUSED_POLICY] = attributes["policy"]
+    if key_id:
+        known = attributes.get(_REFUSED_KEYS)
+        if known is None:
+            attributes[_REFUSED_KEYS] = key_id
+        elif key_id not in known.split(",") and known.count(",") < _BATCH_KEYS_SHOWN:
+            attributes[_REFUSED_KEYS] = f"{known},{key_id}"
+
+
+def _take_refusals(ctx: RequestContext) -> tuple[int, list[str]]:
+    """The refusals noted for this request (how many, which keys), removed from its attributes;
+    the policy statements that refused replace the last decision's (the event is a denial)."""
+    attributes = ctx.attributes
+    count = attributes.pop(_REFUSED)
+    policy = attributes.pop(_REFUSED_POLICY, None)
+    if policy is not None:
+        attributes["policy"] = policy
+    keys = attributes.pop(_REFUSED_KEYS, "")
+    return int(count), keys.split(",") if keys else []
+
+
+def _listed(ids: Sequence[str]) -> str:
+    """Key ids for an event's detail, sorted, at most ``_BATCH_KEYS_SHOWN`` of them."""
+    ids = sorted(ids)
+    return ",".join(ids[:_BATCH_KEYS_SHOWN]) + (",…" if len(ids) > _BATCH_KEYS_SHOWN else "")
+
+
 def _audited(event_type: str, operation: str) -> Callable[[F], F]:
     """Record the outcome of a use case: ``ok`` with the key and version it acted on, or
     ``denied``/``error`` with the error code. State changes also record a ``requested``
-    event before they touch the store (see :meth:`KMS._intent`)."""
+    event before they touch the store (see :meth:`KMS._intent`).
+
+    A policy refusal makes the event ``denied``, naming the refused key when it exists: also
+    when the caller was answered as for a key that does not exist (an invalid ciphertext),
+    and for a batch in which only some items were refused (``detail.denied`` counts them)."""
 
     def decorate(fn: F) -> F:
         @functools.wraps(fn)
         def wrapper(self: KMS, ctx: RequestContext, *args: Any, **kwargs: Any) -> Any:
             try:
-                result = fn(self, ctx, *args, **kwargs)
+                try:
+                    result = fn(self, ctx, *args, **kwargs)
+                finally:
+                    refused, refused_keys = (_take_refusals(ctx) if _REFUSED in ctx.attributes
+                                             else (0, _NO_KEYS))
                 if ctx.grant is not None and not _nothing_done(result):
                     # a limited grant's use is counted only now that the operation succeeded
                     # (a batch whose every item failed did nothing: it counts no use)
@@ -166,11 +220,17 @@ def _audited(event_type: str, operation: str) -> Callable[[F], F]:
                         finish(ctx)
             except KeygrantsError as exc:
                 if not isinstance(exc, AuditUnavailable):
-                    self.audit.record(ctx, event_type, "denied" if isinstance(exc, Forbidden)
-                                      else "error", operation=operation, reason=exc.code)
+                    self.audit.record(
+                        ctx, event_type, "denied" if refused or isinstance(exc, Forbidden)
+                        else "error", operation=operation, reason=exc.code,
+                        key_id=refused_keys[0] if len(refused_keys) == 1 else None,
+                        detail={"denied_keys": _listed(refused_keys)} if len(refused_keys) > 1
+                        else None)
                 raise
             key_id = getattr(result, "key_id", None) or getattr(result, "id", None)
             version = getattr(result, "key_version", None) or getattr(result, "latest_version", None)
+            outcome: Result = "ok"
+            reason = None
             detail = None
             if isinstance(result, m.BatchResult):
                 failed = sum(1 for r in result.results if r.error is not None)
@@ -179,20 +239,26 @@ def _audited(event_type: str, operation: str) -> Callable[[F], F]:
                 # several are listed in the detail (a search by key finds single-key ones)
                 used = {(r.key_id, r.key_version) for r in result.results if r.key_id}
                 ids = sorted({kid for kid, _ in used})
-                if len(ids) == 1:
+                if refused:
+                    # some items were refused: a denial, which names the refused key (a
+                    # search by key finds it); the keys the other items used are listed
+                    outcome, reason, version = "denied", Forbidden.code, None
+                    detail["denied"] = str(refused)
+                    key_id = refused_keys[0] if len(refused_keys) == 1 else None
+                    if len(refused_keys) > 1:
+                        detail["denied_keys"] = _listed(refused_keys)
+                    if ids and ids != [key_id]:
+                        detail["keys"] = _listed(ids)
+                elif len(ids) == 1:
                     key_id = ids[0]
                     version = next(iter(used))[1] if len(used) == 1 else None
                 elif ids:
-                    detail["keys"] = ",".join(ids[:_BATCH_KEYS_SHOWN]) + (
-                        ",…" if len(ids) > _BATCH_KEYS_SHOWN else "")
-            self.audit.record(ctx, event_type, "ok", operation=operation, key_id=key_id,
-                              key_version=version, detail=detail)
+                    detail["keys"] = _listed(ids)
+            self.audit.record(ctx, event_type, outcome, operation=operation,
+                              key_id=key_id, key_version=version, reason=reason, detail=detail)
             return result
         return wrapper  # type: ignore[return-value]
     return decorate
-
-
-_BATCH_KEYS_SHOWN: Final = 20
 
 
 def _check_description(description: str) -> None:
@@ -362,13 +428,20 @@ class KMS:
         if key.state == "destroyed" or loaded.versions is None:
             raise KeyDestroyed(f"key {key.name!r} has been destroyed")
         spec = SPECS[key.spec]
-        allowed = spec.operations | ({"derive"} if key.derivable else set())
-        if operation not in allowed:
-            raise InvalidKeyUsage(
-                f"{operation} is not allowed for key {key.name!r} (spec {key.spec}, purpose "
-                f"{key.purpose})"
-            )
-        return loaded.versions
+        if operation in spec.operations or (operation == "derive" and key.derivable):
+            return loaded.versions
+        if operation == "derive" and spec.symmetric:
+            raise InvalidKeyUsage(f"key {key.name!r} was not created derivable: derive needs a key "
+                                  'created with --derivable ("derivable": true), which cannot be '
+                                  "set later")
+        if operation == "re_encrypt":
+            # only a destination key gets here: a source key that is not an encryption key
+            # makes an invalid ciphertext (see _open)
+            raise InvalidKeyUsage("the destination key is not an encryption key")
+        raise InvalidKeyUsage(
+            f"{operation} is not allowed for key {key.name!r} (spec {key.spec}, purpose "
+            f"{key.purpose})"
+        )
 
     def _resolve_for(self, ctx: RequestContext, action: str, ref: str) -> _Loaded:
         """Resolve a key the caller wants to act on. A key that does not exist is reported as
@@ -387,10 +460,14 @@ class KMS:
         try:
             loaded = self._resolve(ref)
         except KeyNotFound:
-            self._authorizer.authorize(ctx, operation, _phantom(ref), context=context)
+            self._refuse_unknown_key(ctx, operation, ref, [context])
             raise
-        self._authorizer.authorize(ctx, operation, loaded.key, aliases=loaded.aliases,
-                                   context=context)
+        try:
+            self._authorizer.authorize(ctx, operation, loaded.key, aliases=loaded.aliases,
+                                       context=context)
+        except Forbidden:
+            _note_refusal(ctx, loaded.key.id)
+            raise
         return loaded.key, self._usable(loaded, operation)
 
     def _check_plaintext(self, data: bytes, what: str = "plaintext") -> None:
@@ -621,9 +698,10 @@ class KMS:
     def enable_key(self, ctx: RequestContext, ref: str) -> m.KeyInfo:
         """Allow cryptographic operations again."""
         def change(key: Key, now: int) -> Key:
-            if key.state in ("pending_deletion", "destroyed"):
-                raise KeyStateError(f"key {key.name!r} is {key.state.replace('_', ' ')}; "
-                                    "cancel the deletion first")
+            self._not_destroyed(key)
+            if key.state == "pending_deletion":
+                raise KeyStateError(f"key {key.name!r} is pending deletion; cancel the deletion "
+                                    "first")
             return key if key.state == "enabled" else msgspec.structs.replace(key, state="enabled")
         return self._modify(ctx, ref, "enable_key", "key.enable", change)
 
@@ -758,18 +836,48 @@ class KMS:
 
     def _open(self, ctx: RequestContext, ciphertext: bytes, context: Mapping[str, str] | None,
               operation: str = "decrypt") -> tuple[bytes, Key, int]:
+        """Decrypt for ``operation``, deciding the policy before revealing whether the key
+        named in the ciphertext exists. An unknown key id is decided as a phantom key with that
+        id and nothing else known: refused, ``Forbidden``; allowed, an invalid ciphertext. A
+        caller refused an existing key gets that same answer (the phantom's), so that no
+        caller can tell a key it may not use from one that does not exist."""
         canonical_context(context)  # a malformed context is a request error, not a bad ciphertext
         ct = Ciphertext.from_bytes(ciphertext)
         loaded = self._resolve_kid(ct.kid)
         if loaded is None:
+            self._refuse_unknown_key(ctx, operation, str(uuid.UUID(bytes=ct.kid)), [context])
             raise InvalidCiphertext()
+        try:
+            self._authorizer.authorize(ctx, operation, loaded.key, aliases=loaded.aliases,
+                                       context=context)
+        except Forbidden:
+            _note_refusal(ctx, loaded.key.id)  # audited as the denial it is, whatever the answer
+            self._authorizer.authorize(ctx, operation, _phantom(loaded.key.id), context=context)
+            raise InvalidCiphertext() from None
         if loaded.key.purpose != "encrypt-decrypt":
             raise InvalidCiphertext()  # a forged header must not reveal other keys' specs
-        self._authorizer.authorize(ctx, operation, loaded.key, aliases=loaded.aliases,
-                                   context=context)
         versions = self._usable(loaded, operation)
         plaintext = versions.for_decrypt(ct.version).open_matched(ciphertext, context)
         return plaintext, loaded.key, ct.version
+
+    def _refuse_unknown_key(self, ctx: RequestContext, operation: str, ref: str,
+                            contexts: Sequence[Mapping[str, str] | None]) -> None:
+        """Before a key reference is reported unknown: raise the refusal of a caller whom the
+        policy refuses a key of that name (or id) under every one of ``contexts`` (a batch has
+        several)."""
+        phantom = _phantom(ref)
+        refusal: Forbidden | None = None
+        for context in contexts:
+            try:
+                self._authorizer.authorize(ctx, operation, phantom, context=context)
+            except Forbidden as exc:
+                if refusal is None:
+                    refusal = exc
+                continue
+            return
+        if refusal is not None:
+            _note_refusal(ctx, None)
+            raise refusal
 
     @_audited("crypto.decrypt", "decrypt")
     def decrypt(self, ctx: RequestContext, ciphertext: bytes,
@@ -781,12 +889,14 @@ class KMS:
     @_audited("crypto.re_encrypt", "re_encrypt")
     def re_encrypt(self, ctx: RequestContext, req: m.ReEncryptRequest) -> m.ReEncryptResult:
         """Decrypt and encrypt again (to the latest version, or to another key)."""
+        if req.destination_key is not None and not req.destination_key:
+            # a script whose destination variable is empty must not keep the source key
+            raise InvalidRequest("destination_key is empty: name a key, or leave it out (or null) "
+                                 "to re-encrypt under the source key")
         plaintext, source, version = self._open(ctx, req.ciphertext, req.context, "re_encrypt")
-        dest_ref = req.destination_key or source.id
+        dest_ref = source.id if req.destination_key is None else req.destination_key
         context = req.destination_context if req.destination_context is not None else req.context
         dest, dest_versions = self._authorized(ctx, "re_encrypt", dest_ref, context)
-        if dest.purpose != "encrypt-decrypt":
-            raise InvalidKeyUsage("the destination key is not an encryption key")
         latest = dest_versions.latest
         return m.ReEncryptResult(
             ciphertext=latest.encrypt(plaintext, context), key_id=dest.id,
@@ -809,27 +919,68 @@ class KMS:
     @_audited("crypto.encrypt_batch", "encrypt")
     def batch_encrypt(self, ctx: RequestContext, ref: str,
                       items: Sequence[m.BatchEncryptItem]) -> m.BatchResult:
-        """Encrypt up to ``max_batch_items`` items; failures are reported per item."""
+        """Encrypt up to ``max_batch_items`` items; failures are reported per item.
+
+        Each item is decided on its own context, whatever its position: a malformed context,
+        a context the policy refuses, a plaintext over the limit is that item's error. The
+        whole batch fails only for the key: unknown, refused for every item, or in a state or
+        of a purpose that does not encrypt.
+        """
         self._check_batch(items)
-        key, versions = self._authorized(ctx, "encrypt", ref, items[0].context)
-        aliases = self._resolve(key.id).aliases
-        allowed = {canonical_context(items[0].context)}
-        latest = versions.latest
-        results: list[m.BatchItemResult] = []
+        canonicals: list[bytes | KeygrantsError] = []
+        contexts: dict[bytes | None, Mapping[str, str] | None] = {}  # a decision per context
         for item in items:
             try:
                 canonical = canonical_context(item.context)
-                if canonical not in allowed:  # policies may condition on each item's context
-                    self._authorizer.authorize(ctx, "encrypt", key, aliases=aliases,
-                                               context=item.context)
-                    allowed.add(canonical)
-                self._check_plaintext(item.plaintext)
-                ciphertext = latest.encrypt(item.plaintext, item.context)
-                results.append(m.BatchItemResult(ciphertext=ciphertext, key_id=key.id,
-                                                 key_version=latest.version))
             except KeygrantsError as exc:
-                results.append(m.BatchItemResult(error=m.BatchItemError(code=exc.code,
-                                                                        message=exc.message)))
+                canonicals.append(exc)
+                continue
+            canonicals.append(canonical)
+            contexts.setdefault(canonical, item.context)
+        # decided in canonical order, not the items': no answer depends on a position (with
+        # every context malformed, the key itself is decided, as for one encrypt)
+        order: list[bytes | None] = [*sorted(c for c in contexts if c is not None)] or [None]
+        try:
+            loaded = self._resolve(ref)
+        except KeyNotFound:
+            self._refuse_unknown_key(ctx, "encrypt", ref, [contexts.get(c) for c in order])
+            raise
+        refusals: dict[bytes | None, Forbidden] = {}
+        policy = None
+        for decided in order:
+            try:
+                self._authorizer.authorize(ctx, "encrypt", loaded.key, aliases=loaded.aliases,
+                                           context=contexts.get(decided))
+            except Forbidden as exc:
+                refusals[decided] = exc
+                if policy is None:
+                    policy = ctx.attributes.get("policy")
+        if refusals:
+            if policy is not None:
+                ctx.attributes["policy"] = policy  # the statements that refused, for the event
+            refused = sum(1 for c in canonicals if isinstance(c, bytes) and c in refusals)
+            _note_refusal(ctx, loaded.key.id, count=max(refused, 1))
+            if len(refusals) == len(order):
+                raise refusals[order[0]]  # nothing in the batch is the caller's to encrypt
+        versions = self._usable(loaded, "encrypt")
+        key = loaded.key
+        latest = versions.latest
+        results: list[m.BatchItemResult] = []
+        for item, parsed in zip(items, canonicals, strict=True):
+            error: KeygrantsError | None = (parsed if isinstance(parsed, KeygrantsError)
+                                            else refusals.get(parsed))
+            if error is None:
+                try:
+                    self._check_plaintext(item.plaintext)
+                    ciphertext = latest.encrypt(item.plaintext, item.context)
+                except KeygrantsError as exc:
+                    error = exc
+                else:
+                    results.append(m.BatchItemResult(ciphertext=ciphertext, key_id=key.id,
+                                                     key_version=latest.version))
+                    continue
+            results.append(m.BatchItemResult(error=m.BatchItemError(code=error.code,
+                                                                    message=error.message)))
         return m.BatchResult(results=results)
 
     @_audited("crypto.decrypt_batch", "decrypt")
