@@ -31,7 +31,13 @@ from typing import Any
 
 from keygrants.auth.httpsig import check_authority
 from keygrants.client.verifier import AsyncVerifier
-from keygrants.errors import AudienceMismatch, InvalidRequest, KeygrantsError, Unauthenticated
+from keygrants.errors import (
+    AudienceMismatch,
+    GrantMalformed,
+    InvalidRequest,
+    KeygrantsError,
+    Unauthenticated,
+)
 from keygrants.grants.model import GrantClaims
 
 __all__ = ["GrantMiddleware", "GrantRule", "token_from_headers"]
@@ -87,14 +93,20 @@ class GrantRule:
 
 def token_from_headers(headers: Mapping[str, str]) -> str | None:
     """The grant token of a request: ``Keygrants-Grant``, else ``Authorization: Bearer`` or
-    ``DPoP`` (RFC 9449); ``None`` when there is none."""
+    ``DPoP`` (RFC 9449); ``None`` when there is none.
+
+    Raises:
+        GrantMalformed: a token over 8 KiB.
+    """
     token = headers.get("keygrants-grant")
     if token is None:
         scheme, _, value = headers.get("authorization", "").partition(" ")
         if scheme.lower() in ("bearer", "dpop") and value:
             token = value
-    if token is None or len(token) > _MAX_TOKEN_HEADER:
+    if token is None:
         return None
+    if len(token) > _MAX_TOKEN_HEADER:  # sent, but too long to be one of ours: not "no token"
+        raise GrantMalformed("grant token over 8 KiB")
     return token.strip()
 
 
@@ -170,8 +182,8 @@ class GrantMiddleware:
         """The URL the client called, for DPoP ``htu``: its path as sent (``raw_path``, still
         percent-encoded), behind ``public_url`` or the request's scheme and ``Host``."""
         scheme = str(scope.get("scheme", "http"))
-        base = self.public_url or base_url(_HTTP_SCHEMES.get(scheme, scheme),
-                                           headers.get("host", "localhost"))
+        base = self.public_url or request_base(_HTTP_SCHEMES.get(scheme, scheme),
+                                               headers.get("host", "localhost"))
         raw = scope.get("raw_path")
         return base + (raw.decode("latin-1") if isinstance(raw, bytes) else str(scope["path"]))
 
@@ -187,6 +199,16 @@ def base_url(scheme: str, host: str) -> str:
         return f"{scheme}://{check_authority(host)}"
     except ValueError as exc:
         raise InvalidRequest(str(exc)) from None
+
+
+def request_base(scheme: str, host: str) -> str:
+    """:func:`base_url`, or ``""`` for a ``Host`` it refuses: the URL only matters to a DPoP
+    proof, which then cannot match it (``pop_invalid``), while a grant that is not bound to a
+    proof is judged without it (it was refused 400 for a header it does not use)."""
+    try:
+        return base_url(scheme, host)
+    except InvalidRequest:
+        return ""
 
 
 def _http_url(url: str) -> str:

@@ -18,10 +18,10 @@ from typing import Any
 
 from keygrants.asgi import (
     GrantRule,
-    base_url,
     check_audience,
     error_body,
     pem_to_der,
+    request_base,
     token_from_headers,
 )
 from keygrants.client.verifier import Verifier
@@ -74,8 +74,9 @@ class GrantWSGIMiddleware:
             token = token_from_headers(headers)
             if token is None:
                 raise Unauthenticated("a grant token is required")
-            base = self.public_url or base_url(environ.get("wsgi.url_scheme", "http"),
-                                               headers.get("host", environ.get("SERVER_NAME", "")))
+            base = self.public_url or request_base(environ.get("wsgi.url_scheme", "http"),
+                                                   headers.get("host",
+                                                               environ.get("SERVER_NAME", "")))
             raw = environ.get("REQUEST_URI") or environ.get("RAW_URI")  # as sent, encoded
             sent = str(raw).split("?", 1)[0] if raw else environ.get("SCRIPT_NAME", "") + path
             claims = self.verifier.verify(

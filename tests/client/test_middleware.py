@@ -306,3 +306,61 @@ async def test_a_deeply_nested_token_header_is_refused_by_the_kms(in_process: In
                             headers={"Authorization": f"Bearer {in_process.token}",
                                      "Keygrants-Grant": deep_token()})
     assert (r.status_code, r.json()["error"]["code"]) == (403, "grant_malformed")
+
+
+# -- a token too long, a Host no URL can be built on ---------------------------------------------
+
+async def test_a_token_over_8_kib_is_malformed_not_missing() -> None:
+    """It was answered 401 "a grant token is required" with a challenge to send one."""
+    kms = FakeKMS(time.time)
+    v = async_verifier(kms)
+    app = GrantMiddleware(Recorder(), v, [REPORTS])
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                 base_url="http://svc") as http:
+        for headers in ({"Keygrants-Grant": "A" * 20_000},
+                        {"Authorization": "Bearer " + "A" * 9_000}):
+            r = await http.get("/reports/42", headers=headers)
+            assert (r.status_code, r.json()["error"]["code"]) == (403, "grant_malformed")
+            assert "www-authenticate" not in r.headers
+        none = await http.get("/reports/42")
+        assert (none.status_code, none.json()["error"]["code"]) == (401, "unauthenticated")
+    await v.aclose()
+    statuses: list[str] = []
+    with Verifier("http://kms", audience="svc", transport=kms.transport()) as sync:
+        body = GrantWSGIMiddleware(wsgi_app, sync, [REPORTS])(
+            {"REQUEST_METHOD": "GET", "PATH_INFO": "/reports/42", "HTTP_HOST": "svc",
+             "wsgi.url_scheme": "http", "HTTP_KEYGRANTS_GRANT": "A" * 20_000},
+            lambda status, headers: statuses.append(status))
+    assert (statuses, json.loads(body[0])["error"]["code"]) == (["403 Forbidden"],
+                                                                 "grant_malformed")
+
+
+@pytest.mark.parametrize("host", [b"", b"svc/x", b"a b", b"svc.example#frag"])
+async def test_a_bad_host_matters_only_to_a_dpop_bound_grant(host: bytes) -> None:
+    """The Host only feeds a DPoP proof's URL: a grant without one was refused 400."""
+    kms = FakeKMS(time.time)
+    _, plain = kms.mint(key_id="payments")
+    proof_key = SigningKey.generate("ed25519")
+    _, bound = kms.mint(key_id="payments", cnf_jkt=proof_key_thumbprint(proof_key))
+    v = async_verifier(kms)
+    inner = Recorder()
+    app = GrantMiddleware(inner, v, [REPORTS])
+    base = {"type": "http", "method": "GET", "scheme": "http", "path": "/reports/42",
+            "raw_path": b"/reports/42"}
+    sent = await call(app, {**base, "headers": [(b"host", host), (b"keygrants-grant",
+                                                                   plain.encode())]})
+    assert sent[0]["status"] == 200
+    proof = make_proof(proof_key, method="GET", url="http://svc/reports/42", access_token=bound)
+    sent = await call(app, {**base, "headers": [(b"host", host),
+                                                (b"authorization", f"DPoP {bound}".encode()),
+                                                (b"dpop", proof.encode())]})
+    assert (sent[0]["status"], json.loads(sent[1]["body"])["error"]["code"]) == (403,
+                                                                                 "pop_invalid")
+    await v.aclose()
+    statuses: list[str] = []
+    with Verifier("http://kms", audience="svc", transport=kms.transport()) as sync:
+        GrantWSGIMiddleware(wsgi_app, sync, [REPORTS])(
+            {"REQUEST_METHOD": "GET", "PATH_INFO": "/reports/42", "HTTP_HOST": host.decode(),
+             "wsgi.url_scheme": "http", "HTTP_KEYGRANTS_GRANT": plain},
+            lambda status, headers: statuses.append(status))
+    assert statuses == ["200 OK"]
