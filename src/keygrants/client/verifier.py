@@ -7,8 +7,9 @@ A service that receives grant tokens checks them here, without a call to the KMS
   ``refetch_interval``; a failed fetch keeps the last good set (the issuer blinking is never
   an outage); the algorithm is pinned by each JWK, and the JWK Set's ``issuer`` is the exact
   ``iss`` tokens must carry (with ``issuer=``, a JWK Set naming another issuer is refused);
+  while no keys are held, a failed fetch is tried again after at most a second;
 - revocations come from ``/v1/revocations?since=SEQ``, pulled every ``poll_interval``; when
-  the last successful pull is older than ``max_staleness`` the verifier fails closed
+  the last complete pull is older than ``max_staleness`` the verifier fails closed
   (:class:`~keygrants.errors.VerifierUnavailable`) instead of accepting a token that may have
   been revoked; an entry is kept until ``leeway`` after its ``expires_at``, so as long as
   this verifier accepts a token it still holds the entries that revoke it (the KMS sets
@@ -22,6 +23,13 @@ A service that receives grant tokens checks them here, without a call to the KMS
 - a verified token is cached (bounded, keyed by the token string) until it expires, so seeing
   it again costs a dictionary lookup plus the checks that can change (revocation, window,
   issuer key, binding).
+
+Fetches run in the background (a thread for :class:`Verifier`, a task for
+:class:`AsyncVerifier`), at most one JWKS fetch and one feed pull at a time, the two side by
+side. The call that finds one due starts it; a call waits for a fetch in flight only when it
+cannot answer without it (no keys yet, an unknown ``kid`` it may bring, a view past
+``max_staleness``). Otherwise calls answer from what is held, so a KMS that is slow or hangs
+delays no request while the view is fresh enough to vouch for tokens.
 
 With ``bus_url`` (``nats://…``, ``redis://…``; see docs/bus.md) the verifier also subscribes
 to the revocations the KMS pushes (:mod:`keygrants.grants.push`). A message is only a trigger:
@@ -41,7 +49,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, Final
 
 import httpx
@@ -71,12 +79,15 @@ JWKS_PATH: Final = "/.well-known/jwks.json"
 REVOCATIONS_PATH: Final = "/v1/revocations"
 _DEFAULT_MAX_AGE: Final = 300
 _MAX_JWKS_BYTES: Final = 256 * 1024
-#: Feed pages (1,000 entries each from keygrants) one ``verify`` pulls at most once the view
-#: is fresh; the rest of a backlog is pulled by the next calls.
-CATCH_UP_PAGES: Final = 4
 _CACHE_SIZE: Final = 10_000
 _BUS_PULL_SPACING: Final = 0.005
 _BUS_RETRY: Final = 5.0  # seconds between attempts to subscribe while the bus is unreachable
+#: Seconds before a failed fetch is tried again when the verifier cannot answer without it
+#: (no issuer keys: a KMS that starts with this service is used as soon as it answers), and
+#: at most between feed pulls that failed.
+_RETRY_SOON: Final = 1.0
+#: Feed pull failures other than these are bugs, not the KMS being away: logged with a trace.
+_FETCH_ERRORS: Final = (KeygrantsError, ValueError, KeyError, TypeError)
 log = logging.getLogger("keygrants.verifier")
 
 
@@ -124,19 +135,56 @@ class _State:
         self.lock = threading.Lock()
 
     def keys_due(self, now: float, unknown_kid: bool) -> bool:
-        """Whether to fetch the JWKS: none yet (but not more than once per refetch interval
-        after a failure), the cache hint ran out, or an unknown kid (once per interval)."""
+        """Whether to fetch the JWKS: none yet, the cache hint ran out, or an unknown kid (once
+        per refetch interval); never before the back-off after a failure has passed."""
         if now < self.key_retry_at:
             return False
         return (self.issuer is None or now >= self.keys_expire_at
                 or (unknown_kid and now - self.last_refetch >= self.refetch_interval))
 
+    def start_keys(self, unknown_kid: bool) -> bool:
+        """Whether to start a JWKS fetch now (none is in flight); records an unknown kid's
+        refetch, which limits the next one."""
+        now = self.clock()
+        if not self.keys_due(now, unknown_kid):
+            return False
+        if unknown_kid:
+            self.last_refetch = now
+        return True
+
+    def feed_due(self) -> bool:
+        return self.clock() >= self.next_poll
+
+    def needs(self, unknown_kid: bool) -> tuple[bool, bool]:
+        """What a call cannot answer without, so waits for if it is being fetched:
+        (the JWKS, the feed). The JWKS when no keys are held or the token names an unknown
+        kid; the feed when the view is not fresh (:meth:`check_fresh` would refuse)."""
+        stale = self.feed_fresh_at is None or self.clock() - self.feed_fresh_at > self.max_staleness
+        return unknown_kid or not self.keys, stale
+
     def key_fetch_failed(self, exc: Exception) -> None:
+        """Keep the keys held and back off: briefly while none are held (nothing can be
+        answered meanwhile, and the KMS may be starting), else ``refetch_interval`` (10 s at
+        most), the fetch then being a refresh nobody waits for."""
         reason = str(exc) or type(exc).__name__
         if reason != self.key_error:
-            log.warning("the JWKS could not be fetched: %s", reason)
+            log.warning("the JWKS could not be fetched: %s", reason,
+                        exc_info=None if isinstance(exc, KeygrantsError | ValueError) else exc)
         self.key_error = reason
-        self.key_retry_at = self.clock() + min(self.refetch_interval, 10.0)
+        backoff = _RETRY_SOON if not self.keys else 10.0
+        self.key_retry_at = self.clock() + min(self.refetch_interval, backoff)
+
+    def feed_pulled(self) -> None:
+        self.next_poll = self.clock() + self.poll_interval
+
+    def feed_pull_failed(self, exc: Exception) -> None:
+        """Keep the view and try again soon: :meth:`check_fresh` decides whether it still
+        vouches for tokens."""
+        self.next_poll = self.clock() + min(self.poll_interval, _RETRY_SOON)
+        if isinstance(exc, _FETCH_ERRORS):
+            log.debug("the revocation feed could not be pulled: %s", exc)
+        else:
+            log.warning("pulling the revocation feed failed", exc_info=exc)
 
     # -- applying fetched documents ------------------------------------------------------------
 
@@ -163,14 +211,6 @@ class _State:
             self.jwks_seq = seq if isinstance(seq, int) else self.jwks_seq
             self.keys_expire_at = self.clock() + max_age
             self.key_error = None
-
-    def pages_per_call(self) -> int | None:
-        """How many feed pages one ``verify`` may pull: all of them until the view is fresh
-        the first time (it cannot vouch for a token before); then :data:`CATCH_UP_PAGES`, so
-        that a backlog (after a revoke-all of many grants) is caught up over several calls
-        instead of stalling one request for seconds. The view answers meanwhile from what it
-        has, within ``max_staleness`` of its last complete pull, as between two polls."""
-        return None if self.feed_fresh_at is None else CATCH_UP_PAGES
 
     def apply_feed(self, doc: object, started: float) -> bool:
         """Apply one page; return whether more follow."""
@@ -308,8 +348,73 @@ class _Pushed:
         await pull()
 
 
+class _ThreadFetch:
+    """One kind of fetch (the JWKS, or the feed) for :class:`Verifier`: at most one in flight,
+    run in a daemon thread, so the call that starts it does not wait for it unless it has to.
+    Returns a :class:`threading.Event` set when the fetch in flight has ended."""
+
+    def __init__(self, name: str, fetch: Callable[[], None]) -> None:
+        self._name = name
+        self._fetch = fetch  # never raises: it records a failure in the shared state
+        self._lock = threading.Lock()
+        self._ended: threading.Event | None = None  # the fetch in flight, if any
+
+    def running(self) -> threading.Event | None:
+        return self._ended
+
+    def start(self, due: Callable[[], bool]) -> threading.Event | None:
+        """The fetch in flight, else a new one if ``due()`` (asked under the lock, so two
+        callers never start two), else ``None``."""
+        with self._lock:
+            if self._ended is None and due():
+                ended = self._ended = threading.Event()
+                threading.Thread(target=self._run, args=(ended,), name=self._name,
+                                 daemon=True).start()
+            return self._ended
+
+    def _run(self, ended: threading.Event) -> None:
+        try:
+            self._fetch()
+        finally:
+            # after the fetch has updated the state: a caller that finds none in flight then
+            # sees what it fetched (or its back-off), and does not start it again
+            with self._lock:
+                self._ended = None
+            ended.set()
+
+
+class _TaskFetch:
+    """:class:`_ThreadFetch` for :class:`AsyncVerifier`: the fetch runs in a task on the
+    caller's event loop (one thread: no lock needed)."""
+
+    def __init__(self, name: str, fetch: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        self._name = name
+        self._fetch = fetch  # never raises: it records a failure in the shared state
+        self._task: asyncio.Task[None] | None = None
+
+    def running(self) -> asyncio.Task[None] | None:
+        task = self._task
+        return task if task is not None and not task.done() else None
+
+    def start(self, due: Callable[[], bool]) -> asyncio.Task[None] | None:
+        task = self.running()
+        if task is None and due():
+            task = self._task = asyncio.get_running_loop().create_task(self._fetch(),
+                                                                       name=self._name)
+        return task
+
+    async def cancel(self) -> None:
+        task = self.running()
+        if task is not None:
+            task.cancel()
+            await asyncio.wait([task])  # not await task: this caller's own cancellation stays
+
+
 class Verifier:
-    """Verify grant tokens locally (blocking I/O; safe to share between threads).
+    """Verify grant tokens locally (safe to share between threads).
+
+    Fetches from the KMS run in background threads; :meth:`verify` blocks only when it cannot
+    answer without the fetch in flight (see the module docstring).
 
     Args:
         base_url: the KMS, e.g. ``https://kms.internal:8650`` (``http://`` only to a loopback
@@ -354,11 +459,12 @@ class Verifier:
                              poll_interval=poll_interval or max_staleness / 5, clock=clock)
         self._http = httpx.Client(base_url=base_url, verify=tls_verify(verify_tls),
                                   timeout=timeout, transport=transport)
-        self._io = threading.Lock()
+        self._keys = _ThreadFetch("keygrants-verifier-jwks", self._fetch_keys)
+        self._feed = _ThreadFetch("keygrants-verifier-feed", self._pull_feed)
         self._bus_url = bus_url
         self._bus_thread: threading.Thread | None = None
         self._bus_stop: Any = None
-        self._bus_closing = threading.Event()
+        self._closing = threading.Event()
         self._bus_start = threading.Lock()  # one bus thread, however many first verify() calls
 
     def __enter__(self) -> Verifier:
@@ -368,8 +474,10 @@ class Verifier:
         self.close()
 
     def close(self) -> None:
+        """Stop the bus thread and close the HTTP client. A fetch in flight is not waited for
+        (its daemon thread ends with its last request to the KMS)."""
         with self._bus_start:  # no bus thread starts after this
-            self._bus_closing.set()  # seen by a bus thread that has not set _bus_stop yet
+            self._closing.set()  # seen by a bus thread that has not set _bus_stop yet
         stop, thread = self._bus_stop, self._bus_thread
         if stop is not None:
             with contextlib.suppress(RuntimeError):  # its loop already ended
@@ -383,7 +491,7 @@ class Verifier:
         cannot be reached, tried again every 5 s: pulling the feed keeps the view correct)."""
         with self._bus_start:
             if (self._bus_url is not None and self._bus_thread is None
-                    and not self._bus_closing.is_set()):
+                    and not self._closing.is_set()):
                 self._bus_thread = self._bus_thread_for(self._bus_url)
                 self._bus_thread.start()  # connecting happens in the thread, off the request path
 
@@ -398,7 +506,7 @@ class Verifier:
                 wait = _Pushed.handle(self._state, data)
                 if wait is not None:
                     await _Pushed.pull_after(self._state, wait,
-                                             lambda: asyncio.to_thread(self._pull_quietly))
+                                             lambda: asyncio.to_thread(self._pull_for_push))
 
             stopped = asyncio.Event()  # set by close(), along with cancelling the task
 
@@ -406,7 +514,7 @@ class Verifier:
                 warned = False
                 # The flag and the event as well as the cancellation: a bus client that
                 # swallows a cancellation must not keep this thread retrying.
-                while not self._bus_closing.is_set():
+                while not self._closing.is_set():
                     bus = None
                     try:
                         bus = open_bus(url)
@@ -437,7 +545,7 @@ class Verifier:
                     task.cancel()
 
                 self._bus_stop = lambda: loop.call_soon_threadsafe(stop)
-                if self._bus_closing.is_set():  # close() ran before _bus_stop was set
+                if self._closing.is_set():  # close() ran before _bus_stop was set
                     stop()
                 with contextlib.suppress(asyncio.CancelledError):
                     loop.run_until_complete(task)
@@ -446,9 +554,16 @@ class Verifier:
 
         return threading.Thread(target=run, name="keygrants-verifier-bus", daemon=True)
 
-    def _pull_quietly(self) -> None:
-        with self._io, contextlib.suppress(KeygrantsError, ValueError, KeyError, TypeError):
-            self.pull_revocations()
+    def _pull_for_push(self) -> None:
+        """Pull the feed for a pushed message: a pull in flight may have been sent before the
+        revocation the message announces, so wait for it to end, then pull (or join a pull
+        started since, which is after the message)."""
+        earlier = self._feed.running()
+        if earlier is not None:
+            earlier.wait()
+        pull = self._feed.start(lambda: True)
+        if pull is not None:
+            pull.wait()
 
     def _get(self, path: str, params: dict[str, Any] | None = None) -> httpx.Response:
         try:
@@ -480,28 +595,36 @@ class Verifier:
                 return False
         return True
 
+    def _fetch_keys(self) -> None:
+        try:
+            self.refresh_keys()
+        except Exception as exc:  # the last good keys stay
+            if not self._closing.is_set():
+                self._state.key_fetch_failed(exc)
+
+    def _pull_feed(self) -> None:
+        try:
+            self.pull_revocations()
+        except Exception as exc:  # the view stays; check_fresh decides whether it vouches
+            if not self._closing.is_set():
+                self._state.feed_pull_failed(exc)
+        else:
+            self._state.feed_pulled()
+
     def _maintain(self, unknown_kid: bool = False) -> None:
-        """Refresh what is due, keeping the last good state when the KMS does not answer."""
+        """Start the fetches that are due, in the background, and wait only for those this
+        call cannot answer without (:meth:`_State.needs`)."""
         s = self._state
         now = s.clock()
-        due_keys = s.keys_due(now, unknown_kid)
-        if not due_keys and now < s.next_poll:
+        if not unknown_kid and now < s.next_poll and not s.keys_due(now, False):
             return  # the hot path: nothing to fetch
-        with self._io:
-            try:
-                if s.keys_due(s.clock(), unknown_kid):
-                    if unknown_kid:
-                        s.last_refetch = s.clock()
-                    self.refresh_keys()
-            except (KeygrantsError, ValueError) as exc:
-                s.key_fetch_failed(exc)  # keep the last known-good keys; back off
-            try:
-                if s.clock() >= s.next_poll:  # re-checked: a request that waited on the
-                    # lock finds the pull another one just made
-                    complete = self.pull_revocations(max_pages=s.pages_per_call())
-                    s.next_poll = s.clock() + (s.poll_interval if complete else 0.0)
-            except (KeygrantsError, ValueError, KeyError, TypeError):
-                s.next_poll = s.clock() + min(s.poll_interval, 1.0)  # staleness decides
+        keys = self._keys.start(lambda: s.start_keys(unknown_kid))
+        feed = self._feed.start(s.feed_due)
+        need_keys, need_feed = s.needs(unknown_kid)
+        if keys is not None and need_keys:
+            keys.wait()
+        if feed is not None and need_feed:
+            feed.wait()
 
     def verify(self, token: str, *, operation: str | None = None,
                context: Mapping[str, str] | None = None, dpop_proof: str | None = None,
@@ -529,7 +652,8 @@ class Verifier:
 
 
 class AsyncVerifier:
-    """:class:`Verifier` for asyncio applications (the same arguments)."""
+    """:class:`Verifier` for asyncio applications (the same arguments). Fetches run in tasks
+    on the event loop of the calls that start them."""
 
     def __init__(self, base_url: str, *, audience: str | None = None, bus_url: str | None = None,
                  max_staleness: float = 60, leeway: int = 30, poll_interval: float | None = None,
@@ -545,10 +669,12 @@ class AsyncVerifier:
                              poll_interval=poll_interval or max_staleness / 5, clock=clock)
         self._http = httpx.AsyncClient(base_url=base_url, verify=tls_verify(verify_tls),
                                        timeout=timeout, transport=transport)
-        self._io = asyncio.Lock()
+        self._keys = _TaskFetch("keygrants-verifier-jwks", self._fetch_keys)
+        self._feed = _TaskFetch("keygrants-verifier-feed", self._pull_feed)
         self._bus_url = bus_url
         self._bus: Any = None
         self._bus_retry_at = 0.0
+        self._bus_warned = False  # this failure streak has been logged
         self._subscribing: asyncio.Future[None] | None = None
 
     async def __aenter__(self) -> AsyncVerifier:
@@ -560,6 +686,8 @@ class AsyncVerifier:
     async def aclose(self) -> None:
         if self._subscribing is not None:
             self._subscribing.cancel()
+        await self._keys.cancel()
+        await self._feed.cancel()
         if self._bus is not None:
             await self._bus.close()
             self._bus = None
@@ -575,24 +703,33 @@ class AsyncVerifier:
         try:
             await bus.connect()
 
-            async def pull() -> None:
-                async with self._io:
-                    with contextlib.suppress(KeygrantsError, ValueError, KeyError, TypeError):
-                        await self.pull_revocations()
-
             async def on_message(data: bytes) -> None:
                 wait = _Pushed.handle(s, data)
                 if wait is not None:
-                    await _Pushed.pull_after(s, wait, pull)
+                    await _Pushed.pull_after(s, wait, self._pull_for_push)
 
             await bus.subscribe(SUBJECT, on_message)
-        except Exception:  # pulling every poll_interval still keeps it correct
+        except Exception as exc:  # pulling every poll_interval still keeps it correct
             with contextlib.suppress(Exception):
                 await bus.close()
+            if not self._bus_warned:  # once per failure streak, as Verifier's bus thread
+                self._bus_warned = True
+                log.warning("revocation bus unavailable (%s); pulling the feed and trying "
+                            "again every %g s", type(exc).__name__, _BUS_RETRY)
             return
         finally:
             self._subscribing = None
+        self._bus_warned = False
         self._bus = bus
+
+    async def _pull_for_push(self) -> None:
+        """See :meth:`Verifier._pull_for_push`."""
+        earlier = self._feed.running()
+        if earlier is not None:
+            await asyncio.wait([earlier])
+        pull = self._feed.start(lambda: True)
+        if pull is not None:
+            await asyncio.wait([pull])  # not cancelled with this handler (aclose cancels it)
 
     async def _get(self, path: str, params: dict[str, Any] | None = None) -> httpx.Response:
         try:
@@ -622,27 +759,34 @@ class AsyncVerifier:
                 return False
         return True
 
+    async def _fetch_keys(self) -> None:
+        try:
+            await self.refresh_keys()
+        except Exception as exc:  # the last good keys stay
+            self._state.key_fetch_failed(exc)
+
+    async def _pull_feed(self) -> None:
+        try:
+            await self.pull_revocations()
+        except Exception as exc:  # the view stays; check_fresh decides whether it vouches
+            self._state.feed_pull_failed(exc)
+        else:
+            self._state.feed_pulled()
+
     async def _maintain(self, unknown_kid: bool = False) -> None:
+        """See :meth:`Verifier._maintain`; a call that waits and is cancelled leaves the fetch
+        running for the others."""
         s = self._state
         now = s.clock()
-        due_keys = s.keys_due(now, unknown_kid)
-        if not due_keys and now < s.next_poll:
+        if not unknown_kid and now < s.next_poll and not s.keys_due(now, False):
             return  # the hot path: nothing to fetch
-        async with self._io:
-            try:
-                if s.keys_due(s.clock(), unknown_kid):
-                    if unknown_kid:
-                        s.last_refetch = s.clock()
-                    await self.refresh_keys()
-            except (KeygrantsError, ValueError) as exc:
-                s.key_fetch_failed(exc)
-            try:
-                if s.clock() >= s.next_poll:  # re-checked: a request that waited on the
-                    # lock finds the pull another one just made
-                    complete = await self.pull_revocations(max_pages=s.pages_per_call())
-                    s.next_poll = s.clock() + (s.poll_interval if complete else 0.0)
-            except (KeygrantsError, ValueError, KeyError, TypeError):
-                s.next_poll = s.clock() + min(s.poll_interval, 1.0)
+        keys = self._keys.start(lambda: s.start_keys(unknown_kid))
+        feed = self._feed.start(s.feed_due)
+        need_keys, need_feed = s.needs(unknown_kid)
+        waits = [task for task, need in ((keys, need_keys), (feed, need_feed))
+                 if task is not None and need]
+        if waits:
+            await asyncio.wait(waits)
 
     async def verify(self, token: str, *, operation: str | None = None,
                      context: Mapping[str, str] | None = None, dpop_proof: str | None = None,
