@@ -146,7 +146,8 @@ def protocol_class(*, tls: bool = True) -> type:
             super().on_url(url)
 
         def on_header(self, name: bytes, value: bytes) -> None:
-            self._count_head(len(name) + len(value) + 4)  # ": " and CRLF
+            if self._in_head:  # not a chunked body's trailer: its request is with the app
+                self._count_head(len(name) + len(value) + 4)  # ": " and CRLF
             super().on_header(name, value)
 
         def _count_head(self, n: int) -> None:
