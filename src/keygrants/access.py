@@ -802,9 +802,9 @@ class AccessService:
             resource = (caller if req.target == p.id
                         else PrincipalFacts(id=req.target, tags=frozenset(t.tags if t else ())))
         if req.time is not None and not 0 <= req.time < 2**63:
-            raise InvalidRequest("time must be a Unix time (seconds, from 0)")
+            raise InvalidRequest("time must be a Unix time in seconds, 0 to 2**63-1")
         if req.grant is not None and not (0 <= req.grant.ttl < 2**63 and 0 <= req.grant.uses < 2**63):
-            raise InvalidRequest("grant.ttl and grant.uses must be 0 or more")
+            raise InvalidRequest("grant.ttl and grant.uses must be 0 to 2**63-1")
         try:
             grant = None
             if req.grant is not None:

@@ -774,7 +774,9 @@ async def test_bad_values_are_named_as_the_request_names_them(world, http) -> No
     parser's debug output for a certificate that is not one."""
     world.access.service.create_principal(ADMIN, CreatePrincipalRequest(id="svc-named"))
     for body, said in (({"time": -1}, "time must be a Unix time"),
+                       ({"time": 2**63}, "time must be a Unix time"),
                        ({"action": "create_grant", "grant": {"ttl": -1}}, "grant.ttl"),
+                       ({"action": "create_grant", "grant": {"ttl": 2**63}}, "2**63-1"),
                        ({"action": "create_grant", "grant": {"uses": -5}}, "grant.uses")):
         r = await http.post("/v1/policy-test", headers=world.auth,
                             json={"principal": "svc-named", "action": "encrypt", "key": "enc",

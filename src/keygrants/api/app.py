@@ -368,6 +368,10 @@ def _latin1(value: bytes | None) -> str | None:
     return value.decode("latin-1") if value is not None else None
 
 
+_DEADLINE_TICK: Final = 1.0
+"""Seconds between two checks of the body deadlines (see :class:`_BodyDeadlines`)."""
+
+
 class _BodyDeadlines:
     """The requests still reading their body, and when each must have read it all.
 
@@ -388,7 +392,7 @@ class _BodyDeadlines:
         due = self._due.get(loop)
         if due is None:
             due = self._due[loop] = {}
-            loop.call_later(min(1.0, BODY_TIMEOUT), self._check, loop)
+            loop.call_later(min(_DEADLINE_TICK, BODY_TIMEOUT), self._check, loop)
         due[task] = loop.time() + BODY_TIMEOUT
 
     def leave(self, task: asyncio.Task[Any], loop: asyncio.AbstractEventLoop) -> bool:
@@ -411,7 +415,7 @@ class _BodyDeadlines:
             del due[task]
             self._late.add(task)
             task.cancel()
-        loop.call_later(min(1.0, BODY_TIMEOUT), self._check, loop)
+        loop.call_later(min(_DEADLINE_TICK, BODY_TIMEOUT), self._check, loop)
 
 
 async def _read_body(req: _Request, receive: Receive, limit: int,
