@@ -10,6 +10,7 @@ it), read once per connection from the TLS session.
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 from collections.abc import Iterable
 from typing import Any, Final
@@ -85,6 +86,10 @@ class _CoalescingTransport:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
+
+
+_SILENT: Final = logging.getLogger("keygrants.api.refused-connection")
+_SILENT.disabled = True
 
 
 class _HeadRefused(Exception):
@@ -198,6 +203,10 @@ def protocol_class(*, tls: bool = True) -> type:
             """Answer in the KMS's error shape and close (the head never reached the app)."""
             self._in_head = False
             self._head_refused = True
+            # the parser, stopped by a callback raising, is reported by uvicorn as "Invalid
+            # HTTP request received." at WARNING: this connection, answered and closing, says
+            # nothing more
+            self.logger = _SILENT
             self._disarm_head_timer()
             if self.transport.is_closing():
                 return
