@@ -939,3 +939,32 @@ def test_a_node_learns_an_issuer_key_another_node_published_when_a_token_names_i
     assert reads == [1, 1]
     for s in stores:
         s.close()
+
+
+async def test_a_grant_that_does_not_exist_is_told_apart_only_to_who_could_act_on_it(
+        world, http) -> None:
+    """A caller with no right on a grant got 403 for an existing id and 404 for an unknown
+    one: which ids exist (or still do) was told to anyone."""
+    from keygrants.grants.model import new_grant_id
+
+    existing = grant_id_of(world.grant_token)
+    unknown = new_grant_id()
+    outsider = principal(world, "outsider")
+    for method, suffix in (("GET", ""), ("POST", "/revoke"), ("POST", "/retire"),
+                           ("POST", "/token"), ("POST", "/approve"), ("POST", "/reject")):
+        codes = []
+        for grant_id in (existing, unknown):
+            r = await http.request(method, f"/v1/grants/{grant_id}{suffix}", headers=outsider,
+                                   json={} if method == "POST" else None)
+            codes.append((r.status_code, code_of(r)))
+        assert codes[0] == codes[1] == (403, "forbidden"), (suffix, codes)
+        r = await http.request(method, f"/v1/grants/{unknown}{suffix}", headers=world.auth,
+                               json={} if method == "POST" else None)
+        assert (r.status_code, code_of(r)) == (404, "grant_not_found"), suffix
+    # a right on every key covers every grant, those that do not exist included
+    auditor = principal(world, "auditor")
+    world.access.service.put_policy(ADMIN, "auditor", PutPolicyRequest(text='''
+        permit(principal == Keygrants::Principal::"auditor",
+               action == Keygrants::Action::"list_grants", resource);'''))
+    assert code_of(await http.get(f"/v1/grants/{unknown}", headers=auditor)) == "grant_not_found"
+    assert (await http.get(f"/v1/grants/{existing}", headers=auditor)).status_code == 200
