@@ -76,3 +76,35 @@ def test_a_start_the_bus_stops_exits_3_without_announcing(monkeypatch: pytest.Mo
         serve(config, announce=said.append)
     assert exited.value.code == 3
     assert not any("listening" in line or "stopped" in line for line in said), said
+
+
+def test_tls_files_that_cannot_be_used_are_refused_before_the_data_directory(
+        tmp_path: Path) -> None:
+    """A key that did not match its certificate, or a client CA with no certificate in it,
+    was found after a new data directory (root key, admin token, audit key) had been made,
+    and reported as "cannot listen"."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from tests.certs import certificate
+
+    key, other = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    cert = tmp_path / "server.crt"
+    cert.write_bytes(certificate("localhost", key, "localhost", key).public_bytes(
+        serialization.Encoding.PEM))
+    pem = serialization.Encoding.PEM
+    for name, k in (("server.key", key), ("other.key", other)):
+        (tmp_path / name).write_bytes(k.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                                      serialization.NoEncryption()))
+        (tmp_path / name).chmod(0o600)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cases = ((tmp_path / "other.key", None, "--tls-cert/--tls-key"),
+             (tmp_path / "server.key", tmp_path / "server.key", "--client-ca"))
+    for i, (tls_key, client_ca, option) in enumerate(cases):
+        data = tmp_path / f"data{i}"
+        config = ServerConfig(data_dir=data, listen=f"127.0.0.1:{port}", tls_cert=cert,
+                              tls_key=tls_key, client_ca=client_ca)
+        with pytest.raises(ValueError, match=option):
+            serve(config, announce=lambda line: None)
+        assert not data.exists() or not any(data.iterdir())

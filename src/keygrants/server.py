@@ -29,6 +29,7 @@ import os
 import secrets
 import signal
 import socket
+import ssl
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -425,6 +426,8 @@ def _assemble(config: ServerConfig, store: Any, audit: AuditSetup, root_key: byt
     started = {"version": __version__, "listen": config.listen,
                "store": (config.store or "sqlite:").split(":", 1)[0],
                "seal": seal, "node": config.node_id}
+    if config.reset_admin_token:  # the most powerful credential replaced: in the log too
+        started["admin_token"] = "reset"
 
     @contextlib.asynccontextmanager
     async def lifespan() -> AsyncIterator[None]:
@@ -645,6 +648,7 @@ def serve(config: ServerConfig, *, announce: Any = print) -> None:
     started = time.monotonic()
     sock = _listen_socket(host, port)  # fail before touching the data directory
     try:
+        _check_tls_files(config)  # so does a certificate that cannot be used
         built = build_server(config)
     except BaseException:
         sock.close()
@@ -695,6 +699,28 @@ def serve(config: ServerConfig, *, announce: Any = print) -> None:
     if not server.started:  # a failed start: uvicorn before 0.50 returns instead of exiting
         sys.exit(STARTUP_FAILURE)
     announce("keygrants stopped")
+
+
+def _check_tls_files(config: ServerConfig) -> None:
+    """Load the TLS files as the listener will: a key that does not match its certificate or
+    a client CA that holds no certificate was found only after a new data directory had been
+    initialized, and reported as "cannot listen".
+
+    Raises:
+        ValueError: naming the option whose file cannot be used.
+    """
+    if config.tls_cert is None:
+        return
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(str(config.tls_cert), str(config.tls_key))
+    except (ssl.SSLError, OSError) as exc:
+        raise ValueError(f"--tls-cert/--tls-key cannot be used: {exc.strerror or exc}") from None
+    if config.client_ca is not None:
+        try:
+            context.load_verify_locations(cafile=str(config.client_ca))
+        except (ssl.SSLError, OSError) as exc:
+            raise ValueError(f"--client-ca cannot be used: {exc.strerror or exc}") from None
 
 
 def _listen_socket(host: str, port: int) -> socket.socket:

@@ -195,3 +195,19 @@ def test_access_log_has_a_line_per_request_and_no_credentials(start_server,
     assert httpx.get(f"{quiet.url}/healthz", timeout=10).status_code == 200
     assert quiet.stop() == 0
     assert "/healthz" not in quiet.output()  # off by default
+
+
+def test_a_reset_admin_token_is_in_the_audit_log(start_server, tmp_path: Path) -> None:
+    """``--reset-admin-token`` replaced the most powerful credential without a trace."""
+    data = tmp_path / "data"
+    first = start_server(data)
+    assert first.stop() == 0
+    second = start_server(data, args=("--reset-admin-token",))
+    token = (data / "admin.token").read_text().strip()
+    r = httpx.get(f"{second.url}/v1/audit/events", params={"type": "server.start"},
+                  headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    assert r.status_code == 200, r.text
+    starts = [e["detail"] for e in r.json()["events"]]
+    assert [d.get("admin_token") for d in starts] == [None, "reset"], starts
+    assert token not in r.text
+    assert second.stop() == 0
