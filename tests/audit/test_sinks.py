@@ -526,6 +526,8 @@ def test_open_sink_by_uri(tmp_path: Path) -> None:
 @pytest.mark.parametrize("uri", [
     "ftp://x/y", "audit.jsonl", "file://host/x.jsonl", "file:///x.jsonl?backups=two",
     "file:///x.jsonl?colour=red", "file:///x.jsonl?backups=1&backups=2", "file:///x.jsonl?backups=0",
+    # a relative path (it landed wherever the server was started), a directory
+    "file:relative.jsonl", "file:./audit.jsonl", "file:///var/log/keygrants/",
 ])
 def test_open_sink_rejects_bad_file_uris(uri: str) -> None:
     with pytest.raises(ValueError):

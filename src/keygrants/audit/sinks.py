@@ -616,7 +616,11 @@ def _options(query: str, allowed: dict[str, type]) -> dict[str, Any]:
 
 def _open_file(uri: str) -> AuditSink:
     parts = urlsplit(uri)
-    if parts.netloc not in ("", "localhost") or not parts.path or parts.fragment:
+    # an absolute path naming a file: a relative one (file:audit.jsonl) landed wherever the
+    # server was started from, and one ending in "/" wrote events into a file named after
+    # the directory
+    if (parts.netloc not in ("", "localhost") or not parts.path.startswith("/")
+            or parts.path.endswith("/") or parts.fragment):
         raise ValueError("a file audit sink is file:///absolute/path.jsonl[?max_bytes=N&backups=N]")
     options = _options(parts.query, {"max_bytes": int, "backups": int, "name": str})
     return JsonlFileSink(unquote(parts.path), **options)
