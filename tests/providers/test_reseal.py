@@ -349,8 +349,11 @@ def test_a_start_after_a_reseal_to_a_key_file_elsewhere_names_the_seal_to_give(
     elsewhere.parent.mkdir()
     try:
         h.start(data).stop()
-        _ok(h.cli("operator", "reseal", "--data-dir", str(data), "--to", f"local://{elsewhere}"))
+        said = _ok(h.cli("operator", "reseal", "--data-dir", str(data), "--to",
+                         f"local://{elsewhere}"))
         wanted = f"--seal local://{elsewhere}"
+        # one advice, not "the next start uses it" and then "start it with --seal"
+        assert wanted in said and "the next start uses it" not in said, said
         for case in ("stale seal.key", "no seal.key"):
             if case == "no seal.key":
                 (data / "seal.key").unlink()

@@ -80,7 +80,13 @@ def reseal(to_uri: str, from_uri: str | None, data_dir: str, store: str | None,
     else:
         click.echo(f"Root key resealed: {previous} -> {new.uri}")
         own_key_file = f"local://{(path / SEAL_KEY_FILE).resolve()}"
-        if new.uri.startswith("local:"):
+        if new.uri.startswith("local://") and new.uri != own_key_file:
+            # a key file elsewhere: the next start does not find it on its own (saying that
+            # it "uses the recorded seal" here contradicted the note that followed)
+            click.echo(f"Running servers keep working. Without --seal a server looks for its "
+                       f"key file at {own_key_file}: start servers with --seal {new.uri} (or "
+                       "KEYGRANTS_SEAL) from now on.")
+        elif new.uri.startswith("local:"):
             click.echo("Running servers keep working. The data directory records the new seal, "
                        "so the next start uses it (a --seal option, if you pass one, must name "
                        "it).")
@@ -88,6 +94,3 @@ def reseal(to_uri: str, from_uri: str | None, data_dir: str, store: str | None,
             click.echo(f"Running servers keep working. Start servers with --seal {new.uri} (or "
                        "KEYGRANTS_SEAL) from now on: a seal other than a local one is never "
                        "taken from the store.")
-        if new.uri.startswith("local://") and new.uri != own_key_file:
-            click.echo(f"Note: without --seal a server looks for its key file at "
-                       f"{own_key_file}; start it with --seal {new.uri}")
