@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from keygrants._files import write_private_file
+from keygrants._files import exposed_mode, write_private_file
 from keygrants._version import __version__
 from keygrants.access import open_access, reload_access
 from keygrants.api.app import HttpLimits, KeygrantsApp, create_app
@@ -242,8 +242,9 @@ def build_server(config: ServerConfig) -> BuiltServer:
             try:
                 provider = open_root_provider(uri, **options)
             except SealError as exc:
-                if stored_seal is None or (_same_kind_of_seal(stored_seal, uri)
-                                           and not _moved_key_file(stored_seal, uri)):
+                if stored_seal is None or _exposed_key_file(uri) or (
+                        _same_kind_of_seal(stored_seal, uri)
+                        and not _moved_key_file(stored_seal, uri)):
                     raise
                 raise SealError(f"{exc.message}; this data directory was sealed with "
                                 f"{stored_seal}{_seal_advice(stored_seal, config.seal)}") from exc
@@ -279,6 +280,13 @@ def _moved_key_file(stored: str, used: str) -> bool:
     local:///elsewhere``): without ``--seal`` a server looks in its data directory."""
     return (stored.startswith("local://") and used.startswith("local://")
             and Path(stored[len("local://"):]).resolve() != Path(used[len("local://"):]).resolve())
+
+
+def _exposed_key_file(uri: str) -> bool:
+    """The key file is refused for its mode: the chmod the error gives is all it takes (in a
+    moved data directory the recorded seal names the old directory's key file, which is not
+    the one to use)."""
+    return uri.startswith("local://") and exposed_mode(uri[len("local://"):]) is not None
 
 
 def _seal_advice(stored: str, given: str | None) -> str:

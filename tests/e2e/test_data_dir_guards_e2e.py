@@ -105,6 +105,21 @@ def test_a_missing_seal_key_is_not_replaced(start_server: StartServer, tmp_path:
     assert ok(server.cli("decrypt", input=ct)) == b"kept"
 
 
+def test_a_moved_data_dir_with_an_exposed_seal_key_is_told_only_the_chmod(
+        start_server: StartServer, tmp_path: Path) -> None:
+    """The refusal of a 0644 seal.key in a moved directory also said to start with the old
+    directory's key file: chmod is all it takes."""
+    data_dir, ct = used_dir(start_server, tmp_path, rotations=0)
+    moved = tmp_path / "moved"
+    shutil.copytree(data_dir, moved)
+    (moved / "seal.key").chmod(0o644)
+    out = refused(start_server, moved, "chmod 600")
+    assert str(data_dir) not in out, out
+    (moved / "seal.key").chmod(0o600)
+    server = start_server(moved)
+    assert ok(server.cli("decrypt", input=ct)) == b"kept"
+
+
 @pytest.mark.parametrize("how", ["missing", "empty", "truncated"])
 def test_a_lost_or_truncated_audit_log_is_refused(start_server: StartServer, tmp_path: Path,
                                                   how: str) -> None:
