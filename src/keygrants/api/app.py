@@ -788,7 +788,7 @@ class KeygrantsApp:
             result, status = exc, exc.status
             if ctx is not None and ctx.principal and not pending:
                 # authenticated but refused without an event of its own (malformed or oversize
-                # body, or a denied audit read): still an event, so probing leaves a trace
+                # body, or a hash value over its limit): still an event, so probing leaves a trace
                 self.kms.audit.record(ctx, "request.rejected",
                                       "denied" if isinstance(exc, Forbidden) else "error",
                                       operation=endpoint.operation_id if endpoint else None,

@@ -31,6 +31,7 @@ __all__ = ["audit"]
 
 _SHOWN = 50
 _PROGRESS_MIN_EVENTS = 100_000  # a database verification shows a progress bar above this
+_EXPORT_MODE = 0o600  # an export file's mode: owner read/write only, like an audit sink file
 
 
 @click.group()
@@ -166,7 +167,12 @@ def audit_export(state: State, out_path: str, since: int) -> None:
 
 def _export_to_file(c: Client, out: Path, since: int) -> int:
     """Export into a new temporary file next to ``out`` and put it in place only once the
-    export is complete: a failed export leaves an earlier one at ``out`` as it was."""
+    export is complete: a failed export leaves an earlier one at ``out`` as it was.
+
+    An export names principals, key ids and source addresses, so the file is 0600 (as audit
+    sink files are) whatever the umask, and replacing an existing ``out`` never widens its
+    mode: one that allows less (0400) keeps it, one that allows group or others more is
+    narrowed to 0600."""
     import os
     import tempfile
 
@@ -180,9 +186,7 @@ def _export_to_file(c: Client, out: Path, since: int) -> int:
             written = c.audit_export(f, since=since)
             f.flush()
             os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # as open() would have made it (mkstemp makes 0600)
+        os.chmod(tmp, _export_mode(out))
         os.replace(tmp, out)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
@@ -191,6 +195,18 @@ def _export_to_file(c: Client, out: Path, since: int) -> int:
         tmp.unlink(missing_ok=True)
         raise
     return written
+
+
+def _export_mode(out: Path) -> int:
+    """0600, or less when an existing ``out`` allows its owner less (never group or others)."""
+    import os
+    import stat
+
+    try:
+        existing = stat.S_IMODE(os.stat(out).st_mode)
+    except FileNotFoundError:
+        return _EXPORT_MODE
+    return existing & _EXPORT_MODE
 
 
 def _progress_lines(f: BinaryIO, total: int, quiet: bool) -> Iterator[bytes]:
