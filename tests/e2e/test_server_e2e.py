@@ -211,3 +211,21 @@ def test_a_reset_admin_token_is_in_the_audit_log(start_server, tmp_path: Path) -
     assert [d.get("admin_token") for d in starts] == [None, "reset"], starts
     assert token not in r.text
     assert second.stop() == 0
+
+
+def test_an_exposed_admin_token_is_warned_about(start_server, tmp_path: Path) -> None:
+    """seal.key that others may read is refused; admin.token, as powerful, was accepted
+    without a word (the data directory is tightened at every start)."""
+    data_dir = tmp_path / "data"
+    first = start_server(data_dir)
+    assert first.stop() == 0
+    assert "Warning" not in first.output()
+    os.chmod(data_dir, 0o755)
+    os.chmod(data_dir / "admin.token", 0o644)
+    second = start_server(data_dir)
+    assert second.stop() == 0
+    out = second.stdout()
+    token = data_dir.resolve() / "admin.token"
+    assert (f"Warning: {token} is accessible by group or others (mode 644); run: chmod 600 "
+            f"{token}") in out, out
+    assert mode(data_dir) == 0o700
