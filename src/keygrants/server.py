@@ -229,6 +229,12 @@ def build_server(config: ServerConfig) -> BuiltServer:
             # too short a passphrase, an unknown provider) is refused before the database is
             # made.
             provider = open_root_provider(_choose_seal(config.seal, None, data_dir))
+        if (config.store or "").startswith("memory:") and _nonempty(data_dir / AUDIT_DB_FILE):
+            # the memory store makes a new root key, and so a new audit key, at every start:
+            # the earlier start's log was reported as badly signed (as if tampered with)
+            raise StoreError(f"a memory: store keeps nothing, the audit key included, so the "
+                             f"audit log {data_dir / AUDIT_DB_FILE} of an earlier start cannot "
+                             "be continued: give each memory: start an empty --data-dir")
         store = open_store(config.store or f"sqlite://{(data_dir / DB_FILE).resolve()}")
         stored_seal = sealed_with(store)
         if stored_seal is None and earlier:

@@ -120,6 +120,24 @@ def test_a_moved_data_dir_with_an_exposed_seal_key_is_told_only_the_chmod(
     assert ok(server.cli("decrypt", input=ct)) == b"kept"
 
 
+def test_a_second_memory_store_start_on_one_data_dir_is_refused_plainly(
+        start_server: StartServer, tmp_path: Path) -> None:
+    """The second start reported the first start's audit log as badly signed (a memory store
+    makes a new audit key each time), and the check it suggested failed as well."""
+    data_dir = tmp_path / "data"
+    first = start_server(data_dir, args=("--store", "memory:"))
+    assert first.stop() == 0
+    log = (data_dir / "audit.db").read_bytes()
+    second = start_server(data_dir, ready=False, args=("--store", "memory:"))
+    assert second.wait_exit() == 1, second.output()
+    out = second.output()
+    assert "a memory: store keeps nothing" in out and "an empty --data-dir" in out, out
+    assert "not validly signed" not in out and "Traceback" not in out, out
+    assert (data_dir / "audit.db").read_bytes() == log
+    again = start_server(tmp_path / "fresh", args=("--store", "memory:"))
+    assert again.stop() == 0
+
+
 @pytest.mark.parametrize("how", ["missing", "empty", "truncated"])
 def test_a_lost_or_truncated_audit_log_is_refused(start_server: StartServer, tmp_path: Path,
                                                   how: str) -> None:
