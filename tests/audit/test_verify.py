@@ -115,6 +115,89 @@ def test_reordered_events_are_found(built) -> None:
     assert any("checkpoint at size 10: root hash mismatch" in p for p in report.problems)
 
 
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, NoteSigner, Lines]:
+    """A log of 30 events with a checkpoint every 5 (and at 1): several follow any alteration."""
+    path = tmp_path_factory.mktemp("audit") / "audit.db"
+    signer = NoteSigner(ORIGIN, SigningKey.generate("ed25519"))
+    log = AuditLog(path, signer=signer, origin=ORIGIN, checkpoint_interval=3600)
+    for i in range(30):
+        log.append({"type": "crypto.encrypt", "result": "ok", "principal": "svc",
+                    "request_id": f"r{i}"})
+        if (i + 1) % 5 == 0:
+            log.checkpoint_now()
+    lines = list(export_lines(log, vkey=vkey_of(signer)))
+    log.close()
+    return path, signer, lines
+
+
+def mismatches(good: int, *sizes: int) -> list[str]:
+    return [f"checkpoint at size {size}: root hash mismatch: events {good}..{size - 1} were "
+            "altered, inserted, deleted or reordered" for size in sizes]
+
+
+def test_a_swapped_pair_is_reported_once_not_for_every_later_event(dense) -> None:
+    """Swapping events 6 and 7 used to flag event 6 as missing and every later event, all in
+    place, as out of order ("event 8 out of order: expected 9", ... to the end)."""
+    _, signer, lines = dense
+    a, b = index_of(lines, "event", 6), index_of(lines, "event", 7)
+    tampered = list(lines)
+    tampered[a], tampered[b] = tampered[b], tampered[a]
+    report = verify_export(tampered, vkey=vkey_of(signer))
+    assert report.problems == ["event 6 out of order: expected 8 (events reordered or duplicated)",
+                               *mismatches(5, 10, 15, 20, 25, 30)]
+
+
+def test_a_duplicated_event_is_reported_once_not_for_every_later_event(dense) -> None:
+    """A repeated event 10 used to make every event after it "out of order", and every later
+    checkpoint "out of place" (the extra leaf counted as a position)."""
+    _, signer, lines = dense
+    i = index_of(lines, "event", 10)
+    tampered = [*lines[:i + 1], lines[i], *lines[i + 1:]]
+    report = verify_export(tampered, vkey=vkey_of(signer))
+    assert report.problems == ["event 10 out of order: expected 11 (events reordered or duplicated)",
+                               *mismatches(10, 15, 20, 25, 30)]
+
+
+def test_a_deleted_event_is_not_blamed_on_later_events(dense) -> None:
+    """After deleting event 12, every later checkpoint used to claim that an event still present
+    ("events 14..14", "19..19", ...) had been removed (truncated)."""
+    _, signer, lines = dense
+    tampered = [line for i, line in enumerate(lines) if i != index_of(lines, "event", 12)]
+    report = verify_export(tampered, vkey=vkey_of(signer))
+    assert report.problems == ["event 12 missing: deleted from the log (next present is 13)",
+                               *mismatches(10, 15, 20, 25, 30)]
+
+
+def test_a_deleted_row_is_not_blamed_on_later_events_in_place(dense, tmp_path: Path) -> None:
+    path, signer, _ = dense
+    deleted = copy_db(path, tmp_path / "deleted.db")
+    with sqlite3.connect(deleted) as db:
+        db.execute("DELETE FROM events WHERE seq = 7")
+    report = verify_database(deleted, vkey=vkey_of(signer))
+    assert report.problems == ["event 7 missing: deleted from the log (next present is 8)",
+                               *mismatches(5, 10, 15, 20, 25, 30)]
+
+
+def test_a_truncated_tail_is_still_reported_after_a_deleted_event(dense) -> None:
+    _, signer, lines = dense
+    cut = {index_of(lines, "event", n) for n in (12, 27, 28, 29)}
+    tampered = [line for i, line in enumerate(lines) if i not in cut]
+    report = verify_export(tampered, vkey=vkey_of(signer))
+    assert report.problems == ["event 12 missing: deleted from the log (next present is 13)",
+                               *mismatches(10, 15, 20, 25),
+                               "checkpoint at size 30 but only 26 events precede it: events "
+                               "27..29 were removed (truncated)"]
+
+
+def test_an_event_deleted_just_before_a_checkpoint_is_missing_not_truncated(dense) -> None:
+    _, signer, lines = dense
+    tampered = [line for i, line in enumerate(lines) if i != index_of(lines, "event", 14)]
+    report = verify_export(tampered, vkey=vkey_of(signer))
+    assert report.problems == ["event 14 missing: deleted from the log (next present is 15)",
+                               *mismatches(10, 15, 20, 25, 30)]
+
+
 def test_a_forged_checkpoint_is_found(built) -> None:
     _, signer, lines = built
     i = index_of(lines, "checkpoint", 20)

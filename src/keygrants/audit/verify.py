@@ -166,8 +166,15 @@ class _Engine:
         self.report = report
         self.progress = progress
         self.tree = CompactTree()
-        self.expected = 0
+        self.expected = 0  # the sequence number after the highest one read: the log's position
         self.good_size = 0  # the last checkpoint that verified against the recomputed tree
+        self.since_good = 0  # events read since that checkpoint (or the start)
+        # Gaps in the sequence numbers, (first, end, next present), reported at the next
+        # checkpoint or the end: an event that turns up later was moved, not deleted.
+        self.gaps: list[tuple[int, int, int]] = []
+        # Checkpoints that claim more events than precede them, (size, events read, position):
+        # a deleted tail if nothing follows, a deleted event if an event past them does.
+        self.ahead: list[tuple[int, int, int]] = []
         self.last_time: int | None = None
         self.anchors: list[tuple[str, Checkpoint]] = []  # (label, checkpoint) not yet reached
 
@@ -186,18 +193,21 @@ class _Engine:
             self.problem(f"{label}: origin {anchor.origin!r} is not this log's")
             return
         self.anchors.append((label, anchor))
-        self._check_anchor()
+        self._check_anchors(self.expected - 1)
 
     @property
     def anchor(self) -> Checkpoint | None:
         """The first outside checkpoint not reached yet."""
         return self.anchors[0][1] if self.anchors else None
 
-    def _check_anchor(self) -> None:
+    def _check_anchors(self, passed: int) -> None:
+        """Check the outside checkpoints whose size the log's position went past, from
+        ``passed`` to :attr:`expected` (a deleted or duplicated event leaves the tree out of
+        step with the sequence numbers, so that is a mismatch too)."""
         for label, anchor in list(self.anchors):
-            if self.tree.size != anchor.size:
+            if not passed < anchor.size <= self.expected:
                 continue
-            if anchor.root != self.tree.root():
+            if self.tree.size != anchor.size or anchor.root != self.tree.root():
                 self.problem(f"{label} at size {anchor.size}: root hash mismatch: the log's "
                              f"first {anchor.size} events are not the ones that checkpoint "
                              "signed (history rewritten)")
@@ -212,17 +222,51 @@ class _Engine:
         self.tree = CompactTree.from_frontier(size, frontier)
         self.expected = self.good_size = size
         self.report.start = size
-        self._check_anchor()
+        self._check_anchors(size - 1)
+
+    def _fill_gap(self, seq: int) -> None:
+        """An event turned up late: it is out of order, no longer missing."""
+        for i, (first, end, present) in enumerate(self.gaps):
+            if first <= seq < end:
+                self.gaps[i:i + 1] = [(a, b, present) for a, b in ((first, seq), (seq + 1, end))
+                                      if a < b]
+                return
+
+    def _report_gaps(self) -> None:
+        for first, end, present in self.gaps:
+            missing = f"event {first}" if end == first + 1 else f"events {first}..{end - 1}"
+            self.problem(f"{missing} missing: deleted from the log (next present is {present})")
+        self.gaps.clear()
+
+    def _place_ahead(self, seq: int | None) -> None:
+        """Judge the checkpoints that came before events they cover, now that event ``seq``
+        (``None``: the end of the log) follows them."""
+        for size, count, position in self.ahead:
+            if seq is None:
+                self.problem(f"checkpoint at size {size} but only {count} events precede it: "
+                             f"events {position}..{size - 1} were removed (truncated)")
+            elif seq < size:
+                self.problem(f"checkpoint at size {size} is out of place (after event "
+                             f"{position - 1})")
+            else:  # the events before it were deleted (reported as missing, just before)
+                self.problem(f"checkpoint at size {size}: root hash mismatch: events "
+                             f"{self.good_size}..{size - 1} were altered, inserted, deleted or "
+                             "reordered")
+        self.ahead.clear()
 
     def event(self, seq: int, data: bytes, recorded_leaf: bytes | None) -> None:
-        if seq != self.expected:
+        passed = self.expected
+        if seq < self.expected:
+            self._fill_gap(seq)
+            self.problem(f"event {seq} out of order: expected {self.expected} "
+                         "(events reordered or duplicated)")
+        else:
             if seq > self.expected:
-                missing = (f"event {self.expected}" if seq == self.expected + 1
-                           else f"events {self.expected}..{seq - 1}")
-                self.problem(f"{missing} missing: deleted from the log (next present is {seq})")
-            else:
-                self.problem(f"event {seq} out of order: expected {self.expected} "
-                             "(events reordered or duplicated)")
+                self.gaps.append((self.expected, seq, seq))
+                if len(self.gaps) > MAX_PROBLEMS or self.ahead:  # no need to wait
+                    self._report_gaps()
+            self.expected = seq + 1
+        self._place_ahead(seq)
         try:
             named = _seq_of(data).seq
         except (msgspec.DecodeError, msgspec.ValidationError):
@@ -235,14 +279,15 @@ class _Engine:
             self.problem(f"event {seq} altered: its content no longer matches its recorded leaf hash")
         self.tree.append(computed)
         if self.anchors:
-            self._check_anchor()
-        self.expected = max(self.expected, seq) + 1
+            self._check_anchors(passed)
+        self.since_good += 1
         self.report.events += 1
         if self.progress is not None and self.report.events % _PROGRESS_EVERY == 0:
             self.progress(self.report.events)
 
     def checkpoint(self, size: int | None, note: bytes, where: str) -> None:
         self.report.checkpoints += 1
+        self._report_gaps()  # whatever is still missing here was not just moved further on
         try:
             body = open_note(note, [self.verifier])
             cp = Checkpoint.parse(body)
@@ -260,31 +305,35 @@ class _Engine:
                 self.problem(f"checkpoint at size {cp.size}: its time goes backwards")
             self.last_time = cp.time
         self.report.last_checkpoint_size = cp.size
-        if cp.size > self.tree.size:
-            self.problem(f"checkpoint at size {cp.size} but only {self.tree.size} events precede "
-                         f"it: events {self.tree.size}..{cp.size - 1} were removed (truncated)")
+        # Placed by sequence numbers, not by the count of events read: a deleted or duplicated
+        # event is reported where it is, and the checkpoints after it show as root mismatches.
+        if cp.size > self.expected:
+            self.ahead.append((cp.size, self.tree.size, self.expected))
             return
-        if cp.size < self.tree.size:
+        if cp.size < self.expected:
             self.problem(f"checkpoint at size {cp.size} is out of place (after event "
-                         f"{self.tree.size - 1})")
+                         f"{self.expected - 1})")
             return
-        if cp.root != self.tree.root():
+        if self.tree.size != cp.size or cp.root != self.tree.root():
             self.problem(f"checkpoint at size {cp.size}: root hash mismatch: events "
                          f"{self.good_size}..{cp.size - 1} were altered, inserted, deleted or "
                          "reordered")
             return
         self.good_size = cp.size
+        self.since_good = 0
 
     def finish(self) -> VerifyReport:
+        self._report_gaps()
+        self._place_ahead(None)
         for label, anchor in self.anchors:
-            if anchor.size > self.tree.size:
+            if anchor.size > self.expected:
                 self.problem(f"{label} covers {anchor.size} events but the log holds "
-                             f"{self.tree.size}: events {self.tree.size}..{anchor.size - 1} were "
+                             f"{self.expected}: events {self.expected}..{anchor.size - 1} were "
                              "removed (rolled back)")
             else:
                 self.report.notes.append(f"{label} at size {anchor.size} precedes the "
                                          f"export's start ({self.report.start}): not checked")
-        self.report.unsigned = max(0, self.tree.size - max(self.good_size, self.report.start))
+        self.report.unsigned = self.since_good
         return self.report
 
 
@@ -512,21 +561,21 @@ def _verify_rows(checkpoint_rows: Iterable[Any], event_rows: Iterable[Any], *, v
     in order. Filling ``report`` if given (so a read error part-way keeps what was found)."""
     report = report if report is not None else VerifyReport()
     verifier = _verifier(None, vkey, report)
-    checkpoints: dict[int, list[bytes]] = {}
-    for size, note in checkpoint_rows:
-        checkpoints.setdefault(int(size), []).append(_as_bytes(note))
+    checkpoints = sorted(((int(size), _as_bytes(note)) for size, note in checkpoint_rows),
+                         key=lambda row: row[0])
     engine = _Engine(verifier, origin or verifier.name, report, progress)
     if anchor is not None:
         engine.set_anchor(anchor)
     for label, note in marks:
         engine.set_anchor(note, label)
-    max_seq = -1
+    due = 0  # checkpoints[due:] are not replayed yet
     for seq, data, leaf in event_rows:
-        engine.event(int(seq), _as_bytes(data), _as_bytes(leaf))
-        max_seq = int(seq)
-        for note in checkpoints.pop(max_seq + 1, []):
-            engine.checkpoint(max_seq + 1, note, f"at size {max_seq + 1}")
-    for size in sorted(checkpoints):
-        for note in checkpoints[size]:
+        # a checkpoint of size N sits before event N, even when event N - 1 was deleted
+        while due < len(checkpoints) and checkpoints[due][0] <= int(seq):
+            size, note = checkpoints[due]
             engine.checkpoint(size, note, f"at size {size}")
+            due += 1
+        engine.event(int(seq), _as_bytes(data), _as_bytes(leaf))
+    for size, note in checkpoints[due:]:
+        engine.checkpoint(size, note, f"at size {size}")
     return engine.finish()
