@@ -199,11 +199,6 @@ def grant_info(g: Grant, now: int) -> m.GrantInfo:
         ended_by=g.ended_by)
 
 
-#: The key an unknown grant is decided on: none that exists (a policy naming keys, by name,
-#: id or tag, does not match it; one that allows an action on every key does).
-_UNKNOWN_GRANT_KEY: Final = "unknown-grant-key"
-
-
 def _uses_advice(parent: Grant) -> str:
     """Why a sub-grant of a limited grant was refused for its uses, and what to give."""
     left = max(0, (parent.max_uses or 0) - parent.uses)
@@ -929,19 +924,16 @@ class GrantService:
 
     # -- reading -----------------------------------------------------------------------------
 
-    def _get(self, ctx: RequestContext, grant_id: str, action: str | None) -> Grant:
-        """The grant, or for one that does not exist: ``Forbidden`` for a caller who could
-        not act on it had it existed, so a refused caller cannot tell an existing grant from
-        none (``grant_not_found`` for the admin and for a caller with ``action``, the
-        key-wide right that would let it act on this grant, on every key; ``None``: only the
-        grant's own parties may, who are unknown for a grant that does not exist)."""
+    def _get(self, ctx: RequestContext, grant_id: str) -> Grant:
+        """The grant, or for one that does not exist: ``grant_not_found`` for the admin and
+        ``Forbidden`` for everyone else, the answer for a grant that exists and is not theirs
+        (deciding on a stand-in key told a caller allowed some keys but not others which ids
+        exist on those others)."""
         g = self.store.get_grant(grant_id) if is_grant_id(grant_id) else None
         if g is None:
             if ctx.principal != ADMIN_PRINCIPAL:
-                if action is None:
-                    ctx.attributes["policy"] = "deny:not-a-party"
-                    raise Forbidden()
-                self._authorize_on_key(ctx, action, _UNKNOWN_GRANT_KEY)
+                ctx.attributes["policy"] = "deny:unknown-grant"
+                raise Forbidden()
             raise GrantNotFound()
         return g
 
@@ -974,7 +966,7 @@ class GrantService:
     @_audited("grant.describe", "describe_grant")
     def describe(self, ctx: RequestContext, grant_id: str) -> m.GrantInfo:
         """A grant (its creator, grantee, retiring principal, or ``list_grants`` on its key)."""
-        g = self._get(ctx, grant_id, "list_grants")
+        g = self._get(ctx, grant_id)
         self._may_see(ctx, g)
         return grant_info(g, self._now())
 
@@ -1013,7 +1005,7 @@ class GrantService:
     def token(self, ctx: RequestContext, grant_id: str) -> m.GrantCreated:
         """A fresh token for an active grant, for its grantee or creator (after approval, or
         when the first token was lost). Same grant, same window, same uses."""
-        g = self._get(ctx, grant_id, None)
+        g = self._get(ctx, grant_id)
         self._only(ctx, (g.grantee, g.issuer), "grantee-or-creator")
         if not self._creation_audited(g):
             raise GrantRevoked("this grant's creation was never audited; it is not usable")
@@ -1074,7 +1066,7 @@ class GrantService:
     @_audited("grant.retire", "retire_grant")
     def retire(self, ctx: RequestContext, grant_id: str) -> m.GrantInfo:
         """End a grant by its grantee or retiring principal (its sub-grants are revoked)."""
-        g = self._get(ctx, grant_id, None)
+        g = self._get(ctx, grant_id)
         self._only(ctx, (g.grantee, g.retiring_principal), "grantee-or-retiring-principal")
         return self._end(ctx, g, "retired", "retired", "grant.retire")
 
@@ -1082,7 +1074,7 @@ class GrantService:
     def revoke(self, ctx: RequestContext, grant_id: str) -> m.GrantInfo:
         """Revoke a grant and its sub-grants (``revoke_grant`` on the key; or the creator of a
         delegated grant)."""
-        g = self._get(ctx, grant_id, "revoke_grant")
+        g = self._get(ctx, grant_id)
         if not (g.parent_id is not None and ctx.principal == g.issuer):
             self._authorize_on_key(ctx, "revoke_grant", g.key_id)
         return self._end(ctx, g, "revoked", "revoked", "grant.revoke")
@@ -1170,7 +1162,7 @@ class GrantService:
     def _decide_pending(self, ctx: RequestContext, grant_id: str, note: str | None) -> Grant:
         if note is not None and not 1 <= len(note) <= MAX_JUSTIFICATION:
             raise InvalidRequest(f"note must be 1..{MAX_JUSTIFICATION} characters")
-        g = self._get(ctx, grant_id, "approve_grant")
+        g = self._get(ctx, grant_id)
         if ctx.principal in (g.issuer, g.grantee):
             ctx.attributes["policy"] = "deny:two-person-rule"
             raise SelfApproval()
