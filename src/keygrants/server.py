@@ -30,7 +30,6 @@ import secrets
 import signal
 import socket
 import ssl
-import stat
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -287,15 +286,6 @@ def _moved_key_file(stored: str, used: str) -> bool:
     local:///elsewhere``): without ``--seal`` a server looks in its data directory."""
     return (stored.startswith("local://") and used.startswith("local://")
             and Path(stored[len("local://"):]).resolve() != Path(used[len("local://"):]).resolve())
-
-
-def _exposed(path: Path) -> int | None:
-    """The mode of a secret file that group or others may access."""
-    try:
-        mode = path.stat().st_mode
-    except OSError:
-        return None
-    return stat.S_IMODE(mode) if mode & 0o077 and os.name == "posix" else None
 
 
 def _exposed_key_file(uri: str) -> bool:
@@ -692,7 +682,7 @@ def serve(config: ServerConfig, *, announce: Any = print) -> None:
                      "--reset-admin-token to issue a new one")
     else:
         announce(f"Admin token: {built.admin_token_path.resolve()}")
-    mode = _exposed(built.admin_token_path)
+    mode = exposed_mode(built.admin_token_path)
     if mode is not None:  # refused for seal.key; the admin token is as powerful
         token = built.admin_token_path.resolve()
         announce(f"Warning: {token} is accessible by group or others (mode {mode:o}); run: "

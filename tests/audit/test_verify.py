@@ -20,20 +20,26 @@ ORIGIN = "verify.test/1"
 Lines = list[bytes]
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, NoteSigner, Lines]:
-    """A log of 30 events with checkpoints at 1 (the first commit), 10, 20 and 30."""
+def build_log(tmp_path_factory: pytest.TempPathFactory,
+              every: int) -> tuple[Path, NoteSigner, Lines]:
+    """A log of 30 events with a checkpoint at 1 (the first commit) and every ``every``."""
     path = tmp_path_factory.mktemp("audit") / "audit.db"
     signer = NoteSigner(ORIGIN, SigningKey.generate("ed25519"))
     log = AuditLog(path, signer=signer, origin=ORIGIN, checkpoint_interval=3600)
     for i in range(30):
         log.append({"type": "crypto.encrypt", "result": "ok", "principal": "svc",
                     "request_id": f"r{i}"})
-        if (i + 1) % 10 == 0:
+        if (i + 1) % every == 0:
             log.checkpoint_now()
     lines = list(export_lines(log, vkey=vkey_of(signer)))
     log.close()
     return path, signer, lines
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, NoteSigner, Lines]:
+    """Checkpoints at 1, 10, 20 and 30."""
+    return build_log(tmp_path_factory, 10)
 
 
 def vkey_of(signer: NoteSigner) -> str:
@@ -117,18 +123,8 @@ def test_reordered_events_are_found(built) -> None:
 
 @pytest.fixture(scope="module")
 def dense(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, NoteSigner, Lines]:
-    """A log of 30 events with a checkpoint every 5 (and at 1): several follow any alteration."""
-    path = tmp_path_factory.mktemp("audit") / "audit.db"
-    signer = NoteSigner(ORIGIN, SigningKey.generate("ed25519"))
-    log = AuditLog(path, signer=signer, origin=ORIGIN, checkpoint_interval=3600)
-    for i in range(30):
-        log.append({"type": "crypto.encrypt", "result": "ok", "principal": "svc",
-                    "request_id": f"r{i}"})
-        if (i + 1) % 5 == 0:
-            log.checkpoint_now()
-    lines = list(export_lines(log, vkey=vkey_of(signer)))
-    log.close()
-    return path, signer, lines
+    """A checkpoint every 5 (and at 1): several follow any alteration."""
+    return build_log(tmp_path_factory, 5)
 
 
 def mismatches(good: int, *sizes: int) -> list[str]:
